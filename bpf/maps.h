@@ -1,0 +1,31 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * maps.h - every map of xdpzoot, pinned under XZ_PIN_DIR so that programs can
+ * be replaced and the controller restarted without losing state.
+ * Writers: "cp" is the control plane (xdpzoot CLI / daemon), "dp" the programs.
+ */
+#ifndef XDPZOOT_MAPS_H
+#define XDPZOOT_MAPS_H
+
+#include "xdpzoot.h"
+
+#ifndef XZ_PIN_DIR
+#define XZ_PIN_DIR "/sys/fs/bpf/xdpzoot"
+#endif
+
+#define XZ_MAP(type, key, value, name, max, flags) \
+	BPF_TABLE_PINNED(type, key, value, name, max, XZ_PIN_DIR "/" #name, flags)
+
+/* Subscriber host addresses -> class. cp writes, dp reads. */
+XZ_MAP("hash", struct xz_addr, struct xz_class, xz_hosts, XZ_MAX_HOSTS, 0);
+/* Subscriber prefixes (dynamic pools, static blocks) -> class. cp writes. */
+XZ_MAP("lpm_trie", struct xz_lpm_key, struct xz_class, xz_prefixes, XZ_MAX_PREFIXES,
+       BPF_F_NO_PREALLOC);
+/* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
+XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
+/* Global switches, one entry. cp writes. */
+XZ_MAP("array", __u32, struct xz_control, xz_control, 1, 0);
+/* Per-CPU packet/byte counters by role, verdict and reason. dp writes. */
+XZ_MAP("percpu_array", __u32, struct xz_counter, xz_counters, XZ_NR_COUNTERS, 0);
+
+#endif /* XDPZOOT_MAPS_H */

@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * xdpzoot.c - thin entry points: one per hook (XDP, TC clsact ingress) and
+ * interface role (access, core). Each adapts its context to struct xz_pkt,
+ * runs the one pipeline and maps the verdict to the hook's return code.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include "xdpzoot.h"
+#include "maps.h"
+#include "parse.h"
+#include "policy.h"
+
+/* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
+#define XZ_TC_PULL 256
+
+static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
+{
+	struct xz_pkt p = {};
+	__u32 n;
+
+	p.data = (void *)(long)ctx->data;
+	p.end = (void *)(long)ctx->data_end;
+	p.len = p.end - p.data;
+	switch (xz_pipeline(&p, role)) {
+	case XZ_V_DROP:
+		return XDP_DROP;
+	case XZ_V_REJECT:
+		n = xz_make_rst(&p);
+		if (!n || bpf_xdp_adjust_tail(ctx, (int)n - (int)p.len))
+			return XDP_DROP;
+		return XDP_TX;
+	}
+	return XDP_PASS;
+}
+
+static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
+{
+	struct xz_pkt p = {};
+	__u32 n;
+
+	/* GRO packets may keep headers outside the linear area: pull them in. */
+	if ((void *)(long)skb->data + XZ_TC_PULL > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, skb->len < XZ_TC_PULL ? skb->len : XZ_TC_PULL);
+	p.data = (void *)(long)skb->data;
+	p.end = (void *)(long)skb->data_end;
+	p.len = skb->len;
+	switch (xz_pipeline(&p, role)) {
+	case XZ_V_DROP:
+		return TC_ACT_SHOT;
+	case XZ_V_REJECT:
+		n = xz_make_rst(&p);
+		if (!n || bpf_skb_change_tail(skb, n, 0))
+			return TC_ACT_SHOT;
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	return TC_ACT_OK;
+}
+
+int xz_xdp_access(struct xdp_md *ctx)
+{
+	return xz_xdp(ctx, XZ_ROLE_ACCESS);
+}
+
+int xz_xdp_core(struct xdp_md *ctx)
+{
+	return xz_xdp(ctx, XZ_ROLE_CORE);
+}
+
+int xz_tc_access(struct __sk_buff *skb)
+{
+	return xz_tc(skb, XZ_ROLE_ACCESS);
+}
+
+int xz_tc_core(struct __sk_buff *skb)
+{
+	return xz_tc(skb, XZ_ROLE_CORE);
+}
+
+/* The benchmark's floor: an empty program compiled the same way. */
+int xz_xdp_empty(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}

@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * xdpzoot.h - the one truth shared by the BPF programs and the control plane:
+ * every struct used as a map key or value, every flag, the verdict and reason
+ * lists and the size constants. Python takes its ctypes types from bcc's
+ * Key/Leaf of the compiled tables and the reason names from XZ_REASONS below;
+ * nothing here is re-declared elsewhere.
+ */
+#ifndef XDPZOOT_H
+#define XDPZOOT_H
+
+/* Sizes: defaults here, overridden with -D from the config ([limits]). */
+#ifndef XZ_MAX_HOSTS
+#define XZ_MAX_HOSTS 262144     /* exact subscriber addresses (hash) */
+#endif
+#ifndef XZ_MAX_PREFIXES
+#define XZ_MAX_PREFIXES 65536   /* pools and static blocks (LPM trie) */
+#endif
+#ifndef XZ_MAX_ALLOW
+#define XZ_MAX_ALLOW 4096       /* OP25B relay + support allow-list prefixes */
+#endif
+#ifndef XZ_MAX_VLAN
+#define XZ_MAX_VLAN 2           /* 802.1Q / 802.1ad tags walked (QinQ) */
+#endif
+#ifndef XZ_MAX_EXTHDR
+#define XZ_MAX_EXTHDR 6         /* IPv6 extension headers walked */
+#endif
+
+/*
+ * Addresses are 16 bytes everywhere: IPv6 as is, IPv4 mapped into
+ * ::ffff:a.b.c.d, so one hash and one trie serve both families.
+ * LPM key: prefixlen counts bits of the 16-byte address (IPv4 /n is 96+n).
+ */
+struct xz_lpm_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct xz_addr {
+	__u8 addr[16];
+};
+
+/* Subscriber types (xz_class.type). */
+#define XZ_TYPE_DYNAMIC 1
+#define XZ_TYPE_STATIC 2
+
+/* Subscriber flags (xz_class.flags). */
+#define XZ_F_SUSPENDED (1 << 0)     /* drop all but the support allow-list */
+#define XZ_F_OP25B_EXEMPT (1 << 1)  /* dynamic, but may send to port 25 */
+#define XZ_F_IP53B_EXEMPT (1 << 2)  /* dynamic, but may receive UDP/53 */
+
+/* What an address (host entry) or prefix (pool, static block) belongs to. */
+struct xz_class {
+	__u32 sub_id;      /* subscriber (customer) id; for a pool, the pool id */
+	__u8 type;         /* XZ_TYPE_* */
+	__u8 flags;        /* XZ_F_* */
+	__u16 _pad;
+	__u32 up_kbps;     /* contracted rate upstream, 0 = unlimited */
+	__u32 down_kbps;   /* contracted rate downstream, 0 = unlimited */
+};
+
+/* Allow-list bits (value of the allow trie). */
+#define XZ_ALLOW_OP25B (1 << 0)     /* the ISP's own mail relays */
+#define XZ_ALLOW_SUSPEND (1 << 1)   /* reachable while suspended */
+
+/* Global switches (xz_control.flags). */
+#define XZ_C_BYPASS (1 << 0)        /* pass everything, still count */
+#define XZ_C_MONITOR (1 << 1)       /* decide and count, but pass */
+#define XZ_C_OP25B (1 << 2)
+#define XZ_C_OP25B_V6 (1 << 3)
+#define XZ_C_OP25B_REJECT (1 << 4)  /* answer with TCP RST instead of drop */
+#define XZ_C_IP53B (1 << 5)
+#define XZ_C_IP53B_TCP (1 << 6)
+#define XZ_C_IP53B_V6 (1 << 7)
+#define XZ_C_LOADED (1 << 31)       /* written by the control plane */
+
+struct xz_control {
+	__u32 flags;
+	__u32 _pad;
+};
+
+/* Interface roles: where a packet enters decides which pipeline runs. */
+#define XZ_ROLE_ACCESS 0            /* from subscribers: upstream pipeline */
+#define XZ_ROLE_CORE 1              /* from the Internet: downstream pipeline */
+#define XZ_NR_ROLES 2
+
+/* Verdicts: what happened to the packet. */
+#define XZ_VERDICTS(X) \
+	X(PASS, "pass") \
+	X(DROP, "drop") \
+	X(REJECT, "reject") \
+	X(MONITOR, "monitor")
+
+/*
+ * Reasons: the closed list shared by C, the CLI, `explain` and the metrics.
+ * Append only; the position is the counter index.
+ */
+#define XZ_REASONS(X) \
+	X(OK, "ok") \
+	X(UNKNOWN, "unknown") \
+	X(UNPARSED, "unparsed") \
+	X(BYPASS, "bypass") \
+	X(FRAGMENT, "fragment") \
+	X(ALLOWLIST, "allowlist") \
+	X(EXEMPT, "exempt") \
+	X(OP25B, "op25b") \
+	X(IP53B, "ip53b") \
+	X(SUSPENDED, "suspended") \
+	X(FRAG_SHORT, "frag_short")
+
+#define XZ_ENUM(name, label) XZ_V_##name,
+enum xz_verdict { XZ_VERDICTS(XZ_ENUM) XZ_NR_VERDICTS };
+#undef XZ_ENUM
+#define XZ_ENUM(name, label) XZ_R_##name,
+enum xz_reason { XZ_REASONS(XZ_ENUM) XZ_NR_REASONS };
+#undef XZ_ENUM
+
+/* Counter slots: role x verdict x reason, packets and bytes, per CPU. */
+#define XZ_NR_REASON_SLOTS 32
+#define XZ_NR_COUNTERS (XZ_NR_ROLES * XZ_NR_VERDICTS * XZ_NR_REASON_SLOTS)
+#define XZ_COUNTER(role, verdict, reason) \
+	(((role) * XZ_NR_VERDICTS + (verdict)) * XZ_NR_REASON_SLOTS + (reason))
+
+struct xz_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* XDPZOOT_H */

@@ -1,0 +1,1 @@
+"""xdpzoot: the data plane of an ISP edge router and the controller that feeds it."""

@@ -1,0 +1,381 @@
+"""Kernel access through bcc and libbpf: compile, load, pin, maps, BPF_PROG_TEST_RUN.
+
+The only module that talks to bcc. Everything else works on plain Python values
+(``bytes`` keys of 16-byte addresses, :class:`Entry` values) and is testable without root.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import schema
+
+BPF_FS_MAGIC = 0xCAFE4A11
+DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
+MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters")
+HOOKS = ("xdp", "tc")
+
+
+class KernelError(Exception):
+    """The kernel refused something, or the BPF state is not what we need."""
+
+
+# ---- libbpf -------------------------------------------------------------------------------
+
+_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+
+
+class _TestRunOpts(ct.Structure):
+    """struct bpf_test_run_opts of libbpf 1.x (size-versioned: sz first)."""
+
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("data_in", ct.c_void_p),
+        ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p),
+        ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("repeat", ct.c_int),
+        ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+    ]
+
+
+_libbpf.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
+_libbpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+_libbpf.bpf_obj_get.argtypes = [ct.c_char_p]
+_libbpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ct.get_errno() or -rc
+        raise KernelError(f"{what}: {os.strerror(err)}")
+    return rc
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """Result of one BPF_PROG_TEST_RUN: return code, packet out, mean ns per run."""
+
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def test_run(fd: int, data: bytes, repeat: int = 1) -> TestRun:
+    """Run a loaded program on ``data`` in the kernel (BPF_PROG_TEST_RUN)."""
+    buf_in = ct.create_string_buffer(data, len(data))
+    out_size = max(len(data), 64) + 256
+    buf_out = ct.create_string_buffer(out_size)
+    opts = _TestRunOpts(
+        sz=ct.sizeof(_TestRunOpts),
+        data_in=ct.cast(buf_in, ct.c_void_p),
+        data_size_in=len(data),
+        data_out=ct.cast(buf_out, ct.c_void_p),
+        data_size_out=out_size,
+        repeat=repeat,
+    )
+    _check(_libbpf.bpf_prog_test_run_opts(fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return TestRun(opts.retval, buf_out.raw[: opts.data_size_out], opts.duration)
+
+
+def pin(fd: int, path: str) -> None:
+    """Pin a program or map at ``path``, replacing an older pin."""
+    if os.path.exists(path):
+        os.unlink(path)
+    _check(_libbpf.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def prog_id(fd: int) -> int:
+    """Kernel id of the program behind ``fd`` (struct bpf_prog_info: type, id, ...)."""
+    info = (ct.c_uint32 * 16)()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
+    return int(info[1])
+
+
+def pinned_prog_id(path: str) -> int | None:
+    """Id of the program pinned at ``path``, or None when nothing is pinned there."""
+    fd = _libbpf.bpf_obj_get(path.encode())
+    if fd < 0:
+        return None
+    try:
+        return prog_id(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- BPF filesystem -----------------------------------------------------------------------
+
+
+def _fs_magic(path: str) -> int | None:
+    """statfs f_type of ``path`` via libc, None if it does not exist."""
+
+    class StatFs(ct.Structure):
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
+
+    libc = ct.CDLL(None, use_errno=True)
+    st = StatFs()
+    if libc.statfs(path.encode(), ct.byref(st)) != 0:
+        return None
+    return st.f_type & 0xFFFFFFFF
+
+
+def ensure_bpffs(pin_dir: str) -> None:
+    """Make ``pin_dir`` a directory on a BPF filesystem, mounting one if needed.
+
+    Under /sys/fs/bpf the standard mount point is used; elsewhere (e.g. /run/...)
+    the pin directory itself becomes the mount point. A mount made inside
+    ``ip netns exec`` vanishes with that command: mount once in the host first.
+    """
+    if _fs_magic(pin_dir) == BPF_FS_MAGIC:
+        return
+    parent = os.path.dirname(pin_dir.rstrip("/"))
+    if os.path.isdir(parent) and _fs_magic(parent) == BPF_FS_MAGIC:
+        os.makedirs(pin_dir, exist_ok=True)
+        return
+    mnt = "/sys/fs/bpf" if pin_dir.startswith("/sys/fs/bpf/") else pin_dir
+    os.makedirs(mnt, exist_ok=True)
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", mnt.encode(), b"bpf", 0, None) != 0:
+        raise KernelError(f"cannot mount bpffs at {mnt}: {os.strerror(ct.get_errno())}")
+    os.makedirs(pin_dir, exist_ok=True)
+
+
+def pinned(pin_dir: str) -> bool:
+    """True when xdpzoot's maps are pinned under ``pin_dir``."""
+    return all(os.path.exists(os.path.join(pin_dir, m)) for m in MAPS)
+
+
+def unpin_all(pin_dir: str) -> None:
+    """Remove every pin of ours under ``pin_dir`` and the directory if it is then empty."""
+    if not os.path.isdir(pin_dir):
+        return
+    for name in os.listdir(pin_dir):
+        if name.startswith(("xz_", "prog_")):
+            os.unlink(os.path.join(pin_dir, name))
+    try:
+        os.rmdir(pin_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+            raise
+
+
+# ---- compile and load ---------------------------------------------------------------------
+
+
+def _inline(path: Path, seen: set[Path]) -> str:
+    """Source with local ``#include "x.h"`` expanded: bcc rewrites map calls in the main
+    file only, so the headers must be part of it."""
+    out = []
+    for line in path.read_text().splitlines():
+        m = re.match(r'#include "(.+)"', line)
+        if m:
+            inc = path.parent / m.group(1)
+            if inc not in seen:
+                seen.add(inc)
+                out.append(_inline(inc, seen))
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+def program_source() -> str:
+    """The whole data plane as one compilation unit."""
+    return _inline(schema.BPF_DIR / "xdpzoot.c", set())
+
+
+def maps_source() -> str:
+    """Just the map definitions: compiles in a fraction of a second, opens the pins."""
+    return "#include <uapi/linux/bpf.h>\n" + _inline(schema.BPF_DIR / "maps.h", set())
+
+
+def cflags(pin_dir: str, defines: Iterable[str] = ()) -> list[str]:
+    """Compiler flags: warnings are errors, sizes and the pin directory as -D."""
+    return ["-Werror", "-Wall", f'-DXZ_PIN_DIR="{pin_dir}"', *defines]
+
+
+def compile_bpf(pin_dir: str, defines: Iterable[str] = (), maps_only: bool = False):
+    """Compile with bcc. Pinned maps that exist are reused, others created and pinned."""
+    from bcc import BPF  # imported here: only commands that touch the kernel need bcc
+
+    ensure_bpffs(pin_dir)
+    text = maps_source() if maps_only else program_source()
+    try:
+        return BPF(text=text, cflags=cflags(pin_dir, defines))
+    except Exception as e:  # bcc raises bare Exception
+        raise KernelError(f"BPF compile/load failed: {e}") from e
+
+
+def program_name(hook: str, role: str) -> str:
+    """Function name of the entry point for a hook and interface role."""
+    return f"xz_{hook}_{role}"
+
+
+def load_program(bpf, hook: str, role: str) -> int:
+    """Load one entry point through the verifier; returns its fd."""
+    from bcc import BPF
+
+    kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
+    try:
+        return bpf.load_func(program_name(hook, role).encode(), kind).fd
+    except Exception as e:
+        raise KernelError(f"loading {program_name(hook, role)}: {e}") from e
+
+
+def load_named(bpf, name: str, hook: str = "xdp") -> int:
+    """Load any function of the program (tests and benchmarks: xz_xdp_empty)."""
+    from bcc import BPF
+
+    return bpf.load_func(name.encode(), BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
+
+
+# ---- maps as plain values -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Value of the subscriber maps (struct xz_class)."""
+
+    sub_id: int
+    type: int
+    flags: int = 0
+    up_kbps: int = 0
+    down_kbps: int = 0
+
+
+def _leaf(table, e: Entry):
+    v = table.Leaf()
+    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps = (
+        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps
+    )
+    return v
+
+
+def _entry(v) -> Entry:
+    return Entry(v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps)
+
+
+def _addr_key(table, addr: bytes):
+    k = table.Key()
+    ct.memmove(k.addr, addr, 16)
+    return k
+
+
+def _lpm_key(table, plen: int, addr: bytes):
+    k = table.Key()
+    k.prefixlen = plen
+    ct.memmove(k.addr, addr, 16)
+    return k
+
+
+class Maps:
+    """The pinned maps of one xdpzoot instance, read and written as plain values.
+
+    Host keys are 16-byte addresses; prefix keys are ``(prefixlen, 16-byte address)``
+    with IPv4 mapped into ::ffff:0:0/96.
+    """
+
+    def __init__(self, bpf):
+        self.bpf = bpf
+        self.hosts = bpf["xz_hosts"]
+        self.prefixes = bpf["xz_prefixes"]
+        self.allow = bpf["xz_allow"]
+        self.control = bpf["xz_control"]
+        self.counters = bpf["xz_counters"]
+
+    # subscriber classes
+    def host_items(self) -> Iterator[tuple[bytes, Entry]]:
+        for k, v in self.hosts.items():
+            yield bytes(k.addr), _entry(v)
+
+    def prefix_items(self) -> Iterator[tuple[tuple[int, bytes], Entry]]:
+        for k, v in self.prefixes.items():
+            yield (k.prefixlen, bytes(k.addr)), _entry(v)
+
+    def set_host(self, addr: bytes, e: Entry) -> None:
+        self.hosts[_addr_key(self.hosts, addr)] = _leaf(self.hosts, e)
+
+    def del_host(self, addr: bytes) -> None:
+        del self.hosts[_addr_key(self.hosts, addr)]
+
+    def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
+        self.prefixes[_lpm_key(self.prefixes, *key)] = _leaf(self.prefixes, e)
+
+    def del_prefix(self, key: tuple[int, bytes]) -> None:
+        del self.prefixes[_lpm_key(self.prefixes, *key)]
+
+    def get_host(self, addr: bytes) -> Entry | None:
+        v = self.hosts.get(_addr_key(self.hosts, addr))
+        return _entry(v) if v is not None else None
+
+    def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
+        """Longest-prefix match of ``addr`` with the trie's own lookup, as the data plane
+        does; the matched length is found by shortening the key until the answer changes."""
+        best = self.prefixes.get(_lpm_key(self.prefixes, 128, addr))
+        if best is None:
+            return None
+        plen = 128
+        while plen > 0:
+            v = self.prefixes.get(_lpm_key(self.prefixes, plen - 1, addr))
+            if v is None or _entry(v) != _entry(best):
+                break
+            plen -= 1
+        return (plen, _mask(addr, plen)), _entry(best)
+
+    # allow-list
+    def allow_items(self) -> dict[tuple[int, bytes], int]:
+        return {(k.prefixlen, bytes(k.addr)): v.value for k, v in self.allow.items()}
+
+    def set_allow(self, key: tuple[int, bytes], bits: int) -> None:
+        self.allow[_lpm_key(self.allow, *key)] = self.allow.Leaf(bits)
+
+    def del_allow(self, key: tuple[int, bytes]) -> None:
+        del self.allow[_lpm_key(self.allow, *key)]
+
+    def allow_bits(self, addr: bytes) -> int:
+        v = self.allow.get(_lpm_key(self.allow, 128, addr))
+        return v.value if v is not None else 0
+
+    # control
+    def control_flags(self) -> int:
+        return self.control[ct.c_uint32(0)].flags
+
+    def set_control_flags(self, flags: int) -> None:
+        v = self.control.Leaf()
+        v.flags = flags
+        self.control[ct.c_uint32(0)] = v
+
+    # counters
+    def counters_sum(self) -> dict[int, tuple[int, int]]:
+        """Counter slot -> (packets, bytes) summed over CPUs, non-zero slots only."""
+        out = {}
+        for i in range(len(self.counters)):
+            per_cpu = self.counters[ct.c_uint32(i)]
+            pk = sum(c.packets for c in per_cpu)
+            if pk:
+                out[i] = (pk, sum(c.bytes for c in per_cpu))
+        return out
+
+    def clear_counters(self) -> None:
+        for i in range(len(self.counters)):
+            self.counters[ct.c_uint32(i)] = self.counters.Leaf()
+
+
+def _mask(addr: bytes, plen: int) -> bytes:
+    """``addr`` with the bits after the first ``plen`` cleared."""
+    n = int.from_bytes(addr, "big") >> (128 - plen) << (128 - plen) if plen else 0
+    return n.to_bytes(16, "big")

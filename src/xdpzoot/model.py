@@ -1,0 +1,139 @@
+"""Reference model of the policy pipeline, in plain Python.
+
+It answers ``xdpzoot explain`` (with lookups against the live maps) and is the
+oracle the BPF programs are tested against (with :class:`tables.Tables`). It
+mirrors bpf/policy.h step by step; a change to one is a change to both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import schema
+from .kernel import Entry
+from .tables import addr16
+
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+PROTOS = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMPV6}
+L4_NEED = {TCP: 20, UDP: 8, ICMP: 8, ICMPV6: 8}
+TCP_RST, TCP_SYN = 0x04, 0x02
+
+
+class Lookup(Protocol):
+    """What the policy asks of the maps."""
+
+    def classify(self, a: bytes) -> Entry | None: ...
+    def allowed(self, a: bytes) -> int: ...
+
+
+@dataclass(frozen=True)
+class Packet:
+    """What the parser would learn from a frame.
+
+    ``l4_len`` is the upper-layer length the IP header declares (None: a full
+    header); ``frag`` is none, first or later; ``ip_extra`` means IPv4 options or
+    IPv6 extension headers; ``parsed`` False means L2/L3 could not be parsed.
+    """
+
+    role: str
+    src: str
+    dst: str
+    proto: int
+    sport: int = 0
+    dport: int = 0
+    frag: str = "none"
+    l4_len: int | None = None
+    tcp_flags: int = TCP_SYN
+    icmp_type: int = 8
+    ip_extra: bool = False
+    parsed: bool = True
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.src else 4
+
+    @property
+    def l4ok(self) -> bool:
+        need = L4_NEED.get(self.proto, 0)
+        length = need if self.l4_len is None else self.l4_len
+        return self.frag != "later" and need > 0 and length >= need
+
+    @property
+    def short(self) -> bool:
+        """A first fragment too short to hold the fixed header (and so the ports)."""
+        need = L4_NEED.get(self.proto, 0)
+        length = need if self.l4_len is None else self.l4_len
+        return self.frag == "first" and length < need
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str
+    reason: str
+    subscriber: Entry | None = None
+
+
+def _port_rule(p: Packet, cls: Entry, port: int, exempt: int, relay: bytes | None,
+               look: Lookup, reason: str) -> tuple[str, bool]:
+    """bpf/policy.h xz_port_rule: (reason, hit)."""
+    if not p.short:
+        if not p.l4ok:
+            return "unparsed", False
+        if p.dport != port:
+            return "ok", False
+    if cls.flags & exempt:
+        return "exempt", False
+    if relay is not None and look.allowed(relay) & schema.C["XZ_ALLOW_OP25B"]:
+        return "allowlist", False
+    return ("frag_short" if p.short else reason), True
+
+
+def decide(p: Packet, flags: int, look: Lookup) -> Decision:
+    """Verdict and reason for one packet, as the data plane would count it."""
+    c = schema.C
+    verdict, reason, cls = "pass", "ok", None
+    if flags & c["XZ_C_BYPASS"]:
+        reason = "bypass"
+    elif not p.parsed:
+        reason = "unparsed"
+    else:
+        verdict, reason, cls = _pipeline(p, flags, look)
+    if verdict != "pass" and flags & c["XZ_C_MONITOR"]:
+        verdict = "monitor"
+    return Decision(verdict, reason, cls)
+
+
+def _pipeline(p: Packet, flags: int, look: Lookup) -> tuple[str, str, Entry | None]:
+    c = schema.C
+    src, dst = addr16(p.src), addr16(p.dst)
+    me, peer = (src, dst) if p.role == "access" else (dst, src)
+    cls = look.classify(me)
+    if cls is None:
+        return "pass", "unknown", None
+    if p.family == 6 and p.proto == ICMPV6 and p.l4ok and 133 <= p.icmp_type <= 137:
+        return "pass", "ok", cls
+    if cls.flags & c["XZ_F_SUSPENDED"]:
+        if look.allowed(peer) & c["XZ_ALLOW_SUSPEND"]:
+            return "pass", "allowlist", cls
+        return "drop", "suspended", cls
+    if p.frag == "later":
+        return "pass", "fragment", cls
+    if cls.type != c["XZ_TYPE_DYNAMIC"]:
+        return "pass", "ok", cls
+    v6 = p.family == 6
+    if p.role == "access":
+        if not flags & c["XZ_C_OP25B"] or (v6 and not flags & c["XZ_C_OP25B_V6"]) \
+                or p.proto != TCP:
+            return "pass", "ok", cls
+        reason, hit = _port_rule(p, cls, 25, c["XZ_F_OP25B_EXEMPT"], peer, look, "op25b")
+        if not hit:
+            return "pass", reason, cls
+        reject = (flags & c["XZ_C_OP25B_REJECT"] and reason == "op25b" and not p.ip_extra
+                  and not p.tcp_flags & TCP_RST)
+        return ("reject" if reject else "drop"), reason, cls
+    if not flags & c["XZ_C_IP53B"] or (v6 and not flags & c["XZ_C_IP53B_V6"]) \
+            or not (p.proto == UDP or (p.proto == TCP and flags & c["XZ_C_IP53B_TCP"])):
+        return "pass", "ok", cls
+    reason, hit = _port_rule(p, cls, 53, c["XZ_F_IP53B_EXEMPT"], None, look, "ip53b")
+    return ("drop" if hit else "pass"), reason, cls

@@ -1,0 +1,152 @@
+"""What the maps should hold, as plain Python values, and the lookups the data plane does.
+
+Addresses are 16 bytes (IPv4 mapped into ::ffff:0:0/96) and prefixes are
+``(prefixlen, address)`` with the length counted over those 128 bits, exactly as
+the BPF maps key them (see bpf/xdpzoot.h).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import schema
+from .kernel import Entry
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Key = tuple[int, bytes]
+
+_V4MAPPED = bytes(10) + b"\xff\xff"
+
+
+def addr16(ip: IPAddress | str) -> bytes:
+    """The 16-byte map form of an address."""
+    ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    return _V4MAPPED + ip.packed if ip.version == 4 else ip.packed
+
+
+def key_of(net: IPNetwork) -> Key:
+    """The LPM key of a network."""
+    extra = 96 if net.version == 4 else 0
+    return net.prefixlen + extra, addr16(net.network_address)
+
+
+def ip_of(a: bytes) -> IPAddress:
+    """The address back from its 16-byte map form."""
+    if a[:12] == _V4MAPPED:
+        return ipaddress.IPv4Address(a[12:])
+    return ipaddress.IPv6Address(a)
+
+
+def net_of(key: Key) -> IPNetwork:
+    """The network back from its LPM key."""
+    plen, a = key
+    ip = ip_of(a)
+    return ipaddress.ip_network((ip, plen - 96 if ip.version == 4 else plen))
+
+
+def is_host(net: IPNetwork) -> bool:
+    return net.prefixlen == net.max_prefixlen
+
+
+def covers(key: Key, a: bytes) -> bool:
+    """True when the prefix ``key`` contains the address ``a``."""
+    plen, net = key
+    shift = 128 - plen
+    return int.from_bytes(net, "big") >> shift == int.from_bytes(a, "big") >> shift
+
+
+@dataclass
+class Tables:
+    """The subscriber and allow-list maps as dicts, with the data plane's lookups."""
+
+    hosts: dict[bytes, Entry] = field(default_factory=dict)
+    prefixes: dict[Key, Entry] = field(default_factory=dict)
+    allow: dict[Key, int] = field(default_factory=dict)
+
+    def classify(self, a: bytes) -> Entry | None:
+        """Most specific entry wins: host entry, else the longest covering prefix."""
+        if a in self.hosts:
+            return self.hosts[a]
+        return _longest(self.prefixes, a)
+
+    def allowed(self, a: bytes) -> int:
+        bits = _longest(self.allow, a)
+        return bits or 0
+
+
+def _longest(d: dict[Key, object], a: bytes):
+    best, best_len = None, -1
+    for key, v in d.items():
+        if key[0] > best_len and covers(key, a):
+            best, best_len = v, key[0]
+    return best
+
+
+def subscriber_tables(rows: Iterable) -> tuple[dict[bytes, Entry], dict[Key, Entry]]:
+    """Host and prefix map contents from parsed subscriber rows (sources.Subscriber).
+
+    A full-length network (/32, /128) is a host entry; anything shorter goes into
+    the trie, where the longest prefix wins and host entries win over all.
+    """
+    hosts: dict[bytes, Entry] = {}
+    prefixes: dict[Key, Entry] = {}
+    for r in rows:
+        flags = 0
+        for f in r.flags:
+            flags |= schema.FLAGS[f]
+        e = Entry(r.sub_id, schema.TYPES[r.type], flags, r.up_kbps, r.down_kbps)
+        if is_host(r.network):
+            hosts[addr16(r.network.network_address)] = e
+        else:
+            prefixes[key_of(r.network)] = e
+    return hosts, prefixes
+
+
+def allow_table(op25b: Iterable[IPNetwork], suspend: Iterable[IPNetwork]) -> dict[Key, int]:
+    """Allow-list trie contents. The trie answers with the longest match only, so each
+    prefix carries the bits of every listed prefix that covers it too."""
+    bits: dict[Key, int] = {}
+    for nets, bit in ((op25b, schema.C["XZ_ALLOW_OP25B"]),
+                      (suspend, schema.C["XZ_ALLOW_SUSPEND"])):
+        for n in nets:
+            k = key_of(n)
+            bits[k] = bits.get(k, 0) | bit
+    return {k: b | _covering_bits(bits, k) for k, b in bits.items()}
+
+
+def _covering_bits(bits: dict[Key, int], key: Key) -> int:
+    out = 0
+    for k, b in bits.items():
+        if k[0] < key[0] and covers(k, key[1]):
+            out |= b
+    return out
+
+
+def control_flags(cfg) -> int:
+    """The xz_control switches from a config.Config."""
+    c = schema.C
+    f = c["XZ_C_LOADED"]
+    on = [
+        (cfg.dataplane.bypass, "XZ_C_BYPASS"),
+        (cfg.dataplane.monitor, "XZ_C_MONITOR"),
+        (cfg.op25b.enabled, "XZ_C_OP25B"),
+        (cfg.op25b.ipv6, "XZ_C_OP25B_V6"),
+        (cfg.op25b.action == "reject", "XZ_C_OP25B_REJECT"),
+        (cfg.ip53b.enabled, "XZ_C_IP53B"),
+        (cfg.ip53b.tcp, "XZ_C_IP53B_TCP"),
+        (cfg.ip53b.ipv6, "XZ_C_IP53B_V6"),
+    ]
+    for cond, name in on:
+        if cond:
+            f |= c[name]
+    return f
+
+
+def control_names(flags: int) -> dict[str, bool]:
+    """The switches by name, for status output."""
+    names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
+             "ip53b_v6")
+    return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}
