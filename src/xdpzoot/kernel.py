@@ -6,8 +6,10 @@ The only module that talks to bcc. Everything else works on plain Python values
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
+import fcntl
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -155,6 +157,18 @@ def ensure_bpffs(pin_dir: str) -> None:
     os.makedirs(pin_dir, exist_ok=True)
 
 
+@contextlib.contextmanager
+def lock(pin_dir: str) -> Iterator[None]:
+    """Serialise writers of one instance: an exclusive flock on its pin directory."""
+    ensure_bpffs(pin_dir)
+    fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def pinned(pin_dir: str) -> bool:
     """True when xdpzoot's maps are pinned under ``pin_dir``."""
     return all(os.path.exists(os.path.join(pin_dir, m)) for m in MAPS)
@@ -215,7 +229,7 @@ def compile_bpf(pin_dir: str, defines: Iterable[str] = (), maps_only: bool = Fal
     ensure_bpffs(pin_dir)
     text = maps_source() if maps_only else program_source()
     try:
-        return BPF(text=text, cflags=cflags(pin_dir, defines))
+        return BPF(text=text.encode(), cflags=cflags(pin_dir, defines))
     except Exception as e:  # bcc raises bare Exception
         raise KernelError(f"BPF compile/load failed: {e}") from e
 
@@ -291,11 +305,11 @@ class Maps:
 
     def __init__(self, bpf):
         self.bpf = bpf
-        self.hosts = bpf["xz_hosts"]
-        self.prefixes = bpf["xz_prefixes"]
-        self.allow = bpf["xz_allow"]
-        self.control = bpf["xz_control"]
-        self.counters = bpf["xz_counters"]
+        self.hosts = bpf[b"xz_hosts"]
+        self.prefixes = bpf[b"xz_prefixes"]
+        self.allow = bpf[b"xz_allow"]
+        self.control = bpf[b"xz_control"]
+        self.counters = bpf[b"xz_counters"]
 
     # subscriber classes
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:

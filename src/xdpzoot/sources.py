@@ -16,12 +16,15 @@ from __future__ import annotations
 import csv
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "FLAGS",
     "SourceError",
     "Subscriber",
+    "check_network",
     "parse_subscribers",
     "parse_subscribers_text",
 ]
@@ -104,28 +107,105 @@ def _u32(text: str) -> int | None:
     return None
 
 
-_V4 = ipaddress.IPv4Network
-_V6 = ipaddress.IPv6Network
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 _pton = socket.inet_pton
 _from_bytes = int.from_bytes
+_new = object.__new__
 
 
-def _network(text: str) -> Network | str:
+def _network_factory(version: int) -> Callable[[int, int], Network]:
+    """A constructor ``(network int, prefixlen) -> IPv4Network | IPv6Network`` for valid input.
+
+    ``ipaddress`` spends most of its time re-validating what the caller already checked; with
+    a million rows that is the largest cost of a parse. The fast constructor fills in the same
+    attributes ``IPv4Network.__init__`` / ``IPv6Network.__init__`` set. It is checked against
+    the real constructor here, at import; if this Python's ``ipaddress`` differs in any way,
+    the real constructor is returned instead, so the result is never a different object.
+    """
+    net_cls: type[Any]
+    addr_cls: type[Any]
+    if version == 4:
+        net_cls, addr_cls, bits = ipaddress.IPv4Network, ipaddress.IPv4Address, 32
+    else:
+        net_cls, addr_cls, bits = ipaddress.IPv6Network, ipaddress.IPv6Address, 128
+    masks = [net_cls((0, plen)).netmask for plen in range(bits + 1)]
+    scoped = version == 6
+
+    def fast(value: int, plen: int) -> Network:
+        """Build the network; ``value`` and ``plen`` must already be valid and aligned."""
+        addr = _new(addr_cls)
+        addr._ip = value
+        if scoped:
+            addr._scope_id = None
+        net = _new(net_cls)
+        net.network_address = addr
+        net.netmask = masks[plen]
+        net._prefixlen = plen
+        if plen == bits:
+            net.hosts = [addr].copy  # what __init__ does for a single address
+        elif plen == bits - 1:
+            net.hosts = net.__iter__  # and for a /31 or /127
+        return net  # type: ignore[no-any-return]
+
+    def slow(value: int, plen: int) -> Network:
+        """The real constructor, in case the fast one does not match it."""
+        return net_cls((value, plen))  # type: ignore[no-any-return]
+
+    top = (1 << bits) - 1
+    try:
+        for plen in (0, 1, 8, bits // 2, bits - 2, bits - 1, bits):
+            for value in (0, top, 0x5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A5A & top):
+                value &= top ^ ((1 << (bits - plen)) - 1)
+                a, b = fast(value, plen), net_cls((value, plen))
+                same = (
+                    vars(a).keys() == vars(b).keys()
+                    and a == b
+                    and hash(a) == hash(b)
+                    and repr(a) == repr(b)
+                    and a.broadcast_address == b.broadcast_address
+                    and a.network_address.__reduce__() == b.network_address.__reduce__()
+                    and (plen < bits - 1 or list(a.hosts()) == list(b.hosts()))
+                )
+                if not same:
+                    return slow
+    except (AttributeError, TypeError, ValueError):
+        return slow
+    return fast
+
+
+_NET = {4: _network_factory(4), 6: _network_factory(6)}
+_NET4 = _NET[4]
+_NET6 = _NET[6]
+
+
+def check_network(text: str) -> Network | str:
     """The address or prefix in ``text``, or the problem with it as a string.
 
-    A plain address (the common case in a big table) is parsed by inet_pton, which is as strict
-    as ``ipaddress`` for these forms and several times faster, then becomes a /32 or /128
-    network from its integer. Anything else goes through ``ipaddress.ip_network(strict=True)``.
+    Used for every address in every source, so the messages are the same everywhere. The
+    address part is parsed by inet_pton, which accepts the same spellings as ``ipaddress``
+    (tests compare them) and is much faster; whatever it refuses goes to
+    ``ipaddress.ip_network(strict=True)`` for the verdict. Scoped IPv6 addresses
+    (``fe80::1%eth0``) mean nothing to the data plane and are refused.
     """
-    if "/" not in text and "%" not in text:
-        try:
-            if ":" in text:
-                return _V6(_from_bytes(_pton(_AF_INET6, text), "big"))
-            return _V4(_from_bytes(_pton(_AF_INET, text), "big"))
-        except (OSError, ValueError):
-            pass  # fall through for ipaddress's verdict
+    if "%" in text:
+        return f"bad address {text!r} (scoped addresses are not allowed)"
+    addr, slash, length = text.partition("/")
+    try:
+        if ":" in addr:
+            value, bits, make = _from_bytes(_pton(_AF_INET6, addr), "big"), 128, _NET6
+        else:
+            value, bits, make = _from_bytes(_pton(_AF_INET, addr), "big"), 32, _NET4
+        if not slash:
+            return make(value, bits)
+        if length.isdigit() and length.isascii() and len(length) <= 3:
+            plen = int(length)
+            if plen <= bits:
+                if value & ((1 << (bits - plen)) - 1):
+                    return f"host bits set in {text}"
+                return make(value, plen)
+    except (OSError, ValueError):
+        pass  # not a spelling the fast path knows: ipaddress decides
     try:
         return ipaddress.ip_network(text, strict=True)
     except ValueError:
@@ -165,10 +245,21 @@ def _flags(text: str) -> frozenset[str] | str:
 # --- rows -----------------------------------------------------------------------------------
 
 
+def _bad_rate(column: str, raw: str) -> str:
+    """The message for a rate that is not an unsigned 32-bit decimal."""
+    return f"bad rate in {column}: {raw!r} (kbit/s 0..{U32_MAX}; 0 or empty = unlimited)"
+
+
 def _lines(text: str) -> list[tuple[int, str]]:
-    """(1-based line number, line) of every line that is neither blank nor a # comment."""
+    """(1-based line number, line) of every line that is neither blank nor a # comment.
+
+    Lines end at "\n" only (a trailing "\r" is dropped), so numbers match what editors show;
+    str.splitlines() would also split at form feeds and Unicode separators.
+    """
     out = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.endswith("\r"):
+            line = line[:-1]
         if line.startswith("#") or not line.strip():
             continue
         out.append((number, line))
@@ -237,15 +328,12 @@ def parse_subscribers_text(
     i_up = columns.get("up_kbps")
     i_down = columns.get("down_kbps")
     i_flags = columns.get("flags")
-    # A missing column cannot be checked; its value stands in so the row's other fields can be.
-    rates = [(n, columns[n]) for n in ("up_kbps", "down_kbps") if n in columns]
 
     rows: list[Subscriber] = []
     # (version, network int, prefixlen) -> line of its first row; also feeds the overlap sweep.
     first: dict[tuple[int, int, int], int] = {}
-    bad_rows = False
     u32 = _u32
-    network = _network
+    network = check_network
     flags_of = _flags
     types = TYPES
     for number, line in lines[1:]:
@@ -253,11 +341,9 @@ def parse_subscribers_text(
             fields = line.split(",") if '"' not in line else _split(line)
         except csv.Error as e:
             problems.append((number, f"bad CSV quoting: {e}"))
-            bad_rows = True
             continue
         if len(fields) != width:
             problems.append((number, f"expected {width} fields, got {len(fields)}"))
-            bad_rows = True
             continue
         row_problems: list[str] = []
 
@@ -291,17 +377,20 @@ def parse_subscribers_text(
                 row_problems.append(f"unknown type {kind!r} (must be 'dynamic' or 'static')")
 
         up = down = 0
-        for name, idx in rates:
-            raw = fields[idx].strip()
-            value = u32(raw) if raw else 0
-            if value is None:
-                row_problems.append(
-                    f"bad rate {name} {raw!r} (kbit/s 0..{U32_MAX}; 0 or empty = unlimited)"
-                )
-            elif name == "up_kbps":
-                up = value
+        if i_up is not None:
+            raw = fields[i_up].strip()
+            got_rate = u32(raw) if raw else 0
+            if got_rate is None:
+                row_problems.append(_bad_rate("up_kbps", raw))
             else:
-                down = value
+                up = got_rate
+        if i_down is not None:
+            raw = fields[i_down].strip()
+            got_rate = u32(raw) if raw else 0
+            if got_rate is None:
+                row_problems.append(_bad_rate("down_kbps", raw))
+            else:
+                down = got_rate
 
         flags = _NO_FLAGS
         if i_flags is not None:
@@ -313,16 +402,14 @@ def parse_subscribers_text(
 
         if row_problems:
             problems.extend((number, p) for p in row_problems)
-            bad_rows = True
         elif net is not None:
             rows.append(Subscriber(number, sub_id, net, kind, up, down, flags))
 
     if strict:
         problems.extend(_overlaps(first))
     if problems:
-        problems.sort(key=lambda p: (p[0] or 0))
+        problems.sort(key=lambda p: p[0] or 0)
         raise SourceError(path, problems)
-    del bad_rows  # every row problem is in `problems`; kept for readability above
     return rows
 
 

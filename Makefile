@@ -1,0 +1,26 @@
+# xdpzoot: `make setup` once (as root), then `make test`.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint bench lab-up lab-down clean
+
+setup:
+	bash scripts/setup.sh
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint:
+	.venv/bin/ruff check src tests bench
+
+bench:
+	$(PY) bench/bench.py
+
+lab-up:
+	.venv/bin/xdpzoot lab up
+
+lab-down:
+	@echo "usage: .venv/bin/xdpzoot lab down PREFIX"
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .hypothesis

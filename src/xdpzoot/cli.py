@@ -1,0 +1,496 @@
+"""The ``xdpzoot`` command line: every operation an operator needs, ``--json`` on all
+that reports. Exit codes: 0 ok, 1 operational error, 2 usage error."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import click
+
+from . import kernel, loader, model, schema, sync, tables
+from .config import load_config
+from .sources import SourceError, parse_subscribers
+
+ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
+
+
+class Ctx:
+    """Global options, resolved lazily so that --help needs no root and no config."""
+
+    def __init__(self, config_path: str | None, pin_dir: str):
+        self.config_path = config_path
+        self.pin_dir = pin_dir
+        self._cfg = None
+
+    @property
+    def cfg(self):
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path)
+        return self._cfg
+
+    def maps(self, create: bool = False) -> kernel.Maps:
+        if create and not kernel.pinned(self.pin_dir):
+            return kernel.Maps(kernel.compile_bpf(self.pin_dir, self.cfg.defines(),
+                                                  maps_only=True))
+        return loader.open_maps(self.cfg, self.pin_dir)
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"xdpzoot: error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Operational errors become one line on stderr and exit code 1."""
+    try:
+        fn()
+    except (kernel.KernelError, SourceError, OSError) as e:
+        _fail(str(e))
+
+
+def _emit(as_json: bool, data, text: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
+    else:
+        text()
+
+
+EXAMPLES = """\b
+Examples:
+  xdpzoot attach --access eth1 --core eth0
+  xdpzoot --pin-dir /run/xdpzoot/r1 attach --hook tc --access veth1 --core veth0
+  xdpzoot subscribers load /etc/xdpzoot/subscribers.csv
+  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 --proto tcp --dport 25
+  xdpzoot stats 1 5
+  xdpzoot status --json
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Config file (default /etc/xdpzoot/xdpzoot.toml).")
+@click.option("--pin-dir", metavar="DIR", envvar=ENV_PIN_DIR,
+              default=kernel.DEFAULT_PIN_DIR, show_default=True,
+              help=f"BPF pin directory of this instance (or ${ENV_PIN_DIR}).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, pin_dir: str) -> None:
+    """xdpzoot: OP25B, IP53B and suspension at XDP/TC for an ISP edge router."""
+    ctx.obj = Ctx(config_path, os.path.abspath(pin_dir))
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+# ---- attach / detach / status -------------------------------------------------------------
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot attach                       # interfaces from the config
+  xdpzoot attach --access eth1 --core eth0 --hook tc
+  xdpzoot attach --mode generic --json""")
+@click.option("--access", multiple=True, metavar="IF", help="Subscriber-facing interface.")
+@click.option("--core", multiple=True, metavar="IF", help="Internet-facing interface.")
+@click.option("--hook", type=click.Choice(["xdp", "tc"]), default=None)
+@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default=None,
+              help="XDP attach mode (auto: native where the driver can, else generic).")
+@json_opt
+@click.pass_obj
+def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
+    """Load the programs and attach them; again to replace them in place."""
+
+    def go():
+        cfg = o.cfg
+        acc = list(access) or list(cfg.interfaces.access)
+        cor = list(core) or list(cfg.interfaces.core)
+        if not acc and not cor:
+            raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
+        rows = None
+        if cfg.sources.subscribers:
+            rows = parse_subscribers(cfg.sources.subscribers)   # validate before any change
+        with kernel.lock(o.pin_dir):
+            maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
+                                       mode or cfg.interfaces.mode)
+            change = sync.apply_subscribers(maps, *tables.subscriber_tables(rows)) \
+                if rows is not None else None
+        data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
+                "subscribers": asdict(change) if change else None}
+        _emit(as_json, data, lambda: [
+            click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
+            for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
+                              if change else []))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot detach
+  xdpzoot --pin-dir /run/xdpzoot/r1 detach --json""")
+@json_opt
+@click.pass_obj
+def detach(o: Ctx, as_json) -> None:
+    """Remove the programs from every interface and delete the pinned maps."""
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            gone = loader.detach(o.pin_dir)
+        _emit(as_json, {"detached": [asdict(a) for a in gone]}, lambda: click.echo(
+            "\n".join(f"detached {a.ifname} ({a.role}, {a.hook})" for a in gone)
+            or "nothing was attached"))
+
+    _run(go)
+
+
+def _totals(counters: dict[int, tuple[int, int]]) -> list[dict]:
+    rows = []
+    for slot, (pk, by) in sorted(counters.items()):
+        per_role = len(schema.VERDICTS) * schema.REASON_SLOTS
+        role, rest = divmod(slot, per_role)
+        verdict, reason = divmod(rest, schema.REASON_SLOTS)
+        rows.append({"role": schema.ROLES[role], "verdict": schema.VERDICTS[verdict],
+                     "reason": schema.REASONS[reason], "packets": pk, "bytes": by})
+    return rows
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot status
+  xdpzoot status --json | jq .interfaces""")
+@json_opt
+@click.pass_obj
+def status(o: Ctx, as_json) -> None:
+    """Show interfaces, switches, table sizes and totals."""
+
+    def go():
+        maps = o.maps()
+        att = loader.attachments(o.pin_dir)
+        flags = maps.control_flags()
+        data = {
+            "pin_dir": o.pin_dir,
+            "interfaces": [asdict(a) for a in att],
+            "switches": tables.control_names(flags),
+            "tables": {"hosts": len(list(maps.host_items())),
+                       "prefixes": len(list(maps.prefix_items())),
+                       "allow": len(maps.allow_items())},
+            "counters": _totals(maps.counters_sum()),
+        }
+
+        def text():
+            click.echo(f"Data plane: {o.pin_dir}")
+            on = [k for k, v in data["switches"].items() if v]
+            click.echo(f"  switches: {', '.join(on) or 'none'}")
+            click.echo("\nInterfaces:")
+            for a in att:
+                click.echo(f"  {a.ifname:<15} {a.role:<7} {a.hook:<4} {a.mode}")
+            if not att:
+                click.echo("  No programs attached.")
+            click.echo("\nTables:")
+            for k, v in data["tables"].items():
+                click.echo(f"  {k:<10} {v:>10}")
+            click.echo("\nTotals:")
+            _counter_table(data["counters"])
+
+        _emit(as_json, data, text)
+
+    _run(go)
+
+
+def _counter_table(rows: list[dict], rates: dict | None = None) -> None:
+    if not rows:
+        click.echo("  No packets counted.")
+        return
+    click.echo(f"  {'ROLE':<7} {'VERDICT':<8} {'REASON':<11} {'PACKETS':>12} {'BYTES':>14}"
+               + (f" {'PPS':>10}" if rates is not None else ""))
+    for r in rows:
+        line = (f"  {r['role']:<7} {r['verdict']:<8} {r['reason']:<11} {r['packets']:>12} "
+                f"{r['bytes']:>14}")
+        if rates is not None:
+            line += f" {rates.get((r['role'], r['verdict'], r['reason']), 0):>10.0f}"
+        click.echo(line)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot stats            # totals once
+  xdpzoot stats 1          # every second, until interrupted
+  xdpzoot stats 2 10 --json""")
+@click.argument("interval", type=float, required=False)
+@click.argument("count", type=int, required=False)
+@json_opt
+@click.pass_obj
+def stats(o: Ctx, interval, count, as_json) -> None:
+    """Packets and bytes by interface role, verdict and reason."""
+
+    def go():
+        maps = o.maps()
+        prev = None
+        n = 0
+        while True:
+            rows = _totals(maps.counters_sum())
+            now = time.monotonic()
+            rates = None
+            if prev is not None:
+                dt = now - prev[0]
+                old = {(r["role"], r["verdict"], r["reason"]): r["packets"] for r in prev[1]}
+                rates = {(r["role"], r["verdict"], r["reason"]):
+                         (r["packets"] - old.get((r["role"], r["verdict"], r["reason"]), 0)) / dt
+                         for r in rows}
+            if as_json:
+                click.echo(json.dumps({"time": time.time(), "counters": rows}))
+            else:
+                if prev is not None:
+                    click.echo("")
+                _counter_table(rows, rates)
+            n += 1
+            if interval is None or (count is not None and n >= count):
+                return
+            prev = (now, rows)
+            time.sleep(interval)
+
+    _run(go)
+
+
+# ---- subscribers --------------------------------------------------------------------------
+
+
+def _change_text(c: sync.Change) -> str:
+    return f"{c.added} added, {c.changed} changed, {c.removed} removed"
+
+
+@main.group(epilog="""\b
+Examples:
+  xdpzoot subscribers load /etc/xdpzoot/subscribers.csv
+  xdpzoot subscribers show 100.64.1.10 --json""")
+def subscribers() -> None:
+    """The subscriber IP-type database (dynamic/static, flags, rates)."""
+
+
+@subscribers.command("load", epilog="""\b
+Examples:
+  xdpzoot subscribers load subscribers.csv
+  xdpzoot subscribers load --strict subscribers.csv --json""")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Overlapping entries are errors.")
+@json_opt
+@click.pass_obj
+def subscribers_load(o: Ctx, file, strict, as_json) -> None:
+    """Validate FILE, then write only what differs from the kernel's maps."""
+
+    def go():
+        rows = parse_subscribers(file, strict=strict)
+        hosts, prefixes = tables.subscriber_tables(rows)
+        with kernel.lock(o.pin_dir):
+            change = sync.apply_subscribers(o.maps(create=True), hosts, prefixes)
+        _emit(as_json, {"rows": len(rows), **asdict(change)},
+              lambda: click.echo(f"{len(rows)} rows: {_change_text(change)}"))
+
+    _run(go)
+
+
+def _entry_json(e: kernel.Entry) -> dict:
+    t = {v: k for k, v in schema.TYPES.items()}.get(e.type, str(e.type))
+    return {"subscriber": e.sub_id, "type": t, "flags": schema.flag_names(e.flags),
+            "up_kbps": e.up_kbps, "down_kbps": e.down_kbps}
+
+
+def _address(value: str) -> bytes:
+    try:
+        return tables.addr16(ipaddress.ip_address(value))
+    except ValueError as e:
+        raise click.BadParameter(f"not an IP address: {value}") from e
+
+
+@subscribers.command("show", epilog="""\b
+Examples:
+  xdpzoot subscribers show 198.51.100.9
+  xdpzoot subscribers show 2001:db8:1::10 --json""")
+@click.argument("address")
+@json_opt
+@click.pass_obj
+def subscribers_show(o: Ctx, address, as_json) -> None:
+    """Which entry classifies ADDRESS (host entry, else longest prefix)."""
+    a = _address(address)
+
+    def go():
+        maps = o.maps()
+        host = maps.get_host(a)
+        match = None if host else maps.match_prefix(a)
+        if host:
+            data = {"address": address, "match": "host", **_entry_json(host)}
+        elif match:
+            data = {"address": address, "match": str(tables.net_of(match[0])),
+                    **_entry_json(match[1])}
+        else:
+            data = {"address": address, "match": None}
+        _emit(as_json, data, lambda: click.echo(
+            f"{address}: not a subscriber address" if data["match"] is None else
+            f"{address}: subscriber {data['subscriber']} {data['type']} "
+            f"(entry {data['match']}) flags={','.join(data['flags']) or '-'} "
+            f"up={data['up_kbps'] or 'unlimited'} down={data['down_kbps'] or 'unlimited'}"))
+
+    _run(go)
+
+
+def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
+    try:
+        key: int | bytes = int(target)
+    except ValueError:
+        key = _address(target)
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            done = sync.set_suspended(o.maps(), key, on)
+        if not done:
+            _fail(f"no subscriber {target}")
+        word = "suspended" if on else "resumed"
+        _emit(as_json, {word: done}, lambda: click.echo(f"{word}: {', '.join(done)}"))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot suspend 1042          # subscriber id: all its addresses
+  xdpzoot suspend 100.64.1.77   # an address (alone, if it is in a dynamic pool)""")
+@click.argument("subscriber")
+@json_opt
+@click.pass_obj
+def suspend(o: Ctx, subscriber, as_json) -> None:
+    """Cut SUBSCRIBER (id or address) off, except the support allow-list.
+
+    Suspensions are sticky: reloading the subscriber file keeps them."""
+    _suspend(o, subscriber, True, as_json)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot resume 1042
+  xdpzoot resume 100.64.1.77""")
+@click.argument("subscriber")
+@json_opt
+@click.pass_obj
+def resume(o: Ctx, subscriber, as_json) -> None:
+    """Lift the suspension of SUBSCRIBER (id or address)."""
+    _suspend(o, subscriber, False, as_json)
+
+
+# ---- explain ------------------------------------------------------------------------------
+
+
+class _LiveLookup:
+    """The reference model's lookups, answered by the live maps."""
+
+    def __init__(self, maps: kernel.Maps):
+        self.maps = maps
+
+    def classify(self, a: bytes):
+        host = self.maps.get_host(a)
+        if host:
+            return host
+        m = self.maps.match_prefix(a)
+        return m[1] if m else None
+
+    def allowed(self, a: bytes) -> int:
+        return self.maps.allow_bits(a)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 --proto tcp --dport 25
+  xdpzoot explain --in core --src 203.0.113.10 --dst 100.64.1.10 --proto udp \\
+      --sport 4444 --dport 53 --json""")
+@click.option("--in", "role", type=click.Choice(["access", "core"]), required=True,
+              help="Interface role the packet enters on.")
+@click.option("--src", required=True)
+@click.option("--dst", required=True)
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp"]), required=True)
+@click.option("--sport", type=click.IntRange(0, 65535), default=40000, show_default=True)
+@click.option("--dport", type=click.IntRange(0, 65535), default=0)
+@json_opt
+@click.pass_obj
+def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
+    """What the data plane would do with a packet, and why (reference model, live maps)."""
+    a, b = _address(src), _address(dst)
+    if (a[:12] == tables.addr16("0.0.0.0")[:12]) != (b[:12] == tables.addr16("0.0.0.0")[:12]):
+        raise click.BadParameter("--src and --dst must be of the same address family")
+    p_proto = model.PROTOS[proto]
+    if proto == "icmp" and ":" in src:
+        p_proto = model.ICMPV6
+
+    def go():
+        maps = o.maps()
+        pkt = model.Packet(role, src, dst, p_proto, sport, dport)
+        d = model.decide(pkt, maps.control_flags(), _LiveLookup(maps))
+        data = {"verdict": d.verdict, "reason": d.reason,
+                "subscriber": _entry_json(d.subscriber) if d.subscriber else None}
+        _emit(as_json, data, lambda: click.echo(
+            f"{d.verdict} ({d.reason})" + (
+                f"; subscriber {d.subscriber.sub_id} "
+                f"{data['subscriber']['type']}" if d.subscriber else "")))
+
+    _run(go)
+
+
+# ---- lab ----------------------------------------------------------------------------------
+
+
+@main.group(epilog="""\b
+Examples:
+  xdpzoot lab up
+  ip netns exec xz1a2b-rtr xdpzoot --pin-dir /run/xdpzoot-lab/xz1a2b/bpf/pins attach \\
+      --access acc-dyn --access acc-sta --core core0
+  xdpzoot lab down xz1a2b""")
+def lab() -> None:
+    """A lab of network namespaces to try xdpzoot by hand."""
+
+
+@lab.command("up")
+@click.option("--prefix", default=None, help="Name prefix of the namespaces.")
+@click.option("--no-servers", is_flag=True, help="Do not start SMTP/DNS servers.")
+@json_opt
+def lab_up_cmd(prefix, no_servers, as_json) -> None:
+    """Build the lab: a dynamic and a static subscriber, a router, an Internet host."""
+    from . import lab as labmod
+
+    def go():
+        lb = labmod.lab_up(prefix, servers=not no_servers)
+        data = asdict(lb)
+
+        def text():
+            click.echo(f"lab {lb.prefix} is up: namespaces {', '.join(lb.namespaces)}")
+            for k, v in sorted(lb.addr.items()):
+                click.echo(f"  {k:<12} {v}")
+            click.echo(f"try: ip netns exec {lb.router} xdpzoot attach "
+                       + " ".join(f"--access {i}" for i in lb.access) + " "
+                       + " ".join(f"--core {i}" for i in lb.core))
+
+        _emit(as_json, data, text)
+
+    _run(go)
+
+
+@lab.command("down")
+@click.argument("prefix")
+@json_opt
+def lab_down_cmd(prefix, as_json) -> None:
+    """Remove the lab PREFIX: its servers and namespaces."""
+    from . import lab as labmod
+
+    def go():
+        existed = labmod.lab_exists(prefix)
+        labmod.lab_down(prefix)
+        _emit(as_json, {"removed": existed}, lambda: click.echo(
+            f"lab {prefix} removed" if existed else f"no lab {prefix}"))
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Attach, replace, inspect and detach the data plane of one xdpzoot instance.
+
+An instance is its pin directory: maps and programs are pinned there, and the
+kernel itself says which interface carries which of our programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from . import kernel, netlink, sync, tables
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One of our programs on an interface."""
+
+    ifname: str
+    role: str
+    hook: str
+    mode: str   # XDP: native | generic; TC: clsact
+
+
+def tc_tag(pin_dir: str, role: str) -> str:
+    """Name of our TC filter: says role and instance (a digest of the pin directory)."""
+    digest = hashlib.sha1(pin_dir.encode()).hexdigest()[:8]
+    return f"xdpzoot-{role}-{digest}"
+
+
+def _prog_pin(pin_dir: str, hook: str, role: str) -> str:
+    return os.path.join(pin_dir, f"prog_{hook}_{role}")
+
+
+def _our_xdp_ids(pin_dir: str) -> dict[int, str]:
+    """Program id -> role for the XDP programs pinned by this instance."""
+    out = {}
+    for role in ("access", "core"):
+        pid = kernel.pinned_prog_id(_prog_pin(pin_dir, "xdp", role))
+        if pid is not None:
+            out[pid] = role
+    return out
+
+
+def attachments(pin_dir: str) -> list[Attachment]:
+    """Where this instance's programs are attached, as the kernel tells it."""
+    xdp_ids = _our_xdp_ids(pin_dir)
+    tags = {tc_tag(pin_dir, r): r for r in ("access", "core")}
+    out = []
+    for name in netlink.links():
+        st = netlink.xdp_state(name)
+        if st.prog_id in xdp_ids:
+            out.append(Attachment(name, xdp_ids[st.prog_id], "xdp", st.mode or "?"))
+        tag = netlink.tc_filter(name)
+        if tag in tags:
+            out.append(Attachment(name, tags[tag], "tc", "clsact"))
+    return out
+
+
+def configure(maps: kernel.Maps, cfg) -> None:
+    """Write the config's switches and allow-lists into the maps."""
+    sync.apply_allow(maps, tables.allow_table(cfg.op25b.allow, cfg.suspend.allow))
+    maps.set_control_flags(tables.control_flags(cfg))
+
+
+def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "xdp",
+           mode: str = "auto") -> tuple[kernel.Maps, list[Attachment]]:
+    """Compile, load and attach; replaces a running instance atomically per interface,
+    keeps the pinned maps and their contents, and takes our programs off interfaces
+    that are no longer named."""
+    for name in access + core:
+        if name in ("lo",) or name.startswith("ifb"):
+            raise kernel.KernelError(f"refusing to attach to {name}")
+    overlap = set(access) & set(core)
+    if overlap:
+        raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
+    before = attachments(pin_dir) if kernel.pinned(pin_dir) else []
+    bpf = kernel.compile_bpf(pin_dir, cfg.defines())
+    maps = kernel.Maps(bpf)
+    configure(maps, cfg)
+    wanted = {n: "access" for n in access} | {n: "core" for n in core}
+    done: list[Attachment] = []
+    for role in ("access", "core"):
+        names = [n for n, r in wanted.items() if r == role]
+        if not names:
+            continue
+        fd = kernel.load_program(bpf, hook, role)
+        for name in names:
+            if hook == "xdp":
+                # Switching hook: the new program is in place before the old one goes.
+                used = netlink.attach_xdp(name, fd, mode)
+                done.append(Attachment(name, role, "xdp", used))
+            else:
+                netlink.attach_tc(name, fd, tc_tag(pin_dir, role))
+                done.append(Attachment(name, role, "tc", "clsact"))
+        kernel.pin(fd, _prog_pin(pin_dir, hook, role))
+    keep = {(a.ifname, a.hook) for a in done}
+    for a in before:
+        if (a.ifname, a.hook) not in keep:
+            _detach_one(a)
+    return maps, done
+
+
+def _detach_one(a: Attachment) -> None:
+    if a.hook == "xdp":
+        netlink.detach_xdp(a.ifname)
+    else:
+        netlink.detach_tc(a.ifname)
+
+
+def detach(pin_dir: str) -> list[Attachment]:
+    """Take every program of this instance off its interfaces and remove the pins."""
+    gone = attachments(pin_dir)
+    for a in gone:
+        _detach_one(a)
+    kernel.unpin_all(pin_dir)
+    return gone
+
+
+def open_maps(cfg, pin_dir: str) -> kernel.Maps:
+    """The pinned maps of a running (or loaded) instance."""
+    if not kernel.pinned(pin_dir):
+        raise kernel.KernelError(f"xdpzoot is not loaded (no maps pinned under {pin_dir})")
+    return kernel.Maps(kernel.compile_bpf(pin_dir, cfg.defines(), maps_only=True))

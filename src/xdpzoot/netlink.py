@@ -1,0 +1,139 @@
+"""Attaching programs to interfaces, through pyroute2: XDP and TC clsact ingress.
+
+The only module that talks to pyroute2. It knows nothing of policy: it puts a
+program fd on an interface, says what is attached, and takes it off again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .kernel import KernelError
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+ATTACHED_MODE = {1: "native", 2: "generic", 3: "offload"}
+TC_INGRESS = "ffff:fff2"
+TC_PRIO = 49152   # one fixed slot, so that attaching again replaces our filter only
+TC_HANDLE = 1
+
+
+@dataclass(frozen=True)
+class XdpState:
+    prog_id: int | None
+    mode: str | None
+
+
+def _index(ipr: IPRoute, name: str) -> int:
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise KernelError(f"no such interface: {name}")
+    return idx[0]
+
+
+def links() -> list[str]:
+    """Interface names of this network namespace."""
+    with IPRoute() as ipr:
+        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+def xdp_state(name: str) -> XdpState:
+    """Which XDP program is attached to ``name``, and in which mode."""
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, name))[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return XdpState(None, None)
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+    mode = {"xdp": 1, "xdpgeneric": 2, "xdpoffload": 3}.get(attached, attached)
+    if not mode:
+        return XdpState(None, None)
+    return XdpState(xdp.get_attr("IFLA_XDP_PROG_ID"), ATTACHED_MODE.get(mode, str(mode)))
+
+
+def _set_xdp(ipr: IPRoute, idx: int, fd: int, flags: int) -> None:
+    ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def attach_xdp(name: str, fd: int, mode: str = "auto") -> str:
+    """Attach (or atomically replace) the XDP program of ``name``; returns the mode used.
+
+    ``auto`` tries native (driver) mode and falls back to generic. Switching
+    mode needs a detach first: the kernel keeps one mode per interface.
+    """
+    current = xdp_state(name).mode
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        tries = ["native", "generic"] if mode == "auto" else [mode]
+        if mode == "auto" and current in tries:
+            tries.remove(current)
+            tries.insert(0, current)   # keep the mode we have: the replace is atomic
+        last: Exception | None = None
+        for m in tries:
+            if current and current != m:
+                _set_xdp(ipr, idx, -1, MODE_FLAGS[current])
+                current = None
+            try:
+                _set_xdp(ipr, idx, fd, MODE_FLAGS[m])
+                return m
+            except NetlinkError as e:
+                last = e
+        raise KernelError(f"attach XDP to {name} ({mode}): {last}")
+
+
+def detach_xdp(name: str) -> None:
+    """Remove whatever XDP program ``name`` has."""
+    state = xdp_state(name)
+    if not state.mode:
+        return
+    with IPRoute() as ipr:
+        _set_xdp(ipr, _index(ipr, name), -1, MODE_FLAGS.get(state.mode, 0))
+
+
+def attach_tc(name: str, fd: int, tag: str) -> None:
+    """Attach (or atomically replace) our filter at TC clsact ingress of ``name``."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != 17:   # EEXIST: the qdisc is there already
+                raise KernelError(f"clsact on {name}: {e}") from e
+        try:
+            ipr.tc("replace-filter", "bpf", idx, TC_HANDLE, parent=TC_INGRESS, prio=TC_PRIO,
+                   fd=fd, name=tag, direct_action=True, protocol=0x0003)
+        except NetlinkError as e:
+            raise KernelError(f"attach TC filter to {name}: {e}") from e
+
+
+def tc_filter(name: str) -> str | None:
+    """Name of the BPF filter in our slot at TC ingress of ``name``, if any."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        try:
+            filters = ipr.get_filters(idx, parent=TC_INGRESS)
+        except NetlinkError:
+            return None
+    for f in filters:
+        opts = f.get_attr("TCA_OPTIONS")
+        if f.get_attr("TCA_KIND") == "bpf" and opts and (f["info"] >> 16) == TC_PRIO:
+            bpf_name = opts.get_attr("TCA_BPF_NAME")
+            if bpf_name:
+                return bpf_name
+    return None
+
+
+def detach_tc(name: str) -> None:
+    """Remove our filter from TC ingress of ``name`` (other filters stay)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, name)
+        try:
+            ipr.tc("del-filter", "bpf", idx, TC_HANDLE, parent=TC_INGRESS, prio=TC_PRIO,
+                   protocol=0x0003)
+        except NetlinkError as e:
+            if e.code not in (2, 22):   # ENOENT / EINVAL: nothing of ours there
+                raise KernelError(f"detach TC filter from {name}: {e}") from e
