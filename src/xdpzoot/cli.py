@@ -64,9 +64,10 @@ def _emit(as_json: bool, data, text: Callable[[], None]) -> None:
 EXAMPLES = """\b
 Examples:
   xdpzoot attach --access eth1 --core eth0
-  xdpzoot --pin-dir /run/xdpzoot/r1 attach --hook tc --access veth1 --core veth0
+  xdpzoot --pin-dir /run/xdpzoot/r1 attach --hook tc --access v1 --core v0
   xdpzoot subscribers load /etc/xdpzoot/subscribers.csv
-  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 --proto tcp --dport 25
+  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 \\
+      --proto tcp --dport 25
   xdpzoot stats 1 5
   xdpzoot status --json
 """
@@ -358,7 +359,7 @@ def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
 @main.command(epilog="""\b
 Examples:
   xdpzoot suspend 1042          # subscriber id: all its addresses
-  xdpzoot suspend 100.64.1.77   # an address (alone, if it is in a dynamic pool)""")
+  xdpzoot suspend 100.64.1.77   # an address (alone if in a dynamic pool)""")
 @click.argument("subscriber")
 @json_opt
 @click.pass_obj
@@ -403,9 +404,10 @@ class _LiveLookup:
 
 @main.command(epilog="""\b
 Examples:
-  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 --proto tcp --dport 25
-  xdpzoot explain --in core --src 203.0.113.10 --dst 100.64.1.10 --proto udp \\
-      --sport 4444 --dport 53 --json""")
+  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 \\
+      --proto tcp --dport 25
+  xdpzoot explain --in core --src 203.0.113.10 --dst 100.64.1.10 \\
+      --proto udp --sport 4444 --dport 53 --json""")
 @click.option("--in", "role", type=click.Choice(["access", "core"]), required=True,
               help="Interface role the packet enters on.")
 @click.option("--src", required=True)
@@ -444,7 +446,8 @@ def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
 @main.group(epilog="""\b
 Examples:
   xdpzoot lab up
-  ip netns exec xz1a2b-rtr xdpzoot --pin-dir /run/xdpzoot-lab/xz1a2b/bpf/pins attach \\
+  mkdir -p /run/xz && mount -t bpf bpf /run/xz
+  ip netns exec xz1a2b-rtr xdpzoot --pin-dir /run/xz/r1 attach \\
       --access acc-dyn --access acc-sta --core core0
   xdpzoot lab down xz1a2b""")
 def lab() -> None:

@@ -14,6 +14,7 @@ csv machinery unless they contain a quote, and plain addresses skip ``ipaddress`
 from __future__ import annotations
 
 import csv
+import gc
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -97,16 +98,6 @@ def parse_subscribers(path: str, strict: bool = False) -> list[Subscriber]:
 
 # --- fields ---------------------------------------------------------------------------------
 
-
-def _u32(text: str) -> int | None:
-    """ASCII decimal 0..2**32-1, or None: int() alone would accept '+5', '1_0' and '٣'."""
-    if text.isdigit() and text.isascii() and len(text) <= 10:
-        value = int(text)
-        if value <= U32_MAX:
-            return value
-    return None
-
-
 _AF_INET = socket.AF_INET
 _AF_INET6 = socket.AF_INET6
 _pton = socket.inet_pton
@@ -179,42 +170,66 @@ _NET4 = _NET[4]
 _NET6 = _NET[6]
 
 
-def check_network(text: str) -> Network | str:
-    """The address or prefix in ``text``, or the problem with it as a string.
+def _u32(text: str) -> int | None:
+    """ASCII decimal 0..2**32-1, or None: int() alone would accept '+5', '1_0' and '٣'."""
+    if text.isdigit() and text.isascii() and len(text) <= 10:
+        value = int(text)
+        if value <= U32_MAX:
+            return value
+    return None
 
-    Used for every address in every source, so the messages are the same everywhere. The
-    address part is parsed by inet_pton, which accepts the same spellings as ``ipaddress``
-    (tests compare them) and is much faster; whatever it refuses goes to
-    ``ipaddress.ip_network(strict=True)`` for the verdict. Scoped IPv6 addresses
-    (``fe80::1%eth0``) mean nothing to the data plane and are refused.
+
+def _parse_network(text: str) -> tuple[int, int, int] | str:
+    """``(version, network int, prefixlen)`` of an address or prefix, or the problem with it.
+
+    The address part is parsed by inet_pton, which accepts the same spellings as ``ipaddress``
+    (a test compares them) and is much faster; whatever it refuses goes to
+    ``ipaddress.ip_network(strict=True)`` for the verdict, so messages stay the same.
     """
     if "%" in text:
         return f"bad address {text!r} (scoped addresses are not allowed)"
     addr, slash, length = text.partition("/")
     try:
         if ":" in addr:
-            value, bits, make = _from_bytes(_pton(_AF_INET6, addr), "big"), 128, _NET6
+            version, value, bits = 6, _from_bytes(_pton(_AF_INET6, addr), "big"), 128
         else:
-            value, bits, make = _from_bytes(_pton(_AF_INET, addr), "big"), 32, _NET4
+            version, value, bits = 4, _from_bytes(_pton(_AF_INET, addr), "big"), 32
         if not slash:
-            return make(value, bits)
+            return version, value, bits
         if length.isdigit() and length.isascii() and len(length) <= 3:
             plen = int(length)
             if plen <= bits:
                 if value & ((1 << (bits - plen)) - 1):
                     return f"host bits set in {text}"
-                return make(value, plen)
+                return version, value, plen
     except (OSError, ValueError):
         pass  # not a spelling the fast path knows: ipaddress decides
     try:
-        return ipaddress.ip_network(text, strict=True)
+        net = ipaddress.ip_network(text, strict=True)
     except ValueError:
         pass
+    else:
+        return net.version, int(net.network_address), net.prefixlen
     try:
         ipaddress.ip_network(text, strict=False)
     except ValueError:
         return f"bad address {text!r}" if text else "empty address"
     return f"host bits set in {text}"
+
+
+def check_network(text: str) -> Network | str:
+    """The address or prefix in ``text``, or the problem with it as a string.
+
+    Every source (config allow-lists, subscriber table) checks addresses with this, so the
+    messages are the same everywhere: "bad address 'x'", "host bits set in a.b.c.d/n".
+    A bare address is a /32 or /128. Scoped IPv6 addresses (``fe80::1%eth0``) mean nothing
+    to the data plane and are refused.
+    """
+    got = _parse_network(text)
+    if isinstance(got, str):
+        return got
+    version, value, plen = got
+    return _NET[version](value, plen)
 
 
 _FLAG_SET = frozenset(FLAGS)
@@ -230,8 +245,9 @@ def _flags(text: str) -> frozenset[str] | str:
     names = [n.strip() for n in text.split(";")]
     names = [n for n in names if n]
     bad = [n for n in names if n not in _FLAG_SET]
+    result: frozenset[str] | str
     if bad:
-        result: frozenset[str] | str = (
+        result = (
             f"unknown flag{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}"
             f" (known: {', '.join(FLAGS)})"
         )
@@ -242,48 +258,30 @@ def _flags(text: str) -> frozenset[str] | str:
     return result
 
 
-# --- rows -----------------------------------------------------------------------------------
-
-
 def _bad_rate(column: str, raw: str) -> str:
     """The message for a rate that is not an unsigned 32-bit decimal."""
     return f"bad rate in {column}: {raw!r} (kbit/s 0..{U32_MAX}; 0 or empty = unlimited)"
 
 
-def _lines(text: str) -> list[tuple[int, str]]:
-    """(1-based line number, line) of every line that is neither blank nor a # comment.
-
-    Lines end at "\n" only (a trailing "\r" is dropped), so numbers match what editors show;
-    str.splitlines() would also split at form feeds and Unicode separators.
-    """
-    out = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if line.endswith("\r"):
-            line = line[:-1]
-        if line.startswith("#") or not line.strip():
-            continue
-        out.append((number, line))
-    return out
+# --- rows -----------------------------------------------------------------------------------
 
 
 def _split(line: str) -> list[str]:
-    """Fields of one CSV line, stripped; quoted fields go through the csv module.
+    """Fields of one CSV line; a line with a quote goes through the csv module.
 
     Every record is one physical line (no field here can hold a newline), which keeps line
     numbers exact. A broken quote raises csv.Error.
     """
     if '"' in line:
-        fields = next(csv.reader([line], strict=True))
-    else:
-        fields = line.split(",")
-    return [f.strip() for f in fields]
+        return next(csv.reader([line], strict=True))
+    return line.split(",")
 
 
 def _header(number: int, line: str) -> tuple[dict[str, int], int, list[Problem]]:
     """Column positions by name, the field count, and the header's problems."""
     problems: list[Problem] = []
     try:
-        names = _split(line)
+        names = [n.strip() for n in _split(line)]
     except csv.Error as e:
         return {}, 0, [(number, f"bad CSV quoting in header: {e}")]
     known = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
@@ -308,17 +306,35 @@ def parse_subscribers_text(
 
     Every line is checked and every problem collected before one SourceError is raised, so
     no problem hides behind another: a row whose address parses takes part in the duplicate
-    (and, with ``strict``, overlap) checks even when its other fields are bad. ``strict``
-    also forbids a row inside another row's prefix, which is legal (most specific wins)
-    otherwise.
+    (and, with ``strict``, overlap) checks even when its other fields are bad, and a missing
+    column does not stop the others from being checked. Only a row with the wrong number of
+    fields is not looked into, as its fields cannot be told apart. ``strict`` also forbids a
+    row inside another row's prefix, which is legal (most specific wins) otherwise.
     """
+    # A million rows make millions of objects, none in a cycle: the cyclic collector would
+    # rescan the growing heap again and again and triple the parse time.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _parse(text, path, strict)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
+    """The body of :func:`parse_subscribers_text`, one pass over the lines."""
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = _lines(text)
-    if not lines:
+    # Lines end at "\n" only ("\r" is stripped with the other whitespace), so numbers match
+    # what editors show; str.splitlines() would also split at form feeds and U+2028.
+    lines = text.split("\n")
+    header = next(
+        (n for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")), 0
+    )
+    if not header:
         raise SourceError(path, [(None, "no header row (columns: subscriber,address,type)")])
-    header_line, header_text = lines[0]
-    columns, width, problems = _header(header_line, header_text)
+    columns, width, problems = _header(header, lines[header - 1])
     if width == 0:
         raise SourceError(path, problems)
 
@@ -333,10 +349,14 @@ def parse_subscribers_text(
     # (version, network int, prefixlen) -> line of its first row; also feeds the overlap sweep.
     first: dict[tuple[int, int, int], int] = {}
     u32 = _u32
-    network = check_network
+    parse_network = _parse_network
+    make_network = _NET
     flags_of = _flags
     types = TYPES
-    for number, line in lines[1:]:
+    no_flags = _NO_FLAGS
+    for number, line in enumerate(lines[header:], header + 1):
+        if not line or line[0] == "#" or line.isspace():
+            continue
         try:
             fields = line.split(",") if '"' not in line else _split(line)
         except csv.Error as e:
@@ -356,17 +376,16 @@ def parse_subscribers_text(
             else:
                 sub_id = got_id
 
-        net: Network | None = None
+        key: tuple[int, int, int] | None = None
         if i_addr is not None:
-            got_net = network(fields[i_addr].strip())
+            got_net = parse_network(fields[i_addr].strip())
             if isinstance(got_net, str):
                 row_problems.append(got_net)
             else:
-                net = got_net
-                key = (net.version, int(net.network_address), net.prefixlen)
-                seen = first.get(key)
+                seen = first.get(got_net)
                 if seen is None:
-                    first[key] = number
+                    first[got_net] = number
+                    key = got_net
                 else:
                     row_problems.append(f"duplicate of line {seen}")
 
@@ -392,7 +411,7 @@ def parse_subscribers_text(
             else:
                 down = got_rate
 
-        flags = _NO_FLAGS
+        flags = no_flags
         if i_flags is not None:
             got_flags = flags_of(fields[i_flags].strip())
             if isinstance(got_flags, str):
@@ -402,7 +421,9 @@ def parse_subscribers_text(
 
         if row_problems:
             problems.extend((number, p) for p in row_problems)
-        elif net is not None:
+        elif key is not None and not problems:
+            # Once the file is known bad no rows are returned: stop building them.
+            net = make_network[key[0]](key[1], key[2])
             rows.append(Subscriber(number, sub_id, net, kind, up, down, flags))
 
     if strict:
@@ -416,19 +437,29 @@ def parse_subscribers_text(
 def _overlaps(first: dict[tuple[int, int, int], int]) -> list[Problem]:
     """One problem per row that lies inside another row's prefix, naming the nearest one.
 
-    Prefixes nest or are disjoint, so after sorting by (version, start, prefixlen) a stack of
-    the enclosing prefixes is enough: O(n log n) for the sort, O(n) for the sweep.
+    Prefixes nest or are disjoint, so after sorting by (start, prefixlen) a stack of the
+    enclosing prefixes is enough: O(n log n) for the sort, O(n) for the sweep. Each key is
+    packed into one int (start << 8 | prefixlen) because sorting ints is far cheaper than
+    sorting tuples.
     """
     problems: list[Problem] = []
-    stack: list[tuple[int, int, int, int, int]] = []  # version, start, last, prefixlen, line
-    for (version, start, plen), line in sorted(first.items()):
-        bits = 32 if version == 4 else 128
-        last = start | ((1 << (bits - plen)) - 1)
-        while stack and (stack[-1][0] != version or stack[-1][2] < start):
-            stack.pop()
-        if stack:
-            _, outer, _, outer_len, outer_line = stack[-1]
-            cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
-            problems.append((line, f"overlaps line {outer_line} ({cls((outer, outer_len))})"))
-        stack.append((version, start, last, plen, line))
+    for version, bits in ((4, 32), (6, 128)):
+        keys = sorted((start << 8) | plen for v, start, plen in first if v == version)
+        lasts: list[int] = []  # last address of each enclosing prefix, outermost first
+        outers: list[int] = []  # and its packed key
+        for key in keys:
+            start = key >> 8
+            while lasts and lasts[-1] < start:
+                lasts.pop()
+                outers.pop()
+            plen = key & 0xFF
+            if lasts:
+                outer = outers[-1]
+                outer_start, outer_len = outer >> 8, outer & 0xFF
+                outer_line = first[(version, outer_start, outer_len)]
+                outer_net = _NET[version](outer_start, outer_len)
+                line = first[(version, start, plen)]
+                problems.append((line, f"overlaps line {outer_line} ({outer_net})"))
+            lasts.append(start | ((1 << (bits - plen)) - 1))
+            outers.append(key)
     return problems

@@ -1,0 +1,342 @@
+"""The xdpzoot configuration file (TOML): interfaces, policy switches, sources and map sizes.
+
+Every key is optional; ``Config()`` is the configuration of an empty file. Validation is
+complete before anything is used: unknown sections or keys and bad values are collected as
+problems naming ``section.key`` and raised together as one :class:`SourceError`. The keys are
+documented in ``maps/README.md``; ``maps/xdpzoot.toml`` is a commented example.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xdpzoot.sources import SourceError, check_network, read_source
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "Dataplane",
+    "Interfaces",
+    "Ip53b",
+    "Limits",
+    "Op25b",
+    "SourceError",
+    "Sources",
+    "Suspend",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_PATH = "/etc/xdpzoot/xdpzoot.toml"
+MAX_ENTRIES = 1 << 24  # upper bound of every [limits] size: 16,777,216 map entries
+IFNAMSIZ = 16  # Linux interface names hold at most IFNAMSIZ - 1 characters
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Interfaces:
+    """Where the programs attach: access faces subscribers, core faces the Internet."""
+
+    access: tuple[str, ...] = ()
+    core: tuple[str, ...] = ()
+    hook: str = "xdp"  # "xdp" | "tc"
+    mode: str = "auto"  # XDP attach mode: "auto" | "native" | "generic"
+
+
+@dataclass(frozen=True)
+class Op25b:
+    """Outbound port 25 blocking for dynamic-IP subscribers."""
+
+    enabled: bool = True
+    action: str = "drop"  # "drop" | "reject" (TCP RST, so mail clients fail fast)
+    ipv6: bool = True
+    allow: tuple[Network, ...] = ()  # destinations still reachable on port 25
+
+
+@dataclass(frozen=True)
+class Ip53b:
+    """Inbound port 53 blocking towards dynamic-IP subscribers (DNS amplification)."""
+
+    enabled: bool = True
+    tcp: bool = False  # also block TCP/53, not only UDP/53
+    ipv6: bool = True
+
+
+@dataclass(frozen=True)
+class Suspend:
+    """What a suspended subscriber may still reach (e.g. the support site)."""
+
+    allow: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Files the control plane loads: the subscriber table ("" = none)."""
+
+    subscribers: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map sizes, compiled into the BPF programs as -D flags."""
+
+    hosts: int = 262144  # exact subscriber addresses (hash)
+    prefixes: int = 65536  # pools and static blocks (LPM trie)
+    allow: int = 4096  # op25b.allow + suspend.allow prefixes (LPM trie)
+
+
+@dataclass(frozen=True)
+class Dataplane:
+    """Global switches of the data plane."""
+
+    bypass: bool = False  # pass every packet untouched (fail-safe)
+    monitor: bool = False  # count what would be dropped, drop nothing
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``Config()`` holds the defaults."""
+
+    interfaces: Interfaces = field(default_factory=Interfaces)
+    op25b: Op25b = field(default_factory=Op25b)
+    ip53b: Ip53b = field(default_factory=Ip53b)
+    suspend: Suspend = field(default_factory=Suspend)
+    sources: Sources = field(default_factory=Sources)
+    limits: Limits = field(default_factory=Limits)
+    dataplane: Dataplane = field(default_factory=Dataplane)
+
+    def defines(self) -> list[str]:
+        """The bcc cflags that size the maps (see XZ_MAX_* in bpf/xdpzoot.h)."""
+        return [
+            f"-DXZ_MAX_HOSTS={self.limits.hosts}",
+            f"-DXZ_MAX_PREFIXES={self.limits.prefixes}",
+            f"-DXZ_MAX_ALLOW={self.limits.allow}",
+        ]
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate the config file; None means DEFAULT_PATH, which may be absent.
+
+    An absent default file gives the defaults (a fresh install runs with no config); an
+    explicitly named file must exist.
+    """
+    if path is None:
+        try:
+            text = read_source(DEFAULT_PATH)
+        except SourceError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return Config()
+            raise
+        return parse_config(text, DEFAULT_PATH)
+    return parse_config(read_source(path), path)
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Validate TOML text as an xdpzoot config; every problem is reported in one SourceError."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        raise SourceError(path, [(int(m.group(1)) if m else None, msg)]) from e
+
+    problems: list[tuple[int | None, str]] = []
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = doc.get(name, {})
+        if not isinstance(table, dict):
+            problems.append((None, f"{name}: must be a table ([{name}]), got {_show(table)}"))
+            sections[name] = cls()
+            continue
+        sections[name] = _section(name, cls, table, problems)
+    for name in doc:
+        if name not in _SECTIONS:
+            problems.append((None, f"{name}: unknown section (known: {', '.join(_SECTIONS)})"))
+
+    config = Config(**sections)
+    problems.extend((None, p) for p in _cross_checks(doc, config))
+    if problems:
+        raise SourceError(path, problems)
+    return config
+
+
+# --- values ---------------------------------------------------------------------------------
+
+# A checker returns the converted value, or raises ValueError with the problem.
+Checker = Callable[[Any], Any]
+
+
+def _show(value: Any) -> str:
+    """A value as the message shows it: TOML-ish, short."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _boolean(value: Any) -> bool:
+    """A TOML boolean; "yes" or 1 are refused, as they may mean something else to the writer."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _choice(*allowed: str) -> Checker:
+    """A checker for one of a fixed set of strings."""
+
+    def check(value: Any) -> str:
+        """The value, if it is one of ``allowed``."""
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"must be {names}, got {_show(value)}")
+        return value
+
+    names = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+
+    return check
+
+
+def _size(value: Any) -> int:
+    """A map size: a positive integer up to MAX_ENTRIES."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ENTRIES:
+        raise ValueError(f"must be an integer 1..{MAX_ENTRIES}, got {_show(value)}")
+    return value
+
+
+def _path(value: Any) -> str:
+    """A file path, or "" for none."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be a string (a file path, or "" for none), got {_show(value)}')
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    """A TOML array, as a list."""
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list, got {_show(value)}")
+    return value
+
+
+def _interfaces(value: Any) -> tuple[str, ...]:
+    """Linux interface names, as the kernel's dev_valid_name() accepts them, without repeats."""
+    problems = []
+    seen: set[str] = set()
+    for name in _list(value):
+        if not isinstance(name, str):
+            problems.append(f"interface names are strings, got {_show(name)}")
+        elif not 0 < len(name) < IFNAMSIZ:
+            problems.append(f"bad interface name {name!r} (1..{IFNAMSIZ - 1} characters)")
+        elif name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
+            problems.append(f"bad interface name {name!r} (no '/', ':' or whitespace)")
+        elif name in seen:
+            problems.append(f"{name!r} is listed twice")
+        else:
+            seen.add(name)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(value)
+
+
+def _networks(value: Any) -> tuple[Network, ...]:
+    """Addresses or prefixes (strict: no host bits), as networks."""
+    problems = []
+    out = []
+    for item in _list(value):
+        if not isinstance(item, str):
+            problems.append(f"addresses are strings, got {_show(item)}")
+            continue
+        got = check_network(item.strip())
+        if isinstance(got, str):
+            problems.append(got)
+        else:
+            out.append(got)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(out)
+
+
+_CHECKERS: dict[str, dict[str, Checker]] = {
+    "interfaces": {
+        "access": _interfaces,
+        "core": _interfaces,
+        "hook": _choice("xdp", "tc"),
+        "mode": _choice("auto", "native", "generic"),
+    },
+    "op25b": {
+        "enabled": _boolean,
+        "action": _choice("drop", "reject"),
+        "ipv6": _boolean,
+        "allow": _networks,
+    },
+    "ip53b": {"enabled": _boolean, "tcp": _boolean, "ipv6": _boolean},
+    "suspend": {"allow": _networks},
+    "sources": {"subscribers": _path},
+    "limits": {"hosts": _size, "prefixes": _size, "allow": _size},
+    "dataplane": {"bypass": _boolean, "monitor": _boolean},
+}
+_SECTIONS: dict[str, type[Any]] = {
+    "interfaces": Interfaces,
+    "op25b": Op25b,
+    "ip53b": Ip53b,
+    "suspend": Suspend,
+    "sources": Sources,
+    "limits": Limits,
+    "dataplane": Dataplane,
+}
+
+
+def _section(name: str, cls: type[Any], table: dict[str, Any], problems: list[Any]) -> Any:
+    """One section's dataclass from its table; bad keys become problems and keep defaults."""
+    checkers = _CHECKERS[name]
+    values = {}
+    for key, value in table.items():
+        check = checkers.get(key)
+        if check is None:
+            problems.append((None, f"{name}.{key}: unknown key (known: {', '.join(checkers)})"))
+            continue
+        try:
+            values[key] = check(value)
+        except ValueError as e:
+            problems.append((None, f"{name}.{key}: {e}"))
+    return cls(**values)
+
+
+def _cross_checks(doc: dict[str, Any], config: Config) -> list[str]:
+    """Problems that involve more than one key.
+
+    They look at the raw values where those are usable, so that a key that has a problem of
+    its own is still cross-checked and the file needs only one round of fixes.
+    """
+
+    def raw(section: str, key: str, default: Any) -> Any:
+        """The value in the file if it has the right shape, else the one in ``config``."""
+        table = doc.get(section)
+        value = table.get(key, default) if isinstance(table, dict) else default
+        return value if isinstance(value, type(default)) else default
+
+    problems = []
+    access = {
+        n for n in raw("interfaces", "access", list(config.interfaces.access)) if isinstance(n, str)
+    }
+    core = {
+        n for n in raw("interfaces", "core", list(config.interfaces.core)) if isinstance(n, str)
+    }
+    for name in sorted(access & core):
+        problems.append(f"interfaces.core: {name!r} is also an access interface")
+    allow = len(raw("op25b", "allow", list(config.op25b.allow)))
+    allow += len(raw("suspend", "allow", list(config.suspend.allow)))
+    if allow > config.limits.allow:
+        problems.append(
+            f"limits.allow: {config.limits.allow} is less than the {allow} prefixes in "
+            "op25b.allow and suspend.allow, which share one map"
+        )
+    return problems

@@ -1,0 +1,143 @@
+"""The CLI as a black box: exit codes, stderr, --json, --help, and the attach lifecycle of
+two instances side by side in two network namespaces (no traffic; see test_lab_policy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
+
+COMMANDS = [
+    [], ["attach"], ["detach"], ["status"], ["stats"], ["subscribers"], ["subscribers", "load"],
+    ["subscribers", "show"], ["suspend"], ["resume"], ["explain"], ["lab"],
+]
+
+
+def run(*args: str, ns: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    argv = [XDPZOOT, *args]
+    if ns:
+        argv = ["ip", "netns", "exec", ns, *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=check)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "main")
+def test_help_ends_with_examples(cmd):
+    r = run(*cmd, "--help")
+    assert r.returncode == 0
+    tail = r.stdout.strip().split("Examples:")
+    assert len(tail) == 2 and "xdpzoot" in tail[1], r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) < 80
+
+
+def test_usage_error_exit_2():
+    r = run("explain", "--in", "sideways")
+    assert r.returncode == 2 and "sideways" in r.stderr
+
+
+def test_not_loaded_is_an_operational_error(tmp_path, bpffs):
+    r = run("--config", str(tmp_path / "none.toml"), "--pin-dir",
+            os.path.join(bpffs, "nothing-here"), "status")
+    assert r.returncode == 1
+    assert r.stderr.startswith("xdpzoot: error:") and not r.stdout
+
+
+def test_bad_config_names_the_key(tmp_path, bpffs):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[op25b]\naction = "block"\n')
+    r = run("--config", str(cfg), "--pin-dir", os.path.join(bpffs, "x"), "status")
+    assert r.returncode == 1 and "op25b.action" in r.stderr
+
+
+# ---- two instances, each in its own namespace, one host ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routers(bpffs, tmp_path_factory) -> Iterator[list[dict]]:
+    """Two namespaces, each with a veth pair (access a0, core c0) and its own pin dir."""
+    out = []
+    try:
+        for i in range(2):
+            ns = f"xzc{secrets.token_hex(3)}"
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            d = tmp_path_factory.mktemp(f"r{i}")
+            cfg = d / "xdpzoot.toml"
+            subs = d / "subscribers.csv"
+            subs.write_text("subscriber,address,type\n7,100.64.7.0/24,dynamic\n"
+                            f"8,198.51.100.{8 * (i + 1)}/29,static\n")
+            cfg.write_text(f'[interfaces]\naccess = ["a0"]\ncore = ["c0"]\n'
+                           f'[sources]\nsubscribers = "{subs}"\n')
+            out.append({"ns": ns, "cfg": str(cfg), "subs": subs,
+                        "pin": os.path.join(bpffs, ns)})
+            for cmd in (["link", "add", "a0", "type", "veth", "peer", "name", "c0"],
+                        ["link", "set", "a0", "up"], ["link", "set", "c0", "up"]):
+                subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        yield out
+    finally:
+        for r in out:
+            run("--config", r["cfg"], "--pin-dir", r["pin"], "detach", ns=r["ns"])
+            subprocess.run(["ip", "netns", "del", r["ns"]], check=False)
+
+
+def xz(r: dict, *args: str) -> dict:
+    res = run("--config", r["cfg"], "--pin-dir", r["pin"], *args, "--json", ns=r["ns"])
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_two_instances_side_by_side(routers):
+    a, b = routers
+    ra = xz(a, "attach", "--mode", "generic")
+    rb = xz(b, "attach", "--hook", "tc")
+    assert {(x["ifname"], x["hook"]) for x in ra["attached"]} == {("a0", "xdp"), ("c0", "xdp")}
+    assert ra["subscribers"]["added"] == 2
+    assert {(x["ifname"], x["hook"]) for x in rb["attached"]} == {("a0", "tc"), ("c0", "tc")}
+    sa, sb = xz(a, "status"), xz(b, "status")
+    assert {i["hook"] for i in sa["interfaces"]} == {"xdp"}
+    assert {i["hook"] for i in sb["interfaces"]} == {"tc"}
+    assert xz(a, "subscribers", "show", "198.51.100.9")["subscriber"] == 8
+    assert xz(b, "subscribers", "show", "198.51.100.9")["match"] is None
+    assert xz(b, "subscribers", "show", "198.51.100.17")["match"] == "198.51.100.16/29"
+
+
+def test_reattach_replaces_and_keeps_maps(routers):
+    a = routers[0]
+    xz(a, "attach", "--mode", "generic")
+    assert xz(a, "suspend", "100.64.7.9")["suspended"]
+    again = xz(a, "attach", "--hook", "tc")   # switch hook: maps and suspension stay
+    assert again["subscribers"] == {"added": 0, "changed": 0, "removed": 0}
+    assert xz(a, "subscribers", "show", "100.64.7.9")["flags"] == ["suspended"]
+    assert {i["hook"] for i in xz(a, "status")["interfaces"]} == {"tc"}
+    assert xz(a, "resume", "100.64.7.9")["resumed"]
+    assert xz(a, "subscribers", "show", "100.64.7.9")["match"] == "100.64.7.0/24"
+
+
+def test_subscribers_load_errors_change_nothing(routers):
+    a = routers[0]
+    xz(a, "attach", "--mode", "generic")
+    bad = a["subs"].with_name("bad.csv")
+    bad.write_text("subscriber,address,type\n9,100.64.9.0/24,dynamic\n10,300.1.1.1,static\n")
+    res = run("--config", a["cfg"], "--pin-dir", a["pin"], "subscribers", "load", str(bad),
+              ns=a["ns"])
+    assert res.returncode == 1 and f"{bad}:3:" in res.stderr
+    assert xz(a, "subscribers", "show", "100.64.9.1")["match"] is None
+    assert xz(a, "status")["tables"] == {"hosts": 0, "prefixes": 2, "allow": 0}
+
+
+def test_detach_removes_everything(routers):
+    b = routers[1]
+    xz(b, "attach", "--hook", "tc")
+    gone = xz(b, "detach")["detached"]
+    assert {g["ifname"] for g in gone} == {"a0", "c0"}
+    assert not os.path.exists(b["pin"])
+    tc = subprocess.run(["ip", "netns", "exec", b["ns"], "tc", "filter", "show", "dev", "a0",
+                         "ingress"], capture_output=True, text=True).stdout
+    assert "bpf" not in tc
+    assert run("--config", b["cfg"], "--pin-dir", b["pin"], "status", ns=b["ns"]).returncode == 1
