@@ -446,8 +446,8 @@ def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
 @main.group(epilog="""\b
 Examples:
   xdpzoot lab up
-  mkdir -p /run/xz && mount -t bpf bpf /run/xz
-  ip netns exec xz1a2b-rtr xdpzoot --pin-dir /run/xz/r1 attach \\
+  ip netns exec xz1a2b-rtr xdpzoot \\
+      --pin-dir /run/xdpzoot-lab/xz1a2b/bpf/router attach \\
       --access acc-dyn --access acc-sta --core core0
   xdpzoot lab down xz1a2b""")
 def lab() -> None:
@@ -470,9 +470,10 @@ def lab_up_cmd(prefix, no_servers, as_json) -> None:
             click.echo(f"lab {lb.prefix} is up: namespaces {', '.join(lb.namespaces)}")
             for k, v in sorted(lb.addr.items()):
                 click.echo(f"  {k:<12} {v}")
-            click.echo(f"try: ip netns exec {lb.router} xdpzoot attach "
-                       + " ".join(f"--access {i}" for i in lb.access) + " "
-                       + " ".join(f"--core {i}" for i in lb.core))
+            click.echo(f"try:\n  ip netns exec {lb.router} xdpzoot --config "
+                       f"{lb.rundir}/xdpzoot.toml --pin-dir {lb.bpffs}/router attach")
+            click.echo(f"  ip netns exec {lb.dyn} ping -c1 {lb.addr['inet4']}")
+            click.echo(f"remove it with: xdpzoot lab down {lb.prefix}")
 
         _emit(as_json, data, text)
 

@@ -123,6 +123,12 @@ class Lab:
         return RUN_ROOT / self.prefix
 
     @property
+    def bpffs(self) -> Path:
+        """A BPF filesystem mounted in the host's mount namespace, outside /sys, so that pins
+        made under ``ip netns exec`` outlive the command: use a pin dir below it."""
+        return self.rundir / "bpf"
+
+    @property
     def maildir(self) -> Path:
         """Where the SMTP sink in the inet namespace stores each message it accepts."""
         return self.rundir / "mail"
@@ -508,6 +514,9 @@ def lab_up(prefix: str | None = None, servers: bool = True) -> Lab:
     started: dict[str, dict[str, Any]] = {}
     try:
         _write_state(lab, started)
+        _write_config(lab)
+        lab.bpffs.mkdir()
+        _run(["mount", "-t", "bpf", "bpf", str(lab.bpffs)], timeout=10)
         _build_network(lab)
         if servers:
             _start_servers(lab, started)
@@ -515,6 +524,37 @@ def lab_up(prefix: str | None = None, servers: bool = True) -> Lab:
         lab_down(prefix)
         raise
     return lab
+
+
+LAB_SUBSCRIBERS = """\
+subscriber,address,type,up_kbps,down_kbps,flags
+100,100.64.1.0/24,dynamic,,,
+100,2001:db8:1::/64,dynamic,,,
+200,198.51.100.8/29,static,100000,100000,
+200,2001:db8:2::/64,static,100000,100000,
+"""
+
+LAB_CONFIG = """\
+# xdpzoot config for lab {prefix}: written by `xdpzoot lab up`.
+[interfaces]
+access = ["acc-dyn", "acc-sta"]
+core = ["core0"]
+[op25b]
+action = "drop"
+allow = ["192.0.2.25/32", "2001:db8:ff::25/128"]   # the lab's mail relay
+[suspend]
+allow = ["192.0.2.80/32", "2001:db8:ff::80/128"]   # the lab's support site
+[sources]
+subscribers = "{subscribers}"
+"""
+
+
+def _write_config(lab: Lab) -> None:
+    """A config and subscriber file that fit the lab, for people trying it by hand."""
+    subs = lab.rundir / "subscribers.csv"
+    subs.write_text(LAB_SUBSCRIBERS)
+    (lab.rundir / "xdpzoot.toml").write_text(
+        LAB_CONFIG.format(prefix=lab.prefix, subscribers=subs))
 
 
 def _netns_inode(ns: str) -> int | None:
@@ -605,6 +645,8 @@ def lab_down(prefix: str) -> None:
         if ns in existing:
             _run(["ip", "netns", "delete", ns], timeout=10, check=False)
     left = [ns for ns in names if ns in _netns_names()]
+    if os.path.ismount(RUN_ROOT / prefix / "bpf"):
+        _run(["umount", "-l", str(RUN_ROOT / prefix / "bpf")], timeout=10, check=False)
     shutil.rmtree(RUN_ROOT / prefix, ignore_errors=True)
     if left:
         raise RuntimeError(f"lab: could not delete namespaces {left}")
