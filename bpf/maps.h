@@ -23,6 +23,22 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, struct xz_class, xz_prefixes, XZ_MAX_PREFI
        BPF_F_NO_PREALLOC);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
+/*
+ * CSAM list in two generations, exact addresses and prefixes (value: 1). cp
+ * writes the idle generation, then flips xz_control.csam_gen: every packet
+ * sees the whole old list or the whole new one. dp reads.
+ */
+XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h0, XZ_MAX_CSAM_HOSTS, BPF_F_NO_PREALLOC);
+XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h1, XZ_MAX_CSAM_HOSTS, BPF_F_NO_PREALLOC);
+XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
+       BPF_F_NO_PREALLOC);
+XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
+       BPF_F_NO_PREALLOC);
+/* CSAM hits by generation and family. dp writes. */
+XZ_MAP("percpu_array", __u32, __u64, xz_csam_hits, XZ_NR_CSAM_HITS, 0);
+/* Reply program per hook (slot 0), tail-called for rejected packets. cp writes. */
+XZ_MAP("prog", __u32, __u32, xz_tail_xdp, 1, 0);
+XZ_MAP("prog", __u32, __u32, xz_tail_tc, 1, 0);
 /* Global switches, one entry. cp writes. */
 XZ_MAP("array", __u32, struct xz_control, xz_control, 1, 0);
 /* Per-CPU packet/byte counters by role, verdict and reason. dp writes. */

@@ -203,13 +203,12 @@ static __always_inline int parse_ipv6(struct xz_pkt *p, void **pos)
 		if (p->frag == XZ_FRAG_LATER)
 			break;
 	}
+	/* A chain longer than XZ_MAX_EXTHDR: cannot be parsed (fail open, counted). */
+	if (p->frag != XZ_FRAG_LATER &&
+	    (nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
+	     nh == IPPROTO_AH || nh == IPPROTO_FRAGMENT))
+		return -1;
 	p->proto = nh;
-	if (nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
-	    nh == IPPROTO_AH || nh == IPPROTO_FRAGMENT) {
-		/* Chain longer than XZ_MAX_EXTHDR: addresses known, L4 not. */
-		if (p->frag != XZ_FRAG_LATER)
-			p->proto = IPPROTO_NONE;
-	}
 	p->l4_len = plen > ext ? plen - ext : 0;
 	return 0;
 }

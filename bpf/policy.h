@@ -4,8 +4,9 @@
  * entry points in xdpzoot.c adapt the context and turn the verdict into a
  * return code. Every verdict leaves through one exit that counts it.
  *
- *  upstream   (access ingress): classify source -> suspended? -> OP25B
+ *  upstream   (access ingress): classify source -> suspended? -> OP25B -> CSAM
  *  downstream (core ingress):   classify destination -> suspended? -> IP53B
+ *                               (-> CSAM source, when switched on)
  */
 #ifndef XDPZOOT_POLICY_H
 #define XDPZOOT_POLICY_H
@@ -13,11 +14,7 @@
 #include "xdpzoot.h"
 #include "maps.h"
 #include "parse.h"
-
-#define XZ_TCP_FIN 0x01
-#define XZ_TCP_SYN 0x02
-#define XZ_TCP_RST 0x04
-#define XZ_TCP_ACK 0x10
+#include "reply.h"
 
 /* Most specific entry wins: a host entry, else the longest prefix. */
 static __always_inline struct xz_class *xz_classify(struct xz_addr *a)
@@ -83,18 +80,96 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
 	}
 }
 
-/* Returns XZ_V_*: PASS, DROP, REJECT (packet to be rewritten by xz_make_rst). */
-static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
+/* Is the address on the CSAM list in force? Exact host, else prefix; a kind
+ * of entry the list does not have is not looked up. */
+static __always_inline int xz_csam_listed(struct xz_addr *a, __u32 csam)
 {
-	int verdict = XZ_V_PASS, reason = XZ_R_OK, hit = 0;
+	struct xz_lpm_key key = { .prefixlen = 128 };
+	int gen = csam & XZ_CSAM_GEN;
+
+	if (csam & XZ_CSAM_HOSTS) {
+		if (gen ? !!xz_csam_h1.lookup(a) : !!xz_csam_h0.lookup(a))
+			return 1;
+	}
+	if (!(csam & XZ_CSAM_PREFIXES))
+		return 0;
+	__builtin_memcpy(key.addr, a->addr, 16);
+	return gen ? !!xz_csam_p1.lookup(&key) : !!xz_csam_p0.lookup(&key);
+}
+
+/* Hits per generation and family only: nothing says who hit which entry. */
+static __always_inline void xz_csam_count(__u32 csam, __u8 family)
+{
+	__u32 key = (csam & XZ_CSAM_GEN) * 2 + (family == 6);
+	__u64 *n = xz_csam_hits.lookup(&key);
+
+	if (n)
+		*n += 1;
+}
+
+/* The rules that depend on who the subscriber is; returns XZ_V_*, sets *reason. */
+static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role, __u32 flags,
+					       int *reason)
+{
 	struct xz_class *cls;
 	struct xz_addr *peer;
+	int hit = 0;
+
+	if (role == XZ_ROLE_ACCESS) {
+		cls = xz_classify(&p->src);
+		peer = &p->dst;
+	} else {
+		cls = xz_classify(&p->dst);
+		peer = &p->src;
+	}
+	if (!cls) {
+		*reason = XZ_R_UNKNOWN;
+		return XZ_V_PASS;
+	}
+	if (xz_is_nd(p))
+		return XZ_V_PASS;
+	if (cls->flags & XZ_F_SUSPENDED) {
+		if (xz_allowed(peer, XZ_ALLOW_SUSPEND)) {
+			*reason = XZ_R_ALLOWLIST;
+			return XZ_V_PASS;
+		}
+		*reason = XZ_R_SUSPENDED;
+		return XZ_V_DROP;
+	}
+	if (p->frag == XZ_FRAG_LATER) {
+		*reason = XZ_R_FRAGMENT;
+		return XZ_V_PASS;
+	}
+	if (cls->type != XZ_TYPE_DYNAMIC)
+		return XZ_V_PASS;
+	if (role == XZ_ROLE_ACCESS) {
+		if (!(flags & XZ_C_OP25B) || (p->family == 6 && !(flags & XZ_C_OP25B_V6)) ||
+		    p->proto != IPPROTO_TCP)
+			return XZ_V_PASS;
+		*reason = xz_port_rule(p, cls, 25, XZ_F_OP25B_EXEMPT, peer, XZ_R_OP25B, &hit);
+		if (!hit)
+			return XZ_V_PASS;
+		return (flags & XZ_C_OP25B_REJECT) && *reason == XZ_R_OP25B && xz_can_reply(p) ?
+		       XZ_V_REJECT : XZ_V_DROP;
+	}
+	if (!(flags & XZ_C_IP53B) || (p->family == 6 && !(flags & XZ_C_IP53B_V6)) ||
+	    !(p->proto == IPPROTO_UDP || (p->proto == IPPROTO_TCP && (flags & XZ_C_IP53B_TCP))))
+		return XZ_V_PASS;
+	*reason = xz_port_rule(p, cls, 53, XZ_F_IP53B_EXEMPT, NULL, XZ_R_IP53B, &hit);
+	return hit ? XZ_V_DROP : XZ_V_PASS;
+}
+
+/* Returns XZ_V_*: PASS, DROP, REJECT (the entry point answers via reply.h). */
+static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
+{
+	int verdict = XZ_V_PASS, reason = XZ_R_OK, listed = 0;
 	struct xz_control *ctl;
-	__u32 key = 0, flags;
+	__u32 key = 0, flags, csam;
 
 	/* No control entry means no rule is on: fail open. */
 	ctl = xz_control.lookup(&key);
 	flags = ctl ? ctl->flags : 0;
+	csam = ctl ? ctl->csam : 0;   /* read once: one packet, one list */
 	if (flags & XZ_C_BYPASS) {
 		reason = XZ_R_BYPASS;
 		goto out;
@@ -104,174 +179,22 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 		reason = XZ_R_UNPARSED;
 		goto out;
 	}
-	if (role == XZ_ROLE_ACCESS) {
-		cls = xz_classify(&p->src);
-		peer = &p->dst;
-	} else {
-		cls = xz_classify(&p->dst);
-		peer = &p->src;
-	}
-	if (!cls) {
-		reason = XZ_R_UNKNOWN;
-		goto out;
-	}
-	if (xz_is_nd(p))
-		goto out;
-	if (cls->flags & XZ_F_SUSPENDED) {
-		if (xz_allowed(peer, XZ_ALLOW_SUSPEND)) {
-			reason = XZ_R_ALLOWLIST;
-		} else {
-			verdict = XZ_V_DROP;
-			reason = XZ_R_SUSPENDED;
-		}
-		goto out;
-	}
-	if (p->frag == XZ_FRAG_LATER) {
-		reason = XZ_R_FRAGMENT;
-		goto out;
-	}
-	if (cls->type != XZ_TYPE_DYNAMIC)
-		goto out;
-	if (role == XZ_ROLE_ACCESS) {
-		if (!(flags & XZ_C_OP25B) || (p->family == 6 && !(flags & XZ_C_OP25B_V6)) ||
-		    p->proto != IPPROTO_TCP)
-			goto out;
-		reason = xz_port_rule(p, cls, 25, XZ_F_OP25B_EXEMPT, peer, XZ_R_OP25B, &hit);
-		if (hit)
-			verdict = (flags & XZ_C_OP25B_REJECT) && reason == XZ_R_OP25B &&
-				  !p->ip_extra && !(p->tcp_flags & XZ_TCP_RST) ?
-				  XZ_V_REJECT : XZ_V_DROP;
-	} else {
-		if (!(flags & XZ_C_IP53B) || (p->family == 6 && !(flags & XZ_C_IP53B_V6)) ||
-		    !(p->proto == IPPROTO_UDP ||
-		      (p->proto == IPPROTO_TCP && (flags & XZ_C_IP53B_TCP))))
-			goto out;
-		reason = xz_port_rule(p, cls, 53, XZ_F_IP53B_EXEMPT, NULL, XZ_R_IP53B, &hit);
-		if (hit)
-			verdict = XZ_V_DROP;
+	/* The CSAM list applies to every packet from the access side, subscriber or not.
+	 * Looked up first: the verifier then meets one scalar, not two map paths, below. */
+	if (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE))
+		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, csam);
+	verdict = xz_subscriber_rules(p, role, flags, &reason);
+	if (listed && verdict == XZ_V_PASS) {
+		xz_csam_count(csam, p->family);
+		reason = XZ_R_CSAM;
+		verdict = role == XZ_ROLE_ACCESS && (flags & XZ_C_CSAM_REJECT) && xz_can_reply(p) &&
+			  p->frag != XZ_FRAG_LATER ? XZ_V_REJECT : XZ_V_DROP;
 	}
 out:
 	if (verdict != XZ_V_PASS && (flags & XZ_C_MONITOR))
 		verdict = XZ_V_MONITOR;
 	xz_count(role, verdict, reason, p->len);
 	return verdict;
-}
-
-static __always_inline __u16 xz_csum_fold(__s64 sum)
-{
-	__u32 c = (__u32)sum;
-
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)~c;
-}
-
-struct xz_pseudo6 {
-	struct xz_addr src;
-	struct xz_addr dst;
-	__be32 len;
-	__be32 nexthdr;
-};
-
-struct xz_pseudo4 {
-	__be32 src;
-	__be32 dst;
-	__u8 zero;
-	__u8 proto;
-	__be16 len;
-};
-
-/*
- * Turn a TCP segment without IP options or extension headers into the RST
- * that answers it, in place, keeping the L2 encapsulation (VLAN tags, PPPoE).
- * Returns the new frame length, 0 when the frame cannot be rewritten.
- */
-static __always_inline __u32 xz_make_rst(struct xz_pkt *p)
-{
-	struct ethhdr *eth = p->data;
-	struct tcphdr *th = p->l4;
-	__u8 mac[ETH_ALEN], *tb;
-	__u32 seq, ack, paylen, l3len;
-	__u16 port;
-	__s64 sum;
-
-	if ((void *)(eth + 1) > p->end || (void *)(th + 1) > p->end)
-		return 0;
-	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
-
-	tb = (__u8 *)th;
-	paylen = p->l4_len > (__u32)th->doff * 4 ? p->l4_len - th->doff * 4 : 0;
-	if (tb[13] & XZ_TCP_ACK) {
-		seq = th->ack_seq;
-		ack = 0;
-		tb[13] = XZ_TCP_RST;
-	} else {
-		seq = 0;
-		ack = bpf_htonl(bpf_ntohl(th->seq) + paylen + !!(tb[13] & XZ_TCP_SYN) +
-				!!(tb[13] & XZ_TCP_FIN));
-		tb[13] = XZ_TCP_RST | XZ_TCP_ACK;
-	}
-	port = th->source;
-	th->source = th->dest;
-	th->dest = port;
-	th->seq = seq;
-	th->ack_seq = ack;
-	tb[12] = 5 << 4;   /* doff 5: no options */
-	th->window = 0;
-	th->check = 0;
-	th->urg_ptr = 0;
-
-	if (p->family == 4) {
-		struct iphdr *ip = p->l3;
-		struct xz_pseudo4 ph = {};
-		__be32 a;
-
-		if ((void *)(ip + 1) > p->end)
-			return 0;
-		a = ip->saddr;
-		ip->saddr = ip->daddr;
-		ip->daddr = a;
-		l3len = sizeof(*ip) + sizeof(*th);
-		ip->tot_len = bpf_htons(l3len);
-		ip->id = 0;
-		ip->frag_off = bpf_htons(0x4000);   /* DF */
-		ip->ttl = 64;
-		ip->check = 0;
-		ip->check = xz_csum_fold(bpf_csum_diff(0, 0, (void *)ip, sizeof(*ip), 0));
-		ph.src = ip->saddr;
-		ph.dst = ip->daddr;
-		ph.proto = IPPROTO_TCP;
-		ph.len = bpf_htons(sizeof(*th));
-		sum = bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0);
-	} else {
-		struct ipv6hdr *ip6 = p->l3;
-		struct xz_pseudo6 ph = {};
-
-		if ((void *)(ip6 + 1) > p->end)
-			return 0;
-		__builtin_memcpy(&ph.src, &ip6->daddr, 16);
-		__builtin_memcpy(&ph.dst, &ip6->saddr, 16);
-		__builtin_memcpy(&ip6->saddr, &ph.src, 16);
-		__builtin_memcpy(&ip6->daddr, &ph.dst, 16);
-		l3len = sizeof(*ip6) + sizeof(*th);
-		ip6->payload_len = bpf_htons(sizeof(*th));
-		ip6->hop_limit = 64;
-		ph.len = bpf_htonl(sizeof(*th));
-		ph.nexthdr = bpf_htonl(IPPROTO_TCP);
-		sum = bpf_csum_diff(0, 0, (void *)&ph, sizeof(ph), 0);
-	}
-	th->check = xz_csum_fold(bpf_csum_diff(0, 0, (void *)th, sizeof(*th), sum));
-
-	if (p->pppoe) {
-		struct xz_pppoe_hdr *ph = p->pppoe;
-
-		if ((void *)(ph + 1) > p->end)
-			return 0;
-		ph->length = bpf_htons(l3len + 2);
-	}
-	return (__u32)((void *)(th + 1) - p->data);
 }
 
 #endif /* XDPZOOT_POLICY_H */

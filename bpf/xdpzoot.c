@@ -10,6 +10,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "policy.h"
+#include "reply.h"
 
 /* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
 #define XZ_TC_PULL 256
@@ -17,7 +18,6 @@
 static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 {
 	struct xz_pkt p = {};
-	__u32 n;
 
 	p.data = (void *)(long)ctx->data;
 	p.end = (void *)(long)ctx->data_end;
@@ -26,10 +26,8 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 	case XZ_V_DROP:
 		return XDP_DROP;
 	case XZ_V_REJECT:
-		n = xz_make_rst(&p);
-		if (!n || bpf_xdp_adjust_tail(ctx, (int)n - (int)p.len))
-			return XDP_DROP;
-		return XDP_TX;
+		xz_tail_xdp.call(ctx, 0);
+		return XDP_DROP;   /* no reply program: drop */
 	}
 	return XDP_PASS;
 }
@@ -37,7 +35,6 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 {
 	struct xz_pkt p = {};
-	__u32 n;
 
 	/* GRO packets may keep headers outside the linear area: pull them in. */
 	if ((void *)(long)skb->data + XZ_TC_PULL > (void *)(long)skb->data_end)
@@ -49,10 +46,8 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 	case XZ_V_DROP:
 		return TC_ACT_SHOT;
 	case XZ_V_REJECT:
-		n = xz_make_rst(&p);
-		if (!n || bpf_skb_change_tail(skb, n, 0))
-			return TC_ACT_SHOT;
-		return bpf_redirect(skb->ifindex, 0);
+		xz_tail_tc.call(skb, 0);
+		return TC_ACT_SHOT;   /* no reply program: drop */
 	}
 	return TC_ACT_OK;
 }
@@ -75,6 +70,43 @@ int xz_tc_access(struct __sk_buff *skb)
 int xz_tc_core(struct __sk_buff *skb)
 {
 	return xz_tc(skb, XZ_ROLE_CORE);
+}
+
+/*
+ * Reply programs, tail-called for a rejected packet: parse it again, build the
+ * answer (reply.h) and send it back. Apart from the pipeline, so that the
+ * verifier checks the answer's construction once, not on every pipeline path.
+ */
+int xz_xdp_reply(struct xdp_md *ctx)
+{
+	struct xz_pkt p = {};
+	struct xz_reply r = {};
+
+	p.data = (void *)(long)ctx->data;
+	p.end = (void *)(long)ctx->data_end;
+	p.len = p.end - p.data;
+	if (parse_frame(&p) < 0 || xz_reply_prepare(&p, &r) < 0 ||
+	    bpf_xdp_adjust_tail(ctx, (int)r.len - (int)p.len))
+		return XDP_DROP;
+	if (xz_reply_write((void *)(long)ctx->data, (void *)(long)ctx->data_end, &r) < 0)
+		return XDP_DROP;
+	return XDP_TX;
+}
+
+int xz_tc_reply(struct __sk_buff *skb)
+{
+	struct xz_pkt p = {};
+	struct xz_reply r = {};
+
+	p.data = (void *)(long)skb->data;
+	p.end = (void *)(long)skb->data_end;
+	p.len = skb->len;
+	if (parse_frame(&p) < 0 || xz_reply_prepare(&p, &r) < 0 ||
+	    bpf_skb_change_tail(skb, r.len, 0))
+		return TC_ACT_SHOT;
+	if (xz_reply_write((void *)(long)skb->data, (void *)(long)skb->data_end, &r) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
 }
 
 /* The benchmark's floor: an empty program compiled the same way. */

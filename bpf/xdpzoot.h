@@ -19,6 +19,12 @@
 #ifndef XZ_MAX_ALLOW
 #define XZ_MAX_ALLOW 4096       /* OP25B relay + support allow-list prefixes */
 #endif
+#ifndef XZ_MAX_CSAM_HOSTS
+#define XZ_MAX_CSAM_HOSTS 1048576 /* CSAM list exact addresses, per generation */
+#endif
+#ifndef XZ_MAX_CSAM_PREFIXES
+#define XZ_MAX_CSAM_PREFIXES 262144 /* CSAM list prefixes, per generation */
+#endif
 #ifndef XZ_MAX_VLAN
 #define XZ_MAX_VLAN 2           /* 802.1Q / 802.1ad tags walked (QinQ) */
 #endif
@@ -72,12 +78,23 @@ struct xz_class {
 #define XZ_C_IP53B (1 << 5)
 #define XZ_C_IP53B_TCP (1 << 6)
 #define XZ_C_IP53B_V6 (1 << 7)
+#define XZ_C_CSAM_REJECT (1 << 8)   /* answer CSAM hits (RST / ICMP prohibited) */
+#define XZ_C_CSAM_CORE (1 << 9)     /* also drop packets from listed addresses */
 #define XZ_C_LOADED (1 << 31)       /* written by the control plane */
+
+/* xz_control.csam: the CSAM generation in force and what it holds, in one word
+ * so that a single write switches lists. */
+#define XZ_CSAM_GEN (1 << 0)        /* generation 0 or 1 */
+#define XZ_CSAM_HOSTS (1 << 1)      /* it has exact addresses: look in the hash */
+#define XZ_CSAM_PREFIXES (1 << 2)   /* it has prefixes: look in the trie */
 
 struct xz_control {
 	__u32 flags;
-	__u32 _pad;
+	__u32 csam;        /* XZ_CSAM_* */
 };
+
+/* CSAM hit counters: generation x family (IPv4, IPv6), nothing finer. */
+#define XZ_NR_CSAM_HITS 4
 
 /* Interface roles: where a packet enters decides which pipeline runs. */
 #define XZ_ROLE_ACCESS 0            /* from subscribers: upstream pipeline */
@@ -106,7 +123,8 @@ struct xz_control {
 	X(OP25B, "op25b") \
 	X(IP53B, "ip53b") \
 	X(SUSPENDED, "suspended") \
-	X(FRAG_SHORT, "frag_short")
+	X(FRAG_SHORT, "frag_short") \
+	X(CSAM, "csam")
 
 #define XZ_ENUM(name, label) XZ_V_##name,
 enum xz_verdict { XZ_VERDICTS(XZ_ENUM) XZ_NR_VERDICTS };

@@ -214,6 +214,11 @@ SIZE = "must be an integer 1..16777216, got "
                      '[suspend]\nallow = ["192.0.2.3"]',
                      ["limits.allow: 2 is less than the 3 prefixes in op25b.allow and "
                       "suspend.allow, which share one map"], id="allow-map-too-small"),
+        pytest.param('[limits]\nallow = 1\n[op25b]\nallow = ["192.0.2.1", "x", "192.0.2.0/24"]\n'
+                     '[suspend]\nallow = ["192.0.2.1/32"]',
+                     ["op25b.allow: bad address 'x'",
+                      "limits.allow: 1 is less than the 2 prefixes in op25b.allow and "
+                      "suspend.allow, which share one map"], id="allow-map-counts-distinct"),
         pytest.param("[op25b]\nport = 25",
                      ["op25b.port: unknown key (known: enabled, action, ipv6, allow)"],
                      id="unknown-key"),

@@ -401,6 +401,9 @@ class _LiveLookup:
     def allowed(self, a: bytes) -> int:
         return self.maps.allow_bits(a)
 
+    def csam(self, a: bytes) -> bool:
+        return self.maps.csam_listed(a) is not None
+
 
 @main.command(epilog="""\b
 Examples:

@@ -332,8 +332,14 @@ def _cross_checks(doc: dict[str, Any], config: Config) -> list[str]:
     }
     for name in sorted(access & core):
         problems.append(f"interfaces.core: {name!r} is also an access interface")
-    allow = len(raw("op25b", "allow", list(config.op25b.allow)))
-    allow += len(raw("suspend", "allow", list(config.suspend.allow)))
+    # One map entry per distinct prefix: a prefix in both lists takes one entry.
+    listed = [
+        check_network(item.strip())
+        for section in ("op25b", "suspend")
+        for item in raw(section, "allow", [str(n) for n in getattr(config, section).allow])
+        if isinstance(item, str)
+    ]
+    allow = len({n for n in listed if not isinstance(n, str)})
     if allow > config.limits.allow:
         problems.append(
             f"limits.allow: {config.limits.allow} is less than the {allow} prefixes in "

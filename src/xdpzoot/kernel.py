@@ -20,7 +20,8 @@ from . import schema
 
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
-MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters")
+MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
+        "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_hits")
 HOOKS = ("xdp", "tc")
 
 
@@ -245,6 +246,9 @@ def load_program(bpf, hook: str, role: str) -> int:
 
     kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
     try:
+        # The reply program answers rejected packets; the pipeline tail-calls it.
+        reply = bpf.load_func(f"xz_{hook}_reply".encode(), kind)
+        bpf[f"xz_tail_{hook}".encode()][ct.c_int(0)] = ct.c_int(reply.fd)
         return bpf.load_func(program_name(hook, role).encode(), kind).fd
     except Exception as e:
         raise KernelError(f"loading {program_name(hook, role)}: {e}") from e
@@ -369,7 +373,8 @@ class Maps:
         return self.control[ct.c_uint32(0)].flags
 
     def set_control_flags(self, flags: int) -> None:
-        v = self.control.Leaf()
+        """Set the switches; the CSAM generation in force is kept."""
+        v = self.control[ct.c_uint32(0)]
         v.flags = flags
         self.control[ct.c_uint32(0)] = v
 

@@ -25,6 +25,7 @@ class Lookup(Protocol):
 
     def classify(self, a: bytes) -> Entry | None: ...
     def allowed(self, a: bytes) -> int: ...
+    def csam(self, a: bytes) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,20 @@ def _port_rule(p: Packet, cls: Entry, port: int, exempt: int, relay: bytes | Non
     return ("frag_short" if p.short else reason), True
 
 
+def can_reply(p: Packet) -> bool:
+    """bpf/reply.h xz_can_reply: RST for TCP, ICMP prohibited for the rest, never an answer
+    to a RST or an ICMP error, nor to packets with IP options or extension headers."""
+    if p.ip_extra or not p.l4ok or (p.family == 6 and p.frag != "none"):
+        return False   # (an IPv6 fragment header is an extension header too)
+    if p.proto == TCP:
+        return not p.tcp_flags & TCP_RST
+    if p.proto == ICMP:
+        return p.icmp_type == 8
+    if p.proto == ICMPV6:
+        return p.icmp_type == 128
+    return True
+
+
 def decide(p: Packet, flags: int, look: Lookup) -> Decision:
     """Verdict and reason for one packet, as the data plane would count it."""
     c = schema.C
@@ -99,6 +114,13 @@ def decide(p: Packet, flags: int, look: Lookup) -> Decision:
         reason = "unparsed"
     else:
         verdict, reason, cls = _pipeline(p, flags, look)
+        src, dst = addr16(p.src), addr16(p.dst)
+        if verdict == "pass" and (p.role == "access" or flags & c["XZ_C_CSAM_CORE"]) and \
+                look.csam(dst if p.role == "access" else src):
+            reason = "csam"
+            reject = p.role == "access" and flags & c["XZ_C_CSAM_REJECT"] and \
+                can_reply(p) and p.frag != "later"
+            verdict = "reject" if reject else "drop"
     if verdict != "pass" and flags & c["XZ_C_MONITOR"]:
         verdict = "monitor"
     return Decision(verdict, reason, cls)
@@ -129,8 +151,7 @@ def _pipeline(p: Packet, flags: int, look: Lookup) -> tuple[str, str, Entry | No
         reason, hit = _port_rule(p, cls, 25, c["XZ_F_OP25B_EXEMPT"], peer, look, "op25b")
         if not hit:
             return "pass", reason, cls
-        reject = (flags & c["XZ_C_OP25B_REJECT"] and reason == "op25b" and not p.ip_extra
-                  and not p.tcp_flags & TCP_RST)
+        reject = flags & c["XZ_C_OP25B_REJECT"] and reason == "op25b" and can_reply(p)
         return ("reject" if reject else "drop"), reason, cls
     if not flags & c["XZ_C_IP53B"] or (v6 and not flags & c["XZ_C_IP53B_V6"]) \
             or not (p.proto == UDP or (p.proto == TCP and flags & c["XZ_C_IP53B_TCP"])):

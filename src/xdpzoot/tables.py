@@ -65,6 +65,8 @@ class Tables:
     hosts: dict[bytes, Entry] = field(default_factory=dict)
     prefixes: dict[Key, Entry] = field(default_factory=dict)
     allow: dict[Key, int] = field(default_factory=dict)
+    csam_hosts: set[bytes] = field(default_factory=set)
+    csam_prefixes: set[Key] = field(default_factory=set)
 
     def classify(self, a: bytes) -> Entry | None:
         """Most specific entry wins: host entry, else the longest covering prefix."""
@@ -75,6 +77,9 @@ class Tables:
     def allowed(self, a: bytes) -> int:
         bits = _longest(self.allow, a)
         return bits or 0
+
+    def csam(self, a: bytes) -> bool:
+        return a in self.csam_hosts or any(covers(k, a) for k in self.csam_prefixes)
 
 
 def _longest(d: dict[Key, object], a: bytes):

@@ -1,0 +1,713 @@
+"""The data plane as tables: packet in, verdict and counters out, through BPF_PROG_TEST_RUN.
+
+Every row of CASES says what is sent (a model.Packet), what the maps hold, which switches
+are on, and the verdict and reason expected, literally: the table is the spec. Each row runs
+on both hooks (XDP, TC) and in five encapsulations, and must count exactly one packet under
+(role, verdict, reason). The reference model is checked against the same rows separately
+(test_model_agrees), so a disagreement says which side is wrong.
+
+Frames that no model.Packet describes (ARP, LCP, truncated, garbage, ...) have tables of
+their own below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+from functools import reduce
+from operator import or_
+
+import packets
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+)
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.layers.ppp import PPP, PPPoE, PPPoED
+from scapy.packet import Raw
+
+from xdpzoot import kernel, model, schema, tables
+from xdpzoot.kernel import Entry
+from xdpzoot.model import ICMP, ICMPV6, TCP_RST, UDP, Packet
+from xdpzoot.model import TCP as P_TCP
+
+TCP_FIN, TCP_PSH, TCP_ACK = 0x01, 0x08, 0x10
+
+# ---- the world: subscribers, peers, allow-lists ------------------------------------------
+
+DYN4 = "100.64.0.5"          # in the dynamic pool 100.64.0.0/24
+BLOCK4 = "100.64.0.9"        # static /29 carved out of that pool
+HOST_IN_BLOCK4 = "100.64.0.12"   # dynamic host entry inside the static /29
+EXEMPT4 = "100.64.0.50"      # dynamic, op25b_exempt + ip53b_exempt
+SUSP4 = "100.64.0.66"        # dynamic, suspended
+STATIC4 = "100.64.1.7"       # static pool 100.64.1.0/24
+STRANGER4 = "198.51.100.77"  # nobody's
+MAIL4, WEB4, RESOLVER4 = "192.0.2.10", "192.0.2.80", "192.0.2.53"
+RELAY4, SUPPORT4 = "192.0.2.25", "203.0.113.10"
+
+DYN6 = "2001:db8:100:1::5"
+BLOCK6 = "2001:db8:100:8::9"
+HOST_IN_BLOCK6 = "2001:db8:100:8::12"
+EXEMPT6 = "2001:db8:100:50::1"
+SUSP6 = "2001:db8:100:66::5"
+STATIC6 = "2001:db8:200::7"
+STRANGER6 = "2001:db8:ffff:1::77"
+MAIL6, WEB6, RESOLVER6 = "2001:db8:ffff:1::10", "2001:db8:ffff:1::80", "2001:db8:ffff:1::53"
+RELAY6, SUPPORT6 = "2001:db8:ffff::25", "2001:db8:fffe::10"
+GATEWAY6 = "2001:db8:100:66::1"
+
+# (network, type, flags...): /32 and /128 become host entries, the rest trie prefixes.
+SUBS = (
+    ("100.64.0.0/24", "dynamic"),
+    ("100.64.0.8/29", "static"),
+    ("100.64.0.12/32", "dynamic"),
+    ("100.64.0.50/32", "dynamic", "op25b_exempt", "ip53b_exempt"),
+    ("100.64.0.66/32", "dynamic", "suspended"),
+    ("100.64.1.0/24", "static"),
+    ("2001:db8:100::/40", "dynamic"),
+    ("2001:db8:100:8::/64", "static"),
+    ("2001:db8:100:8::12/128", "dynamic"),
+    ("2001:db8:100:50::1/128", "dynamic", "op25b_exempt", "ip53b_exempt"),
+    ("2001:db8:100:66::/64", "dynamic", "suspended"),
+    ("2001:db8:200::/48", "static"),
+)
+RELAYS = ("192.0.2.25/32", "2001:db8:ffff::25/128")       # OP25B allow-list
+SUPPORT = ("203.0.113.0/24", "2001:db8:fffe::/48")        # reachable while suspended
+
+OP = ("op25b", "op25b_v6")
+REJ = ("op25b", "op25b_v6", "op25b_reject")
+DNS = ("ip53b", "ip53b_v6")
+ALL = OP + DNS
+
+HOOKS = kernel.HOOKS
+# name: (VLAN tags, PPPoE session)
+ENCAPS = {"plain": (0, False), "vlan1": (1, False), "qinq": (2, False), "pppoe": (0, True),
+          "qinq+pppoe": (2, True)}
+# The model's verdict as the hook reports it: monitor passes, reject is XDP_TX / redirect.
+AT_HOOK = {"pass": "pass", "drop": "drop", "reject": "reject", "monitor": "pass"}
+
+
+def flags_of(switches: tuple[str, ...]) -> int:
+    """xz_control flags for switch names (op25b, ip53b_tcp, bypass, ...)."""
+    return reduce(or_, (schema.C["XZ_C_" + s.upper()] for s in switches), schema.C["XZ_C_LOADED"])
+
+
+def model_tables(subs=SUBS, relays=RELAYS, support=SUPPORT) -> tables.Tables:
+    """The maps as plain values, for model.decide and for load()."""
+    t = tables.Tables()
+    for i, (net, kind, *fl) in enumerate(subs, 1):
+        n = ipaddress.ip_network(net)
+        e = Entry(i, schema.TYPES[kind], reduce(or_, (schema.FLAGS[f] for f in fl), 0))
+        if tables.is_host(n):
+            t.hosts[tables.addr16(n.network_address)] = e
+        else:
+            t.prefixes[tables.key_of(n)] = e
+    t.allow = tables.allow_table([ipaddress.ip_network(n) for n in relays],
+                                 [ipaddress.ip_network(n) for n in support])
+    return t
+
+
+def load(dp, t: tables.Tables, flags: int) -> None:
+    """Write ``t`` and the switches into the (already emptied) maps."""
+    for a, e in t.hosts.items():
+        dp.maps.set_host(a, e)
+    for k, e in t.prefixes.items():
+        dp.maps.set_prefix(k, e)
+    for k, bits in t.allow.items():
+        dp.maps.set_allow(k, bits)
+    dp.maps.set_control_flags(flags)
+
+
+# ---- packets ------------------------------------------------------------------------------
+
+
+def tcp(role, src, dst, dport, sport=40000, **kw) -> Packet:
+    return Packet(role, src, dst, P_TCP, sport, dport, **kw)
+
+
+def udp(role, src, dst, dport, sport=40000, **kw) -> Packet:
+    return Packet(role, src, dst, UDP, sport, dport, **kw)
+
+
+def ping(role, src, dst, **kw) -> Packet:
+    if ":" in src:
+        return Packet(role, src, dst, ICMPV6, icmp_type=128, **kw)
+    return Packet(role, src, dst, ICMP, icmp_type=8, **kw)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    desc: str
+    packet: Packet
+    switches: tuple[str, ...]
+    verdict: str          # as counted: pass, drop, reject, monitor
+    reason: str
+    subs: tuple = SUBS
+    model_bug: str | None = None   # known disagreement of model.decide with this row
+
+
+A, C_ = "access", "core"
+
+CASES = [
+    # -- OP25B, IPv4 --
+    Case("op25b-v4-dynamic-25", "dynamic subscriber to a foreign MX on :25",
+         tcp(A, DYN4, MAIL4, 25), OP, "drop", "op25b"),
+    Case("op25b-v4-dynamic-587", "submission port is not blocked",
+         tcp(A, DYN4, MAIL4, 587), OP, "pass", "ok"),
+    Case("op25b-v4-dynamic-reply-from-25", "source port 25 is not the rule",
+         tcp(A, DYN4, MAIL4, 40000, sport=25), OP, "pass", "ok"),
+    Case("op25b-v4-static-25", "static subscribers run their own mail servers",
+         tcp(A, STATIC4, MAIL4, 25), OP, "pass", "ok"),
+    Case("op25b-v4-exempt-25", "dynamic with op25b_exempt",
+         tcp(A, EXEMPT4, MAIL4, 25), OP, "pass", "exempt"),
+    Case("op25b-v4-relay-25", "the ISP's relay is on the OP25B allow-list",
+         tcp(A, DYN4, RELAY4, 25), OP, "pass", "allowlist"),
+    Case("op25b-v4-disabled", "OP25B switched off", tcp(A, DYN4, MAIL4, 25), DNS, "pass", "ok"),
+    Case("op25b-v4-unknown-src", "source is no subscriber",
+         tcp(A, STRANGER4, MAIL4, 25), OP, "pass", "unknown"),
+    Case("op25b-v4-static-block-in-pool", "a static /29 inside the dynamic /24: most specific wins",
+         tcp(A, BLOCK4, MAIL4, 25), OP, "pass", "ok"),
+    Case("op25b-v4-host-in-static-block", "a dynamic host entry inside the static /29 wins",
+         tcp(A, HOST_IN_BLOCK4, MAIL4, 25), OP, "drop", "op25b"),
+    Case("op25b-v4-udp-25", "OP25B is TCP only", udp(A, DYN4, MAIL4, 25), OP, "pass", "ok"),
+    Case("op25b-v4-core-role", "inbound SMTP to a dynamic subscriber is not OP25B",
+         tcp(C_, MAIL4, DYN4, 25), OP, "pass", "ok"),
+    Case("op25b-v4-unparsed-l4", "unfragmented TCP with 8 header bytes: ports unknown",
+         tcp(A, DYN4, MAIL4, 25, l4_len=8), OP, "pass", "unparsed"),
+    # -- OP25B, IPv6 --
+    Case("op25b-v6-dynamic-25", "dynamic IPv6 subscriber to :25",
+         tcp(A, DYN6, MAIL6, 25), OP, "drop", "op25b"),
+    Case("op25b-v6-dynamic-587", "submission port", tcp(A, DYN6, MAIL6, 587), OP, "pass", "ok"),
+    Case("op25b-v6-static-25", "static IPv6 block", tcp(A, STATIC6, MAIL6, 25), OP, "pass", "ok"),
+    Case("op25b-v6-exempt-25", "IPv6 host entry with op25b_exempt",
+         tcp(A, EXEMPT6, MAIL6, 25), OP, "pass", "exempt"),
+    Case("op25b-v6-relay-25", "IPv6 relay on the allow-list",
+         tcp(A, DYN6, RELAY6, 25), OP, "pass", "allowlist"),
+    Case("op25b-v6-switch-off", "OP25B on for IPv4 only",
+         tcp(A, DYN6, MAIL6, 25), ("op25b",), "pass", "ok"),
+    Case("op25b-v6-without-op25b", "the IPv6 switch alone does nothing",
+         tcp(A, DYN6, MAIL6, 25), ("op25b_v6",), "pass", "ok"),
+    Case("op25b-v6-unknown-src", "IPv6 source is no subscriber",
+         tcp(A, STRANGER6, MAIL6, 25), OP, "pass", "unknown"),
+    Case("op25b-v6-static-in-pool", "a static /64 inside the dynamic /40",
+         tcp(A, BLOCK6, MAIL6, 25), OP, "pass", "ok"),
+    Case("op25b-v6-host-in-static", "a dynamic /128 inside the static /64",
+         tcp(A, HOST_IN_BLOCK6, MAIL6, 25), OP, "drop", "op25b"),
+    # -- OP25B reject mode --
+    Case("reject-v4-syn", "SYN to :25 answered with RST|ACK",
+         tcp(A, DYN4, MAIL4, 25), REJ, "reject", "op25b"),
+    Case("reject-v6-syn", "IPv6 SYN to :25 answered with RST|ACK",
+         tcp(A, DYN6, MAIL6, 25), REJ, "reject", "op25b"),
+    Case("reject-v4-ack", "ACK segment answered with RST, seq = its ack",
+         tcp(A, DYN4, MAIL4, 25, tcp_flags=TCP_ACK), REJ, "reject", "op25b"),
+    Case("reject-v6-psh-ack", "PSH|ACK segment answered with RST",
+         tcp(A, DYN6, MAIL6, 25, tcp_flags=TCP_PSH | TCP_ACK), REJ, "reject", "op25b"),
+    Case("reject-v4-rst", "a RST is never answered: dropped",
+         tcp(A, DYN4, MAIL4, 25, tcp_flags=TCP_RST), REJ, "drop", "op25b"),
+    Case("reject-v6-rst-ack", "a RST|ACK is never answered: dropped",
+         tcp(A, DYN6, MAIL6, 25, tcp_flags=TCP_RST | TCP_ACK), REJ, "drop", "op25b"),
+    Case("reject-v4-ip-options", "IPv4 options: no rewrite, dropped",
+         tcp(A, DYN4, MAIL4, 25, ip_extra=True), REJ, "drop", "op25b"),
+    Case("reject-v6-exthdr", "IPv6 extension headers: no rewrite, dropped",
+         tcp(A, DYN6, MAIL6, 25, ip_extra=True), REJ, "drop", "op25b"),
+    Case("reject-v4-first-fragment", "IPv4 first fragment: no options, answered",
+         tcp(A, DYN4, MAIL4, 25, frag="first"), REJ, "reject", "op25b"),
+    Case("reject-v6-first-fragment",
+         "IPv6 first fragment: the fragment header is an extension header, dropped",
+         tcp(A, DYN6, MAIL6, 25, frag="first"), REJ, "drop", "op25b"),
+    Case("reject-v4-frag-short", "short first fragment: dropped, not answered",
+         tcp(A, DYN4, MAIL4, 25, frag="first", l4_len=8), REJ, "drop", "frag_short"),
+    Case("reject-v4-exempt", "exempt in reject mode", tcp(A, EXEMPT4, MAIL4, 25), REJ,
+         "pass", "exempt"),
+    Case("reject-v6-relay", "relay in reject mode", tcp(A, DYN6, RELAY6, 25), REJ,
+         "pass", "allowlist"),
+    # -- IP53B (core) --
+    Case("ip53b-v4-dynamic-53", "query from the Internet to a dynamic subscriber's :53",
+         udp(C_, RESOLVER4, DYN4, 53), DNS, "drop", "ip53b"),
+    Case("ip53b-v4-dns-reply", "answer from :53 to the subscriber's resolver port",
+         udp(C_, RESOLVER4, DYN4, 40000, sport=53), DNS, "pass", "ok"),
+    Case("ip53b-v4-static-53", "static subscribers may run DNS servers",
+         udp(C_, RESOLVER4, STATIC4, 53), DNS, "pass", "ok"),
+    Case("ip53b-v4-exempt-53", "dynamic with ip53b_exempt",
+         udp(C_, RESOLVER4, EXEMPT4, 53), DNS, "pass", "exempt"),
+    Case("ip53b-v4-tcp-switch-off", "TCP/53 passes without ip53b_tcp",
+         tcp(C_, RESOLVER4, DYN4, 53), DNS, "pass", "ok"),
+    Case("ip53b-v4-tcp-switch-on", "TCP/53 dropped with ip53b_tcp",
+         tcp(C_, RESOLVER4, DYN4, 53), DNS + ("ip53b_tcp",), "drop", "ip53b"),
+    Case("ip53b-v4-disabled", "IP53B switched off", udp(C_, RESOLVER4, DYN4, 53), OP,
+         "pass", "ok"),
+    Case("ip53b-v4-unknown-dst", "destination is no subscriber",
+         udp(C_, RESOLVER4, STRANGER4, 53), DNS, "pass", "unknown"),
+    Case("ip53b-v4-access-role", "subscribers' own queries go out",
+         udp(A, DYN4, RESOLVER4, 53), DNS, "pass", "ok"),
+    Case("ip53b-v4-relay-no-exemption", "the OP25B allow-list does not exempt from IP53B",
+         udp(C_, RELAY4, DYN4, 53), DNS, "drop", "ip53b"),
+    Case("ip53b-v4-host-in-static-block", "dynamic host entry inside the static /29",
+         udp(C_, RESOLVER4, HOST_IN_BLOCK4, 53), DNS, "drop", "ip53b"),
+    Case("ip53b-v6-dynamic-53", "IPv6 query to a dynamic subscriber",
+         udp(C_, RESOLVER6, DYN6, 53), DNS, "drop", "ip53b"),
+    Case("ip53b-v6-dns-reply", "IPv6 answer from :53",
+         udp(C_, RESOLVER6, DYN6, 40000, sport=53), DNS, "pass", "ok"),
+    Case("ip53b-v6-static-53", "static IPv6 block", udp(C_, RESOLVER6, STATIC6, 53), DNS,
+         "pass", "ok"),
+    Case("ip53b-v6-exempt-53", "IPv6 host with ip53b_exempt",
+         udp(C_, RESOLVER6, EXEMPT6, 53), DNS, "pass", "exempt"),
+    Case("ip53b-v6-tcp-switch-off", "IPv6 TCP/53 without ip53b_tcp",
+         tcp(C_, RESOLVER6, DYN6, 53), DNS, "pass", "ok"),
+    Case("ip53b-v6-tcp-switch-on", "IPv6 TCP/53 with ip53b_tcp",
+         tcp(C_, RESOLVER6, DYN6, 53), DNS + ("ip53b_tcp",), "drop", "ip53b"),
+    Case("ip53b-v6-switch-off", "IP53B on for IPv4 only",
+         udp(C_, RESOLVER6, DYN6, 53), ("ip53b",), "pass", "ok"),
+    # -- suspended --
+    Case("susp-v4-access-tcp", "a suspended subscriber's web traffic",
+         tcp(A, SUSP4, WEB4, 80), ALL, "drop", "suspended"),
+    Case("susp-v4-access-icmp", "a suspended subscriber's ping",
+         ping(A, SUSP4, WEB4), ALL, "drop", "suspended"),
+    Case("susp-v4-access-support", "the support site stays reachable",
+         tcp(A, SUSP4, SUPPORT4, 443), ALL, "pass", "allowlist"),
+    Case("susp-v4-access-relay", "the OP25B relay is not the support allow-list",
+         tcp(A, SUSP4, RELAY4, 25), ALL, "drop", "suspended"),
+    Case("susp-v4-core-tcp", "traffic to a suspended subscriber",
+         tcp(C_, WEB4, SUSP4, 40000, sport=80), ALL, "drop", "suspended"),
+    Case("susp-v4-core-icmp", "ping to a suspended subscriber",
+         ping(C_, WEB4, SUSP4), ALL, "drop", "suspended"),
+    Case("susp-v4-core-from-support", "the support site's answers come in",
+         tcp(C_, SUPPORT4, SUSP4, 40000, sport=443), ALL, "pass", "allowlist"),
+    Case("susp-v4-switches-off", "suspension needs no switch",
+         tcp(A, SUSP4, WEB4, 80), (), "drop", "suspended"),
+    Case("susp-v4-later-fragment", "even later fragments",
+         tcp(A, SUSP4, WEB4, 80, frag="later"), ALL, "drop", "suspended"),
+    Case("susp-v6-access-tcp", "suspended IPv6 /64", tcp(A, SUSP6, WEB6, 80), ALL,
+         "drop", "suspended"),
+    Case("susp-v6-access-icmp", "suspended IPv6 echo request", ping(A, SUSP6, WEB6), ALL,
+         "drop", "suspended"),
+    Case("susp-v6-access-support", "IPv6 support site",
+         tcp(A, SUSP6, SUPPORT6, 443), ALL, "pass", "allowlist"),
+    Case("susp-v6-core-tcp", "IPv6 traffic to a suspended subscriber",
+         tcp(C_, WEB6, SUSP6, 40000, sport=80), ALL, "drop", "suspended"),
+    Case("susp-v6-core-icmp", "IPv6 ping to a suspended subscriber", ping(C_, WEB6, SUSP6),
+         ALL, "drop", "suspended"),
+    Case("susp-v6-core-from-support", "IPv6 support site's answers",
+         tcp(C_, SUPPORT6, SUSP6, 40000, sport=443), ALL, "pass", "allowlist"),
+    Case("susp-v6-neighbour-solicitation", "ND keeps working for a suspended subscriber",
+         Packet(A, SUSP6, GATEWAY6, ICMPV6, icmp_type=135), ALL, "pass", "ok"),
+    Case("susp-v6-neighbour-solicitation-core", "the router's NS to a suspended subscriber",
+         Packet(C_, GATEWAY6, SUSP6, ICMPV6, icmp_type=135), ALL, "pass", "ok"),
+    # -- fragments --
+    Case("frag-v4-first-25", "IPv4 first fragment, full TCP header: judged by its ports",
+         tcp(A, DYN4, MAIL4, 25, frag="first"), OP, "drop", "op25b"),
+    Case("frag-v4-first-80", "IPv4 first fragment to :80",
+         tcp(A, DYN4, WEB4, 80, frag="first"), OP, "pass", "ok"),
+    Case("frag-v6-first-25", "IPv6 first fragment, full TCP header",
+         tcp(A, DYN6, MAIL6, 25, frag="first"), OP, "drop", "op25b"),
+    Case("frag-v6-first-80", "IPv6 first fragment to :80",
+         tcp(A, DYN6, WEB6, 80, frag="first"), OP, "pass", "ok"),
+    Case("frag-v4-later", "IPv4 later fragment: no ports, passes",
+         tcp(A, DYN4, MAIL4, 25, frag="later"), OP, "pass", "fragment"),
+    Case("frag-v6-later", "IPv6 later fragment", tcp(A, DYN6, MAIL6, 25, frag="later"), OP,
+         "pass", "fragment"),
+    Case("frag-v4-later-core", "IPv4 later fragment of a UDP datagram to a dynamic",
+         udp(C_, RESOLVER4, DYN4, 53, frag="later"), DNS, "pass", "fragment"),
+    Case("frag-v4-later-unknown", "later fragment from no subscriber",
+         tcp(A, STRANGER4, MAIL4, 25, frag="later"), OP, "pass", "unknown"),
+    Case("frag-v4-short-dynamic", "IPv4 first fragment with 8 TCP bytes from a dynamic",
+         tcp(A, DYN4, MAIL4, 80, frag="first", l4_len=8), OP, "drop", "frag_short"),
+    Case("frag-v6-short-dynamic", "IPv6 first fragment with 8 TCP bytes from a dynamic",
+         tcp(A, DYN6, MAIL6, 80, frag="first", l4_len=8), OP, "drop", "frag_short"),
+    Case("frag-v4-short-static", "short first fragment from a static",
+         tcp(A, STATIC4, MAIL4, 25, frag="first", l4_len=8), OP, "pass", "ok"),
+    Case("frag-v6-short-static", "short IPv6 first fragment from a static",
+         tcp(A, STATIC6, MAIL6, 25, frag="first", l4_len=8), OP, "pass", "ok"),
+    Case("frag-v4-short-exempt", "short first fragment from an exempt dynamic",
+         tcp(A, EXEMPT4, MAIL4, 25, frag="first", l4_len=8), OP, "pass", "exempt"),
+    Case("frag-v4-short-udp-core", "UDP first fragment with 4 header bytes to a dynamic",
+         udp(C_, RESOLVER4, DYN4, 53, frag="first", l4_len=4), DNS, "drop", "frag_short"),
+    Case("frag-v6-short-udp-core", "IPv6 UDP first fragment with 4 header bytes",
+         udp(C_, RESOLVER6, DYN6, 53, frag="first", l4_len=4), DNS, "drop", "frag_short"),
+    Case("frag-v4-short-udp-access", "OP25B does not judge UDP fragments",
+         udp(A, DYN4, MAIL4, 25, frag="first", l4_len=4), OP, "pass", "ok"),
+    Case("frag-v4-options-25", "IPv4 options and :25: still dropped",
+         tcp(A, DYN4, MAIL4, 25, ip_extra=True), OP, "drop", "op25b"),
+    Case("frag-v6-exthdr-first-25", "IPv6 HBH + DestOpt + first fragment to :25",
+         tcp(A, DYN6, MAIL6, 25, frag="first", ip_extra=True), OP, "drop", "op25b"),
+    # -- bypass and monitor --
+    Case("bypass-op25b", "bypass: a would-be drop passes",
+         tcp(A, DYN4, MAIL4, 25), OP + ("bypass",), "pass", "bypass"),
+    Case("bypass-suspended", "bypass beats suspension",
+         tcp(C_, WEB6, SUSP6, 40000, sport=80), ALL + ("bypass",), "pass", "bypass"),
+    Case("bypass-and-monitor", "bypass beats monitor",
+         tcp(A, DYN6, MAIL6, 25), OP + ("bypass", "monitor"), "pass", "bypass"),
+    Case("monitor-op25b", "monitor: decided and counted, but passed",
+         tcp(A, DYN4, MAIL4, 25), OP + ("monitor",), "monitor", "op25b"),
+    Case("monitor-reject", "monitor in reject mode: no RST, passed",
+         tcp(A, DYN6, MAIL6, 25), REJ + ("monitor",), "monitor", "op25b"),
+    Case("monitor-ip53b", "monitor with IP53B", udp(C_, RESOLVER6, DYN6, 53),
+         DNS + ("monitor",), "monitor", "ip53b"),
+    Case("monitor-suspended", "monitor with suspension", ping(A, SUSP4, WEB4),
+         ALL + ("monitor",), "monitor", "suspended"),
+    Case("monitor-pass", "monitor changes nothing for passing packets",
+         tcp(A, DYN4, MAIL4, 587), OP + ("monitor",), "pass", "ok"),
+]
+
+
+def _ids(cases) -> list[str]:
+    ids = [c.id for c in cases]
+    assert len(set(ids)) == len(ids), "duplicate case id"
+    return ids
+
+
+# ---- checking a RST -----------------------------------------------------------------------
+
+
+def _l2(pkt) -> list:
+    """The encapsulation layers of a parsed frame: (class, fields) up to the IP header."""
+    out = []
+    layer = pkt
+    while not isinstance(layer, IP | IPv6):
+        fields = dict(layer.fields)
+        fields.pop("len", None)   # PPPoE length is checked separately
+        if isinstance(layer, Ether):
+            fields.pop("src")
+            fields.pop("dst")
+        out.append((type(layer), fields))
+        layer = layer.payload
+    return out
+
+
+def check_rst(frame_in: bytes, frame_out: bytes) -> None:
+    """frame_out must be the TCP RST that answers the segment in frame_in: same
+    encapsulation, MACs, addresses and ports swapped, seq/ack per RFC 9293 3.10.7.1,
+    valid checksums, nothing after the TCP header."""
+    a, b = Ether(frame_in), Ether(frame_out)
+    assert b.src == a.dst and b.dst == a.src
+    assert _l2(b) == _l2(a)
+    ipa = a[IP] if IP in a else a[IPv6]
+    ipb = b[IP] if IP in b else b[IPv6]
+    assert type(ipb) is type(ipa)
+    assert (ipb.src, ipb.dst) == (ipa.dst, ipa.src)
+    ta, tb = a[TCP], b[TCP]
+    assert (tb.sport, tb.dport) == (ta.dport, ta.sport)
+    assert tb.dataofs == 5 and tb.options == []
+    assert tb.window == 0 and tb.urgptr == 0
+    assert len(tb.payload) == 0
+    if isinstance(ipa, IP):
+        paylen = ipa.len - ipa.ihl * 4 - ta.dataofs * 4
+        assert (ipb.ihl, ipb.len, ipb.proto, ipb.ttl) == (5, 40, 6, 64)
+        assert ipb.flags == "DF" and ipb.frag == 0
+        l3len = 40
+    else:
+        paylen = ipa.plen - ta.dataofs * 4
+        assert (ipb.plen, ipb.nh, ipb.hlim) == (20, 6, 64)
+        l3len = 60
+    if ta.flags.A:
+        assert tb.flags == "R" and tb.seq == ta.ack and tb.ack == 0
+    else:
+        seg = paylen + bool(ta.flags.S) + bool(ta.flags.F)
+        assert tb.flags == "RA" and tb.seq == 0
+        assert tb.ack == (ta.seq + seg) % 2**32
+    if PPPoE in b:
+        assert b[PPPoE].len == l3len + 2
+    l2len = len(frame_out) - len(bytes(ipb))
+    assert len(bytes(ipb)) == l3len
+    assert l2len == len(frame_in) - len(bytes(ipa))
+    # Checksums: scapy recomputes them when the fields are deleted.
+    redo = b.copy()
+    if IP in redo:
+        del redo[IP].chksum
+    del redo[TCP].chksum
+    redo = Ether(bytes(redo))
+    if IP in b:
+        assert b[IP].chksum == redo[IP].chksum
+    assert tb.chksum == redo[TCP].chksum
+
+
+def run_one(dp, hook: str, role: str, frame: bytes, verdict: str, reason: str) -> bytes:
+    """Run ``frame``; assert the hook's verdict and that exactly this one packet was
+    counted, bytes included, under (role, verdict, reason). Returns the frame out."""
+    got, out = dp.verdict(hook, role, frame)
+    assert got == AT_HOOK[verdict]
+    want = {schema.counter_index(role, verdict, reason): (1, len(frame))}
+    assert dp.maps.counters_sum() == want, dp.counters()
+    if verdict == "reject":
+        check_rst(frame, out)
+    else:
+        assert out == frame, "the frame was rewritten although not rejected"
+    return out
+
+
+# ---- the table through the kernel ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("encap", list(ENCAPS))
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_case(dp, case: Case, encap: str, hook: str):
+    load(dp, model_tables(case.subs), flags_of(case.switches))
+    vlans, pppoe = ENCAPS[encap]
+    frame = packets.frame(case.packet, vlans=vlans, pppoe=pppoe)
+    run_one(dp, hook, case.packet.role, frame, case.verdict, case.reason)
+
+
+def _model_params():
+    for c in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=c.model_bug)] if c.model_bug else []
+        yield pytest.param(c, id=c.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", list(_model_params()))
+def test_model_agrees(case: Case):
+    """The reference model answers the table's rows as the table says."""
+    d = model.decide(case.packet, flags_of(case.switches), model_tables(case.subs))
+    assert (d.verdict, d.reason) == (case.verdict, case.reason)
+
+
+# ---- RST numbers, literally ---------------------------------------------------------------
+
+
+def _retcp(frame: bytes, **fields) -> bytes:
+    """``frame`` with TCP fields changed and every length and checksum recomputed."""
+    p = Ether(frame)
+    for k, v in fields.items():
+        setattr(p[TCP], k, v)
+    del p[TCP].chksum, p[TCP].dataofs
+    if IP in p:
+        del p[IP].len, p[IP].chksum
+    else:
+        del p[IPv6].plen
+    if PPPoE in p:
+        del p[PPPoE].len
+    return bytes(p)
+
+
+# (id, TCP flags, ack, options, RST flags, RST seq, RST ack); the segment has seq 1000
+# and 4 bytes of payload.
+RST_ROWS = [
+    ("syn", "S", 0, [], "RA", 0, 1005),
+    ("syn-with-mss", "S", 0, [("MSS", 1460)], "RA", 0, 1005),
+    ("fin", "F", 0, [], "RA", 0, 1005),
+    ("push-no-ack", "P", 0, [], "RA", 0, 1004),
+    ("ack", "A", 0x12345678, [], "R", 0x12345678, 0),
+    ("psh-ack", "PA", 0xFFFFFFF0, [], "R", 0xFFFFFFF0, 0),
+    ("syn-ack", "SA", 77, [], "R", 77, 0),
+]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("encap", ["plain", "qinq+pppoe"])
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("row", RST_ROWS, ids=[r[0] for r in RST_ROWS])
+def test_rst(dp, row, family, encap, hook):
+    _, flags, ack, options, rflags, rseq, rack = row
+    src, dst = (DYN4, MAIL4) if family == 4 else (DYN6, MAIL6)
+    load(dp, model_tables(), flags_of(REJ))
+    vlans, pppoe = ENCAPS[encap]
+    frame = _retcp(packets.frame(tcp(A, src, dst, 25), vlans=vlans, pppoe=pppoe),
+                   flags=flags, ack=ack, options=options)
+    out = run_one(dp, hook, A, frame, "reject", "op25b")
+    rst = Ether(out)[TCP]
+    assert (str(rst.flags), rst.seq, rst.ack) == (rflags, rseq, rack)
+    assert (rst.sport, rst.dport) == (25, 40000)
+    assert len(out) == 14 + 4 * vlans + 8 * pppoe + (20 if family == 4 else 40) + 20
+    if pppoe:
+        assert Ether(out)[PPPoE].sessionid == 0x1234
+    if vlans:
+        assert (Ether(out)[Dot1AD].vlan, Ether(out)[Dot1Q].vlan) == (100, 200)
+
+
+# ---- frames no model.Packet describes -----------------------------------------------------
+
+DYN_SMTP4 = tcp(A, DYN4, MAIL4, 25)
+DYN_SMTP6 = tcp(A, DYN6, MAIL6, 25)
+
+
+def _eth(payload, **kw) -> bytes:
+    eth = Ether(src=packets.MAC_A, dst=packets.MAC_B, **kw)
+    return bytes(eth / payload) if payload else bytes(eth)
+
+
+def _patch(frame: bytes, offset: int, value: int) -> bytes:
+    return frame[:offset] + bytes([value]) + frame[offset + 1:]
+
+
+def _exthdr_chain(n: int) -> bytes:
+    """IPv6 TCP SYN to :25 from a dynamic behind ``n`` extension headers (HBH first)."""
+    l3 = IPv6(src=DYN6, dst=MAIL6)
+    for i in range(n):
+        l3 = l3 / (IPv6ExtHdrHopByHop() if i == 0 else IPv6ExtHdrDestOpt())
+    return _eth(l3 / TCP(sport=40000, dport=25, flags="S") / Raw(b"x" * 4))
+
+
+def _three_tags(pppoe: bool) -> bytes:
+    inner = Ether(packets.frame(DYN_SMTP4, vlans=2, pppoe=pppoe))
+    return _eth(Dot1AD(vlan=10) / Dot1Q(vlan=100) / Dot1Q(vlan=200) / inner[Dot1Q].payload)
+
+
+@dataclass(frozen=True)
+class RawCase:
+    id: str
+    desc: str
+    build: object          # () -> bytes
+    role: str
+    switches: tuple[str, ...]
+    verdict: str
+    reason: str
+    bug: str | None = None   # known data-plane bug: xfail(strict)
+    hooks: tuple[str, ...] = HOOKS
+
+
+RAW_CASES = [
+    RawCase("arp", "ARP is not ours", lambda: _eth(ARP(psrc=DYN4, pdst="100.64.0.1")),
+            A, ALL, "pass", "unparsed"),
+    RawCase("arp-bypass", "bypass is decided before parsing",
+            lambda: _eth(ARP(psrc=DYN4, pdst="100.64.0.1")), A, ALL + ("bypass",),
+            "pass", "bypass"),
+    RawCase("unknown-ethertype", "ethertype 0x88b5",
+            lambda: _eth(Raw(b"\x00" * 46), type=0x88B5), A, ALL, "pass", "unparsed"),
+    RawCase("ethernet-only", "14 bytes saying IPv4 (tc: the kernel refuses the run)",
+            lambda: _eth(b"", type=0x0800), A, ALL, "pass", "unparsed", hooks=("xdp",)),
+    RawCase("vlan-tag-only", "18 bytes: a VLAN tag saying IPv4, nothing after",
+            lambda: _eth(Dot1Q(vlan=200, type=0x0800)), A, ALL, "pass", "unparsed"),
+    RawCase("pppoe-discovery", "PADI (0x8863)", lambda: _eth(PPPoED(code=0x09)),
+            A, ALL, "pass", "unparsed"),
+    RawCase("pppoe-lcp", "PPPoE session carrying LCP echo",
+            lambda: _eth(PPPoE(sessionid=0x1234) / PPP(proto=0xC021) /
+                         Raw(b"\x09\x01\x00\x08\x00\x00\x00\x00")),
+            A, ALL, "pass", "unparsed"),
+    RawCase("pppoe-bad-version", "PPPoE session header with version 2",
+            lambda: _patch(packets.frame(DYN_SMTP4, pppoe=True), 14, 0x21),
+            A, ALL, "pass", "unparsed"),
+    RawCase("ipv4-ihl-4", "IPv4 with ihl 4, else a dropped OP25B SYN",
+            lambda: _patch(packets.frame(DYN_SMTP4), 14, 0x44), A, ALL, "pass", "unparsed"),
+    RawCase("ipv4-version-6", "version 6 in an IPv4 ethertype",
+            lambda: _patch(packets.frame(DYN_SMTP4), 14, 0x65), A, ALL, "pass", "unparsed"),
+    RawCase("ipv4-total-length-short", "IPv4 total length 10 < header length",
+            lambda: _patch(_patch(packets.frame(DYN_SMTP4), 16, 0), 17, 10), A, ALL,
+            "pass", "unparsed"),
+    RawCase("ipv6-version-4", "version 4 in an IPv6 ethertype",
+            lambda: _patch(packets.frame(DYN_SMTP6), 14, 0x40), A, ALL, "pass", "unparsed"),
+    RawCase("ipv6-6-exthdrs", "XZ_MAX_EXTHDR extension headers: still parsed",
+            lambda: _exthdr_chain(6), A, ALL, "drop", "op25b"),
+    RawCase("ipv6-7-exthdrs", "one extension header more than XZ_MAX_EXTHDR: fail open",
+            lambda: _exthdr_chain(7), A, ALL, "pass", "unparsed"),
+    RawCase("three-vlan-tags", "one tag more than XZ_MAX_VLAN: fail open",
+            lambda: _three_tags(False), A, ALL, "pass", "unparsed"),
+    RawCase("three-vlan-tags-pppoe", "three tags, then PPPoE", lambda: _three_tags(True),
+            A, ALL, "pass", "unparsed"),
+    RawCase("three-vlan-tags-core", "three tags on the core side",
+            lambda: _three_tags(False), C_, ALL, "pass", "unparsed"),
+]
+
+
+def _raw_params():
+    for c in RAW_CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=c.bug)] if c.bug else []
+        for hook in c.hooks:
+            yield pytest.param(c, hook, id=f"{c.id}-{hook}", marks=marks)
+
+
+@pytest.mark.parametrize(("case", "hook"), list(_raw_params()))
+def test_raw_frame(dp, case: RawCase, hook: str):
+    load(dp, model_tables(), flags_of(case.switches))
+    run_one(dp, hook, case.role, case.build(), case.verdict, case.reason)
+
+
+# ---- truncated frames ---------------------------------------------------------------------
+
+
+def refused(hook: str, frame: bytes) -> bool:
+    """True when BPF_PROG_TEST_RUN refuses ``frame`` (EINVAL) before the program runs:
+    shorter than an Ethernet header; for tc also an IPv4 (IPv6) ethertype without a full
+    IPv4 (IPv6) header behind it, as the kernel's test_run insists on one."""
+    if len(frame) < 14:
+        return True
+    need = {b"\x08\x00": 14 + 20, b"\x86\xdd": 14 + 40}.get(frame[12:14], 14)
+    return hook == "tc" and len(frame) < need
+
+
+def _l4_end(frame: bytes) -> int:
+    """Offset of the end of the TCP header in ``frame``."""
+    p = Ether(frame)
+    return len(frame) - len(bytes(p[TCP])) + 20
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("mode", ["drop", "reject"])
+@pytest.mark.parametrize("encap", ["plain", "qinq+pppoe"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_truncated(dp, family, encap, mode, hook):
+    """An OP25B SYN cut at every length: where the kernel refuses the run (see
+    refused()) nothing is counted; up to the end of the TCP header it passes as
+    unparsed; from there on the ports are known and the rule applies (the IP header's
+    length is believed for the RST)."""
+    load(dp, model_tables(), flags_of(REJ if mode == "reject" else OP))
+    vlans, pppoe = ENCAPS[encap]
+    full = packets.frame(DYN_SMTP4 if family == 4 else DYN_SMTP6, vlans=vlans, pppoe=pppoe)
+    l4_end = _l4_end(full)
+    for n in range(len(full) + 1):
+        dp.maps.clear_counters()
+        cut = full[:n]
+        if refused(hook, cut):
+            with pytest.raises(kernel.KernelError):
+                dp.verdict(hook, A, cut)
+            assert dp.counters() == {}
+            continue
+        if n < l4_end:
+            run_one(dp, hook, A, cut, "pass", "unparsed")
+        else:
+            run_one(dp, hook, A, cut, mode, "op25b")
+
+
+# ---- garbage ------------------------------------------------------------------------------
+
+
+def _garbage(rng: random.Random) -> bytes:
+    """Random bytes, half of them behind a plausible Ethernet/VLAN/PPPoE/IP start so that
+    the parser gets further than the ethertype."""
+    if rng.random() < 0.5:
+        return rng.randbytes(rng.randint(14, 160))
+    p = rng.choice([DYN_SMTP4, DYN_SMTP6, udp(C_, RESOLVER4, DYN4, 53),
+                    udp(C_, RESOLVER6, DYN6, 53)])
+    f = packets.frame(p, vlans=rng.randint(0, 2), pppoe=rng.random() < 0.5)
+    keep = rng.randint(14, len(f))
+    data = bytearray(f[:keep] + rng.randbytes(rng.randint(0, 80)))
+    for _ in range(rng.randint(1, 6)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_garbage(dp, hook):
+    """200 random frames: the program never fails, says pass, drop or reject, and counts
+    each frame once, under the verdict it returned."""
+    t = model_tables()
+    t.prefixes[(0, bytes(16))] = Entry(9, schema.TYPES["dynamic"])   # everyone is dynamic
+    load(dp, t, flags_of(ALL + ("op25b_reject", "ip53b_tcp")))
+    rng = random.Random(20240611 + len(hook))
+    seen = set()
+    for role in ("access", "core") * 100:
+        frame = _garbage(rng)
+        before = dp.counters()
+        if refused(hook, frame):
+            with pytest.raises(kernel.KernelError):
+                dp.verdict(hook, role, frame)
+            assert dp.counters() == before
+            continue
+        got, out = dp.verdict(hook, role, frame)
+        after = dp.counters()
+        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        assert got in ("pass", "drop", "reject"), frame.hex()
+        assert len(delta) == 1 and sum(delta.values()) == 1, frame.hex()
+        (r, verdict, reason), = delta
+        assert (r, verdict) == (role, got), frame.hex()
+        assert reason in schema.REASONS
+        if got == "reject":
+            assert len(out) <= len(frame) and Ether(out)[TCP].flags.R
+        else:
+            assert out == frame
+        seen.add(reason)
+    assert "unparsed" in seen and len(seen) > 2, seen
