@@ -34,6 +34,8 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
+/* Per generation: digest, time and counts of the list (for status). cp writes. */
+XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */
 XZ_MAP("percpu_array", __u32, __u64, xz_csam_hits, XZ_NR_CSAM_HITS, 0);
 /* Reply program per hook (slot 0), tail-called for rejected packets. cp writes. */

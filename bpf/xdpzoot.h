@@ -96,6 +96,16 @@ struct xz_control {
 /* CSAM hit counters: generation x family (IPv4, IPv6), nothing finer. */
 #define XZ_NR_CSAM_HITS 4
 
+/* What a CSAM generation holds: counts and a digest, never an entry. */
+struct xz_csam_meta {
+	__u8 sha256[32];     /* of the list file */
+	__u64 loaded;        /* unix time of the load, seconds */
+	__u32 hosts4;
+	__u32 hosts6;
+	__u32 prefixes4;
+	__u32 prefixes6;
+};
+
 /* Interface roles: where a packet enters decides which pipeline runs. */
 #define XZ_ROLE_ACCESS 0            /* from subscribers: upstream pipeline */
 #define XZ_ROLE_CORE 1              /* from the Internet: downstream pipeline */

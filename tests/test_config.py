@@ -61,12 +61,16 @@ def test_defines() -> None:
         "-DXZ_MAX_HOSTS=262144",
         "-DXZ_MAX_PREFIXES=65536",
         "-DXZ_MAX_ALLOW=4096",
+        "-DXZ_MAX_CSAM_HOSTS=1048576",
+        "-DXZ_MAX_CSAM_PREFIXES=262144",
     ]
     c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n")
     assert c.defines() == [
         "-DXZ_MAX_HOSTS=1024",
         "-DXZ_MAX_PREFIXES=16777216",
         "-DXZ_MAX_ALLOW=1",
+        "-DXZ_MAX_CSAM_HOSTS=1048576",
+        "-DXZ_MAX_CSAM_PREFIXES=262144",
     ]
 
 
@@ -228,11 +232,11 @@ SIZE = "must be an integer 1..16777216, got "
         pytest.param("[op25b.extra]\nx = 1",
                      ["op25b.extra: unknown key (known: enabled, action, ipv6, allow)"],
                      id="subtable"),
-        pytest.param("[csam]\nlist = 'x'",
-                     ["csam: unknown section (known: interfaces, op25b, ip53b, suspend, "
+        pytest.param("[nocsam]\nlist = 'x'",
+                     ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "sources, limits, dataplane)"], id="unknown-section"),
         pytest.param("bypass = true",
-                     ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, "
+                     ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "sources, limits, dataplane)"], id="top-level-key"),
         pytest.param("op25b = true", ["op25b: must be a table ([op25b]), got true"],
                      id="section-not-a-table"),
@@ -268,7 +272,7 @@ hosts = 0
         "op25b.allow: host bits set in 192.0.2.25/24",
         "op25b.colour: unknown key (known: enabled, action, ipv6, allow)",
         "limits.hosts: must be an integer 1..16777216, got 0",
-        "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, sources, "
+        "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, sources, "
         "limits, dataplane)",
         # Cross-checked although access has a problem of its own: one round of fixes.
         "interfaces.core: 'eth0' is also an access interface",

@@ -20,6 +20,7 @@ from xdpzoot.sources import SourceError, check_network, read_source
 __all__ = [
     "DEFAULT_PATH",
     "Config",
+    "Csam",
     "Dataplane",
     "Interfaces",
     "Ip53b",
@@ -77,9 +78,18 @@ class Suspend:
 
 @dataclass(frozen=True)
 class Sources:
-    """Files the control plane loads: the subscriber table ("" = none)."""
+    """Files the control plane loads ("" = none): the subscriber table, the CSAM list."""
 
     subscribers: str = ""
+    csam: str = ""
+
+
+@dataclass(frozen=True)
+class Csam:
+    """What a packet to an address on the CSAM list gets."""
+
+    action: str = "drop"  # "drop" | "reject" (TCP RST, ICMP administratively prohibited)
+    core: bool = False  # also drop packets from listed addresses at core ingress
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class Limits:
     hosts: int = 262144  # exact subscriber addresses (hash)
     prefixes: int = 65536  # pools and static blocks (LPM trie)
     allow: int = 4096  # op25b.allow + suspend.allow prefixes (LPM trie)
+    csam_hosts: int = 1048576  # CSAM list exact addresses, per generation (hash)
+    csam_prefixes: int = 262144  # CSAM list prefixes, per generation (LPM trie)
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class Config:
     op25b: Op25b = field(default_factory=Op25b)
     ip53b: Ip53b = field(default_factory=Ip53b)
     suspend: Suspend = field(default_factory=Suspend)
+    csam: Csam = field(default_factory=Csam)
     sources: Sources = field(default_factory=Sources)
     limits: Limits = field(default_factory=Limits)
     dataplane: Dataplane = field(default_factory=Dataplane)
@@ -117,6 +130,8 @@ class Config:
             f"-DXZ_MAX_HOSTS={self.limits.hosts}",
             f"-DXZ_MAX_PREFIXES={self.limits.prefixes}",
             f"-DXZ_MAX_ALLOW={self.limits.allow}",
+            f"-DXZ_MAX_CSAM_HOSTS={self.limits.csam_hosts}",
+            f"-DXZ_MAX_CSAM_PREFIXES={self.limits.csam_prefixes}",
         ]
 
 
@@ -279,8 +294,10 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     },
     "ip53b": {"enabled": _boolean, "tcp": _boolean, "ipv6": _boolean},
     "suspend": {"allow": _networks},
-    "sources": {"subscribers": _path},
-    "limits": {"hosts": _size, "prefixes": _size, "allow": _size},
+    "csam": {"action": _choice("drop", "reject"), "core": _boolean},
+    "sources": {"subscribers": _path, "csam": _path},
+    "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
+               "csam_prefixes": _size},
     "dataplane": {"bypass": _boolean, "monitor": _boolean},
 }
 _SECTIONS: dict[str, type[Any]] = {
@@ -288,6 +305,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "op25b": Op25b,
     "ip53b": Ip53b,
     "suspend": Suspend,
+    "csam": Csam,
     "sources": Sources,
     "limits": Limits,
     "dataplane": Dataplane,

@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from . import schema
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
 MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
-        "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_hits")
+        "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta", "xz_csam_hits")
 HOOKS = ("xdp", "tc")
 
 
@@ -60,6 +60,16 @@ _libbpf.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
 _libbpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
 _libbpf.bpf_obj_get.argtypes = [ct.c_char_p]
 _libbpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_libbpf.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_char_p, ct.c_void_p]
+_libbpf.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64]
+_libbpf.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_char_p]
+_libbpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_libbpf.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                         ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+_libbpf.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p,
+                                         ct.POINTER(ct.c_uint32), ct.c_void_p]
+_libbpf.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_char_p, ct.POINTER(ct.c_uint32),
+                                         ct.c_void_p]
 
 
 def _check(rc: int, what: str) -> int:
@@ -119,6 +129,142 @@ def pinned_prog_id(path: str) -> int | None:
         return prog_id(fd)
     finally:
         os.close(fd)
+
+
+# ---- pinned maps without bcc: raw keys and values, batch operations -----------------------
+
+
+class _MapInfo(ct.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16), ("rest", ct.c_uint8 * 64)]
+
+
+class _BatchOpts(ct.Structure):
+    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BATCH = 65536
+
+
+class PinnedMap:
+    """A pinned map opened by path, keys and values as bytes of the kernel's sizes.
+
+    For the commands that must be quick (no bcc compile): the CSAM list and its
+    control word. Layouts are checked against bcc's types in the tests.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = _libbpf.bpf_obj_get(path.encode())
+        if self.fd < 0:
+            raise KernelError(f"cannot open map {path}: {os.strerror(ct.get_errno())}")
+        info = _MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        _check(_libbpf.bpf_obj_get_info_by_fd(self.fd, ct.byref(info), ct.byref(size)),
+               f"map info {path}")
+        self.type, self.key_size, self.value_size = info.type, info.key_size, info.value_size
+        self.max_entries = info.max_entries
+        self.memlock = _memlock(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> PinnedMap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def lookup(self, key: bytes) -> bytes | None:
+        val = ct.create_string_buffer(self.value_size)
+        if _libbpf.bpf_map_lookup_elem(self.fd, key, val) != 0:
+            return None
+        return val.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        _check(_libbpf.bpf_map_update_elem(self.fd, key, value, 0), f"update {self.path}")
+
+    def keys(self) -> list[bytes]:
+        """Every key: batch lookups where the map type has them, else key by key."""
+        if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
+            return self._keys_batch()
+        out, prev = [], None
+        nxt = ct.create_string_buffer(self.key_size)
+        while _libbpf.bpf_map_get_next_key(self.fd, prev, nxt) == 0:
+            out.append(nxt.raw)
+            prev = ct.create_string_buffer(nxt.raw, self.key_size)
+        return out
+
+    def _keys_batch(self) -> list[bytes]:
+        ks, vs = self.key_size, self.value_size
+        keys = ct.create_string_buffer(ks * BATCH)
+        vals = ct.create_string_buffer(vs * BATCH)
+        token_in, token_out = None, ct.create_string_buffer(ks)
+        opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+        out: list[bytes] = []
+        while True:
+            count = ct.c_uint32(BATCH)
+            rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, vals,
+                                              ct.byref(count), ct.byref(opts))
+            raw = keys.raw[: count.value * ks]
+            out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
+            if rc != 0:
+                if ct.get_errno() == errno.ENOENT:
+                    return out
+                _check(rc, f"lookup batch {self.path}")
+            token_in = ct.create_string_buffer(token_out.raw, ks)
+
+    def update_many(self, keys: list[bytes], value: bytes,
+                    progress: Callable[[int], None] | None = None) -> None:
+        """Write ``value`` under every key, in batches where the map type has them."""
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i:i + BATCH]
+            if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
+                count = ct.c_uint32(len(chunk))
+                opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+                _check(_libbpf.bpf_map_update_batch(self.fd, b"".join(chunk),
+                                                    value * len(chunk), ct.byref(count),
+                                                    ct.byref(opts)), f"update {self.path}")
+            else:
+                for k in chunk:
+                    _check(_libbpf.bpf_map_update_elem(self.fd, k, value, 0),
+                           f"update {self.path}")
+            if progress:
+                progress(len(chunk))
+
+    def delete_many(self, keys: list[bytes],
+                    progress: Callable[[int], None] | None = None) -> None:
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i:i + BATCH]
+            if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
+                count = ct.c_uint32(len(chunk))
+                opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+                _check(_libbpf.bpf_map_delete_batch(self.fd, b"".join(chunk), ct.byref(count),
+                                                    ct.byref(opts)), f"delete {self.path}")
+            else:
+                for k in chunk:
+                    _check(_libbpf.bpf_map_delete_elem(self.fd, k), f"delete {self.path}")
+            if progress:
+                progress(len(chunk))
+
+
+def _memlock(fd: int) -> int:
+    """The kernel's own accounting of the map's memory (fdinfo memlock)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 # ---- BPF filesystem -----------------------------------------------------------------------

@@ -143,6 +143,8 @@ def control_flags(cfg) -> int:
         (cfg.ip53b.enabled, "XZ_C_IP53B"),
         (cfg.ip53b.tcp, "XZ_C_IP53B_TCP"),
         (cfg.ip53b.ipv6, "XZ_C_IP53B_V6"),
+        (cfg.csam.action == "reject", "XZ_C_CSAM_REJECT"),
+        (cfg.csam.core, "XZ_C_CSAM_CORE"),
     ]
     for cond, name in on:
         if cond:
@@ -153,5 +155,5 @@ def control_flags(cfg) -> int:
 def control_names(flags: int) -> dict[str, bool]:
     """The switches by name, for status output."""
     names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
-             "ip53b_v6")
+             "ip53b_v6", "csam_reject", "csam_core")
     return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}
