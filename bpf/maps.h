@@ -28,8 +28,9 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PR
  * writes the idle generation, then flips xz_control.csam_gen: every packet
  * sees the whole old list or the whole new one. dp reads.
  */
-XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h0, XZ_MAX_CSAM_HOSTS, BPF_F_NO_PREALLOC);
-XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h1, XZ_MAX_CSAM_HOSTS, BPF_F_NO_PREALLOC);
+/* Preallocated: inserts are twice as fast, and at 1M entries the memory is the same. */
+XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h0, XZ_MAX_CSAM_HOSTS, 0);
+XZ_MAP("hash", struct xz_addr, __u8, xz_csam_h1, XZ_MAX_CSAM_HOSTS, 0);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,

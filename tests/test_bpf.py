@@ -368,7 +368,7 @@ def _l2(pkt) -> list:
     """The encapsulation layers of a parsed frame: (class, fields) up to the IP header."""
     out = []
     layer = pkt
-    while not isinstance(layer, IP | IPv6):
+    while layer and not isinstance(layer, IP | IPv6):   # NoPayload is false
         fields = dict(layer.fields)
         fields.pop("len", None)   # PPPoE length is checked separately
         if isinstance(layer, Ether):
@@ -387,7 +387,9 @@ def check_rst(frame_in: bytes, frame_out: bytes) -> None:
     assert b.src == a.dst and b.dst == a.src
     assert _l2(b) == _l2(a)
     ipa = a[IP] if IP in a else a[IPv6]
+    assert IP in b or IPv6 in b, "no IP header in the reply"
     ipb = b[IP] if IP in b else b[IPv6]
+    assert TCP in b, "no TCP header in the reply"
     assert type(ipb) is type(ipa)
     assert (ipb.src, ipb.dst) == (ipa.dst, ipa.src)
     ta, tb = a[TCP], b[TCP]

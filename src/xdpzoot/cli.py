@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import click
 
-from . import kernel, loader, model, schema, sync, tables
+from . import csam, kernel, loader, model, schema, sync, tables
 from .config import load_config
 from .sources import SourceError, parse_subscribers
 
@@ -112,16 +112,24 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         cor = list(core) or list(cfg.interfaces.core)
         if not acc and not cor:
             raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
-        rows = None
+        rows = lst = None
         if cfg.sources.subscribers:
             rows = parse_subscribers(cfg.sources.subscribers)   # validate before any change
+        if cfg.sources.csam:
+            lst, warnings = csam.parse_csam(cfg.sources.csam)
+            for w in warnings:
+                click.echo(f"xdpzoot: warning: {w}", err=True)
         with kernel.lock(o.pin_dir):
             maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
                                        mode or cfg.interfaces.mode)
             change = sync.apply_subscribers(maps, *tables.subscriber_tables(rows)) \
                 if rows is not None else None
+            if lst is not None:
+                with csam.Maps(o.pin_dir) as cm:
+                    csam.load(cm, lst)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
-                "subscribers": asdict(change) if change else None}
+                "subscribers": asdict(change) if change else None,
+                "csam": lst.counts() if lst else None}
         _emit(as_json, data, lambda: [
             click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
             for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
@@ -382,14 +390,138 @@ def resume(o: Ctx, subscriber, as_json) -> None:
     _suspend(o, subscriber, False, as_json)
 
 
+# ---- CSAM list ---------------------------------------------------------------------------
+
+
+@main.group(epilog="""\b
+Examples:
+  xdpzoot blocklist load /etc/xdpzoot/csam.txt
+  xdpzoot blocklist check 192.0.2.66
+  xdpzoot blocklist status --json""")
+def blocklist() -> None:
+    """The CSAM address list: loaded whole, switched atomically, never printed."""
+
+
+def _progress(total: int, label: str):
+    """A progress bar on stderr for loads that take more than a moment."""
+    if total < 20000 or not sys.stderr.isatty():
+        return None, None
+    bar = click.progressbar(length=total, label=label, file=sys.stderr)
+    return bar, bar.update
+
+
+def load_csam(pin_dir: str, path: str, strict: bool = False) -> dict:
+    """Validate the list file, then swap it in (under the instance's lock)."""
+    data, warnings = csam.read_list(path, strict=strict)
+    for w in warnings:
+        click.echo(f"xdpzoot: warning: {w}", err=True)
+    with kernel.lock(pin_dir), csam.Maps(pin_dir) as maps:
+        if csam.in_force(maps, data):   # validated when it was loaded: nothing to do
+            st = csam.status(maps)
+            return {"added": 0, "removed": 0, "generation": st["generation"],
+                    "switched": False, **{k: st[k] for k in
+                                          ("hosts4", "hosts6", "prefixes4", "prefixes6")},
+                    "sha256": st["sha256"]}
+        lst = csam.parse_csam_bytes(data, path)
+        bar, step = _progress(len(lst.hosts) + len(lst.prefixes), "writing CSAM list")
+        try:
+            res = csam.load(maps, lst, step)
+        finally:
+            if bar:
+                bar.render_finish()
+    return {**asdict(res), **lst.counts(), "sha256": lst.sha256.hex()}
+
+
+@blocklist.command("load", epilog="""\b
+Examples:
+  xdpzoot blocklist load /etc/xdpzoot/csam.txt
+  xdpzoot blocklist load --strict csam.txt --json""")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Refuse a world-readable file.")
+@json_opt
+@click.pass_obj
+def blocklist_load(o: Ctx, file, strict, as_json) -> None:
+    """Validate FILE and make it the list in force, all at once.
+
+    One address or prefix per line; '#' comments. A file with any error
+    changes nothing. Loading the list in force again writes nothing."""
+
+    def go():
+        if not kernel.pinned(o.pin_dir):
+            o.maps(create=True)   # not attached yet: create the maps, attach finds them
+        r = load_csam(o.pin_dir, file, strict)
+        _emit(as_json, r, lambda: click.echo(
+            f"CSAM list: {r['hosts4'] + r['hosts6']} addresses, "
+            f"{r['prefixes4'] + r['prefixes6']} prefixes; "
+            + (f"generation {r['generation']} in force ({r['added']} added, "
+               f"{r['removed']} removed)" if r["switched"] else "unchanged")))
+
+    _run(go)
+
+
+@blocklist.command("check", epilog="""\b
+Examples:
+  xdpzoot blocklist check 192.0.2.66
+  xdpzoot blocklist check 2001:db8::66 --json""")
+@click.argument("address")
+@json_opt
+@click.pass_obj
+def blocklist_check(o: Ctx, address, as_json) -> None:
+    """Whether ADDRESS is on the list in force, and by which kind of entry."""
+    a = _address(address)
+
+    def go():
+        with csam.Maps(o.pin_dir) as maps:
+            kind = csam.check(maps, a)
+        _emit(as_json, {"address": address, "listed": kind is not None, "entry": kind},
+              lambda: click.echo(f"{address}: " + (f"listed ({kind} entry)" if kind
+                                                   else "not listed")))
+
+    _run(go)
+
+
+@blocklist.command("status", epilog="""\b
+Examples:
+  xdpzoot blocklist status
+  xdpzoot blocklist status --json""")
+@json_opt
+@click.pass_obj
+def blocklist_status(o: Ctx, as_json) -> None:
+    """The list in force: entries per family and kind, digest, load time, hits."""
+
+    def go():
+        with csam.Maps(o.pin_dir) as maps:
+            st = csam.status(maps)
+
+        def text():
+            click.echo(f"CSAM list, generation {st['generation']}:")
+            if not st["loaded"]:
+                click.echo("  No list loaded.")
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(st["loaded"]))
+                click.echo(f"  loaded     {when}")
+                click.echo(f"  sha256     {st['sha256']}")
+            click.echo(f"  {'':<10} {'IPv4':>10} {'IPv6':>10}")
+            click.echo(f"  {'addresses':<10} {st['hosts4']:>10} {st['hosts6']:>10}")
+            click.echo(f"  {'prefixes':<10} {st['prefixes4']:>10} {st['prefixes6']:>10}")
+            h = st["hits"]
+            click.echo(f"  {'hits':<10} {h['gen0_ipv4'] + h['gen1_ipv4']:>10} "
+                       f"{h['gen0_ipv6'] + h['gen1_ipv6']:>10}")
+
+        _emit(as_json, st, text)
+
+    _run(go)
+
+
 # ---- explain ------------------------------------------------------------------------------
 
 
 class _LiveLookup:
     """The reference model's lookups, answered by the live maps."""
 
-    def __init__(self, maps: kernel.Maps):
+    def __init__(self, maps: kernel.Maps, pin_dir: str):
         self.maps = maps
+        self.pin_dir = pin_dir
 
     def classify(self, a: bytes):
         host = self.maps.get_host(a)
@@ -402,7 +534,8 @@ class _LiveLookup:
         return self.maps.allow_bits(a)
 
     def csam(self, a: bytes) -> bool:
-        return self.maps.csam_listed(a) is not None
+        with csam.Maps(self.pin_dir) as cm:
+            return csam.check(cm, a) is not None
 
 
 @main.command(epilog="""\b
@@ -432,7 +565,7 @@ def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
     def go():
         maps = o.maps()
         pkt = model.Packet(role, src, dst, p_proto, sport, dport)
-        d = model.decide(pkt, maps.control_flags(), _LiveLookup(maps))
+        d = model.decide(pkt, maps.control_flags(), _LiveLookup(maps, o.pin_dir))
         data = {"verdict": d.verdict, "reason": d.reason,
                 "subscriber": _entry_json(d.subscriber) if d.subscriber else None}
         _emit(as_json, data, lambda: click.echo(

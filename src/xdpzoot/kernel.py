@@ -195,11 +195,13 @@ class PinnedMap:
         """Every key: batch lookups where the map type has them, else key by key."""
         if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
             return self._keys_batch()
-        out, prev = [], None
-        nxt = ct.create_string_buffer(self.key_size)
-        while _libbpf.bpf_map_get_next_key(self.fd, prev, nxt) == 0:
+        out: list[bytes] = []
+        cur, nxt = ct.create_string_buffer(self.key_size), ct.create_string_buffer(self.key_size)
+        rc = _libbpf.bpf_map_get_next_key(self.fd, None, nxt)
+        while rc == 0:
             out.append(nxt.raw)
-            prev = ct.create_string_buffer(nxt.raw, self.key_size)
+            cur, nxt = nxt, cur   # the key just read is where the next walk starts
+            rc = _libbpf.bpf_map_get_next_key(self.fd, cur, nxt)
         return out
 
     def _keys_batch(self) -> list[bytes]:

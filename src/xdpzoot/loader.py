@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from . import kernel, netlink, sync, tables
+from . import kernel, sync, tables
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ def _our_xdp_ids(pin_dir: str) -> dict[int, str]:
 
 def attachments(pin_dir: str) -> list[Attachment]:
     """Where this instance's programs are attached, as the kernel tells it."""
+    from . import netlink
+
     xdp_ids = _our_xdp_ids(pin_dir)
     tags = {tc_tag(pin_dir, r): r for r in ("access", "core")}
     out = []
@@ -69,6 +71,8 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     """Compile, load and attach; replaces a running instance atomically per interface,
     keeps the pinned maps and their contents, and takes our programs off interfaces
     that are no longer named."""
+    from . import netlink  # pyroute2 takes long to import: only the commands that attach
+
     for name in access + core:
         if name in ("lo",) or name.startswith("ifb"):
             raise kernel.KernelError(f"refusing to attach to {name}")
@@ -103,6 +107,8 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
 
 
 def _detach_one(a: Attachment) -> None:
+    from . import netlink
+
     if a.hook == "xdp":
         netlink.detach_xdp(a.ifname)
     else:
