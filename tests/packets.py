@@ -5,7 +5,12 @@ from __future__ import annotations
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
+    ICMPv6ND_NA,
     ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_Redirect,
+    ICMPv6ND_RS,
+    ICMPv6Unknown,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -34,8 +39,15 @@ def l4(p: Packet):
     if p.proto == ICMPV6:
         if p.icmp_type == 135:
             return ICMPv6ND_NS(tgt=p.dst)
-        return ICMPv6EchoRequest()
+        if p.icmp_type in _ND:
+            return _ND[p.icmp_type]()
+        if p.icmp_type in (8, 128):   # 8: the Packet default, an echo request either way
+            return ICMPv6EchoRequest()
+        return ICMPv6Unknown(type=p.icmp_type, msgbody=b"\x00" * 4)
     return Raw(b"\x00" * 16)
+
+
+_ND = {133: ICMPv6ND_RS, 134: ICMPv6ND_RA, 136: ICMPv6ND_NA, 137: ICMPv6ND_Redirect}
 
 
 def frame(p: Packet, vlans: int = 0, pppoe: bool = False, extra: bool | None = None,

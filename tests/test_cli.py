@@ -141,3 +141,20 @@ def test_detach_removes_everything(routers):
                          "ingress"], capture_output=True, text=True).stdout
     assert "bpf" not in tc
     assert run("--config", b["cfg"], "--pin-dir", b["pin"], "status", ns=b["ns"]).returncode == 1
+
+
+def test_subscribers_diff_writes_nothing(routers):
+    a = routers[0]
+    xz(a, "attach", "--mode", "generic")
+    new = a["subs"].with_name("new.csv")
+    new.write_text("subscriber,address,type,flags\n7,100.64.7.0/24,dynamic,\n"
+                   "9,100.64.7.5,dynamic,op25b_exempt\n")
+    d = xz(a, "subscribers", "diff", str(new))
+    assert (d["added"], d["changed"], d["removed"]) == (1, 0, 1)
+    assert {c["entry"]: c["change"] for c in d["changes"]} == {
+        "100.64.7.5": "add", "198.51.100.8/29": "remove"}
+    assert xz(a, "subscribers", "show", "100.64.7.5")["match"] == "100.64.7.0/24"
+    assert xz(a, "subscribers", "load", str(new))["added"] == 1
+    assert xz(a, "subscribers", "show", "100.64.7.5")["flags"] == ["op25b_exempt"]
+    assert xz(a, "subscribers", "diff", str(new))["added"] == 0
+    xz(a, "subscribers", "load", str(a["subs"]))

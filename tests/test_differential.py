@@ -128,7 +128,7 @@ def scenarios(draw) -> tuple[tables.Tables, int, Shot]:
     port = st.sampled_from(PORTS) | st.integers(0, 65535)
     # The port each pipeline looks at, more often than the others.
     rule_port = 25 if role == "access" else 53
-    icmp = (8, 0, 3, 11) if family == 4 else (128, 135)   # what packets.l4 can render
+    icmp = (8, 0, 3, 11) if family == 4 else (128, 129, 1, 132, 133, 135, 136, 137, 138)
     extra = draw(odds(1, 3))
     frag = draw(st.sampled_from(("none", "none", "none", "first", "later")))
     p = Packet(role, src, dst, proto,

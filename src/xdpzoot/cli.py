@@ -303,6 +303,48 @@ def subscribers_load(o: Ctx, file, strict, as_json) -> None:
     _run(go)
 
 
+@subscribers.command("diff", epilog="""\b
+Examples:
+  xdpzoot subscribers diff subscribers.csv
+  xdpzoot subscribers diff subscribers.csv --json | jq '.changes[:10]'""")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Overlapping entries are errors.")
+@json_opt
+@click.pass_obj
+def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
+    """What `subscribers load FILE` would change, as counts (--json: each change)."""
+
+    def go():
+        rows = parse_subscribers(file, strict=strict)
+        (hw, hr, hc), (pw, pr, pc) = sync.plan_subscribers(
+            o.maps(), *tables.subscriber_tables(rows))
+        total = hc + pc
+        data = {"rows": len(rows), **asdict(total)}
+        if as_json:
+            cur = o.maps()
+            changes = []
+            for a, e in hw.items():
+                old = cur.get_host(a)
+                changes.append({"entry": str(tables.ip_of(a)),
+                                "change": "change" if old else "add",
+                                "before": _entry_json(old) if old else None,
+                                "after": _entry_json(e)})
+            cur_p = dict(cur.prefix_items())
+            for k, e in pw.items():
+                old = cur_p.get(k)
+                changes.append({"entry": str(tables.net_of(k)),
+                                "change": "change" if old else "add",
+                                "before": _entry_json(old) if old else None,
+                                "after": _entry_json(e)})
+            changes += [{"entry": str(tables.ip_of(a)), "change": "remove"} for a in hr]
+            changes += [{"entry": str(tables.net_of(k)), "change": "remove"} for k in pr]
+            data["changes"] = changes
+        _emit(as_json, data, lambda: click.echo(f"{len(rows)} rows: {_change_text(total)} "
+                                                "(nothing written)"))
+
+    _run(go)
+
+
 def _entry_json(e: kernel.Entry) -> dict:
     t = {v: k for k, v in schema.TYPES.items()}.get(e.type, str(e.type))
     return {"subscriber": e.sub_id, "type": t, "flags": schema.flag_names(e.flags),

@@ -465,8 +465,31 @@ class Maps:
 
     # subscriber classes
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:
-        for k, v in self.hosts.items():
+        for k, v in self.hosts.items_lookup_batch():
             yield bytes(k.addr), _entry(v)
+
+    def set_hosts(self, items: dict[bytes, Entry]) -> None:
+        """Write many host entries with batch updates."""
+        pairs = list(items.items())
+        for i in range(0, len(pairs), BATCH):
+            chunk = pairs[i:i + BATCH]
+            keys = (self.hosts.Key * len(chunk))()
+            vals = (self.hosts.Leaf * len(chunk))()
+            for j, (a, e) in enumerate(chunk):
+                ct.memmove(keys[j].addr, a, 16)
+                v = vals[j]
+                v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps = (
+                    e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps)
+            self.hosts.items_update_batch(keys, vals)
+
+    def del_hosts(self, addrs: list[bytes]) -> None:
+        """Delete many host entries with batch deletes."""
+        for i in range(0, len(addrs), BATCH):
+            chunk = addrs[i:i + BATCH]
+            keys = (self.hosts.Key * len(chunk))()
+            for j, a in enumerate(chunk):
+                ct.memmove(keys[j].addr, a, 16)
+            self.hosts.items_delete_batch(keys)
 
     def prefix_items(self) -> Iterator[tuple[tuple[int, bytes], Entry]]:
         for k, v in self.prefixes.items():

@@ -73,10 +73,8 @@ def apply_subscribers(maps: Maps, hosts: dict[bytes, Entry],
     (hw, hr, hc), (pw, pr, pc) = plan_subscribers(maps, hosts, prefixes)
     for k, e in pw.items():
         maps.set_prefix(k, e)
-    for a, e in hw.items():
-        maps.set_host(a, e)
-    for a in hr:
-        maps.del_host(a)
+    maps.set_hosts(hw)
+    maps.del_hosts(hr)
     for k in pr:
         maps.del_prefix(k)
     return hc + pc
