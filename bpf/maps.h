@@ -42,6 +42,14 @@ XZ_MAP("percpu_array", __u32, __u64, xz_csam_hits, XZ_NR_CSAM_HITS, 0);
 /* Reply program per hook (slot 0), tail-called for rejected packets. cp writes. */
 XZ_MAP("prog", __u32, __u32, xz_tail_xdp, 1, 0);
 XZ_MAP("prog", __u32, __u32, xz_tail_tc, 1, 0);
+/* Per-subscriber rate limiter and volume, by xz_class.slot. dp writes, cp reads. */
+XZ_MAP("array", __u32, struct xz_state, xz_state, XZ_MAX_SUBSCRIBERS, 0);
+/* Throttles in force, by slot. cp writes. */
+XZ_MAP("array", __u32, struct xz_throttle, xz_throttle, XZ_MAX_SUBSCRIBERS, 0);
+/* State of pool addresses without an owner, by address. dp writes, cp reads. */
+XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_ADDRS, 0);
+/* Flows watched for bulk transfers while congestion mode is on. dp writes. */
+XZ_MAP("lru_hash", struct xz_flow_key, struct xz_flow, xz_flows, XZ_MAX_FLOWS, 0);
 /* Global switches, one entry. cp writes. */
 XZ_MAP("array", __u32, struct xz_control, xz_control, 1, 0);
 /* Per-CPU packet/byte counters by role, verdict and reason. dp writes. */

@@ -109,7 +109,7 @@ static __always_inline void xz_csam_count(__u32 csam, __u8 family)
 
 /* The rules that depend on who the subscriber is; returns XZ_V_*, sets *reason. */
 static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role, __u32 flags,
-					       int *reason)
+					       int *reason, struct xz_class **clsp)
 {
 	struct xz_class *cls;
 	struct xz_addr *peer;
@@ -126,6 +126,7 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 		*reason = XZ_R_UNKNOWN;
 		return XZ_V_PASS;
 	}
+	*clsp = cls;
 	if (xz_is_nd(p))
 		return XZ_V_PASS;
 	if (cls->flags & XZ_F_SUSPENDED) {
@@ -159,10 +160,127 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 	return hit ? XZ_V_DROP : XZ_V_PASS;
 }
 
+/* Bulk detection: how long a flow's rate is measured at a time. */
+#define XZ_BULK_WINDOW_NS 100000000ULL   /* 100 ms */
+#define XZ_GCRA_TRIES 4                  /* compare-and-swap retries under contention */
+
+/*
+ * Generic cell rate algorithm on one word: admit ``len`` bytes at ``kbps`` if
+ * the bucket is not over its burst tolerance. Lock-free: a compare-and-swap
+ * makes concurrent CPUs share one budget exactly; after XZ_GCRA_TRIES lost
+ * races the packet is admitted (fail open, bounded over-admission).
+ */
+static __always_inline int xz_gcra(__u64 *tat, __u64 now, __u32 len, __u32 kbps, __u64 burst)
+{
+	__u64 cost = (__u64)len * 8000000ULL / kbps;   /* ns the bytes take at the rate */
+
+#pragma unroll
+	for (int i = 0; i < XZ_GCRA_TRIES; i++) {
+		__u64 old = *(volatile __u64 *)tat;
+		__u64 base = old > now ? old : now;
+
+		if (base - now > burst)
+			return 0;
+		if (__sync_val_compare_and_swap(tat, old, base + cost) == old)
+			return 1;
+	}
+	return 1;
+}
+
+/* Has this flow stayed above the bulk rate for longer than the bulk time? */
+static __always_inline int xz_is_bulk(struct xz_pkt *p, struct xz_control *ctl, __u64 now)
+{
+	struct xz_flow_key k = {};
+	struct xz_flow *f;
+	__u64 elapsed;
+
+	__builtin_memcpy(&k.src, &p->src, sizeof(k.src));
+	__builtin_memcpy(&k.dst, &p->dst, sizeof(k.dst));
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.proto = p->proto;
+	f = xz_flows.lookup(&k);
+	if (!f) {
+		struct xz_flow n = { .win_start = now, .win_bytes = p->len };
+
+		xz_flows.update(&k, &n);
+		return 0;
+	}
+	elapsed = now - f->win_start;
+	if (elapsed >= XZ_BULK_WINDOW_NS) {
+		/* The window that ended: above the bulk rate (bytes*8 / s > kbps*1000)? */
+		if (f->win_bytes * 8000000ULL >= (__u64)ctl->bulk_kbps * elapsed) {
+			if (!f->fast_since)
+				f->fast_since = f->win_start;
+		} else {
+			f->fast_since = 0;
+		}
+		f->win_start = now;
+		f->win_bytes = 0;
+	}
+	f->win_bytes += p->len;
+	return f->fast_since && now - f->fast_since >= (__u64)ctl->bulk_ms * 1000000ULL;
+}
+
+/*
+ * Bandwidth control of a passing packet: the subscriber's rate in force
+ * (contract, or a lower throttle), then in congestion mode the share of its
+ * bulk flows; what passes is counted as the subscriber's volume.
+ */
+static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, const int role,
+					struct xz_control *ctl, int *reason)
+{
+	int d = role == XZ_ROLE_ACCESS ? XZ_UP : XZ_DOWN;
+	struct xz_throttle *th = NULL;
+	struct xz_dir_state *ds;
+	struct xz_state *st;
+	__u32 slot = cls->slot, kbps, share, why = XZ_R_RATE;
+	__u64 now = bpf_ktime_get_ns(), burst = (__u64)ctl->burst_us * 1000;
+
+	if (slot) {
+		st = xz_state.lookup(&slot);
+		th = xz_throttle.lookup(&slot);
+	} else {
+		/* An address of a dynamic pool without an owner: state of its own. */
+		struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
+
+		st = xz_pool_state.lookup(a);
+		if (!st) {
+			struct xz_state zero = {};
+
+			xz_pool_state.update(a, &zero);
+			st = xz_pool_state.lookup(a);
+		}
+	}
+	if (!st)
+		return XZ_V_PASS;   /* no state slot: fail open */
+	ds = &st->dir[d & 1];
+	kbps = d == XZ_UP ? cls->up_kbps : cls->down_kbps;
+	if (th && th->kbps[d & 1] && (!kbps || th->kbps[d & 1] < kbps)) {
+		kbps = th->kbps[d & 1];
+		why = XZ_R_THROTTLE;
+	}
+	if (kbps && !xz_gcra(&ds->tat, now, p->len, kbps, burst)) {
+		*reason = why;
+		return XZ_V_DROP;
+	}
+	if ((ctl->flags & XZ_C_CONGESTION) && xz_is_bulk(p, ctl, now)) {
+		share = kbps ? kbps / 100 * ctl->bulk_share : ctl->bulk_floor_kbps;
+		if (share && !xz_gcra(&ds->bulk_tat, now, p->len, share, burst)) {
+			*reason = XZ_R_BULK;
+			return XZ_V_DROP;
+		}
+	}
+	__sync_fetch_and_add(&ds->bytes, p->len);
+	__sync_fetch_and_add(&ds->packets, 1);
+	return XZ_V_PASS;
+}
+
 /* Returns XZ_V_*: PASS, DROP, REJECT (the entry point answers via reply.h). */
 static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 {
 	int verdict = XZ_V_PASS, reason = XZ_R_OK, listed = 0;
+	struct xz_class *cls = NULL;
 	struct xz_control *ctl;
 	__u32 key = 0, flags, csam;
 
@@ -183,13 +301,15 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	 * Looked up first: the verifier then meets one scalar, not two map paths, below. */
 	if (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE))
 		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, csam);
-	verdict = xz_subscriber_rules(p, role, flags, &reason);
+	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls);
 	if (listed && verdict == XZ_V_PASS) {
 		xz_csam_count(csam, p->family);
 		reason = XZ_R_CSAM;
 		verdict = role == XZ_ROLE_ACCESS && (flags & XZ_C_CSAM_REJECT) && xz_can_reply(p) &&
 			  p->frag != XZ_FRAG_LATER ? XZ_V_REJECT : XZ_V_DROP;
 	}
+	if (verdict == XZ_V_PASS && cls && ctl && (flags & XZ_C_RATES))
+		verdict = xz_bandwidth(p, cls, role, ctl, &reason);
 out:
 	if (verdict != XZ_V_PASS && (flags & XZ_C_MONITOR))
 		verdict = XZ_V_MONITOR;

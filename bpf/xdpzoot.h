@@ -25,6 +25,15 @@
 #ifndef XZ_MAX_CSAM_PREFIXES
 #define XZ_MAX_CSAM_PREFIXES 262144 /* CSAM list prefixes, per generation */
 #endif
+#ifndef XZ_MAX_SUBSCRIBERS
+#define XZ_MAX_SUBSCRIBERS 1048576 /* per-subscriber state slots (rates, volume) */
+#endif
+#ifndef XZ_MAX_POOL_ADDRS
+#define XZ_MAX_POOL_ADDRS 262144   /* state of pool addresses without an owner (LRU) */
+#endif
+#ifndef XZ_MAX_FLOWS
+#define XZ_MAX_FLOWS 262144        /* flows watched for bulk transfers (LRU) */
+#endif
 #ifndef XZ_MAX_VLAN
 #define XZ_MAX_VLAN 2           /* 802.1Q / 802.1ad tags walked (QinQ) */
 #endif
@@ -63,8 +72,49 @@ struct xz_class {
 	__u16 _pad;
 	__u32 up_kbps;     /* contracted rate upstream, 0 = unlimited */
 	__u32 down_kbps;   /* contracted rate downstream, 0 = unlimited */
+	__u32 slot;        /* index in xz_state/xz_throttle; 0: per-address state (pool) */
 };
 
+/* Directions, index of per-direction state. */
+#define XZ_UP 0
+#define XZ_DOWN 1
+
+/*
+ * Per subscriber and direction: the rate limiter (GCRA: theoretical arrival
+ * time, one word, updated with compare-and-swap so CPUs share it exactly),
+ * the bulk-flow share limiter, and the volume admitted.
+ */
+struct xz_dir_state {
+	__u64 tat;         /* ns (bpf_ktime_get_ns): when the bucket is empty again */
+	__u64 bulk_tat;    /* the same for its bulk flows in congestion mode */
+	__u64 bytes;
+	__u64 packets;
+};
+
+struct xz_state {
+	struct xz_dir_state dir[2];
+};
+
+/* A rate in force that is not the contract's (a throttle), per direction; 0 = none. */
+struct xz_throttle {
+	__u32 kbps[2];
+};
+
+/* A flow watched for "continuously occupying bandwidth": headers and bytes only. */
+struct xz_flow_key {
+	struct xz_addr src;
+	struct xz_addr dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct xz_flow {
+	__u64 win_start;   /* ns: start of the current measuring window */
+	__u64 win_bytes;
+	__u64 fast_since;  /* ns: since when every window was above the bulk rate; 0 = not */
+};
 /* Allow-list bits (value of the allow trie). */
 #define XZ_ALLOW_OP25B (1 << 0)     /* the ISP's own mail relays */
 #define XZ_ALLOW_SUSPEND (1 << 1)   /* reachable while suspended */
@@ -80,6 +130,8 @@ struct xz_class {
 #define XZ_C_IP53B_V6 (1 << 7)
 #define XZ_C_CSAM_REJECT (1 << 8)   /* answer CSAM hits (RST / ICMP prohibited) */
 #define XZ_C_CSAM_CORE (1 << 9)     /* also drop packets from listed addresses */
+#define XZ_C_RATES (1 << 10)        /* enforce rates and count volume per subscriber */
+#define XZ_C_CONGESTION (1 << 11)   /* congestion mode: bulk flows get a share only */
 #define XZ_C_LOADED (1 << 31)       /* written by the control plane */
 
 /* xz_control.csam: the CSAM generation in force and what it holds, in one word
@@ -91,6 +143,12 @@ struct xz_class {
 struct xz_control {
 	__u32 flags;
 	__u32 csam;        /* XZ_CSAM_* */
+	__u32 burst_us;    /* rate limiter burst tolerance */
+	__u32 bulk_kbps;   /* a flow above this rate ... */
+	__u32 bulk_ms;     /* ... for longer than this is a bulk transfer */
+	__u32 bulk_share;  /* percent of its subscriber's rate bulk flows share (congestion) */
+	__u32 bulk_floor_kbps; /* bulk share of subscribers without a rate; 0 = unlimited */
+	__u32 _pad;
 };
 
 /* CSAM hit counters: generation x family (IPv4, IPv6), nothing finer. */
@@ -134,7 +192,10 @@ struct xz_csam_meta {
 	X(IP53B, "ip53b") \
 	X(SUSPENDED, "suspended") \
 	X(FRAG_SHORT, "frag_short") \
-	X(CSAM, "csam")
+	X(CSAM, "csam") \
+	X(RATE, "rate") \
+	X(THROTTLE, "throttle") \
+	X(BULK, "bulk")
 
 #define XZ_ENUM(name, label) XZ_V_##name,
 enum xz_verdict { XZ_VERDICTS(XZ_ENUM) XZ_NR_VERDICTS };

@@ -63,6 +63,8 @@ def test_defines() -> None:
         "-DXZ_MAX_ALLOW=4096",
         "-DXZ_MAX_CSAM_HOSTS=1048576",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
+        "-DXZ_MAX_SUBSCRIBERS=1048576",
+        "-DXZ_MAX_FLOWS=262144",
     ]
     c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n")
     assert c.defines() == [
@@ -71,6 +73,8 @@ def test_defines() -> None:
         "-DXZ_MAX_ALLOW=1",
         "-DXZ_MAX_CSAM_HOSTS=1048576",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
+        "-DXZ_MAX_SUBSCRIBERS=1048576",
+        "-DXZ_MAX_FLOWS=262144",
     ]
 
 

@@ -316,7 +316,7 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
 
     def go():
         rows = parse_subscribers(file, strict=strict)
-        (hw, hr, hc), (pw, pr, pc) = sync.plan_subscribers(
+        (hw, hr, hc), (pw, pr, pc), _ = sync.plan_subscribers(
             o.maps(), *tables.subscriber_tables(rows))
         total = hc + pc
         data = {"rows": len(rows), **asdict(total)}

@@ -101,6 +101,8 @@ class Limits:
     allow: int = 4096  # op25b.allow + suspend.allow prefixes (LPM trie)
     csam_hosts: int = 1048576  # CSAM list exact addresses, per generation (hash)
     csam_prefixes: int = 262144  # CSAM list prefixes, per generation (LPM trie)
+    subscribers: int = 1048576  # per-subscriber state slots (rates, volume)
+    flows: int = 262144  # flows watched for bulk transfers in congestion mode (LRU)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class Config:
             f"-DXZ_MAX_ALLOW={self.limits.allow}",
             f"-DXZ_MAX_CSAM_HOSTS={self.limits.csam_hosts}",
             f"-DXZ_MAX_CSAM_PREFIXES={self.limits.csam_prefixes}",
+            f"-DXZ_MAX_SUBSCRIBERS={self.limits.subscribers}",
+            f"-DXZ_MAX_FLOWS={self.limits.flows}",
         ]
 
 
@@ -297,7 +301,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     "csam": {"action": _choice("drop", "reject"), "core": _boolean},
     "sources": {"subscribers": _path, "csam": _path},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
-               "csam_prefixes": _size},
+               "csam_prefixes": _size, "subscribers": _size, "flows": _size},
     "dataplane": {"bypass": _boolean, "monitor": _boolean},
 }
 _SECTIONS: dict[str, type[Any]] = {

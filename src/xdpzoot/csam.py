@@ -30,7 +30,7 @@ from .tables import Key
 V4MAPPED = bytes(10) + b"\xff\xff"
 # Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
 LPM_KEY = struct.Struct("=I16s")          # struct xz_lpm_key
-CONTROL = struct.Struct("=II")            # struct xz_control: flags, csam
+CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
 META = struct.Struct("=32sQIIII")         # struct xz_csam_meta
 LISTED = b"\x01"
 C = schema.C
@@ -203,12 +203,14 @@ class Maps:
 
     def word(self) -> tuple[int, int]:
         """(flags, csam) of the control entry."""
-        return CONTROL.unpack(self.control.lookup(b"\0\0\0\0") or bytes(CONTROL.size))
+        return CONTROL.unpack_from(self.control.lookup(b"\0\0\0\0") or bytes(CONTROL.size))
 
     def set_word(self, csam: int) -> None:
-        """Switch lists: one write of the control entry (flags kept)."""
-        flags, _ = self.word()
-        self.control.update(b"\0\0\0\0", CONTROL.pack(flags, csam))
+        """Switch lists: one write of the control entry (every other field kept)."""
+        value = bytearray(self.control.lookup(b"\0\0\0\0"))
+        flags, _ = CONTROL.unpack_from(value)
+        CONTROL.pack_into(value, 0, flags, csam)
+        self.control.update(b"\0\0\0\0", bytes(value))
 
     def read_meta(self, gen: int) -> dict:
         sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(struct.pack("=I", gen)))

@@ -421,18 +421,22 @@ class Entry:
     flags: int = 0
     up_kbps: int = 0
     down_kbps: int = 0
+    slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state)
+
+
+def _fill(v, e: Entry) -> None:
+    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot = (
+        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps, e.slot)
 
 
 def _leaf(table, e: Entry):
     v = table.Leaf()
-    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps = (
-        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps
-    )
+    _fill(v, e)
     return v
 
 
 def _entry(v) -> Entry:
-    return Entry(v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps)
+    return Entry(v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot)
 
 
 def _addr_key(table, addr: bytes):
@@ -462,6 +466,9 @@ class Maps:
         self.allow = bpf[b"xz_allow"]
         self.control = bpf[b"xz_control"]
         self.counters = bpf[b"xz_counters"]
+        self.state = bpf[b"xz_state"]
+        self.throttle = bpf[b"xz_throttle"]
+        self.pool_state = bpf[b"xz_pool_state"]
 
     # subscriber classes
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:
@@ -477,9 +484,7 @@ class Maps:
             vals = (self.hosts.Leaf * len(chunk))()
             for j, (a, e) in enumerate(chunk):
                 ct.memmove(keys[j].addr, a, 16)
-                v = vals[j]
-                v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps = (
-                    e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps)
+                _fill(vals[j], e)
             self.hosts.items_update_batch(keys, vals)
 
     def del_hosts(self, addrs: list[bytes]) -> None:
@@ -542,6 +547,46 @@ class Maps:
     # control
     def control_flags(self) -> int:
         return self.control[ct.c_uint32(0)].flags
+
+    def set_control_params(self, **params: int) -> None:
+        """Set numeric fields of the control entry (burst_us, bulk_kbps, ...)."""
+        v = self.control[ct.c_uint32(0)]
+        for k, val in params.items():
+            setattr(v, k, val)
+        self.control[ct.c_uint32(0)] = v
+
+    def control_params(self) -> dict[str, int]:
+        v = self.control[ct.c_uint32(0)]
+        return {name: getattr(v, name) for name, _ in v._fields_ if not name.startswith("_")}
+
+    # per-subscriber state
+    def volumes(self, slots: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
+        """Slot -> (up bytes, down bytes, up packets, down packets) as counted so far."""
+        out = {}
+        for s in slots:
+            v = self.state[ct.c_uint32(s)]
+            out[s] = (v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets, v.dir[1].packets)
+        return out
+
+    def pool_volumes(self) -> dict[bytes, tuple[int, int, int, int]]:
+        """Pool address -> volumes, for addresses of pools without an owner."""
+        return {bytes(k.addr): (v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets,
+                                v.dir[1].packets) for k, v in self.pool_state.items()}
+
+    def clear_state(self, slots: Iterable[int]) -> None:
+        """Forget a slot's counters, bucket and throttle (it is given to someone else)."""
+        for s in slots:
+            self.state[ct.c_uint32(s)] = self.state.Leaf()
+            self.throttle[ct.c_uint32(s)] = self.throttle.Leaf()
+
+    def set_throttle(self, slot: int, up_kbps: int, down_kbps: int) -> None:
+        v = self.throttle.Leaf()
+        v.kbps[0], v.kbps[1] = up_kbps, down_kbps
+        self.throttle[ct.c_uint32(slot)] = v
+
+    def get_throttle(self, slot: int) -> tuple[int, int]:
+        v = self.throttle[ct.c_uint32(slot)]
+        return v.kbps[0], v.kbps[1]
 
     def set_control_flags(self, flags: int) -> None:
         """Set the switches; the CSAM generation in force is kept."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import schema
-from .kernel import Entry, Maps
+from .kernel import Entry, KernelError, Maps
 from .tables import Key, Tables
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
@@ -57,26 +57,62 @@ def keep_suspensions(cur_hosts: dict[bytes, Entry], cur_prefixes: dict[Key, Entr
             prefixes[k] = replace(prefixes[k], flags=prefixes[k].flags | SUSPENDED)
 
 
+def assign_slots(cur_h: dict[bytes, Entry], cur_p: dict[Key, Entry],
+                 hosts: dict[bytes, Entry], prefixes: dict[Key, Entry],
+                 limit: int) -> set[int]:
+    """Give every subscriber a state slot (rates, volume), shared by all its addresses.
+
+    A subscriber keeps the slot it has in the kernel, so its counters survive a reload;
+    pools (and addresses cut out of a pool) have per-address state instead (slot 0).
+    Returns the slots nobody holds any more, to be cleared.
+    """
+    dynamic = schema.TYPES["dynamic"]
+    pools = {e.sub_id for e in prefixes.values() if e.type == dynamic}
+    held: dict[int, int] = {}
+    for e in (*cur_h.values(), *cur_p.values()):
+        if e.slot:
+            held.setdefault(e.sub_id, e.slot)
+    wanted = {e.sub_id for e in (*hosts.values(), *prefixes.values())} - pools
+    used = {held[s] for s in wanted if s in held}
+    free = (x for x in range(1, limit) if x not in used)
+    slot_of: dict[int, int] = {}
+    for sid in sorted(wanted):
+        slot = held.get(sid) or next(free, None)
+        if slot is None:
+            raise KernelError(f"more subscribers than state slots ({limit - 1}): "
+                              "raise [limits] subscribers")
+        slot_of[sid] = slot
+    for d in (hosts, prefixes):
+        for k, e in d.items():
+            slot = slot_of.get(e.sub_id, 0)
+            if e.slot != slot:
+                d[k] = replace(e, slot=slot)
+    return set(held.values()) - set(slot_of.values())
+
+
 def plan_subscribers(maps: Maps, hosts: dict[bytes, Entry], prefixes: dict[Key, Entry]):
-    """The writes that make the subscriber maps equal ``hosts``/``prefixes``."""
+    """The writes that make the subscriber maps equal ``hosts``/``prefixes``, and the
+    state slots that are then free."""
     cur_h = dict(maps.host_items())
     cur_p = dict(maps.prefix_items())
     hosts, prefixes = dict(hosts), dict(prefixes)
     keep_suspensions(cur_h, cur_p, hosts, prefixes)
-    return diff(cur_h, hosts), diff(cur_p, prefixes)
+    freed = assign_slots(cur_h, cur_p, hosts, prefixes, len(maps.state))
+    return diff(cur_h, hosts), diff(cur_p, prefixes), freed
 
 
 def apply_subscribers(maps: Maps, hosts: dict[bytes, Entry],
                       prefixes: dict[Key, Entry]) -> Change:
     """Write the difference. Order: add/change prefixes and hosts, then delete, so that an
     address is never without its class while it stays in the file."""
-    (hw, hr, hc), (pw, pr, pc) = plan_subscribers(maps, hosts, prefixes)
+    (hw, hr, hc), (pw, pr, pc), freed = plan_subscribers(maps, hosts, prefixes)
     for k, e in pw.items():
         maps.set_prefix(k, e)
     maps.set_hosts(hw)
     maps.del_hosts(hr)
     for k in pr:
         maps.del_prefix(k)
+    maps.clear_state(freed)
     return hc + pc
 
 
