@@ -46,6 +46,8 @@ XZ_MAP("prog", __u32, __u32, xz_tail_tc, 1, 0);
 XZ_MAP("array", __u32, struct xz_state, xz_state, XZ_MAX_SUBSCRIBERS, 0);
 /* Throttles in force, by slot. cp writes. */
 XZ_MAP("array", __u32, struct xz_throttle, xz_throttle, XZ_MAX_SUBSCRIBERS, 0);
+/* Throttles set by hand, by slot: cp writes, the daemon reads. */
+XZ_MAP("hash", __u32, struct xz_manual, xz_manual, 65536, BPF_F_NO_PREALLOC);
 /* State of pool addresses without an owner, by address. dp writes, cp reads. */
 XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_ADDRS, 0);
 /* Flows watched for bulk transfers while congestion mode is on. dp writes. */

@@ -160,6 +160,26 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 	return hit ? XZ_V_DROP : XZ_V_PASS;
 }
 
+/* The subscriber's state: its slot, or (pool address without owner) its address's. */
+static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_class *cls,
+						    const int role)
+{
+	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
+	__u32 slot = cls->slot;
+	struct xz_state *st;
+
+	if (slot)
+		return xz_state.lookup(&slot);
+	st = xz_pool_state.lookup(a);
+	if (!st) {
+		struct xz_state zero = {};
+
+		xz_pool_state.update(a, &zero);
+		st = xz_pool_state.lookup(a);
+	}
+	return st;
+}
+
 /* Bulk detection: how long a flow's rate is measured at a time. */
 #define XZ_BULK_WINDOW_NS 100000000ULL   /* 100 ms */
 #define XZ_GCRA_TRIES 4                  /* compare-and-swap retries under contention */
@@ -233,25 +253,12 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	int d = role == XZ_ROLE_ACCESS ? XZ_UP : XZ_DOWN;
 	struct xz_throttle *th = NULL;
 	struct xz_dir_state *ds;
-	struct xz_state *st;
+	struct xz_state *st = xz_state_of(p, cls, role);
 	__u32 slot = cls->slot, kbps, share, why = XZ_R_RATE;
 	__u64 now = bpf_ktime_get_ns(), burst = (__u64)ctl->burst_us * 1000;
 
-	if (slot) {
-		st = xz_state.lookup(&slot);
+	if (slot)
 		th = xz_throttle.lookup(&slot);
-	} else {
-		/* An address of a dynamic pool without an owner: state of its own. */
-		struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
-
-		st = xz_pool_state.lookup(a);
-		if (!st) {
-			struct xz_state zero = {};
-
-			xz_pool_state.update(a, &zero);
-			st = xz_pool_state.lookup(a);
-		}
-	}
 	if (!st)
 		return XZ_V_PASS;   /* no state slot: fail open */
 	ds = &st->dir[d & 1];
@@ -310,6 +317,12 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	}
 	if (verdict == XZ_V_PASS && cls && ctl && (flags & XZ_C_RATES))
 		verdict = xz_bandwidth(p, cls, role, ctl, &reason);
+	if (reason == XZ_R_OP25B && cls) {
+		struct xz_state *st = xz_state_of(p, cls, role);
+
+		if (st)
+			__sync_fetch_and_add(&st->op25b, 1);
+	}
 out:
 	if (verdict != XZ_V_PASS && (flags & XZ_C_MONITOR))
 		verdict = XZ_V_MONITOR;

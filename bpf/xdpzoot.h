@@ -93,6 +93,14 @@ struct xz_dir_state {
 
 struct xz_state {
 	struct xz_dir_state dir[2];
+	__u64 op25b;       /* SMTP attempts blocked: the classic sign of a spam bot */
+};
+
+/* A throttle set by hand (`xdpzoot throttle`), by slot; the daemon merges it. */
+struct xz_manual {
+	__u32 kbps;        /* both directions */
+	__u32 _pad;
+	__u64 until;       /* unix seconds; 0 = until `unthrottle` */
 };
 
 /* A rate in force that is not the contract's (a throttle), per direction; 0 = none. */
@@ -148,8 +156,12 @@ struct xz_control {
 	__u32 bulk_ms;     /* ... for longer than this is a bulk transfer */
 	__u32 bulk_share;  /* percent of its subscriber's rate bulk flows share (congestion) */
 	__u32 bulk_floor_kbps; /* bulk share of subscribers without a rate; 0 = unlimited */
-	__u32 _pad;
+	__u32 congestion;  /* cp only: congestion mode, XZ_CONGESTION_* */
 };
+
+#define XZ_CONGESTION_OFF 0
+#define XZ_CONGESTION_ON 1
+#define XZ_CONGESTION_AUTO 2
 
 /* CSAM hit counters: generation x family (IPv4, IPv6), nothing finer. */
 #define XZ_NR_CSAM_HITS 4

@@ -20,6 +20,7 @@ from xdpzoot.sources import SourceError, check_network, read_source
 __all__ = [
     "DEFAULT_PATH",
     "Config",
+    "Bandwidth",
     "Csam",
     "Dataplane",
     "Interfaces",
@@ -106,6 +107,28 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Bandwidth:
+    """Bandwidth control: rates, volume rules, congestion mode, bulk flows."""
+
+    enabled: bool = True  # enforce subscriber rates and count volume per subscriber
+    burst_ms: int = 20  # burst tolerance of the rate limiter
+    rules: str = ""  # volume rules file ([[rule]], see maps/bandwidth.toml); "" = none
+    congestion: str = "off"  # "off" | "on" | "auto"
+    capacity_kbps: int = 0  # core capacity, for congestion = "auto"
+    congestion_share: int = 80  # percent of capacity that counts as congested
+    congestion_seconds: int = 60  # how long above (below) before switching on (off)
+    hysteresis: int = 10  # switch off only below (share - hysteresis) percent
+    bulk_kbps: int = 10000  # a flow above this rate ...
+    bulk_seconds: int = 30  # ... for longer than this is a bulk transfer
+    bulk_share: int = 50  # percent of its subscriber's rate that bulk flows share
+    bulk_floor_kbps: int = 0  # bulk share of subscribers without a rate; 0 = unlimited
+    tick_seconds: int = 10  # how often `xdpzoot run` reads counters and decides
+    state: str = "/var/lib/xdpzoot/state.msgpack"  # daemon snapshot
+    audit: str = "/var/log/xdpzoot/audit.jsonl"  # one JSON line per decision
+    audit_retention_days: int = 180
+
+
+@dataclass(frozen=True)
 class Dataplane:
     """Global switches of the data plane."""
 
@@ -122,6 +145,7 @@ class Config:
     ip53b: Ip53b = field(default_factory=Ip53b)
     suspend: Suspend = field(default_factory=Suspend)
     csam: Csam = field(default_factory=Csam)
+    bandwidth: Bandwidth = field(default_factory=Bandwidth)
     sources: Sources = field(default_factory=Sources)
     limits: Limits = field(default_factory=Limits)
     dataplane: Dataplane = field(default_factory=Dataplane)
@@ -229,6 +253,18 @@ def _size(value: Any) -> int:
     return value
 
 
+def _int(lo: int, hi: int) -> Checker:
+    """A checker for an integer in lo..hi."""
+
+    def check(value: Any) -> int:
+        """The value, if it is an integer in range."""
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"must be an integer {lo}..{hi}, got {_show(value)}")
+        return value
+
+    return check
+
+
 def _path(value: Any) -> str:
     """A file path, or "" for none."""
     if not isinstance(value, str):
@@ -299,6 +335,15 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     "ip53b": {"enabled": _boolean, "tcp": _boolean, "ipv6": _boolean},
     "suspend": {"allow": _networks},
     "csam": {"action": _choice("drop", "reject"), "core": _boolean},
+    "bandwidth": {
+        "enabled": _boolean, "burst_ms": _int(1, 10000), "rules": _path,
+        "congestion": _choice("off", "on", "auto"), "capacity_kbps": _int(0, 1 << 31),
+        "congestion_share": _int(1, 100), "congestion_seconds": _int(1, 86400),
+        "hysteresis": _int(0, 99), "bulk_kbps": _int(1, 1 << 31),
+        "bulk_seconds": _int(1, 86400), "bulk_share": _int(1, 100),
+        "bulk_floor_kbps": _int(0, 1 << 31), "tick_seconds": _int(1, 3600),
+        "state": _path, "audit": _path, "audit_retention_days": _int(1, 3650),
+    },
     "sources": {"subscribers": _path, "csam": _path},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
                "csam_prefixes": _size, "subscribers": _size, "flows": _size},
@@ -310,6 +355,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ip53b": Ip53b,
     "suspend": Suspend,
     "csam": Csam,
+    "bandwidth": Bandwidth,
     "sources": Sources,
     "limits": Limits,
     "dataplane": Dataplane,

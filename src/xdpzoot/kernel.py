@@ -439,6 +439,21 @@ def _entry(v) -> Entry:
     return Entry(v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot)
 
 
+@dataclass(frozen=True)
+class Volume:
+    """What the data plane admitted for a subscriber, and the SMTP attempts it blocked."""
+
+    up_bytes: int
+    down_bytes: int
+    up_packets: int
+    down_packets: int
+    op25b: int
+
+
+def _volume(v) -> Volume:
+    return Volume(v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets, v.dir[1].packets, v.op25b)
+
+
 def _addr_key(table, addr: bytes):
     k = table.Key()
     ct.memmove(k.addr, addr, 16)
@@ -469,6 +484,7 @@ class Maps:
         self.state = bpf[b"xz_state"]
         self.throttle = bpf[b"xz_throttle"]
         self.pool_state = bpf[b"xz_pool_state"]
+        self.manual = bpf[b"xz_manual"]
 
     # subscriber classes
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:
@@ -560,18 +576,28 @@ class Maps:
         return {name: getattr(v, name) for name, _ in v._fields_ if not name.startswith("_")}
 
     # per-subscriber state
-    def volumes(self, slots: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
-        """Slot -> (up bytes, down bytes, up packets, down packets) as counted so far."""
-        out = {}
-        for s in slots:
-            v = self.state[ct.c_uint32(s)]
-            out[s] = (v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets, v.dir[1].packets)
-        return out
+    def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
+        """Slot -> what its subscriber sent and received so far."""
+        return {s: _volume(self.state[ct.c_uint32(s)]) for s in slots}
 
-    def pool_volumes(self) -> dict[bytes, tuple[int, int, int, int]]:
-        """Pool address -> volumes, for addresses of pools without an owner."""
-        return {bytes(k.addr): (v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets,
-                                v.dir[1].packets) for k, v in self.pool_state.items()}
+    def pool_volumes(self) -> dict[bytes, Volume]:
+        """Pool address -> volume, for addresses of pools without an owner."""
+        return {bytes(k.addr): _volume(v) for k, v in self.pool_state.items()}
+
+    def manual_throttles(self) -> dict[int, tuple[int, int]]:
+        """Slot -> (kbps, until) of throttles set by hand."""
+        return {k.value: (v.kbps, v.until) for k, v in self.manual.items()}
+
+    def set_manual(self, slot: int, kbps: int, until: int) -> None:
+        v = self.manual.Leaf()
+        v.kbps, v.until = kbps, until
+        self.manual[ct.c_uint32(slot)] = v
+
+    def del_manual(self, slot: int) -> None:
+        try:
+            del self.manual[ct.c_uint32(slot)]
+        except KeyError:
+            pass
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget a slot's counters, bucket and throttle (it is given to someone else)."""

@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from . import kernel, sync, tables
+from . import kernel, schema, sync, tables
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,12 @@ def attachments(pin_dir: str) -> list[Attachment]:
 def configure(maps: kernel.Maps, cfg) -> None:
     """Write the config's switches and allow-lists into the maps."""
     sync.apply_allow(maps, tables.allow_table(cfg.op25b.allow, cfg.suspend.allow))
-    maps.set_control_flags(tables.control_flags(cfg))
+    maps.set_control_params(**tables.control_params(cfg),
+                            congestion=tables.CONGESTION[cfg.bandwidth.congestion])
+    flags = tables.control_flags(cfg)
+    if cfg.bandwidth.congestion == "auto":   # the daemon decides: keep what is in force
+        flags |= maps.control_flags() & schema.C["XZ_C_CONGESTION"]
+    maps.set_control_flags(flags)
 
 
 def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "xdp",

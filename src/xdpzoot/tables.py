@@ -145,6 +145,8 @@ def control_flags(cfg) -> int:
         (cfg.ip53b.ipv6, "XZ_C_IP53B_V6"),
         (cfg.csam.action == "reject", "XZ_C_CSAM_REJECT"),
         (cfg.csam.core, "XZ_C_CSAM_CORE"),
+        (cfg.bandwidth.enabled, "XZ_C_RATES"),
+        (cfg.bandwidth.congestion == "on", "XZ_C_CONGESTION"),
     ]
     for cond, name in on:
         if cond:
@@ -152,8 +154,20 @@ def control_flags(cfg) -> int:
     return f
 
 
+CONGESTION = {"off": schema.C["XZ_CONGESTION_OFF"], "on": schema.C["XZ_CONGESTION_ON"],
+              "auto": schema.C["XZ_CONGESTION_AUTO"]}
+
+
+def control_params(cfg) -> dict[str, int]:
+    """The numeric fields of xz_control from a config.Config."""
+    b = cfg.bandwidth
+    return {"burst_us": b.burst_ms * 1000, "bulk_kbps": b.bulk_kbps,
+            "bulk_ms": b.bulk_seconds * 1000, "bulk_share": b.bulk_share,
+            "bulk_floor_kbps": b.bulk_floor_kbps}
+
+
 def control_names(flags: int) -> dict[str, bool]:
     """The switches by name, for status output."""
     names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
-             "ip53b_v6", "csam_reject", "csam_core")
+             "ip53b_v6", "csam_reject", "csam_core", "rates", "congestion")
     return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}

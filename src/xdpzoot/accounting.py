@@ -1,0 +1,1272 @@
+"""Volume-based bandwidth control: byte windows, thresholds, and the actions they lead to.
+
+An ISP may throttle, notify or suspend a contract whose transferred volume in a period exceeds
+a disclosed threshold (``/work/shared/domain.md`` section 3). The policy is data: a TOML list
+of rules (:func:`parse_rules`, example in ``maps/bandwidth.toml``). The data plane keeps
+monotonic per-subscriber byte counters; a daemon calls :meth:`Accounting.observe` on a tick
+with the current counters and gets back :class:`Action` records to apply to the kernel maps and
+to append to the :class:`AuditLog`.
+
+Everything here is plain Python: no kernel access and no clock. Every function that needs the
+time takes ``now`` (unix seconds, float); calendar windows are cut in a time zone given to the
+engine (default: the local zone). Only aggregate byte counts per subscriber are kept, never
+flows or destinations (secrecy of communications, domain.md section 6).
+
+How traffic is counted
+    The bytes a counter grew by since the previous tick are attributed to the tick's ``now``:
+    to the calendar window containing ``now`` and to the rolling bucket containing ``now``.
+    A counter that went down was reset (data plane reloaded): its new value is the delta. The
+    first counter value seen for a subscriber is a baseline, not traffic, because nothing says
+    when those bytes were sent (restore a snapshot across daemon restarts to keep continuity).
+
+Thresholds
+    A window is *over* when its bytes are strictly greater than the threshold ("over 1 TB"),
+    and *below* otherwise. A calendar rule fires at most once per window; a rolling rule fires
+    once per crossing (below to over) and can fire again only after the sum went below.
+
+Rolling windows
+    Per subscriber, a ring of at most 48 buckets of width ``window / 48`` (30 min for 24 h).
+    The rolling sum at ``now`` is the sum of the buckets that *start* after ``now - window``,
+    so it covers between ``window - width`` and ``window`` of the most recent traffic: it never
+    reports an excess that the exact sliding sum does not have, and it falls below the
+    threshold at most one bucket width earlier than the exact sum would.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import re
+import tempfile
+import tomllib
+import zlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, tzinfo
+from datetime import time as dtime
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgpack
+
+from xdpzoot.sources import SourceError, read_source
+
+__all__ = [
+    "BUCKETS",
+    "Accounting",
+    "Action",
+    "AuditLog",
+    "Enforcement",
+    "Rule",
+    "SnapshotError",
+    "SourceError",
+    "Window",
+    "load_rules",
+    "load_snapshot",
+    "local_zone",
+    "parse_rules",
+    "save_snapshot",
+]
+
+BUCKETS = 48  # buckets per rolling window: 30 min for 24 h, bounding memory per subscriber
+MONTH = "calendar-month"
+DAY = "calendar-day"
+ROLLING = "rolling"
+DIRECTIONS = ("up", "down", "both")
+ACTIONS = ("notify", "throttle", "suspend")
+U32_MAX = 0xFFFF_FFFF  # subscriber ids and kbit/s rates are u32 in the data plane maps
+MIN_ROLLING_S = 60
+MAX_ROLLING_S = 366 * 86400
+MAX_NEXT_WINDOW = 120
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A counting window: a calendar month or day (in the engine's zone), or a rolling span."""
+
+    kind: str  # MONTH | DAY | ROLLING
+    seconds: int = 0  # the length of a rolling window; 0 for calendar windows
+    spec: str = ""  # as written in the rules, for messages and action values
+
+    @property
+    def calendar(self) -> bool:
+        """True for calendar windows (month, day), which have ids and boundaries."""
+        return self.kind != ROLLING
+
+    @property
+    def bucket(self) -> float:
+        """The width of one rolling bucket in seconds (window / BUCKETS)."""
+        return self.seconds / BUCKETS
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One volume rule: which traffic, which window, which threshold, and what follows."""
+
+    name: str
+    direction: str  # "up" | "down" | "both" (the sum)
+    window: Window
+    threshold: int  # bytes; the window is over when its bytes exceed this
+    action: str  # "notify" | "throttle" | "suspend"
+    rate_kbps: int | None = None  # throttle only
+    start_windows: int = 0  # 0 = at the crossing; N = at the start of the N-th next window
+    duration_s: int | None = None  # a fixed duration in seconds, or
+    duration_windows: int | None = None  # a number of windows, or
+    until_below: bool = False  # until the rolling sum is below the threshold again
+    early_release: bool = False
+    plans: frozenset[str] = frozenset()
+    subscribers: frozenset[int] = frozenset()
+
+    def covers(self, subscriber: int, plan: str | None) -> bool:
+        """Whether the rule applies: to everyone when it names neither plans nor subscribers,
+        else to the subscribers it lists plus every subscriber on a plan it lists."""
+        if not self.plans and not self.subscribers:
+            return True
+        return subscriber in self.subscribers or (plan is not None and plan in self.plans)
+
+
+_BYTE_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+}
+_RATE_UNITS = {"kbit": 1, "Mbit": 1000, "Gbit": 1000**2}
+_TIME_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_QUANTITY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*")
+_DURATION = re.compile(r"\s*(?:\d+\s*[wdhms]\s*)+")
+_DURATION_PART = re.compile(r"(\d+)\s*([wdhms])")
+_WINDOWS = re.compile(r"\s*(\d+)\s*windows?\s*")
+_NEXT_WINDOW = re.compile(r"next-window:(\d+)")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_KEYS = (
+    "name",
+    "direction",
+    "window",
+    "threshold",
+    "action",
+    "rate",
+    "start",
+    "duration",
+    "early_release",
+    "plans",
+    "subscribers",
+)
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: TOML-ish and short."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _quantity(value: Any, units: Mapping[str, int], what: str) -> int:
+    """``"1.5TB"``-style text (or a bare integer of the base unit) as an integer > 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"must be positive, got {value}")
+        return value
+    names = ", ".join(units)
+    if not isinstance(value, str):
+        raise ValueError(f"must be {what} with a unit ({names}), got {_show(value)}")
+    m = _QUANTITY.fullmatch(value)
+    if not m or m.group(2) not in units:
+        raise ValueError(f"must be {what} with a unit ({names}), got {_show(value)}")
+    try:
+        exact = Decimal(m.group(1)) * units[m.group(2)]
+    except InvalidOperation as e:  # unreachable with the pattern above; kept for safety
+        raise ValueError(f"not a number: {_show(value)}") from e
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{_show(value)} is not a whole number of {what}")
+    if exact <= 0:
+        raise ValueError(f"must be positive, got {_show(value)}")
+    return int(exact)
+
+
+def _seconds(text: str) -> int:
+    """``"30d"``, ``"12h"``, ``"1d12h"``, ``"90m"``, ``"1w"``, ``"45s"`` as seconds > 0."""
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"must be a duration like '30d', '12h' or '1d12h', got {_show(text)}")
+    total = sum(int(n) * _TIME_UNITS[u] for n, u in _DURATION_PART.findall(text))
+    if total <= 0:
+        raise ValueError(f"must be positive, got {_show(text)}")
+    return total
+
+
+def _window(value: Any) -> Window:
+    """The ``window`` key: calendar-month, calendar-day or rolling:<duration>."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"must be 'calendar-month', 'calendar-day' or 'rolling:<duration>', got {_show(value)}"
+        )
+    text = value.strip()
+    if text in (MONTH, DAY):
+        return Window(text, 0, text)
+    if text.startswith("rolling:"):
+        seconds = _seconds(text[len("rolling:") :])
+        if not MIN_ROLLING_S <= seconds <= MAX_ROLLING_S:
+            raise ValueError(f"a rolling window must be between 1m and 366d, got {_show(value)}")
+        return Window(ROLLING, seconds, text)
+    raise ValueError(
+        f"must be 'calendar-month', 'calendar-day' or 'rolling:<duration>', got {_show(value)}"
+    )
+
+
+def _choice(value: Any, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed``, exactly."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}; got {_show(value)}")
+    return value
+
+
+def _start(value: Any, window: Window | None) -> int:
+    """The ``start`` key: ``"now"`` -> 0, ``"next-window:N"`` -> N (calendar windows only)."""
+    if value == "now":
+        return 0
+    m = _NEXT_WINDOW.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"must be 'now' or 'next-window:N', got {_show(value)}")
+    n = int(m.group(1))
+    if not 1 <= n <= MAX_NEXT_WINDOW:
+        raise ValueError(f"N in next-window:N must be 1..{MAX_NEXT_WINDOW}, got {n}")
+    if window is not None and not window.calendar:
+        raise ValueError("next-window:N needs a calendar window (a rolling window has no next)")
+    return n
+
+
+def _duration(value: Any, window: Window | None) -> tuple[int | None, int | None, bool]:
+    """The ``duration`` key as (seconds, windows, until_below), exactly one of them set."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"must be a duration ('30d'), 'N window(s)' or 'until-below', got {_show(value)}"
+        )
+    if value.strip() == "until-below":
+        if window is not None and window.calendar:
+            raise ValueError("'until-below' needs a rolling window")
+        return None, None, True
+    m = _WINDOWS.fullmatch(value)
+    if m:
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"must be at least 1 window, got {_show(value)}")
+        return None, n, False
+    try:
+        return _seconds(value), None, False
+    except ValueError:
+        raise ValueError(
+            f"must be a duration ('30d'), 'N window(s)' or 'until-below', got {_show(value)}"
+        ) from None
+
+
+def _rule(index: int, table: Any, problems: list[str]) -> Rule | None:
+    """Validate one ``[[rule]]`` table; problems are appended as ``rules[N].key: ...``."""
+    where = f"rules[{index}]"
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table ([[rule]]), got {_show(table)}")
+        return None
+    name = table.get("name")
+    label = f" (rule {name!r})" if isinstance(name, str) and _NAME.fullmatch(name) else ""
+    before = len(problems)
+
+    def bad(key: str, message: str) -> None:
+        problems.append(f"{where}.{key}: {message}{label}")
+
+    for key in table:
+        if key not in _KEYS:
+            bad(key, f"unknown key (known: {', '.join(_KEYS)})")
+    for key in ("name", "direction", "window", "threshold", "action"):
+        if key not in table:
+            bad(key, "missing")
+
+    def get(key: str, check: Any, default: Any = None) -> Any:
+        if key not in table:
+            return default
+        try:
+            return check(table[key])
+        except ValueError as e:
+            bad(key, str(e))
+            return default
+
+    if "name" in table and not (isinstance(name, str) and _NAME.fullmatch(name)):
+        bad("name", f"must be 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric), got {_show(name)}")
+    direction = get("direction", lambda v: _choice(v, DIRECTIONS))
+    window = get("window", _window)
+    threshold = get("threshold", lambda v: _quantity(v, _BYTE_UNITS, "bytes"))
+    action = get("action", lambda v: _choice(v, ACTIONS))
+    rate = get("rate", lambda v: _quantity(v, _RATE_UNITS, "kbit/s"))
+    if rate is not None and rate > U32_MAX:
+        bad("rate", f"must be at most {U32_MAX} kbit/s, got {rate}")
+    start = get("start", lambda v: _start(v, window), 0)
+    seconds, windows, until_below = get(
+        "duration", lambda v: _duration(v, window), (None, None, False)
+    )
+    early = table.get("early_release", False)
+    if not isinstance(early, bool):
+        bad("early_release", f"must be true or false, got {_show(early)}")
+        early = False
+
+    def listed(key: str, ok: Any, what: str) -> frozenset[Any]:
+        items = table.get(key, [])
+        if not isinstance(items, list) or not all(ok(i) for i in items):
+            bad(key, f"must be a list of {what}, got {_show(items)}")
+            return frozenset()
+        return frozenset(items)
+
+    plans = listed("plans", lambda p: isinstance(p, str) and p != "", "plan names")
+    subs = listed(
+        "subscribers",
+        lambda s: isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= U32_MAX,
+        f"subscriber ids (0..{U32_MAX})",
+    )
+
+    if action == "throttle" and "rate" not in table:
+        bad("rate", "missing (a throttle needs a rate such as '1Mbit')")
+    if action in ("notify", "suspend") and "rate" in table:
+        bad("rate", f"only a throttle has a rate, this rule's action is {action!r}")
+    if action in ("throttle", "suspend") and "duration" not in table:
+        bad("duration", f"missing (how long the {action} lasts: '30d', '1 window', 'until-below')")
+    if action == "notify":
+        for key in ("start", "duration", "early_release"):
+            if key in table:
+                bad(key, "not used by a notify rule (a notice is a single action)")
+    if until_below and early:
+        bad("early_release", "has no meaning with duration 'until-below', which always ends early")
+    if until_below and start:
+        bad("start", "'until-below' starts at the crossing ('now')")
+
+    if len(problems) > before:
+        return None
+    return Rule(
+        name=name,
+        direction=direction,
+        window=window,
+        threshold=threshold,
+        action=action,
+        rate_kbps=rate,
+        start_windows=start,
+        duration_s=seconds,
+        duration_windows=windows,
+        until_below=until_below,
+        early_release=early,
+        plans=plans,
+        subscribers=subs,
+    )
+
+
+def parse_rules(text: str, path: str) -> list[Rule]:
+    """Validate TOML rules text; every problem is reported at once in one SourceError.
+
+    Problems name the rule by its 0-based position and the key, ``rules[2].threshold: ...``,
+    plus the rule's name when it has a valid one. An empty file is an empty rule list.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        raise SourceError(path, [(int(m.group(1)) if m else None, msg)]) from e
+    problems: list[str] = []
+    for key in doc:
+        if key != "rule":
+            problems.append(f"{key}: unknown key (rules are [[rule]] tables)")
+    tables = doc.get("rule", [])
+    if not isinstance(tables, list):
+        problems.append(f"rule: must be an array of tables ([[rule]]), got {_show(tables)}")
+        tables = []
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for i, table in enumerate(tables):
+        rule = _rule(i, table, problems)
+        name = table.get("name") if isinstance(table, dict) else None
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"rules[{i}].name: duplicate of rules[{seen[name]}] ({name!r})")
+            else:
+                seen[name] = i
+        if rule is not None:
+            rules.append(rule)
+    if problems:
+        raise SourceError(path, [(None, p) for p in problems])
+    return rules
+
+
+def load_rules(path: str) -> list[Rule]:
+    """Read and validate the rules file at ``path`` (see :func:`parse_rules`)."""
+    return parse_rules(read_source(path), path)
+
+
+# --- calendar -------------------------------------------------------------------------------
+
+
+def local_zone() -> tzinfo:
+    """The local time zone as a zoneinfo zone: ``$TZ`` if it names one, else /etc/localtime."""
+    key = os.environ.get("TZ", "").lstrip(":")
+    if key:
+        try:
+            return ZoneInfo(key)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return UTC
+
+
+@lru_cache(maxsize=8192)
+def _window_start(kind: str, index: int, tz: tzinfo) -> float:
+    """The instant a calendar window starts: local midnight of its first day.
+
+    A midnight inside a DST gap resolves to the transition instant (zoneinfo's fold=0).
+    """
+    if kind == MONTH:
+        year, month0 = divmod(index, 12)
+        return datetime(year, month0 + 1, 1, tzinfo=tz).timestamp()
+    return datetime.combine(date.fromordinal(index), dtime(), tzinfo=tz).timestamp()
+
+
+def _window_index(kind: str, t: float, tz: tzinfo) -> int:
+    """The calendar window containing ``t``: months as year*12+month-1, days as ordinals.
+
+    Windows are defined by their start instants, so the index never goes back even where a
+    zone repeats local midnight.
+    """
+    d = datetime.fromtimestamp(t, tz)
+    i = d.year * 12 + d.month - 1 if kind == MONTH else d.toordinal()
+    while _window_start(kind, i, tz) > t:
+        i -= 1
+    while _window_start(kind, i + 1, tz) <= t:
+        i += 1
+    return i
+
+
+def _window_label(kind: str, index: int) -> str:
+    """A window id as shown to people: ``2026-11`` or ``2026-11-28``."""
+    if kind == MONTH:
+        year, month0 = divmod(index, 12)
+        return f"{year:04d}-{month0 + 1:02d}"
+    return date.fromordinal(index).isoformat()
+
+
+# --- engine ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Action:
+    """Something the daemon must do, and write to the audit log.
+
+    ``action`` is "throttle", "release", "notify", "suspend" or "unsuspend". For "throttle"
+    and "release", ``rate_kbps`` is the rate that must be in force for the subscriber *after*
+    this action (the lowest of its throttles in force), ``None`` = no throttle: the daemon
+    writes it as is. The rule's own rate is in ``values["rule_rate_kbps"]``. For "suspend" and
+    "unsuspend", ``values["suspended"]`` tells whether the subscriber stays suspended after
+    it (another rule may still suspend it). ``time`` is when it takes effect; it may be
+    earlier than the ``now`` of the tick that returned it (a boundary between two ticks).
+    """
+
+    time: float
+    subscriber: int
+    rule: str
+    action: str
+    rate_kbps: int | None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    """A throttle or suspension decided by a rule, scheduled or in force."""
+
+    subscriber: int
+    rule: str
+    action: str  # "throttle" | "suspend"
+    rate_kbps: int | None  # the rule's rate (throttle)
+    since: float
+    until: float | None  # planned end; None = until the rolling sum is below the threshold
+    decided: float  # the tick at which the threshold was found exceeded
+    window: str  # the window whose excess decided it
+    bytes: int  # bytes in that window at the decision
+    threshold: int
+    early_release: bool
+
+
+class _Enf:
+    """The engine's mutable record of an enforcement."""
+
+    __slots__ = (
+        "id",
+        "sub",
+        "rule",
+        "action",
+        "rate",
+        "since",
+        "until",
+        "decided",
+        "window",
+        "bytes",
+        "threshold",
+        "early",
+        "started",
+        "ending",
+    )
+
+    def __init__(self, *fields: Any) -> None:
+        (
+            self.id,
+            self.sub,
+            self.rule,
+            self.action,
+            self.rate,
+            self.since,
+            self.until,
+            self.decided,
+            self.window,
+            self.bytes,
+            self.threshold,
+            self.early,
+            self.started,
+        ) = fields
+        self.ending = False  # an end transition is queued in the current tick
+
+    def row(self) -> list[Any]:
+        """The snapshot form."""
+        return [
+            self.id,
+            self.sub,
+            self.rule,
+            self.action,
+            self.rate,
+            self.since,
+            self.until,
+            self.decided,
+            self.window,
+            self.bytes,
+            self.threshold,
+            self.early,
+            self.started,
+        ]
+
+    def public(self) -> Enforcement:
+        """The read-only view handed to callers."""
+        return Enforcement(
+            self.sub,
+            self.rule,
+            self.action,
+            self.rate,
+            self.since,
+            self.until,
+            self.decided,
+            self.window,
+            self.bytes,
+            self.threshold,
+            self.early,
+        )
+
+    def in_force(self, now: float) -> bool:
+        """Whether it applies at ``now`` by its times."""
+        return self.since <= now and (self.until is None or now < self.until)
+
+
+class _Sub:
+    """Per-subscriber state: last counters, plan, window meters, fired rules, enforcements."""
+
+    __slots__ = ("up", "down", "plan", "rules", "mlist", "meters", "fired", "enf")
+
+    def __init__(self) -> None:
+        self.up: int | None = None  # None: no counter seen yet (the first one is a baseline)
+        self.down = 0
+        self.plan: str | None = None
+        self.rules: list[_Compiled] | None = None  # rules covering it; None = recompute
+        self.mlist: list[int] = []  # meters it keeps: its rules' and its enforcements' rules'
+        # meter index -> calendar [window index, bytes] | rolling [deque of [bucket, bytes], sum]
+        self.meters: dict[int, list[Any]] = {}
+        self.fired: dict[str, int] = {}  # rule -> calendar window index fired, or 1 = over
+        self.enf: list[_Enf] = []
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A rule with the index of the meter that counts for it."""
+
+    rule: Rule
+    meter: int
+
+
+_START, _END, _NOTIFY = 1, 2, 0  # ordering of simultaneous events: no gap between throttles
+SNAPSHOT_MAGIC = "xdpzoot-accounting"
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be used: corrupt, truncated, empty or of another version."""
+
+
+class Accounting:
+    """The volume accounting engine: feed it counters on a tick, apply the actions it returns.
+
+    Not thread-safe: one daemon thread owns it. ``tz`` cuts calendar windows (default: the
+    local zone, see :func:`local_zone`).
+    """
+
+    def __init__(self, rules: list[Rule], tz: tzinfo | None = None) -> None:
+        """Set up meters for the rules; no subscriber is known yet."""
+        names = [r.name for r in rules]
+        if len(set(names)) != len(names):
+            raise ValueError("rule names must be unique")
+        self.tz: tzinfo = tz if tz is not None else local_zone()
+        self.rules = list(rules)
+        self._by_name = {r.name: r for r in rules}
+        # One meter per (window, direction): rules counting the same traffic share it.
+        self._meter_keys: list[tuple[str, int, str]] = []
+        self._compiled: list[_Compiled] = []
+        for r in rules:
+            key = (r.window.kind, r.window.seconds, r.direction)
+            if key not in self._meter_keys:
+                self._meter_keys.append(key)
+            self._compiled.append(_Compiled(r, self._meter_keys.index(key)))
+        self._meter_of = {c.rule.name: c.meter for c in self._compiled}
+        self._subs: dict[int, _Sub] = {}
+        self._heap: list[tuple[float, int, int, _Enf]] = []
+        self._seq = 0  # enforcement ids and heap tie-breaks, persisted
+        self._now: float | None = None  # the last tick
+        self._orphans: list[_Enf] = []  # until-below enforcements whose rule is gone (restore)
+        self._cal: dict[str, tuple[int, float, float]] = {}  # kind -> (index, start, end)
+
+    # --- windows ---
+
+    def _calendar(self, kind: str, now: float) -> tuple[int, float, float]:
+        """(index, start, end) of the calendar window of ``kind`` containing ``now``, cached."""
+        c = self._cal.get(kind)
+        if c is not None and c[1] <= now < c[2]:
+            return c
+        i = _window_index(kind, now, self.tz)
+        c = (i, _window_start(kind, i, self.tz), _window_start(kind, i + 1, self.tz))
+        self._cal[kind] = c
+        return c
+
+    def _context(self, now: float) -> list[tuple[int, float, float]]:
+        """Per meter at ``now``: calendar (index, start, end); rolling (bucket, lowest kept, -)."""
+        ctx = []
+        for kind, seconds, _ in self._meter_keys:
+            if kind == ROLLING:
+                width = seconds / BUCKETS
+                # A bucket is in the window when it starts after now - window.
+                lowest = math.floor((now - seconds) / width) + 1
+                ctx.append((math.floor(now / width), lowest, 0.0))
+            else:
+                ctx.append(self._calendar(kind, now))
+        return ctx
+
+    def _label(self, rule: Rule, index: int | None) -> str:
+        """The window id of a rule's window (calendar) or its spec (rolling)."""
+        if rule.window.kind == ROLLING or index is None:
+            return rule.window.spec
+        return _window_label(rule.window.kind, index)
+
+    def _iso(self, t: float | None) -> str | None:
+        """An instant as ISO-8601 in the engine's zone, for action values."""
+        return None if t is None else datetime.fromtimestamp(t, self.tz).isoformat()
+
+    # --- subscribers ---
+
+    def _rules_of(self, sid: int, sub: _Sub) -> list[_Compiled]:
+        """The rules covering a subscriber; meters and fired states of other rules are dropped."""
+        rules = [c for c in self._compiled if c.rule.covers(sid, sub.plan)]
+        keep = {c.meter for c in rules}
+        keep.update(self._meter_of[e.rule] for e in sub.enf if e.rule in self._meter_of)
+        for m in [m for m in sub.meters if m not in keep]:
+            del sub.meters[m]
+        names = {c.rule.name for c in rules}
+        for name in [n for n in sub.fired if n not in names]:
+            del sub.fired[name]
+        sub.rules = rules
+        sub.mlist = sorted(keep)
+        return rules
+
+    def forget(self, subscriber: int) -> None:
+        """Drop everything known about a subscriber (contract ended); no action is returned."""
+        sub = self._subs.pop(subscriber, None)
+        if sub is not None:
+            for e in sub.enf:
+                e.ending = True  # its heap events are skipped
+
+    # --- the tick ---
+
+    def observe(
+        self,
+        now: float,
+        counters: Mapping[int, tuple[int, int]],
+        plans: Mapping[int, str] | None = None,
+    ) -> list[Action]:
+        """Account one tick and return the actions due up to ``now``, in time order.
+
+        ``counters`` maps subscriber id to ``(up_bytes_total, down_bytes_total)`` as read from
+        the data plane. Subscribers missing from it sent nothing this tick (their windows still
+        move). ``plans`` maps subscriber id to plan name; a plan is remembered until changed.
+        A ``now`` earlier than the previous tick (clock stepped back) is taken as the previous
+        tick's time.
+        """
+        now = float(now)
+        if self._now is not None and now < self._now:
+            now = self._now
+        self._now = now
+        ctx = self._context(now)
+        subs = self._subs
+        if plans:
+            for sid, plan in plans.items():
+                sub = subs.get(sid)
+                if sub is None:
+                    sub = subs[sid] = _Sub()
+                if sub.plan != plan:
+                    sub.plan = plan
+                    sub.rules = None
+        notices: list[Action] = []
+        trans: list[tuple[float, int, int, int, _Enf, str, dict[str, Any]]] = []
+        for sid in counters:
+            if sid not in subs:
+                subs[sid] = _Sub()
+        for sid, sub in subs.items():
+            counter = counters.get(sid)
+            du = dd = 0
+            if counter is not None:
+                up, down = counter
+                if sub.up is not None:
+                    du = up - sub.up if up >= sub.up else up  # a decrease is a reset
+                    dd = down - sub.down if down >= sub.down else down
+                sub.up, sub.down = up, down
+            rules = sub.rules if sub.rules is not None else self._rules_of(sid, sub)
+            if rules or sub.enf:
+                self._tick(sid, sub, rules, du, dd, now, ctx, notices, trans)
+        for e in self._orphans:
+            if not e.ending and e.sub in subs:
+                e.ending = True
+                trans.append((now, e.sub, _END, e.id, e, "rule-removed", {}))
+        self._orphans = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            t, order, _, e = heapq.heappop(heap)
+            if e.ending or e.sub not in subs:
+                continue
+            if order == _START and not e.started:
+                trans.append((t, e.sub, _START, e.id, e, "", {}))
+            elif order == _END and e.until == t:
+                e.ending = True
+                trans.append((t, e.sub, _END, e.id, e, "end", {}))
+        return self._replay(notices, trans)
+
+    def _tick(
+        self,
+        sid: int,
+        sub: _Sub,
+        rules: list[_Compiled],
+        du: int,
+        dd: int,
+        now: float,
+        ctx: list[tuple[int, float, float]],
+        notices: list[Action],
+        trans: list[Any],
+    ) -> None:
+        """One subscriber's tick: move its meters, fire rules, find early ends."""
+        meters = sub.meters
+        keys = self._meter_keys
+        closed: list[tuple[int, int, float, float, int]] = []  # meter, index, start, end, bytes
+        for mi in sub.mlist:
+            kind, _, direction = keys[mi]
+            delta = du if direction == "up" else dd if direction == "down" else du + dd
+            st = meters.get(mi)
+            a, b, c = ctx[mi]
+            if kind == ROLLING:
+                if st is None:
+                    st = meters[mi] = [deque(), 0]
+                ring = st[0]
+                while ring and ring[0][0] < b:
+                    st[1] -= ring.popleft()[1]
+                if delta:
+                    if ring and ring[-1][0] == a:
+                        ring[-1][1] += delta
+                    else:
+                        ring.append([a, delta])
+                    st[1] += delta
+            elif st is None:
+                meters[mi] = [a, delta]
+            elif st[0] != a:
+                if sub.enf:
+                    i = st[0]
+                    ws = _window_start(kind, i, self.tz)
+                    closed.append((mi, i, ws, _window_start(kind, i + 1, self.tz), st[1]))
+                st[0] = a
+                st[1] = delta
+            else:
+                st[1] += delta
+        fired = sub.fired
+        for comp in rules:
+            rule = comp.rule
+            st = meters[comp.meter]
+            used = st[1]
+            if rule.window.kind == ROLLING:
+                if used > rule.threshold:
+                    if rule.name not in fired:
+                        fired[rule.name] = 1
+                        self._fire(sid, sub, rule, None, used, now, notices, trans)
+                elif rule.name in fired:
+                    del fired[rule.name]
+            elif used > rule.threshold and fired.get(rule.name) != st[0]:
+                fired[rule.name] = st[0]
+                self._fire(sid, sub, rule, st[0], used, now, notices, trans)
+        if sub.enf:
+            self._early(sid, sub, now, closed, trans)
+
+    def _early(
+        self,
+        sid: int,
+        sub: _Sub,
+        now: float,
+        closed: list[tuple[int, int, float, float, int]],
+        trans: list[Any],
+    ) -> None:
+        """Queue the ends that do not wait for the planned end: until-below, early release."""
+        for e in sub.enf:
+            if e.ending:
+                continue
+            rule = self._by_name.get(e.rule)
+            if rule is None:
+                continue
+            mi = self._meter_of[e.rule]
+            st = sub.meters.get(mi)
+            if st is None:
+                continue
+            if rule.window.kind == ROLLING:
+                below = st[1] <= rule.threshold
+                if e.until is None:
+                    if below and e.since <= now:
+                        e.ending = True
+                        values = {"bytes": st[1]}
+                        trans.append((now, sid, _END, e.id, e, "below-threshold", values))
+                elif e.early and below and now - rule.window.seconds >= e.since and now < e.until:
+                    e.ending = True
+                    trans.append((now, sid, _END, e.id, e, "early-release", {"bytes": st[1]}))
+            elif e.early:
+                for m, index, ws, we, used in closed:
+                    # A whole window inside the enforcement, below the threshold, ends it.
+                    if (
+                        m == mi
+                        and ws >= e.since
+                        and (e.until is None or we < e.until)
+                        and used <= rule.threshold
+                    ):
+                        e.ending = True
+                        values = {
+                            "bytes": used,
+                            "below_window": _window_label(rule.window.kind, index),
+                        }
+                        trans.append((we, sid, _END, e.id, e, "early-release", values))
+                        break
+
+    def _fire(
+        self,
+        sid: int,
+        sub: _Sub,
+        rule: Rule,
+        index: int | None,
+        used: int,
+        now: float,
+        notices: list[Action],
+        trans: list[Any],
+    ) -> None:
+        """A rule's threshold was crossed: a notice now, or a throttle/suspension scheduled."""
+        label = self._label(rule, index)
+        if rule.action == "notify":
+            values = {"window": label, "bytes": used, "threshold": rule.threshold}
+            notices.append(Action(now, sid, rule.name, "notify", None, values))
+            return
+        kind = rule.window.kind
+        if rule.start_windows and index is not None:
+            first = index + rule.start_windows
+            since = _window_start(kind, first, self.tz)
+        else:
+            since = now
+            first = index
+        if rule.until_below:
+            until = None
+        elif rule.duration_windows is not None:
+            n = rule.duration_windows
+            if kind == ROLLING or first is None:
+                until = since + n * rule.window.seconds
+            else:
+                # N calendar windows counted from the one it starts in (its calendar lengths).
+                span = _window_start(kind, first + n, self.tz) - _window_start(kind, first, self.tz)
+                until = since + span
+        else:
+            until = since + (rule.duration_s or 0)
+        self._seq += 1
+        e = _Enf(
+            self._seq,
+            sid,
+            rule.name,
+            rule.action,
+            rule.rate_kbps,
+            since,
+            until,
+            now,
+            label,
+            used,
+            rule.threshold,
+            rule.early_release,
+            False,
+        )
+        sub.enf.append(e)  # its meter is among the subscriber's: the rule covers it
+        self._push(e)
+
+    def _push(self, e: _Enf) -> None:
+        """Schedule an enforcement's start (unless started) and planned end."""
+        if not e.started:
+            heapq.heappush(self._heap, (e.since, _START, e.id * 2, e))
+        if e.until is not None:
+            heapq.heappush(self._heap, (e.until, _END, e.id * 2 + 1, e))
+
+    def _replay(self, notices: list[Action], trans: list[Any]) -> list[Action]:
+        """Apply queued starts and ends in time order and describe each as an Action."""
+        trans.sort(key=lambda x: (x[0], x[1], x[2], x[3]))
+        out: list[tuple[tuple[float, int, int, int], Action]] = [
+            ((a.time, a.subscriber, _NOTIFY, i), a) for i, a in enumerate(notices)
+        ]
+        for t, sid, order, eid, e, reason, extra in trans:
+            sub = self._subs[sid]
+            values: dict[str, Any] = {"window": e.window, "threshold": e.threshold}
+            if order == _START:
+                e.started = True
+                name = e.action
+                values.update(
+                    bytes=e.bytes,
+                    decided=self._iso(e.decided),
+                    since=self._iso(e.since),
+                    until=self._iso(e.until),
+                )
+            else:
+                sub.enf.remove(e)
+                name = "release" if e.action == "throttle" else "unsuspend"
+                values.update(reason=reason, since=self._iso(e.since))
+                values.update(extra)
+            if e.action == "throttle":
+                values["rule_rate_kbps"] = e.rate
+                rates = [x.rate for x in sub.enf if x.started and x.action == "throttle"]
+                rate = min(rates) if rates else None
+            else:
+                values["suspended"] = any(x.started and x.action == "suspend" for x in sub.enf)
+                rate = None
+            out.append(((t, sid, order, eid), Action(t, sid, e.rule, name, rate, values)))
+        out.sort(key=lambda x: x[0])
+        return [a for _, a in out]
+
+    # --- queries ---
+
+    def active(self, now: float) -> dict[int, list[Enforcement]]:
+        """Throttles and suspensions in force at ``now`` per subscriber (rule, since, until)."""
+        result: dict[int, list[Enforcement]] = {}
+        for sid, sub in self._subs.items():
+            live = [e.public() for e in sub.enf if e.in_force(now)]
+            if live:
+                result[sid] = live
+        return result
+
+    def scheduled(self, now: float) -> dict[int, list[Enforcement]]:
+        """Throttles and suspensions decided but starting after ``now`` per subscriber."""
+        result: dict[int, list[Enforcement]] = {}
+        for sid, sub in self._subs.items():
+            later = [e.public() for e in sub.enf if e.since > now]
+            if later:
+                result[sid] = later
+        return result
+
+    def throttle_rate(self, subscriber: int, now: float) -> int | None:
+        """The rate in force for a subscriber at ``now`` (the lowest), None if unthrottled."""
+        sub = self._subs.get(subscriber)
+        if sub is None:
+            return None
+        rates = [e.rate for e in sub.enf if e.action == "throttle" and e.in_force(now)]
+        return min(rates) if rates else None
+
+    def is_suspended(self, subscriber: int, now: float) -> bool:
+        """Whether any rule suspends the subscriber at ``now``."""
+        sub = self._subs.get(subscriber)
+        return sub is not None and any(e.action == "suspend" and e.in_force(now) for e in sub.enf)
+
+    def usage(self, subscriber: int, now: float) -> list[dict[str, Any]]:
+        """Per rule covering the subscriber: window id, bytes, threshold, percent and state.
+
+        ``state`` is "throttled" / "suspended" (an enforcement of the rule is in force),
+        "scheduled" (one starts later), "over" (the window is over the threshold) or "ok".
+        Bytes are as of the last tick; a calendar window that has not been ticked yet is 0.
+        """
+        sub = self._subs.get(subscriber)
+        if sub is None:
+            sub = _Sub()
+        rules = [c for c in self._compiled if c.rule.covers(subscriber, sub.plan)]
+        out = []
+        for comp in rules:
+            rule = comp.rule
+            st = sub.meters.get(comp.meter)
+            if rule.window.kind == ROLLING:
+                label = rule.window.spec
+                used = 0
+                if st is not None:
+                    width = rule.window.bucket
+                    lowest = math.floor((now - rule.window.seconds) / width) + 1
+                    used = sum(n for b, n in st[0] if lowest <= b and b * width <= now)
+            else:
+                index, _, _ = self._calendar(rule.window.kind, now)
+                label = _window_label(rule.window.kind, index)
+                used = st[1] if st is not None and st[0] == index else 0
+            mine = [e for e in sub.enf if e.rule == rule.name]
+            if any(e.in_force(now) for e in mine):
+                state = "throttled" if rule.action == "throttle" else "suspended"
+            elif any(e.since > now for e in mine):
+                state = "scheduled"
+            else:
+                state = "over" if used > rule.threshold else "ok"
+            out.append(
+                {
+                    "rule": rule.name,
+                    "action": rule.action,
+                    "direction": rule.direction,
+                    "window": label,
+                    "bytes": used,
+                    "threshold": rule.threshold,
+                    "percent": round(100.0 * used / rule.threshold, 2),
+                    "state": state,
+                }
+            )
+        return out
+
+    # --- persistence ---
+
+    def snapshot(self) -> bytes:
+        """The whole state as versioned, checksummed msgpack (see :meth:`restore`)."""
+        keys = [f"{k}:{s}:{d}" for k, s, d in self._meter_keys]
+        subs = []
+        for sid, sub in self._subs.items():
+            meters: dict[str, Any] = {}
+            for mi, st in sub.meters.items():
+                if keys[mi].startswith(ROLLING):
+                    meters[keys[mi]] = [[b, n] for b, n in st[0]]
+                else:
+                    meters[keys[mi]] = [st[0], st[1]]
+            subs.append([sid, sub.up, sub.down, sub.plan, meters, dict(sub.fired)])
+        enf = [e.row() for sub in self._subs.values() for e in sub.enf]
+        payload = msgpack.packb(
+            {"now": self._now, "seq": self._seq, "tz": str(self.tz), "subs": subs, "enf": enf},
+            use_bin_type=True,
+        )
+        return msgpack.packb(
+            [SNAPSHOT_MAGIC, SNAPSHOT_VERSION, zlib.crc32(payload), payload], use_bin_type=True
+        )
+
+    @classmethod
+    def restore(cls, data: bytes, rules: list[Rule], tz: tzinfo | None = None) -> Accounting:
+        """An engine continuing from :meth:`snapshot` output, with (possibly changed) rules.
+
+        State of meters and rules that no longer exist is dropped. Decided enforcements keep
+        their times even if their rule changed or is gone; an until-below one whose rule is
+        gone is released at the next tick (reason "rule-removed"). Raises SnapshotError, and
+        nothing else, when the data is empty, truncated, corrupt or of another version.
+        """
+        if not data:
+            raise SnapshotError("snapshot is empty")
+        try:
+            outer = msgpack.unpackb(data, raw=False)
+        except Exception as e:
+            raise SnapshotError(f"snapshot is truncated or not a snapshot: {e}") from e
+        if not (isinstance(outer, list) and len(outer) == 4 and outer[0] == SNAPSHOT_MAGIC):
+            raise SnapshotError("not an xdpzoot accounting snapshot (bad header)")
+        _, version, crc, payload = outer
+        if version != SNAPSHOT_VERSION:
+            raise SnapshotError(
+                f"snapshot version {version!r} is not supported (this code reads "
+                f"version {SNAPSHOT_VERSION})"
+            )
+        if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
+            raise SnapshotError("snapshot is corrupt (checksum mismatch)")
+        try:
+            return cls._from_payload(msgpack.unpackb(payload, raw=False), rules, tz)
+        except SnapshotError:
+            raise
+        except Exception as e:
+            raise SnapshotError(f"snapshot content is invalid: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_payload(cls, doc: Any, rules: list[Rule], tz: tzinfo | None) -> Accounting:
+        """Rebuild an engine from the decoded payload; any inconsistency raises."""
+        if not isinstance(doc, dict):
+            raise SnapshotError("snapshot content is invalid: payload is not a map")
+        self = cls(rules, tz)
+        now = doc["now"]
+        self._now = None if now is None else float(now)
+        self._seq = int(doc["seq"])
+        index = {f"{k}:{s}:{d}": i for i, (k, s, d) in enumerate(self._meter_keys)}
+        for sid, up, down, plan, meters, fired in doc["subs"]:
+            sub = self._subs[int(sid)] = _Sub()
+            sub.up = None if up is None else int(up)
+            sub.down = int(down)
+            sub.plan = None if plan is None else str(plan)
+            for key, st in meters.items():
+                mi = index.get(key)
+                if mi is None:
+                    continue
+                if key.startswith(ROLLING):
+                    ring = deque([int(b), int(n)] for b, n in st)
+                    sub.meters[mi] = [ring, sum(n for _, n in ring)]
+                else:
+                    sub.meters[mi] = [int(st[0]), int(st[1])]
+            sub.fired = {str(k): int(v) for k, v in fired.items() if k in self._by_name}
+        for row in doc["enf"]:
+            if len(row) != 13:
+                raise SnapshotError("snapshot content is invalid: bad enforcement record")
+            e = _Enf(*row)
+            if not isinstance(e.rule, str) or e.action not in ("throttle", "suspend"):
+                raise SnapshotError("snapshot content is invalid: bad enforcement record")
+            e.since, e.decided = float(e.since), float(e.decided)
+            e.until = None if e.until is None else float(e.until)
+            e.started = bool(e.started)
+            sub = self._subs.get(e.sub)
+            if sub is None:
+                raise SnapshotError(
+                    "snapshot content is invalid: enforcement of unknown subscriber"
+                )
+            sub.enf.append(e)
+            self._push(e)
+            rule = self._by_name.get(e.rule)
+            if e.until is None and (rule is None or rule.window.kind != ROLLING):
+                self._orphans.append(e)
+        return self
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
+
+    The file is created readable by its owner only (it holds subscriber data).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def save_snapshot(path: str, data: bytes) -> None:
+    """Write a snapshot atomically: a crash leaves either the old or the new file, whole."""
+    _atomic_write(path, data)
+
+
+def load_snapshot(path: str) -> bytes | None:
+    """The snapshot bytes at ``path``, or None if there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class AuditLog:
+    """The audit trail of policy actions: one JSON line per action, kept for ``retention_s``.
+
+    A line holds the time (ISO-8601 with zone), subscriber, rule, action, rate and values;
+    nothing about flows or destinations. One writer: call :meth:`write` and :meth:`purge`
+    from the same thread (purge replaces the file).
+    """
+
+    def __init__(
+        self, path: str, retention_s: float, tz: tzinfo | None = None, fsync: bool = True
+    ) -> None:
+        """``tz`` is the zone the times are written in (default: local); ``fsync`` each write."""
+        if retention_s <= 0:
+            raise ValueError("retention_s must be positive")
+        self.path = path
+        self.retention_s = float(retention_s)
+        self.tz = tz if tz is not None else local_zone()
+        self.fsync = fsync
+
+    def line(self, action: Action) -> str:
+        """One action as its JSON line (without the newline)."""
+        record = {
+            "time": datetime.fromtimestamp(action.time, self.tz).isoformat(),
+            "subscriber": action.subscriber,
+            "rule": action.rule,
+            "action": action.action,
+            "rate_kbps": action.rate_kbps,
+            "values": action.values,
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    def write(self, actions: Iterable[Action]) -> int:
+        """Append one line per action; returns how many were written."""
+        lines = [self.line(a) + "\n" for a in actions]
+        if not lines:
+            return 0
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        return len(lines)
+
+    def purge(self, now: float) -> int:
+        """Drop records older than the retention (time < now - retention); returns how many.
+
+        The file is rewritten atomically, and only when something is dropped. Lines that are
+        not records (e.g. torn by a crash) are kept: purge only ever removes old records.
+        """
+        try:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return 0
+        cutoff = now - self.retention_s
+        kept: list[str] = []
+        for text in lines:
+            try:
+                when = datetime.fromisoformat(json.loads(text)["time"]).timestamp()
+            except (ValueError, KeyError, TypeError):
+                when = None
+            if when is None or when >= cutoff:
+                kept.append(text if text.endswith("\n") else text + "\n")
+        dropped = len(lines) - len(kept)
+        if dropped:
+            _atomic_write(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
+        return dropped
