@@ -237,10 +237,12 @@ SIZE = "must be an integer 1..16777216, got "
                      ["op25b.extra: unknown key (known: enabled, action, ipv6, allow)"],
                      id="subtable"),
         pytest.param("[nocsam]\nlist = 'x'",
-                     ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
+                     ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
+                      "bandwidth, "
                       "sources, limits, dataplane)"], id="unknown-section"),
         pytest.param("bypass = true",
-                     ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
+                     ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
+                      "bandwidth, "
                       "sources, limits, dataplane)"], id="top-level-key"),
         pytest.param("op25b = true", ["op25b: must be a table ([op25b]), got true"],
                      id="section-not-a-table"),
@@ -276,8 +278,8 @@ hosts = 0
         "op25b.allow: host bits set in 192.0.2.25/24",
         "op25b.colour: unknown key (known: enabled, action, ipv6, allow)",
         "limits.hosts: must be an integer 1..16777216, got 0",
-        "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, sources, "
-        "limits, dataplane)",
+        "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
+        "sources, limits, dataplane)",
         # Cross-checked although access has a problem of its own: one round of fixes.
         "interfaces.core: 'eth0' is also an access interface",
     ]

@@ -1,0 +1,148 @@
+"""Bandwidth control in the kernel through BPF_PROG_TEST_RUN: the rate limiter's
+arithmetic (admit within burst, drop beyond, refill by elapsed time), throttles, volume
+counters per subscriber and direction, pool addresses, and bulk flows in congestion mode.
+
+Rates here are tiny (a few kbit/s) and bursts long, so that the microseconds a test run
+takes cannot change an outcome; waits are for refill only, never for synchronisation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import packets
+import pytest
+
+from xdpzoot import schema, tables
+from xdpzoot.kernel import Entry
+from xdpzoot.model import Packet
+
+C = schema.C
+DYN, STA = schema.TYPES["dynamic"], schema.TYPES["static"]
+SUB4, INET4 = "198.51.100.9", "203.0.113.10"
+POOL4 = "100.64.1.10"
+
+
+def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50):
+    dp.reset()
+    m = dp.maps
+    for s in (1, 2):
+        m.clear_state([s])
+    m.pool_state.clear()
+    m.bpf[b"xz_flows"].clear()
+    m.set_prefix(tables.key_of(ipaddress.ip_network("198.51.100.8/29")),
+                 Entry(200, STA, 0, kbps, kbps, slot=1))
+    m.set_prefix(tables.key_of(ipaddress.ip_network("100.64.1.0/24")), Entry(100, DYN, 0, 0, 0))
+    m.set_control_params(burst_us=burst_ms * 1000, bulk_kbps=1, bulk_ms=0,
+                         bulk_share=bulk_share, bulk_floor_kbps=0)
+    m.set_control_flags(C["XZ_C_RATES"] | C["XZ_C_OP25B"] | flags)
+
+
+def up(sport=40000, dport=443, src=SUB4):
+    return packets.frame(Packet("access", src, INET4, 6, sport, dport))
+
+
+def down(dport=40000):
+    return packets.frame(Packet("core", INET4, SUB4, 6, 443, dport))
+
+
+def send(dp, frame, n, hook="xdp", role="access"):
+    return [dp.verdict(hook, role, frame)[0] for _ in range(n)]
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_admit_within_burst_then_drop_then_refill(dp, hook):
+    # 8 kbit/s = 1000 bytes/s, burst 1 s: about 1000 bytes pass at once, then nothing.
+    setup(dp, kbps=8, burst_ms=1000)
+    f = up()
+    verdicts = send(dp, f, 40, hook)
+    admitted = verdicts.count("pass")
+    assert 1000 // len(f) <= admitted <= 1000 // len(f) + 2
+    assert verdicts[:admitted] == ["pass"] * admitted          # admitted first ...
+    assert set(verdicts[admitted:]) == {"drop"}                 # ... then dropped
+    assert dp.counters()[("access", "drop", "rate")] == 40 - admitted
+    time.sleep(0.5)                                             # refill: ~500 bytes
+    again = send(dp, f, 40, hook).count("pass")
+    assert 500 // len(f) - 1 <= again <= 500 // len(f) + 2
+    vol = dp.maps.volumes([1])[1]
+    assert vol.up_packets == admitted + again
+    assert vol.up_bytes == (admitted + again) * len(f)
+    assert vol.down_packets == 0
+
+
+def test_directions_have_their_own_bucket(dp):
+    setup(dp, kbps=8, burst_ms=1000)
+    send(dp, up(), 40)
+    assert dp.verdict("xdp", "access", up())[0] == "drop"
+    assert dp.verdict("xdp", "core", down())[0] == "pass"
+    vol = dp.maps.volumes([1])[1]
+    assert vol.down_packets == 1 and vol.down_bytes == len(down())
+
+
+def test_all_addresses_of_a_subscriber_share_its_budget(dp):
+    setup(dp, kbps=8, burst_ms=1000)
+    a = send(dp, up(src="198.51.100.9"), 20).count("pass")
+    b = send(dp, up(src="198.51.100.10"), 20).count("pass")
+    assert a + b <= 1000 // len(up()) + 2 and b <= 2
+
+
+def test_throttle_below_contract_counts_as_throttle(dp):
+    setup(dp, kbps=800, burst_ms=1000)     # 100 kB/s contract: 40 packets pass
+    assert send(dp, up(), 40).count("pass") == 40
+    setup(dp, kbps=800, burst_ms=1000)
+    dp.maps.set_throttle(1, 8, 8)           # throttled to 1 kB/s
+    v = send(dp, up(), 40)
+    assert v.count("pass") <= 1000 // len(up()) + 2
+    assert dp.counters()[("access", "drop", "throttle")] == v.count("drop")
+    dp.maps.set_throttle(1, 0, 0)
+
+
+def test_unlimited_counts_volume_only(dp):
+    setup(dp, kbps=0)
+    assert set(send(dp, up(), 50)) == {"pass"}
+    assert dp.maps.volumes([1])[1].up_packets == 50
+
+
+def test_rates_switch_off(dp):
+    setup(dp, kbps=8, burst_ms=1)
+    dp.maps.set_control_flags(0)
+    assert set(send(dp, up(), 20)) == {"pass"}
+    assert dp.maps.volumes([1])[1].up_packets == 0
+
+
+def test_pool_address_has_state_of_its_own(dp):
+    setup(dp)
+    send(dp, up(src=POOL4), 3)
+    send(dp, up(src="100.64.1.11"), 2)
+    vols = {str(tables.ip_of(a)): v.up_packets for a, v in dp.maps.pool_volumes().items()}
+    assert vols == {POOL4: 3, "100.64.1.11": 2}
+
+
+def test_op25b_attempts_are_counted_per_subscriber(dp):
+    setup(dp)
+    for _ in range(3):
+        assert dp.verdict("xdp", "access", up(src=POOL4, dport=25))[0] == "drop"
+    assert {str(tables.ip_of(a)): v.op25b for a, v in dp.maps.pool_volumes().items()} == {
+        POOL4: 3}
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_bulk_flow_gets_a_share_in_congestion(dp, hook):
+    # bulk_kbps=1, bulk_ms=0: a flow is bulk once one 100 ms window was above 1 kbit/s.
+    # The subscriber's rate is 80 Mbit/s (10 kB per 1 ms burst); bulk flows share 1% of
+    # it: 100 bytes per burst, so back-to-back packets of a bulk flow are dropped.
+    setup(dp, kbps=80000, burst_ms=1, flags=C["XZ_C_CONGESTION"], bulk_share=1)
+    bulk, short = up(sport=41000), up(sport=42000)
+    assert send(dp, bulk, 3, hook) == ["pass"] * 3     # first window: not bulk yet
+    time.sleep(0.15)
+    send(dp, bulk, 1, hook)                            # window closes: bulk from now on
+    v = send(dp, bulk, 20, hook)
+    assert "drop" in v
+    assert dp.counters()[("access", "drop", "bulk")] == v.count("drop")
+    time.sleep(0.01)
+    assert dp.verdict(hook, "access", short)[0] == "pass"   # a new, short flow is not slowed
+    # Without congestion mode the same flow is not held to the share.
+    dp.maps.set_control_flags(C["XZ_C_RATES"])
+    time.sleep(0.01)
+    assert dp.verdict(hook, "access", bulk)[0] == "pass"
