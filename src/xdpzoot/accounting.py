@@ -49,7 +49,7 @@ from datetime import UTC, date, datetime, tzinfo
 from datetime import time as dtime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgpack
@@ -79,6 +79,7 @@ DAY = "calendar-day"
 ROLLING = "rolling"
 DIRECTIONS = ("up", "down", "both")
 ACTIONS = ("notify", "throttle", "suspend")
+_DIRECTION_CODE = {"up": 0, "down": 1, "both": 2}
 U32_MAX = 0xFFFF_FFFF  # subscriber ids and kbit/s rates are u32 in the data plane maps
 MIN_ROLLING_S = 60
 MAX_ROLLING_S = 366 * 86400
@@ -591,19 +592,22 @@ class _Sub:
         self.down = 0
         self.plan: str | None = None
         self.rules: list[_Compiled] | None = None  # rules covering it; None = recompute
-        self.mlist: list[int] = []  # meters it keeps: its rules' and its enforcements' rules'
+        # The meters it keeps (its rules' and its enforcements' rules'): (index, kind, direction)
+        self.mlist: list[tuple[int, str, int]] = []
         # meter index -> calendar [window index, bytes] | rolling [deque of [bucket, bytes], sum]
         self.meters: dict[int, list[Any]] = {}
         self.fired: dict[str, int] = {}  # rule -> calendar window index fired, or 1 = over
         self.enf: list[_Enf] = []
 
 
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    """A rule with the index of the meter that counts for it."""
+class _Compiled(NamedTuple):
+    """A rule with the index of the meter that counts for it (a tuple: unpacked per tick)."""
 
-    rule: Rule
+    name: str
     meter: int
+    rolling: bool
+    threshold: int
+    rule: Rule
 
 
 _START, _END, _NOTIFY = 1, 2, 0  # ordering of simultaneous events: no gap between throttles
@@ -637,8 +641,9 @@ class Accounting:
             key = (r.window.kind, r.window.seconds, r.direction)
             if key not in self._meter_keys:
                 self._meter_keys.append(key)
-            self._compiled.append(_Compiled(r, self._meter_keys.index(key)))
-        self._meter_of = {c.rule.name: c.meter for c in self._compiled}
+            mi = self._meter_keys.index(key)
+            self._compiled.append(_Compiled(r.name, mi, not r.window.calendar, r.threshold, r))
+        self._meter_of = {c.name: c.meter for c in self._compiled}
         self._subs: dict[int, _Sub] = {}
         self._heap: list[tuple[float, int, int, _Enf]] = []
         self._seq = 0  # enforcement ids and heap tie-breaks, persisted
@@ -690,11 +695,14 @@ class Accounting:
         keep.update(self._meter_of[e.rule] for e in sub.enf if e.rule in self._meter_of)
         for m in [m for m in sub.meters if m not in keep]:
             del sub.meters[m]
-        names = {c.rule.name for c in rules}
+        names = {c.name for c in rules}
         for name in [n for n in sub.fired if n not in names]:
             del sub.fired[name]
         sub.rules = rules
-        sub.mlist = sorted(keep)
+        sub.mlist = [
+            (m, self._meter_keys[m][0], _DIRECTION_CODE[self._meter_keys[m][2]])
+            for m in sorted(keep)
+        ]
         return rules
 
     def forget(self, subscriber: int) -> None:
@@ -782,11 +790,9 @@ class Accounting:
     ) -> None:
         """One subscriber's tick: move its meters, fire rules, find early ends."""
         meters = sub.meters
-        keys = self._meter_keys
         closed: list[tuple[int, int, float, float, int]] = []  # meter, index, start, end, bytes
-        for mi in sub.mlist:
-            kind, _, direction = keys[mi]
-            delta = du if direction == "up" else dd if direction == "down" else du + dd
+        for mi, kind, direction in sub.mlist:
+            delta = du if direction == 0 else dd if direction == 1 else du + dd
             st = meters.get(mi)
             a, b, c = ctx[mi]
             if kind == ROLLING:
@@ -813,19 +819,18 @@ class Accounting:
             else:
                 st[1] += delta
         fired = sub.fired
-        for comp in rules:
-            rule = comp.rule
-            st = meters[comp.meter]
+        for name, mi, rolling, threshold, rule in rules:
+            st = meters[mi]
             used = st[1]
-            if rule.window.kind == ROLLING:
-                if used > rule.threshold:
-                    if rule.name not in fired:
-                        fired[rule.name] = 1
+            if rolling:
+                if used > threshold:
+                    if name not in fired:
+                        fired[name] = 1
                         self._fire(sid, sub, rule, None, used, now, notices, trans)
-                elif rule.name in fired:
-                    del fired[rule.name]
-            elif used > rule.threshold and fired.get(rule.name) != st[0]:
-                fired[rule.name] = st[0]
+                elif name in fired:
+                    del fired[name]
+            elif used > threshold and fired.get(name) != st[0]:
+                fired[name] = st[0]
                 self._fire(sid, sub, rule, st[0], used, now, notices, trans)
         if sub.enf:
             self._early(sid, sub, now, closed, trans)

@@ -583,6 +583,63 @@ def top(o: Ctx, key, count, as_json) -> None:
     _run(go)
 
 
+@main.command(epilog="""\b
+Examples:
+  xdpzoot run                  # under systemd: systemd/xdpzoot.service
+  xdpzoot --config /etc/xdpzoot/xdpzoot.toml run""")
+@click.pass_obj
+def run(o: Ctx) -> None:
+    """The controller: accounting, volume rules, congestion mode, source sync.
+
+    SIGTERM stops it (the data plane keeps enforcing); SIGHUP reloads."""
+    from .daemon import Daemon
+
+    def go():
+        d = Daemon(o.config_path, o.pin_dir)
+        d.start()
+        d.run()
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot usage 1042
+  xdpzoot usage 1042 --json""")
+@click.argument("subscriber", type=int)
+@json_opt
+@click.pass_obj
+def usage(o: Ctx, subscriber, as_json) -> None:
+    """SUBSCRIBER's volume per volume rule and window, from the daemon's state."""
+    from . import accounting
+
+    def go():
+        b = o.cfg.bandwidth
+        rules = []
+        if b.rules:
+            with open(b.rules) as f:
+                rules = accounting.parse_rules(f.read(), b.rules)
+        data = accounting.load_snapshot(b.state)
+        acct = accounting.Accounting.restore(data, rules) if data else \
+            accounting.Accounting(rules)
+        rows = acct.usage(subscriber, time.time())
+
+        def text():
+            if not rows:
+                click.echo("No entries found.")
+            for r in rows:
+                click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
+
+        _emit(as_json, {"subscriber": subscriber, "rules": rows}, text)
+
+    try:
+        go()
+    except (OSError, SourceError, kernel.KernelError) as e:
+        _fail(str(e))
+    except Exception as e:  # accounting.SnapshotError and friends: clear, not a trace
+        _fail(f"{type(e).__name__}: {e}")
+
+
 # ---- CSAM list ---------------------------------------------------------------------------
 
 

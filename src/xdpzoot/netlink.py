@@ -41,6 +41,17 @@ def links() -> list[str]:
         return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
 
 
+def link_bytes(names: list[str]) -> int:
+    """Bytes received plus sent so far on the named interfaces (IFLA_STATS64)."""
+    total = 0
+    with IPRoute() as ipr:
+        for name in names:
+            st = ipr.get_links(_index(ipr, name))[0].get_attr("IFLA_STATS64")
+            if st:
+                total += st["rx_bytes"] + st["tx_bytes"]
+    return total
+
+
 def xdp_state(name: str) -> XdpState:
     """Which XDP program is attached to ``name``, and in which mode."""
     with IPRoute() as ipr:

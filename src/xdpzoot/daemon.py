@@ -1,0 +1,243 @@
+"""`xdpzoot run`: the controller's loop.
+
+On a tick it reads the per-subscriber volume counters, lets the accounting decide
+(throttle, release, notify, suspend), writes the rates in force into the maps, expires
+throttles set by hand, switches congestion mode in ``auto``, re-syncs the source files
+when they change, writes the audit log, and snapshots its state atomically so that a
+restart (or a crash) resumes windows and throttles. SIGTERM stops it cleanly (the data
+plane keeps enforcing); SIGHUP rereads the config and the rules.
+
+Time and sleep are parameters: the tests run a month in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import accounting, csam, kernel, loader, schema, sync, tables
+from .config import load_config
+from .sources import SourceError, parse_subscribers
+
+C = schema.C
+
+
+def log(msg: str) -> None:
+    """One line to stderr (the journal, under systemd)."""
+    print(f"xdpzoot: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Congestion:
+    """Congestion mode ``auto``: on when utilisation stays above ``share`` percent of
+    ``capacity_kbps`` for ``seconds``, off when it stays below share - hysteresis."""
+
+    capacity_kbps: int
+    share: int
+    seconds: int
+    hysteresis: int
+    active: bool = False
+    _last: tuple[float, int] | None = None
+    _since: float | None = None   # since when the level is on the other side
+
+    def feed(self, now: float, total_bytes: int) -> bool:
+        """Take the interfaces' byte counter; returns whether congestion mode is on."""
+        last, self._last = self._last, (now, total_bytes)
+        if last is None or now <= last[0] or self.capacity_kbps <= 0:
+            return self.active
+        kbps = max(0, total_bytes - last[1]) * 8 / 1000 / (now - last[0])
+        pct = 100 * kbps / self.capacity_kbps
+        crossing = pct < self.share - self.hysteresis if self.active else pct > self.share
+        if not crossing:
+            self._since = None
+        elif self._since is None:
+            self._since = last[0]
+        elif now - self._since >= self.seconds:
+            self.active, self._since = not self.active, None
+        return self.active
+
+
+@dataclass
+class Daemon:
+    """One controller for one xdpzoot instance (its pin directory)."""
+
+    config_path: str | None
+    pin_dir: str
+    clock: Callable[[], float] = time.time
+    cfg: object = None
+    maps: kernel.Maps | None = None
+    acct: accounting.Accounting | None = None
+    audit: accounting.AuditLog | None = None
+    congestion: Congestion | None = None
+    watched: dict[str, tuple[int, int]] = field(default_factory=dict)
+    reload_wanted: bool = False
+    stop_wanted: bool = False
+    _last_purge: float = 0.0
+
+    # -- setup ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the maps, read config and rules, resume from the snapshot."""
+        self.cfg = load_config(self.config_path)
+        self.maps = loader.open_maps(self.cfg, self.pin_dir)
+        self._load_rules(resume=True)
+        self._watch_init()
+
+    def _load_rules(self, resume: bool) -> None:
+        b = self.cfg.bandwidth
+        rules = []
+        if b.rules:
+            with open(b.rules) as f:
+                rules = accounting.parse_rules(f.read(), b.rules)
+        old = self.acct
+        self.acct = accounting.Accounting(rules)
+        if resume:
+            try:
+                data = accounting.load_snapshot(b.state)
+                if data is not None:
+                    self.acct = accounting.Accounting.restore(data, rules)
+                    log(f"resumed from {b.state}")
+            except accounting.SnapshotError as e:
+                log(f"warning: {b.state}: {e}; starting afresh (the maps keep enforcing)")
+        elif old is not None:
+            self.acct = accounting.Accounting.restore(old.snapshot(), rules)
+        self.audit = accounting.AuditLog(b.audit, b.audit_retention_days * 86400)
+        self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
+                                     b.congestion_seconds, b.hysteresis,
+                                     active=bool(self.maps.control_flags()
+                                                 & C["XZ_C_CONGESTION"]))
+
+    def reload(self) -> None:
+        """SIGHUP: reread the config and the rules; windows and throttles are kept."""
+        self.cfg = load_config(self.config_path)
+        loader.configure(self.maps, self.cfg)
+        self._load_rules(resume=False)
+        log("config and rules reloaded")
+
+    # -- the tick ---------------------------------------------------------------------------
+    def owners(self) -> dict[int, int]:
+        """State slot -> subscriber id, from the subscriber maps."""
+        out: dict[int, int] = {}
+        for _, e in (*self.maps.host_items(), *self.maps.prefix_items()):
+            if e.slot:
+                out[e.slot] = e.sub_id
+        return out
+
+    def tick(self) -> list:
+        """One round: count, decide, enforce, persist. Returns the actions taken."""
+        now = self.clock()
+        owners = self.owners()
+        vols = self.maps.volumes(owners)
+        counters = {owners[s]: (v.up_bytes, v.down_bytes) for s, v in vols.items()}
+        actions = self.acct.observe(now, counters)
+        slot_of = {sid: s for s, sid in owners.items()}
+        for a in actions:
+            if a.action in ("suspend", "unsuspend"):
+                sync.set_suspended(self.maps, a.subscriber, a.action == "suspend")
+        self._enforce_rates(now, slot_of)
+        self._congestion(now)
+        self._watch_sources()
+        if actions:
+            self.audit.write(actions)
+        if now - self._last_purge >= 3600:
+            self.audit.purge(now)
+            self._last_purge = now
+        accounting.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        return actions
+
+    def _enforce_rates(self, now: float, slot_of: dict[int, int]) -> None:
+        """The throttle in force per slot: the lowest of the rules' and the hand-set one."""
+        manual = self.maps.manual_throttles()
+        for slot, (_, until) in list(manual.items()):
+            if until and until <= now:
+                self.maps.del_manual(slot)
+                del manual[slot]
+                log(f"throttle set by hand on slot {slot} expired")
+        want: dict[int, int] = {}
+        for sid, slot in slot_of.items():
+            rate = self.acct.throttle_rate(sid, now)
+            if rate:
+                want[slot] = rate
+        for slot, (kbps, _) in manual.items():
+            want[slot] = min(kbps, want.get(slot, kbps))
+        for slot in set(want) | {s for s in slot_of.values() if any(self.maps.get_throttle(s))}:
+            rate = want.get(slot, 0)
+            if self.maps.get_throttle(slot) != (rate, rate):
+                self.maps.set_throttle(slot, rate, rate)
+
+    def _congestion(self, now: float) -> None:
+        if self.maps.control_params()["congestion"] != C["XZ_CONGESTION_AUTO"]:
+            return
+        from . import netlink
+
+        on = self.congestion.feed(now, netlink.link_bytes(list(self.cfg.interfaces.core)))
+        flags = self.maps.control_flags()
+        if on != bool(flags & C["XZ_C_CONGESTION"]):
+            bit = C["XZ_C_CONGESTION"]
+            self.maps.set_control_flags(flags | bit if on else flags & ~bit)
+            log(f"congestion mode {'on' if on else 'off'} (auto)")
+            self.audit.write([accounting.Action(now, 0, "congestion", "congestion",
+                                                None, {"on": on})])
+
+    # -- source files -----------------------------------------------------------------------
+    def _sources(self) -> list[str]:
+        s = self.cfg.sources
+        return [p for p in (s.subscribers, s.csam) if p]
+
+    def _stamp(self, path: str) -> tuple[int, int]:
+        try:
+            st = os.stat(path)
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return (0, 0)
+
+    def _watch_init(self) -> None:
+        self.watched = {p: self._stamp(p) for p in self._sources()}
+
+    def _watch_sources(self) -> None:
+        for path in self._sources():
+            stamp = self._stamp(path)
+            if self.watched.get(path) == stamp:
+                continue
+            self.watched[path] = stamp
+            try:
+                with kernel.lock(self.pin_dir):
+                    if path == self.cfg.sources.subscribers:
+                        rows = parse_subscribers(path)
+                        c = sync.apply_subscribers(self.maps, *tables.subscriber_tables(rows))
+                        log(f"{path}: {c.added} added, {c.changed} changed, "
+                            f"{c.removed} removed")
+                    else:
+                        lst, _ = csam.parse_csam(path)
+                        with csam.Maps(self.pin_dir) as cm:
+                            r = csam.load(cm, lst)
+                        log(f"CSAM list reloaded: generation {r.generation}")
+            except (SourceError, kernel.KernelError, OSError) as e:
+                log(f"not applied: {e}")   # the maps keep what they had
+
+    # -- loop -------------------------------------------------------------------------------
+    def run(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Tick until SIGTERM; a tick that fails is logged and the next one tries again."""
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_wanted", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop_wanted", True))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_wanted", True))
+        log(f"running: {self.pin_dir}, tick {self.cfg.bandwidth.tick_seconds} s")
+        while not self.stop_wanted:
+            if self.reload_wanted:
+                self.reload_wanted = False
+                try:
+                    self.reload()
+                except (SourceError, OSError, kernel.KernelError) as e:
+                    log(f"reload failed, keeping the old config: {e}")
+            try:
+                self.tick()
+            except (kernel.KernelError, OSError) as e:
+                log(f"tick failed: {e}")
+            deadline = self.clock() + self.cfg.bandwidth.tick_seconds
+            while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
+                sleep(min(0.5, max(0.0, deadline - self.clock())))
+        accounting.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        log("stopped; the data plane keeps enforcing")
