@@ -3,6 +3,7 @@ once per session, and BPF_PROG_TEST_RUN as a verdict."""
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import shutil
 import subprocess
@@ -61,9 +62,12 @@ class Dataplane:
 
     def reset(self) -> None:
         """Empty every map (counters included) and switch everything off."""
-        for t in (self.maps.hosts, self.maps.prefixes, self.maps.allow):
+        b = self.maps.bpf
+        for t in (self.maps.hosts, self.maps.prefixes, self.maps.allow, self.maps.pool_state,
+                  self.maps.manual, *(b[f"xz_csam_{k}".encode()] for k in
+                                      ("h0", "h1", "p0", "p1"))):
             t.clear()
-        self.maps.set_control_flags(0)
+        self.maps.control[ct.c_uint32(0)] = self.maps.control.Leaf()   # every switch off
         self.maps.clear_counters()
 
 
@@ -78,7 +82,9 @@ def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
 def dataplane(bpffs) -> Dataplane:
     """The data plane, compiled once per test session with small tables."""
     dp = make_dataplane(os.path.join(bpffs, "unit"),
-                        ["-DXZ_MAX_HOSTS=4096", "-DXZ_MAX_PREFIXES=1024"])
+                        ["-DXZ_MAX_HOSTS=4096", "-DXZ_MAX_PREFIXES=1024",
+                         "-DXZ_MAX_SUBSCRIBERS=4096", "-DXZ_MAX_CSAM_HOSTS=4096",
+                         "-DXZ_MAX_CSAM_PREFIXES=1024", "-DXZ_MAX_FLOWS=1024"])
     return dp
 
 

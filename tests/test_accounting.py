@@ -205,30 +205,108 @@ def replace(text: str, old: str, new: str) -> str:
 @pytest.mark.parametrize(
     "text, problem",
     [
-        pytest.param(replace(MONTHLY, '"1TB"', '"1XB"'), "rules[0].threshold: must be bytes", id="unit"),
-        pytest.param(replace(MONTHLY, '"1TB"', '"0TB"'), "rules[0].threshold: must be positive", id="zero"),
-        pytest.param(replace(MONTHLY, '"1TB"', '"0.5B"'), "rules[0].threshold: '0.5B' is not a whole", id="frac"),
-        pytest.param(replace(MONTHLY, '"1TB"', '"1tb"'), "rules[0].threshold: must be bytes", id="case"),
-        pytest.param(replace(MONTHLY, '"down"', '"in"'), "rules[0].direction: must be one of up, down, both", id="dir"),
-        pytest.param(replace(MONTHLY, '"calendar-month"', '"month"'), "rules[0].window: must be", id="window"),
-        pytest.param(replace(MONTHLY, '"calendar-month"', '"rolling:10s"'), "rules[0].window: a rolling window must be between", id="short"),
-        pytest.param(replace(MONTHLY, '"throttle"', '"drop"'), "rules[0].action: must be one of notify", id="action"),
-        pytest.param(replace(MONTHLY, '"1Mbit"', '"1MB"'), "rules[0].rate: must be kbit/s", id="rate-unit"),
-        pytest.param(replace(MONTHLY, 'rate = "1Mbit"\n', ""), "rules[0].rate: missing", id="rate-missing"),
-        pytest.param(replace(MONTHLY, '"next-window:2"', '"later"'), "rules[0].start: must be 'now' or 'next-window:N'", id="start"),
-        pytest.param(replace(MONTHLY, '"next-window:2"', '"next-window:0"'), "rules[0].start: N in next-window:N", id="start0"),
-        pytest.param(replace(MONTHLY, '"1 window"', '"forever"'), "rules[0].duration: must be a duration", id="duration"),
-        pytest.param(replace(MONTHLY, '"1 window"', '"until-below"'), "rules[0].duration: 'until-below' needs a rolling window", id="until-cal"),
-        pytest.param(replace(MONTHLY, 'duration = "1 window"\n', ""), "rules[0].duration: missing", id="duration-missing"),
-        pytest.param(replace(MONTHLY, "early_release = false", 'early_release = "no"'), "rules[0].early_release: must be true or false", id="early"),
-        pytest.param(replace(MONTHLY, 'name = "monthly-1tb"', 'name = "a b"'), "rules[0].name: must be 1-64 of", id="name"),
-        pytest.param(replace(MONTHLY, 'name = "monthly-1tb"\n', ""), "rules[0].name: missing", id="name-missing"),
+        pytest.param(
+            replace(MONTHLY, '"1TB"', '"1XB"'), "rules[0].threshold: must be bytes", id="unit"
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1TB"', '"0TB"'), "rules[0].threshold: must be positive", id="zero"
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1TB"', '"0.5B"'),
+            "rules[0].threshold: '0.5B' is not a whole",
+            id="frac",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1TB"', '"1tb"'), "rules[0].threshold: must be bytes", id="case"
+        ),
+        pytest.param(
+            replace(MONTHLY, '"down"', '"in"'),
+            "rules[0].direction: must be one of up, down, both",
+            id="dir",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"calendar-month"', '"month"'), "rules[0].window: must be", id="window"
+        ),
+        pytest.param(
+            replace(MONTHLY, '"calendar-month"', '"rolling:10s"'),
+            "rules[0].window: a rolling window must be between",
+            id="short",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"throttle"', '"drop"'),
+            "rules[0].action: must be one of notify",
+            id="action",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1Mbit"', '"1MB"'), "rules[0].rate: must be kbit/s", id="rate-unit"
+        ),
+        pytest.param(
+            replace(MONTHLY, 'rate = "1Mbit"\n', ""), "rules[0].rate: missing", id="rate-missing"
+        ),
+        pytest.param(
+            replace(MONTHLY, '"next-window:2"', '"later"'),
+            "rules[0].start: must be 'now' or 'next-window:N'",
+            id="start",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"next-window:2"', '"next-window:0"'),
+            "rules[0].start: N in next-window:N",
+            id="start0",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1 window"', '"forever"'),
+            "rules[0].duration: must be a duration",
+            id="duration",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"1 window"', '"until-below"'),
+            "rules[0].duration: 'until-below' needs a rolling window",
+            id="until-cal",
+        ),
+        pytest.param(
+            replace(MONTHLY, 'duration = "1 window"\n', ""),
+            "rules[0].duration: missing",
+            id="duration-missing",
+        ),
+        pytest.param(
+            replace(MONTHLY, "early_release = false", 'early_release = "no"'),
+            "rules[0].early_release: must be true or false",
+            id="early",
+        ),
+        pytest.param(
+            replace(MONTHLY, 'name = "monthly-1tb"', 'name = "a b"'),
+            "rules[0].name: must be 1-64 of",
+            id="name",
+        ),
+        pytest.param(
+            replace(MONTHLY, 'name = "monthly-1tb"\n', ""),
+            "rules[0].name: missing",
+            id="name-missing",
+        ),
         pytest.param(MONTHLY + "colour = 1\n", "rules[0].colour: unknown key", id="unknown"),
-        pytest.param(MONTHLY + "plans = 'home'\n", "rules[0].plans: must be a list of plan names", id="plans"),
-        pytest.param(MONTHLY + "subscribers = [-1]\n", "rules[0].subscribers: must be a list of subscriber ids", id="subs"),
-        pytest.param(replace(UPLOAD, '"until-below"', '"1 window"') + 'start = "next-window:1"\n', "rules[0].start: next-window:N needs a calendar window", id="next-rolling"),
-        pytest.param(UPLOAD + "early_release = true\n", "rules[0].early_release: has no meaning with duration 'until-below'", id="early-until"),
-        pytest.param(replace(MONTHLY, '"throttle"', '"notify"'), "rules[0].rate: only a throttle has a rate", id="notify-rate"),
+        pytest.param(
+            MONTHLY + "plans = 'home'\n", "rules[0].plans: must be a list of plan names", id="plans"
+        ),
+        pytest.param(
+            MONTHLY + "subscribers = [-1]\n",
+            "rules[0].subscribers: must be a list of subscriber ids",
+            id="subs",
+        ),
+        pytest.param(
+            replace(UPLOAD, '"until-below"', '"1 window"') + 'start = "next-window:1"\n',
+            "rules[0].start: next-window:N needs a calendar window",
+            id="next-rolling",
+        ),
+        pytest.param(
+            UPLOAD + "early_release = true\n",
+            "rules[0].early_release: has no meaning with duration 'until-below'",
+            id="early-until",
+        ),
+        pytest.param(
+            replace(MONTHLY, '"throttle"', '"notify"'),
+            "rules[0].rate: only a throttle has a rate",
+            id="notify-rate",
+        ),
         pytest.param(MONTHLY + MONTHLY, "rules[1].name: duplicate of rules[0]", id="duplicate"),
         pytest.param("[rule]\nname = 'x'\n", "rule: must be an array of tables", id="not-array"),
         pytest.param("[[rules]]\nname = 'x'\n", "rules: unknown key", id="top-level"),
@@ -442,7 +520,9 @@ def test_upload_rule_throttles_at_once_and_releases_when_below() -> None:
         drv.tick(t, {3: (2 * GB, 0)})
         events.append((t, 2 * GB))
     crossing = events[15][0]  # 30 GB is not over 30 GB; 32 GB is
-    assert brief(drv.actions) == [(local(crossing).isoformat(), "upload-30gb-24h", "throttle", 2000)]
+    assert brief(drv.actions) == [
+        (local(crossing).isoformat(), "upload-30gb-24h", "throttle", 2000)
+    ]
     while t < start + 2 * DAY:
         t += step
         drv.tick(t)
@@ -461,9 +541,7 @@ def test_upload_rule_throttles_at_once_and_releases_when_below() -> None:
     st.lists(st.integers(min_value=0, max_value=4 * GB), min_size=1, max_size=120),
     st.integers(min_value=0, max_value=1799),
 )
-def test_rolling_sum_bounds_and_release_within_one_bucket(
-    uploads: list[int], offset: int
-) -> None:
+def test_rolling_sum_bounds_and_release_within_one_bucket(uploads: list[int], offset: int) -> None:
     """Each tick: exact sum over (L - w) <= reported sum <= exact sum over L, and the throttle
     never starts before the exact sum is over, nor ends after it is no longer over, nor ends
     more than one bucket before that."""
@@ -610,7 +688,10 @@ def test_overlapping_throttles_lowest_rate_in_force() -> None:
     eng = drv.engine
     assert eng.throttle_rate(1, ts(2026, 8, 1, 12)) == 512
     active = eng.active(ts(2026, 8, 1, 12))[1]
-    assert sorted((e.rule, e.rate_kbps) for e in active) == [("down-daily", 1000), ("up-daily", 512)]
+    assert sorted((e.rule, e.rate_kbps) for e in active) == [
+        ("down-daily", 1000),
+        ("up-daily", 512),
+    ]
     drv.days(ts(2026, 8, 1, 13), ts(2026, 8, 4), step=HOUR)
     assert brief(drv.actions) == [
         ("2026-08-01T08:00:00+09:00", "down-daily", "throttle", 1000),
@@ -711,7 +792,9 @@ early_release = true
         pytest.param([11, 1], (2026, 10, 3), id="next-day-below"),
         pytest.param([11, 12, 3], (2026, 10, 4), id="second-day-below"),
         # 7 windows from 1 Oct 12:00 end 8 Oct 12:00 (each later day's excess adds its own).
-        pytest.param([11, 12, 12, 12, 12, 12, 12, 12], (2026, 10, 8, 12), id="never-below-full-term"),
+        pytest.param(
+            [11, 12, 12, 12, 12, 12, 12, 12], (2026, 10, 8, 12), id="never-below-full-term"
+        ),
     ],
 )
 def test_early_release_after_a_whole_window_below(
@@ -771,6 +854,31 @@ def test_plans_and_subscribers_select_who_is_covered() -> None:
     eng.observe(t + 2 * HOUR, {2: (0, 2 * TB)}, plans={2: "home"})
     eng.observe(t + 3 * HOUR, {2: (0, 4 * TB)})
     assert sorted(eng.scheduled(t + 3 * HOUR)) == [1, 2, 42]
+
+
+def test_until_below_ends_even_after_the_rule_stops_covering_the_subscriber() -> None:
+    eng = Accounting(rules_of(UPLOAD + 'plans = ["home"]\n'), TZ)
+    t = ts(2026, 11, 1)
+    eng.observe(t, {1: (0, 0)}, plans={1: "home"})
+    [a] = eng.observe(t + 300, {1: (31 * GB, 0)})
+    assert a.action == "throttle"
+    eng.observe(t + 600, {1: (31 * GB, 0)}, plans={1: "business"})
+    assert eng.usage(1, t + 600) == []
+    out = []
+    for i in range(3, 400):
+        out += eng.observe(t + i * 300, {1: (31 * GB, 0)})
+    assert [(x.action, x.values["reason"]) for x in out] == [("release", "below-threshold")]
+    assert t + DAY - 1800 <= out[0].time <= t + DAY + 300
+
+
+def test_forget_drops_state_and_pending_actions() -> None:
+    eng = Accounting(rules_of(MONTHLY), TZ)
+    eng.observe(ts(2026, 1, 1), {1: (0, 0)})
+    eng.observe(ts(2026, 1, 20), {1: (0, 2 * TB)})
+    eng.forget(1)
+    assert eng.scheduled(ts(2026, 1, 21)) == {}
+    assert eng.observe(ts(2026, 3, 2), {1: (0, 0)}) == []
+    assert eng.usage(1, ts(2026, 3, 2))[0]["bytes"] == 0
 
 
 # --- restarts ---------------------------------------------------------------------------------
@@ -846,20 +954,52 @@ def test_snapshot_restore_continues_identically(cut: int, tmp_path: Path) -> Non
 
 
 def test_snapshot_mid_window_with_scheduled_and_active() -> None:
-    """The cut at hour 1000 (11 Feb) holds a scheduled monthly throttle and an active one."""
+    """The first tick with both a scheduled throttle and one in force, mid-window."""
     rules = rules_of(RESTART_RULES)
     eng = Accounting(rules, TZ)
     cut = None
     for i, (now, counters) in enumerate(RESTART_TICKS):
         eng.observe(now, counters)
-        if eng.scheduled(now) and eng.active(now) and local(now).day not in (1,):
+        if eng.scheduled(now) and eng.active(now):
             cut = i + 1
             break
     assert cut is not None
+    assert local(RESTART_TICKS[cut - 1][0]).hour != 0  # not on a window boundary
+    assert [e.rule for e in eng.scheduled(now)[1]] == ["monthly-1tb"]
     data = eng.snapshot()
     restored = Accounting.restore(data, rules, TZ)
     later = [restored.observe(now, counters) for now, counters in RESTART_TICKS[cut:]]
     assert later == REFERENCE[cut:]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(min_value=1, max_value=len(RESTART_TICKS) - 1))
+def test_snapshot_at_any_tick_continues_identically(cut: int) -> None:
+    rules = rules_of(RESTART_RULES)
+    eng = Accounting(rules, TZ)
+    for now, counters in RESTART_TICKS[:cut]:
+        eng.observe(now, counters)
+    restored = Accounting.restore(eng.snapshot(), rules, TZ)
+    after = [restored.observe(now, counters) for now, counters in RESTART_TICKS[cut:]]
+    assert after == REFERENCE[cut:]
+
+
+def test_restart_after_downtime_returns_the_missed_start() -> None:
+    """Down from 20 February to 5 March: the throttle due on 1 March comes at the first tick,
+    dated 1 March, and the counters reset by a data-plane reload meanwhile count as new."""
+    rules = rules_of(MONTHLY)
+    eng = Accounting(rules, TZ)
+    eng.observe(ts(2026, 1, 19), {1: (0, 0)})
+    eng.observe(ts(2026, 1, 20), {1: (0, 2 * TB)})
+    eng.observe(ts(2026, 2, 20), {1: (0, 2 * TB)})
+    restored = Accounting.restore(eng.snapshot(), rules, TZ)
+    [a] = restored.observe(ts(2026, 3, 5), {1: (0, 5 * GB)})
+    assert (local(a.time).isoformat(), a.action, a.rate_kbps) == (
+        "2026-03-01T00:00:00+09:00",
+        "throttle",
+        1000,
+    )
+    assert restored.usage(1, ts(2026, 3, 5))[0]["bytes"] == 5 * GB
 
 
 def test_restore_with_a_removed_rule_releases_its_until_below_throttles() -> None:

@@ -661,7 +661,7 @@ def leaked(text: str, asked: str | None = None) -> list[str]:
     secret list, or an entry's address; only the address a `check` asked about may be
     echoed."""
     out = []
-    allowed = ipaddress.ip_network(asked) if asked else None
+    allowed = _as_net(asked) if asked else None
     for tok in TOKEN.findall(text):
         net = _as_net(tok) or _as_net(tok.rstrip(".:"))
         if net is None or net == allowed:
@@ -904,10 +904,11 @@ def test_concurrent_subscribers_load(cli, bpffs, tmp_path, fresh):
     assert cli.ok(pin, "status")["tables"] in (TABLES_X, TABLES_Y)
 
 
-def _lists(tmp_path: Path) -> tuple[str, str, list, list]:
+def _lists(tmp_path: Path) -> tuple[str, str, list]:
+    """The two list files, and what each must leave in force."""
     x = write_list(tmp_path / "x.txt", LIST_X)
     y = write_list(tmp_path / "y.txt", LIST_Y)
-    return x, y, [want(*_nets(LIST_X)), want(*_nets(LIST_Y))], [x, y]
+    return x, y, [want(*_nets(LIST_X)), want(*_nets(LIST_Y))]
 
 
 def _nets(text: str) -> list[str]:
@@ -915,7 +916,8 @@ def _nets(text: str) -> list[str]:
             if s.split("#")[0].strip()]
 
 
-def _one_of(cli: Cli, pin: str, tmp_path: Path, x: str, y: str, sets: list) -> None:
+def _one_of(cli: Cli, pin: str, x: str, y: str, sets: list) -> None:
+    """The list in force is exactly one of the two files, and status has its digest."""
     got = listed_now(pin)
     assert got in sets, "the list in force is a mix of both files"
     path = (x, y)[sets.index(got)]
@@ -925,10 +927,10 @@ def _one_of(cli: Cli, pin: str, tmp_path: Path, x: str, y: str, sets: list) -> N
 
 def test_concurrent_blocklist_load(cli, bpffs, tmp_path):
     pin = new_instance(cli, bpffs, tmp_path, "subscribers")
-    x, y, sets, _ = _lists(tmp_path)
+    x, y, sets = _lists(tmp_path)
     for _ in range(2):
         both(cli, pin, ["blocklist", "load", x], ["blocklist", "load", y])
-        _one_of(cli, pin, tmp_path, x, y, sets)
+        _one_of(cli, pin, x, y, sets)
 
 
 RACE_BUG = ("cli.blocklist_load creates the maps (o.maps(create=True), a bcc compile that "
@@ -939,17 +941,17 @@ RACE_BUG = ("cli.blocklist_load creates the maps (o.maps(create=True), a bcc com
 
 @pytest.mark.xfail(strict=True, reason=RACE_BUG)
 def test_concurrent_blocklist_load_creating_the_maps(cli, bpffs, tmp_path):
-    x, y, sets, _ = _lists(tmp_path)
+    x, y, sets = _lists(tmp_path)
     for _ in range(3):
         pin = os.path.join(bpffs, f"cli-{secrets.token_hex(4)}")
         cli.pins.append(pin)
         both(cli, pin, ["blocklist", "load", x], ["blocklist", "load", y])
-        _one_of(cli, pin, tmp_path, x, y, sets)
+        _one_of(cli, pin, x, y, sets)
 
 
 def test_blocklist_load_waits_for_the_lock(cli, bpffs, tmp_path):
     pin = new_instance(cli, bpffs, tmp_path, "subscribers")
-    x, _, sets, _ = _lists(tmp_path)
+    x, _, sets = _lists(tmp_path)
     held, release = threading.Event(), threading.Event()
 
     def holder():

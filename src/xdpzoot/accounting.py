@@ -30,6 +30,26 @@ Rolling windows
     so it covers between ``window - width`` and ``window`` of the most recent traffic: it never
     reports an excess that the exact sliding sum does not have, and it falls below the
     threshold at most one bucket width earlier than the exact sum would.
+
+Enforcements (throttle, suspend)
+    Every firing of a throttle or suspend rule is one enforcement with its own start and
+    planned end, decided at the crossing. One that starts later ("next-window:N") is only
+    *scheduled*: no action is returned at the decision (see :meth:`Accounting.scheduled` and
+    :meth:`Accounting.usage`); its "throttle"/"suspend" action comes from the first tick at or
+    after its start, dated at the start, and its "release"/"unsuspend" likewise at its end.
+    Enforcements overlap freely, also of the same rule: a January and a February excess of the
+    monthly rule give a March and an April throttle; at 1 April the new one starts before the
+    old one ends, so the rate never lapses. "N windows" from a window start ends N calendar
+    windows later; from mid-window (start "now") it lasts the calendar length of the window it
+    starts in (and the next N-1). Early release ends an enforcement at the end of the first
+    whole window inside it whose bytes were not over the threshold (rolling: at the first tick
+    at least one window length after its start with the rolling sum not over).
+
+Actions
+    :meth:`Accounting.observe` returns actions sorted by time; a time can be earlier than the
+    tick's ``now`` (a start, an end or a window boundary that fell between two ticks), never
+    earlier than the previous tick. ``rate_kbps`` of "throttle" and "release" is the rate in
+    force after the action (the lowest of the subscriber's throttles, None = none): write it.
 """
 
 from __future__ import annotations
@@ -199,7 +219,7 @@ def _quantity(value: Any, units: Mapping[str, int], what: str) -> int:
     return int(exact)
 
 
-def _seconds(text: str) -> int:
+def parse_seconds(text: str) -> int:
     """``"30d"``, ``"12h"``, ``"1d12h"``, ``"90m"``, ``"1w"``, ``"45s"`` as seconds > 0."""
     if not _DURATION.fullmatch(text):
         raise ValueError(f"must be a duration like '30d', '12h' or '1d12h', got {_show(text)}")
@@ -219,7 +239,7 @@ def _window(value: Any) -> Window:
     if text in (MONTH, DAY):
         return Window(text, 0, text)
     if text.startswith("rolling:"):
-        seconds = _seconds(text[len("rolling:") :])
+        seconds = parse_seconds(text[len("rolling:") :])
         if not MIN_ROLLING_S <= seconds <= MAX_ROLLING_S:
             raise ValueError(f"a rolling window must be between 1m and 366d, got {_show(value)}")
         return Window(ROLLING, seconds, text)
@@ -267,7 +287,7 @@ def _duration(value: Any, window: Window | None) -> tuple[int | None, int | None
             raise ValueError(f"must be at least 1 window, got {_show(value)}")
         return None, n, False
     try:
-        return _seconds(value), None, False
+        return parse_seconds(value), None, False
     except ValueError:
         raise ValueError(
             f"must be a duration ('30d'), 'N window(s)' or 'until-below', got {_show(value)}"
@@ -790,7 +810,7 @@ class Accounting:
     ) -> None:
         """One subscriber's tick: move its meters, fire rules, find early ends."""
         meters = sub.meters
-        closed: list[tuple[int, int, float, float, int]] = []  # meter, index, start, end, bytes
+        closed: list[tuple[int, int, float, float, int]] | None = None  # meter, index, span, bytes
         for mi, kind, direction in sub.mlist:
             delta = du if direction == 0 else dd if direction == 1 else du + dd
             st = meters.get(mi)
@@ -813,6 +833,7 @@ class Accounting:
                 if sub.enf:
                     i = st[0]
                     ws = _window_start(kind, i, self.tz)
+                    closed = closed or []
                     closed.append((mi, i, ws, _window_start(kind, i + 1, self.tz), st[1]))
                 st[0] = a
                 st[1] = delta
@@ -833,7 +854,7 @@ class Accounting:
                 fired[name] = st[0]
                 self._fire(sid, sub, rule, st[0], used, now, notices, trans)
         if sub.enf:
-            self._early(sid, sub, now, closed, trans)
+            self._early(sid, sub, now, closed or [], trans)
 
     def _early(
         self,
@@ -1105,19 +1126,19 @@ class Accounting:
             )
         if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
             raise SnapshotError("snapshot is corrupt (checksum mismatch)")
+        engine = cls(rules, tz)  # bad rules are the caller's error (ValueError), not the data's
         try:
-            return cls._from_payload(msgpack.unpackb(payload, raw=False), rules, tz)
+            engine._load(msgpack.unpackb(payload, raw=False))
+            return engine
         except SnapshotError:
             raise
         except Exception as e:
             raise SnapshotError(f"snapshot content is invalid: {type(e).__name__}: {e}") from e
 
-    @classmethod
-    def _from_payload(cls, doc: Any, rules: list[Rule], tz: tzinfo | None) -> Accounting:
-        """Rebuild an engine from the decoded payload; any inconsistency raises."""
+    def _load(self, doc: Any) -> None:
+        """Fill a fresh engine from the decoded payload; any inconsistency raises."""
         if not isinstance(doc, dict):
             raise SnapshotError("snapshot content is invalid: payload is not a map")
-        self = cls(rules, tz)
         now = doc["now"]
         self._now = None if now is None else float(now)
         self._seq = int(doc["seq"])
@@ -1156,7 +1177,6 @@ class Accounting:
             rule = self._by_name.get(e.rule)
             if e.until is None and (rule is None or rule.window.kind != ROLLING):
                 self._orphans.append(e)
-        return self
 
 
 # --- files ----------------------------------------------------------------------------------

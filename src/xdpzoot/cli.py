@@ -452,16 +452,6 @@ def _slots(maps: kernel.Maps, target: str) -> tuple[int, int]:
                              "(addresses of a pool have per-address state only)")
 
 
-def _seconds(text: str) -> int:
-    """A duration such as 90s, 30m, 12h, 7d."""
-    import re
-
-    m = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
-    if not m:
-        raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {text}")
-    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
 @main.command(epilog="""\b
 Examples:
   xdpzoot throttle 1042 --rate 1000
@@ -474,7 +464,12 @@ Examples:
 @click.pass_obj
 def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
     """Hold SUBSCRIBER (id or address) to RATE, now, until `unthrottle` or --for ends."""
-    until = int(time.time()) + _seconds(duration) if duration else 0
+    from .accounting import parse_seconds
+
+    try:
+        until = int(time.time()) + parse_seconds(duration) if duration else 0
+    except ValueError as e:
+        raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {duration}") from e
 
     def go():
         with kernel.lock(o.pin_dir):
@@ -615,10 +610,7 @@ def usage(o: Ctx, subscriber, as_json) -> None:
 
     def go():
         b = o.cfg.bandwidth
-        rules = []
-        if b.rules:
-            with open(b.rules) as f:
-                rules = accounting.parse_rules(f.read(), b.rules)
+        rules = accounting.load_rules(b.rules) if b.rules else []
         data = accounting.load_snapshot(b.state)
         acct = accounting.Accounting.restore(data, rules) if data else \
             accounting.Accounting(rules)
@@ -634,10 +626,8 @@ def usage(o: Ctx, subscriber, as_json) -> None:
 
     try:
         go()
-    except (OSError, SourceError, kernel.KernelError) as e:
+    except (OSError, SourceError, kernel.KernelError, accounting.SnapshotError) as e:
         _fail(str(e))
-    except Exception as e:  # accounting.SnapshotError and friends: clear, not a trace
-        _fail(f"{type(e).__name__}: {e}")
 
 
 # ---- CSAM list ---------------------------------------------------------------------------

@@ -88,10 +88,7 @@ class Daemon:
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
-        rules = []
-        if b.rules:
-            with open(b.rules) as f:
-                rules = accounting.parse_rules(f.read(), b.rules)
+        rules = accounting.load_rules(b.rules) if b.rules else []
         old = self.acct
         self.acct = accounting.Accounting(rules)
         if resume:
@@ -100,8 +97,9 @@ class Daemon:
                 if data is not None:
                     self.acct = accounting.Accounting.restore(data, rules)
                     log(f"resumed from {b.state}")
-            except accounting.SnapshotError as e:
+            except (accounting.SnapshotError, OSError) as e:
                 log(f"warning: {b.state}: {e}; starting afresh (the maps keep enforcing)")
+                self._adopt_throttles()
         elif old is not None:
             self.acct = accounting.Accounting.restore(old.snapshot(), rules)
         self.audit = accounting.AuditLog(b.audit, b.audit_retention_days * 86400)
@@ -109,6 +107,15 @@ class Daemon:
                                      b.congestion_seconds, b.hysteresis,
                                      active=bool(self.maps.control_flags()
                                                  & C["XZ_C_CONGESTION"]))
+
+    def _adopt_throttles(self) -> None:
+        """Without a usable snapshot the rules' history is gone: throttles in force in the
+        kernel are kept, as if set by hand, until `unthrottle` lifts them."""
+        manual = self.maps.manual_throttles()
+        for slot in self.owners():
+            up, down = self.maps.get_throttle(slot)
+            if (up or down) and slot not in manual:
+                self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
 
     def reload(self) -> None:
         """SIGHUP: reread the config and the rules; windows and throttles are kept."""
@@ -136,7 +143,9 @@ class Daemon:
         slot_of = {sid: s for s, sid in owners.items()}
         for a in actions:
             if a.action in ("suspend", "unsuspend"):
-                sync.set_suspended(self.maps, a.subscriber, a.action == "suspend")
+                # Another rule may still hold the subscriber suspended.
+                on = a.values.get("suspended", a.action == "suspend")
+                sync.set_suspended(self.maps, a.subscriber, bool(on))
         self._enforce_rates(now, slot_of)
         self._congestion(now)
         self._watch_sources()
