@@ -24,6 +24,9 @@ its map entries in cache; the "cold" sweep runs a different host per call
 from the data plane's own inline functions over the same maps, price each step.
 
 Usage: bench.py [--quick] [--json] [--repeat N] [--runs N] [--cpu N] [--cold N]
+                [--lists-only | --no-lists]
+
+Then, unless --no-lists, bench_lists.py: the list loading figures.
 """
 
 from __future__ import annotations
@@ -569,6 +572,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="calls per figure (median)")
     p.add_argument("--cpu", type=int, help="CPU to pin to (default: the last allowed)")
     p.add_argument("--cold", type=int, help="hosts per program in the cold sweep")
+    lists = p.add_mutually_exclusive_group()
+    lists.add_argument("--lists-only", action="store_true",
+                       help="only the list loading figures (bench_lists.py)")
+    lists.add_argument("--no-lists", action="store_true",
+                       help="without the list loading figures")
     return p.parse_args(argv)
 
 
@@ -673,11 +681,26 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("bench.py needs root (BPF and mount)")
         return 1
+    if args.lists_only:
+        return lists(args)
     doc = bench(args)
     print(report(doc))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-    return 0
+    return lists(args)
+
+
+def lists(args: argparse.Namespace) -> int:
+    """After ours, the list loading figures (bench/bench_lists.py), unless --no-lists;
+    --quick makes them 100k entries and rows."""
+    if args.no_lists:
+        return 0
+    import bench_lists
+
+    print("", flush=True)
+    return bench_lists.main((["--json"] if args.json else [])
+                            + (["--entries", "100000", "--rows", "100000"] if args.quick
+                               else []))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ our own, one after another on the same machine):
   1.5x of 1k;
 * kernel memory (fdinfo memlock) of the CSAM maps at 1M, and of the subscriber maps.
 
+Where the time goes: the full loads and a further change are run again step by step in
+this process (parse, tables, map reads, writes, each timed), and one more change as the
+CLI under ``python -m cProfile``.
+
 Usage: bench_lists.py [--json] [--entries N] [--rows N] [--seed N] [--runs N]
-                      [--repeat N] [--no-profile]
+                      [--repeat N] [--cold N] [--no-profile]
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import packets  # noqa: E402
 
-from xdpzoot import csam, kernel, schema, tables  # noqa: E402
+from xdpzoot import csam, kernel, loader, schema, sync, tables  # noqa: E402
+from xdpzoot.config import load_config  # noqa: E402
 from xdpzoot.kernel import Entry  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
+from xdpzoot.sources import parse_subscribers  # noqa: E402
 
 ENTRIES = 1_000_000
 ROWS = 1_000_000
@@ -70,6 +76,7 @@ DP_DEFINES = ["-DXZ_MAX_HOSTS=65536", "-DXZ_MAX_PREFIXES=1024",
               f"-DXZ_MAX_CSAM_HOSTS={LIMITS['csam_hosts']}",
               f"-DXZ_MAX_CSAM_PREFIXES={LIMITS['csam_prefixes']}"]
 GOAL_RATIO, GOAL_CHANGE_S, GOAL_PER_PACKET = 1.0, 0.5, 1.5
+GOAL_PATHS = ("unlisted", "host", "prefix")   # the issue's: not listed (pass), listed (drop)
 C = schema.C
 FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP53B"]
             | C["XZ_C_IP53B_V6"])
@@ -370,19 +377,6 @@ PHASES = {
         ("  batch updates", "kernel.py:update_many"),
         ("  batch deletes", "kernel.py:delete_many"),
     ],
-    "subscribers": [
-        ("parse and validate", "sources.py:parse_subscribers"),
-        ("build the tables", "tables.py:subscriber_tables"),
-        ("open the maps (bcc compile of maps.h)", "cli.py:maps"),
-        ("apply: plan and write, in all", "sync.py:apply_subscribers"),
-        ("  plan: read the maps, diff", "sync.py:plan_subscribers"),
-        ("    read the host map", "kernel.py:host_items"),
-        ("    read the prefix map", "kernel.py:prefix_items"),
-        ("  write host entries (batch)", "kernel.py:set_hosts"),
-        ("  delete host entries (batch)", "kernel.py:del_hosts"),
-        ("  write prefix entries (one by one)", "kernel.py:set_prefix"),
-        ("  delete prefix entries", "kernel.py:del_prefix"),
-    ],
 }
 
 
@@ -405,6 +399,53 @@ def profile_phases(path: Path, kind: str) -> dict:
     phases += [(label, cum[key]) for label, key in PHASES[kind] if key in cum]
     own.sort(reverse=True)
     return {"phases": phases, "own": [(n, t) for t, n in own[:5]]}
+
+
+class Steps:
+    """Steps of a command run in this process, each timed (perf_counter)."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+
+    def __call__(self, label: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        r = fn(*args)
+        self.times.append((label, time.perf_counter() - t0))
+        return r
+
+
+def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], csam.LoadResult]:
+    """What `xdpzoot blocklist load` does (cli.load_csam), step by step in this process,
+    the whole of csam.load being one step; the idle generation's keys are also read
+    alone first, to show that part of it."""
+    st = Steps()
+    data, _ = st("read the file", csam.read_list, str(path))
+    maps = st("open the pinned maps", csam.Maps, pin)
+    try:
+        st("digest: is it the list in force?", csam.in_force, maps, data)
+        lst = st("parse and validate", csam.parse_csam_bytes, data, str(path))
+        idle = 1 - (maps.word()[1] & C["XZ_CSAM_GEN"])
+        st("(read the idle generation's keys alone)",
+           lambda: (maps.hosts[idle].keys(), maps.prefixes[idle].keys()))
+        res = st("csam.load: read idle keys, diff, write, switch", csam.load, maps, lst)
+    finally:
+        maps.close()
+    return st.times, res
+
+
+def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, float]],
+                                                               sync.Change]:
+    """What `xdpzoot subscribers load` does, step by step in this process; the plan is
+    also made alone first, to show that part of sync.apply_subscribers."""
+    st = Steps()
+    config = load_config(str(cfg))
+    rows = st("read, parse and validate", parse_subscribers, str(path))
+    hosts, prefixes = st("build the tables", tables.subscriber_tables, rows)
+    maps = st("open the maps (bcc compile of maps.h)", loader.open_maps, config, pin)
+    st("(plan alone: read the maps, diff)", sync.plan_subscribers, maps, hosts, prefixes)
+    change = st("sync.apply_subscribers: plan, write", sync.apply_subscribers, maps, hosts,
+                prefixes)
+    return st.times, change
 
 
 # ---- per packet ---------------------------------------------------------------------------
@@ -521,12 +562,14 @@ class Doc:
     memory: dict = field(default_factory=dict)
     per_packet: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
 
 
 def bench(args: argparse.Namespace) -> Doc:
     t_start = time.monotonic()
+    with_all_cpus()
     rng = random.Random(args.seed)
     doc = Doc({"kernel": platform.release(), "cpus": os.cpu_count(), "entries": args.entries,
                "rows": args.rows, "seed": args.seed, "limits": LIMITS,
@@ -617,8 +660,14 @@ def bench(args: argparse.Namespace) -> Doc:
         log(f"  the same file again {dt:.2f} s (in force: nothing written)")
         dt, _ = run.run([sys.executable, "-c", "import xdpzoot.cli"])
         doc.figures["cli_import_s"] = dt
+        log("  one more change, in this process, step by step ...")
+        cur = changed(cur, hrng, s.spare_prefixes4, new_host)
+        p = tmp / "csam-A-steps.txt"
+        write_private(p, list_text(cur))
+        times, res = csam_steps(pin, p)
+        doc.steps["1k change"] = {"steps": times, "added": res.added, "removed": res.removed}
         if not args.no_profile:
-            # One more change under cProfile: where the time of a change goes.
+            log("  and one more under cProfile ...")
             cur = changed(cur, hrng, s.spare_prefixes4, new_host)
             p = tmp / "csam-A-profiled.txt"
             write_private(p, list_text(cur))
@@ -656,20 +705,18 @@ def bench(args: argparse.Namespace) -> Doc:
         run.run(["ipset", "destroy", "xzsub4"])
         run.run(["ipset", "destroy", "xzsub6"])
         doc.memory["subs"] = memlock(pin, SUB_MAPS)
-        if not args.no_profile:
-            # Full loads under cProfile, into the fresh maps of another instance: where
-            # the time of the two first figures goes.
-            log("profiling full loads into fresh maps (another instance) ...")
-            pin2 = os.path.join(root, "cli2")
-            run.run(xdpzoot_argv(cfg, pin2, "subscribers", "load", str(tiny)))
-            for name, kind, argv in (
-                    ("full CSAM list load", "blocklist", ["blocklist", "load", str(lst_a)]),
-                    ("full subscriber load", "subscribers", ["subscribers", "load",
-                                                             str(subs)])):
-                prof = tmp / f"{kind}.prof"
-                dt, _ = run.run(xdpzoot_argv(cfg, pin2, *argv, profile=prof))
-                doc.profiles[name] = {"wall_s": dt, **profile_phases(prof, kind)}
-            kernel.unpin_all(pin2)
+        # The two full loads again, step by step in this process, into the fresh maps of
+        # a second instance: where the time of the first figures goes.
+        log("full loads step by step, in this process, into fresh maps ...")
+        pin2 = os.path.join(root, "cli2")
+        run.run(xdpzoot_argv(cfg, pin2, "subscribers", "load", str(tiny)))
+        times, res = csam_steps(pin2, lst_a)
+        doc.steps["full CSAM list load"] = {"steps": times, "added": res.added,
+                                            "removed": res.removed}
+        times, ch = subscriber_steps(cfg, pin2, subs)
+        doc.steps["full subscriber load"] = {"steps": times, "added": ch.added,
+                                             "removed": ch.removed}
+        kernel.unpin_all(pin2)
 
         # -- per packet ------------------------------------------------------------------
         kernel.unpin_all(pin)   # the CLI's maps: their memory is measured, free it
@@ -706,6 +753,14 @@ def bench(args: argparse.Namespace) -> Doc:
     return doc
 
 
+def with_all_cpus() -> None:
+    """Undo a pinning inherited from bench.py: the tools compared run as they would."""
+    try:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    except OSError:
+        pass
+
+
 def _net24(a: str) -> int:
     return int(ipaddress.IPv4Address(a)) & ~0xFF
 
@@ -739,7 +794,8 @@ def goals(doc: Doc) -> dict:
         per[key] = {"small_ns": med(small), "big_ns": med(big), "ratio": med(big) / med(small),
                     "ratio_runs": [min(paired), max(paired)]}
     g["per_packet"] = per
-    g["per_packet_ok"] = all(v["ratio"] <= GOAL_PER_PACKET for v in per.values())
+    g["per_packet_ok"] = all(per[k]["ratio"] <= GOAL_PER_PACKET for k in GOAL_PATHS)
+    g["per_packet_all_ok"] = all(v["ratio"] <= GOAL_PER_PACKET for v in per.values())
     c = pp["cold"]
     g["cold_ratio"] = med(c["big"]) / med(c["small"])
     return g
@@ -809,7 +865,9 @@ def report(doc: Doc) -> str:
     row(f"per packet, cold: {len(c['small'])} unlisted destinations, repeat 1",
         f"{med(c['small']):.0f}/{med(c['big']):.0f} ns")
     row(f"  {sb} (cold; each figure includes a clock read)", f"{g['cold_ratio']:.2f}")
-    row("per-packet goal, every path", "", "<= 1.5", g["per_packet_ok"])
+    row("per-packet goal: not listed (pass), listed (drop)", "", "<= 1.5",
+        g["per_packet_ok"])
+    row("  and with the near miss too", "", "<= 1.5", g["per_packet_all_ok"])
     cs = m["csam"]
     lists = sum(cs[k]["memlock"] for k in ("xz_csam_h0", "xz_csam_h1", "xz_csam_p0",
                                            "xz_csam_p1"))
@@ -835,6 +893,20 @@ def report(doc: Doc) -> str:
     if m.get("subs_ipset_bytes"):
         row("  ipset's own size in memory of the same entries",
             f"{m['subs_ipset_bytes'] / 2**20:.1f} MiB")
+    startup = f["cli_import_s"]
+    wall = {"full CSAM list load": f["csam_xdpzoot_s"], "1k change": f["change_s"],
+            "full subscriber load": f["subs_xdpzoot_s"]}
+    for name, sd in doc.steps.items():
+        out += ["", f"where the time goes: {name}, the command's steps timed one by one in "
+                f"this process (+{sd['added']:,}/-{sd['removed']:,}); seconds"]
+        total = startup
+        out.append(f"  {'python start-up + imports (a separate process)':<56}{startup:>8.2f}")
+        for label, sec in sd["steps"]:
+            out.append(f"  {label:<56}{sec:>8.2f}")
+            if not label.startswith("("):
+                total += sec
+        out.append(f"  {'sum (the CLI command took ' + format(wall[name], '.2f') + ' s)':<56}"
+                   f"{total:>8.2f}")
     for name, pr in doc.profiles.items():
         out += ["", f"where the time goes: {name}, python -m cProfile of the CLI command "
                 f"(wall {pr['wall_s']:.2f} s with the profiler; seconds, cumulative)"]
@@ -856,7 +928,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=7, help="per-packet calls per figure")
     p.add_argument("--repeat", type=int, default=200_000, help="per-packet iterations")
     p.add_argument("--cold", type=int, default=2_000, help="destinations in the cold sweep")
-    p.add_argument("--no-profile", action="store_true", help="skip the cProfile runs")
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
     return p.parse_args(argv)
 
 

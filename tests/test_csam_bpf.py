@@ -484,14 +484,9 @@ def test_hits_by_generation_and_family(cdp, cmaps):
     assert cdp.counters()[(A, "drop", "csam")] == 14
 
 
-HITS_BUG = ("kernel.PinnedMap.lookup sizes the value buffer by value_size (8) also for "
-            "per-CPU maps, where the kernel copies value_size x possible CPUs: "
-            "csam.Maps.hit_counts (and so `blocklist status`) sees CPU 0's counter only "
-            "(and the lookup writes past its buffer); a hit counted on CPU 1 is lost")
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a second CPU")
-@pytest.mark.xfail(strict=True, reason=HITS_BUG)
 def test_status_hits_count_every_cpu(cdp, cmaps):
     load_world(cdp, model_tables(), flags_of(()))
     put(cmaps, 1)

@@ -650,12 +650,20 @@ def _progress(total: int, label: str):
     return bar, bar.update
 
 
-def load_csam(pin_dir: str, path: str, strict: bool = False) -> dict:
-    """Validate the list file, then swap it in (under the instance's lock)."""
+def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
+    """Validate the list file, then swap it in (under the instance's lock; not attached
+    yet: the maps are created, and attach finds them)."""
     data, warnings = csam.read_list(path, strict=strict)
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
-    with kernel.lock(pin_dir), csam.Maps(pin_dir) as maps:
+    with kernel.lock(o.pin_dir):
+        if not kernel.pinned(o.pin_dir):
+            o.maps(create=True)
+        return _load_csam_locked(o.pin_dir, path, data)
+
+
+def _load_csam_locked(pin_dir: str, path: str, data: bytes) -> dict:
+    with csam.Maps(pin_dir) as maps:
         if csam.in_force(maps, data):   # validated when it was loaded: nothing to do
             st = csam.status(maps)
             return {"added": 0, "removed": 0, "generation": st["generation"],
@@ -687,9 +695,7 @@ def blocklist_load(o: Ctx, file, strict, as_json) -> None:
     changes nothing. Loading the list in force again writes nothing."""
 
     def go():
-        if not kernel.pinned(o.pin_dir):
-            o.maps(create=True)   # not attached yet: create the maps, attach finds them
-        r = load_csam(o.pin_dir, file, strict)
+        r = load_csam(o, file, strict)
         _emit(as_json, r, lambda: click.echo(
             f"CSAM list: {r['hosts4'] + r['hosts6']} addresses, "
             f"{r['prefixes4'] + r['prefixes6']} prefixes; "

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 from . import schema
 from .kernel import KernelError, PinnedMap
-from .sources import SourceError
+from .sources import V4MAPPED_PROBLEM, SourceError, overlaps_v4mapped
 from .tables import Key
 
 V4MAPPED = bytes(10) + b"\xff\xff"
+_WS = " \t\r\x0b\x0c"   # what bytes.strip() removes (and str.strip() more): one verdict
 # Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
 LPM_KEY = struct.Struct("=I16s")          # struct xz_lpm_key
 CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
@@ -63,14 +64,16 @@ def _parse_line(s: bytes) -> tuple[bytes | None, Key | None, str | None]:
             a, width, extra = socket.inet_pton(socket.AF_INET6, text), 128, 0
         else:
             a, width, extra = V4MAPPED + socket.inet_pton(socket.AF_INET, text), 32, 96
-    except (OSError, UnicodeDecodeError):
+    except (OSError, ValueError):   # ValueError: undecodable, or a NUL inside
         return None, None, "not an IPv4 or IPv6 address or prefix"
+    if slash and (not plen_s.isdigit() or len(plen_s) > 3 or int(plen_s) > width):
+        return None, None, "bad prefix length"
+    plen = int(plen_s) if slash else width
+    n = int.from_bytes(a, "big")
+    if width == 128 and overlaps_v4mapped(n, plen):
+        return None, None, V4MAPPED_PROBLEM
     if not slash:
         return a, None, None
-    if not plen_s.isdigit() or len(plen_s) > 3 or int(plen_s) > width:
-        return None, None, "bad prefix length"
-    plen = int(plen_s)
-    n = int.from_bytes(a, "big")
     if n & ((1 << (width - plen)) - 1):
         return None, None, "host bits set in the prefix"
     if plen == width:
@@ -100,18 +103,20 @@ def _parse_fast(data: bytes) -> CsamList | None:
     lines = text.split("\n")
     if "#" in text:
         lines = [x.split("#", 1)[0] for x in lines]
-    lines = [x for x in map(str.strip, lines) if x]
+    lines = [x for x in (y.strip(_WS) for y in lines) if x]
     plain = [x for x in lines if "/" not in x]
     pton, af4, af6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
     try:
         hosts = {V4MAPPED + pton(af4, x) for x in plain if ":" not in x}
-    except OSError:
+    except (OSError, ValueError):
         return None
     h4 = len(hosts)
     try:
         hosts6 = {pton(af6, x) for x in plain if ":" in x}
-    except OSError:
+    except (OSError, ValueError):
         return None
+    if any(h[:12] == V4MAPPED for h in hosts6):
+        return None   # IPv6 spelling of an IPv4-mapped address: an error, reported below
     prefixes: set[Key] = set()
     if len(plain) != len(lines):
         for x in lines:

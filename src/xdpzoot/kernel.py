@@ -148,6 +148,17 @@ class _BatchOpts(ct.Structure):
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_PERCPU_HASH = 5
+PERCPU_TYPES = (5, 6, 10)   # percpu hash, percpu array, LRU percpu hash
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map returns: one per possible CPU."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        n = 0
+        for part in f.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            n += int(hi or lo) - int(lo) + 1
+        return n
 BATCH = 65536
 
 
@@ -183,7 +194,11 @@ class PinnedMap:
         self.close()
 
     def lookup(self, key: bytes) -> bytes | None:
-        val = ct.create_string_buffer(self.value_size)
+        """The value; for a per-CPU map all CPUs' values, each rounded up to 8 bytes."""
+        size = self.value_size
+        if self.type in PERCPU_TYPES:
+            size = (size + 7) // 8 * 8 * possible_cpus()
+        val = ct.create_string_buffer(size)
         if _libbpf.bpf_map_lookup_elem(self.fd, key, val) != 0:
             return None
         return val.raw

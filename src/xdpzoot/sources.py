@@ -181,7 +181,26 @@ def _u32(text: str) -> int | None:
     return None
 
 
+_V4MAPPED = 0xFFFF << 32   # ::ffff:0:0/96, where the maps keep IPv4 addresses
+V4MAPPED_PROBLEM = "IPv6 entry overlapping ::ffff:0:0/96 (write IPv4 addresses as IPv4)"
+
+
+def overlaps_v4mapped(value: int, plen: int) -> bool:
+    """Whether the IPv6 prefix ``value/plen`` shares addresses with ::ffff:0:0/96: the maps
+    hold IPv4 there, so such an entry would match IPv4 packets."""
+    return value < _V4MAPPED + (1 << 32) and _V4MAPPED < value + (1 << (128 - plen))
+
+
 def _parse_network(text: str) -> tuple[int, int, int] | str:
+    """``(version, network int, prefixlen)`` of an address or prefix, or the problem with it.
+    IPv6 entries may not reach into ::ffff:0:0/96 (see overlaps_v4mapped)."""
+    got = _parse_network_any(text)
+    if not isinstance(got, str) and got[0] == 6 and overlaps_v4mapped(got[1], got[2]):
+        return f"{V4MAPPED_PROBLEM}: {text}"
+    return got
+
+
+def _parse_network_any(text: str) -> tuple[int, int, int] | str:
     """``(version, network int, prefixlen)`` of an address or prefix, or the problem with it.
 
     The address part is parsed by inet_pton, which accepts the same spellings as ``ipaddress``
