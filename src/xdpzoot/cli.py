@@ -41,6 +41,22 @@ class Ctx:
         return loader.open_maps(self.cfg, self.pin_dir)
 
 
+def _audit(o: Ctx, subscriber: int | str, action: str, rate_kbps: int | None = None,
+           **values) -> None:
+    """An operator's policy action, into the audit log that the daemon writes too.
+    If it cannot be written: a warning, the action stands."""
+    from . import accounting
+
+    b = o.cfg.bandwidth
+    try:
+        os.makedirs(os.path.dirname(b.audit) or ".", mode=0o700, exist_ok=True)
+        log = accounting.AuditLog(b.audit, b.audit_retention_days * 86400)
+        log.write([accounting.Action(time.time(), subscriber, "operator", action, rate_kbps,
+                                     values)])
+    except OSError as e:
+        click.echo(f"xdpzoot: warning: audit log {b.audit}: {e.strerror}", err=True)
+
+
 def _fail(msg: str) -> None:
     click.echo(f"xdpzoot: error: {msg}", err=True)
     sys.exit(1)
@@ -401,6 +417,8 @@ def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
         if not done:
             _fail(f"no subscriber {target}")
         word = "suspended" if on else "resumed"
+        _audit(o, key if isinstance(key, int) else target, "suspend" if on else "unsuspend",
+               entries=len(done))
         _emit(as_json, {word: done}, lambda: click.echo(f"{word}: {', '.join(done)}"))
 
     _run(go)
@@ -480,6 +498,7 @@ def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
             maps.set_throttle(slot, min(x for x in (up, rate) if x), min(x for x in (down, rate)
                                                                        if x))
         data = {"subscriber": sid, "rate_kbps": rate, "until": until or None}
+        _audit(o, sid, "throttle", rate, until=until or None)
         _emit(as_json, data, lambda: click.echo(
             f"subscriber {sid} throttled to {rate} kbit/s"
             + (f" until {time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}" if until
@@ -504,6 +523,7 @@ def unthrottle(o: Ctx, subscriber, as_json) -> None:
             sid, slot = _slots(maps, subscriber)
             maps.del_manual(slot)
             maps.set_throttle(slot, 0, 0)
+        _audit(o, sid, "release")
         _emit(as_json, {"subscriber": sid, "unthrottled": True},
               lambda: click.echo(f"subscriber {sid}: throttle lifted"))
 
