@@ -74,6 +74,7 @@ class Daemon:
     audit: accounting.AuditLog | None = None
     congestion: Congestion | None = None
     watched: dict[str, tuple[int, int]] = field(default_factory=dict)
+    plans: dict[int, str] = field(default_factory=dict)   # subscriber id -> service plan
     reload_wanted: bool = False
     stop_wanted: bool = False
     _last_purge: float = 0.0
@@ -85,6 +86,15 @@ class Daemon:
         self.maps = loader.open_maps(self.cfg, self.pin_dir)
         self._load_rules(resume=True)
         self._watch_init()
+        if self.cfg.sources.subscribers:
+            try:
+                self._plans(parse_subscribers(self.cfg.sources.subscribers))
+            except SourceError as e:
+                log(f"plans not read: {e}")
+
+    def _plans(self, rows) -> None:
+        """Service plans by subscriber, for rules that cover plans."""
+        self.plans = {r.sub_id: r.plan for r in rows if r.plan}
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
@@ -139,7 +149,7 @@ class Daemon:
         owners = self.owners()
         vols = self.maps.volumes(owners)
         counters = {owners[s]: (v.up_bytes, v.down_bytes) for s, v in vols.items()}
-        actions = self.acct.observe(now, counters)
+        actions = self.acct.observe(now, counters, self.plans)
         slot_of = {sid: s for s, sid in owners.items()}
         for a in actions:
             if a.action in ("suspend", "unsuspend"):
@@ -217,6 +227,7 @@ class Daemon:
                     if path == self.cfg.sources.subscribers:
                         rows = parse_subscribers(path)
                         c = sync.apply_subscribers(self.maps, *tables.subscriber_tables(rows))
+                        self._plans(rows)
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:

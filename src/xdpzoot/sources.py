@@ -35,7 +35,7 @@ __all__ = [
 FLAGS = ("suspended", "op25b_exempt", "ip53b_exempt")
 TYPES = ("dynamic", "static")
 REQUIRED_COLUMNS = ("subscriber", "address", "type")
-OPTIONAL_COLUMNS = ("up_kbps", "down_kbps", "flags")
+OPTIONAL_COLUMNS = ("up_kbps", "down_kbps", "flags", "plan")
 U32_MAX = 0xFFFF_FFFF
 MAX_SHOWN = 20  # problems printed by str(SourceError); the rest are counted
 
@@ -77,6 +77,7 @@ class Subscriber:
     up_kbps: int  # 0 = unlimited
     down_kbps: int  # 0 = unlimited
     flags: frozenset[str]
+    plan: str = ""  # service plan name, for the volume rules' `plans` (not in the kernel)
 
 
 def read_source(path: str) -> str:
@@ -365,6 +366,7 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
     i_up = columns.get("up_kbps")
     i_down = columns.get("down_kbps")
     i_flags = columns.get("flags")
+    i_plan = columns.get("plan")
 
     rows: list[Subscriber] = []
     # (version, network int, prefixlen) -> line of its first row; also feeds the overlap sweep.
@@ -440,12 +442,14 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
             else:
                 flags = got_flags
 
+        plan = fields[i_plan].strip() if i_plan is not None else ""
+
         if row_problems:
             problems.extend((number, p) for p in row_problems)
         elif key is not None and not problems:
             # Once the file is known bad no rows are returned: stop building them.
             net = make_network[key[0]](key[1], key[2])
-            rows.append(Subscriber(number, sub_id, net, kind, up, down, flags))
+            rows.append(Subscriber(number, sub_id, net, kind, up, down, flags, plan))
 
     if strict:
         problems.extend(_overlaps(first))
