@@ -241,33 +241,33 @@ class PinnedMap:
     def update_many(self, keys: list[bytes], value: bytes,
                     progress: Callable[[int], None] | None = None) -> None:
         """Write ``value`` under every key, in batches where the map type has them."""
-        for i in range(0, len(keys), BATCH):
-            chunk = keys[i:i + BATCH]
-            if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
-                count = ct.c_uint32(len(chunk))
-                opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
-                _check(_libbpf.bpf_map_update_batch(self.fd, b"".join(chunk),
-                                                    value * len(chunk), ct.byref(count),
-                                                    ct.byref(opts)), f"update {self.path}")
-            else:
-                for k in chunk:
-                    _check(_libbpf.bpf_map_update_elem(self.fd, k, value, 0),
-                           f"update {self.path}")
-            if progress:
-                progress(len(chunk))
+        self._many(keys, value, progress)
 
     def delete_many(self, keys: list[bytes],
                     progress: Callable[[int], None] | None = None) -> None:
+        """Delete every key, in batches where the map type has them."""
+        self._many(keys, None, progress)
+
+    def _many(self, keys: list[bytes], value: bytes | None,
+              progress: Callable[[int], None] | None) -> None:
+        what = f"{'update' if value is not None else 'delete'} {self.path}"
+        batch = self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH)
         for i in range(0, len(keys), BATCH):
             chunk = keys[i:i + BATCH]
-            if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH):
+            if batch:
                 count = ct.c_uint32(len(chunk))
-                opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
-                _check(_libbpf.bpf_map_delete_batch(self.fd, b"".join(chunk), ct.byref(count),
-                                                    ct.byref(opts)), f"delete {self.path}")
+                opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
+                joined = b"".join(chunk)
+                rc = (_libbpf.bpf_map_update_batch(self.fd, joined, value * len(chunk),
+                                                   ct.byref(count), opts)
+                      if value is not None else
+                      _libbpf.bpf_map_delete_batch(self.fd, joined, ct.byref(count), opts))
+                _check(rc, what)
             else:
                 for k in chunk:
-                    _check(_libbpf.bpf_map_delete_elem(self.fd, k), f"delete {self.path}")
+                    _check(_libbpf.bpf_map_update_elem(self.fd, k, value, 0)
+                           if value is not None else _libbpf.bpf_map_delete_elem(self.fd, k),
+                           what)
             if progress:
                 progress(len(chunk))
 
