@@ -17,32 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from xdpzoot.lab import Lab, lab_down, lab_up, netns_run, read_maildir
+from xdpzoot.lab import Lab, lab_config, lab_down, lab_up, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
 
 XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
-
-SUBSCRIBERS = """\
-subscriber,address,type,up_kbps,down_kbps,flags
-100,100.64.1.0/24,dynamic,,,
-100,2001:db8:1::/64,dynamic,,,
-200,198.51.100.8/29,static,100000,100000,
-200,2001:db8:2::/64,static,100000,100000,
-"""
-
-CONFIG = """\
-[interfaces]
-access = ["acc-dyn", "acc-sta"]
-core = ["core0"]
-[op25b]
-action = "{action}"
-allow = ["192.0.2.25/32", "2001:db8:ff::25/128"]
-[suspend]
-allow = ["192.0.2.80/32", "2001:db8:ff::80/128"]
-[sources]
-subscribers = "{subs}"
-"""
 
 SMTP = """
 import smtplib, socket, sys
@@ -77,9 +56,7 @@ class Router:
         self.config = workdir / "xdpzoot.toml"
 
     def write_config(self, action: str = "drop") -> None:
-        subs = self.workdir / "subscribers.csv"
-        subs.write_text(SUBSCRIBERS)
-        self.config.write_text(CONFIG.format(action=action, subs=subs))
+        lab_config(self.lab, self.workdir, action=action)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return netns_run(self.lab.router, XDPZOOT, "--config", str(self.config), "--pin-dir",

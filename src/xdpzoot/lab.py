@@ -540,21 +540,32 @@ LAB_CONFIG = """\
 access = ["acc-dyn", "acc-sta"]
 core = ["core0"]
 [op25b]
-action = "drop"
+action = "{action}"
 allow = ["192.0.2.25/32", "2001:db8:ff::25/128"]   # the lab's mail relay
 [suspend]
 allow = ["192.0.2.80/32", "2001:db8:ff::80/128"]   # the lab's support site
+[bandwidth]
+state = "{directory}/state.msgpack"
+audit = "{directory}/audit.jsonl"
 [sources]
 subscribers = "{subscribers}"
 """
 
 
-def _write_config(lab: Lab) -> None:
-    """A config and subscriber file that fit the lab, for people trying it by hand."""
-    subs = lab.rundir / "subscribers.csv"
+def lab_config(lab: Lab, directory: Path, action: str = "drop", extra: str = "") -> Path:
+    """Write a config and subscriber file that fit the lab into ``directory``; returns the
+    config's path. ``extra`` is appended TOML (more sections)."""
+    subs = directory / "subscribers.csv"
     subs.write_text(LAB_SUBSCRIBERS)
-    (lab.rundir / "xdpzoot.toml").write_text(
-        LAB_CONFIG.format(prefix=lab.prefix, subscribers=subs))
+    cfg = directory / "xdpzoot.toml"
+    cfg.write_text(LAB_CONFIG.format(prefix=lab.prefix, subscribers=subs, action=action,
+                                     directory=directory) + extra)
+    return cfg
+
+
+def _write_config(lab: Lab) -> None:
+    """The lab's own config, for people trying it by hand."""
+    lab_config(lab, lab.rundir)
 
 
 def _netns_inode(ns: str) -> int | None:
