@@ -56,8 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))   # packets.py: frames from model.Packet
 sys.path.insert(0, str(ROOT / "src"))
 
-import packets  # noqa: E402
-
 from xdpzoot import csam, kernel, loader, schema, sync, tables  # noqa: E402
 from xdpzoot.config import load_config  # noqa: E402
 from xdpzoot.kernel import Entry  # noqa: E402
@@ -339,6 +337,14 @@ class Runner:
                                f"{r.stderr.decode(errors='replace')[-2000:]}")
         return dt, r
 
+    def steps(self, kind: str, cfg: Path, pin: str, path: Path) -> dict:
+        """This file's --steps mode: one command's steps, each timed, in a process as
+        fresh as the CLI's (timed in the benchmark's own process, the steps would pay for
+        the garbage collector walking its millions of objects)."""
+        _, r = self.run([sys.executable, __file__, "--steps", kind, "--config", str(cfg),
+                         "--pin-dir", pin, str(path)])
+        return json.loads(r.stdout)
+
 
 def xdpzoot_argv(cfg: Path, pin: str, *args: str, profile: Path | None = None) -> list[str]:
     pre = [sys.executable]
@@ -463,6 +469,8 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
                repeat: int, cold_n: int) -> dict:
     """Both lists in the two generations of one instance; every path timed round-robin
     with the control word switched between them."""
+    import packets  # scapy: imported only here (the --steps processes stay lean)
+
     log("per packet: compiling the data plane with 1.1M-entry list maps ...")
     pin = os.path.join(root, "dp")
     t0 = time.monotonic()
@@ -545,7 +553,9 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
             for label, w in words.items():
                 cm.set_word(w)
                 cold[label].append(kernel.test_run(fd, f, 1).duration_ns)
-    return {"runs": res, "labels": {p.key: p.label for p in paths}, "cold": cold,
+    cold_sum = {k: {"median": med(v), "p90": float(statistics.quantiles(v, n=10)[-1]),
+                    "n": len(v)} for k, v in cold.items()}
+    return {"runs": res, "labels": {p.key: p.label for p in paths}, "cold": cold_sum,
             "sizes": {"small": len(small.hosts) + len(small.prefixes),
                       "big": len(big.hosts) + len(big.prefixes)},
             "compile_s": compile_s, "repeat": repeat, "n_runs": runs}
@@ -660,12 +670,11 @@ def bench(args: argparse.Namespace) -> Doc:
         log(f"  the same file again {dt:.2f} s (in force: nothing written)")
         dt, _ = run.run([sys.executable, "-c", "import xdpzoot.cli"])
         doc.figures["cli_import_s"] = dt
-        log("  one more change, in this process, step by step ...")
+        log("  one more change, step by step in a fresh process ...")
         cur = changed(cur, hrng, s.spare_prefixes4, new_host)
         p = tmp / "csam-A-steps.txt"
         write_private(p, list_text(cur))
-        times, res = csam_steps(pin, p)
-        doc.steps["1k change"] = {"steps": times, "added": res.added, "removed": res.removed}
+        doc.steps["1k change"] = run.steps("csam", cfg, pin, p)
         if not args.no_profile:
             log("  and one more under cProfile ...")
             cur = changed(cur, hrng, s.spare_prefixes4, new_host)
@@ -705,17 +714,13 @@ def bench(args: argparse.Namespace) -> Doc:
         run.run(["ipset", "destroy", "xzsub4"])
         run.run(["ipset", "destroy", "xzsub6"])
         doc.memory["subs"] = memlock(pin, SUB_MAPS)
-        # The two full loads again, step by step in this process, into the fresh maps of
-        # a second instance: where the time of the first figures goes.
-        log("full loads step by step, in this process, into fresh maps ...")
+        # The two full loads again, step by step in a fresh process each, into the fresh
+        # maps of a second instance: where the time of the first figures goes.
+        log("full loads step by step (fresh processes, fresh maps) ...")
         pin2 = os.path.join(root, "cli2")
         run.run(xdpzoot_argv(cfg, pin2, "subscribers", "load", str(tiny)))
-        times, res = csam_steps(pin2, lst_a)
-        doc.steps["full CSAM list load"] = {"steps": times, "added": res.added,
-                                            "removed": res.removed}
-        times, ch = subscriber_steps(cfg, pin2, subs)
-        doc.steps["full subscriber load"] = {"steps": times, "added": ch.added,
-                                             "removed": ch.removed}
+        doc.steps["full CSAM list load"] = run.steps("csam", cfg, pin2, lst_a)
+        doc.steps["full subscriber load"] = run.steps("subscribers", cfg, pin2, subs)
         kernel.unpin_all(pin2)
 
         # -- per packet ------------------------------------------------------------------
@@ -797,7 +802,7 @@ def goals(doc: Doc) -> dict:
     g["per_packet_ok"] = all(per[k]["ratio"] <= GOAL_PER_PACKET for k in GOAL_PATHS)
     g["per_packet_all_ok"] = all(v["ratio"] <= GOAL_PER_PACKET for v in per.values())
     c = pp["cold"]
-    g["cold_ratio"] = med(c["big"]) / med(c["small"])
+    g["cold_ratio"] = c["big"]["median"] / c["small"]["median"]
     return g
 
 
@@ -862,8 +867,8 @@ def report(doc: Doc) -> str:
             f"{v['ratio']:.2f}", "<= 1.5", v["ratio"] <= GOAL_PER_PACKET)
     row("per packet, floor (xz_xdp_empty)", f"{med(pp['runs']['floor']):.0f} ns")
     c = pp["cold"]
-    row(f"per packet, cold: {len(c['small'])} unlisted destinations, repeat 1",
-        f"{med(c['small']):.0f}/{med(c['big']):.0f} ns")
+    row(f"per packet, cold: {c['small']['n']} unlisted destinations, repeat 1",
+        f"{c['small']['median']:.0f}/{c['big']['median']:.0f} ns")
     row(f"  {sb} (cold; each figure includes a clock read)", f"{g['cold_ratio']:.2f}")
     row("per-packet goal: not listed (pass), listed (drop)", "", "<= 1.5",
         g["per_packet_ok"])
@@ -898,7 +903,7 @@ def report(doc: Doc) -> str:
             "full subscriber load": f["subs_xdpzoot_s"]}
     for name, sd in doc.steps.items():
         out += ["", f"where the time goes: {name}, the command's steps timed one by one in "
-                f"this process (+{sd['added']:,}/-{sd['removed']:,}); seconds"]
+                f"a process of their own (+{sd['added']:,}/-{sd['removed']:,}); seconds"]
         total = startup
         out.append(f"  {'python start-up + imports (a separate process)':<56}{startup:>8.2f}")
         for label, sec in sd["steps"]:
@@ -929,11 +934,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=200_000, help="per-packet iterations")
     p.add_argument("--cold", type=int, default=2_000, help="destinations in the cold sweep")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    p.add_argument("--steps", choices=("csam", "subscribers"), help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--pin-dir", help=argparse.SUPPRESS)
+    p.add_argument("file", nargs="?", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.steps:   # internal: one command's steps (see Runner.steps)
+        if args.steps == "csam":
+            times, res = csam_steps(args.pin_dir, Path(args.file))
+        else:
+            times, res = subscriber_steps(Path(args.config), args.pin_dir, Path(args.file))
+        print(json.dumps({"steps": times, "added": res.added, "removed": res.removed}))
+        return 0
     if os.geteuid() != 0:
         log("bench_lists.py needs root (BPF, mount, network namespaces)")
         return 1

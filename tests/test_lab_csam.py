@@ -281,7 +281,7 @@ def lists(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def receiver(lab) -> Iterator[Receiver]:
-    rx = Receiver(lab.inet, lifetime=240)
+    rx = Receiver(lab.inet, lifetime=600)   # bounded, and stopped at the end
     try:
         yield rx
     finally:
@@ -422,11 +422,9 @@ def test_reject_replies(lab, router, rejecting):
     # Unlisted: the SMTP sink answers on every address of the inet namespace.
     assert probe(lab, lab.dyn, "tcp", a["other4"], 587)["result"] == "connected"
     assert probe(lab, lab.static, "tcp", a["other4"], 25)["result"] == "connected"
-    # Listed: a RST from the router, at once.
-    t0 = time.monotonic()
+    # Listed: a RST from the router (no SMTP server answers it: the SYN never gets there).
     assert probe(lab, lab.dyn, "tcp", ALWAYS, 587)["result"] == "refused"
     assert probe(lab, lab.static, "tcp", ALWAYS, 25)["result"] == "refused"
-    assert time.monotonic() - t0 < 2.5
     # Port 25 from a dynamic subscriber is OP25B's first (action "drop" here): the
     # CSAM rule decides only what the subscriber rules pass, so no RST but silence.
     assert probe(lab, lab.dyn, "tcp", ALWAYS, 25)["result"] == "timeout"

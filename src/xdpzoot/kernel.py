@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +320,11 @@ def ensure_bpffs(pin_dir: str) -> None:
     if libc.mount(b"bpf", mnt.encode(), b"bpf", 0, None) != 0:
         raise KernelError(f"cannot mount bpffs at {mnt}: {os.strerror(ct.get_errno())}")
     os.makedirs(pin_dir, exist_ok=True)
+    if mnt.startswith("/sys/") and _in_named_netns():
+        sys.stderr.write(
+            f"xdpzoot: warning: mounted a BPF filesystem at {mnt} in a private mount "
+            "namespace (ip netns exec?): the pins vanish when this command exits. Mount one "
+            "in the host's namespace outside /sys and use --pin-dir below it.\n")
 
 
 @contextlib.contextmanager
@@ -331,6 +337,17 @@ def lock(pin_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _in_named_netns() -> bool:
+    """Whether this process runs in a namespace made by `ip netns` (so, most likely, under
+    `ip netns exec`, which gives it a private /sys)."""
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        return any(os.stat(os.path.join("/run/netns", n)).st_ino == mine
+                   for n in os.listdir("/run/netns"))
+    except OSError:
+        return False
 
 
 def pinned(pin_dir: str) -> bool:
