@@ -96,7 +96,7 @@ ALLOW_SUSPEND = ["192.0.2.0/24", "2001:db8:ffff::/48"]
 HOST_V4_BASE = int(ipaddress.IPv4Address("100.64.1.0"))
 HOST_V6_BASE = int(ipaddress.IPv6Address("2a02:aaaa::"))
 V4MAPPED = bytes(10) + b"\xff\xff"
-LEAF = struct.Struct("=IBBHII")   # struct xz_class, checked against bcc's Leaf
+LEAF = struct.Struct("=IBBHIII")   # struct xz_class, checked against bcc's Leaf
 
 
 def log(msg: str, end: str = "\n") -> None:
@@ -139,16 +139,16 @@ def gen_prefixes(n: int) -> dict[tuple[int, bytes], Entry]:
 def leaf_bytes(table, e: Entry) -> bytes:
     """The raw struct xz_class of ``e`` as bcc lays it out."""
     v = table.Leaf()
-    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps = (
-        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps)
+    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot = (
+        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps, e.slot)
     return bytes(v)
 
 
 def fill_hosts(table, start: int, stop: int, chunk: int = 100_000) -> str:
     """Insert generated hosts ``start`` .. ``stop``-1; batch update when the kernel
     and bcc have it, else one by one. Returns the method used."""
-    probe = Entry(7, DYN, 1, 2, 3)
-    if leaf_bytes(table, probe) != LEAF.pack(7, DYN, 1, 0, 2, 3):
+    probe = Entry(7, DYN, 1, 2, 3, 4)
+    if leaf_bytes(table, probe) != LEAF.pack(7, DYN, 1, 0, 2, 3, 4):
         raise RuntimeError("struct xz_class layout differs from the benchmark's")
     batch = hasattr(table, "items_update_batch")
     t0 = time.monotonic()
@@ -158,7 +158,7 @@ def fill_hosts(table, start: int, stop: int, chunk: int = 100_000) -> str:
         for j in range(a, b):
             addr, e = gen_host(j)
             keys += addr
-            vals += LEAF.pack(e.sub_id, e.type, e.flags, 0, e.up_kbps, e.down_kbps)
+            vals += LEAF.pack(e.sub_id, e.type, e.flags, 0, e.up_kbps, e.down_kbps, e.slot)
         n = b - a
         k = (table.Key * n).from_buffer(keys)
         v = (table.Leaf * n).from_buffer(vals)

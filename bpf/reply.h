@@ -3,9 +3,9 @@
  * reply.h - the answer to a rejected packet, sent back where it came from:
  * a TCP RST for TCP, an ICMP / ICMPv6 "administratively prohibited" otherwise.
  * Two steps around the hook's resize: xz_reply_prepare() saves what the
- * answer needs and says its length, the entry point resizes the frame at the
- * tail (XDP adjust_tail / skb change_tail), xz_reply_write() writes the answer
- * behind the untouched L2 header (VLAN tags, PPPoE session kept).
+ * answer needs (its L2 part too) and says its length, the entry point resizes
+ * the frame, xz_reply_write() writes the whole answer from the frame's start,
+ * keeping the encapsulation (VLAN tags, PPPoE session).
  */
 #ifndef XDPZOOT_REPLY_H
 #define XDPZOOT_REPLY_H
@@ -22,6 +22,8 @@
 
 /* Longest L2 part: Ethernet, XZ_MAX_VLAN tags, PPPoE session header. */
 #define XZ_L2_MAX (14 + 4 * XZ_MAX_VLAN + 8)
+/* What is saved of the L2 part: XZ_L2_MAX rounded up (every answer is longer). */
+#define XZ_L2_SAVE ((XZ_L2_MAX + 7) & ~7)
 /* ICMP quotes the offending IP header and 8 bytes of what follows. */
 #define XZ_QUOTE4 (20 + 8)
 #define XZ_QUOTE6 (40 + 8)
@@ -43,6 +45,7 @@ struct xz_reply {
 	struct xz_addr src; /* of the answer: the rejected packet's destination */
 	struct xz_addr dst;
 	__u8 quote[XZ_QUOTE6];
+	__u8 l2[XZ_L2_SAVE]; /* the frame's start: L2 part (and whatever follows it) */
 };
 
 /* Can this packet be answered (and not just dropped)? */
@@ -70,6 +73,11 @@ static __always_inline int xz_reply_prepare(struct xz_pkt *p, struct xz_reply *r
 	r->l2len = l2len;
 	r->family = p->family;
 	r->pppoe_off = p->pppoe ? (void *)p->pppoe - p->data : 0;
+	/* The answer is written from the start of the frame, which may move (the XDP
+	 * entry grows short frames at the head, where there is room). */
+	if (p->data + XZ_L2_SAVE > p->end)
+		return -1;
+	__builtin_memcpy(r->l2, p->data, XZ_L2_SAVE);
 	__builtin_memcpy(&r->src, &p->dst, sizeof(r->src));
 	__builtin_memcpy(&r->dst, &p->src, sizeof(r->dst));
 	if (p->proto == IPPROTO_TCP) {
@@ -170,8 +178,9 @@ static __always_inline int xz_reply_write(void *data, void *end, struct xz_reply
 	void *l3, *l4;
 	__s64 sum;
 
-	if ((void *)(eth + 1) > end || l2len > XZ_L2_MAX)
+	if (data + XZ_L2_SAVE > end || l2len > XZ_L2_MAX)
 		return -1;
+	__builtin_memcpy(data, r->l2, XZ_L2_SAVE);   /* the L3 part below overwrites the rest */
 	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);

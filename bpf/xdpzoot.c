@@ -85,7 +85,10 @@ int xz_xdp_reply(struct xdp_md *ctx)
 	p.data = (void *)(long)ctx->data;
 	p.end = (void *)(long)ctx->data_end;
 	p.len = p.end - p.data;
-	if (parse_frame(&p) < 0 || xz_reply_prepare(&p, &r) < 0 ||
+	if (parse_frame(&p) < 0 || xz_reply_prepare(&p, &r) < 0)
+		return XDP_DROP;
+	/* Grow at the head (XDP keeps headroom; tailroom may be none), shrink at the tail. */
+	if (r.len > p.len ? bpf_xdp_adjust_head(ctx, (int)p.len - (int)r.len) :
 	    bpf_xdp_adjust_tail(ctx, (int)r.len - (int)p.len))
 		return XDP_DROP;
 	if (xz_reply_write((void *)(long)ctx->data, (void *)(long)ctx->data_end, &r) < 0)
