@@ -577,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="only the list loading figures (bench_lists.py)")
     lists.add_argument("--no-lists", action="store_true",
                        help="without the list loading figures")
+    p.add_argument("--no-bandwidth", action="store_true",
+                   help="without the bandwidth figures (bench_bandwidth.py)")
     return p.parse_args(argv)
 
 
@@ -687,7 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report(doc))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-    return lists(args)
+    rc = lists(args)
+    if not args.no_bandwidth:   # accuracy next to HTB, cost, memory, over-admission
+        import bench_bandwidth
+
+        rc = bench_bandwidth.main(["--json"] * args.json + ["--quick"] * args.quick) or rc
+    return rc
 
 
 def lists(args: argparse.Namespace) -> int:

@@ -102,7 +102,7 @@ def model_tables(subs=SUBS, relays=RELAYS, support=SUPPORT) -> tables.Tables:
     for i, (net, kind, *fl) in enumerate(subs, 1):
         n = ipaddress.ip_network(net)
         e = Entry(i, schema.TYPES[kind], reduce(or_, (schema.FLAGS[f] for f in fl), 0))
-        if tables.is_host(n):
+        if n.prefixlen == n.max_prefixlen:
             t.hosts[tables.addr16(n.network_address)] = e
         else:
             t.prefixes[tables.key_of(n)] = e

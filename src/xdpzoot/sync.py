@@ -5,7 +5,7 @@ Pure diff functions plus thin ``apply_*`` helpers that use :class:`kernel.Maps`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import schema
 from .kernel import Entry, KernelError, Maps
@@ -47,14 +47,14 @@ def keep_suspensions(cur_hosts: dict[bytes, Entry], cur_prefixes: dict[Key, Entr
         if not e.flags & SUSPENDED:
             continue
         if a in hosts:
-            hosts[a] = replace(hosts[a], flags=hosts[a].flags | SUSPENDED)
+            hosts[a] = hosts[a]._replace(flags=hosts[a].flags | SUSPENDED)
             continue
         pool = Tables(prefixes=prefixes).classify(a)
         if pool and pool.type == schema.TYPES["dynamic"]:
-            hosts[a] = replace(pool, flags=pool.flags | SUSPENDED)
+            hosts[a] = pool._replace(flags=pool.flags | SUSPENDED)
     for k, e in cur_prefixes.items():
         if e.flags & SUSPENDED and k in prefixes:
-            prefixes[k] = replace(prefixes[k], flags=prefixes[k].flags | SUSPENDED)
+            prefixes[k] = prefixes[k]._replace(flags=prefixes[k].flags | SUSPENDED)
 
 
 def assign_slots(cur_h: dict[bytes, Entry], cur_p: dict[Key, Entry],
@@ -86,7 +86,7 @@ def assign_slots(cur_h: dict[bytes, Entry], cur_p: dict[Key, Entry],
         for k, e in d.items():
             slot = slot_of.get(e.sub_id, 0)
             if e.slot != slot:
-                d[k] = replace(e, slot=slot)
+                d[k] = e._replace(slot=slot)
     return set(held.values()) - set(slot_of.values())
 
 
@@ -143,7 +143,7 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
         owner = host or match[1]
         pool_addr = host is None and owner.type == schema.TYPES["dynamic"]
         if pool_addr or (host and match and _derived(host, match[1])):
-            e = replace(owner, flags=(owner.flags | SUSPENDED) if on
+            e = owner._replace(flags=(owner.flags | SUSPENDED) if on
                         else owner.flags & ~SUSPENDED)
             if not on and match and e == match[1]:
                 maps.del_host(target)   # back to the pool's own entry
@@ -164,10 +164,10 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
 
 def _derived(host: Entry, pool: Entry) -> bool:
     """A host entry made by ``suspend ADDRESS`` from its pool."""
-    return pool.type == schema.TYPES["dynamic"] and replace(host, flags=pool.flags) == pool
+    return pool.type == schema.TYPES["dynamic"] and host._replace(flags=pool.flags) == pool
 
 
 def _flag(e: Entry, on: bool) -> Entry:
-    return replace(e, flags=(e.flags | SUSPENDED) if on else e.flags & ~SUSPENDED)
+    return e._replace(flags=(e.flags | SUSPENDED) if on else e.flags & ~SUSPENDED)
 
 

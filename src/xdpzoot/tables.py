@@ -48,6 +48,7 @@ def net_of(key: Key) -> IPNetwork:
 
 
 def is_host(net: IPNetwork) -> bool:
+    """A single address (/32, /128): a host entry rather than a prefix."""
     return net.prefixlen == net.max_prefixlen
 
 
@@ -98,15 +99,21 @@ def subscriber_tables(rows: Iterable) -> tuple[dict[bytes, Entry], dict[Key, Ent
     """
     hosts: dict[bytes, Entry] = {}
     prefixes: dict[Key, Entry] = {}
+    bits: dict[frozenset, int] = {}
+    types = schema.TYPES
     for r in rows:
-        flags = 0
-        for f in r.flags:
-            flags |= schema.FLAGS[f]
-        e = Entry(r.sub_id, schema.TYPES[r.type], flags, r.up_kbps, r.down_kbps)
-        if is_host(r.network):
-            hosts[addr16(r.network.network_address)] = e
+        flags = bits.get(r.flags)
+        if flags is None:
+            flags = bits[r.flags] = sum(schema.FLAGS[f] for f in r.flags)
+        e = Entry(r.sub_id, types[r.type], flags, r.up_kbps, r.down_kbps)
+        net = r.network
+        packed = net.network_address.packed
+        if net.version == 4:
+            packed = _V4MAPPED + packed
+        if net.prefixlen == net.max_prefixlen:
+            hosts[packed] = e
         else:
-            prefixes[key_of(r.network)] = e
+            prefixes[(net.prefixlen + (96 if net.version == 4 else 0), packed)] = e
     return hosts, prefixes
 
 
