@@ -608,8 +608,8 @@ def report(doc: dict) -> str:
         f"{m['per_subscriber_1m']:.1f} B ({m['per_slot']:.1f} B per slot of {SLOTS:,}); "
         f"<= {GOAL_MEMORY} B: {yes(m['goal_ok'])}",
         f"    per-CPU maps among them: {', '.join(m['percpu']) or 'none'} (CPUs possible "
-        f"{m['cpus_possible']}): the figure does not grow with the CPU count; a preallocated "
-        "hash keeps one spare element per CPU, a fixed few hundred bytes, not per subscriber.",
+        f"{m['cpus_possible']}): the figure does not grow with the CPU count (a preallocated "
+        "hash keeps one spare element per possible CPU, ~100 B each, whatever the subscribers).",
         "",
     ]
     o = doc["over"]

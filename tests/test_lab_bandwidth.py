@@ -11,7 +11,12 @@ and only a shaper's queue could hold it back; a policer (which the data plane is
 it never queues) leaves it in timeouts. A real path's round trip paces a sender by its ACKs;
 here the senders are paced by the socket (``iperf3 --fq-rate``, internal TCP pacing) at 1.5x
 the subscriber's rate, which the limiter has to bring down to the rate. What an unpaced
-sender gets is test_unpaced_tcp_gets_its_rate (a known failure, see there).
+sender gets is test_unpaced_tcp_gets_its_rate.
+
+Known failures, xfail(strict=True) until the data plane is fixed: the unpaced sender; a bulk
+flow released from its share as soon as it obeys it (test_bulk_flow_stays_held); bulk drops
+charged to the subscriber's rate (test_bulk_drops_do_not_use_up_the_rate, no traffic
+needed); TC counting a GSO/GRO aggregate as one frame (test_volume_counts_every_frame[tc]).
 """
 
 from __future__ import annotations
@@ -267,19 +272,33 @@ def test_rate_limit(lab, router, hook):
     assert free > 40 or free > 1.5 * max(goodput(u), goodput(d)), f"unlimited {free:.1f}"
 
 
+def test_volume_counts_every_frame(lab, router, hook, request):
+    """Volume is counted per frame as it is on the wire: a full TCP segment of 1448 bytes
+    is a 1514-byte frame, so a bulk transfer counts ~4.6% more than its payload, with either
+    hook (volume rules must not depend on where the program is attached)."""
+    if hook == "tc":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "bpf/xdpzoot.c xz_tc: p.len = skb->len counts a GSO/GRO aggregate (up to 64 kB, "
+            "one set of headers) as one frame: TC counts and charges ~4% less than XDP")))
+    before = router.volume()
+    doc = up(lab, seconds=2)
+    ratio = (router.volume()["up_bytes"] - before["up_bytes"]) / received(doc)
+    assert ratio > 1.03, f"counted / payload = {ratio:.4f}"
+
+
 def test_throttle_live_transfer(lab, router, hook):
     drops = router.drops("throttle")
     with iperf_server(lab.inet):
         t0 = time.monotonic()
         client = subprocess.Popen(["ip", "netns", "exec", lab.static,
-                                   *client_argv(lab.addr["inet4"], 6, PACE)],
+                                   *client_argv(lab.addr["inet4"], 7, PACE)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(2)
             router.cli("throttle", str(SUB), "--rate", "2000")
             throttled_at = time.monotonic() - t0
-            out, _ = client.communicate(timeout=6 + IPERF_GRACE)
+            out, _ = client.communicate(timeout=7 + IPERF_GRACE)
         finally:
             if client.poll() is None:
                 client.kill()
