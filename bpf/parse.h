@@ -47,9 +47,7 @@ struct xz_pkt {
 	void *l3;
 	void *l4;
 	struct xz_pppoe_hdr *pppoe;  /* NULL unless PPPoE session */
-	__u32 len;                   /* bytes on the wire, for counters and rates */
-	__u32 segs;                  /* TC: GSO segments of the packet (0, 1: one) */
-	__u32 l4_hdr;                /* TCP/UDP header length, for GSO accounting */
+	__u32 len;                   /* frame (TC: packet) length, for counters and rates */
 	__u32 l4_len;                /* L4 bytes according to the IP header */
 	__u8 family;                 /* 4 or 6; 0 before L3 parsed */
 	__u8 proto;                  /* L4 protocol number */
@@ -246,7 +244,6 @@ static __always_inline void parse_l4(struct xz_pkt *p, void *pos)
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
-		p->l4_hdr = th->doff * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = pos;
 
@@ -254,7 +251,6 @@ static __always_inline void parse_l4(struct xz_pkt *p, void *pos)
 			return;
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
-		p->l4_hdr = sizeof(*uh);
 	} else {
 		__u8 *icmp = pos;
 

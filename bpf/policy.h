@@ -209,14 +209,13 @@ static __always_inline int xz_gcra(__u64 *tat, __u64 now, __u32 len, __u32 kbps,
 
 /*
  * Is this flow a bulk transfer? It becomes one after staying above the bulk
- * rate for the bulk time, and stays one until it has kept under half its share
- * (what it offers, dropped packets included) for as long: a flow held to its
- * share is still bulk, one that went quiet is not.
+ * rate for the bulk time, and stays one for as long as it goes on: a flow held
+ * to its share sends less, but it is the same long transfer. A flow idle for
+ * the bulk time starts afresh.
  */
-static __always_inline int xz_is_bulk(struct xz_pkt *p, struct xz_control *ctl, __u64 now,
-				      __u32 share_kbps)
+static __always_inline int xz_is_bulk(struct xz_pkt *p, struct xz_control *ctl, __u64 now)
 {
-	__u64 hold = (__u64)ctl->bulk_ms * 1000000ULL, elapsed, kbps;
+	__u64 hold = (__u64)ctl->bulk_ms * 1000000ULL, elapsed;
 	struct xz_flow_key k = {};
 	struct xz_flow *f;
 
@@ -234,19 +233,15 @@ static __always_inline int xz_is_bulk(struct xz_pkt *p, struct xz_control *ctl, 
 	}
 	elapsed = now - f->win_start;
 	if (elapsed >= XZ_BULK_WINDOW_NS) {
-		/* The window that ended: above the rate (bytes * 8 / s > kbps * 1000)? */
-		kbps = f->bulk ? share_kbps / 2 : ctl->bulk_kbps;
-		if (f->win_bytes * 8000000ULL >= kbps * elapsed) {
+		if (elapsed >= hold + 2 * XZ_BULK_WINDOW_NS) {
+			f->bulk = 0;   /* idle for the bulk time: a new start */
+			f->fast_since = 0;
+		} else if (f->win_bytes * 8000000ULL >= (__u64)ctl->bulk_kbps * elapsed) {
+			/* The window that ended was above the rate (bytes*8/s > kbps*1000). */
 			if (!f->fast_since)
 				f->fast_since = f->win_start;
-			f->slow_since = 0;
-		} else {
-			if (!f->slow_since)
-				f->slow_since = f->win_start;
-			if (!f->bulk || now - f->slow_since >= hold) {
-				f->bulk = 0;
-				f->fast_since = 0;
-			}
+		} else if (!f->bulk) {
+			f->fast_since = 0;
 		}
 		f->win_start = now;
 		f->win_bytes = 0;
@@ -286,7 +281,7 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 		now = bpf_ktime_get_ns();   /* only when a limit applies: the clock costs */
 		/* Bulk share first, so that what it drops costs the subscriber nothing. */
 		share = kbps ? kbps / 100 * ctl->bulk_share : ctl->bulk_floor_kbps;
-		if ((ctl->flags & XZ_C_CONGESTION) && xz_is_bulk(p, ctl, now, share) && share &&
+		if ((ctl->flags & XZ_C_CONGESTION) && share && xz_is_bulk(p, ctl, now) &&
 		    !xz_gcra(&ds->bulk_tat, now, p->len, share, burst)) {
 			*reason = XZ_R_BULK;
 			return XZ_V_DROP;
@@ -326,9 +321,6 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	 * Looked up first: the verifier then meets one scalar, not two map paths, below. */
 	if (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE))
 		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, csam);
-	/* A GSO/GRO packet (TC) is several frames on the wire: count each one's headers. */
-	if (p->segs > 1)
-		p->len += (p->segs - 1) * ((__u32)(p->l4 - p->data) + p->l4_hdr);
 	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls);
 	if (listed && verdict == XZ_V_PASS) {
 		xz_csam_count(csam, p->family);

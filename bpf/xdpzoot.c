@@ -42,7 +42,6 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 	p.data = (void *)(long)skb->data;
 	p.end = (void *)(long)skb->data_end;
 	p.len = skb->len;
-	p.segs = skb->gso_segs;
 	switch (xz_pipeline(&p, role)) {
 	case XZ_V_DROP:
 		return TC_ACT_SHOT;

@@ -122,8 +122,7 @@ struct xz_flow {
 	__u64 win_start;   /* ns: start of the current measuring window */
 	__u64 win_bytes;   /* offered in it, dropped packets included */
 	__u64 fast_since;  /* ns: since when every window was above the bulk rate; 0 = not */
-	__u64 slow_since;  /* ns: since when every window was below the release rate */
-	__u32 bulk;        /* it is a bulk transfer */
+	__u32 bulk;        /* it is a bulk transfer (until it is idle for the bulk time) */
 	__u32 _pad;
 };
 /* Allow-list bits (value of the allow trie). */
