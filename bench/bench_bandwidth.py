@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import packets  # noqa: E402
 
 from xdpzoot import kernel, schema  # noqa: E402
+from xdpzoot.config import Bandwidth
 from xdpzoot.model import TCP, Packet  # noqa: E402
 
 C = schema.C
@@ -652,7 +653,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hook", choices=["xdp", "tc"], default="xdp", help="(a) attach hook")
     p.add_argument("--seconds", type=int, help="(a) seconds per transfer (default 5)")
     p.add_argument("--rates", help="(a) Mbit/s, comma-separated (default 10,100,500)")
-    p.add_argument("--burst-ms", type=int, default=20, help="(a) [bandwidth] burst_ms")
+    p.add_argument("--burst-ms", type=int, default=Bandwidth().burst_ms,
+                   help="(a) [bandwidth] burst_ms (default: the config's default)")
     p.add_argument("--repeat", type=int, help="(b) iterations per BPF_PROG_TEST_RUN call")
     p.add_argument("--runs", type=int, default=9, help="(b) calls per figure (median)")
     p.add_argument("--cpu", type=int, help="(b) CPU to pin to (default: the last allowed)")

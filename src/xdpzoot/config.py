@@ -111,7 +111,7 @@ class Bandwidth:
     """Bandwidth control: rates, volume rules, congestion mode, bulk flows."""
 
     enabled: bool = True  # enforce subscriber rates and count volume per subscriber
-    burst_ms: int = 20  # burst tolerance of the rate limiter
+    burst_ms: int = 500  # burst tolerance: a policer needs about a TCP window of it
     rules: str = ""  # volume rules file ([[rule]], see maps/bandwidth.toml); "" = none
     congestion: str = "off"  # "off" | "on" | "auto"
     capacity_kbps: int = 0  # core capacity, for congestion = "auto"
