@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import packets  # noqa: E402
 
 from xdpzoot import kernel, schema  # noqa: E402
-from xdpzoot.config import Bandwidth
+from xdpzoot.config import Bandwidth  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
 
 C = schema.C
