@@ -3,6 +3,7 @@ once per session, and BPF_PROG_TEST_RUN as a verdict."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 import shutil
@@ -76,6 +77,25 @@ def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
     fds = {(h, r): kernel.load_program(bpf, h, r) for h in kernel.HOOKS
            for r in ("access", "core")}
     return Dataplane(pin_dir, kernel.Maps(bpf), fds)
+
+
+@contextlib.contextmanager
+def xdp_pass_on_peers(lab, bpffs: str):
+    """Native XDP_TX on a veth reaches the peer only if the peer runs XDP too: give the
+    lab hosts' ends an XDP_PASS program (a real NIC would not need it)."""
+    from bcc import BPF
+
+    from xdpzoot.lab import netns_run
+
+    prog = BPF(text=b"int pass(struct xdp_md *c) { return XDP_PASS; }")
+    pin = os.path.join(bpffs, "pass-" + lab.prefix)
+    kernel.pin(prog.load_func(b"pass", BPF.XDP).fd, pin)
+    try:
+        for ns in (lab.dyn, lab.static, lab.inet):
+            netns_run(ns, "ip", "link", "set", "dev", "eth0", "xdpdrv", "pinned", pin)
+        yield
+    finally:
+        os.unlink(pin)
 
 
 @pytest.fixture(scope="session")

@@ -322,8 +322,6 @@ def test_throttle_live_transfer(lab, router, hook):
 
 def test_volume_rule_throttles(lab, router, hook, tmp_path):
     """`xdpzoot run` with a volume rule: 20 MB upstream in an hour throttles to 2 Mbit/s."""
-    if hook != "xdp":
-        pytest.skip("the control plane's path: once (with XDP) is enough")
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
     cfg = router.write_config(tmp_path / "quota.toml", rules=str(rules), state_dir=tmp_path)
@@ -459,8 +457,6 @@ def test_unpaced_tcp_gets_its_rate(lab, router, hook):
     limiter drops the rest of each flight, the retransmissions too (the bucket refills one
     frame per 0.6 ms), and TCP lives on retransmission timeouts. Measured: 0.5..3 Mbit/s
     with XDP and TC alike (bench/bench_bandwidth.py: HTB at the rate, same path: ~95%)."""
-    if hook != "xdp":
-        pytest.skip("once is enough")
     assert goodput(up(lab, pace=None)) >= BAND[0]
 
 

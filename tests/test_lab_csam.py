@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import xdp_pass_on_peers
 
 from xdpzoot.lab import Lab, lab_down, lab_up, netns_run
 
@@ -246,23 +247,11 @@ def lab() -> Iterator[Lab]:
 def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
     r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
     r.write_config()
-    # Native XDP_TX on a veth reaches the peer only if the peer runs XDP too: give the
-    # subscriber ends an XDP_PASS program, as a real NIC would not need.
-    from bcc import BPF
-
-    from xdpzoot import kernel
-
-    pas = BPF(text=b"int pass(struct xdp_md *c) { return XDP_PASS; }")
-    fd = pas.load_func(b"pass", BPF.XDP).fd
-    pin = os.path.join(bpffs, "pass-" + lab.prefix)
-    kernel.pin(fd, pin)
-    try:
-        for ns in (lab.dyn, lab.static, lab.inet):
-            netns_run(ns, "ip", "link", "set", "dev", "eth0", "xdpdrv", "pinned", pin)
-        yield r
-    finally:
-        r.cli("detach", check=False)
-        os.unlink(pin)
+    with xdp_pass_on_peers(lab, bpffs):
+        try:
+            yield r
+        finally:
+            r.cli("detach", check=False)
 
 
 @pytest.fixture(scope="module")
