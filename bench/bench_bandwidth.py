@@ -411,6 +411,7 @@ def cost_at(dp: Dataplane, frame: bytes, repeat: int, runs: int) -> dict[str, li
 def cost(dp: Dataplane, sizes: tuple[int, ...], repeat: int, runs: int) -> dict:
     frame = packets.frame(Packet("access", host_ip(0), INET_V4, TCP, 40_000, 443))
     res: dict = {"frame_bytes": len(frame), "sizes": {}}
+    dp.maps.set_control_params(burst_us=Bandwidth().burst_ms * 1000)   # the default config
     loaded = 0
     for size in sizes:
         log(f"(b) {size_label(size)} subscribers ...")

@@ -183,6 +183,7 @@ static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_
 /* Bulk detection: how long a flow's rate is measured at a time. */
 #define XZ_BULK_WINDOW_NS 100000000ULL   /* 100 ms */
 #define XZ_GCRA_TRIES 4                  /* compare-and-swap retries under contention */
+#define XZ_COARSE_BURST_NS 50000000ULL   /* 50 ms: many ticks of the coarse clock (1-10 ms) */
 
 /*
  * Generic cell rate algorithm on one word: admit ``len`` bytes at ``kbps`` if
@@ -278,7 +279,10 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 		why = XZ_R_THROTTLE;
 	}
 	if (kbps || (ctl->flags & XZ_C_CONGESTION)) {
-		now = bpf_ktime_get_ns();   /* only when a limit applies: the clock costs */
+		/* Only when a limit applies: the clock costs. Against a burst of many ticks,
+		 * the coarse clock (one read of a variable, a tick's resolution) is exact
+		 * enough; short bursts need the fine one. */
+		now = burst >= XZ_COARSE_BURST_NS ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
 		/* Bulk share first, so that what it drops costs the subscriber nothing. */
 		share = kbps ? kbps / 100 * ctl->bulk_share : ctl->bulk_floor_kbps;
 		if ((ctl->flags & XZ_C_CONGESTION) && share && xz_is_bulk(p, ctl, now) &&
