@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import packets  # noqa: E402
 
+from bench import log, size_label  # noqa: E402  (bench/ is on the path: it is this folder)
 from xdpzoot import kernel, schema  # noqa: E402
 from xdpzoot.config import Bandwidth  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
@@ -89,17 +90,6 @@ OVER_RATES_MBIT = (1_000, 10_000, 50_000)
 OVER_FRAME = 1514
 
 
-def log(msg: str, end: str = "\n") -> None:
-    """Progress to stderr."""
-    print(msg, end=end, file=sys.stderr, flush=True)
-
-
-def size_label(n: int) -> str:
-    if n >= 1_000_000 and n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n >= 1_000 and n % 1_000 == 0:
-        return f"{n // 1_000}k"
-    return str(n)
 
 
 def med(xs: list) -> float:

@@ -528,58 +528,19 @@ class Enforcement:
 class _Enf:
     """The engine's mutable record of an enforcement."""
 
-    __slots__ = (
-        "id",
-        "sub",
-        "rule",
-        "action",
-        "rate",
-        "since",
-        "until",
-        "decided",
-        "window",
-        "bytes",
-        "threshold",
-        "early",
-        "started",
-        "ending",
-    )
+    # The snapshot row, in order; "ending" is transient (not saved).
+    FIELDS = ("id", "sub", "rule", "action", "rate", "since", "until", "decided", "window",
+              "bytes", "threshold", "early", "started")
+    __slots__ = (*FIELDS, "ending")
 
     def __init__(self, *fields: Any) -> None:
-        (
-            self.id,
-            self.sub,
-            self.rule,
-            self.action,
-            self.rate,
-            self.since,
-            self.until,
-            self.decided,
-            self.window,
-            self.bytes,
-            self.threshold,
-            self.early,
-            self.started,
-        ) = fields
+        for name, value in zip(self.FIELDS, fields, strict=True):
+            setattr(self, name, value)
         self.ending = False  # an end transition is queued in the current tick
 
     def row(self) -> list[Any]:
         """The snapshot form."""
-        return [
-            self.id,
-            self.sub,
-            self.rule,
-            self.action,
-            self.rate,
-            self.since,
-            self.until,
-            self.decided,
-            self.window,
-            self.bytes,
-            self.threshold,
-            self.early,
-            self.started,
-        ]
+        return [getattr(self, name) for name in self.FIELDS]
 
     def public(self) -> Enforcement:
         """The read-only view handed to callers."""
