@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import json
 import os
 import shutil
 import subprocess
@@ -77,6 +78,25 @@ def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
     fds = {(h, r): kernel.load_program(bpf, h, r) for h in kernel.HOOKS
            for r in ("access", "core")}
     return Dataplane(pin_dir, kernel.Maps(bpf), fds)
+
+
+class LabRouter:
+    """The xdpzoot CLI, run inside a lab's router namespace as an operator would.
+    Each lab test module says how it writes its config (``write_config``)."""
+
+    def __init__(self, lab, workdir, pin_dir: str):
+        self.lab, self.workdir, self.pin_dir = lab, workdir, pin_dir
+        self.config = workdir / "xdpzoot.toml"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        from xdpzoot.lab import netns_run
+
+        xdpzoot = os.path.join(os.path.dirname(sys.executable), "xdpzoot")
+        return netns_run(self.lab.router, xdpzoot, "--config", str(self.config), "--pin-dir",
+                         self.pin_dir, *args, timeout=60, check=check)
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.cli(*args, "--json").stdout)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import LabRouter
 
 from xdpzoot import schema
 from xdpzoot.lab import Lab, lab_down, lab_up, netns_run, read_maildir
@@ -112,12 +113,8 @@ except (socket.timeout, TimeoutError):
 """
 
 
-class Router:
-    """The xdpzoot CLI, run inside the router namespace as an operator would."""
-
-    def __init__(self, lab: Lab, workdir: Path, pin_dir: str):
-        self.lab, self.workdir, self.pin_dir = lab, workdir, pin_dir
-        self.config = workdir / "xdpzoot.toml"
+class Router(LabRouter):
+    """The CLI in the router namespace, with this module's config."""
 
     def write_config(self, path: Path | None = None, rules: str = "",
                      state_dir: Path | None = None) -> Path:

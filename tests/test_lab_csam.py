@@ -16,16 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import xdp_pass_on_peers
+from conftest import LabRouter, xdp_pass_on_peers
 
 from xdpzoot.lab import Lab, lab_down, lab_up, netns_run
 
 pytestmark = pytest.mark.lab
 
-XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
 
 ALWAYS = "192.0.2.66"      # on every version of the list
 SOMETIMES = "192.0.2.67"   # on OLD only
@@ -169,24 +167,14 @@ print(json.dumps(out))
 """
 
 
-class Router:
-    """The xdpzoot CLI, run inside the router namespace as an operator would."""
-
-    def __init__(self, lab: Lab, workdir: Path, pin_dir: str):
-        self.lab, self.workdir, self.pin_dir = lab, workdir, pin_dir
-        self.config = workdir / "xdpzoot.toml"
+class Router(LabRouter):
+    """The CLI in the router namespace, with this module's config."""
 
     def write_config(self, csam: str = "drop") -> None:
         subs = self.workdir / "subscribers.csv"
         subs.write_text(SUBSCRIBERS)
         self.config.write_text(CONFIG.format(csam=csam, subs=subs))
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return netns_run(self.lab.router, XDPZOOT, "--config", str(self.config), "--pin-dir",
-                         self.pin_dir, *args, timeout=60, check=check)
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.cli(*args, "--json").stdout)
 
     def csam_drops(self) -> int:
         return sum(r["packets"] for r in self.json("stats")["counters"]

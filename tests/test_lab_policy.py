@@ -6,23 +6,19 @@ One lab per module; the router's programs are replaced (not rebuilt) between hoo
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import xdp_pass_on_peers
+from conftest import LabRouter, xdp_pass_on_peers
 
 from xdpzoot.lab import Lab, lab_config, lab_down, lab_up, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
 
-XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
 
 SMTP = """
 import smtplib, socket, sys
@@ -49,22 +45,11 @@ except dns.exception.Timeout:
 """
 
 
-class Router:
-    """The xdpzoot CLI, run inside the router namespace as an operator would."""
-
-    def __init__(self, lab: Lab, workdir: Path, pin_dir: str):
-        self.lab, self.workdir, self.pin_dir = lab, workdir, pin_dir
-        self.config = workdir / "xdpzoot.toml"
+class Router(LabRouter):
+    """The CLI in the router namespace, with this module's config."""
 
     def write_config(self, action: str = "drop") -> None:
         lab_config(self.lab, self.workdir, action=action)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return netns_run(self.lab.router, XDPZOOT, "--config", str(self.config), "--pin-dir",
-                         self.pin_dir, *args, timeout=60, check=check)
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.cli(*args, "--json").stdout)
 
 
 @pytest.fixture(scope="module")
