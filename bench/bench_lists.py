@@ -27,7 +27,7 @@ this process (parse, tables, map reads, writes, each timed), and one more change
 CLI under ``python -m cProfile``.
 
 Usage: bench_lists.py [--json] [--entries N] [--rows N] [--seed N] [--runs N]
-                      [--repeat N] [--cold N] [--no-profile]
+                      [--repeat N] [--cold N] [--no-profile] [--only PART]
 """
 
 from __future__ import annotations
@@ -624,128 +624,13 @@ def bench(args: argparse.Namespace) -> Doc:
         tiny.write_text("subscriber,address,type\n1,198.18.0.1,static\n")
         run.run(xdpzoot_argv(cfg, pin, "subscribers", "load", str(tiny)))
 
-        log("CSAM list, full load:")
-        dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(lst_a), "--json"))
-        out = json.loads(r.stdout)
-        if out["added"] != args.entries:
-            raise RuntimeError(f"xdpzoot loaded {out['added']} entries, not {args.entries}")
-        doc.figures["csam_xdpzoot_s"] = dt
-        log(f"  xdpzoot blocklist load  {dt:7.2f} s")
-        dt, _ = run.run(["ipset", "-exist", "restore"], stdin=tmp / "csam.ipset")
-        doc.figures["csam_ipset_s"] = dt
-        log(f"  ipset -exist restore    {dt:7.2f} s")
-        doc.memory["csam_ipset_bytes"] = ipset_memory(run, "xzcsam")
-        dt, _ = run.run(["nft", "-f", str(tmp / "csam.nft")])
-        doc.figures["csam_nft_s"] = dt
-        log(f"  nft -f                  {dt:7.2f} s")
-        run.run(["nft", "delete", "table", "inet", "xzcsam"])
-        run.run(["ipset", "destroy", "xzcsam4"])
-        run.run(["ipset", "destroy", "xzcsam6"])
-
-        # -- 1k changes ------------------------------------------------------------------
-        log(f"CSAM list, {CHANGE:,}-entry changes (A', A'', A'''):")
-        hrng = random.Random(args.seed + 1)
-
-        def new_host() -> str:
-            if hrng.random() < 0.85:
-                return ntoa4(hrng.randrange(*V4_HOSTS))
-            return ntoa6(V6_HOSTS[0] + hrng.getrandbits(V6_HOSTS[1]))
-
-        cur = entries
-        steps = []
-        for i in range(1, CHANGE_STEPS + 1):
-            cur = changed(cur, hrng, s.spare_prefixes4, new_host)
-            p = tmp / f"csam-A{i}.txt"
-            write_private(p, list_text(cur))
-            dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p), "--json"))
-            o = json.loads(r.stdout)
-            steps.append({"seconds": dt, "added": o["added"], "removed": o["removed"],
-                          "generation": o["generation"]})
-            log(f"  A{chr(39) * i:<4} {dt:6.2f} s  (+{o['added']:,} -{o['removed']:,}, "
-                f"generation {o['generation']})")
-        doc.figures["change_steps"] = steps
-        doc.figures["change_s"] = steps[-1]["seconds"]
-        dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p), "--json"))
-        doc.figures["same_again_s"] = dt
-        log(f"  the same file again {dt:.2f} s (in force: nothing written)")
-        dt, _ = run.run([sys.executable, "-c", "import xdpzoot.cli"])
-        doc.figures["cli_import_s"] = dt
-        log("  one more change, step by step in a fresh process ...")
-        cur = changed(cur, hrng, s.spare_prefixes4, new_host)
-        p = tmp / "csam-A-steps.txt"
-        write_private(p, list_text(cur))
-        doc.steps["1k change"] = run.steps("csam", cfg, pin, p)
-        if not args.no_profile:
-            log("  and one more under cProfile ...")
-            cur = changed(cur, hrng, s.spare_prefixes4, new_host)
-            p = tmp / "csam-A-profiled.txt"
-            write_private(p, list_text(cur))
-            prof = tmp / "change.prof"
-            dt, _ = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p),
-                                         profile=prof))
-            doc.profiles["1k change"] = {"wall_s": dt, **profile_phases(prof, "blocklist")}
-        doc.memory["csam"] = memlock(pin, CSAM_MAPS)
-
-        # -- the subscriber file -----------------------------------------------------------
-        log(f"generating a {size_label(args.rows)}-row subscriber file ...")
-        sub = gen_subscribers(args.rows, rng)
-        subs = tmp / "subscribers.csv"
-        subs.write_text("\n".join(sub.rows) + "\n")
-        (tmp / "subs.ipset").write_text(ipset_text("xzsub", sub.v4, sub.v6))
-        (tmp / "subs.nft").write_text(nft_text("xzsub", sub.v4, sub.v6))
-        doc.counts["subscribers"] = sub.kinds
-        del sub
-        log("subscriber file, full load:")
-        dt, r = run.run(xdpzoot_argv(cfg, pin, "subscribers", "load", str(subs), "--json"))
-        o = json.loads(r.stdout)
-        if o["rows"] != args.rows:
-            raise RuntimeError(f"xdpzoot read {o['rows']} rows, not {args.rows}")
-        doc.figures["subs_xdpzoot_s"] = dt
-        log(f"  xdpzoot subscribers load {dt:7.2f} s  ({o['added']:,} added, "
-            f"{o['removed']:,} removed)")
-        dt, _ = run.run(["ipset", "-exist", "restore"], stdin=tmp / "subs.ipset")
-        doc.figures["subs_ipset_s"] = dt
-        log(f"  ipset -exist restore     {dt:7.2f} s")
-        doc.memory["subs_ipset_bytes"] = ipset_memory(run, "xzsub")
-        dt, _ = run.run(["nft", "-f", str(tmp / "subs.nft")])
-        doc.figures["subs_nft_s"] = dt
-        log(f"  nft -f                   {dt:7.2f} s")
-        run.run(["nft", "delete", "table", "inet", "xzsub"])
-        run.run(["ipset", "destroy", "xzsub4"])
-        run.run(["ipset", "destroy", "xzsub6"])
-        doc.memory["subs"] = memlock(pin, SUB_MAPS)
-        # The two full loads again, step by step in a fresh process each, into the fresh
-        # maps of a second instance: where the time of the first figures goes.
-        log("full loads step by step (fresh processes, fresh maps) ...")
-        pin2 = os.path.join(root, "cli2")
-        run.run(xdpzoot_argv(cfg, pin2, "subscribers", "load", str(tiny)))
-        doc.steps["full CSAM list load"] = run.steps("csam", cfg, pin2, lst_a)
-        doc.steps["full subscriber load"] = run.steps("subscribers", cfg, pin2, subs)
-        kernel.unpin_all(pin2)
-
-        # -- per packet ------------------------------------------------------------------
-        kernel.unpin_all(pin)   # the CLI's maps: their memory is measured, free it
-        small_entries = [s.listed_host, f"{ntoa4(_net24(s.listed_in_prefix))}/24"]
-        # The rest of the small list: the first entries of the big one, as it is in
-        # force (hosts and prefixes in the big list's proportions).
-        for e in entries:
-            if len(small_entries) >= SMALL:
-                break
-            if e not in small_entries:
-                small_entries.append(e)
-        small = csam.parse_csam_bytes(list_text(small_entries).encode())
-        big = csam.parse_csam_bytes(list_text(entries).encode())
-        if (96 + 24, tables.addr16(ntoa4(_net24(s.listed_in_prefix)))) not in big.prefixes:
-            raise RuntimeError("the listed-prefix test address is not in a listed /24")
-        cpu = max(os.sched_getaffinity(0))
-        allowed = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {cpu})
-        try:
-            doc.per_packet = per_packet(root, small, big, s, args.runs, args.repeat,
-                                        args.cold)
-        finally:
-            os.sched_setaffinity(0, allowed)
-        doc.per_packet["cpu"] = cpu
+        want = (lambda part: args.only in (None, part))  # noqa: E731
+        if want("csam"):
+            csam_part(args, doc, run, cfg, pin, tmp, s, entries, lst_a)
+        if want("subscribers"):
+            subscribers_part(args, doc, run, cfg, pin, tmp, rng, tiny, lst_a)
+        if want("packets"):
+            packets_part(args, doc, root, pin, s, entries)
     finally:
         if netns:
             subprocess.run(["ip", "netns", "delete", ns], check=False)
@@ -753,9 +638,140 @@ def bench(args: argparse.Namespace) -> Doc:
             subprocess.run(["umount", "-l", root], check=False)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    doc.goals = goals(doc)
+    if not args.only:
+        doc.goals = goals(doc)
     doc.elapsed_s = time.monotonic() - t_start
     return doc
+
+
+def csam_part(args, doc, run, cfg, pin, tmp, s, entries, lst_a) -> None:
+    """The CSAM list: full load next to ipset and nft, then 1k changes."""
+    log("CSAM list, full load:")
+    dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(lst_a), "--json"))
+    out = json.loads(r.stdout)
+    if out["added"] != args.entries:
+        raise RuntimeError(f"xdpzoot loaded {out['added']} entries, not {args.entries}")
+    doc.figures["csam_xdpzoot_s"] = dt
+    log(f"  xdpzoot blocklist load  {dt:7.2f} s")
+    dt, _ = run.run(["ipset", "-exist", "restore"], stdin=tmp / "csam.ipset")
+    doc.figures["csam_ipset_s"] = dt
+    log(f"  ipset -exist restore    {dt:7.2f} s")
+    doc.memory["csam_ipset_bytes"] = ipset_memory(run, "xzcsam")
+    dt, _ = run.run(["nft", "-f", str(tmp / "csam.nft")])
+    doc.figures["csam_nft_s"] = dt
+    log(f"  nft -f                  {dt:7.2f} s")
+    run.run(["nft", "delete", "table", "inet", "xzcsam"])
+    run.run(["ipset", "destroy", "xzcsam4"])
+    run.run(["ipset", "destroy", "xzcsam6"])
+
+    # -- 1k changes ------------------------------------------------------------------
+    log(f"CSAM list, {CHANGE:,}-entry changes (A', A'', A'''):")
+    hrng = random.Random(args.seed + 1)
+
+    def new_host() -> str:
+        if hrng.random() < 0.85:
+            return ntoa4(hrng.randrange(*V4_HOSTS))
+        return ntoa6(V6_HOSTS[0] + hrng.getrandbits(V6_HOSTS[1]))
+
+    cur = entries
+    steps = []
+    for i in range(1, CHANGE_STEPS + 1):
+        cur = changed(cur, hrng, s.spare_prefixes4, new_host)
+        p = tmp / f"csam-A{i}.txt"
+        write_private(p, list_text(cur))
+        dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p), "--json"))
+        o = json.loads(r.stdout)
+        steps.append({"seconds": dt, "added": o["added"], "removed": o["removed"],
+                      "generation": o["generation"]})
+        log(f"  A{chr(39) * i:<4} {dt:6.2f} s  (+{o['added']:,} -{o['removed']:,}, "
+            f"generation {o['generation']})")
+    doc.figures["change_steps"] = steps
+    doc.figures["change_s"] = steps[-1]["seconds"]
+    dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p), "--json"))
+    doc.figures["same_again_s"] = dt
+    log(f"  the same file again {dt:.2f} s (in force: nothing written)")
+    dt, _ = run.run([sys.executable, "-c", "import xdpzoot.cli"])
+    doc.figures["cli_import_s"] = dt
+    log("  one more change, step by step in a fresh process ...")
+    cur = changed(cur, hrng, s.spare_prefixes4, new_host)
+    p = tmp / "csam-A-steps.txt"
+    write_private(p, list_text(cur))
+    doc.steps["1k change"] = run.steps("csam", cfg, pin, p)
+    if not args.no_profile:
+        log("  and one more under cProfile ...")
+        cur = changed(cur, hrng, s.spare_prefixes4, new_host)
+        p = tmp / "csam-A-profiled.txt"
+        write_private(p, list_text(cur))
+        prof = tmp / "change.prof"
+        dt, _ = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p),
+                                     profile=prof))
+        doc.profiles["1k change"] = {"wall_s": dt, **profile_phases(prof, "blocklist")}
+    doc.memory["csam"] = memlock(pin, CSAM_MAPS)
+
+
+def subscribers_part(args, doc, run, cfg, pin, tmp, rng, tiny, lst_a) -> None:
+    """The subscriber file: full load next to ipset and nft, and the steps of both loads."""
+    log(f"generating a {size_label(args.rows)}-row subscriber file ...")
+    sub = gen_subscribers(args.rows, rng)
+    subs = tmp / "subscribers.csv"
+    subs.write_text("\n".join(sub.rows) + "\n")
+    (tmp / "subs.ipset").write_text(ipset_text("xzsub", sub.v4, sub.v6))
+    (tmp / "subs.nft").write_text(nft_text("xzsub", sub.v4, sub.v6))
+    doc.counts["subscribers"] = sub.kinds
+    del sub
+    log("subscriber file, full load:")
+    dt, r = run.run(xdpzoot_argv(cfg, pin, "subscribers", "load", str(subs), "--json"))
+    o = json.loads(r.stdout)
+    if o["rows"] != args.rows:
+        raise RuntimeError(f"xdpzoot read {o['rows']} rows, not {args.rows}")
+    doc.figures["subs_xdpzoot_s"] = dt
+    log(f"  xdpzoot subscribers load {dt:7.2f} s  ({o['added']:,} added, "
+        f"{o['removed']:,} removed)")
+    dt, _ = run.run(["ipset", "-exist", "restore"], stdin=tmp / "subs.ipset")
+    doc.figures["subs_ipset_s"] = dt
+    log(f"  ipset -exist restore     {dt:7.2f} s")
+    doc.memory["subs_ipset_bytes"] = ipset_memory(run, "xzsub")
+    dt, _ = run.run(["nft", "-f", str(tmp / "subs.nft")])
+    doc.figures["subs_nft_s"] = dt
+    log(f"  nft -f                   {dt:7.2f} s")
+    run.run(["nft", "delete", "table", "inet", "xzsub"])
+    run.run(["ipset", "destroy", "xzsub4"])
+    run.run(["ipset", "destroy", "xzsub6"])
+    doc.memory["subs"] = memlock(pin, SUB_MAPS)
+    # The two full loads again, step by step in a fresh process each, into the fresh
+    # maps of a second instance: where the time of the first figures goes.
+    log("full loads step by step (fresh processes, fresh maps) ...")
+    pin2 = os.path.join(os.path.dirname(pin), "cli2")
+    run.run(xdpzoot_argv(cfg, pin2, "subscribers", "load", str(tiny)))
+    doc.steps["full CSAM list load"] = run.steps("csam", cfg, pin2, lst_a)
+    doc.steps["full subscriber load"] = run.steps("subscribers", cfg, pin2, subs)
+    kernel.unpin_all(pin2)
+
+
+def packets_part(args, doc, root, pin, s, entries) -> None:
+    """Per packet, 1k against 1M list entries in force (BPF_PROG_TEST_RUN)."""
+    kernel.unpin_all(pin)   # the CLI's maps: their memory is measured, free it
+    small_entries = [s.listed_host, f"{ntoa4(_net24(s.listed_in_prefix))}/24"]
+    # The rest of the small list: the first entries of the big one, as it is in
+    # force (hosts and prefixes in the big list's proportions).
+    for e in entries:
+        if len(small_entries) >= SMALL:
+            break
+        if e not in small_entries:
+            small_entries.append(e)
+    small = csam.parse_csam_bytes(list_text(small_entries).encode())
+    big = csam.parse_csam_bytes(list_text(entries).encode())
+    if (96 + 24, tables.addr16(ntoa4(_net24(s.listed_in_prefix)))) not in big.prefixes:
+        raise RuntimeError("the listed-prefix test address is not in a listed /24")
+    cpu = max(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        doc.per_packet = per_packet(root, small, big, s, args.runs, args.repeat,
+                                    args.cold)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    doc.per_packet["cpu"] = cpu
 
 
 def with_all_cpus() -> None:
@@ -934,6 +950,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=200_000, help="per-packet iterations")
     p.add_argument("--cold", type=int, default=2_000, help="destinations in the cold sweep")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    p.add_argument("--only", choices=("csam", "subscribers", "packets"),
+                   help="run one part only (csam: full load and changes)")
     p.add_argument("--steps", choices=("csam", "subscribers"), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--pin-dir", help=argparse.SUPPRESS)
@@ -958,6 +976,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench_lists.py needs {tool}")
             return 1
     doc = bench(args)
+    if args.only:   # a part alone: its raw figures (the report needs every part)
+        print(json.dumps({k: getattr(doc, k) for k in ("figures", "steps", "per_packet")},
+                         indent=2, default=str))
+        return 0
     print(report(doc))
     if args.json:
         print(json.dumps(doc.__dict__, indent=2, sort_keys=True, default=str))
