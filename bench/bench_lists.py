@@ -13,14 +13,17 @@ our own, one after another on the same machine):
 * a 1,000-entry change to the loaded list (the whole CLI command): loads A, A', A'', A'''
   each differing from the previous by 1,000 replaced entries; with two generations the
   idle one holds the list before the one in force, so from A'' on a load writes the
-  difference to the list two loads back; goal: the last one under 0.5 s;
+  difference to the list two loads back (found from that list's text, kept in the
+  kernel; A' finds an empty generation without text and parses the whole file); goal:
+  the last one under 0.5 s;
 * per packet, BPF_PROG_TEST_RUN of the upstream pipeline (a static subscriber's TCP :443)
   with 1k and with 1M list entries in force: destination not listed, one just outside a
   listed prefix, a listed host (drop), an address in a listed prefix (drop); both lists
   are held in the two generations of one compiled instance and the control word switches
   between them, so both sizes are timed round-robin in the same runs; goal: 1M within
   1.5x of 1k;
-* kernel memory (fdinfo memlock) of the CSAM maps at 1M, and of the subscriber maps.
+* kernel memory (fdinfo memlock) of the CSAM maps at 1M (with the text of both
+  generations' lists), and of the subscriber maps.
 
 Where the time goes: the full loads and a further change are run again step by step in
 this process (parse, tables, map reads, writes, each timed), and one more change as the
@@ -80,7 +83,7 @@ FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP
             | C["XZ_C_IP53B_V6"])
 XDP_RET = {1: "drop", 2: "pass", 3: "reject"}
 CSAM_MAPS = ("xz_csam_h0", "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta",
-             "xz_csam_hits")
+             "xz_csam_hits", "xz_csam_t0", "xz_csam_t1")
 SUB_MAPS = ("xz_hosts", "xz_prefixes")
 
 # ---- the address plan ---------------------------------------------------------------------
@@ -375,13 +378,15 @@ def ipset_memory(run: Runner, name: str) -> int | None:
 PHASES = {
     "blocklist": [
         ("read the file", "csam.py:read_list"),
-        ("digest: already in force?", "csam.py:in_force"),
-        ("parse and validate", "csam.py:parse_csam_bytes"),
         ("open the pinned maps", "csam.py:__init__"),
         ("load: diff and write, in all", "csam.py:load"),
-        ("  read the idle generation's keys", "kernel.py:keys"),
-        ("  batch updates", "kernel.py:update_many"),
-        ("  batch deletes", "kernel.py:delete_many"),
+        ("  read the idle generation's text, check its digest", "csam.py:held"),
+        ("  compare the texts, parse the lines that differ", "csam.py:text_delta"),
+        ("  write the entries that change", "csam.py:_write_delta"),
+        ("  or: parse and validate the whole file", "csam.py:parse_csam_bytes"),
+        ("  or: read the idle generation's keys", "kernel.py:keys"),
+        ("  or: write the difference with them", "csam.py:_write_list"),
+        ("  keep the new text (pin_blob)", "kernel.py:pin_blob"),
     ],
 }
 
@@ -422,18 +427,24 @@ class Steps:
 
 def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], csam.LoadResult]:
     """What `xdpzoot blocklist load` does (cli.load_csam), step by step in this process,
-    the whole of csam.load being one step; the idle generation's keys are also read
-    alone first, to show that part of it."""
+    the whole of csam.load being one step; its parts are also timed alone first (in
+    parentheses: not counted in the sum)."""
     st = Steps()
     data, _ = st("read the file", csam.read_list, str(path))
     maps = st("open the pinned maps", csam.Maps, pin)
     try:
-        st("digest: is it the list in force?", csam.in_force, maps, data)
-        lst = st("parse and validate", csam.parse_csam_bytes, data, str(path))
         idle = 1 - (maps.word()[1] & C["XZ_CSAM_GEN"])
-        st("(read the idle generation's keys alone)",
-           lambda: (maps.hosts[idle].keys(), maps.prefixes[idle].keys()))
-        res = st("csam.load: read idle keys, diff, write, switch", csam.load, maps, lst)
+        old = st("(read the idle generation's text, check its digest)", csam.held, maps,
+                 idle)
+        if old:
+            st("(compare the texts, parse the lines that differ)", csam.text_delta,
+               old.text, data)
+        else:
+            st("(parse and validate the whole file)", csam.parse_csam_bytes, data, str(path))
+            st("(read the idle generation's keys)",
+               lambda: (maps.hosts[idle].keys(), maps.prefixes[idle].keys()))
+        res = st("csam.load: all of it (diff, write, keep the text, switch)", csam.load, maps,
+                 data, str(path))
     finally:
         maps.close()
     return st.times, res
@@ -466,7 +477,7 @@ class PathCase:
 
 
 def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, runs: int,
-               repeat: int, cold_n: int) -> dict:
+               repeat: int, cold_n: int, texts: dict[str, bytes]) -> dict:
     """Both lists in the two generations of one instance; every path timed round-robin
     with the control word switched between them."""
     import packets  # scapy: imported only here (the --steps processes stay lean)
@@ -487,7 +498,7 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
             log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries, "
                 f"csam.load) ...")
             t0 = time.monotonic()
-            csam.load(cm, lst)
+            csam.load(cm, texts[label], lst=lst)
             words[label] = cm.word()[1]
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
@@ -759,8 +770,8 @@ def packets_part(args, doc, root, pin, s, entries) -> None:
             break
         if e not in small_entries:
             small_entries.append(e)
-    small = csam.parse_csam_bytes(list_text(small_entries).encode())
-    big = csam.parse_csam_bytes(list_text(entries).encode())
+    texts = {"small": list_text(small_entries).encode(), "big": list_text(entries).encode()}
+    small, big = (csam.parse_csam_bytes(texts[k]) for k in ("small", "big"))
     if (96 + 24, tables.addr16(ntoa4(_net24(s.listed_in_prefix)))) not in big.prefixes:
         raise RuntimeError("the listed-prefix test address is not in a listed /24")
     cpu = max(os.sched_getaffinity(0))
@@ -768,7 +779,7 @@ def packets_part(args, doc, root, pin, s, entries) -> None:
     os.sched_setaffinity(0, {cpu})
     try:
         doc.per_packet = per_packet(root, small, big, s, args.runs, args.repeat,
-                                    args.cold)
+                                    args.cold, texts)
     finally:
         os.sched_setaffinity(0, allowed)
     doc.per_packet["cpu"] = cpu
@@ -901,7 +912,10 @@ def report(doc: Doc) -> str:
         h, p = cs[f"xz_csam_h{gen}"], cs[f"xz_csam_p{gen}"]
         row(f"  generation {gen}: hash {h['memlock'] / 2**20:.1f} MiB (prealloc "
             f"{h['max_entries']:,}) + trie", f"{p['memlock'] / 2**20:.1f} MiB")
-    row("  all CSAM maps (with meta and hits)", f"{every / 2**20:.1f} MiB")
+    text = cs["xz_csam_t0"]["memlock"] + cs["xz_csam_t1"]["memlock"]
+    row("  the list files' text, both generations (for quick changes)",
+        f"{text / 2**20:.1f} MiB")
+    row("  all CSAM maps (with meta, hits and the text)", f"{every / 2**20:.1f} MiB")
     if m.get("csam_ipset_bytes"):
         row("  ipset's own size in memory of the same entries",
             f"{m['csam_ipset_bytes'] / 2**20:.1f} MiB")

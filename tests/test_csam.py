@@ -516,7 +516,7 @@ def agree(m: csam.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key
 
 
 def load(m: csam.Maps, data: bytes) -> csam.LoadResult:
-    return csam.load(m, csam.parse_csam_bytes(data), now=lambda: NOW)
+    return csam.load(m, data, now=lambda: NOW)
 
 
 def reset(m: csam.Maps) -> None:

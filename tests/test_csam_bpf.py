@@ -448,8 +448,8 @@ def test_loaded_lists_take_effect(cdp, cmaps, hook):
     """csam.load, as the CLI calls it: list A in force, then B, then A again."""
     load_world(cdp, model_tables(), flags_of(CR))
     wipe(cmaps)
-    list_a = csam.parse_csam_bytes(b"# A\n192.0.2.66\n198.18.0.0/15\n")
-    list_b = csam.parse_csam_bytes(b"# B\n2001:db8:bad::/48\n192.0.2.67\n")
+    list_a = b"# A\n192.0.2.66\n198.18.0.0/15\n"
+    list_b = b"# B\n2001:db8:bad::/48\n192.0.2.67\n"
     to_exact, to_prefix = tcp(A, DYN4, LISTED4, 443), udp(A, DYN4, IN_PREFIX4, 53)
     to_b6, to_b4 = ping(A, DYN6, IN_PREFIX6), tcp(A, STRANGER4, "192.0.2.67", 80)
     steps = [(list_a, {to_exact: "reject", to_prefix: "reject", to_b6: "pass", to_b4: "pass"}),

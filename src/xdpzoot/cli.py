@@ -132,7 +132,8 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         if cfg.sources.subscribers:
             rows = parse_subscribers(cfg.sources.subscribers)   # validate before any change
         if cfg.sources.csam:
-            lst, warnings = csam.parse_csam(cfg.sources.csam)
+            text, warnings = csam.read_list(cfg.sources.csam)
+            lst = csam.parse_csam_bytes(text, cfg.sources.csam)
             for w in warnings:
                 click.echo(f"xdpzoot: warning: {w}", err=True)
         with kernel.lock(o.pin_dir):
@@ -142,7 +143,7 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
                 if rows is not None else None
             if lst is not None:
                 with csam.Maps(o.pin_dir) as cm:
-                    csam.load(cm, lst)
+                    csam.load(cm, text, cfg.sources.csam, lst)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
                 "csam": lst.counts() if lst else None}
@@ -683,21 +684,21 @@ def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
 
 
 def _load_csam_locked(pin_dir: str, path: str, data: bytes) -> dict:
+    bars = []
+
+    def progress(total: int):
+        bar, step = _progress(total, "writing CSAM list")
+        bars.extend([bar] if bar else [])
+        return step
+
     with csam.Maps(pin_dir) as maps:
-        if csam.in_force(maps, data):   # validated when it was loaded: nothing to do
-            st = csam.status(maps)
-            return {"added": 0, "removed": 0, "generation": st["generation"],
-                    "switched": False, **{k: st[k] for k in
-                                          ("hosts4", "hosts6", "prefixes4", "prefixes6")},
-                    "sha256": st["sha256"]}
-        lst = csam.parse_csam_bytes(data, path)
-        bar, step = _progress(len(lst.hosts) + len(lst.prefixes), "writing CSAM list")
         try:
-            res = csam.load(maps, lst, step)
+            res = csam.load(maps, data, path, progress=progress)
         finally:
-            if bar:
+            for bar in bars:
                 bar.render_finish()
-    return {**asdict(res), **lst.counts(), "sha256": lst.sha256.hex()}
+        meta = maps.read_meta(res.generation)
+    return {**asdict(res), **{k: meta[k] for k in csam.COUNTS}, "sha256": meta["sha256"]}
 
 
 @blocklist.command("load", epilog="""\b

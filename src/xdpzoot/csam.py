@@ -8,6 +8,11 @@ the idle generation is brought to the new list by diff, then one write of the co
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
 one. This module talks to the pinned maps through :class:`kernel.PinnedMap`, without
 bcc, so that a small change is applied in well under a second.
+
+Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
+root only), the text of the file it was loaded from. A load compares the new file with the
+idle generation's text and parses only the lines that differ: every other line was valid
+when that list was loaded, and yields the entries the generation holds already.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ import socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import schema
+from . import kernel, schema
 from .kernel import KernelError, PinnedMap
 from .sources import V4MAPPED_PROBLEM, SourceError, overlaps_v4mapped
-from .tables import Key
+
+if TYPE_CHECKING:   # tables itself is not needed to load a list
+    from .tables import Key
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 _WS = " \t\r\x0b\x0c"   # what bytes.strip() removes (and str.strip() more): one verdict
@@ -34,17 +43,21 @@ LPM_KEY = struct.Struct("=I16s")          # struct xz_lpm_key
 CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
 META = struct.Struct("=32sQIIII")         # struct xz_csam_meta
 LISTED = b"\x01"
+HOST = struct.pack("=I", 128)             # LPM_KEY's length field of an exact address
 C = schema.C
+COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
 
 
 @dataclass(frozen=True)
 class CsamList:
-    """A validated list: exact addresses (16 bytes) and prefixes ((len/128, address))."""
+    """A validated list: exact addresses (16 bytes) and prefixes ((len/128, address)), and
+    the entries written on more than one line, with how many (keys as :func:`entry_key`)."""
 
     hosts: frozenset[bytes]
     prefixes: frozenset[Key]
     sha256: bytes
     hosts4: int   # how many of the hosts are IPv4 (counted while parsing)
+    dups: dict[bytes, int]
 
     def counts(self) -> dict[str, int]:
         p4 = sum(1 for _, a in self.prefixes if a[:12] == V4MAPPED)
@@ -52,7 +65,21 @@ class CsamList:
                 "prefixes4": p4, "prefixes6": len(self.prefixes) - p4}
 
 
+def entry_key(host: bytes | None, prefix: Key | None) -> bytes:
+    """One entry as one key: an LPM key, exact addresses with length 128 (a prefix never
+    has it: a /32 or /128 is an exact address)."""
+    return HOST + host if host is not None else LPM_KEY.pack(*prefix)
 
+
+def _dups(contents: list[bytes], entries: int) -> dict[bytes, int]:
+    """Entries that more than one of these (valid, stripped) lines write, and how many."""
+    spellings = Counter(contents)
+    if len(spellings) == entries:   # one spelling per entry: only repeated lines count
+        return {entry_key(*_parse_line(s)[:2]): n for s, n in spellings.items() if n > 1}
+    lines: Counter[bytes] = Counter()
+    for s, n in spellings.items():
+        lines[entry_key(*_parse_line(s)[:2])] += n
+    return {k: n for k, n in lines.items() if n > 1}
 
 
 def _parse_line(s: bytes) -> tuple[bytes | None, Key | None, str | None]:
@@ -130,30 +157,42 @@ def _parse_fast(data: bytes) -> CsamList | None:
                     prefixes.add(p)
     extra4 = sum(1 for a in hosts6 if a[:12] == V4MAPPED and a not in hosts)
     hosts |= hosts6
+    n = len(hosts) + len(prefixes)
+    dups = _dups([x.encode() for x in lines], n) if len(lines) != n else {}
     return CsamList(frozenset(hosts), frozenset(prefixes), hashlib.sha256(data).digest(),
-                    h4 + extra4)
+                    h4 + extra4, dups)
 
 
 def _parse_careful(data: bytes, path: str) -> CsamList:
     """Line by line, collecting every problem with its line number (never the entry)."""
     hosts: set[bytes] = set()
     prefixes: set[Key] = set()
+    contents: list[bytes] = []
     problems: list[tuple[int | None, str]] = []
     for n, line in enumerate(data.split(b"\n"), 1):
-        s = line.split(b"#", 1)[0].strip() if b"#" in line else line.strip()
+        s = _content(line)
         if not s:
             continue
         h, p, problem = _parse_line(s)
         if problem:
             problems.append((n, problem))
-        elif h is not None:
+            continue
+        contents.append(s)
+        if h is not None:
             hosts.add(h)
         else:
             prefixes.add(p)
     if problems:
         raise SourceError(path, problems)
+    n = len(hosts) + len(prefixes)
     return CsamList(frozenset(hosts), frozenset(prefixes), hashlib.sha256(data).digest(),
-                    sum(1 for a in hosts if a[:12] == V4MAPPED))
+                    sum(1 for a in hosts if a[:12] == V4MAPPED),
+                    _dups(contents, n) if len(contents) != n else {})
+
+
+def _content(line: bytes) -> bytes:
+    """A line without its comment and surrounding whitespace."""
+    return line.split(b"#", 1)[0].strip() if b"#" in line else line.strip()
 
 
 def parse_csam(path: str, strict: bool = False) -> tuple[CsamList, list[str]]:
@@ -190,6 +229,7 @@ class Maps:
         if not os.path.exists(os.path.join(pin_dir, "xz_csam_h0")):
             raise KernelError(f"xdpzoot is not loaded (no maps pinned under {pin_dir})")
         p = lambda n: PinnedMap(os.path.join(pin_dir, n))  # noqa: E731
+        self.pin_dir = pin_dir
         self.control = p("xz_control")
         self.meta = p("xz_csam_meta")
         self.hits = p("xz_csam_hits")
@@ -216,6 +256,10 @@ class Maps:
         flags, _ = CONTROL.unpack_from(value)
         CONTROL.pack_into(value, 0, flags, csam)
         self.control.update(b"\0\0\0\0", bytes(value))
+
+    def text_path(self, gen: int) -> str:
+        """Where the text of generation ``gen``'s list is pinned."""
+        return os.path.join(self.pin_dir, f"xz_csam_t{gen}")
 
     def read_meta(self, gen: int) -> dict:
         sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(struct.pack("=I", gen)))
@@ -248,35 +292,224 @@ def in_force(maps: Maps, data: bytes) -> bool:
     return maps.read_meta(word & C["XZ_CSAM_GEN"])["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def load(maps: Maps, lst: CsamList, progress: Callable[[int], None] | None = None,
+def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = None,
+         progress: Callable[[int], Callable[[int], None] | None] | None = None,
          now: Callable[[], float] = time.time) -> LoadResult:
-    """Make ``lst`` the list in force: diff it into the idle generation, then switch.
+    """Make the list in ``data`` the list in force: bring the idle generation to it, then
+    switch. A file with an error changes nothing (SourceError); the same list (by digest)
+    as the one in force writes nothing.
 
-    The same list (by digest) as the one in force writes nothing.
+    When the idle generation's text is kept and intact, only the lines that differ from it
+    are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
+    already) and compared with the idle generation's keys, read back. ``progress`` is given
+    the number of entries to write and returns a callback for the entries written.
     """
+    sha = hashlib.sha256(data).digest()
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
-    active = maps.read_meta(gen)
-    if active["sha256"] == lst.sha256.hex():
+    if maps.read_meta(gen)["sha256"] == sha.hex():
         return LoadResult(0, 0, gen, False)
     idle = 1 - gen
+    old = held(maps, idle)
+    delta = text_delta(old.text, data) if old else None
+    if delta is None:
+        lst = lst or parse_csam_bytes(data, path)   # the careful parser names bad lines
+    key = struct.pack("=I", idle)
+    # Until it is written whole, the idle generation holds no list that anything may trust.
+    maps.meta.update(key, bytes(META.size))
+    if delta is not None:
+        added, removed, counts, dups = _write_delta(maps, idle, old, delta, progress)
+    else:
+        added, removed = _write_list(maps, idle, lst, progress)
+        counts, dups = lst.counts(), lst.dups
+    kernel.pin_blob(maps.text_path(idle), TEXT.pack(len(data), len(dups)) + data
+                    + b"".join(DUP.pack(k, n) for k, n in dups.items()))
+    maps.meta.update(key, META.pack(sha, int(now()), *(counts[k] for k in COUNTS)))
+    maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
+                  | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
+    return LoadResult(added, removed, idle, True)
+
+
+def _write_list(maps: Maps, gen: int, lst: CsamList,
+                progress: Callable[[int], Callable[[int], None] | None] | None
+                ) -> tuple[int, int]:
+    """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back;
+    (added, removed)."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
-    have_h = set(maps.hosts[idle].keys())
-    have_p = set(maps.prefixes[idle].keys())
+    have_h = set(maps.hosts[gen].keys())
+    have_p = set(maps.prefixes[gen].keys())
     add_h, del_h = list(want_h - have_h), list(have_h - want_h)
     add_p, del_p = list(want_p - have_p), list(have_p - want_p)
-    # Deletes first: the idle tables never hold more than the larger of old and new.
-    maps.hosts[idle].delete_many(del_h, progress)
-    maps.prefixes[idle].delete_many(del_p, progress)
-    maps.hosts[idle].update_many(add_h, LISTED, progress)
-    maps.prefixes[idle].update_many(add_p, LISTED, progress)
-    c = lst.counts()
-    maps.meta.update(struct.pack("=I", idle), META.pack(
-        lst.sha256, int(now()), c["hosts4"], c["hosts6"], c["prefixes4"], c["prefixes6"]))
-    new = idle | (C["XZ_CSAM_HOSTS"] if want_h else 0) | (C["XZ_CSAM_PREFIXES"] if want_p else 0)
-    maps.set_word(new)
-    return LoadResult(len(add_h) + len(add_p), len(del_h) + len(del_p), idle, True)
+    step = progress(len(add_h) + len(del_h) + len(add_p) + len(del_p)) if progress else None
+    # Deletes first: the tables never hold more than the larger of old and new.
+    maps.hosts[gen].delete_many(del_h, step)
+    maps.prefixes[gen].delete_many(del_p, step)
+    maps.hosts[gen].update_many(add_h, LISTED, step)
+    maps.prefixes[gen].update_many(add_p, LISTED, step)
+    return len(add_h) + len(add_p), len(del_h) + len(del_p)
+
+
+def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
+                 progress: Callable[[int], Callable[[int], None] | None] | None
+                 ) -> tuple[int, int, dict[str, int], dict[bytes, int]]:
+    """Apply ``delta`` (per entry: lines that write it, added less removed) to generation
+    ``gen``, which holds ``old``; (added, removed, counts, entries on more than one line).
+
+    An entry goes when no line writes it any more: on one line unless ``old.dups`` says
+    more. An entry some added line writes is written unless the generation has it (then
+    some unchanged line wrote it, or a removed one)."""
+    dups, counts = dict(old.dups), dict(old.counts)
+    gone = [k for k, d in delta.items() if d < 0 and dups.get(k, 1) + d <= 0]
+    new = [k for k, d in delta.items() if d > 0]
+    step = progress(len(gone) + len(new)) if progress else None
+    hosts, prefixes = maps.hosts[gen], maps.prefixes[gen]
+    hosts.delete_many([k[4:] for k in gone if k[:4] == HOST], step)
+    prefixes.delete_many([k for k in gone if k[:4] != HOST], step)
+    had = {HOST + a for a in hosts.add_new([k[4:] for k in new if k[:4] == HOST], LISTED)}
+    had.update(prefixes.add_new([k for k in new if k[:4] != HOST], LISTED))
+    if step:
+        step(len(new))
+    for k, d in delta.items():
+        before = dups.pop(k, 1) if d < 0 or k in had else 0
+        after = max(before + d, 0)
+        if after > 1:
+            dups[k] = after
+        if bool(before) != bool(after):
+            kind = "hosts" if k[:4] == HOST else "prefixes"
+            counts[kind + ("4" if k[4:16] == V4MAPPED else "6")] += 1 if after else -1
+    return len(new) - len(had), len(gone), counts, dups
+
+
+# ---- the text each generation was loaded from ----------------------------------------------
+# In kernel memory only (kernel.pin_blob): this header, the file's bytes, then the entries
+# that more than one line writes (as entry_key) and on how many lines.
+TEXT = struct.Struct("=QI")               # length of the text, how many DUP records
+DUP = struct.Struct("=20sI")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a generation holds, as text: the file, its entries on more than one line, and
+    the counts (from meta)."""
+
+    text: bytes
+    dups: dict[bytes, int]
+    counts: dict[str, int]
+
+
+def held(maps: Maps, gen: int) -> Held | None:
+    """The text of generation ``gen``'s list; None unless it is kept, intact, and the list
+    meta says the generation holds (meta is cleared while a generation is written)."""
+    meta = maps.read_meta(gen)
+    blob = kernel.read_blob(maps.text_path(gen)) if meta["loaded"] else None
+    if blob is None or len(blob) < TEXT.size:
+        return None
+    size, n = TEXT.unpack_from(blob)
+    end = TEXT.size + size
+    if end + n * DUP.size > len(blob):
+        return None
+    text = bytes(memoryview(blob)[TEXT.size:end])
+    if hashlib.sha256(text).hexdigest() != meta["sha256"]:
+        return None
+    return Held(text, dict(DUP.iter_unpack(blob[end:end + n * DUP.size])),
+                {k: meta[k] for k in COUNTS})
+
+
+def text_delta(old: bytes, new: bytes) -> dict[bytes, int] | None:
+    """Per entry, how many more lines of ``new`` than of ``old`` write it (zeros left out),
+    from the lines that differ; None when a differing line of ``new`` is not valid (the
+    careful parser then names it) or when the files differ too much for this to pay."""
+    lines = line_diff(old, new, len(new) // 4 + 65536)
+    if lines is None:
+        return None
+    delta: dict[bytes, int] = {}
+    for sign, part in ((-1, lines[0]), (1, lines[1])):
+        for line in part:
+            s = _content(line)
+            if s:
+                h, p, problem = _parse_line(s)
+                if problem:
+                    return None
+                k = entry_key(h, p)
+                delta[k] = delta.get(k, 0) + sign
+    return {k: d for k, d in delta.items() if d}
+
+
+def line_diff(old: bytes, new: bytes, budget: int) -> tuple[list[bytes], list[bytes]] | None:
+    """Lines to take out of ``old`` and lines to put in so that it has the lines of ``new``
+    (as multisets: enough to know the entries). Runs the two have in common are skipped by
+    comparing bytes; None when the lines that differ add up to more than ``budget`` bytes."""
+    old, new = _terminated(old), _terminated(new)
+    out: tuple[list[bytes], list[bytes]] = ([], [])
+    i = j = 0
+    while True:
+        nl = old.rfind(b"\n", i, i + _common(old, i, new, j))
+        if nl >= 0:   # the common run, in whole lines
+            j += nl + 1 - i
+            i = nl + 1
+        if i == len(old) and j == len(new):
+            return out
+        # The lines at i and j differ: find the nearest pair of equal lines after them.
+        size = 512
+        while True:
+            a, a_end = _lines(old, i, size)
+            b, b_end = _lines(new, j, size)
+            first: dict[bytes, int] = {}
+            for y, line in enumerate(b):
+                first.setdefault(line, y)
+            x, y = len(a), len(b)
+            for xx, line in enumerate(a):
+                if xx >= x + y:
+                    break
+                yy = first.get(line)
+                if yy is not None and xx + yy < x + y:
+                    x, y = xx, yy
+            if x < len(a) or (a_end and b_end):   # a pair, or the ends of both
+                break
+            size *= 4
+            if size > budget:
+                return None
+        out[0].extend(a[:x])
+        out[1].extend(b[:y])
+        di, dj = sum(map(len, a[:x])) + x, sum(map(len, b[:y])) + y
+        i, j, budget = i + di, j + dj, budget - di - dj
+        if budget < 0:
+            return None
+
+
+def _terminated(text: bytes) -> bytes:
+    """``text`` with a newline at the end (what the last line says does not change)."""
+    return text + b"\n" if text and not text.endswith(b"\n") else text
+
+
+def _lines(text: bytes, i: int, size: int) -> tuple[list[bytes], bool]:
+    """The whole lines from ``i`` on that start within ``size`` bytes, and whether they
+    reach the end of ``text`` (which ends with a newline)."""
+    end = text.find(b"\n", i + size)
+    end = len(text) if end < 0 else end + 1
+    lines = text[i:end].split(b"\n")
+    lines.pop()   # after the last newline
+    return lines, end == len(text)
+
+
+def _common(a: bytes, i: int, b: bytes, j: int) -> int:
+    """Length of the common prefix of ``a[i:]`` and ``b[j:]``: compared in growing blocks,
+    then the differing block halved."""
+    n = min(len(a) - i, len(b) - j)
+    view = memoryview(a)
+    lo, step = 0, 4096
+    while lo < n and b.startswith(view[i + lo:i + min(lo + step, n)], j + lo):
+        lo = min(lo + step, n)
+        step *= 2
+    hi = min(lo + step, n)   # a difference before hi, none before lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if b.startswith(view[i + lo:i + mid], j + lo):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def check(maps: Maps, addr16: bytes) -> str | None:

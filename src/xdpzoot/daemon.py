@@ -231,9 +231,9 @@ class Daemon:
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:
-                        lst, _ = csam.parse_csam(path)
+                        data, _ = csam.read_list(path)
                         with csam.Maps(self.pin_dir) as cm:
-                            r = csam.load(cm, lst)
+                            r = csam.load(cm, data, path)
                         log(f"CSAM list reloaded: generation {r.generation}")
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had

@@ -73,6 +73,8 @@ _libbpf.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p,
                                          ct.POINTER(ct.c_uint32), ct.c_void_p]
 _libbpf.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_char_p, ct.POINTER(ct.c_uint32),
                                          ct.c_void_p]
+_libbpf.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
+                                    ct.c_void_p]
 
 
 def _check(rc: int, what: str) -> int:
@@ -150,6 +152,11 @@ class _BatchOpts(ct.Structure):
 
 
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_NOEXIST = 1
+# Bytes per entry of a blob map (pin_blob): one syscall per MiB, far below the largest value
+# an array may hold (KMALLOC_MAX_SIZE, 4 MiB and more).
+BLOB_CHUNK = 1 << 20
 BPF_MAP_TYPE_PERCPU_HASH = 5
 PERCPU_TYPES = (5, 6, 10)   # percpu hash, percpu array, LRU percpu hash
 
@@ -246,6 +253,17 @@ class PinnedMap:
         """Write ``value`` under every key, in batches where the map type has them."""
         self._many(keys, value, progress)
 
+    def add_new(self, keys: list[bytes], value: bytes) -> list[bytes]:
+        """Write ``value`` under every key the map does not hold yet (BPF_NOEXIST, key by
+        key); returns the keys it held already, untouched."""
+        held = []
+        for k in keys:
+            if _libbpf.bpf_map_update_elem(self.fd, k, value, BPF_NOEXIST) != 0:
+                if ct.get_errno() != errno.EEXIST:
+                    _check(-1, f"update {self.path}")
+                held.append(k)
+        return held
+
     def delete_many(self, keys: list[bytes],
                     progress: Callable[[int], None] | None = None) -> None:
         """Delete every key, in batches where the map type has them."""
@@ -273,6 +291,42 @@ class PinnedMap:
                            what)
             if progress:
                 progress(len(chunk))
+
+
+def pin_blob(path: str, blob: bytes) -> None:
+    """Keep ``blob`` in kernel memory only: a new array map of BLOB_CHUNK-byte values, the
+    last one padded with zeros, pinned at ``path`` for root alone (replacing what was pinned
+    there). No program uses it."""
+    n = max(1, -(-len(blob) // BLOB_CHUNK))
+    name = os.path.basename(path)[:15].encode()
+    fd = _check(_libbpf.bpf_map_create(BPF_MAP_TYPE_ARRAY, name, 4, BLOB_CHUNK, n, None),
+                f"create map {path}")
+    try:
+        for i in range(n):
+            part = blob[i * BLOB_CHUNK:(i + 1) * BLOB_CHUNK]
+            part += bytes(BLOB_CHUNK - len(part))
+            _check(_libbpf.bpf_map_update_elem(fd, struct.pack("=I", i), part, 0),
+                   f"update {path}")
+        pin(fd, path)
+        os.chmod(path, 0o600)
+    finally:
+        os.close(fd)
+
+
+def read_blob(path: str) -> bytearray | None:
+    """What :func:`pin_blob` keeps at ``path``, padding included; None when nothing, or
+    something else, is pinned there."""
+    if not os.path.exists(path):
+        return None
+    with PinnedMap(path) as m:
+        if (m.type, m.key_size, m.value_size) != (BPF_MAP_TYPE_ARRAY, 4, BLOB_CHUNK):
+            return None
+        out = bytearray(m.max_entries * BLOB_CHUNK)
+        buf = (ct.c_char * len(out)).from_buffer(out)
+        for i in range(m.max_entries):
+            _check(_libbpf.bpf_map_lookup_elem(m.fd, struct.pack("=I", i),
+                                               ct.byref(buf, i * BLOB_CHUNK)), f"lookup {path}")
+        return out
 
 
 def _memlock(fd: int) -> int:
