@@ -14,13 +14,16 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -620,6 +623,195 @@ def test_load_sequence(compiled, files):
             load(m, data)
             hosts, prefixes = expected(nets)
             agree(m, data, hosts, prefixes)
+
+
+# ---- 3b. loads from the kept text ---------------------------------------------------------------
+
+
+def entries_of(lst: csam.CsamList) -> set[bytes]:
+    return {csam.entry_key(h, None) for h in lst.hosts} | \
+        {csam.entry_key(None, p) for p in lst.prefixes}
+
+
+def idle_holds(m: csam.Maps, data: bytes) -> int:
+    """Load ``data``, then another list: ``data`` is in the idle generation (returned), with
+    its text."""
+    load(m, data)
+    load(m, f"# another list {secrets.token_hex(8)}\n192.0.2.1\n".encode())
+    idle = 1 - (m.word()[1] & C["XZ_CSAM_GEN"])
+    assert csam.held(m, idle).text == data
+    return idle
+
+
+def snapshot(m: csam.Maps) -> tuple:
+    """Everything a load may change: word, meta, kept texts and every entry."""
+    return (m.word(), [m.meta.lookup(struct.pack("=I", g)) for g in (0, 1)],
+            [kernel.read_blob(m.text_path(g)) for g in (0, 1)],
+            [sorted(t.keys()) for t in (*m.hosts, *m.prefixes)])
+
+
+@st.composite
+def edited(draw, case: tuple[bytes, list]) -> bytes:
+    """``case``'s file after a few edits: lines taken out, put in (new entries, the same
+    entries again or spelt otherwise, copies of lines, comments, blanks), replaced, moved."""
+    data, nets = case
+    lines = data.decode().split("\n")
+    for _ in range(draw(st.integers(1, 8))):
+        line = draw(st.one_of(
+            networks().flatmap(entry_lines), FILLER,
+            *([st.sampled_from(nets).flatmap(entry_lines)] if nets else []),
+            *([st.sampled_from(list(lines))] if lines else [])))
+        at = draw(st.integers(0, len(lines)))
+        op = draw(st.sampled_from(["del", "ins", "rep", "move"]))
+        if op == "ins" or at == len(lines):
+            lines.insert(at, line)
+        elif op == "del":
+            del lines[at]
+        elif op == "rep":
+            lines[at] = line
+        else:
+            lines.insert(draw(st.integers(0, len(lines) - 1)), lines.pop(at))
+    return "\n".join(lines).encode()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(list_files(max_entries=25).flatmap(lambda c: st.tuples(st.just(c), edited(c))))
+def test_load_from_the_text_is_a_full_load(compiled, case):
+    """A list loaded over the idle generation's text, without parsing the whole file: the
+    same entries, counts, result and kept duplicates as a full load."""
+    (base, _), new = case
+    before, after = csam.parse_csam_bytes(base), csam.parse_csam_bytes(new)
+    with csam.Maps(compiled[1]) as m:
+        idle = idle_holds(m, base)
+        with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
+            r = load(m, new)
+        assert r == csam.LoadResult(len(entries_of(after) - entries_of(before)),
+                                    len(entries_of(before) - entries_of(after)), idle, True)
+        agree(m, new, set(after.hosts), set(after.prefixes))
+        assert csam.held(m, idle) == csam.Held(new, after.dups, after.counts())
+
+
+def test_duplicates_are_counted():
+    """An entry goes when its last line goes, whatever the spelling."""
+    lst = csam.parse_csam_bytes(b"192.0.2.1\n192.0.2.1/32 # again\n 192.0.2.1\n"
+                                b"2001:db8::/32\n2001:0db8::/32\n198.18.0.0/15\n")
+    one = csam.entry_key(tables.addr16("192.0.2.1"), None)
+    net = csam.entry_key(None, (32, tables.addr16("2001:db8::")))
+    assert lst.dups == {one: 3, net: 2}
+    assert csam._parse_careful(b"192.0.2.1\n192.0.2.1\n", PATH).dups == {one: 2}
+    assert csam.text_delta(b"192.0.2.1\n192.0.2.1/32\n", b"192.0.2.1/32\n") == {one: -1}
+
+
+def test_load_from_the_text_with_duplicates(maps):
+    reset(maps)
+    idle_holds(maps, b"192.0.2.1\n192.0.2.1/32\n198.18.0.0/15\n")
+    r = load(maps, b"192.0.2.1/32\n198.18.0.0/15\n198.18.0.0/15 # twice\n")
+    assert (r.added, r.removed) == (0, 0)
+    agree(maps, b"192.0.2.1/32\n198.18.0.0/15\n198.18.0.0/15 # twice\n",
+          *want("192.0.2.1/32", "198.18.0.0/15"))
+
+
+EDIT_OF_A = LIST_A.replace(b"192.0.2.66\n", b"192.0.2.99\n").replace(
+    b"2001:db8:bad::/48", b"2001:db8:bad::/64")
+
+
+@pytest.mark.parametrize("spoil", ["missing", "another text", "not a text", "meta cleared"])
+def test_load_without_a_trusted_text(maps, spoil):
+    """No kept text, or one that is not what meta says the generation holds: the whole
+    file is parsed and the idle generation's keys read back, as before."""
+    reset(maps)
+    idle = idle_holds(maps, LIST_A)
+    path = maps.text_path(idle)
+    if spoil == "missing":
+        os.unlink(path)
+    elif spoil == "another text":
+        kernel.pin_blob(path, csam.TEXT.pack(len(LIST_B), 0) + LIST_B)
+    elif spoil == "not a text":
+        kernel.pin_blob(path, b"\xff" * 64)
+    else:   # what a killed load leaves: meta cleared, the tables half written
+        maps.meta.update(struct.pack("=I", idle), bytes(csam.META.size))
+        maps.hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
+    with mock.patch.object(csam, "parse_csam_bytes", wraps=csam.parse_csam_bytes) as parse:
+        r = load(maps, EDIT_OF_A)
+    assert parse.called and r.generation == idle
+    agree(maps, EDIT_OF_A, *want(*(n.replace("192.0.2.66", "192.0.2.99").replace(
+        "/48", "/64") for n in NETS_A)))
+    assert csam.held(maps, idle).text == EDIT_OF_A
+
+
+@pytest.mark.parametrize("kill", ["delete_many", "add_new", "pin_blob", "set_word"])
+def test_a_killed_load_leaves_nothing_to_trust(maps, kill):
+    """Killed at any step, a load leaves the list in force as it was and the idle
+    generation untrusted: the next load parses the whole file and puts it right."""
+    reset(maps)
+    idle = idle_holds(maps, LIST_A)
+    in_force_before = in_force(maps)
+    owner = {"pin_blob": kernel, "set_word": csam.Maps}.get(kill, kernel.PinnedMap)
+    with mock.patch.object(owner, kill, side_effect=KeyboardInterrupt), \
+            pytest.raises(KeyboardInterrupt):
+        load(maps, EDIT_OF_A)
+    assert in_force(maps) == in_force_before
+    assert csam.held(maps, idle) is None or kill == "set_word"
+    load(maps, EDIT_OF_A)
+    agree(maps, EDIT_OF_A, *want(*(n.replace("192.0.2.66", "192.0.2.99").replace(
+        "/48", "/64") for n in NETS_A)))
+
+
+def test_bad_line_in_an_edited_file_changes_nothing(maps):
+    reset(maps)
+    idle_holds(maps, LIST_A)
+    before = snapshot(maps)
+    lines = EDIT_OF_A.split(b"\n")
+    lines[2] = b"198.18.0.0/33"
+    lines.insert(5, b"192.0.2.256  # a typo")
+    with pytest.raises(SourceError) as e:
+        load(maps, b"\n".join(lines))
+    assert e.value.problems == [(3, BAD_LEN), (6, NOT_ADDR)]
+    assert "198.18.0.0" not in str(e.value) and "192.0.2.256" not in str(e.value)
+    assert snapshot(maps) == before
+
+
+def test_the_text_is_for_root_alone(maps):
+    reset(maps)
+    for g in (0, 1):
+        st_ = os.stat(maps.text_path(g))
+        assert stat.S_IMODE(st_.st_mode) == 0o600 and st_.st_uid == 0
+        with kernel.PinnedMap(maps.text_path(g)) as t:
+            assert t.type == kernel.BPF_MAP_TYPE_ARRAY
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 3000), st.lists(st.tuples(
+    st.sampled_from(["del", "ins", "rep"]), st.integers(0, 1 << 16), st.integers(1, 300)),
+    max_size=12), st.booleans())
+def test_line_diff_gives_the_new_lines(n, edits, end):
+    """Taking out and putting in what line_diff says turns the old lines into the new ones
+    (as multisets), also with blocks of lines put in or taken out, and repeated lines."""
+    lines = [b"10.0.%d.%d" % divmod(i % 2000, 256) for i in range(n)]
+    new = list(lines)
+    for op, at, k in edits:
+        at %= len(new) + 1
+        block = [b"10.1.%d.%d" % divmod((at + i) % 9, 256) for i in range(k)]
+        if op == "del":
+            del new[at:at + k]
+        elif op == "ins":
+            new[at:at] = block
+        else:
+            new[at:at + k] = block
+    old_text = b"\n".join(lines) + (b"\n" if end and lines else b"")
+    new_text = b"\n".join(new) + (b"\n" if not end and new else b"")
+    diff = csam.line_diff(old_text, new_text, 1 << 30)
+    gone, put = Counter(diff[0]), Counter(diff[1])
+    assert not gone - Counter(lines) and Counter(lines) - gone + put == Counter(new)
+
+
+def test_line_diff_finds_the_lines_that_differ():
+    old = b"".join(b"192.0.2.%d\n" % i for i in range(200))
+    new = old.replace(b"192.0.2.7\n", b"").replace(b"192.0.2.150\n", b"198.18.0.0/15\n")
+    new += b"# the end"
+    assert csam.line_diff(old, new, 1 << 20) == (
+        [b"192.0.2.7", b"192.0.2.150"], [b"198.18.0.0/15", b"# the end"])
+    assert csam.line_diff(old, old[::-1], 100) is None   # too different to pay
 
 
 # ---- 4. the CLI as a black box -----------------------------------------------------------------
