@@ -46,6 +46,8 @@ LISTED = b"\x01"
 HOST = struct.pack("=I", 128)             # LPM_KEY's length field of an exact address
 C = schema.C
 COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
+# A load's progress: given how many entries it will write, a callback for those written.
+Progress = Callable[[int], Callable[[int], None] | None]
 
 
 @dataclass(frozen=True)
@@ -293,16 +295,15 @@ def in_force(maps: Maps, data: bytes) -> bool:
 
 
 def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = None,
-         progress: Callable[[int], Callable[[int], None] | None] | None = None,
-         now: Callable[[], float] = time.time) -> LoadResult:
+         progress: Progress | None = None, now: Callable[[], float] = time.time
+         ) -> LoadResult:
     """Make the list in ``data`` the list in force: bring the idle generation to it, then
     switch. A file with an error changes nothing (SourceError); the same list (by digest)
     as the one in force writes nothing.
 
     When the idle generation's text is kept and intact, only the lines that differ from it
     are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
-    already) and compared with the idle generation's keys, read back. ``progress`` is given
-    the number of entries to write and returns a callback for the entries written.
+    already) and compared with the idle generation's keys, read back.
     """
     sha = hashlib.sha256(data).digest()
     _, word = maps.word()
@@ -331,8 +332,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList,
-                progress: Callable[[int], Callable[[int], None] | None] | None
-                ) -> tuple[int, int]:
+                progress: Progress | None) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back;
     (added, removed)."""
     want_h = lst.hosts
@@ -351,7 +351,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList,
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
-                 progress: Callable[[int], Callable[[int], None] | None] | None
+                 progress: Progress | None
                  ) -> tuple[int, int, dict[str, int], dict[bytes, int]]:
     """Apply ``delta`` (per entry: lines that write it, added less removed) to generation
     ``gen``, which holds ``old``; (added, removed, counts, entries on more than one line).
@@ -403,7 +403,7 @@ def held(maps: Maps, gen: int) -> Held | None:
     meta says the generation holds (meta is cleared while a generation is written)."""
     meta = maps.read_meta(gen)
     blob = kernel.read_blob(maps.text_path(gen)) if meta["loaded"] else None
-    if blob is None or len(blob) < TEXT.size:
+    if blob is None:
         return None
     size, n = TEXT.unpack_from(blob)
     end = TEXT.size + size
