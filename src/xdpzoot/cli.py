@@ -15,7 +15,7 @@ import click
 
 from . import csam, kernel, loader, model, schema, sync, tables
 from .config import load_config
-from .sources import SourceError, parse_subscribers
+from .sources import SourceError
 
 ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
 
@@ -39,6 +39,12 @@ class Ctx:
             return kernel.Maps(kernel.compile_bpf(self.pin_dir, self.cfg.defines(),
                                                   maps_only=True))
         return loader.open_maps(self.cfg, self.pin_dir)
+
+    def subscriber_maps(self, create: bool = False) -> kernel.SubscriberMaps:
+        """The subscriber maps, opened from their pins without a compile."""
+        if not kernel.pinned(self.pin_dir):
+            self.maps(create)   # creates the maps, or says that xdpzoot is not loaded
+        return kernel.SubscriberMaps.open(self.pin_dir)
 
 
 def _audit(o: Ctx, subscriber: int | str, action: str, rate_kbps: int | None = None,
@@ -128,9 +134,9 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         cor = list(core) or list(cfg.interfaces.core)
         if not acc and not cor:
             raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
-        rows = lst = None
-        if cfg.sources.subscribers:
-            rows = parse_subscribers(cfg.sources.subscribers)   # validate before any change
+        subs = lst = None
+        if cfg.sources.subscribers:   # validate before any change
+            _, *subs = tables.read_subscribers(cfg.sources.subscribers)
         if cfg.sources.csam:
             text, warnings = csam.read_list(cfg.sources.csam)
             lst = csam.parse_csam_bytes(text, cfg.sources.csam)
@@ -139,8 +145,7 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         with kernel.lock(o.pin_dir):
             maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
                                        mode or cfg.interfaces.mode)
-            change = sync.apply_subscribers(maps, *tables.subscriber_tables(rows)) \
-                if rows is not None else None
+            change = sync.apply_subscribers(maps, *subs) if subs is not None else None
             if lst is not None:
                 with csam.Maps(o.pin_dir) as cm:
                     csam.load(cm, text, cfg.sources.csam, lst)
@@ -310,12 +315,17 @@ def subscribers_load(o: Ctx, file, strict, as_json) -> None:
     """Validate FILE, then write only what differs from the kernel's maps."""
 
     def go():
-        rows = parse_subscribers(file, strict=strict)
-        hosts, prefixes = tables.subscriber_tables(rows)
-        with kernel.lock(o.pin_dir):
-            change = sync.apply_subscribers(o.maps(create=True), hosts, prefixes)
-        _emit(as_json, {"rows": len(rows), **asdict(change)},
-              lambda: click.echo(f"{len(rows)} rows: {_change_text(change)}"))
+        rows, hosts, prefixes = tables.read_subscribers(file, strict)
+        with kernel.lock(o.pin_dir), o.subscriber_maps(create=True) as maps:
+            plan = sync.plan_subscribers(maps, hosts, prefixes)
+            bar, step = _progress(plan.change.total, "writing subscribers")
+            try:
+                change = sync.apply_plan(maps, plan, step)
+            finally:
+                if bar:
+                    bar.render_finish()
+        _emit(as_json, {"rows": rows, **asdict(change)},
+              lambda: click.echo(f"{rows} rows: {_change_text(change)}"))
 
     _run(go)
 
@@ -332,34 +342,36 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
     """What `subscribers load FILE` would change, as counts (--json: each change)."""
 
     def go():
-        rows = parse_subscribers(file, strict=strict)
-        (hw, hr, hc), (pw, pr, pc), _ = sync.plan_subscribers(
-            o.maps(), *tables.subscriber_tables(rows))
-        total = hc + pc
-        data = {"rows": len(rows), **asdict(total)}
-        if as_json:
-            cur = o.maps()
-            changes = []
-            for a, e in hw.items():
-                old = cur.get_host(a)
-                changes.append({"entry": str(tables.ip_of(a)),
-                                "change": "change" if old else "add",
-                                "before": _entry_json(old) if old else None,
-                                "after": _entry_json(e)})
-            cur_p = dict(cur.prefix_items())
-            for k, e in pw.items():
-                old = cur_p.get(k)
-                changes.append({"entry": str(tables.net_of(k)),
-                                "change": "change" if old else "add",
-                                "before": _entry_json(old) if old else None,
-                                "after": _entry_json(e)})
-            changes += [{"entry": str(tables.ip_of(a)), "change": "remove"} for a in hr]
-            changes += [{"entry": str(tables.net_of(k)), "change": "remove"} for k in pr]
-            data["changes"] = changes
-        _emit(as_json, data, lambda: click.echo(f"{len(rows)} rows: {_change_text(total)} "
+        rows, hosts, prefixes = tables.read_subscribers(file, strict)
+        with o.subscriber_maps() as maps:
+            plan = sync.plan_subscribers(maps, hosts, prefixes)
+            total = plan.change
+            data = {"rows": rows, **asdict(total)}
+            if as_json:
+                data["changes"] = _changes(maps, plan)
+        _emit(as_json, data, lambda: click.echo(f"{rows} rows: {_change_text(total)} "
                                                 "(nothing written)"))
 
     _run(go)
+
+
+def _changes(maps: kernel.SubscriberMaps, plan: sync.Plan) -> list[dict]:
+    """Each change of a plan, before and after, for `subscribers diff --json`."""
+    cur_p = dict(maps.read(maps.prefix_map).items())
+    old = {a: maps.get_host(a) for a in plan.hosts.write.keys}
+    old.update((k, cur_p.get(k)) for k in plan.prefixes.write.keys)
+    return [{"entry": _key_text(k), "change": "change" if old[k] else "add",
+             "before": _entry_json(old[k]) if old[k] else None, "after": _entry_json(e)}
+            for k, e in (*plan.hosts.write.items(), *plan.prefixes.write.items())] + [
+        {"entry": _key_text(k), "change": "remove"}
+        for k in plan.hosts.remove + plan.prefixes.remove]
+
+
+def _key_text(key: bytes) -> str:
+    """A subscriber map key (16-byte address or packed LPM key) as text."""
+    if len(key) == 16:
+        return str(tables.ip_of(key))
+    return str(tables.net_of(kernel.LPM_KEY.unpack(key)))
 
 
 def _entry_json(e: kernel.Entry) -> dict:

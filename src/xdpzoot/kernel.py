@@ -14,8 +14,9 @@ import os
 import re
 import struct
 import sys
+from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -159,6 +160,10 @@ BPF_NOEXIST = 1
 BLOB_CHUNK = 1 << 20
 BPF_MAP_TYPE_PERCPU_HASH = 5
 PERCPU_TYPES = (5, 6, 10)   # percpu hash, percpu array, LRU percpu hash
+BPF_MAP_TYPE_LPM_TRIE = 11
+# What items() and update_items() read and write in batches (the kernel's generic batch
+# operations cover arrays and LPM tries too).
+BATCH_TYPES = (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LPM_TRIE)
 
 
 def possible_cpus() -> int:
@@ -179,9 +184,10 @@ class PinnedMap:
     control word. Layouts are checked against bcc's types in the tests.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fd: int | None = None):
+        """Open the pin at ``path``; or, given ``fd`` (a bcc table's), a copy of that."""
         self.path = path
-        self.fd = _libbpf.bpf_obj_get(path.encode())
+        self.fd = _libbpf.bpf_obj_get(path.encode()) if fd is None else os.dup(fd)
         if self.fd < 0:
             raise KernelError(f"cannot open map {path}: {os.strerror(ct.get_errno())}")
         info = _MapInfo()
@@ -230,23 +236,57 @@ class PinnedMap:
         return out
 
     def _keys_batch(self) -> list[bytes]:
+        return self._lookup_batch()[0]
+
+    def _lookup_batch(self) -> tuple[list[bytes], bytes]:
         ks, vs = self.key_size, self.value_size
         keys = ct.create_string_buffer(ks * BATCH)
         vals = ct.create_string_buffer(vs * BATCH)
         token_in, token_out = None, ct.create_string_buffer(ks)
         opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
         out: list[bytes] = []
+        values: list[bytes] = []
         while True:
             count = ct.c_uint32(BATCH)
             rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, vals,
                                               ct.byref(count), ct.byref(opts))
             raw = keys.raw[: count.value * ks]
             out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
+            values.append(vals.raw[: count.value * vs])
             if rc != 0:
                 if ct.get_errno() == errno.ENOENT:
-                    return out
+                    return out, b"".join(values)
                 _check(rc, f"lookup batch {self.path}")
             token_in = ct.create_string_buffer(token_out.raw, ks)
+
+    def items(self) -> tuple[list[bytes], bytes]:
+        """Every key, and the values in the same order joined (``value_size`` bytes each;
+        not for per-CPU maps): batch lookups where the map type has them."""
+        if self.type in BATCH_TYPES:
+            return self._lookup_batch()
+        keys = self.keys()
+        return keys, b"".join(self.lookup(k) or bytes(self.value_size) for k in keys)
+
+    def update_items(self, keys: list[bytes], values: bytes,
+                     progress: Callable[[int], None] | None = None) -> None:
+        """Write ``values[i * value_size:(i + 1) * value_size]`` under ``keys[i]``, in
+        batches where the map type has them."""
+        vs = self.value_size
+        what = f"update {self.path}"
+        for i in range(0, len(keys), BATCH):
+            chunk = keys[i:i + BATCH]
+            vals = values[i * vs:(i + len(chunk)) * vs]
+            if self.type in BATCH_TYPES:
+                count = ct.c_uint32(len(chunk))
+                opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
+                _check(_libbpf.bpf_map_update_batch(self.fd, b"".join(chunk), vals,
+                                                    ct.byref(count), opts), what)
+            else:
+                for j, k in enumerate(chunk):
+                    _check(_libbpf.bpf_map_update_elem(self.fd, k, vals[j * vs:(j + 1) * vs],
+                                                       0), what)
+            if progress:
+                progress(len(chunk))
 
     def update_many(self, keys: list[bytes], value: bytes,
                     progress: Callable[[int], None] | None = None) -> None:
@@ -501,8 +541,7 @@ def load_named(bpf, name: str, hook: str = "xdp") -> int:
 
 
 class Entry(NamedTuple):
-    """Value of the subscriber maps (struct xz_class). A tuple: a million of them are built,
-    compared and changed in one load."""
+    """Value of the subscriber maps (struct xz_class), one at a time (bulk: ClassTable)."""
 
     sub_id: int
     type: int
@@ -512,23 +551,77 @@ class Entry(NamedTuple):
     slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state)
 
 
-# struct xz_class as bytes: sub_id, type, flags, _pad, up_kbps, down_kbps, slot.
+# struct xz_class as bytes: sub_id, type, flags, _pad, up_kbps, down_kbps, slot. In bulk it is
+# five native 32-bit words, the second holding type, flags and _pad (class_word).
 CLASS = struct.Struct("=IBBHIII")
+WORDS = CLASS.size // 4
+LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
+SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle")
+_TYPE_FLAGS = struct.Struct("=BBH")
+if array("I").itemsize != 4:
+    raise ImportError("array('I') is not 32 bits wide here")
 
 
-def _fill(v, e: Entry) -> None:
-    v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot = (
-        e.sub_id, e.type, e.flags, e.up_kbps, e.down_kbps, e.slot)
+def class_word(type_: int, flags: int) -> int:
+    """The second word of struct xz_class (type, flags, _pad), as ClassTable holds it."""
+    return int.from_bytes(_TYPE_FLAGS.pack(type_, flags, 0), sys.byteorder)
 
 
-def _leaf(table, e: Entry):
-    v = table.Leaf()
-    _fill(v, e)
-    return v
+def pack_class(e: Entry) -> bytes:
+    """struct xz_class of ``e``, each field cut to its width as a C assignment would."""
+    u32 = 0xFFFF_FFFF
+    return CLASS.pack(e.sub_id & u32, e.type & 0xFF, e.flags & 0xFF, 0, e.up_kbps & u32,
+                      e.down_kbps & u32, e.slot & u32)
 
 
-def _entry(v) -> Entry:
-    return Entry(v.sub_id, v.type, v.flags, v.up_kbps, v.down_kbps, v.slot)
+def _entry(fields: tuple[int, ...]) -> Entry:
+    """An Entry from CLASS.unpack's fields (the padding dropped)."""
+    sub_id, type_, flags, _, up, down, slot = fields
+    return Entry(sub_id, type_, flags, up, down, slot)
+
+
+@dataclass
+class ClassTable:
+    """A subscriber map's contents in columns: ``keys[i]`` (packed as the map keys it) holds
+    struct xz_class ``values[WORDS * i:WORDS * (i + 1)]``. A load handles a million entries:
+    columns are filled, compared and written in bulk, without an object per entry."""
+
+    keys: list[bytes] = field(default_factory=list)
+    values: array = field(default_factory=lambda: array("I"))
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[bytes, Entry]]) -> ClassTable:
+        t = cls()
+        for k, e in items:
+            t.append(k, e)
+        return t
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def entry(self, i: int) -> Entry:
+        return _entry(CLASS.unpack_from(self.values, i * CLASS.size))
+
+    def items(self) -> Iterator[tuple[bytes, Entry]]:
+        return zip(self.keys, map(_entry, CLASS.iter_unpack(self.values)), strict=True)
+
+    def column(self, word: int) -> list[int]:
+        """Word ``word`` of every entry (0: sub_id, 1: class_word, 4: slot)."""
+        return self.values[word::WORDS].tolist()
+
+    def copy(self) -> ClassTable:
+        return ClassTable(list(self.keys), array("I", self.values))
+
+    def append(self, key: bytes, e: Entry) -> None:
+        self.keys.append(key)
+        self.values.frombytes(pack_class(e))
+
+    def take(self, rows: list[int]) -> ClassTable:
+        """The entries of ``rows`` (indices), in that order."""
+        raw = memoryview(self.values).cast("B")
+        n = CLASS.size
+        return ClassTable([self.keys[i] for i in rows],
+                          array("I", b"".join([raw[i * n:(i + 1) * n] for i in rows])))
 
 
 @dataclass(frozen=True)
@@ -546,12 +639,6 @@ def _volume(v) -> Volume:
     return Volume(v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets, v.dir[1].packets, v.op25b)
 
 
-def _addr_key(table, addr: bytes):
-    k = table.Key()
-    ct.memmove(k.addr, addr, 16)
-    return k
-
-
 def _lpm_key(table, plen: int, addr: bytes):
     k = table.Key()
     k.prefixlen = plen
@@ -559,16 +646,101 @@ def _lpm_key(table, plen: int, addr: bytes):
     return k
 
 
-class Maps:
-    """The pinned maps of one xdpzoot instance, read and written as plain values.
+class SubscriberMaps:
+    """The subscriber maps, raw and without bcc: xz_hosts (16-byte address) and xz_prefixes
+    (struct xz_lpm_key) to struct xz_class, and the state slots (xz_state, xz_throttle) their
+    entries point at. Host keys are 16-byte addresses, prefix keys ``(prefixlen, address)``
+    over 128 bits, IPv4 mapped into ::ffff:0:0/96; loads read and write whole ClassTables."""
 
-    Host keys are 16-byte addresses; prefix keys are ``(prefixlen, 16-byte address)``
-    with IPv4 mapped into ::ffff:0:0/96.
-    """
+    def __init__(self, hosts: PinnedMap, prefixes: PinnedMap, state: PinnedMap,
+                 throttle: PinnedMap):
+        self.host_map, self.prefix_map = hosts, prefixes
+        self.state_map, self.throttle_map = state, throttle
+
+    @classmethod
+    def open(cls, pin_dir: str) -> SubscriberMaps:
+        """The pinned maps of the instance at ``pin_dir`` (no compile)."""
+        return cls(*(PinnedMap(os.path.join(pin_dir, n)) for n in SUBSCRIBER_MAPS))
+
+    def close(self) -> None:
+        for m in (self.host_map, self.prefix_map, self.state_map, self.throttle_map):
+            m.close()
+
+    def __enter__(self) -> SubscriberMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def slots(self) -> int:
+        """How many state slots there are (slot 0, per-address state, included)."""
+        return self.state_map.max_entries
+
+    # whole tables
+    def read(self, m: PinnedMap) -> ClassTable:
+        """Every entry of ``host_map`` or ``prefix_map``."""
+        keys, values = m.items()
+        return ClassTable(keys, array("I", values))
+
+    def write(self, m: PinnedMap, t: ClassTable,
+              progress: Callable[[int], None] | None = None) -> None:
+        m.update_items(t.keys, t.values.tobytes(), progress)
+
+    def delete(self, m: PinnedMap, keys: list[bytes],
+               progress: Callable[[int], None] | None = None) -> None:
+        m.delete_many(keys, progress)
+
+    def clear_state(self, slots: Iterable[int]) -> None:
+        """Forget slots' counters, buckets and throttles (they are given to someone else)."""
+        keys = [struct.pack("=I", s) for s in sorted(slots)]
+        for m in (self.state_map, self.throttle_map):
+            m.update_items(keys, bytes(m.value_size * len(keys)))
+
+    # one entry at a time
+    def host_items(self) -> Iterator[tuple[bytes, Entry]]:
+        return self.read(self.host_map).items()
+
+    def prefix_items(self) -> Iterator[tuple[tuple[int, bytes], Entry]]:
+        for k, e in self.read(self.prefix_map).items():
+            yield LPM_KEY.unpack(k), e
+
+    def get_host(self, addr: bytes) -> Entry | None:
+        raw = self.host_map.lookup(addr)
+        return _entry(CLASS.unpack(raw)) if raw is not None else None
+
+    def set_host(self, addr: bytes, e: Entry) -> None:
+        self.host_map.update(addr, pack_class(e))
+
+    def del_host(self, addr: bytes) -> None:
+        self.host_map.delete_many([addr])
+
+    def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
+        self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
+
+    def del_prefix(self, key: tuple[int, bytes]) -> None:
+        self.prefix_map.delete_many([LPM_KEY.pack(*key)])
+
+    def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
+        """Longest-prefix match of ``addr`` with the trie's own lookup, as the data plane
+        does; the matched length is found by shortening the key until the answer changes."""
+        best = self.prefix_map.lookup(LPM_KEY.pack(128, addr))
+        if best is None:
+            return None
+        plen = 128
+        while plen > 0 and self.prefix_map.lookup(LPM_KEY.pack(plen - 1, addr)) == best:
+            plen -= 1
+        return (plen, masked(addr, plen)), _entry(CLASS.unpack(best))
+
+
+class Maps(SubscriberMaps):
+    """The pinned maps of one xdpzoot instance, read and written as plain values, from the
+    bcc object that compiled them (the subscriber maps through their raw descriptors)."""
 
     def __init__(self, bpf):
+        super().__init__(*(PinnedMap(n, bpf[n.encode()].map_fd) for n in SUBSCRIBER_MAPS))
         self.bpf = bpf
-        self.hosts = bpf[b"xz_hosts"]
+        self.hosts = bpf[b"xz_hosts"]   # bcc's view of the subscriber maps: tests clear them
         self.prefixes = bpf[b"xz_prefixes"]
         self.allow = bpf[b"xz_allow"]
         self.control = bpf[b"xz_control"]
@@ -577,70 +749,6 @@ class Maps:
         self.throttle = bpf[b"xz_throttle"]
         self.pool_state = bpf[b"xz_pool_state"]
         self.manual = bpf[b"xz_manual"]
-
-    # subscriber classes
-    def host_items(self) -> Iterator[tuple[bytes, Entry]]:
-        for k, v in self.hosts.items_lookup_batch():
-            yield bytes(k.addr), _entry(v)
-
-    def set_hosts(self, items: dict[bytes, Entry]) -> None:
-        """Write many host entries with batch updates. The values are packed as bytes,
-        after checking the packing against bcc's own type of struct xz_class."""
-        probe = Entry(1, 2, 3, 4, 5, 6)
-        if bytes(_leaf(self.hosts, probe)) != CLASS.pack(*probe[:3], 0, *probe[3:]):
-            raise KernelError("struct xz_class does not match kernel.CLASS")
-        pairs = list(items.items())
-        pack = CLASS.pack
-        for i in range(0, len(pairs), BATCH):
-            chunk = pairs[i:i + BATCH]
-            keys = bytearray(b"".join(a for a, _ in chunk))
-            vals = bytearray(b"".join(pack(e[0], e[1], e[2], 0, e[3], e[4], e[5])
-                                      for _, e in chunk))
-            self.hosts.items_update_batch((self.hosts.Key * len(chunk)).from_buffer(keys),
-                                          (self.hosts.Leaf * len(chunk)).from_buffer(vals))
-
-    def del_hosts(self, addrs: list[bytes]) -> None:
-        """Delete many host entries with batch deletes."""
-        for i in range(0, len(addrs), BATCH):
-            chunk = addrs[i:i + BATCH]
-            keys = (self.hosts.Key * len(chunk))()
-            for j, a in enumerate(chunk):
-                ct.memmove(keys[j].addr, a, 16)
-            self.hosts.items_delete_batch(keys)
-
-    def prefix_items(self) -> Iterator[tuple[tuple[int, bytes], Entry]]:
-        for k, v in self.prefixes.items():
-            yield (k.prefixlen, bytes(k.addr)), _entry(v)
-
-    def set_host(self, addr: bytes, e: Entry) -> None:
-        self.hosts[_addr_key(self.hosts, addr)] = _leaf(self.hosts, e)
-
-    def del_host(self, addr: bytes) -> None:
-        del self.hosts[_addr_key(self.hosts, addr)]
-
-    def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
-        self.prefixes[_lpm_key(self.prefixes, *key)] = _leaf(self.prefixes, e)
-
-    def del_prefix(self, key: tuple[int, bytes]) -> None:
-        del self.prefixes[_lpm_key(self.prefixes, *key)]
-
-    def get_host(self, addr: bytes) -> Entry | None:
-        v = self.hosts.get(_addr_key(self.hosts, addr))
-        return _entry(v) if v is not None else None
-
-    def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
-        """Longest-prefix match of ``addr`` with the trie's own lookup, as the data plane
-        does; the matched length is found by shortening the key until the answer changes."""
-        best = self.prefixes.get(_lpm_key(self.prefixes, 128, addr))
-        if best is None:
-            return None
-        plen = 128
-        while plen > 0:
-            v = self.prefixes.get(_lpm_key(self.prefixes, plen - 1, addr))
-            if v is None or _entry(v) != _entry(best):
-                break
-            plen -= 1
-        return (plen, _mask(addr, plen)), _entry(best)
 
     # allow-list
     def allow_items(self) -> dict[tuple[int, bytes], int]:
@@ -695,12 +803,6 @@ class Maps:
         except KeyError:
             pass
 
-    def clear_state(self, slots: Iterable[int]) -> None:
-        """Forget a slot's counters, bucket and throttle (it is given to someone else)."""
-        for s in slots:
-            self.state[ct.c_uint32(s)] = self.state.Leaf()
-            self.throttle[ct.c_uint32(s)] = self.throttle.Leaf()
-
     def set_throttle(self, slot: int, up_kbps: int, down_kbps: int) -> None:
         v = self.throttle.Leaf()
         v.kbps[0], v.kbps[1] = up_kbps, down_kbps
@@ -732,7 +834,7 @@ class Maps:
             self.counters[ct.c_uint32(i)] = self.counters.Leaf()
 
 
-def _mask(addr: bytes, plen: int) -> bytes:
+def masked(addr: bytes, plen: int) -> bytes:
     """``addr`` with the bits after the first ``plen`` cleared."""
     n = int.from_bytes(addr, "big") >> (128 - plen) << (128 - plen) if plen else 0
     return n.to_bytes(16, "big")

@@ -1,17 +1,38 @@
 """Bring the kernel maps to a desired state by writing only the difference.
 
-Pure diff functions plus thin ``apply_*`` helpers that use :class:`kernel.Maps`.
+Pure diff functions plus thin ``apply_*`` helpers that use :class:`kernel.Maps`. Subscriber
+tables are :class:`kernel.ClassTable` columns: a load reads both maps whole, keeps the
+suspensions, gives out state slots and diffs a million entries in bulk.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import compress, filterfalse, islice, repeat
+from typing import NamedTuple
 
 from . import schema
-from .kernel import Entry, KernelError, Maps
-from .tables import Key, Tables
+from .kernel import (
+    CLASS,
+    LPM_KEY,
+    WORDS,
+    ClassTable,
+    Entry,
+    KernelError,
+    Maps,
+    SubscriberMaps,
+    class_word,
+    masked,
+)
+from .sources import paused_gc
+from .tables import Key
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
+_SUSPENDED_WORD = class_word(0, SUSPENDED)
+_TYPE_MASK = class_word(0xFF, 0)
+_DYNAMIC_WORD = class_word(schema.TYPES["dynamic"], 0)
 
 
 @dataclass(frozen=True)
@@ -38,82 +59,142 @@ def diff(current: dict, desired: dict) -> tuple[dict, list, Change]:
     return write, remove, Change(added, len(write) - added, len(remove))
 
 
-def keep_suspensions(cur_hosts: dict[bytes, Entry], cur_prefixes: dict[Key, Entry],
-                     hosts: dict[bytes, Entry], prefixes: dict[Key, Entry]) -> None:
+class Diff(NamedTuple):
+    """What turns a subscriber map's contents into the desired ones."""
+
+    write: ClassTable     # entries new or changed
+    remove: list[bytes]   # keys to delete
+    change: Change
+
+
+class Plan(NamedTuple):
+    """A subscriber load: the writes to both maps, and the state slots then free."""
+
+    hosts: Diff
+    prefixes: Diff
+    freed: set[int]
+
+    @property
+    def change(self) -> Change:
+        return self.hosts.change + self.prefixes.change
+
+
+def diff_table(current: ClassTable, desired: ClassTable) -> Diff:
+    """:func:`diff` for ClassTables, in bulk."""
+    row = dict(zip(current.keys, range(len(current)), strict=True))
+    at = list(map(row.get, desired.keys))   # desired entry -> its current row, or None
+    added = at.count(None)
+    if added == len(at):   # nothing in common: a first load
+        return Diff(desired, list(current.keys), Change(added, 0, len(current)))
+    n = CLASS.size
+    old, new = current.values.tobytes(), desired.values.tobytes()
+    write = [i for i, j in enumerate(at)
+             if j is None or old[j * n:(j + 1) * n] != new[i * n:(i + 1) * n]]
+    kept = set(at)
+    remove = [k for j, k in enumerate(current.keys) if j not in kept]
+    return Diff(desired if len(write) == len(desired) else desired.take(write), remove,
+                Change(added, len(write) - added, len(remove)))
+
+
+def keep_suspensions(cur_hosts: ClassTable, cur_prefixes: ClassTable,
+                     hosts: ClassTable, prefixes: ClassTable) -> None:
     """Suspensions are sticky across reloads of the subscriber file: an entry suspended
     in the kernel stays suspended until ``resume``. A suspended address of a dynamic
     pool keeps its host entry while the pool is still in the file."""
-    for a, e in cur_hosts.items():
-        if not e.flags & SUSPENDED:
+    suspended_hosts, suspended_prefixes = _suspended(cur_hosts), _suspended(cur_prefixes)
+    if not suspended_hosts and not suspended_prefixes:
+        return
+    host_row = dict(zip(hosts.keys, range(len(hosts)), strict=True))
+    prefix_row = dict(zip(prefixes.keys, range(len(prefixes)), strict=True))
+    for j in suspended_hosts:
+        a = cur_hosts.keys[j]
+        i = host_row.get(a)
+        if i is not None:
+            hosts.values[i * WORDS + 1] |= _SUSPENDED_WORD
             continue
-        if a in hosts:
-            hosts[a] = hosts[a]._replace(flags=hosts[a].flags | SUSPENDED)
-            continue
-        pool = Tables(prefixes=prefixes).classify(a)
-        if pool and pool.type == schema.TYPES["dynamic"]:
-            hosts[a] = pool._replace(flags=pool.flags | SUSPENDED)
-    for k, e in cur_prefixes.items():
-        if e.flags & SUSPENDED and k in prefixes:
-            prefixes[k] = prefixes[k]._replace(flags=prefixes[k].flags | SUSPENDED)
+        pool = _longest(prefix_row, a)
+        if pool is not None and prefixes.values[pool * WORDS + 1] & _TYPE_MASK == _DYNAMIC_WORD:
+            e = prefixes.entry(pool)
+            hosts.append(a, e._replace(flags=e.flags | SUSPENDED))
+    for j in suspended_prefixes:
+        i = prefix_row.get(cur_prefixes.keys[j])
+        if i is not None:
+            prefixes.values[i * WORDS + 1] |= _SUSPENDED_WORD
 
 
-def assign_slots(cur_h: dict[bytes, Entry], cur_p: dict[Key, Entry],
-                 hosts: dict[bytes, Entry], prefixes: dict[Key, Entry],
-                 limit: int) -> set[int]:
+def _suspended(t: ClassTable) -> list[int]:
+    """Rows of ``t`` with the suspended flag."""
+    return [i for i, w in enumerate(t.column(1)) if w & _SUSPENDED_WORD]
+
+
+def _longest(prefix_row: dict[bytes, int], a: bytes) -> int | None:
+    """Row of the longest prefix holding address ``a``, as the trie finds it."""
+    for plen in range(128, -1, -1):
+        i = prefix_row.get(LPM_KEY.pack(plen, masked(a, plen)))
+        if i is not None:
+            return i
+    return None
+
+
+def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
+                 hosts: ClassTable, prefixes: ClassTable, limit: int) -> set[int]:
     """Give every subscriber a state slot (rates, volume), shared by all its addresses.
 
     A subscriber keeps the slot it has in the kernel, so its counters survive a reload;
     pools (and addresses cut out of a pool) have per-address state instead (slot 0).
-    Returns the slots nobody holds any more, to be cleared.
+    New subscribers get the lowest free slots, in order of id. Returns the slots nobody
+    holds any more, to be cleared.
     """
-    dynamic = schema.TYPES["dynamic"]
-    pools = {e.sub_id for e in prefixes.values() if e.type == dynamic}
-    held: dict[int, int] = {}
-    for e in (*cur_h.values(), *cur_p.values()):
-        if e.slot:
-            held.setdefault(e.sub_id, e.slot)
-    wanted = {e.sub_id for e in (*hosts.values(), *prefixes.values())} - pools
-    used = {held[s] for s in wanted if s in held}
-    free = (x for x in range(1, limit) if x not in used)
-    slot_of: dict[int, int] = {}
-    for sid in sorted(wanted):
-        slot = held.get(sid) or next(free, None)
-        if slot is None:
-            raise KernelError(f"more subscribers than state slots ({limit - 1}): "
-                              "raise [limits] subscribers")
-        slot_of[sid] = slot
-    for d in (hosts, prefixes):
-        for k, e in d.items():
-            slot = slot_of.get(e.sub_id, 0)
-            if e.slot != slot:
-                d[k] = e._replace(slot=slot)
+    host_ids, prefix_ids = hosts.column(0), prefixes.column(0)
+    pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
+                                      for w in prefixes.column(1)]))
+    cur_ids = cur_hosts.column(0) + cur_prefixes.column(0)
+    cur_slots = cur_hosts.column(4) + cur_prefixes.column(4)
+    # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
+    held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
+    wanted = set(host_ids)
+    wanted.update(prefix_ids)
+    wanted -= pools
+    slot_of = {s: held[s] for s in wanted & held.keys()}
+    new = sorted(wanted - slot_of.keys())
+    used = set(slot_of.values())
+    free = list(islice(filterfalse(used.__contains__, range(1, limit)), len(new)))
+    if len(free) < len(new):
+        raise KernelError(f"more subscribers than state slots ({limit - 1}): "
+                          "raise [limits] subscribers")
+    slot_of.update(zip(new, free, strict=True))
+    for t, ids in ((hosts, host_ids), (prefixes, prefix_ids)):
+        t.values[4::WORDS] = array("I", map(slot_of.get, ids, repeat(0)))
     return set(held.values()) - set(slot_of.values())
 
 
-def plan_subscribers(maps: Maps, hosts: dict[bytes, Entry], prefixes: dict[Key, Entry]):
-    """The writes that make the subscriber maps equal ``hosts``/``prefixes``, and the
-    state slots that are then free."""
-    cur_h = dict(maps.host_items())
-    cur_p = dict(maps.prefix_items())
-    hosts, prefixes = dict(hosts), dict(prefixes)
-    keep_suspensions(cur_h, cur_p, hosts, prefixes)
-    freed = assign_slots(cur_h, cur_p, hosts, prefixes, len(maps.state))
-    return diff(cur_h, hosts), diff(cur_p, prefixes), freed
+def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
+    """The writes that make the subscriber maps equal ``hosts``/``prefixes`` (left as
+    they are), and the state slots that are then free."""
+    with paused_gc():
+        cur_h, cur_p = maps.read(maps.host_map), maps.read(maps.prefix_map)
+        hosts, prefixes = hosts.copy(), prefixes.copy()
+        keep_suspensions(cur_h, cur_p, hosts, prefixes)
+        freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots)
+        return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed)
 
 
-def apply_subscribers(maps: Maps, hosts: dict[bytes, Entry],
-                      prefixes: dict[Key, Entry]) -> Change:
-    """Write the difference. Order: add/change prefixes and hosts, then delete, so that an
-    address is never without its class while it stays in the file."""
-    (hw, hr, hc), (pw, pr, pc), freed = plan_subscribers(maps, hosts, prefixes)
-    for k, e in pw.items():
-        maps.set_prefix(k, e)
-    maps.set_hosts(hw)
-    maps.del_hosts(hr)
-    for k in pr:
-        maps.del_prefix(k)
-    maps.clear_state(freed)
-    return hc + pc
+def apply_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Change:
+    """Write the difference (see apply_plan)."""
+    return apply_plan(maps, plan_subscribers(maps, hosts, prefixes))
+
+
+def apply_plan(maps: SubscriberMaps, p: Plan,
+               progress: Callable[[int], None] | None = None) -> Change:
+    """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
+    add/change prefixes and hosts, then delete, so that an address is never without its
+    class while it stays in the file."""
+    maps.write(maps.prefix_map, p.prefixes.write, progress)
+    maps.write(maps.host_map, p.hosts.write, progress)
+    maps.delete(maps.host_map, p.hosts.remove, progress)
+    maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+    maps.clear_state(p.freed)
+    return p.change
 
 
 def apply_allow(maps: Maps, desired: dict[Key, int]) -> Change:

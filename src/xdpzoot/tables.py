@@ -8,11 +8,15 @@ the BPF maps key them (see bpf/xdpzoot.h).
 from __future__ import annotations
 
 import ipaddress
+import operator
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import starmap
 
 from . import schema
-from .kernel import Entry
+from .kernel import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
+from .sources import Columns, Subscriber, columns_of, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,30 +95,39 @@ def _longest(d: dict[Key, object], a: bytes):
     return best
 
 
-def subscriber_tables(rows: Iterable) -> tuple[dict[bytes, Entry], dict[Key, Entry]]:
-    """Host and prefix map contents from parsed subscriber rows (sources.Subscriber).
+def read_subscribers(path: str, strict: bool = False) -> tuple[int, ClassTable, ClassTable]:
+    """The subscriber file at ``path`` validated (sources.read_columns) and made into map
+    contents: (rows, hosts, prefixes)."""
+    hosts, prefixes = read_columns(path, strict)
+    return len(hosts.keys) + len(prefixes.keys), *class_tables(hosts, prefixes)
+
+
+def subscriber_tables(rows: Iterable[Subscriber]) -> tuple[ClassTable, ClassTable]:
+    """Host and prefix map contents from parsed subscriber rows."""
+    return class_tables(*columns_of(rows))
+
+
+def class_tables(hosts: Columns, prefixes: Columns) -> tuple[ClassTable, ClassTable]:
+    """Host and prefix map contents from rows in columns, slots not assigned yet (0).
 
     A full-length network (/32, /128) is a host entry; anything shorter goes into
     the trie, where the longest prefix wins and host entries win over all.
     """
-    hosts: dict[bytes, Entry] = {}
-    prefixes: dict[Key, Entry] = {}
-    bits: dict[frozenset, int] = {}
-    types = schema.TYPES
-    for r in rows:
-        flags = bits.get(r.flags)
-        if flags is None:
-            flags = bits[r.flags] = sum(schema.FLAGS[f] for f in r.flags)
-        e = Entry(r.sub_id, types[r.type], flags, r.up_kbps, r.down_kbps)
-        net = r.network
-        packed = net.network_address.packed
-        if net.version == 4:
-            packed = _V4MAPPED + packed
-        if net.prefixlen == net.max_prefixlen:
-            hosts[packed] = e
-        else:
-            prefixes[(net.prefixlen + (96 if net.version == 4 else 0), packed)] = e
-    return hosts, prefixes
+    return (_class_table(hosts.keys, hosts),
+            _class_table(list(starmap(LPM_KEY.pack, prefixes.keys)), prefixes))
+
+
+def _class_table(keys: list[bytes], c: Columns) -> ClassTable:
+    """The struct xz_class of each row, filled a column (word) at a time."""
+    values = array("I", bytes(CLASS.size * len(keys)))
+    type_word = {t: class_word(schema.TYPES[t], 0) for t in set(c.types)}
+    flag_word = {f: class_word(0, sum(schema.FLAGS[x] for x in f)) for f in set(c.flags)}
+    values[0::WORDS] = array("I", c.ids)
+    values[1::WORDS] = array("I", map(operator.or_, map(type_word.__getitem__, c.types),
+                                      map(flag_word.__getitem__, c.flags)))
+    values[2::WORDS] = array("I", c.up)
+    values[3::WORDS] = array("I", c.down)
+    return ClassTable(keys, values)
 
 
 def allow_table(op25b: Iterable[IPNetwork], suspend: Iterable[IPNetwork]) -> dict[Key, int]:
