@@ -991,7 +991,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     doc = bench(args)
     if args.only:   # a part alone: its raw figures (the report needs every part)
-        print(json.dumps({k: getattr(doc, k) for k in ("figures", "steps", "per_packet")},
+        print(json.dumps({k: getattr(doc, k) for k in ("figures", "steps", "per_packet",
+                                                        "memory")},
                          indent=2, default=str))
         return 0
     print(report(doc))

@@ -14,7 +14,6 @@ from dataclasses import asdict
 import click
 
 from . import csam, kernel, loader, model, schema, sync, tables
-from .config import load_config
 from .sources import SourceError
 
 ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
@@ -31,6 +30,8 @@ class Ctx:
     @property
     def cfg(self):
         if self._cfg is None:
+            from .config import load_config  # here: most commands never read the config
+
             self._cfg = load_config(self.config_path)
         return self._cfg
 
