@@ -184,6 +184,7 @@ static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_
 #define XZ_BULK_WINDOW_NS 100000000ULL   /* 100 ms */
 #define XZ_GCRA_TRIES 4                  /* compare-and-swap retries under contention */
 #define XZ_COARSE_BURST_NS 50000000ULL   /* 50 ms: many ticks of the coarse clock (1-10 ms) */
+#define XZ_STALE_NS (1ULL << 40)          /* ~18 min: more than any burst + one packet's cost */
 
 /*
  * Generic cell rate algorithm on one word: admit ``len`` bytes at ``kbps`` if
@@ -198,7 +199,9 @@ static __always_inline int xz_gcra(__u64 *tat, __u64 now, __u32 len, __u32 kbps,
 #pragma unroll
 	for (int i = 0; i < XZ_GCRA_TRIES; i++) {
 		__u64 old = *(volatile __u64 *)tat;
-		__u64 base = old > now ? old : now;
+		/* Later than any burst and packet can make it: set on the other clock (the
+		 * burst crossed XZ_COARSE_BURST_NS), so start afresh. */
+		__u64 base = old > now && old - now < XZ_STALE_NS ? old : now;
 
 		if (base - now > burst)
 			return 0;
@@ -280,9 +283,11 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	}
 	if (kbps || (ctl->flags & XZ_C_CONGESTION)) {
 		/* Only when a limit applies: the clock costs. Against a burst of many ticks,
-		 * the coarse clock (one read of a variable, a tick's resolution) is exact
-		 * enough; short bursts need the fine one. */
-		now = burst >= XZ_COARSE_BURST_NS ? bpf_ktime_get_coarse_ns() : bpf_ktime_get_ns();
+		 * the jiffies counter (a load the verifier inlines; a tick's resolution) is
+		 * exact enough; short bursts need the fine clock. The two differ in origin:
+		 * xz_gcra starts afresh on a word from the other one. */
+		now = burst >= XZ_COARSE_BURST_NS && ctl->tick_ns ?
+		      bpf_jiffies64() * ctl->tick_ns : bpf_ktime_get_ns();
 		/* Bulk share first, so that what it drops costs the subscriber nothing. */
 		share = kbps ? kbps / 100 * ctl->bulk_share : ctl->bulk_floor_kbps;
 		if ((ctl->flags & XZ_C_CONGESTION) && share && xz_is_bulk(p, ctl, now) &&

@@ -14,7 +14,7 @@ import time
 import packets
 import pytest
 
-from xdpzoot import schema, tables
+from xdpzoot import kernel, schema, tables
 from xdpzoot.kernel import Entry
 from xdpzoot.model import Packet
 
@@ -24,7 +24,13 @@ SUB4, INET4 = "198.51.100.9", "203.0.113.10"
 POOL4 = "100.64.1.10"
 
 
-def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50):
+@pytest.fixture(scope="session")
+def tick():
+    """ns per jiffy of this kernel, as the control plane times it."""
+    return kernel.tick_ns()
+
+
+def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50, tick_ns=0):
     dp.reset()
     m = dp.maps
     for s in (1, 2):
@@ -35,7 +41,7 @@ def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50):
                  Entry(200, STA, 0, kbps, kbps, slot=1))
     m.set_prefix(tables.key_of(ipaddress.ip_network("100.64.1.0/24")), Entry(100, DYN, 0, 0, 0))
     m.set_control_params(burst_us=burst_ms * 1000, bulk_kbps=1, bulk_ms=0,
-                         bulk_share=bulk_share, bulk_floor_kbps=0)
+                         bulk_share=bulk_share, bulk_floor_kbps=0, tick_ns=tick_ns)
     m.set_control_flags(C["XZ_C_RATES"] | C["XZ_C_OP25B"] | flags)
 
 
@@ -51,12 +57,18 @@ def send(dp, frame, n, hook="xdp", role="access"):
     return [dp.verdict(hook, role, frame)[0] for _ in range(n)]
 
 
+def test_the_kernel_tick_is_timed(tick):
+    assert tick in {1_000_000_000 // hz for hz in kernel.KNOWN_HZ}
+
+
+@pytest.mark.parametrize("clock", ["fine", "jiffies"])
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
-def test_admit_within_burst_then_drop_then_refill(dp, hook):
+def test_admit_within_burst_then_drop_then_refill(dp, hook, clock, tick):
     # 1 kbit/s = 125 bytes/s: a 58-byte frame costs 464 ms of the bucket. With a 1 s burst
     # the first three frames pass at once, then nothing does until ~0.5 s have refilled it.
-    # (Slow enough that no stall of the test process can change an outcome.)
-    setup(dp, kbps=1, burst_ms=1000)
+    # (Slow enough that no stall of the test process, nor a tick of the jiffies clock
+    # used for long bursts, can change an outcome.)
+    setup(dp, kbps=1, burst_ms=1000, tick_ns=tick if clock == "jiffies" else 0)
     f = up()
     cost = len(f) * 8 / 1000            # seconds per frame
     burst_frames = int(1.0 / cost) + 1  # admitted while the bucket is within its burst
@@ -70,6 +82,19 @@ def test_admit_within_burst_then_drop_then_refill(dp, hook):
     assert vol.up_packets == burst_frames + 1
     assert vol.up_bytes == (burst_frames + 1) * len(f)
     assert vol.down_packets == 0
+
+
+@pytest.mark.parametrize("first", ["fine", "jiffies"])
+def test_a_bucket_survives_a_change_of_clock(dp, tick, first):
+    # The two clocks differ in origin by months: a bucket emptied on one must not hold
+    # back, nor wave through, the subscriber on the other (the burst crossed 50 ms).
+    fine_burst, jiffies_burst = (20, 0), (1000, tick)
+    a, b = (fine_burst, jiffies_burst) if first == "fine" else (jiffies_burst, fine_burst)
+    setup(dp, kbps=1, burst_ms=a[0], tick_ns=a[1])
+    assert send(dp, up(), 5)[-1] == "drop"
+    dp.maps.set_control_params(burst_us=b[0] * 1000, tick_ns=b[1])
+    v = send(dp, up(), 5)
+    assert v[0] == "pass" and v[-1] == "drop"
 
 
 def test_directions_have_their_own_bucket(dp):
