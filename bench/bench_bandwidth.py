@@ -86,6 +86,7 @@ GOAL_MEMORY = 256          # bytes per subscriber
 PACE_FACTOR = 1.5
 IPERF_PORT = 5401
 IPERF_GRACE = 30           # seconds an iperf3 run may take beyond its own -t
+IPERF_OMIT = 2             # seconds at the start not counted: slow start, the initial burst
 OVER_RATES_MBIT = (1_000, 10_000, 50_000)
 OVER_FRAME = 1514
 
@@ -124,9 +125,7 @@ flows = 4096
 
 
 def xdpzoot_argv() -> list[str]:
-    exe = Path(sys.executable).with_name("xdpzoot")
-    if exe.exists():
-        return [str(exe)]
+    """The CLI of this checkout (not whichever one is installed)."""
     os.environ["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
     return [sys.executable, "-m", "xdpzoot.cli"]
 
@@ -184,11 +183,12 @@ def iperf(sender: str, receiver: str, dst: str, seconds: int, pace_mbit: float |
     """One TCP transfer (the client sends); goodput at the receiver, retransmissions."""
     from xdpzoot.lab import netns_run
 
-    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-O",
+            str(IPERF_OMIT), "-J"]
     if pace_mbit:
         argv += ["--fq-rate", f"{pace_mbit:g}M"]
     with iperf_server(receiver):
-        res = netns_run(sender, *argv, timeout=seconds + IPERF_GRACE, check=False)
+        res = netns_run(sender, *argv, timeout=seconds + IPERF_OMIT + IPERF_GRACE, check=False)
     try:
         doc = json.loads(res.stdout)
     except json.JSONDecodeError as e:
