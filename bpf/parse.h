@@ -47,8 +47,11 @@ struct xz_pkt {
 	void *l3;
 	void *l4;
 	struct xz_pppoe_hdr *pppoe;  /* NULL unless PPPoE session */
-	__u32 len;                   /* frame (TC: packet) length, for counters and rates */
+	__u32 len;                   /* frame (TC: packet) length */
+	__u32 ip_len;                /* IP bytes according to the IP header */
 	__u32 l4_len;                /* L4 bytes according to the IP header */
+	__u16 segs;                  /* packets on the wire: >1 for a GSO/GRO aggregate (TC) */
+	__u8 l4_hlen;                /* TCP/UDP header length, options included */
 	__u8 family;                 /* 4 or 6; 0 before L3 parsed */
 	__u8 proto;                  /* L4 protocol number */
 	__u8 frag;                   /* XZ_FRAG_* */
@@ -128,6 +131,7 @@ static __always_inline int parse_ipv4(struct xz_pkt *p, void **pos)
 	p->family = 4;
 	p->proto = ip->protocol;
 	p->ip_extra = hlen > sizeof(*ip);
+	p->ip_len = tot;
 	p->l4_len = tot - hlen;
 	frag = bpf_ntohs(ip->frag_off);
 	if (frag & XZ_IP_OFFMASK)
@@ -209,6 +213,7 @@ static __always_inline int parse_ipv6(struct xz_pkt *p, void **pos)
 	     nh == IPPROTO_AH || nh == IPPROTO_FRAGMENT))
 		return -1;
 	p->proto = nh;
+	p->ip_len = sizeof(*ip6) + plen;
 	p->l4_len = plen > ext ? plen - ext : 0;
 	return 0;
 }
@@ -244,6 +249,7 @@ static __always_inline void parse_l4(struct xz_pkt *p, void *pos)
 		p->sport = bpf_ntohs(th->source);
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->l4_hlen = (((__u8 *)th)[12] >> 4) * 4;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *uh = pos;
 
@@ -251,6 +257,7 @@ static __always_inline void parse_l4(struct xz_pkt *p, void *pos)
 			return;
 		p->sport = bpf_ntohs(uh->source);
 		p->dport = bpf_ntohs(uh->dest);
+		p->l4_hlen = sizeof(*uh);
 	} else {
 		__u8 *icmp = pos;
 

@@ -85,7 +85,7 @@ struct xz_class {
  * the bulk-flow share limiter, and the volume admitted.
  */
 struct xz_dir_state {
-	__u64 tat;         /* ns (bpf_ktime_get_ns): when the bucket is empty again */
+	__u64 tat;         /* ns (fine clock, or jiffies x tick_ns): when the bucket is empty again */
 	__u64 bulk_tat;    /* the same for its bulk flows in congestion mode */
 	__u64 bytes;
 	__u64 packets;
@@ -159,6 +159,7 @@ struct xz_control {
 	__u32 bulk_share;  /* percent of its subscriber's rate bulk flows share (congestion) */
 	__u32 bulk_floor_kbps; /* bulk share of subscribers without a rate; 0 = unlimited */
 	__u32 congestion;  /* cp only: congestion mode, XZ_CONGESTION_* */
+	__u32 tick_ns;     /* ns per jiffy (timed by the cp); 0: unknown, the fine clock only */
 };
 
 #define XZ_CONGESTION_OFF 0

@@ -14,7 +14,7 @@ import time
 import packets
 import pytest
 
-from xdpzoot import schema, tables
+from xdpzoot import kernel, schema, tables
 from xdpzoot.kernel import Entry
 from xdpzoot.model import Packet
 
@@ -24,7 +24,13 @@ SUB4, INET4 = "198.51.100.9", "203.0.113.10"
 POOL4 = "100.64.1.10"
 
 
-def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50):
+@pytest.fixture(scope="session")
+def tick():
+    """ns per jiffy of this kernel, as the control plane times it."""
+    return kernel.tick_ns()
+
+
+def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50, tick_ns=0):
     dp.reset()
     m = dp.maps
     for s in (1, 2):
@@ -35,8 +41,13 @@ def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50):
                  Entry(200, STA, 0, kbps, kbps, slot=1))
     m.set_prefix(tables.key_of(ipaddress.ip_network("100.64.1.0/24")), Entry(100, DYN, 0, 0, 0))
     m.set_control_params(burst_us=burst_ms * 1000, bulk_kbps=1, bulk_ms=0,
-                         bulk_share=bulk_share, bulk_floor_kbps=0)
+                         bulk_share=bulk_share, bulk_floor_kbps=0, tick_ns=tick_ns)
     m.set_control_flags(C["XZ_C_RATES"] | C["XZ_C_OP25B"] | flags)
+
+
+def ip_len(frame: bytes) -> int:
+    """What rates and volumes count: the IP packet (these frames: Ethernet, no tags)."""
+    return len(frame) - 14
 
 
 def up(sport=40000, dport=443, src=SUB4):
@@ -51,25 +62,47 @@ def send(dp, frame, n, hook="xdp", role="access"):
     return [dp.verdict(hook, role, frame)[0] for _ in range(n)]
 
 
+def test_the_kernel_tick_is_timed(tick):
+    assert tick in {1_000_000_000 // hz for hz in kernel.KNOWN_HZ}
+
+
+@pytest.mark.parametrize("clock", ["fine", "jiffies"])
 @pytest.mark.parametrize("hook", ["xdp", "tc"])
-def test_admit_within_burst_then_drop_then_refill(dp, hook):
-    # 1 kbit/s = 125 bytes/s: a 58-byte frame costs 464 ms of the bucket. With a 1 s burst
-    # the first three frames pass at once, then nothing does until ~0.5 s have refilled it.
-    # (Slow enough that no stall of the test process can change an outcome.)
-    setup(dp, kbps=1, burst_ms=1000)
+def test_admit_within_burst_then_drop_then_refill(dp, hook, clock, tick):
+    # 1 kbit/s = 125 bytes/s: a 44-byte IP packet costs 352 ms of the bucket. With a 1 s burst
+    # the first three frames pass at once, then nothing does until the bucket refilled.
+    # (Slow enough that no stall of the test process, nor a tick of the jiffies clock
+    # used for long bursts, can change an outcome.)
+    setup(dp, kbps=1, burst_ms=1000, tick_ns=tick if clock == "jiffies" else 0)
     f = up()
-    cost = len(f) * 8 / 1000            # seconds per frame
+    cost = ip_len(f) * 8 / 1000         # seconds per frame
     burst_frames = int(1.0 / cost) + 1  # admitted while the bucket is within its burst
     verdicts = send(dp, f, 20, hook)
     assert verdicts == ["pass"] * burst_frames + ["drop"] * (20 - burst_frames)
     assert dp.counters()[("access", "drop", "rate")] == 20 - burst_frames
-    time.sleep(cost * 1.35)              # refill: one frame (margin ~0.23 s either way)
+    # The bucket is burst_frames * cost ahead of now, and admits while at most 1 s ahead:
+    # after a wait between (burst_frames * cost - 1) and ((burst_frames + 1) * cost - 1)
+    # seconds exactly one more frame passes. Wait for the middle (~0.18 s either way).
+    time.sleep(((2 * burst_frames + 1) * cost - 2) / 2)
     again = send(dp, f, 20, hook)
     assert again == ["pass"] + ["drop"] * 19
     vol = dp.maps.volumes([1])[1]
     assert vol.up_packets == burst_frames + 1
-    assert vol.up_bytes == (burst_frames + 1) * len(f)
+    assert vol.up_bytes == (burst_frames + 1) * ip_len(f)
     assert vol.down_packets == 0
+
+
+@pytest.mark.parametrize("first", ["fine", "jiffies"])
+def test_a_bucket_survives_a_change_of_clock(dp, tick, first):
+    # The two clocks differ in origin by months: a bucket emptied on one must not hold
+    # back, nor wave through, the subscriber on the other (the burst crossed 50 ms).
+    fine_burst, jiffies_burst = (20, 0), (1000, tick)
+    a, b = (fine_burst, jiffies_burst) if first == "fine" else (jiffies_burst, fine_burst)
+    setup(dp, kbps=1, burst_ms=a[0], tick_ns=a[1])
+    assert send(dp, up(), 5)[-1] == "drop"
+    dp.maps.set_control_params(burst_us=b[0] * 1000, tick_ns=b[1])
+    v = send(dp, up(), 5)
+    assert v[0] == "pass" and v[-1] == "drop"
 
 
 def test_directions_have_their_own_bucket(dp):
@@ -78,14 +111,14 @@ def test_directions_have_their_own_bucket(dp):
     assert dp.verdict("xdp", "access", up())[0] == "drop"
     assert dp.verdict("xdp", "core", down())[0] == "pass"
     vol = dp.maps.volumes([1])[1]
-    assert vol.down_packets == 1 and vol.down_bytes == len(down())
+    assert vol.down_packets == 1 and vol.down_bytes == ip_len(down())
 
 
 def test_all_addresses_of_a_subscriber_share_its_budget(dp):
     setup(dp, kbps=8, burst_ms=1000)
-    a = send(dp, up(src="198.51.100.9"), 20).count("pass")
+    a = send(dp, up(src="198.51.100.9"), 30).count("pass")   # ~23 pass: empty
     b = send(dp, up(src="198.51.100.10"), 20).count("pass")
-    assert a + b <= 1000 // len(up()) + 2 and b <= 2
+    assert a + b <= 1000 // ip_len(up()) + 2 and b <= 2
 
 
 def test_throttle_below_contract_counts_as_throttle(dp):
@@ -94,7 +127,7 @@ def test_throttle_below_contract_counts_as_throttle(dp):
     setup(dp, kbps=800, burst_ms=1000)
     dp.maps.set_throttle(1, 8, 8)           # throttled to 1 kB/s
     v = send(dp, up(), 40)
-    assert v.count("pass") <= 1000 // len(up()) + 2
+    assert v.count("pass") <= 1000 // ip_len(up()) + 2
     assert dp.counters()[("access", "drop", "throttle")] == v.count("drop")
     dp.maps.set_throttle(1, 0, 0)
 

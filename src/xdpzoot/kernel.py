@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import sys
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class _TestRunOpts(ct.Structure):
 
 
 _libbpf.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
+_libbpf.bpf_prog_load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_char_p, ct.c_size_t,
+                                  ct.c_void_p]
 _libbpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
 _libbpf.bpf_obj_get.argtypes = [ct.c_char_p]
 _libbpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
@@ -135,6 +138,51 @@ def pinned_prog_id(path: str) -> int | None:
         return prog_id(fd)
     finally:
         os.close(fd)
+
+
+BPF_PROG_TYPE_XDP = 6
+# Two instructions: r0 = bpf_jiffies64() (helper 118); exit. (struct bpf_insn: code,
+# registers, offset, immediate.)
+_JIFFIES_PROG = struct.pack("=BBhi", 0x85, 0, 0, 118) + struct.pack("=BBhi", 0x95, 0, 0, 0)
+KNOWN_HZ = (100, 250, 300, 1000)
+
+
+def tick_ns(window_s: float = 0.1) -> int:
+    """Nanoseconds per jiffy of the running kernel: timed against the monotonic clock
+    between two jiffy edges (neither the kernel's CONFIG_HZ nor, for sure, the headers
+    bcc compiles with are known to us) and snapped to the tick of a known HZ; 0 (use
+    the fine clock) when the measure is not within 5% of one."""
+    fd = _libbpf.bpf_prog_load(BPF_PROG_TYPE_XDP, b"xz_jiffies", b"GPL", _JIFFIES_PROG, 2,
+                               None)
+    if fd < 0:
+        return 0
+    frame = bytes(64)
+
+    def edge(deadline: float) -> tuple[int, int]:
+        """The first jiffy after now, and when it began (within a test run's time)."""
+        j0 = test_run(fd, frame).retval
+        while time.monotonic() < deadline:
+            j = test_run(fd, frame).retval
+            if j != j0:
+                return j, time.monotonic_ns()
+        raise TimeoutError
+
+    try:
+        j1, t1 = edge(time.monotonic() + 1.0)
+        time.sleep(window_s)
+        j2, t2 = edge(time.monotonic() + 1.0)
+    except (KernelError, TimeoutError):
+        return 0
+    finally:
+        os.close(fd)
+    ticks = (j2 - j1) & 0xFFFFFFFF   # retval: the low 32 bits
+    if not ticks:
+        return 0
+    measured = (t2 - t1) / ticks
+    for hz in KNOWN_HZ:   # 20% apart at least: 5% cannot mistake one for another
+        if abs(measured * hz / 1e9 - 1) < 0.05:
+            return 1_000_000_000 // hz
+    return 0
 
 
 # ---- pinned maps without bcc: raw keys and values, batch operations -----------------------

@@ -65,6 +65,8 @@ def configure(maps: kernel.Maps, cfg) -> None:
     sync.apply_allow(maps, tables.allow_table(cfg.op25b.allow, cfg.suspend.allow))
     maps.set_control_params(**tables.control_params(cfg),
                             congestion=tables.CONGESTION[cfg.bandwidth.congestion])
+    if not maps.control_params()["tick_ns"]:   # once per instance: it takes 0.1 s
+        maps.set_control_params(tick_ns=kernel.tick_ns())
     flags = tables.control_flags(cfg)
     if cfg.bandwidth.congestion == "auto":   # the daemon decides: keep what is in force
         flags |= maps.control_flags() & schema.C["XZ_C_CONGESTION"]
