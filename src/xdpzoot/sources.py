@@ -568,18 +568,14 @@ def columns_of(rows: Iterable[Subscriber]) -> tuple[Columns, Columns]:
 def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
     """A plain file's columns, validated a column at a time; None at the first doubt.
 
-    Plain: ASCII, no quotes, no blanks but line ends; comment lines and empty lines are fine.
-    The IPv4 addresses of rows without "/" or ":" are parsed by inet_pton a column at a
-    time; other rows (prefixes, IPv6: few, as a rule) by _parse_network one by one, as the
+    Plain: rows in ASCII, without quotes or blanks (comment lines and empty lines are
+    fine). The IPv4 addresses of rows without "/" or ":" are parsed by inet_pton a column at
+    a time; other rows (prefixes, IPv6: few, as a rule) by _parse_network one by one, as the
     row-by-row parser does. ``strict`` is left to that parser.
     """
-    if strict or not text.isascii() or '"' in text or "%" in text:
+    if strict:
         return None
-    if "\r" in text:
-        text = text.replace("\r\n", "\n")
-    if any(c in text for c in _SPACES):
-        return None
-    lines = text.split("\n")
+    lines = text.replace("\r\n", "\n").split("\n") if "\r" in text else text.split("\n")
     header = next((n for n, line in enumerate(lines) if line and line[0] != "#"), None)
     if header is None:
         return None
@@ -587,6 +583,9 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
     if problems:
         return None
     rows = [line for line in lines[header + 1:] if line and line[0] != "#"]
+    body = "\n".join(rows)
+    if not body.isascii() or any(c in body for c in _SPACES + '"%'):
+        return None
     if rows and set(map(operator.methodcaller("count", ","), rows)) != {width - 1}:
         return None
     other = ["/" in row or ":" in row for row in rows]
