@@ -290,7 +290,7 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	__u32 slot = cls->slot, kbps, share, why = XZ_R_RATE, bytes = xz_ip_bytes(p);
 	__u64 now, burst = (__u64)ctl->burst_us * 1000;
 
-	if (slot)
+	if (slot && (ctl->flags & XZ_C_THROTTLES))   /* mostly none: no lookup */
 		th = xz_throttle.lookup(&slot);
 	if (!st)
 		return XZ_V_PASS;   /* no state slot: fail open */

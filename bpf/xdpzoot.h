@@ -142,6 +142,7 @@ struct xz_flow {
 #define XZ_C_CSAM_CORE (1 << 9)     /* also drop packets from listed addresses */
 #define XZ_C_RATES (1 << 10)        /* enforce rates and count volume per subscriber */
 #define XZ_C_CONGESTION (1 << 11)   /* congestion mode: bulk flows get a share only */
+#define XZ_C_THROTTLES (1 << 12)    /* some throttle may be in force: look them up */
 #define XZ_C_LOADED (1 << 31)       /* written by the control plane */
 
 /* xz_control.csam: the CSAM generation in force and what it holds, in one word

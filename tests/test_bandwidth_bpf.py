@@ -126,6 +126,7 @@ def test_throttle_below_contract_counts_as_throttle(dp):
     assert send(dp, up(), 40).count("pass") == 40
     setup(dp, kbps=800, burst_ms=1000)
     dp.maps.set_throttle(1, 8, 8)           # throttled to 1 kB/s
+    assert dp.maps.control_flags() & C["XZ_C_THROTTLES"]   # switched on by set_throttle
     v = send(dp, up(), 40)
     assert v.count("pass") <= 1000 // ip_len(up()) + 2
     assert dp.counters()[("access", "drop", "throttle")] == v.count("drop")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from xdpzoot import accounting, kernel
+from xdpzoot import accounting, kernel, schema
 from xdpzoot.daemon import Congestion, Daemon
 
+C = schema.C
 T0 = 1_790_000_000.0   # 2026-09-21, any fixed instant
 RULES = """\
 [[rule]]
@@ -134,9 +135,11 @@ def test_hand_set_throttle_expires(setup):
     d.maps.set_manual(slot, 1000, int(T0) + 600)
     d.tick()
     assert d.maps.get_throttle(slot) == (1000, 1000)
+    assert d.maps.control_flags() & C["XZ_C_THROTTLES"]   # the data plane looks it up
     clock.t += 601
     d.tick()
     assert d.maps.get_throttle(slot) == (0, 0) and not d.maps.manual_throttles()
+    assert not d.maps.control_flags() & C["XZ_C_THROTTLES"]   # none: no lookup
 
 
 def test_source_file_change_is_synced_and_a_bad_one_is_not(setup, capsys):

@@ -186,6 +186,9 @@ class Daemon:
             rate = want.get(slot, 0)
             if self.maps.get_throttle(slot) != (rate, rate):
                 self.maps.set_throttle(slot, rate, rate)
+        # None in force: the data plane may skip the lookup (a throttle set by hand since
+        # the start of this tick is in the manual map: read it once more).
+        self.maps.set_throttles_switch(bool(want or self.maps.manual_throttles()))
 
     def _congestion(self, now: float) -> None:
         if self.maps.control_params()["congestion"] != C["XZ_CONGESTION_AUTO"]:

@@ -852,6 +852,11 @@ class Maps(SubscriberMaps):
             pass
 
     def set_throttle(self, slot: int, up_kbps: int, down_kbps: int) -> None:
+        """A slot's throttle (0: none). The data plane looks throttles up only while the
+        switch XZ_C_THROTTLES is on: it is switched on first (the daemon switches it off
+        when none is in force)."""
+        if up_kbps or down_kbps:
+            self.set_throttles_switch(True)
         v = self.throttle.Leaf()
         v.kbps[0], v.kbps[1] = up_kbps, down_kbps
         self.throttle[ct.c_uint32(slot)] = v
@@ -859,6 +864,11 @@ class Maps(SubscriberMaps):
     def get_throttle(self, slot: int) -> tuple[int, int]:
         v = self.throttle[ct.c_uint32(slot)]
         return v.kbps[0], v.kbps[1]
+
+    def set_throttles_switch(self, on: bool) -> None:
+        flags, bit = self.control_flags(), schema.C["XZ_C_THROTTLES"]
+        if bool(flags & bit) != on:
+            self.set_control_flags(flags | bit if on else flags & ~bit)
 
     def set_control_flags(self, flags: int) -> None:
         """Set the switches; the CSAM generation in force is kept."""

@@ -67,7 +67,7 @@ def configure(maps: kernel.Maps, cfg) -> None:
                             congestion=tables.CONGESTION[cfg.bandwidth.congestion])
     if not maps.control_params()["tick_ns"]:   # once per instance: it takes 0.1 s
         maps.set_control_params(tick_ns=kernel.tick_ns())
-    flags = tables.control_flags(cfg)
+    flags = tables.control_flags(cfg) | (maps.control_flags() & schema.C["XZ_C_THROTTLES"])
     if cfg.bandwidth.congestion == "auto":   # the daemon decides: keep what is in force
         flags |= maps.control_flags() & schema.C["XZ_C_CONGESTION"]
     maps.set_control_flags(flags)

@@ -189,5 +189,5 @@ def control_params(cfg) -> dict[str, int]:
 def control_names(flags: int) -> dict[str, bool]:
     """The switches by name, for status output."""
     names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
-             "ip53b_v6", "csam_reject", "csam_core", "rates", "congestion")
+             "ip53b_v6", "csam_reject", "csam_core", "rates", "congestion", "throttles")
     return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}
