@@ -27,14 +27,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import kernel, schema
 from .kernel import KernelError, PinnedMap
 from .sources import V4MAPPED_PROBLEM, SourceError, overlaps_v4mapped
-
-if TYPE_CHECKING:   # tables itself is not needed to load a list
-    from .tables import Key
+from .tables import Key
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 _WS = " \t\r\x0b\x0c"   # what bytes.strip() removes (and str.strip() more): one verdict
@@ -441,7 +438,8 @@ def line_diff(old: bytes, new: bytes, budget: int) -> tuple[list[bytes], list[by
     (as multisets: enough to know the entries). Runs the two have in common are skipped by
     comparing bytes; None when the lines that differ add up to more than ``budget`` bytes."""
     old, new = _terminated(old), _terminated(new)
-    out: tuple[list[bytes], list[bytes]] = ([], [])
+    removed: list[bytes] = []
+    added: list[bytes] = []
     i = j = 0
     while True:
         nl = old.rfind(b"\n", i, i + _common(old, i, new, j))
@@ -449,7 +447,7 @@ def line_diff(old: bytes, new: bytes, budget: int) -> tuple[list[bytes], list[by
             j += nl + 1 - i
             i = nl + 1
         if i == len(old) and j == len(new):
-            return out
+            return removed, added
         # The lines at i and j differ: find the nearest pair of equal lines after them.
         size = 512
         while True:
@@ -470,8 +468,8 @@ def line_diff(old: bytes, new: bytes, budget: int) -> tuple[list[bytes], list[by
             size *= 4
             if size > budget:
                 return None
-        out[0].extend(a[:x])
-        out[1].extend(b[:y])
+        removed += a[:x]
+        added += b[:y]
         di, dj = sum(map(len, a[:x])) + x, sum(map(len, b[:y])) + y
         i, j, budget = i + di, j + dj, budget - di - dj
         if budget < 0:
