@@ -14,7 +14,7 @@ from dataclasses import asdict
 import click
 
 from . import csam, kernel, loader, model, schema, sync, tables
-from .sources import SourceError
+from .sources import SourceError, paused_gc
 
 ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
 
@@ -316,15 +316,16 @@ def subscribers_load(o: Ctx, file, strict, as_json) -> None:
     """Validate FILE, then write only what differs from the kernel's maps."""
 
     def go():
-        rows, hosts, prefixes = tables.read_subscribers(file, strict)
-        with kernel.lock(o.pin_dir), o.subscriber_maps(create=True) as maps:
-            plan = sync.plan_subscribers(maps, hosts, prefixes)
-            bar, step = _progress(plan.change.total, "writing subscribers")
-            try:
-                change = sync.apply_plan(maps, plan, step)
-            finally:
-                if bar:
-                    bar.render_finish()
+        with paused_gc():   # a million rows: see sources.paused_gc
+            rows, hosts, prefixes = tables.read_subscribers(file, strict)
+            with kernel.lock(o.pin_dir), o.subscriber_maps(create=True) as maps:
+                plan = sync.plan_subscribers(maps, hosts, prefixes)
+                bar, step = _progress(plan.change.total, "writing subscribers")
+                try:
+                    change = sync.apply_plan(maps, plan, step)
+                finally:
+                    if bar:
+                        bar.render_finish()
         _emit(as_json, {"rows": rows, **asdict(change)},
               lambda: click.echo(f"{rows} rows: {_change_text(change)}"))
 

@@ -527,6 +527,9 @@ def _overlaps(first: dict[tuple[int, int, int], int]) -> list[Problem]:
 
 _V4MAPPED_BYTES = bytes(10) + b"\xff\xff"   # the first 12 bytes of ::ffff:0:0/96
 # What str.strip() removes in ASCII text, "\n" aside (the fast path has no fields to strip).
+_CHUNK = 1 << 20   # characters of rows parsed at a time: their objects stay in the caches
+_TYPE = {t: t for t in TYPES}
+_HOST_BITS4 = [(1 << (32 - plen)) - 1 for plen in range(33)]   # by prefix length
 _SPACES = " \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
@@ -569,56 +572,87 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
     """A plain file's columns, validated a column at a time; None at the first doubt.
 
     Plain: rows in ASCII, without quotes or blanks (comment lines and empty lines are
-    fine). The IPv4 addresses of rows without "/" or ":" are parsed by inet_pton a column at
-    a time; other rows (prefixes, IPv6: few, as a rule) by _parse_network one by one, as the
-    row-by-row parser does. ``strict`` is left to that parser.
+    fine). The rows are taken _CHUNK characters at a time, in three groups: IPv4
+    addresses, IPv4 prefixes (each parsed a column at a time), and rows with a ":" (IPv6,
+    few as a rule: parsed one by one by _parse_network, as the row-by-row parser does).
+    ``strict`` is left to that parser.
     """
     if strict:
         return None
-    lines = text.replace("\r\n", "\n").split("\n") if "\r" in text else text.split("\n")
-    header = next((n for n, line in enumerate(lines) if line and line[0] != "#"), None)
-    if header is None:
-        return None
-    columns, width, problems = _header(header + 1, lines[header])
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    end = -1
+    while True:   # the header: the first line neither empty nor a comment
+        start, end = end + 1, text.find("\n", end + 1)
+        end = len(text) if end < 0 else end
+        if start >= len(text):
+            return None
+        if text[start:end] and text[start] != "#":
+            break
+    columns, width, problems = _header(1, text[start:end])
     if problems:
         return None
-    rows = [line for line in lines[header + 1:] if line and line[0] != "#"]
-    body = "\n".join(rows)
-    if not body.isascii() or any(c in body for c in _SPACES + '"%'):
-        return None
-    if rows and set(map(operator.methodcaller("count", ","), rows)) != {width - 1}:
-        return None
-    other = ["/" in row or ":" in row for row in rows]
-    plain, rest = _partition(other, [rows])
-    hosts, prefixes = _bulk_rows(plain[0], columns, width, _ipv4_keys), \
-        _bulk_rows(rest[0], columns, width, _network_keys)
-    if hosts is None or prefixes is None:
-        return None
-    # Rows of one address written as a.b.c.d/32 or with IPv6 go with the hosts.
-    prefixes, full = _partition([k[0] == 128 for k in prefixes.keys], list(prefixes))
-    hosts = Columns(*(a + [k[1] for k in b] if i == 0 else a + b
-                      for i, (a, b) in enumerate(zip(hosts, full, strict=True))))
-    if len(set(hosts.keys)) != len(hosts.keys) or len(set(prefixes[0])) != len(prefixes[0]):
+    hosts: list[list] = [[] for _ in Columns._fields]
+    prefixes: list[list] = [[] for _ in Columns._fields]
+    while end < len(text):
+        start, end = end + 1, text.find("\n", end + 1 + _CHUNK)
+        end = len(text) if end < 0 else end
+        got = _bulk_chunk(text[start:end], columns, width)
+        if got is None:
+            return None
+        for whole, part in zip((*hosts, *prefixes), (*got[0], *got[1]), strict=True):
+            whole += part
+    # Rows of one address written as a.b.c.d/32, and IPv6 ones, go with the hosts.
+    prefixes, full = _partition([k[0] == 128 for k in prefixes[0]], prefixes)
+    if full[0]:
+        full[0] = [a for _, a in full[0]]
+        for whole, part in zip(hosts, full, strict=True):
+            whole += part
+    if len(set(hosts[0])) != len(hosts[0]) or len(set(prefixes[0])) != len(prefixes[0]):
         return None   # duplicates
-    return hosts, Columns(*prefixes)
+    return Columns(*hosts), Columns(*prefixes)
 
 
-def _bulk_rows(rows: list[str], columns: dict[str, int], width: int,
-               keys_of: Callable[[list[str]], list | None]) -> Columns | None:
-    """The columns of ``rows`` (each with ``width`` fields), keys by ``keys_of``."""
-    if not rows:
+def _bulk_chunk(chunk: str, columns: dict[str, int],
+                width: int) -> tuple[Columns, Columns] | None:
+    """The rows of one chunk of a plain file: (IPv4 addresses, all others)."""
+    if "#" in chunk or "\n\n" in chunk:
+        chunk = "\n".join(line for line in chunk.split("\n") if line and line[0] != "#")
+    chunk = chunk.strip("\n")
+    if not chunk:
+        return Columns([], [], [], [], [], []), Columns([], [], [], [], [], [])
+    if not chunk.isascii() or any(c in chunk for c in _SPACES + '"%'):
+        return None
+    # Fields, each row's followed by a "\n" of its own: they sit every width + 1 fields
+    # exactly when every row has width fields.
+    n = chunk.count("\n") + 1
+    flat = chunk.replace("\n", ",\n,").split(",")
+    if len(flat) != n * (width + 1) - 1 or flat[width::width + 1].count("\n") != n - 1:
+        return None
+    fields = [flat[columns[name]::width + 1] if name in columns else None
+              for name in ("address", "subscriber", "type", "up_kbps", "down_kbps", "flags")]
+    plain, other = _partition(["/" in a or ":" in a for a in fields[0]], fields)
+    prefixes4, rest = _partition([":" in a for a in other[0]], other)
+    hosts = _bulk_columns(plain, _ipv4_keys)
+    groups = [_bulk_columns(prefixes4, _ipv4_prefix_keys), _bulk_columns(rest, _network_keys)]
+    if hosts is None or None in groups:
+        return None
+    return hosts, Columns(*(a + b for a, b in zip(*groups, strict=True)))  # type: ignore[misc]
+
+
+def _bulk_columns(fields: list[list[str] | None],
+                  keys_of: Callable[[list[str]], list | None]) -> Columns | None:
+    """Columns from the texts of the fields (address, subscriber, type, up_kbps, down_kbps,
+    flags; None for a column the file has not), keys by ``keys_of``."""
+    addrs, ids, types, up, down, flags = fields
+    if not addrs:
         return Columns([], [], [], [], [], [])
-    flat = ",".join(rows).split(",")
-
-    def column(name: str) -> list[str] | None:
-        return flat[columns[name]::width] if name in columns else None
-
-    types = column("type")
     if not set(types) <= set(TYPES):  # type: ignore[arg-type]
         return None
-    got = (keys_of(column("address")), _ids(column("subscriber")), types,  # type: ignore[arg-type]
-           _rates(column("up_kbps"), len(rows)), _rates(column("down_kbps"), len(rows)),
-           _flag_column(column("flags"), len(rows)))
+    types = list(map(_TYPE.__getitem__, types))   # ours, not the file's million copies
+    n = len(addrs)
+    got = (keys_of(addrs), _ids(ids), types, _rates(up, n), _rates(down, n),  # type: ignore
+           _flag_column(flags, n))
     return None if any(c is None for c in got) else Columns(*got)
 
 
@@ -628,6 +662,28 @@ def _ipv4_keys(addrs: list[str]) -> list[bytes] | None:
         return list(map(_V4MAPPED_BYTES.__add__, map(_pton, repeat(_AF_INET), addrs)))
     except OSError:
         return None
+
+
+def _ipv4_prefix_keys(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
+    """``(prefixlen + 96, 16-byte address)`` of IPv4 prefixes ``a.b.c.d/n`` a column at a
+    time; spellings it does not know (netmasks, ...) go to _network_keys."""
+    return _ipv4_prefixes(addrs) or _network_keys(addrs)
+
+
+def _ipv4_prefixes(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
+    nets, _, lengths = zip(*map(operator.methodcaller("partition", "/"), addrs), strict=True)
+    if not set(map(len, lengths)) <= {1, 2} or not "".join(lengths).isdigit():
+        return None
+    plens = list(map(int, lengths))
+    try:
+        packed = list(map(_pton, repeat(_AF_INET), nets))
+    except OSError:
+        return None
+    values = map(_from_bytes, packed, repeat("big"))
+    if max(plens) > 32 or any(map(operator.and_, values, map(_HOST_BITS4.__getitem__, plens))):
+        return None   # host bits set
+    return list(zip(map((96).__add__, plens), map(_V4MAPPED_BYTES.__add__, packed),
+                    strict=True))
 
 
 def _network_keys(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
@@ -672,9 +728,11 @@ def _flag_column(texts: list[str] | None, n: int) -> list[frozenset[str]] | None
     return list(map(value.__getitem__, texts))  # type: ignore[arg-type]
 
 
-def _partition(mask: list[bool], columns: list[list]) -> tuple[list[list], list[list]]:
-    """Each column's rows where ``mask`` is false, and those where it is true."""
+def _partition(mask: list[bool], columns: list) -> tuple[list, list]:
+    """Each column's rows where ``mask`` is false, and those where it is true (a column
+    of None stays None)."""
     if not any(mask):
-        return columns, [[] for _ in columns]
-    return ([list(compress(c, map(operator.not_, mask))) for c in columns],
-            [list(compress(c, mask)) for c in columns])
+        return columns, [None if c is None else [] for c in columns]
+    return ([None if c is None else list(compress(c, map(operator.not_, mask)))
+             for c in columns],
+            [None if c is None else list(compress(c, mask)) for c in columns])

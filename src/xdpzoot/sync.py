@@ -152,11 +152,12 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     cur_slots = cur_hosts.column(4) + cur_prefixes.column(4)
     # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
     held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
-    wanted = set(host_ids)
-    wanted.update(prefix_ids)
-    wanted -= pools
-    slot_of = {s: held[s] for s in wanted & held.keys()}
-    new = sorted(wanted - slot_of.keys())
+    wanted = dict.fromkeys(host_ids)   # in file order, which sorts quickly
+    wanted.update(dict.fromkeys(prefix_ids))
+    for s in pools:
+        wanted.pop(s, None)
+    slot_of = {s: slot for s, slot in held.items() if s in wanted}
+    new = sorted(filterfalse(slot_of.__contains__, wanted))
     used = set(slot_of.values())
     free = list(islice(filterfalse(used.__contains__, range(1, limit)), len(new)))
     if len(free) < len(new):

@@ -123,11 +123,21 @@ def _class_table(keys: list[bytes], c: Columns) -> ClassTable:
     type_word = {t: class_word(schema.TYPES[t], 0) for t in set(c.types)}
     flag_word = {f: class_word(0, sum(schema.FLAGS[x] for x in f)) for f in set(c.flags)}
     values[0::WORDS] = array("I", c.ids)
-    values[1::WORDS] = array("I", map(operator.or_, map(type_word.__getitem__, c.types),
-                                      map(flag_word.__getitem__, c.flags)))
-    values[2::WORDS] = array("I", c.up)
-    values[3::WORDS] = array("I", c.down)
+    values[1::WORDS] = _words(c.types, type_word)
+    if any(flag_word.values()):
+        values[1::WORDS] = array("I", map(operator.or_, values[1::WORDS],
+                                          _words(c.flags, flag_word)))
+    for word, rates in ((2, c.up), (3, c.down)):
+        if any(rates):
+            values[word::WORDS] = array("I", rates)
     return ClassTable(keys, values)
+
+
+def _words(column: list, word: dict) -> array:
+    """The word of each row's value in ``column`` (a column of few distinct values)."""
+    if len(word) == 1:
+        return array("I", word.values()) * len(column)
+    return array("I", map(word.__getitem__, column))
 
 
 def allow_table(op25b: Iterable[IPNetwork], suspend: Iterable[IPNetwork]) -> dict[Key, int]:
