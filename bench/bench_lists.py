@@ -59,11 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))   # packets.py: frames from model.Packet
 sys.path.insert(0, str(ROOT / "src"))
 
-from xdpzoot import csam, kernel, loader, schema, sync, tables  # noqa: E402
-from xdpzoot.config import load_config  # noqa: E402
+from xdpzoot import csam, kernel, schema, sync, tables  # noqa: E402
 from xdpzoot.kernel import Entry  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
-from xdpzoot.sources import parse_subscribers  # noqa: E402
+from xdpzoot.sources import paused_gc, read_columns  # noqa: E402
 
 ENTRIES = 1_000_000
 ROWS = 1_000_000
@@ -452,16 +451,19 @@ def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], csam.Load
 
 def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, float]],
                                                                sync.Change]:
-    """What `xdpzoot subscribers load` does, step by step in this process; the plan is
-    also made alone first, to show that part of sync.apply_subscribers."""
+    """What `xdpzoot subscribers load` does, step by step in this process (the cyclic GC
+    paused, as there); the plan is also made alone first, to show that part of
+    sync.apply_subscribers."""
     st = Steps()
-    config = load_config(str(cfg))
-    rows = st("read, parse and validate", parse_subscribers, str(path))
-    hosts, prefixes = st("build the tables", tables.subscriber_tables, rows)
-    maps = st("open the maps (bcc compile of maps.h)", loader.open_maps, config, pin)
-    st("(plan alone: read the maps, diff)", sync.plan_subscribers, maps, hosts, prefixes)
-    change = st("sync.apply_subscribers: plan, write", sync.apply_subscribers, maps, hosts,
-                prefixes)
+    with paused_gc():
+        hosts, prefixes = st("read, parse and validate", read_columns, str(path))
+        hosts, prefixes = st("build the tables", tables.class_tables, hosts, prefixes)
+        maps = st("open the maps (pins, no compile)", kernel.SubscriberMaps.open, pin)
+        with maps:
+            st("(plan alone: read the maps, diff)", sync.plan_subscribers, maps, hosts,
+               prefixes)
+            change = st("sync.apply_subscribers: plan, write", sync.apply_subscribers, maps,
+                        hosts, prefixes)
     return st.times, change
 
 
