@@ -117,7 +117,9 @@ def test_plain_files_take_the_bulk_path() -> None:
 
 def reference_plan(cur_h: dict, cur_p: dict, hosts: dict, prefixes: dict, limit: int):
     """The plan as the dict implementation made it: sticky suspensions, slots kept, new
-    slots lowest first by id, then the diff. Prefix keys are (prefixlen, address)."""
+    slots lowest first by id, then the diff. Prefix keys are (prefixlen, address). One
+    change: a slot that its subscriber does not keep is freed (cleared) even when a new
+    subscriber gets it in the same load (it kept the old one's counters)."""
     hosts, prefixes = dict(hosts), dict(prefixes)
     for a, e in cur_h.items():
         if not e.flags & SUSPENDED:
@@ -148,8 +150,7 @@ def reference_plan(cur_h: dict, cur_p: dict, hosts: dict, prefixes: dict, limit:
     for d in (hosts, prefixes):
         for k, e in d.items():
             d[k] = e._replace(slot=slot_of.get(e.sub_id, 0))
-    return (sync.diff(cur_h, hosts), sync.diff(cur_p, prefixes),
-            set(held.values()) - set(slot_of.values()))
+    return sync.diff(cur_h, hosts), sync.diff(cur_p, prefixes), set(held.values()) - used
 
 
 class FakeMaps:
@@ -325,13 +326,19 @@ def test_a_small_change_writes_only_the_change(maps, tmp_path) -> None:
     assert after["192.0.2.5"].slot == before["192.0.2.2"].slot   # subscriber 2's, freed
 
 
-def test_freed_slots_are_cleared(maps, tmp_path) -> None:
+@pytest.mark.parametrize("newcomer", ["", "5,192.0.2.5,static,,,\n"])
+def test_freed_slots_are_cleared(maps, tmp_path, newcomer) -> None:
+    """A subscriber's slot is cleared when it leaves, also when a new subscriber gets it."""
     load(maps, tmp_path, FILE_A)
     slot = maps.get_host(tables.addr16("192.0.2.2")).slot
     key = struct.pack("=I", slot)
-    maps.state_map.update(key, b"\x01" * maps.state_map.value_size)
-    load(maps, tmp_path, FILE_A.replace("2,192.0.2.2,dynamic,,,op25b_exempt\n", ""))
-    assert maps.state_map.lookup(key) == bytes(maps.state_map.value_size)
+    for m in (maps.state_map, maps.throttle_map):
+        m.update(key, b"\x01" * m.value_size)
+    load(maps, tmp_path, FILE_A.replace("2,192.0.2.2,dynamic,,,op25b_exempt\n", newcomer))
+    for m in (maps.state_map, maps.throttle_map):
+        assert m.lookup(key) == bytes(m.value_size)
+    if newcomer:
+        assert maps.get_host(tables.addr16("192.0.2.5")).slot == slot
 
 
 def test_suspensions_are_sticky(maps, tmp_path) -> None:

@@ -90,8 +90,10 @@ def diff_table(current: ClassTable, desired: ClassTable) -> Diff:
     old, new = current.values.tobytes(), desired.values.tobytes()
     write = [i for i, j in enumerate(at)
              if j is None or old[j * n:(j + 1) * n] != new[i * n:(i + 1) * n]]
-    kept = set(at)
-    remove = [k for j, k in enumerate(current.keys) if j not in kept]
+    remove = []
+    if len(at) - added < len(current):   # not every current entry stays
+        kept = set(at)
+        remove = [k for j, k in enumerate(current.keys) if j not in kept]
     return Diff(desired if len(write) == len(desired) else desired.take(write), remove,
                 Change(added, len(write) - added, len(remove)))
 
@@ -142,8 +144,8 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
 
     A subscriber keeps the slot it has in the kernel, so its counters survive a reload;
     pools (and addresses cut out of a pool) have per-address state instead (slot 0).
-    New subscribers get the lowest free slots, in order of id. Returns the slots nobody
-    holds any more, to be cleared.
+    New subscribers get the lowest free slots, in order of id. Returns the slots that
+    their subscribers do not keep, to be cleared (a new subscriber may get one of them).
     """
     host_ids, prefix_ids = hosts.column(0), prefixes.column(0)
     pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
@@ -156,7 +158,12 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     wanted.update(dict.fromkeys(prefix_ids))
     for s in pools:
         wanted.pop(s, None)
-    slot_of = {s: slot for s, slot in held.items() if s in wanted}
+    # sub_id -> the slot it keeps, looked up from the smaller side (a first load holds few;
+    # the other way round, it is in file order, as the lookups below go)
+    if len(held) < len(wanted):
+        slot_of = {s: slot for s, slot in held.items() if s in wanted}
+    else:
+        slot_of = {s: held[s] for s in wanted if s in held}
     new = sorted(filterfalse(slot_of.__contains__, wanted))
     used = set(slot_of.values())
     free = list(islice(filterfalse(used.__contains__, range(1, limit)), len(new)))
@@ -166,7 +173,8 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     slot_of.update(zip(new, free, strict=True))
     for t, ids in ((hosts, host_ids), (prefixes, prefix_ids)):
         t.values[4::WORDS] = array("I", map(slot_of.get, ids, repeat(0)))
-    return set(held.values()) - set(slot_of.values())
+    # A slot its subscriber does not keep is cleared, given to another one or not.
+    return set(held.values()) - used
 
 
 def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
