@@ -110,6 +110,9 @@ def test_plain_files_take_the_bulk_path() -> None:
     assert rows_of(bulk) == rows_of(sources.columns_of(sources.parse_subscribers_text(text)))
     hosts, prefixes = bulk
     assert len(hosts.keys) == 4 and len(prefixes.keys) == 2
+    assert sources._bulk(text, True) == bulk   # --strict: nothing overlaps
+    inside = text + "6,100.64.1.1,static,,,,\r\n"
+    assert sources._bulk(inside, False) is not None and sources._bulk(inside, True) is None
 
 
 # ---- 2. the plan on columns against the dict model it replaced ---------------------------------

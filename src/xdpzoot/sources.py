@@ -493,34 +493,38 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
 
 
 def _overlaps(first: dict[tuple[int, int, int], int]) -> list[Problem]:
-    """One problem per row that lies inside another row's prefix, naming the nearest one.
+    """One problem per row that lies inside another row's prefix, naming the nearest one."""
+    problems: list[Problem] = []
+    for version, bits in ((4, 32), (6, 128)):
+        keys = [(start << 8) | plen for v, start, plen in first if v == version]
+        for inner, outer in _nested(keys, bits):
+            outer_start, outer_len = outer >> 8, outer & 0xFF
+            outer_line = first[(version, outer_start, outer_len)]
+            outer_net = _NET[version](outer_start, outer_len)
+            line = first[(version, inner >> 8, inner & 0xFF)]
+            problems.append((line, f"overlaps line {outer_line} ({outer_net})"))
+    return problems
+
+
+def _nested(keys: list[int], bits: int) -> Iterator[tuple[int, int]]:
+    """``(inner, outer)`` for each of the distinct prefixes ``keys`` (``start << 8 |
+    prefixlen`` over ``bits``) that lies inside another, ``outer`` the nearest of those.
 
     Prefixes nest or are disjoint, so after sorting by (start, prefixlen) a stack of the
     enclosing prefixes is enough: O(n log n) for the sort, O(n) for the sweep. Each key is
-    packed into one int (start << 8 | prefixlen) because sorting ints is far cheaper than
-    sorting tuples.
+    packed into one int because sorting ints is far cheaper than sorting tuples.
     """
-    problems: list[Problem] = []
-    for version, bits in ((4, 32), (6, 128)):
-        keys = sorted((start << 8) | plen for v, start, plen in first if v == version)
-        lasts: list[int] = []  # last address of each enclosing prefix, outermost first
-        outers: list[int] = []  # and its packed key
-        for key in keys:
-            start = key >> 8
-            while lasts and lasts[-1] < start:
-                lasts.pop()
-                outers.pop()
-            plen = key & 0xFF
-            if lasts:
-                outer = outers[-1]
-                outer_start, outer_len = outer >> 8, outer & 0xFF
-                outer_line = first[(version, outer_start, outer_len)]
-                outer_net = _NET[version](outer_start, outer_len)
-                line = first[(version, start, plen)]
-                problems.append((line, f"overlaps line {outer_line} ({outer_net})"))
-            lasts.append(start | ((1 << (bits - plen)) - 1))
-            outers.append(key)
-    return problems
+    lasts: list[int] = []  # last address of each enclosing prefix, outermost first
+    outers: list[int] = []  # and its packed key
+    for key in sorted(keys):
+        start = key >> 8
+        while lasts and lasts[-1] < start:
+            lasts.pop()
+            outers.pop()
+        if lasts:
+            yield key, outers[-1]
+        lasts.append(start | ((1 << (bits - (key & 0xFF))) - 1))
+        outers.append(key)
 
 
 # --- in bulk --------------------------------------------------------------------------------
@@ -575,10 +579,9 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
     fine). The rows are taken _CHUNK characters at a time, in three groups: IPv4
     addresses, IPv4 prefixes (each parsed a column at a time), and rows with a ":" (IPv6,
     few as a rule: parsed one by one by _parse_network, as the row-by-row parser does).
-    ``strict`` is left to that parser.
+    With ``strict``, a file with a row inside another row's prefix is left to that
+    parser (which names them).
     """
-    if strict:
-        return None
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     end = -1
@@ -610,7 +613,17 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
             whole += part
     if len(set(hosts[0])) != len(hosts[0]) or len(set(prefixes[0])) != len(prefixes[0]):
         return None   # duplicates
+    if strict and prefixes[0] and _overlapping(hosts[0], prefixes[0]):
+        return None
     return Columns(*hosts), Columns(*prefixes)
+
+
+def _overlapping(hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> bool:
+    """Whether a row lies inside another row's prefix. One sweep over the maps' 128-bit
+    space serves both families: IPv6 rows never reach into IPv4's ::ffff:0:0/96."""
+    keys = [(v << 8) | 128 for v in map(_from_bytes, hosts, repeat("big"))]
+    keys += [(_from_bytes(a, "big") << 8) | plen for plen, a in prefixes]
+    return next(_nested(keys, 128), None) is not None
 
 
 def _bulk_chunk(chunk: str, columns: dict[str, int],
