@@ -401,9 +401,9 @@ def subscribers_show(o: Ctx, address, as_json) -> None:
     a = _address(address)
 
     def go():
-        maps = o.maps()
-        host = maps.get_host(a)
-        match = None if host else maps.match_prefix(a)
+        with o.subscriber_maps() as maps:
+            host = maps.get_host(a)
+            match = None if host else maps.match_prefix(a)
         if host:
             data = {"address": address, "match": "host", **_entry_json(host)}
         elif match:
@@ -427,8 +427,8 @@ def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
         key = _address(target)
 
     def go():
-        with kernel.lock(o.pin_dir):
-            done = sync.set_suspended(o.maps(), key, on)
+        with kernel.lock(o.pin_dir), o.subscriber_maps() as maps:
+            done = sync.set_suspended(maps, key, on)
         if not done:
             _fail(f"no subscriber {target}")
         word = "suspended" if on else "resumed"

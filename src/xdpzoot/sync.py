@@ -215,7 +215,7 @@ def apply_allow(maps: Maps, desired: dict[Key, int]) -> Change:
     return change
 
 
-def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
+def set_suspended(maps: SubscriberMaps, target: int | bytes, on: bool) -> list[str]:
     """Suspend or resume a subscriber id, or the owner of an address.
 
     An address of a dynamic pool without an owner gets (on) or loses (off) a host
