@@ -530,10 +530,10 @@ def _nested(keys: list[int], bits: int) -> Iterator[tuple[int, int]]:
 # --- in bulk --------------------------------------------------------------------------------
 
 _V4MAPPED_BYTES = bytes(10) + b"\xff\xff"   # the first 12 bytes of ::ffff:0:0/96
-# What str.strip() removes in ASCII text, "\n" aside (the fast path has no fields to strip).
 _CHUNK = 1 << 20   # characters of rows parsed at a time: their objects stay in the caches
 _TYPE = {t: t for t in TYPES}
 _HOST_BITS4 = [(1 << (32 - plen)) - 1 for plen in range(33)]   # by prefix length
+# What str.strip() removes in ASCII text, "\n" aside (the fast path has no fields to strip).
 _SPACES = " \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
@@ -677,13 +677,14 @@ def _ipv4_keys(addrs: list[str]) -> list[bytes] | None:
         return None
 
 
-def _ipv4_prefix_keys(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
+def _ipv4_prefix_keys(addrs: list[str]) -> list[tuple[int, bytes]] | None:
     """``(prefixlen + 96, 16-byte address)`` of IPv4 prefixes ``a.b.c.d/n`` a column at a
     time; spellings it does not know (netmasks, ...) go to _network_keys."""
     return _ipv4_prefixes(addrs) or _network_keys(addrs)
 
 
-def _ipv4_prefixes(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
+def _ipv4_prefixes(addrs: list[str]) -> list[tuple[int, bytes]] | None:
+    """The keys of _ipv4_prefix_keys if every prefix is spelled a.b.c.d/n, else None."""
     nets, _, lengths = zip(*map(operator.methodcaller("partition", "/"), addrs), strict=True)
     if not set(map(len, lengths)) <= {1, 2} or not "".join(lengths).isdigit():
         return None
@@ -699,7 +700,7 @@ def _ipv4_prefixes(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
                     strict=True))
 
 
-def _network_keys(addrs: list[str]) -> list[tuple[int, bytes] | bytes] | None:
+def _network_keys(addrs: list[str]) -> list[tuple[int, bytes]] | None:
     """``(prefixlen over 128 bits, 16-byte address)`` of each address or prefix."""
     keys = []
     for text in addrs:
