@@ -29,14 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import kernel, schema
-from .kernel import KernelError, PinnedMap
+from .kernel import LPM_KEY, KernelError, PinnedMap
 from .sources import V4MAPPED_PROBLEM, SourceError, overlaps_v4mapped
 from .tables import Key
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 _WS = " \t\r\x0b\x0c"   # what bytes.strip() removes (and str.strip() more): one verdict
 # Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
-LPM_KEY = struct.Struct("=I16s")          # struct xz_lpm_key
 CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
 META = struct.Struct("=32sQIIII")         # struct xz_csam_meta
 LISTED = b"\x01"
