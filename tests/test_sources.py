@@ -697,3 +697,13 @@ def test_ipv6_rows_may_not_reach_into_the_ipv4_mapped_range(entry: str) -> None:
     with pytest.raises(SourceError) as e:
         parse_subscribers_text(f"{HEADER}\n1,{entry},dynamic,,,\n")
     assert "IPv6 entry overlapping ::ffff:0:0/96" in str(e.value)
+
+
+def test_plans_come_from_the_plan_column_only(tmp_path):
+    with_plans = tmp_path / "plans.csv"
+    with_plans.write_text("# plans\nsubscriber,address,type,plan\n1,192.0.2.1,dynamic,home\n"
+                          "2,192.0.2.2,static,\n3,192.0.2.3,static,biz\n")
+    assert sources.read_plans(str(with_plans)) == {1: "home", 3: "biz"}
+    without = tmp_path / "noplans.csv"
+    without.write_text("subscriber,address,type\n1,192.0.2.1,dynamic\n")
+    assert sources.read_plans(str(without)) == {}

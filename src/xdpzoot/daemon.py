@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from . import accounting, csam, kernel, loader, schema, sync, tables
 from .config import load_config
-from .sources import SourceError, parse_subscribers
+from .sources import SourceError, read_plans
 
 C = schema.C
 
@@ -88,13 +88,9 @@ class Daemon:
         self._watch_init()
         if self.cfg.sources.subscribers:
             try:
-                self._plans(parse_subscribers(self.cfg.sources.subscribers))
+                self.plans = read_plans(self.cfg.sources.subscribers)
             except SourceError as e:
                 log(f"plans not read: {e}")
-
-    def _plans(self, rows) -> None:
-        """Service plans by subscriber, for rules that cover plans."""
-        self.plans = {r.sub_id: r.plan for r in rows if r.plan}
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
@@ -228,9 +224,9 @@ class Daemon:
             try:
                 with kernel.lock(self.pin_dir):
                     if path == self.cfg.sources.subscribers:
-                        rows = parse_subscribers(path)
-                        c = sync.apply_subscribers(self.maps, *tables.subscriber_tables(rows))
-                        self._plans(rows)
+                        _, hosts, prefixes = tables.read_subscribers(path)
+                        c = sync.apply_subscribers(self.maps, hosts, prefixes)
+                        self.plans = read_plans(path)
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:

@@ -42,6 +42,7 @@ __all__ = [
     "parse_subscribers",
     "parse_subscribers_text",
     "read_columns",
+    "read_plans",
 ]
 
 FLAGS = ("suspended", "op25b_exempt", "ip53b_exempt")
@@ -137,6 +138,16 @@ def read_source(path: str) -> str:
 def parse_subscribers(path: str, strict: bool = False) -> list[Subscriber]:
     """Load and validate the subscriber CSV at ``path`` (see :func:`parse_subscribers_text`)."""
     return parse_subscribers_text(read_source(path), path, strict)
+
+
+def read_plans(path: str) -> dict[int, str]:
+    """Service plan by subscriber id, from the optional ``plan`` column of the subscriber
+    file (for the volume rules' ``plans``): a file without it is not parsed again."""
+    text = read_source(path)
+    header = next((line for line in text.split("\n") if line.strip() and line[0] != "#"), "")
+    if "plan" not in _header(1, header)[0]:
+        return {}
+    return {r.sub_id: r.plan for r in parse_subscribers_text(text, path) if r.plan}
 
 
 # --- fields ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from itertools import starmap
 
 from . import schema
 from .kernel import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
-from .sources import Columns, Subscriber, columns_of, read_columns
+from .sources import Columns, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -100,11 +100,6 @@ def read_subscribers(path: str, strict: bool = False) -> tuple[int, ClassTable, 
     contents: (rows, hosts, prefixes)."""
     hosts, prefixes = read_columns(path, strict)
     return len(hosts.keys) + len(prefixes.keys), *class_tables(hosts, prefixes)
-
-
-def subscriber_tables(rows: Iterable[Subscriber]) -> tuple[ClassTable, ClassTable]:
-    """Host and prefix map contents from parsed subscriber rows."""
-    return class_tables(*columns_of(rows))
 
 
 def class_tables(hosts: Columns, prefixes: Columns) -> tuple[ClassTable, ClassTable]:
