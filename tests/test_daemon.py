@@ -89,7 +89,7 @@ def test_rule_throttles_releases_audits_and_survives_restart(setup):
     cfg, pin, tmp = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.owners()))
+    slot = next(iter(d.maps.owners()))
     d.tick()                                   # first sight of the counters
     clock.t += 60
     add_bytes(d, slot, 25_000_000)             # 25 MB up in a minute: over 20 MB/h
@@ -117,7 +117,7 @@ def test_corrupt_snapshot_is_a_safe_start(setup, content, capsys):
     cfg, pin, tmp = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.owners()))
+    slot = next(iter(d.maps.owners()))
     d.maps.set_throttle(slot, 2000, 2000)      # a throttle in force from before the crash
     (tmp / "state.msgpack").write_bytes(content)
     d2 = daemon(cfg, pin, clock)
@@ -131,7 +131,7 @@ def test_hand_set_throttle_expires(setup):
     cfg, pin, _ = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.owners()))
+    slot = next(iter(d.maps.owners()))
     d.maps.set_manual(slot, 1000, int(T0) + 600)
     d.tick()
     assert d.maps.get_throttle(slot) == (1000, 1000)
@@ -150,11 +150,17 @@ def test_source_file_change_is_synced_and_a_bad_one_is_not(setup, capsys):
     os.utime(subs, ns=(time.time_ns(), time.time_ns() + 1_000_000))
     d.tick()
     assert len(list(d.maps.prefix_items())) == 2
+    d.tick()
+    assert 300 in d.acct.subscribers()
     subs.write_text(SUBS + "300,not-an-address,static,,\n")
     os.utime(subs, ns=(time.time_ns(), time.time_ns() + 2_000_000))
     d.tick()
     assert "not applied" in capsys.readouterr().err
     assert len(list(d.maps.prefix_items())) == 2       # unchanged
+    subs.write_text(SUBS)                               # subscriber 300's contract ended
+    os.utime(subs, ns=(time.time_ns(), time.time_ns() + 3_000_000))
+    d.tick()                                            # synced: the engine forgets 300
+    assert 300 not in d.acct.subscribers() and 200 in d.acct.subscribers()
 
 
 def test_congestion_auto_with_hysteresis():

@@ -250,7 +250,19 @@ def test_class_layout(compiled) -> None:
     with SubscriberMaps.open(pin) as m:
         assert (m.host_map.key_size, m.host_map.value_size) == (16, CLASS.size)
         assert (m.prefix_map.key_size, m.prefix_map.value_size) == (LPM_KEY.size, CLASS.size)
+        assert m.state_map.value_size == kernel.STATE.size
         assert m.slots == 64
+
+
+def test_state_layout(compiled) -> None:
+    """kernel.STATE against bcc's struct xz_state: what volumes() reads where."""
+    bpf, pin = compiled
+    leaf = bpf[b"xz_state"].Leaf
+    v = leaf()
+    v.dir[0].tat, v.dir[0].bulk_tat, v.dir[0].bytes, v.dir[0].packets = 1, 2, 3, 4
+    v.dir[1].tat, v.dir[1].bulk_tat, v.dir[1].bytes, v.dir[1].packets = 5, 6, 7, 8
+    v.op25b = 9
+    assert kernel.STATE.unpack(bytes(v)) == tuple(range(1, 10))
 
 
 # ---- 4. loads into real maps, read back --------------------------------------------------------

@@ -686,6 +686,10 @@ class Accounting:
         ]
         return rules
 
+    def subscribers(self) -> set[int]:
+        """The subscribers the engine keeps state for."""
+        return set(self._subs)
+
     def forget(self, subscriber: int) -> None:
         """Drop everything known about a subscriber (contract ended); no action is returned."""
         sub = self._subs.pop(subscriber, None)

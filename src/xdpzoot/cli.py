@@ -589,10 +589,7 @@ def top(o: Ctx, key, count, as_json) -> None:
 
     def go():
         maps = o.maps()
-        owner: dict[int, int] = {}
-        for _, e in (*maps.host_items(), *maps.prefix_items()):
-            if e.slot:
-                owner[e.slot] = e.sub_id
+        owner = maps.owners()
         rows = [{"subscriber": owner[s], **asdict(v)} for s, v in maps.volumes(owner).items()]
         rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}
                  for a, v in maps.pool_volumes().items()]

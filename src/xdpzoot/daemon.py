@@ -118,7 +118,7 @@ class Daemon:
         """Without a usable snapshot the rules' history is gone: throttles in force in the
         kernel are kept, as if set by hand, until `unthrottle` lifts them."""
         manual = self.maps.manual_throttles()
-        for slot in self.owners():
+        for slot in self.maps.owners():
             up, down = self.maps.get_throttle(slot)
             if (up or down) and slot not in manual:
                 self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
@@ -131,18 +131,10 @@ class Daemon:
         log("config and rules reloaded")
 
     # -- the tick ---------------------------------------------------------------------------
-    def owners(self) -> dict[int, int]:
-        """State slot -> subscriber id, from the subscriber maps."""
-        out: dict[int, int] = {}
-        for _, e in (*self.maps.host_items(), *self.maps.prefix_items()):
-            if e.slot:
-                out[e.slot] = e.sub_id
-        return out
-
     def tick(self) -> list:
         """One round: count, decide, enforce, persist. Returns the actions taken."""
         now = self.clock()
-        owners = self.owners()
+        owners = self.maps.owners()
         vols = self.maps.volumes(owners)
         counters = {owners[s]: (v.up_bytes, v.down_bytes) for s, v in vols.items()}
         actions = self.acct.observe(now, counters, self.plans)
@@ -226,6 +218,11 @@ class Daemon:
                     if path == self.cfg.sources.subscribers:
                         _, hosts, prefixes = tables.read_subscribers(path)
                         c = sync.apply_subscribers(self.maps, hosts, prefixes)
+                        # Gone from the file: the contract ended (not merely maps still
+                        # empty at start-up, when the windows of a snapshot must stay).
+                        left = self.acct.subscribers() - set(self.maps.owners().values())
+                        for sid in left:
+                            self.acct.forget(sid)
                         self.plans = read_plans(path)
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")

@@ -605,6 +605,7 @@ CLASS = struct.Struct("=IBBHIII")
 WORDS = CLASS.size // 4
 LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
 SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle")
+STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
 _TYPE_FLAGS = struct.Struct("=BBH")
 if array("I").itemsize != 4:
     raise ImportError("array('I') is not 32 bits wide here")
@@ -739,6 +740,27 @@ class SubscriberMaps:
                progress: Callable[[int], None] | None = None) -> None:
         m.delete_many(keys, progress)
 
+    def owners(self) -> dict[int, int]:
+        """State slot -> subscriber id, from the host and prefix entries."""
+        out: dict[int, int] = {}
+        for m in (self.host_map, self.prefix_map):
+            t = self.read(m)
+            out.update(zip(t.column(4), t.column(0), strict=True))
+        out.pop(0, None)   # slot 0: per-address state (pools), no owner
+        return out
+
+    def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
+        """Slot -> what its subscriber sent and received so far. The state array is read
+        whole, in batches (an array's batch comes in index order): a tick of the daemon
+        wants every slot."""
+        _, values = self.state_map.items()
+        n = STATE.size
+        out = {}
+        for s in slots:
+            up = STATE.unpack_from(values, s * n)
+            out[s] = Volume(up[2], up[6], up[3], up[7], up[8])
+        return out
+
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
         keys = [struct.pack("=I", s) for s in sorted(slots)]
@@ -828,10 +850,6 @@ class Maps(SubscriberMaps):
         return {name: getattr(v, name) for name, _ in v._fields_ if not name.startswith("_")}
 
     # per-subscriber state
-    def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
-        """Slot -> what its subscriber sent and received so far."""
-        return {s: _volume(self.state[ct.c_uint32(s)]) for s in slots}
-
     def pool_volumes(self) -> dict[bytes, Volume]:
         """Pool address -> volume, for addresses of pools without an owner."""
         return {bytes(k.addr): _volume(v) for k, v in self.pool_state.items()}
