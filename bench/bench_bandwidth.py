@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import packets  # noqa: E402
 
-from bench import log, size_label  # noqa: E402  (bench/ is on the path: it is this folder)
+from bench import bpffs, log, size_label  # noqa: E402  (bench/ is on the path: it is this folder)
 from xdpzoot import kernel, schema  # noqa: E402
 from xdpzoot.config import Bandwidth  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
@@ -289,18 +289,6 @@ int xzb_clock(struct xdp_md *ctx)
 	return bpf_ktime_get_ns() == 1 ? XDP_DROP : XDP_PASS;
 }
 """
-
-
-@contextlib.contextmanager
-def bpffs() -> Iterator[str]:
-    """A bpffs of our own under /run, unmounted and removed at the end."""
-    root = tempfile.mkdtemp(prefix="xdpzoot-bench-bw-", dir="/run")
-    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", "-l", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def load(pin_dir: str) -> Dataplane:
