@@ -99,6 +99,17 @@ class LabRouter:
         return json.loads(self.cli(*args, "--json").stdout)
 
 
+@pytest.fixture(scope="module", params=["xdp", "tc"])
+def hook(request, router) -> str:
+    """Attach the lab module's router (its own ``router`` fixture) with this hook, replacing
+    the other one in place, for the tests below."""
+    router.write_config()
+    out = router.json("attach", "--hook", request.param)
+    assert {a["hook"] for a in out["attached"]} == {request.param}
+    assert len(out["attached"]) == 3
+    return request.param
+
+
 @contextlib.contextmanager
 def xdp_pass_on_peers(lab, bpffs: str):
     """Native XDP_TX on a veth reaches the peer only if the peer runs XDP too: give the

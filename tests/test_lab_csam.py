@@ -265,16 +265,6 @@ def receiver(lab) -> Iterator[Receiver]:
         rx.stop()
 
 
-@pytest.fixture(scope="module", params=["xdp", "tc"])
-def hook(request, router) -> str:
-    """Attach with this hook (replacing the other one in place) for the tests below."""
-    router.write_config()
-    out = router.json("attach", "--hook", request.param)
-    assert {a["hook"] for a in out["attached"]} == {request.param}
-    assert len(out["attached"]) == 3
-    return request.param
-
-
 def stream(lab: Lab, targets: list[str], stop_file: str = "",
            max_packets: int = STREAM_MAX_PACKETS, max_seconds: float = STREAM_MAX_SECONDS,
            pps: float = STREAM_PPS, cpu: int | None = None) -> subprocess.Popen:

@@ -72,16 +72,6 @@ def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
             r.cli("detach", check=False)
 
 
-@pytest.fixture(scope="module", params=["xdp", "tc"])
-def hook(request, router) -> str:
-    """Attach with this hook (replacing the other one in place) for the tests below."""
-    router.write_config()
-    out = router.json("attach", "--hook", request.param)
-    assert {a["hook"] for a in out["attached"]} == {request.param}
-    assert len(out["attached"]) == 3
-    return request.param
-
-
 def smtp(lab: Lab, ns: str, dst: str, port: int, src: str = "") -> str:
     token = uuid.uuid4().hex
     res = netns_run(ns, sys.executable, "-c", SMTP, dst, str(port), src, token, timeout=20)

@@ -60,7 +60,6 @@ import math
 import os
 import re
 import tempfile
-import tomllib
 import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -74,7 +73,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgpack
 
-from xdpzoot.sources import SourceError, read_source
+from xdpzoot.sources import SourceError, parse_toml, read_source
 
 __all__ = [
     "BUCKETS",
@@ -395,12 +394,7 @@ def parse_rules(text: str, path: str) -> list[Rule]:
     Problems name the rule by its 0-based position and the key, ``rules[2].threshold: ...``,
     plus the rule's name when it has a valid one. An empty file is an empty rule list.
     """
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        msg = str(e)
-        m = re.search(r"\(at line (\d+), column \d+\)", msg)
-        raise SourceError(path, [(int(m.group(1)) if m else None, msg)]) from e
+    doc = parse_toml(text, path)
     problems: list[str] = []
     for key in doc:
         if key != "rule":

@@ -9,13 +9,11 @@ documented in ``maps/README.md``; ``maps/xdpzoot.toml`` is a commented example.
 from __future__ import annotations
 
 import ipaddress
-import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdpzoot.sources import SourceError, check_network, read_source
+from xdpzoot.sources import SourceError, check_network, parse_toml, read_source
 
 __all__ = [
     "DEFAULT_PATH",
@@ -182,12 +180,7 @@ def load_config(path: str | None) -> Config:
 
 def parse_config(text: str, path: str = "<config>") -> Config:
     """Validate TOML text as an xdpzoot config; every problem is reported in one SourceError."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        msg = str(e)
-        m = re.search(r"\(at line (\d+), column \d+\)", msg)
-        raise SourceError(path, [(int(m.group(1)) if m else None, msg)]) from e
+    doc = parse_toml(text, path)
 
     problems: list[tuple[int | None, str]] = []
     sections: dict[str, Any] = {}

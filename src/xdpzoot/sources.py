@@ -25,7 +25,9 @@ import csv
 import gc
 import ipaddress
 import operator
+import re
 import socket
+import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import compress, repeat
@@ -41,6 +43,7 @@ __all__ = [
     "parse_columns",
     "parse_subscribers",
     "parse_subscribers_text",
+    "parse_toml",
     "read_columns",
     "read_plans",
 ]
@@ -133,6 +136,16 @@ def read_source(path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise SourceError(path, [(line, f"not UTF-8 text: {e.reason}")]) from e
+
+
+def parse_toml(text: str, path: str) -> dict:
+    """A TOML document; a syntax error is a SourceError with the line TOML names."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        raise SourceError(path, [(int(m.group(1)) if m else None, msg)]) from e
 
 
 def parse_subscribers(path: str, strict: bool = False) -> list[Subscriber]:
