@@ -21,6 +21,8 @@ XZ_MAP("hash", struct xz_addr, struct xz_class, xz_hosts, XZ_MAX_HOSTS, 0);
 /* Subscriber prefixes (dynamic pools, static blocks) -> class. cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, struct xz_class, xz_prefixes, XZ_MAX_PREFIXES,
        BPF_F_NO_PREALLOC);
+/* Which /24s have host entries or prefixes (XZ_SUB_DIR_* bits). cp writes. */
+XZ_MAP("array", __u32, struct xz_dir, xz_sub_dir, 1, 0);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
 /*
@@ -35,6 +37,9 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
+/* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
+XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

@@ -16,14 +16,33 @@
 #include "parse.h"
 #include "reply.h"
 
-/* Most specific entry wins: a host entry, else the longest prefix. */
-static __always_inline struct xz_class *xz_classify(struct xz_addr *a)
+/*
+ * The 2-bit state of the /24 of IPv4 address ``a`` in directory ``d`` (XZ_DIR_BYTES
+ * says how it is laid out); 0, "look everything up", without a directory.
+ */
+static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
+{
+	__u32 i = ((__u32)a->addr[12] << 16) | ((__u32)a->addr[13] << 8) | a->addr[14];
+
+	return d ? (d->b[i >> 2] >> ((i & 3) << 1)) & 3 : 0;
+}
+
+/* Most specific entry wins: a host entry, else the longest prefix. For IPv4 the
+ * directory says which of the two can hold anything for the address's /24: a pool
+ * address costs no miss in the host hash, a static host no trie walk. */
+static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 family)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
-	struct xz_class *cls = xz_hosts.lookup(a);
+	__u32 zero = 0, skip = family == 4 ? xz_dir_state(xz_sub_dir.lookup(&zero), a) : 0;
+	struct xz_class *cls;
 
-	if (cls)
-		return cls;
+	if (!(skip & XZ_SUB_DIR_NO_HOST)) {
+		cls = xz_hosts.lookup(a);
+		if (cls)
+			return cls;
+	}
+	if (skip & XZ_SUB_DIR_NO_PREFIX)
+		return NULL;
 	__builtin_memcpy(key.addr, a->addr, 16);
 	return xz_prefixes.lookup(&key);
 }
@@ -80,18 +99,27 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
 	}
 }
 
-/* Is the address on the CSAM list in force? Exact host, else prefix; a kind
- * of entry the list does not have is not looked up. */
-static __always_inline int xz_csam_listed(struct xz_addr *a, __u32 csam)
+/* Is the address on the CSAM list in force? For IPv4 the generation's directory
+ * answers for most /24s on its own (nothing listed, or all of it); else the exact
+ * host, then the prefix. A kind of entry the list does not have is not looked up. */
+static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	int gen = csam & XZ_CSAM_GEN;
+	__u32 zero = 0, look = XZ_CSAM_DIR_LOOK;
 
+	if (family == 4) {
+		look = xz_dir_state(gen ? xz_csam_d1.lookup(&zero) : xz_csam_d0.lookup(&zero), a);
+		if (look == XZ_CSAM_DIR_NONE)
+			return 0;
+		if (look == XZ_CSAM_DIR_ALL)
+			return 1;
+	}
 	if (csam & XZ_CSAM_HOSTS) {
 		if (gen ? !!xz_csam_h1.lookup(a) : !!xz_csam_h0.lookup(a))
 			return 1;
 	}
-	if (!(csam & XZ_CSAM_PREFIXES))
+	if (look == XZ_CSAM_DIR_HOSTS || !(csam & XZ_CSAM_PREFIXES))
 		return 0;
 	__builtin_memcpy(key.addr, a->addr, 16);
 	return gen ? !!xz_csam_p1.lookup(&key) : !!xz_csam_p0.lookup(&key);
@@ -116,10 +144,10 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 	int hit = 0;
 
 	if (role == XZ_ROLE_ACCESS) {
-		cls = xz_classify(&p->src);
+		cls = xz_classify(&p->src, p->family);
 		peer = &p->dst;
 	} else {
-		cls = xz_classify(&p->dst);
+		cls = xz_classify(&p->dst, p->family);
 		peer = &p->src;
 	}
 	if (!cls) {
@@ -286,16 +314,23 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	int d = role == XZ_ROLE_ACCESS ? XZ_UP : XZ_DOWN;
 	struct xz_throttle *th = NULL;
 	struct xz_dir_state *ds;
-	struct xz_state *st = xz_state_of(p, cls, role);
+	struct xz_state *st;
 	__u32 slot = cls->slot, kbps, share, why = XZ_R_RATE, bytes = xz_ip_bytes(p);
 	__u64 now, burst = (__u64)ctl->burst_us * 1000;
 
+	kbps = d == XZ_UP ? cls->up_kbps : cls->down_kbps;
+	/* A pool address without an owner and without a rate has nothing to enforce (no
+	 * throttle, no volume rule: those bind subscribers, by slot) unless congestion mode
+	 * may hold its bulk flows to a floor: then no state, and no LRU insert for every
+	 * address of every pool. */
+	if (!slot && !kbps && !((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps))
+		return XZ_V_PASS;
+	st = xz_state_of(p, cls, role);
 	if (slot && (ctl->flags & XZ_C_THROTTLES))   /* mostly none: no lookup */
 		th = xz_throttle.lookup(&slot);
 	if (!st)
 		return XZ_V_PASS;   /* no state slot: fail open */
 	ds = &st->dir[d & 1];
-	kbps = d == XZ_UP ? cls->up_kbps : cls->down_kbps;
 	if (th && th->kbps[d & 1] && (!kbps || th->kbps[d & 1] < kbps)) {
 		kbps = th->kbps[d & 1];
 		why = XZ_R_THROTTLE;
@@ -348,7 +383,8 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	/* The CSAM list applies to every packet from the access side, subscriber or not.
 	 * Looked up first: the verifier then meets one scalar, not two map paths, below. */
 	if (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE))
-		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, csam);
+		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, p->family,
+					 csam);
 	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls);
 	if (listed && verdict == XZ_V_PASS) {
 		xz_csam_count(csam, p->family);

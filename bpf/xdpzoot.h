@@ -55,6 +55,27 @@ struct xz_addr {
 	__u8 addr[16];
 };
 
+/*
+ * IPv4 directories: 2 bits for each of the 2^24 IPv4 /24s, in one array entry,
+ * that say which lookups can find anything for an address of that /24, so that
+ * a packet to a random destination costs one load of a byte instead of a walk
+ * of a hash and a trie that miss the cache at every step. A directory of zeros
+ * says "look everything up": a fresh or stale one is never wrong, only slower.
+ * Byte i >> 2, bits (i & 3) * 2 hold the state of /24 number i (addr >> 8).
+ */
+#define XZ_DIR_BYTES (1 << 22)     /* 2^24 /24s x 2 bits */
+struct xz_dir {
+	__u8 b[XZ_DIR_BYTES];
+};
+/* CSAM list directory states (one directory per generation). */
+#define XZ_CSAM_DIR_LOOK 0         /* hosts and prefixes: hash, then trie */
+#define XZ_CSAM_DIR_HOSTS 1        /* only exact addresses here: the hash alone */
+#define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
+#define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
+/* Subscriber directory bits: what is certainly absent from the /24. */
+#define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */
+#define XZ_SUB_DIR_NO_HOST 2       /* no host entry lies in it */
+
 /* Subscriber types (xz_class.type). */
 #define XZ_TYPE_DYNAMIC 1
 #define XZ_TYPE_STATIC 2

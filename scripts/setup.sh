@@ -66,5 +66,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, click, msgpack' 
+.venv/bin/python -c 'import bcc, pyroute2, click, msgpack, numpy'
 echo "setup: ok"

@@ -69,6 +69,9 @@ class Dataplane:
                   self.maps.manual, *(b[f"xz_csam_{k}".encode()] for k in
                                       ("h0", "h1", "p0", "p1"))):
             t.clear()
+        for name in ("xz_sub_dir", "xz_csam_d0", "xz_csam_d1"):   # zeros: look all up
+            with kernel.PinnedMap(name, b[name.encode()].map_fd) as m:
+                m.update(kernel.ZERO_KEY, bytes(m.value_size))
         self.maps.control[ct.c_uint32(0)] = self.maps.control.Leaf()   # every switch off
         self.maps.clear_counters()
 

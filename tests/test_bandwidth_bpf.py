@@ -148,10 +148,27 @@ def test_rates_switch_off(dp):
 
 def test_pool_address_has_state_of_its_own(dp):
     setup(dp)
+    dp.maps.set_prefix(tables.key_of(ipaddress.ip_network("100.64.1.0/24")),
+                       Entry(100, DYN, 0, 100_000, 100_000))   # a rate for each address
     send(dp, up(src=POOL4), 3)
     send(dp, up(src="100.64.1.11"), 2)
     vols = {str(tables.ip_of(a)): v.up_packets for a, v in dp.maps.pool_volumes().items()}
     assert vols == {POOL4: 3, "100.64.1.11": 2}
+
+
+@pytest.mark.parametrize("flags", [0, C["XZ_C_CONGESTION"]])
+def test_pool_address_without_a_rate_has_no_state(dp, flags):
+    # Nothing to enforce (no rate, no bulk floor): no LRU entry for each pool address.
+    setup(dp, flags=flags)
+    assert set(send(dp, up(src=POOL4), 3)) == {"pass"}
+    assert dp.maps.pool_volumes() == {}
+
+
+def test_pool_address_gets_state_for_a_bulk_floor(dp):
+    setup(dp, flags=C["XZ_C_CONGESTION"])
+    dp.maps.set_control_params(bulk_floor_kbps=1000)
+    send(dp, up(src=POOL4), 2)
+    assert {str(tables.ip_of(a)) for a in dp.maps.pool_volumes()} == {POOL4}
 
 
 def test_op25b_attempts_are_counted_per_subscriber(dp):

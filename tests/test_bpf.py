@@ -30,7 +30,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.packet import Raw
 
-from xdpzoot import kernel, model, schema, tables
+from xdpzoot import dirs, kernel, model, schema, tables
 from xdpzoot.kernel import Entry
 from xdpzoot.model import ICMP, ICMPV6, TCP_RST, UDP, Packet
 from xdpzoot.model import TCP as P_TCP
@@ -112,11 +112,13 @@ def model_tables(subs=SUBS, relays=RELAYS, support=SUPPORT) -> tables.Tables:
 
 
 def load(dp, t: tables.Tables, flags: int) -> None:
-    """Write ``t`` and the switches into the (already emptied) maps."""
+    """Write ``t`` and the switches into the (already emptied) maps, with the exact IPv4
+    directory a subscriber load writes (so the data plane skips what it says is absent)."""
     for a, e in t.hosts.items():
         dp.maps.set_host(a, e)
     for k, e in t.prefixes.items():
         dp.maps.set_prefix(k, e)
+    dp.maps.write_dir(dirs.subscribers(t.hosts, t.prefixes))
     for k, bits in t.allow.items():
         dp.maps.set_allow(k, bits)
     dp.maps.set_control_flags(flags)

@@ -55,7 +55,7 @@ from test_bpf import (
 )
 from test_bpf import load as load_world
 
-from xdpzoot import csam, model, schema, tables
+from xdpzoot import csam, dirs, model, schema, tables
 from xdpzoot.model import ICMP, ICMPV6, TCP_RST, Packet
 
 C = schema.C
@@ -272,6 +272,7 @@ def wipe(m: csam.Maps) -> None:
         t.delete_many(t.keys())
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(csam.META.size))
+        m.write_dir(g, bytes(dirs.BYTES))
     m.set_word(0)
 
 
@@ -282,9 +283,11 @@ def put(m: csam.Maps, gen: int, present: bool = True) -> None:
     if present:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
+        m.write_dir(gen, dirs.csam(LIST_HOSTS, LIST_PREFIXES))   # as a load writes it
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
+        m.write_dir(gen, bytes(dirs.BYTES))
 
 
 def _has(trie, key: bytes) -> bool:

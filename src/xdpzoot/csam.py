@@ -6,8 +6,10 @@ error; problems name the file and line only. The list is written nowhere but the
 Kernel side (bpf/maps.h): two generations of an exact-address hash and a prefix trie;
 the idle generation is brought to the new list by diff, then one write of the control
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
-one. This module talks to the pinned maps through :class:`kernel.PinnedMap`, without
-bcc, so that a small change is applied in well under a second.
+one. Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
+without the hash or the trie: written whole with a whole list, changed entry by entry with
+a difference. This module talks to the pinned maps through :class:`kernel.PinnedMap`,
+without bcc, so that a small change is applied in well under a second.
 
 Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
 root only), the text of the file it was loaded from. A load compares the new file with the
@@ -28,8 +30,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kernel, schema
-from .kernel import LPM_KEY, KernelError, PinnedMap
+from . import dirs, kernel, schema
+from .kernel import LPM_KEY, ZERO_KEY, KernelError, PinnedMap
 from .sources import V4MAPPED_PROBLEM, SourceError, overlaps_v4mapped
 from .tables import Key
 
@@ -233,10 +235,18 @@ class Maps:
         self.hits = p("xz_csam_hits")
         self.hosts = (p("xz_csam_h0"), p("xz_csam_h1"))
         self.prefixes = (p("xz_csam_p0"), p("xz_csam_p1"))
+        self.dirs = (p("xz_csam_d0"), p("xz_csam_d1"))
 
     def close(self) -> None:
-        for m in (self.control, self.meta, self.hits, *self.hosts, *self.prefixes):
+        for m in (self.control, self.meta, self.hits, *self.hosts, *self.prefixes, *self.dirs):
             m.close()
+
+    def read_dir(self, gen: int) -> bytearray:
+        """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
+        return bytearray(self.dirs[gen].lookup(ZERO_KEY))
+
+    def write_dir(self, gen: int, d: bytes | bytearray) -> None:
+        self.dirs[gen].update(ZERO_KEY, bytes(d))
 
     def __enter__(self) -> Maps:
         return self
@@ -308,7 +318,10 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
         return LoadResult(0, 0, gen, False)
     idle = 1 - gen
     old = held(maps, idle)
-    delta = text_delta(old.text, data) if old else None
+    # A directory of zeros was never written (an instance from before directories):
+    # correct, but only a whole load makes it fast.
+    old_dir = maps.read_dir(idle) if old else None
+    delta = text_delta(old.text, data) if old and old_dir.strip(b"\0") else None
     if delta is None:
         lst = lst or parse_csam_bytes(data, path)   # the careful parser names bad lines
     key = struct.pack("=I", idle)
@@ -316,6 +329,9 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     maps.meta.update(key, bytes(META.size))
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, idle, old, delta, progress)
+        dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
+                         map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
+        maps.write_dir(idle, old_dir)
     else:
         added, removed = _write_list(maps, idle, lst, progress)
         counts, dups = lst.counts(), lst.dups
@@ -343,6 +359,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList,
     maps.prefixes[gen].delete_many(del_p, step)
     maps.hosts[gen].update_many(add_h, LISTED, step)
     maps.prefixes[gen].update_many(add_p, LISTED, step)
+    maps.write_dir(gen, dirs.csam(lst.hosts, lst.prefixes))
     return len(add_h) + len(add_p), len(del_h) + len(del_p)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from . import schema
+from . import dirs, schema
 
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
@@ -604,7 +604,8 @@ class Entry(NamedTuple):
 CLASS = struct.Struct("=IBBHIII")
 WORDS = CLASS.size // 4
 LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
-SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle")
+SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle", "xz_sub_dir")
+ZERO_KEY = bytes(4)
 STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
 _TYPE_FLAGS = struct.Struct("=BBH")
 if array("I").itemsize != 4:
@@ -702,9 +703,10 @@ class SubscriberMaps:
     over 128 bits, IPv4 mapped into ::ffff:0:0/96; loads read and write whole ClassTables."""
 
     def __init__(self, hosts: PinnedMap, prefixes: PinnedMap, state: PinnedMap,
-                 throttle: PinnedMap):
+                 throttle: PinnedMap, sub_dir: PinnedMap):
         self.host_map, self.prefix_map = hosts, prefixes
         self.state_map, self.throttle_map = state, throttle
+        self.dir_map = sub_dir
 
     @classmethod
     def open(cls, pin_dir: str) -> SubscriberMaps:
@@ -712,7 +714,8 @@ class SubscriberMaps:
         return cls(*(PinnedMap(os.path.join(pin_dir, n)) for n in SUBSCRIBER_MAPS))
 
     def close(self) -> None:
-        for m in (self.host_map, self.prefix_map, self.state_map, self.throttle_map):
+        for m in (self.host_map, self.prefix_map, self.state_map, self.throttle_map,
+                  self.dir_map):
             m.close()
 
     def __enter__(self) -> SubscriberMaps:
@@ -739,6 +742,21 @@ class SubscriberMaps:
     def delete(self, m: PinnedMap, keys: list[bytes],
                progress: Callable[[int], None] | None = None) -> None:
         m.delete_many(keys, progress)
+
+    def read_dir(self) -> bytearray:
+        """The IPv4 /24 directory of the subscriber maps (dirs.py)."""
+        return bytearray(self.dir_map.lookup(ZERO_KEY))
+
+    def write_dir(self, d: bytes | bytearray) -> None:
+        self.dir_map.update(ZERO_KEY, bytes(d))
+
+    def _adding(self, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> None:
+        """Before new entries go in: the directory stops saying they are absent."""
+        d = self.read_dir()
+        before = bytes(d)
+        dirs.subscriber_added(d, hosts, prefixes)
+        if d != before:
+            self.write_dir(d)
 
     def owners(self) -> dict[int, int]:
         """State slot -> subscriber id, from the host and prefix entries."""
@@ -780,12 +798,14 @@ class SubscriberMaps:
         return _entry(CLASS.unpack(raw)) if raw is not None else None
 
     def set_host(self, addr: bytes, e: Entry) -> None:
+        self._adding([addr], [])
         self.host_map.update(addr, pack_class(e))
 
     def del_host(self, addr: bytes) -> None:
         self.host_map.delete_many([addr])
 
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
+        self._adding([], [key])
         self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
 
     def del_prefix(self, key: tuple[int, bytes]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import compress, filterfalse, islice, repeat
 from typing import NamedTuple
 
-from . import schema
+from . import dirs, schema
 from .kernel import (
     CLASS,
     LPM_KEY,
@@ -68,11 +68,13 @@ class Diff(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """A subscriber load: the writes to both maps, and the state slots then free."""
+    """A subscriber load: the writes to both maps, the state slots then free, and the
+    IPv4 directory of what the maps then hold (dirs.py)."""
 
     hosts: Diff
     prefixes: Diff
     freed: set[int]
+    dir: bytes
 
     @property
     def change(self) -> Change:
@@ -185,7 +187,8 @@ def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTab
         hosts, prefixes = hosts.copy(), prefixes.copy()
         keep_suspensions(cur_h, cur_p, hosts, prefixes)
         freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots)
-        return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed)
+        d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
+        return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d)
 
 
 def apply_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Change:
@@ -197,11 +200,14 @@ def apply_plan(maps: SubscriberMaps, p: Plan,
                progress: Callable[[int], None] | None = None) -> Change:
     """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
     add/change prefixes and hosts, then delete, so that an address is never without its
-    class while it stays in the file."""
+    class while it stays in the file. The directory covers the old entries and the new
+    ones while both are in the maps, and is exact once the old ones are gone."""
+    maps.write_dir(dirs.union(maps.read_dir(), p.dir))
     maps.write(maps.prefix_map, p.prefixes.write, progress)
     maps.write(maps.host_map, p.hosts.write, progress)
     maps.delete(maps.host_map, p.hosts.remove, progress)
     maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+    maps.write_dir(p.dir)
     maps.clear_state(p.freed)
     return p.change
 

@@ -1,0 +1,180 @@
+"""IPv4 /24 directories (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for every IPv4 /24
+that tell the data plane which lookups can find anything for an address there.
+
+Production traffic goes to a different, random address on nearly every packet, and every
+step of a hash or trie walk then misses the CPU cache. A directory answers most packets
+with one byte: the CSAM list's (one per generation) says "nothing listed in this /24" or
+"all of it listed", the subscribers' says "no host entry here" or "no prefix covers it".
+A directory of zeros means "look everything up", so a fresh or stale one is never wrong,
+only slower: changes made one at a time only clear what they must, and a whole load writes
+the exact directory.
+
+Plain functions over bytes; reading and writing the maps is the caller's. numpy is imported
+by the functions that build whole directories only: a command that changes a few entries
+does not pay for it.
+Addresses are 16 bytes (IPv4 mapped into ::ffff:0:0/96), prefixes ``(len/128, address)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from . import schema
+
+if TYPE_CHECKING:
+    import numpy as np
+
+C = schema.C
+BYTES = C["XZ_DIR_BYTES"]
+SLASH24 = BYTES * 4                    # 2^24 /24s, 2 bits each
+V4MAPPED = bytes(10) + b"\xff\xff"
+# CSAM states
+LOOK, HOSTS, NONE, ALL = (C[f"XZ_CSAM_DIR_{n}"] for n in ("LOOK", "HOSTS", "NONE", "ALL"))
+# subscriber bits
+NO_PREFIX, NO_HOST = C["XZ_SUB_DIR_NO_PREFIX"], C["XZ_SUB_DIR_NO_HOST"]
+if SLASH24 != 1 << 24:
+    raise ImportError("XZ_DIR_BYTES is not 2 bits for each of the 2^24 IPv4 /24s")
+
+
+def slash24(addr: bytes) -> int | None:
+    """The /24 number of a 16-byte IPv4-mapped address (None for IPv6)."""
+    return int.from_bytes(addr[12:15], "big") if addr[:12] == V4MAPPED else None
+
+
+def span(plen: int, addr: bytes) -> tuple[int, int, bool] | None:
+    """The /24s an IPv4 prefix touches: (first, how many, covered whole); None for IPv6."""
+    first = slash24(addr)
+    if first is None:
+        return None
+    n = plen - 96
+    return (first, 1 << (24 - n), True) if n <= 24 else (first, 1, False)
+
+
+def get(d: bytes | bytearray, i: int) -> int:
+    """State of /24 number ``i``."""
+    return d[i >> 2] >> ((i & 3) << 1) & 3
+
+
+def put(d: bytearray, i: int, state: int) -> None:
+    shift = (i & 3) << 1
+    d[i >> 2] = d[i >> 2] & ~(3 << shift) & 0xFF | state << shift
+
+
+def _pack(states: np.ndarray) -> bytes:
+    import numpy as np
+
+    s = states.reshape(-1, 4)
+    return (s[:, 0] | s[:, 1] << 2 | s[:, 2] << 4 | s[:, 3] << 6).astype(np.uint8).tobytes()
+
+
+def _unpack(d: bytes | bytearray) -> np.ndarray:
+    import numpy as np
+
+    b = np.frombuffer(d, dtype=np.uint8)
+    return np.stack([b & 3, b >> 2 & 3, b >> 4 & 3, b >> 6 & 3], axis=1).reshape(-1)
+
+
+def _hosts24(addrs: list[bytes]) -> np.ndarray:
+    """/24 numbers of the IPv4 ones among 16-byte addresses."""
+    import numpy as np
+
+    if not addrs:
+        return np.zeros(0, dtype=np.int64)
+    raw = np.frombuffer(b"".join(addrs), dtype=np.uint8).reshape(-1, 16)
+    r = raw[(raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)]
+    return r[:, 12].astype(np.int64) << 16 | r[:, 13].astype(np.int64) << 8 | r[:, 14]
+
+
+def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(covered, partial): the /24 numbers that IPv4 prefixes of /24 or shorter cover
+    whole, and those of longer ones."""
+    import numpy as np
+
+    prefixes = list(prefixes)
+    if not prefixes:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
+    raw = np.frombuffer(b"".join(a for _, a in prefixes), dtype=np.uint8).reshape(-1, 16)
+    v4 = (raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
+    raw, n = raw[v4], plen[v4] - 96
+    first = raw[:, 12].astype(np.int64) << 16 | raw[:, 13].astype(np.int64) << 8 | raw[:, 14]
+    whole = n <= 24
+    starts, counts = first[whole], 1 << (24 - n[whole])
+    # every /24 of every short prefix: each start repeated, plus 0 .. count-1
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + offsets, first[~whole]
+
+
+def csam(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
+    """The exact directory of a CSAM list."""
+    import numpy as np
+
+    st = np.full(SLASH24, NONE, dtype=np.uint8)
+    st[_hosts24(list(hosts))] = HOSTS
+    covered, partial = _prefixes24(prefixes)
+    st[partial] = LOOK
+    st[covered] = ALL
+    return _pack(st)
+
+
+def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
+                added: Iterable[tuple[int, bytes]]) -> None:
+    """Bring the directory of a list to the list with ``removed`` taken out, then ``added``
+    put in (entries as ``(len/128, address)``, exact addresses with length 128). Never
+    wrong, not always exact: a /24 that was listed whole and lost an entry is looked up."""
+    for plen, addr in removed:
+        s = span(plen, addr)
+        for i in range(s[0], s[0] + s[1]) if s else ():
+            if get(d, i) == ALL:
+                put(d, i, LOOK)
+    for plen, addr in added:
+        s = span(plen, addr)
+        if s is None:
+            continue
+        first, n, whole = s
+        for i in range(first, first + n):
+            old = get(d, i)
+            if whole:
+                put(d, i, ALL)
+            elif plen == 128:
+                put(d, i, HOSTS if old == NONE else old)
+            elif old in (NONE, HOSTS):
+                put(d, i, LOOK)
+
+
+def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
+    """The exact directory of the subscriber maps: host addresses and prefixes."""
+    import numpy as np
+
+    st = np.full(SLASH24, NO_PREFIX | NO_HOST, dtype=np.uint8)
+    st[_hosts24(list(hosts))] = NO_PREFIX
+    covered, partial = _prefixes24(prefixes)
+    st[np.concatenate([covered, partial])] &= NO_HOST
+    return _pack(st)
+
+
+def union(a: bytes, b: bytes) -> bytes:
+    """A subscriber directory right for the entries of both ``a`` and ``b`` (a bit that
+    says something is absent stays only where both say so)."""
+    import numpy as np
+
+    return (np.frombuffer(a, dtype=np.uint8) & np.frombuffer(b, dtype=np.uint8)).tobytes()
+
+
+def subscriber_added(d: bytearray, hosts: Iterable[bytes],
+                     prefixes: Iterable[tuple[int, bytes]]) -> None:
+    """Clear what the directory says is absent where new entries go."""
+    for a in hosts:
+        i = slash24(a)
+        if i is not None:
+            put(d, i, get(d, i) & ~NO_HOST)
+    for plen, addr in prefixes:
+        s = span(plen, addr)
+        for i in range(s[0], s[0] + s[1]) if s else ():
+            put(d, i, get(d, i) & ~NO_PREFIX)
+
+
+def states(d: bytes | bytearray) -> np.ndarray:
+    """Every /24's state (tests, status)."""
+    return _unpack(d)

@@ -1,0 +1,205 @@
+"""The IPv4 /24 directories (dirs.py, struct xz_dir): what each state promises holds for
+every address of its /24, for exact directories and for ones changed entry by entry; and
+the data plane, fed through the real loads (csam.load, sync.apply_subscribers), agrees with
+plain membership on packets to random addresses in and around the entries.
+
+Lists live in 198.18.0.0/15 and 203.0.113.0/24; subscribers in 100.64.0.0/16 and
+198.51.100.0/24.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import packets
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_bpf import flags_of, load, run_one
+
+from xdpzoot import csam, dirs, kernel, model, sync, tables
+from xdpzoot.kernel import ClassTable, Entry
+from xdpzoot.model import TCP, Packet
+
+V4 = dirs.V4MAPPED
+BASES = ("198.18.0.0", "198.19.255.0", "203.0.113.0")
+
+
+def addr16(ip: str) -> bytes:
+    return tables.addr16(ip)
+
+
+def listed(hosts: set[bytes], prefixes: set[tuple[int, bytes]], a: bytes) -> bool:
+    return a in hosts or any(kernel.masked(a, p) == n for p, n in prefixes)
+
+
+def near(rng_or_draw, base: str, i: int) -> bytes:
+    return addr16(str(ipaddress.ip_address(base) + i))
+
+
+@st.composite
+def lists(draw) -> tuple[set[bytes], set[tuple[int, bytes]]]:
+    """A small IPv4 list: hosts and prefixes of every length around a few bases."""
+    hosts, prefixes = set(), set()
+    for _ in range(draw(st.integers(0, 6))):
+        hosts.add(near(draw, draw(st.sampled_from(BASES)), draw(st.integers(0, 600))))
+    for _ in range(draw(st.integers(0, 4))):
+        n = draw(st.sampled_from((15, 20, 23, 24, 25, 28, 31)))
+        a = near(draw, draw(st.sampled_from(BASES)), draw(st.integers(0, 600)))
+        prefixes.add((96 + n, kernel.masked(a, 96 + n)))
+    return hosts, prefixes
+
+
+def probes(hosts, prefixes) -> list[bytes]:
+    """Addresses worth asking about: each entry, its ends and neighbours, and its /24."""
+    out = []
+    for a in hosts:
+        n = int.from_bytes(a[12:], "big")
+        out += [n, n - 1, n + 1, n ^ 0xFF]
+    for p, a in prefixes:
+        n, size = int.from_bytes(a[12:], "big"), 1 << (128 - p)
+        out += [n, n - 1, n + size - 1, n + size, (n | 0xFF) + 1]
+    return [V4 + (x & 0xFFFFFFFF).to_bytes(4, "big") for x in out]
+
+
+def assert_promises(d: bytes, hosts, prefixes) -> None:
+    """Each /24 the list touches (and its neighbours): NONE, ALL and HOSTS tell the truth
+    for every one of its 256 addresses."""
+    seen = {dirs.slash24(a) for a in probes(hosts, prefixes)}
+    for i in seen:
+        state = dirs.get(d, i)
+        if state == dirs.LOOK:
+            continue
+        for last in range(256):
+            a = V4 + ((i << 8) | last).to_bytes(4, "big")
+            if state == dirs.NONE:
+                assert not listed(hosts, prefixes, a)
+            elif state == dirs.ALL:
+                assert listed(hosts, prefixes, a)
+            else:   # HOSTS: whatever is listed here is listed as a host
+                assert listed(hosts, prefixes, a) == (a in hosts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lst=lists())
+def test_csam_directory_is_exact(lst):
+    hosts, prefixes = lst
+    d = dirs.csam(hosts, prefixes)
+    assert len(d) == dirs.BYTES
+    assert_promises(d, hosts, prefixes)
+    # exact: a /24 with nothing is NONE, one covered whole ALL
+    for a in probes(hosts, prefixes):
+        i = dirs.slash24(a)
+        inside = [V4 + ((i << 8) | x).to_bytes(4, "big") for x in range(256)]
+        n = sum(listed(hosts, prefixes, b) for b in inside)
+        if n == 0:
+            assert dirs.get(d, i) == dirs.NONE
+        if any(p <= 96 + 24 and kernel.masked(inside[0], p) == net for p, net in prefixes):
+            assert dirs.get(d, i) == dirs.ALL
+
+
+@settings(max_examples=150, deadline=None)
+@given(old=lists(), new=lists())
+def test_csam_directory_changed_entry_by_entry_tells_the_truth(old, new):
+    entries = lambda h, p: {(128, a) for a in h} | set(p)  # noqa: E731
+    before, after = entries(*old), entries(*new)
+    d = bytearray(dirs.csam(*old))
+    dirs.csam_change(d, before - after, after - before)
+    assert_promises(bytes(d), *new)
+
+
+def test_csam_directory_ignores_ipv6_and_starts_looking_everywhere():
+    d = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})
+    assert set(dirs.states(d).tolist()) == {dirs.NONE}
+    assert dirs.get(bytes(dirs.BYTES), 12345) == dirs.LOOK   # zeros: look everything up
+
+
+@settings(max_examples=150, deadline=None)
+@given(lst=lists(), more=lists())
+def test_subscriber_directory_says_absent_only_what_is(lst, more):
+    hosts, prefixes = lst
+    d = bytearray(dirs.subscribers(hosts, prefixes))
+    dirs.subscriber_added(d, *more)
+    u = dirs.union(bytes(d), dirs.subscribers(*lst))
+    for dd in (bytes(d), u):
+        for h, p in (lst, more):
+            for a in probes(h, p):
+                state = dirs.get(dd, dirs.slash24(a))
+                if a in h:
+                    assert not state & dirs.NO_HOST
+                if any(kernel.masked(a, pl) == n for pl, n in p):
+                    assert not state & dirs.NO_PREFIX
+
+
+# ---- in the kernel, fed by the real loads -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cmaps(dataplane):
+    with csam.Maps(dataplane.pin_dir) as m:
+        yield m
+
+
+def text_of(hosts, prefixes) -> bytes:
+    lines = [str(tables.ip_of(a)) for a in hosts]
+    lines += [str(tables.net_of(k)) for k in prefixes]
+    random.Random(len(lines)).shuffle(lines)
+    return ("\n".join(lines) + "\n").encode()
+
+
+def check(dp, p: Packet, verdict: str, reason: str) -> None:
+    dp.maps.clear_counters()
+    run_one(dp, "xdp", p.role, packets.frame(p), verdict, reason)
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(lists(), min_size=2, max_size=4))
+def test_data_plane_agrees_through_full_and_changed_loads(dp, cmaps, steps):
+    """Loads in a row (the first two whole, later ones by difference from the idle
+    generation's text): packets to every probe address are dropped exactly when listed."""
+    dp.reset()
+    for g in (0, 1):   # nothing trusted: the first loads are whole ones
+        cmaps.meta.update(g.to_bytes(4, "little"), bytes(csam.META.size))
+        for t in (cmaps.hosts[g], cmaps.prefixes[g]):
+            t.delete_many(t.keys())
+    cmaps.set_word(0)
+    for hosts, prefixes in steps:
+        csam.load(cmaps, text_of(hosts, prefixes) + b"# " + str(len(steps)).encode())
+        for a in probes(hosts, prefixes):
+            p = Packet("access", "100.64.0.5", str(tables.ip_of(a)), TCP, 40000, 443)
+            check(dp, p, *(("drop", "csam") if listed(hosts, prefixes, a)
+                           else ("pass", "unknown")))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_data_plane_classifies_through_a_subscriber_load(dp, seed):
+    """Hosts and pools loaded as `subscribers load` does: the verdict for addresses in and
+    around them is the model's (OP25B on, so dynamic and static differ)."""
+    rng = random.Random(seed)
+    hosts, prefixes = ClassTable(), ClassTable()
+    t = tables.Tables()
+    for i in range(rng.randint(0, 5)):
+        a = addr16(f"100.64.{rng.choice((0, 1, 7))}.{rng.randint(0, 255)}")
+        e = Entry(1000 + i, rng.choice((1, 2)))
+        t.hosts[a] = e
+    for i in range(rng.randint(0, 4)):
+        n = rng.choice((16, 22, 24, 28, 30))
+        a = addr16(f"100.64.{rng.choice((0, 1, 7))}.{rng.randint(0, 255)}")
+        t.prefixes[(96 + n, kernel.masked(a, 96 + n))] = Entry(2000 + i, rng.choice((1, 2)))
+    for a, e in t.hosts.items():
+        hosts.append(a, e)
+    for k, e in t.prefixes.items():
+        prefixes.append(kernel.LPM_KEY.pack(*k), e)
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b",)))   # switches only
+    sync.apply_subscribers(dp.maps, hosts, prefixes)
+    t = tables.Tables(hosts=dict(dp.maps.host_items()),
+                      prefixes=dict(dp.maps.prefix_items()))
+    for a in probes(set(t.hosts), set(t.prefixes)):
+        p = Packet("access", str(tables.ip_of(a)), "203.0.113.9", TCP, 40000, 25)
+        want = model.decide(p, flags_of(("op25b",)), t)
+        check(dp, p, want.verdict, want.reason)
