@@ -11,6 +11,7 @@
 #include "parse.h"
 #include "policy.h"
 #include "reply.h"
+#include "forward.h"
 
 /* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
 #define XZ_TC_PULL 256
@@ -30,7 +31,7 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 		xz_tail_xdp.call(ctx, 0);
 		return XDP_DROP;   /* no reply program: drop */
 	}
-	return XDP_PASS;
+	return xz_fast_path(ctx);   /* XDP_PASS unless the fast path is on and can forward */
 }
 
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
