@@ -2,7 +2,8 @@
 /*
  * xdpzoot.c - thin entry points: one per hook (XDP, TC clsact ingress) and
  * interface role (access, core). Each adapts its context to struct xz_pkt,
- * runs the one pipeline and maps the verdict to the hook's return code.
+ * runs the one pipeline and maps the verdict to the hook's return code; at
+ * XDP a passed packet then takes the fast path (forward.h) when it is on.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
