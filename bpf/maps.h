@@ -62,4 +62,21 @@ XZ_MAP("array", __u32, struct xz_control, xz_control, 1, 0);
 /* Per-CPU packet/byte counters by role, verdict and reason. dp writes. */
 XZ_MAP("percpu_array", __u32, struct xz_counter, xz_counters, XZ_NR_COUNTERS, 0);
 
+/*
+ * Fast path egress interfaces: ifindex -> ifindex, the devmap bpf_redirect_map
+ * sends into. cp writes at attach (the access and core interfaces). Spelled out
+ * because bcc 0.26 has neither a hash devmap nor a pinned BPF_DEVMAP.
+ */
+struct xz_fast_ifs_table_t {
+	__u32 key;
+	__u32 leaf;
+	__u32 *(*lookup)(__u32 *);
+	__u64 (*redirect_map)(int, int);
+	__u32 max_entries;
+};
+__attribute__((section("maps/devmap:" XZ_PIN_DIR "/xz_fast_ifs")))
+struct xz_fast_ifs_table_t xz_fast_ifs = { .max_entries = XZ_MAX_IFINDEX };
+/* Fast path outcomes, per CPU, by XZ_FAST_REASONS. dp writes. */
+XZ_MAP("percpu_array", __u32, struct xz_counter, xz_fast, XZ_NR_FAST, 0);
+
 #endif /* XDPZOOT_MAPS_H */

@@ -2,7 +2,8 @@
 /*
  * xdpzoot.c - thin entry points: one per hook (XDP, TC clsact ingress) and
  * interface role (access, core). Each adapts its context to struct xz_pkt,
- * runs the one pipeline and maps the verdict to the hook's return code.
+ * runs the one pipeline and maps the verdict to the hook's return code; at
+ * XDP a passed packet then takes the fast path (forward.h) when it is on.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -11,6 +12,7 @@
 #include "parse.h"
 #include "policy.h"
 #include "reply.h"
+#include "forward.h"
 
 /* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
 #define XZ_TC_PULL 256
@@ -30,7 +32,7 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 		xz_tail_xdp.call(ctx, 0);
 		return XDP_DROP;   /* no reply program: drop */
 	}
-	return XDP_PASS;
+	return xz_fast_path(ctx);   /* XDP_PASS unless the fast path is on and can forward */
 }
 
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)

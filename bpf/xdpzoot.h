@@ -252,4 +252,34 @@ struct xz_counter {
 	__u64 bytes;
 };
 
+/*
+ * The XDP fast path (forward.h): a packet the pipeline passed is forwarded from
+ * XDP itself (fib lookup + devmap redirect), or handed to the kernel's stack for
+ * one of the reasons below. Switched by XZ_C_FAST_PATH; the TC hook has none.
+ */
+#define XZ_C_FAST_PATH (1 << 13)    /* forward passed packets from XDP */
+#ifndef XZ_MAX_IFINDEX
+#define XZ_MAX_IFINDEX 4096         /* egress devmap, indexed by ifindex */
+#endif
+
+/*
+ * Fast path outcomes: the closed list shared by C, `status`, `stats` and the
+ * metrics. Append only; the position is the counter index.
+ */
+#define XZ_FAST_REASONS(X) \
+	X(FORWARDED, "forwarded") \
+	X(FRAME, "frame") \
+	X(TTL, "ttl") \
+	X(LOCAL, "local") \
+	X(UNROUTABLE, "unroutable") \
+	X(NO_NEIGH, "no_neigh") \
+	X(MTU, "mtu") \
+	X(EGRESS, "egress") \
+	X(REDIRECT, "redirect") \
+	X(OTHER, "other")
+
+#define XZ_ENUM(name, label) XZ_FP_##name,
+enum xz_fast_reason { XZ_FAST_REASONS(XZ_ENUM) XZ_NR_FAST };
+#undef XZ_ENUM
+
 #endif /* XDPZOOT_H */

@@ -48,7 +48,7 @@ def test_defaults() -> None:
     assert c.suspend == Suspend(allow=())
     assert c.sources == Sources(subscribers="")
     assert c.limits == Limits(hosts=262144, prefixes=65536, allow=4096)
-    assert c.dataplane == Dataplane(bypass=False, monitor=False)
+    assert c.dataplane == Dataplane(bypass=False, monitor=False, fast_path=False)
 
 
 def test_empty_sections_are_defaults() -> None:
@@ -128,6 +128,8 @@ def test_frozen_and_replace() -> None:
                      Dataplane(True, True), id="dataplane"),
         pytest.param("dataplane.bypass = true", "dataplane", Dataplane(bypass=True),
                      id="dotted-keys"),
+        pytest.param("[dataplane]\nfast_path = true", "dataplane", Dataplane(fast_path=True),
+                     id="fast-path"),
     ],
 )
 def test_values(text: str, section: str, expected: object) -> None:
@@ -166,6 +168,8 @@ SIZE = "must be an integer 1..16777216, got "
         pytest.param("[ip53b]\ntcp = 1", [f"ip53b.tcp: {BOOL}1"], id="bool-as-int"),
         pytest.param("[dataplane]\nmonitor = []", [f"dataplane.monitor: {BOOL}[]"],
                      id="bool-as-list"),
+        pytest.param('[dataplane]\nfast_path = "on"', [f"dataplane.fast_path: {BOOL}'on'"],
+                     id="fast-path-as-string"),
         pytest.param("[limits]\nhosts = 0", [f"limits.hosts: {SIZE}0"], id="size-zero"),
         pytest.param("[limits]\nprefixes = -1", [f"limits.prefixes: {SIZE}-1"],
                      id="size-negative"),
@@ -386,3 +390,16 @@ def test_explicit_file_is_read(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as info:
         load_config(str(path))
     assert info.value.problems == [(2, "not UTF-8 text: invalid continuation byte")]
+
+
+def test_fast_path_is_a_control_switch() -> None:
+    """fast_path is a bit of xz_control (no recompile), off by default, named in status."""
+    from xdpzoot import schema, tables
+
+    bit = schema.C["XZ_C_FAST_PATH"]
+    assert not tables.control_flags(Config()) & bit
+    flags = tables.control_flags(parse_config("[dataplane]\nfast_path = true"))
+    assert flags & bit and tables.control_names(flags)["fast_path"]
+    assert schema.FAST_REASONS[0] == "forwarded"
+    assert {"ttl", "no_neigh", "mtu", "local", "egress", "frame", "redirect"} <= set(
+        schema.FAST_REASONS)

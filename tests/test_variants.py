@@ -1,9 +1,11 @@
 """Every build variant compiles (warnings are errors) and loads through the verifier.
 
 Each variant is a set of -D flags: the parsing depths (XZ_MAX_VLAN, XZ_MAX_EXTHDR) and the
-map sizes (XZ_MAX_*; [limits] in the config). Each is compiled into a pin directory of its
-own, its four entry points (and the reply programs they tail-call) are loaded, the map sizes
-are checked, and a few frames that sit on the variant's limits are run through both hooks.
+map sizes (XZ_MAX_*; [limits] in the config). The XDP fast path (bpf/forward.h) is in every
+build (a control bit switches it), so every variant loads it through the verifier too.
+Each is compiled into a pin directory of its own, its four entry points (and the reply
+programs they tail-call) are loaded, the map sizes are checked, and a few frames that sit
+on the variant's limits are run through both hooks, the fast path on.
 Compiling and verifying takes several seconds per variant, so the list is short.
 """
 
@@ -77,8 +79,8 @@ VARIANTS = [
     )),
     Variant("tiny-tables",
             ("-DXZ_MAX_HOSTS=1", "-DXZ_MAX_PREFIXES=1", "-DXZ_MAX_ALLOW=1",
-             "-DXZ_MAX_CSAM_HOSTS=1", "-DXZ_MAX_CSAM_PREFIXES=1"),
-            {"xz_hosts": 1, "xz_prefixes": 1, "xz_allow": 1}, (
+             "-DXZ_MAX_CSAM_HOSTS=1", "-DXZ_MAX_CSAM_PREFIXES=1", "-DXZ_MAX_IFINDEX=1"),
+            {"xz_hosts": 1, "xz_prefixes": 1, "xz_allow": 1, "xz_fast_ifs": 1}, (
         ("IPv4 pool prefix", lambda: smtp4(2, True), "reject", "op25b"),
         ("IPv6 host entry", lambda: packets.frame(DYN_SMTP6), "reject", "op25b"),
         ("relay", to_relay, "pass", "allowlist"),
@@ -115,7 +117,10 @@ def test_variant_loads(bpffs, variant: Variant):
                 frame = build()
                 for hook in kernel.HOOKS:
                     dp.reset()
-                    load(dp, _world(), flags_of(("op25b", "op25b_v6", "op25b_reject")))
+                    # The fast path on, its devmap empty: a passed frame is looked up and
+                    # handed to the kernel ("egress"), so the verdicts stay the pipeline's.
+                    load(dp, _world(), flags_of(("op25b", "op25b_v6", "op25b_reject",
+                                                 "fast_path")))
                     try:
                         run_one(dp, hook, A, frame, verdict, reason)
                     except AssertionError as e:

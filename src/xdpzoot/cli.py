@@ -146,13 +146,19 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         with kernel.lock(o.pin_dir):
             maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
                                        mode or cfg.interfaces.mode)
+            fast = loader.fast_path(maps)
             change = sync.apply_subscribers(maps, *subs) if subs is not None else None
             if lst is not None:
                 with csam.Maps(o.pin_dir) as cm:
                     csam.load(cm, text, cfg.sources.csam, lst)
+        if fast["enabled"]:
+            for name in sorted(set(acc + cor) - set(fast["egress"])):
+                click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "
+                           "its traffic goes through the kernel", err=True)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
-                "csam": lst.counts() if lst else None}
+                "csam": lst.counts() if lst else None,
+                "fast_path": {k: fast[k] for k in ("enabled", "egress")}}
         _emit(as_json, data, lambda: [
             click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
             for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
@@ -212,6 +218,7 @@ def status(o: Ctx, as_json) -> None:
                        "prefixes": len(list(maps.prefix_items())),
                        "allow": len(maps.allow_items())},
             "counters": _totals(maps.counters_sum()),
+            "fast_path": loader.fast_path(maps),
         }
 
         def text():
@@ -228,10 +235,31 @@ def status(o: Ctx, as_json) -> None:
                 click.echo(f"  {k:<10} {v:>10}")
             click.echo("\nTotals:")
             _counter_table(data["counters"])
+            fp = data["fast_path"]
+            click.echo(f"\nFast path: {'on' if fp['enabled'] else 'off'}"
+                       + (f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"
+                          if fp["enabled"] else ""))
+            _fast_table(fp["counters"])
 
         _emit(as_json, data, text)
 
     _run(go)
+
+
+def _fast_table(counters: dict[str, dict], rates: dict | None = None) -> None:
+    """The fast path's counters: forwarded, and each reason to hand a packet to the kernel."""
+    rows = [(r, c) for r, c in counters.items() if c["packets"]]
+    if not rows:
+        click.echo("  No packets counted.")
+        return
+    click.echo(f"  {'REASON':<28} {'PACKETS':>12} {'BYTES':>14}"
+               + (f" {'PPS':>10}" if rates is not None else ""))
+    for reason, c in rows:
+        label = reason if reason == "forwarded" else f"to kernel: {reason}"
+        line = f"  {label:<28} {c['packets']:>12} {c['bytes']:>14}"
+        if rates is not None:
+            line += f" {rates.get(reason, 0):>10.0f}"
+        click.echo(line)
 
 
 def _counter_table(rows: list[dict], rates: dict | None = None) -> None:
@@ -266,24 +294,31 @@ def stats(o: Ctx, interval, count, as_json) -> None:
         n = 0
         while True:
             rows = _totals(maps.counters_sum())
+            fast = {r: {"packets": p, "bytes": b} for r, (p, b) in maps.fast_counters().items()}
             now = time.monotonic()
-            rates = None
+            rates = fast_rates = None
             if prev is not None:
                 dt = now - prev[0]
                 old = {(r["role"], r["verdict"], r["reason"]): r["packets"] for r in prev[1]}
                 rates = {(r["role"], r["verdict"], r["reason"]):
                          (r["packets"] - old.get((r["role"], r["verdict"], r["reason"]), 0)) / dt
                          for r in rows}
+                fast_rates = {r: (c["packets"] - prev[2][r]["packets"]) / dt
+                              for r, c in fast.items()}
             if as_json:
-                click.echo(json.dumps({"time": time.time(), "counters": rows}))
+                click.echo(json.dumps({"time": time.time(), "counters": rows,
+                                       "fast_path": fast}))
             else:
                 if prev is not None:
                     click.echo("")
                 _counter_table(rows, rates)
+                if any(c["packets"] for c in fast.values()):
+                    click.echo("Fast path:")
+                    _fast_table(fast, fast_rates)
             n += 1
             if interval is None or (count is not None and n >= count):
                 return
-            prev = (now, rows)
+            prev = (now, rows, fast)
             time.sleep(interval)
 
     _run(go)

@@ -132,6 +132,7 @@ class Dataplane:
 
     bypass: bool = False  # pass every packet untouched (fail-safe)
     monitor: bool = False  # count what would be dropped, drop nothing
+    fast_path: bool = False  # forward passed packets from XDP (fib lookup + devmap redirect)
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     "sources": {"subscribers": _path, "csam": _path},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
                "csam_prefixes": _size, "subscribers": _size, "flows": _size},
-    "dataplane": {"bypass": _boolean, "monitor": _boolean},
+    "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
 }
 _SECTIONS: dict[str, type[Any]] = {
     "interfaces": Interfaces,

@@ -839,6 +839,8 @@ class Maps(SubscriberMaps):
         self.throttle = bpf[b"xz_throttle"]
         self.pool_state = bpf[b"xz_pool_state"]
         self.manual = bpf[b"xz_manual"]
+        self.fast = bpf[b"xz_fast"]
+        self.devmap = bpf[b"xz_fast_ifs"]
 
     # allow-list
     def allow_items(self) -> dict[tuple[int, bytes], int]:
@@ -928,6 +930,42 @@ class Maps(SubscriberMaps):
     def clear_counters(self) -> None:
         for i in range(len(self.counters)):
             self.counters[ct.c_uint32(i)] = self.counters.Leaf()
+
+    # fast path
+    def fast_counters(self) -> dict[str, tuple[int, int]]:
+        """Fast path reason -> (packets, bytes) summed over CPUs, every reason."""
+        out = {}
+        for i, name in enumerate(schema.FAST_REASONS):
+            per_cpu = self.fast[ct.c_uint32(i)]
+            out[name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+        return out
+
+    def clear_fast_counters(self) -> None:
+        for i in range(len(self.fast)):
+            self.fast[ct.c_uint32(i)] = self.fast.Leaf()
+
+    def fast_ifs(self) -> list[int]:
+        """The ifindexes in the fast path's devmap (egress interfaces)."""
+        out = []
+        for i in range(len(self.devmap)):
+            try:
+                self.devmap[ct.c_uint32(i)]
+            except KeyError:
+                continue
+            out.append(i)
+        return out
+
+    def set_fast_ifs(self, ifindexes: Iterable[int]) -> list[int]:
+        """Make the devmap hold exactly ``ifindexes`` (new ones first, then the others go);
+        returns those that do not fit (ifindex >= XZ_MAX_IFINDEX): not fast-path egress."""
+        want = set(ifindexes)
+        too_big = sorted(i for i in want if i >= len(self.devmap))
+        for i in sorted(want - set(too_big)):
+            self.devmap[ct.c_uint32(i)] = ct.c_uint32(i)
+        for i in self.fast_ifs():
+            if i not in want:
+                del self.devmap[ct.c_uint32(i)]
+        return too_big
 
 
 def masked(addr: bytes, plen: int) -> bytes:

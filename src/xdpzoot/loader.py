@@ -90,6 +90,7 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     bpf = kernel.compile_bpf(pin_dir, cfg.defines())
     maps = kernel.Maps(bpf)
     configure(maps, cfg)
+    set_egress(maps, access + core)   # before the programs: they find their egress at once
     wanted = {n: "access" for n in access} | {n: "core" for n in core}
     done: list[Attachment] = []
     for role in ("access", "core"):
@@ -111,6 +112,29 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
         if (a.ifname, a.hook) not in keep:
             _detach_one(a)
     return maps, done
+
+
+def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
+    """Make the fast path's devmap hold the router's interfaces ``names`` (and no other);
+    returns the names left out, whose ifindex is beyond the devmap (XZ_MAX_IFINDEX): what
+    is routed out of them goes through the kernel (counted as ``egress``)."""
+    from . import netlink
+
+    index = netlink.link_indexes()
+    by_index = {index[n]: n for n in names if n in index}
+    return [by_index[i] for i in maps.set_fast_ifs(by_index)]
+
+
+def fast_path(maps: kernel.Maps) -> dict:
+    """The fast path for `status` and `stats`: its switch, its egress interfaces (names, as
+    this namespace has them) and its counters by reason."""
+    from . import netlink
+
+    names = {i: n for n, i in netlink.link_indexes().items()}
+    return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
+            "egress": [names.get(i, f"ifindex {i}") for i in maps.fast_ifs()],
+            "counters": {r: {"packets": p, "bytes": b}
+                         for r, (p, b) in maps.fast_counters().items()}}
 
 
 def _detach_one(a: Attachment) -> None:

@@ -41,6 +41,12 @@ def links() -> list[str]:
         return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
 
 
+def link_indexes() -> dict[str, int]:
+    """Interface name -> ifindex, in this network namespace."""
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+
+
 def link_bytes(names: list[str]) -> int:
     """Bytes received plus sent so far on the named interfaces (IFLA_STATS64)."""
     total = 0

@@ -34,6 +34,7 @@ def _defines(text: str) -> dict[str, int]:
 _TEXT = HEADER.read_text()
 VERDICTS: tuple[str, ...] = _xmacro(_TEXT, "XZ_VERDICTS")
 REASONS: tuple[str, ...] = _xmacro(_TEXT, "XZ_REASONS")
+FAST_REASONS: tuple[str, ...] = _xmacro(_TEXT, "XZ_FAST_REASONS")
 C: dict[str, int] = _defines(_TEXT)
 
 ROLES = ("access", "core")

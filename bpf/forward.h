@@ -1,0 +1,190 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * forward.h - the XDP fast path. A packet the pipeline passed is forwarded
+ * from XDP itself, as the kernel would: route lookup (bpf_fib_lookup, in the
+ * ingress interface's namespace, with its ingress ifindex), TTL / hop limit
+ * decremented (IPv4 checksum updated incrementally), MACs from the route's
+ * neighbour, and a redirect into the devmap of the router's interfaces.
+ *
+ * Whenever the fast path cannot be exact, the packet goes to the kernel's
+ * stack (XDP_PASS) untouched, and the reason is counted (XZ_FAST_REASONS):
+ * the kernel then answers what needs an answer (ICMP time exceeded, packet
+ * too big), resolves neighbours, and handles what is for the router itself.
+ *
+ * Skipped on the fast path, by design: netfilter (forward rules, conntrack),
+ * the egress qdisc, the kernel's forwarding counters and taps on egress.
+ * The TC hook has no fast path.
+ */
+#ifndef XDPZOOT_FORWARD_H
+#define XDPZOOT_FORWARD_H
+
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include "xdpzoot.h"
+#include "maps.h"
+
+#define XZ_AF_INET 2
+#define XZ_AF_INET6 10
+#define XZ_IPV6_FLOWINFO 0x0fffffff   /* traffic class and flow label */
+
+static __always_inline void xz_fast_count(int reason, __u32 len)
+{
+	__u32 key = reason;
+	struct xz_counter *c = xz_fast.lookup(&key);
+
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+/* IPv4 addresses the kernel routes specially (ip_route_input_slow): multicast,
+ * limited broadcast, 0/8, loopback, either way. Network order in, 1: special. */
+static __always_inline int xz_special4(__be32 a)
+{
+	__u32 h = bpf_ntohl(a);
+
+	return (h >> 28) == 0xe || h == 0xffffffff || (h >> 24) == 0 || (h >> 24) == 127;
+}
+
+/* IPv6 addresses of link scope or multicast (ND, link-local, loopback ::1,
+ * unspecified ::): the kernel's business, never forwarded as is. */
+static __always_inline int xz_special6(struct in6_addr *a)
+{
+	__u32 w0 = bpf_ntohl(a->s6_addr32[0]);
+
+	if ((w0 >> 24) == 0xff || (w0 & 0xffc00000) == 0xfe800000)
+		return 1;
+	return w0 == 0 && a->s6_addr32[1] == 0 && a->s6_addr32[2] == 0 &&
+	       (bpf_ntohl(a->s6_addr32[3]) >> 1) == 0;
+}
+
+/* As ip_decrease_ttl(): the checksum adjusted for the TTL's byte (RFC 1624). */
+static __always_inline void xz_ttl_dec(struct iphdr *ip)
+{
+	__u32 check = ip->check;
+
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
+	ip->ttl--;
+}
+
+/* The fast path for a passed packet: XDP_REDIRECT, or XDP_PASS with the reason counted. */
+static __always_inline int xz_fast_path(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct bpf_fib_lookup fib = {};
+	struct ethhdr *eth = data;
+	struct iphdr *ip = NULL;
+	struct ipv6hdr *ip6 = NULL;
+	struct xz_control *ctl;
+	__u32 key = 0, egress, len = end - data, tot;
+	int reason = XZ_FP_FRAME, rc;
+	__u8 ttl;
+
+	/* Off, or bypass (the fail-safe: everything to the kernel untouched): not counted. */
+	ctl = xz_control.lookup(&key);
+	if (!ctl || !(ctl->flags & XZ_C_FAST_PATH) || (ctl->flags & XZ_C_BYPASS))
+		return XDP_PASS;
+	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel. */
+	if ((void *)(eth + 1) > end)
+		goto out;
+	if (eth->h_dest[0] & 1) {   /* L2 broadcast or multicast: for the router */
+		reason = XZ_FP_LOCAL;
+		goto out;
+	}
+	fib.ifindex = ctx->ingress_ifindex;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		ip = (void *)(eth + 1);
+		/* Options (router alert, source route...) need the kernel. */
+		if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl != 5)
+			goto out;
+		if (xz_special4(ip->saddr) || xz_special4(ip->daddr)) {
+			reason = XZ_FP_LOCAL;
+			goto out;
+		}
+		ttl = ip->ttl;
+		fib.family = XZ_AF_INET;
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->protocol;
+		fib.tot_len = bpf_ntohs(ip->tot_len);   /* checked against the egress MTU */
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		ip6 = (void *)(eth + 1);
+		/* Hop-by-hop options are for every router on the way: the kernel's. */
+		if ((void *)(ip6 + 1) > end || ip6->version != 6 || ip6->nexthdr == IPPROTO_HOPOPTS)
+			goto out;
+		if (xz_special6(&ip6->saddr) || xz_special6(&ip6->daddr)) {
+			reason = XZ_FP_LOCAL;
+			goto out;
+		}
+		ttl = ip6->hop_limit;
+		tot = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		fib.family = XZ_AF_INET6;
+		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(XZ_IPV6_FLOWINFO);
+		fib.l4_protocol = ip6->nexthdr;
+		fib.tot_len = tot > 0xffff ? 0xffff : tot;
+		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	} else {
+		goto out;
+	}
+
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	/* The kernel's order: the route, then the TTL, then the MTU, then the neighbour. */
+	if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+	     rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) && ttl <= 1) {
+		reason = XZ_FP_TTL;   /* the kernel answers: ICMP time exceeded */
+		goto out;
+	}
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		break;
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		reason = XZ_FP_NO_NEIGH;   /* the kernel resolves it and sends the packet */
+		goto out;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		reason = XZ_FP_MTU;   /* the kernel fragments, or answers: too big */
+		goto out;
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+		reason = XZ_FP_LOCAL;   /* for the router (local, broadcast, multicast route) */
+		goto out;
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+		reason = XZ_FP_UNROUTABLE;   /* the kernel drops or answers unreachable */
+		goto out;
+	default:   /* forwarding off on ingress, lightweight tunnels, no source address */
+		reason = XZ_FP_OTHER;
+		goto out;
+	}
+	egress = fib.ifindex;
+	/* Out where it came in: the kernel would also send an ICMP redirect. Not a
+	 * router's interface (a VLAN device, a tunnel): not in the devmap. */
+	if (egress == ctx->ingress_ifindex || !xz_fast_ifs.lookup(&egress)) {
+		reason = XZ_FP_EGRESS;
+		goto out;
+	}
+	if (xz_fast_ifs.redirect_map(egress, 0) != XDP_REDIRECT) {
+		reason = XZ_FP_REDIRECT;   /* the entry went away meanwhile */
+		goto out;
+	}
+	/* Committed: the packet leaves by the devmap, rewritten as the kernel would. */
+	if (ip)
+		xz_ttl_dec(ip);
+	else if (ip6)
+		ip6->hop_limit--;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	xz_fast_count(XZ_FP_FORWARDED, len);
+	return XDP_REDIRECT;
+out:
+	xz_fast_count(reason, len);
+	return XDP_PASS;
+}
+
+#endif /* XDPZOOT_FORWARD_H */

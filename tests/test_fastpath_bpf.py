@@ -1,0 +1,196 @@
+"""The XDP fast path through BPF_PROG_TEST_RUN: frame in, return code, frame out and the
+fast path's counters, as a table.
+
+The route lookup answers from the network namespace of the thread that runs the program,
+so the runs happen inside a small namespace of the module's own (entered with setns for
+the run only): an interface ``fa`` (its veth peer ``fb``) holding 10.9.0.1/24 and
+fd00:9::1/64, one static neighbour on each, a blackhole route, forwarding on. The
+program's ingress interface is that namespace's loopback (what test_run gives it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.packet import Raw
+from test_bpf import flags_of, load, model_tables
+
+from xdpzoot import schema
+
+XDP_PASS, XDP_DROP, XDP_REDIRECT = 2, 1, 4
+CLONE_NEWNET = 0x40000000
+NEIGH4, NEIGH6 = "10.9.0.2", "fd00:9::2"
+NEIGH_MAC = "02:00:00:00:09:02"
+MAC_IN, MAC_ROUTER = "02:00:00:00:00:01", "02:00:00:00:00:02"
+SRC4, SRC6 = "100.64.0.12", "2001:db8:100:8::12"   # a dynamic subscriber of test_bpf's table
+MTU = 1280
+
+
+@dataclass(frozen=True)
+class Net:
+    name: str
+    fa: int        # ifindex of the egress interface
+    fa_mac: str
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Net]:
+    name = "xzfp" + secrets.token_hex(3)
+
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", "-n", name, *args], check=True, capture_output=True,
+                              text=True, timeout=10).stdout
+
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+                        "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True, timeout=10)
+        ip("link", "set", "lo", "up")
+        ip("link", "add", "fa", "mtu", str(MTU), "type", "veth", "peer", "name", "fb")
+        ip("link", "set", "fa", "up")
+        ip("link", "set", "fb", "up")
+        ip("addr", "add", "10.9.0.1/24", "dev", "fa")
+        ip("-6", "addr", "add", "fd00:9::1/64", "dev", "fa", "nodad")
+        for a in (NEIGH4, NEIGH6):
+            ip("neigh", "replace", a, "lladdr", NEIGH_MAC, "dev", "fa", "nud", "permanent")
+        ip("route", "add", "blackhole", "10.8.0.0/24")
+        ip("-6", "route", "add", "blackhole", "fd00:8::/64")
+        link = json.loads(ip("-j", "link", "show", "dev", "fa"))[0]
+        yield Net(name, link["ifindex"], link["address"])
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
+
+
+@contextlib.contextmanager
+def inside(name: str) -> Iterator[None]:
+    """This thread in namespace ``name`` for the block, back where it was after."""
+    libc = ct.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(there, CLONE_NEWNET):
+            raise OSError(ct.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET):
+                raise OSError(ct.get_errno(), "setns back")
+    finally:
+        os.close(there)
+        os.close(home)
+
+
+def v4(dst: str, ttl: int = 64, size: int = 0, options: bool = False, vlan: bool = False,
+       l2dst: str = MAC_ROUTER, dport: int = 80) -> bytes:
+    ip = IP(src=SRC4, dst=dst, ttl=ttl, flags="DF")
+    if options:
+        ip.options = [b"\x01\x01\x01\x00"]
+    pkt = ip / TCP(sport=40000, dport=dport, flags="S") / Raw(b"x" * size)
+    return bytes(Ether(src=MAC_IN, dst=l2dst) / (Dot1Q(vlan=7) / pkt if vlan else pkt))
+
+
+def v6(dst: str, hlim: int = 64, size: int = 0, hbh: bool = False, src: str = SRC6) -> bytes:
+    ip = IPv6(src=src, dst=dst, hlim=hlim)
+    if hbh:
+        ip = ip / IPv6ExtHdrHopByHop()
+    return bytes(Ether(src=MAC_IN, dst=MAC_ROUTER) / ip / TCP(sport=40000, dport=80, flags="S")
+                 / Raw(b"x" * size))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    frame: Callable[[], bytes]
+    retval: int
+    reason: str | None          # fast path counter that grows; None: none
+    egress: bool = True         # fa in the devmap
+    switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
+
+
+CASES = [
+    Case("v4 forwarded", lambda: v4(NEIGH4), XDP_REDIRECT, "forwarded"),
+    Case("v6 forwarded", lambda: v6(NEIGH6), XDP_REDIRECT, "forwarded"),
+    Case("v4 TTL 2 forwarded", lambda: v4(NEIGH4, ttl=2), XDP_REDIRECT, "forwarded"),
+    Case("v4 TTL 1", lambda: v4(NEIGH4, ttl=1), XDP_PASS, "ttl"),
+    Case("v6 hop limit 1", lambda: v6(NEIGH6, hlim=1), XDP_PASS, "ttl"),
+    Case("v4 TTL 0", lambda: v4(NEIGH4, ttl=0), XDP_PASS, "ttl"),
+    Case("v4 unresolved neighbour", lambda: v4("10.9.0.3"), XDP_PASS, "no_neigh"),
+    Case("v6 unresolved neighbour", lambda: v6("fd00:9::3"), XDP_PASS, "no_neigh"),
+    Case("v4 over the MTU", lambda: v4(NEIGH4, size=MTU), XDP_PASS, "mtu"),
+    Case("v6 over the MTU", lambda: v6(NEIGH6, size=MTU), XDP_PASS, "mtu"),
+    Case("v4 exactly the MTU", lambda: v4(NEIGH4, size=MTU - 40), XDP_REDIRECT, "forwarded"),
+    Case("v4 for the router", lambda: v4("10.9.0.1"), XDP_PASS, "local"),
+    Case("v6 for the router", lambda: v6("fd00:9::1"), XDP_PASS, "local"),
+    Case("v4 blackhole route", lambda: v4("10.8.0.1"), XDP_PASS, "unroutable"),
+    Case("v6 blackhole route", lambda: v6("fd00:8::1"), XDP_PASS, "unroutable"),
+    Case("v4 multicast", lambda: v4("224.0.0.5"), XDP_PASS, "local"),
+    Case("v4 broadcast frame", lambda: v4(NEIGH4, l2dst="ff:ff:ff:ff:ff:ff"), XDP_PASS, "local"),
+    Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), XDP_PASS, "local"),
+    Case("v6 multicast", lambda: v6("ff02::1"), XDP_PASS, "local"),
+    Case("v4 options", lambda: v4(NEIGH4, options=True), XDP_PASS, "frame"),
+    Case("v6 hop-by-hop", lambda: v6(NEIGH6, hbh=True), XDP_PASS, "frame"),
+    Case("VLAN tagged", lambda: v4(NEIGH4, vlan=True), XDP_PASS, "frame"),
+    Case("egress not in the devmap", lambda: v4(NEIGH4), XDP_PASS, "egress", egress=False),
+    Case("fast path off", lambda: v4(NEIGH4), XDP_PASS, None, switches=("op25b",)),
+    Case("bypass", lambda: v4(NEIGH4), XDP_PASS, None, switches=("fast_path", "bypass")),
+    Case("OP25B still drops", lambda: v4(NEIGH4, dport=25), XDP_DROP, None),
+    Case("monitor: forwarded", lambda: v4(NEIGH4, dport=25), XDP_REDIRECT, "forwarded",
+         switches=("fast_path", "op25b", "monitor")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fast_path(dp, net: Net, case: Case):
+    load(dp, model_tables(), flags_of(case.switches))
+    dp.maps.clear_fast_counters()
+    dp.maps.set_fast_ifs([net.fa] if case.egress else [])
+    frame = case.frame()
+    try:
+        with inside(net.name):
+            r = dp.run("xdp", "access", frame)
+    finally:
+        dp.maps.set_fast_ifs([])
+    assert r.retval == case.retval
+    grew = {k: v for k, v in dp.maps.fast_counters().items() if v != (0, 0)}
+    assert grew == ({case.reason: (1, len(frame))} if case.reason else {})
+    if r.retval != XDP_REDIRECT:
+        assert r.data == frame, "a packet handed to the kernel must be untouched"
+        return
+    out, sent = r.data, frame
+    assert (Ether(out).src, Ether(out).dst) == (net.fa_mac, NEIGH_MAC)
+    assert out[12:] != sent[12:]
+    if IP in Ether(sent):
+        ttl = 14 + 8   # TTL, then protocol and checksum: the only bytes that change
+        assert out[ttl] == sent[ttl] - 1
+        assert out[12:ttl] == sent[12:ttl] and out[ttl + 4:] == sent[ttl + 4:]
+        assert out[ttl + 1] == sent[ttl + 1]
+        assert _csum(out[14:34]) == 0, "IPv4 header checksum wrong"
+    else:
+        hlim = 14 + 7
+        assert out[hlim] == sent[hlim] - 1
+        assert out[12:hlim] == sent[12:hlim] and out[hlim + 1:] == sent[hlim + 1:]
+
+
+def _csum(header: bytes) -> int:
+    """The Internet checksum over ``header``: 0 when its checksum field is right."""
+    s = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while s > 0xffff:
+        s = (s & 0xffff) + (s >> 16)
+    return 0xffff - s
+
+
+def test_reasons_are_the_header_list():
+    assert schema.FAST_REASONS == ("forwarded", "frame", "ttl", "local", "unroutable",
+                                   "no_neigh", "mtu", "egress", "redirect", "other")

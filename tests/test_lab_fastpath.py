@@ -1,0 +1,264 @@
+"""The XDP fast path under real traffic: a router attached at XDP native with
+``[dataplane] fast_path = true`` forwards from XDP itself, and hands the kernel exactly what
+it cannot forward (TTL 1, over the egress MTU, an unresolved neighbour), which the kernel
+then answers or delivers; the policy (OP25B, CSAM, counters) still applies.
+
+Proof that XDP forwarded a packet and not the kernel: the fast path's ``forwarded`` counter
+grows with the packets the pipeline passed, while the router kernel's own forwarding
+counters (``ForwDatagrams``, ``Ip6OutForwDatagrams``) stay still.
+
+One lab per module; the routes, MTUs and neighbours a test changes are put back after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import LabRouter, xdp_pass_on_peers
+from test_lab_policy import smtp
+
+from xdpzoot.lab import Lab, lab_config, lab_down, lab_up, netns_run
+
+pytestmark = pytest.mark.lab
+
+PORT = 5302
+IPERF_SECONDS = 2
+IPERF_GRACE = 20           # seconds an iperf3 run may take beyond its own -t
+CORE_MTU = 1280            # the IPv6 minimum: one value serves both families
+BIG = 1400                 # ICMP payload: over CORE_MTU, under the access links' 1500
+CSAM_LISTED = "192.0.2.99"  # "other4" on the inet namespace's loopback
+
+EXTRA = """\
+[dataplane]
+fast_path = true
+[limits]
+csam_hosts = 4096
+csam_prefixes = 1024
+"""
+
+
+class Router(LabRouter):
+    """The CLI in the router namespace, with the fast path on."""
+
+    def write_config(self, fast_path: bool = True) -> None:
+        lab_config(self.lab, self.workdir, extra=EXTRA.replace(
+            "true", "true" if fast_path else "false", 1))
+
+    def fast(self) -> dict[str, int]:
+        """Fast path packets by reason (``forwarded`` and the reasons to pass)."""
+        return {r: c["packets"] for r, c in self.json("stats")["fast_path"].items()}
+
+    def passed(self) -> int:
+        """Packets the pipeline passed, both roles."""
+        return sum(r["packets"] for r in self.json("stats")["counters"]
+                   if r["verdict"] == "pass")
+
+    def dropped(self, reason: str) -> int:
+        return sum(r["packets"] for r in self.json("stats")["counters"]
+                   if r["verdict"] == "drop" and r["reason"] == reason)
+
+    def kernel_forwarded(self) -> int:
+        """Packets the router's kernel forwarded itself (IPv4 and IPv6)."""
+        snmp = netns_run(self.lab.router, "cat", "/proc/net/snmp", "/proc/net/snmp6",
+                         timeout=10).stdout.splitlines()
+        ip = [line.split() for line in snmp if line.startswith("Ip: ")]
+        v4 = int(dict(zip(ip[0][1:], ip[1][1:], strict=True))["ForwDatagrams"])
+        v6 = next(int(line.split()[1]) for line in snmp
+                  if line.startswith("Ip6OutForwDatagrams"))
+        return v4 + v6
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    prefix = "xzf" + secrets.token_hex(3)
+    try:
+        yield lab_up(prefix)
+    finally:
+        lab_down(prefix)
+
+
+@pytest.fixture(scope="module")
+def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
+    """The lab's router attached at XDP native with the fast path on; the hosts' ends of
+    the links run XDP too, so that a redirect into a veth reaches them."""
+    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
+    r.write_config()
+    for ns in (lab.dyn, lab.static, lab.inet):
+        # On a wire every packet carries its checksums; a veth hands the stack's packets
+        # over with the TCP/UDP checksum left to an offload that never comes once XDP has
+        # redirected them: the hosts compute their own, as on a real link.
+        netns_run(ns, "ethtool", "-K", "eth0", "tx", "off", timeout=10)
+    with xdp_pass_on_peers(lab, bpffs):
+        try:
+            out = r.json("attach", "--hook", "xdp", "--mode", "native")
+            assert {a["mode"] for a in out["attached"]} == {"native"}
+            assert out["fast_path"] == {"enabled": True,
+                                        "egress": sorted(["acc-dyn", "acc-sta", "core0"])}
+            yield r
+        finally:
+            r.cli("detach", check=False)
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def ping(lab: Lab, dst: str, *args: str) -> str:
+    """One ping from the dynamic subscriber; its output (it may fail)."""
+    fam = "-6" if ":" in dst else "-4"
+    res = netns_run(lab.dyn, "ping", fam, "-n", "-c", "1", "-W", "2", *args, dst, timeout=10,
+                    check=False)
+    return res.stdout + res.stderr
+
+
+def iperf_up(lab: Lab, dst: str) -> dict:
+    """A TCP transfer from the dynamic subscriber to an iperf3 server in the inet namespace."""
+    srv = subprocess.Popen(["ip", "netns", "exec", lab.inet, "iperf3", "-s", "-1", "-p",
+                            str(PORT), "-B", dst], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not netns_run(lab.inet, "ss", "-Hltn", f"sport = :{PORT}", timeout=10).stdout:
+            assert srv.poll() is None, "iperf3 server exited"
+            assert time.monotonic() < deadline, "iperf3 server does not listen"
+            time.sleep(0.05)
+        res = netns_run(lab.dyn, "iperf3", "-c", dst, "-p", str(PORT), "-t",
+                        str(IPERF_SECONDS), "-J", timeout=IPERF_SECONDS + IPERF_GRACE,
+                        check=False)
+    finally:
+        srv.kill()
+        srv.wait()
+    doc = json.loads(res.stdout)
+    assert "error" not in doc, doc["error"]
+    return doc
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+def test_tcp_transfer_is_forwarded_by_xdp(lab, router, fam):
+    """Checksums and MACs right (TCP gets through), every passed packet forwarded by XDP."""
+    fast0, passed0, kernel0 = router.fast(), router.passed(), router.kernel_forwarded()
+    doc = iperf_up(lab, lab.addr["inet" + fam])
+    got = doc["end"]["sum_received"]
+    assert got["bytes"] > 0 and got["bits_per_second"] > 0
+    fast = delta(fast0, router.fast())
+    passed = router.passed() - passed0
+    kernel = router.kernel_forwarded() - kernel0
+    # Both directions (data and ACKs) enter the router at XDP: each packet the pipeline
+    # passed is forwarded by the fast path; the kernel forwards next to nothing.
+    assert fast.get("forwarded", 0) >= 0.98 * passed > 1000, (fast, passed)
+    assert fast["forwarded"] <= passed
+    assert kernel <= 0.02 * passed, (kernel, passed)
+
+
+@pytest.mark.parametrize("fam,answer", [("4", "Time to live exceeded"),
+                                        ("6", "Time exceeded: Hop limit")])
+def test_ttl_1_is_answered_by_the_router(lab, router, fam, answer):
+    fast0 = router.fast()
+    out = ping(lab, lab.addr["inet" + fam], "-t", "1")
+    assert answer in out and lab.addr["rtr_dyn" + fam] in out, out
+    assert delta(fast0, router.fast()).get("ttl", 0) >= 1
+    # TTL 2 goes through, forwarded by XDP.
+    fast0 = router.fast()
+    assert " 0% packet loss" in ping(lab, lab.addr["inet" + fam], "-t", "2")
+    assert delta(fast0, router.fast()).get("forwarded", 0) >= 2   # request and reply
+
+
+@pytest.mark.parametrize("fam,answer", [("4", f"Frag needed and DF set (mtu = {CORE_MTU})"),
+                                        ("6", f"Packet too big: mtu={CORE_MTU}")])
+def test_over_the_egress_mtu_is_answered(lab, router, fam, answer):
+    netns_run(lab.router, "ip", "link", "set", "dev", "core0", "mtu", str(CORE_MTU))
+    try:
+        fast0 = router.fast()
+        out = ping(lab, lab.addr["inet" + fam], "-M", "do", "-s", str(BIG))
+        assert answer in out, out
+        assert delta(fast0, router.fast()).get("mtu", 0) >= 1
+        fast0 = router.fast()   # what fits still goes the fast way
+        assert " 0% packet loss" in ping(lab, lab.addr["inet" + fam], "-M", "do", "-s", "1000")
+        assert delta(fast0, router.fast()).get("forwarded", 0) >= 2
+    finally:
+        netns_run(lab.router, "ip", "link", "set", "dev", "core0", "mtu", "1500")
+        netns_run(lab.dyn, "ip", "-" + fam, "route", "flush", "cache", check=False)
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+def test_unresolved_neighbour_first_packet_delivered(lab, router, fam):
+    """The kernel resolves the neighbour and delivers the packet that was waiting for it;
+    once resolved, the fast path forwards again."""
+    inet = lab.addr["inet" + fam]
+    mac = json.loads(netns_run(lab.inet, "ip", "-j", "link", "show", "dev", "eth0",
+                               timeout=10).stdout)[0]["address"]
+    netns_run(lab.router, "ip", "neigh", "del", inet, "dev", "core0")
+    try:
+        fast0 = router.fast()
+        assert " 0% packet loss" in ping(lab, inet), "first packet not delivered"
+        assert delta(fast0, router.fast()).get("no_neigh", 0) >= 1
+        fast0 = router.fast()
+        assert " 0% packet loss" in ping(lab, inet)
+        assert delta(fast0, router.fast()).get("forwarded", 0) >= 2
+    finally:
+        netns_run(lab.router, "ip", "neigh", "replace", inet, "lladdr", mac, "dev", "core0",
+                  "nud", "permanent")
+
+
+def test_for_the_router_itself_goes_to_the_kernel(lab, router):
+    fast0 = router.fast()
+    assert " 0% packet loss" in ping(lab, lab.addr["rtr_core4"])   # the router's own address
+    assert delta(fast0, router.fast()).get("local", 0) >= 1
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+def test_op25b_still_applies(lab, router, fam):
+    a = lab.addr
+    fast0, drops0 = router.fast(), router.dropped("op25b")
+    assert smtp(lab, lab.dyn, a["inet" + fam], 25) == "timeout"
+    assert smtp(lab, lab.dyn, a["inet" + fam], 587) == "sent"
+    assert smtp(lab, lab.static, a["inet" + fam], 25) == "sent"
+    assert router.dropped("op25b") > drops0
+    assert delta(fast0, router.fast()).get("forwarded", 0) > 0
+
+
+def test_csam_still_applies(lab, router, tmp_path):
+    lst = tmp_path / "csam.txt"
+    lst.write_text(f"{CSAM_LISTED}\n")
+    lst.chmod(0o600)
+    router.cli("blocklist", "load", str(lst))
+    try:
+        drops0 = router.dropped("csam")
+        assert " 0% packet loss" not in ping(lab, CSAM_LISTED)
+        assert router.dropped("csam") > drops0
+        assert " 0% packet loss" in ping(lab, lab.addr["support4"])   # not listed
+    finally:
+        lst.write_text("# empty\n")
+        router.cli("blocklist", "load", str(lst))
+
+
+def test_status_shows_the_fast_path(lab, router):
+    st = router.json("status")
+    assert st["switches"]["fast_path"] is True
+    fp = st["fast_path"]
+    assert fp["enabled"] and sorted(fp["egress"]) == ["acc-dyn", "acc-sta", "core0"]
+    assert fp["counters"]["forwarded"]["packets"] > 0
+    text = router.cli("status").stdout
+    assert "Fast path: on" in text and "forwarded" in text and "to kernel: ttl" in text
+
+
+def test_switched_off_and_at_tc_the_kernel_forwards(lab, router):
+    """fast_path = false (a control bit: no recompile needed) and the TC hook: nothing is
+    forwarded by XDP. Put back as it was for any test after this one."""
+    try:
+        for fast_path, hook in ((False, "xdp"), (True, "tc")):
+            router.write_config(fast_path=fast_path)
+            router.cli("attach", "--hook", hook, "--mode", "native" if hook == "xdp" else "auto")
+            fast0, kernel0 = router.fast(), router.kernel_forwarded()
+            assert " 0% packet loss" in ping(lab, lab.addr["inet4"])
+            assert delta(fast0, router.fast()) == {}
+            assert router.kernel_forwarded() - kernel0 >= 2
+    finally:
+        router.write_config()
+        router.cli("attach", "--hook", "xdp", "--mode", "native")
