@@ -1,7 +1,7 @@
 """Forwarding lab benchmark: routers side by side in one run, packets per second through a
 router namespace with OP25B and the CSAM list, and the router program's cost per packet.
 
-Topology, in namespaces of our own (``xzf<hex>-gen/-rtr/-snk``, deleted at the end)::
+Topology, in namespaces of our own (``xzfb<hex>-gen/-rtr/-snk``, deleted at the end)::
 
     gen  <veth>  rtr  <veth>  snk
     192.0.2.1    192.0.2.254 / 198.51.100.1    198.51.100.2
@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,12 @@ MIX_IDS = {"forward": 0, "drop": 1}
 RATES = (250_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000, 0)   # 0: unpaced
 QUICK_RATES = (500_000, 1_000_000, 0)
 GEN_CPU, ROUTER_CPU = 0, 1
+RT_PRIO = 10                      # SCHED_FIFO priority of the generator and the router kthread
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 LIVE_BATCH = 64                   # frames per flush inside one test_run (the kernel's max 256)
+CALL_S = 0.25                     # a test_run call of the generator lasts about this long
+CALL_ITERS_START = 65_536
+CALL_ITERS_MAX = 1 << 24
 DRAIN_S = 0.1                     # after a step, for the router's queues to empty
 CLONE_NEWNET = 0x40000000
 
@@ -261,9 +265,9 @@ def napi_threads(dev: str) -> list[int]:
     return pids
 
 
-def threaded_napi(ns: str, dev: str, cpu: int) -> str:
+def threaded_napi(ns: str, dev: str, cpu: int, realtime: bool = False) -> str:
     """Threaded NAPI on ``dev`` (it has an XDP program, so it has NAPI), its kthreads pinned
-    to ``cpu``. Returns what was done, for the report."""
+    to ``cpu`` (and SCHED_FIFO with ``realtime``). Returns what was done, for the report."""
     res = netns_run(ns, "sh", "-c", f"echo 1 > /sys/class/net/{dev}/threaded", check=False)
     if res.returncode != 0:
         return f"threaded NAPI refused on {dev}: {res.stderr.strip()}"
@@ -274,7 +278,10 @@ def threaded_napi(ns: str, dev: str, cpu: int) -> str:
         return f"no napi/{dev} kthread found"
     for pid in pids:
         os.sched_setaffinity(pid, {cpu})
-    return f"napi/{dev} ({len(pids)} kthread) on CPU {cpu}"
+        if realtime:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(RT_PRIO))
+    return (f"napi/{dev} ({len(pids)} kthread) on CPU {cpu}"
+            + (", SCHED_FIFO" if realtime else ""))
 
 
 def attach_pinned_xdp(ns: str, dev: str, pin: str) -> None:
@@ -330,6 +337,10 @@ class Traffic:
         fill_array(self.bpf[b"gen_listed"],
                    [struct.unpack("=I", struct.pack("!I", a))[0] for a in ds.listed])
         self.frame = template_frame(t)
+        tm = self.bpf[b"gen_tmpl"]
+        leaf = tm.Leaf()
+        ct.memmove(ct.byref(leaf), self.frame, ct.sizeof(leaf))
+        tm[tm.Key(0)] = leaf
         self.sink = self.bpf[b"sink_count"]
 
     def set_mix(self, mix: str) -> None:
@@ -338,6 +349,17 @@ class Traffic:
         leaf.mix, leaf.pool_base, leaf.pool_span = MIX_IDS[mix], POOL_BASE, self.ds.pool_span
         leaf.n_static, leaf.n_listed = len(self.ds.statics), len(self.ds.listed)
         cfg[cfg.Key(0)] = leaf
+
+    def set_rate(self, rate: int) -> None:
+        """Pace the generator at ``rate`` frames/s (0: unpaced), starting now."""
+        t = self.bpf[b"gen_pace"]
+        leaf = t[t.Key(0)]
+        leaf.gap_ns, leaf.next_ns = (1_000_000_000 // rate if rate else 0), 0
+        t[t.Key(0)] = leaf
+
+    def sent(self) -> int:
+        t = self.bpf[b"gen_pace"]
+        return int(t[t.Key(0)].sent)
 
     def sink_count(self) -> int:
         return sum(int(v) for v in self.sink[self.sink.Key(0)])
@@ -661,37 +683,42 @@ def bpf_stats() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pinned_to(cpu: int) -> Iterator[None]:
+def pinned_to(cpu: int, realtime: bool) -> Iterator[None]:
+    """This thread on ``cpu`` only, and with ``realtime`` SCHED_FIFO: on a shared machine
+    the generator is then not descheduled in the middle of a step (the kernel's RT
+    throttling still leaves others 5%)."""
     old = os.sched_getaffinity(0)
+    old_policy, old_param = os.sched_getscheduler(0), os.sched_getparam(0)
     os.sched_setaffinity(0, {cpu})
+    if realtime:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIO))
     try:
         yield
     finally:
+        if realtime:
+            os.sched_setscheduler(0, old_policy, old_param)
         os.sched_setaffinity(0, old)
 
 
-def offer(send: Callable[[int], None], rate: int, seconds: float) -> tuple[int, float]:
-    """Send at ``rate`` frames/s (0: as fast as possible) for ``seconds``, in test_run calls
-    of about a millisecond of frames each, sleeping to the schedule. Returns (sent, elapsed)."""
-    chunk = max(256, rate // 1000) if rate else 8192
-    limit = int(rate * seconds) if rate else None
-    sent = 0
+def offer(traffic: Traffic, rate: int, seconds: float) -> tuple[int, float]:
+    """Offer ``rate`` frames/s (0: as fast as the generator goes) for about ``seconds``.
+    The generator paces itself inside long test_run calls (each call costs tens of ms to
+    set up, time in which nothing is sent: counted in the elapsed time). Call sizes adapt
+    so that a call lasts about CALL_S. Returns (frames sent, elapsed seconds)."""
+    traffic.set_rate(rate)
+    sent0 = traffic.sent()
+    iters = CALL_ITERS_START
     t0 = time.perf_counter()
-    while True:
-        now = time.perf_counter()
-        if now - t0 >= seconds or (limit is not None and sent >= limit):
-            break
-        if rate:
-            due = t0 + sent / rate
-            if due > now:
-                time.sleep(due - now)
-        send(chunk)
-        sent += chunk
-    return sent, time.perf_counter() - t0
+    while (now := time.perf_counter()) - t0 < seconds:
+        traffic.send(iters)
+        took = time.perf_counter() - now
+        left = seconds - (time.perf_counter() - t0)
+        iters = int(min(max(iters * min(CALL_S, max(left, 0.01)) / took, 4096), CALL_ITERS_MAX))
+    return traffic.sent() - sent0, time.perf_counter() - t0
 
 
 def ladder(router: Router, traffic: Traffic, mix: str, rates: tuple[int, ...],
-           seconds: float) -> dict:
+           seconds: float, realtime: bool) -> dict:
     """Every step of the rate ladder for one router and mix; the best step; ns/packet."""
     traffic.set_mix(mix)
     ids = router.prog_ids()
@@ -699,8 +726,8 @@ def ladder(router: Router, traffic: Traffic, mix: str, rates: tuple[int, ...],
     steps = []
     for rate in rates:
         sink0, drop0 = traffic.sink_count(), router.drops()
-        with pinned_to(GEN_CPU), in_netns(traffic.topo.gen):
-            sent, elapsed = offer(traffic.send, rate, seconds)
+        with pinned_to(GEN_CPU, realtime), in_netns(traffic.topo.gen):
+            sent, elapsed = offer(traffic, rate, seconds)
         time.sleep(DRAIN_S)
         sink, drops = traffic.sink_count() - sink0, router.drops() - drop0
         step = {"rate": rate, "sent": sent, "seconds": round(elapsed, 4),
@@ -748,9 +775,9 @@ def run(args: argparse.Namespace) -> dict:
                             "pools": args.pools, "statics": len(ds.statics),
                             "csam": len(ds.csam), "rates": list(rates), "seconds": seconds,
                             "frame_bytes": FRAME_LEN, "generator_cpu": GEN_CPU,
-                            "router_cpu": ROUTER_CPU},
+                            "router_cpu": ROUTER_CPU, "realtime": not args.no_rt},
                  "routers": []}
-    tag = "xzf" + secrets.token_hex(2)
+    tag = "xzfb" + secrets.token_hex(2)
     topo: Topo | None = None
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="xzf-")))
@@ -763,12 +790,16 @@ def run(args: argparse.Namespace) -> dict:
             log("compiling the generator and the sink ...")
             traffic = Traffic(ds, topo, pin_root)
             attach_pinned_xdp(topo.snk, topo.snk_dev, traffic.pins["sink"])
-            doc["config"]["sink_napi"] = threaded_napi(topo.snk, topo.snk_dev, GEN_CPU)
+            # The sink's NAPI stays a softirq, raised (and so run) on the router's CPU by the
+            # router's kthread: on the generator's CPU it would wait for each whole test_run
+            # call (the generator does not yield) behind a ring of 256 frames.
+            doc["config"]["sink_napi"] = "softirq on the router's CPU"
             env = Env(topo, ds, traffic, workdir, pin_root, subs, csam)
             for router in make_routers(env):
                 if args.only and router.name not in args.only:
                     continue
-                doc["routers"].append(run_router(router, traffic, rates, seconds))
+                doc["routers"].append(run_router(router, traffic, rates, seconds,
+                                                 not args.no_rt))
         finally:
             if topo is not None:
                 topo_down(topo)
@@ -776,8 +807,8 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
-def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds: float
-               ) -> dict:
+def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds: float,
+               realtime: bool) -> dict:
     """Set one router up, run both mixes, tear it down; a router that cannot be set up is
     reported with the reason (the fast path before that feature exists: config refused)."""
     out: dict = {"name": router.name, "label": router.label}
@@ -794,10 +825,11 @@ def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds
             log(f"  {out['status']}: {out['error']}")
             return out
         out["setup_seconds"] = round(time.monotonic() - t0, 1)
-        out["napi"] = threaded_napi(router.t.rtr, router.t.rin, ROUTER_CPU)
+        out["napi"] = threaded_napi(router.t.rtr, router.t.rin, ROUTER_CPU, realtime)
         log(f"  {out['napi']}")
         out["status"] = "ok"
-        out["mixes"] = {mix: ladder(router, traffic, mix, rates, seconds) for mix in MIX_IDS}
+        out["mixes"] = {mix: ladder(router, traffic, mix, rates, seconds, realtime)
+                        for mix in MIX_IDS}
     finally:
         router.teardown()
     return out
@@ -833,6 +865,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="seconds per step (at most 2)")
     p.add_argument("--rates", type=parse_rates,
                    help="offered loads, e.g. 250k,1M,0 (0: unpaced)")
+    p.add_argument("--no-rt", action="store_true",
+                   help="no SCHED_FIFO for the generator and the router's NAPI kthread")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast")

@@ -6,7 +6,8 @@
  *  sink  on the sink's veth: counts and drops (a per-CPU counter, read by bench_fwd.py).
  *  pass  on the router's ingress veth when the router itself runs no XDP: native XDP_TX on
  *        a veth reaches the peer only when the peer runs XDP (it puts the veth in NAPI mode).
- * Live frames are not reset between runs, so gen writes every field it varies each time. */
+ * Live frames are not reset between runs and a page comes back from the router with its
+ * Ethernet header and TTL rewritten, so gen writes every header byte of every frame. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -30,8 +31,29 @@ struct gen_cfg {
 	u32 n_listed;         /* entries used in gen_listed */
 };
 
+/* The generator paces itself: a test_run call costs tens of ms to set up, so calls are long
+ * and a frame is sent only when its time has come (a frame whose time has not come is
+ * dropped unsent: cheap, and counted in skipped). At most PACE_BURST frames catch up. */
+#define PACE_BURST 64     /* one batch of the live test run */
+struct gen_pace {
+	u64 gap_ns;           /* 1e9 / rate; 0: unpaced (every frame is sent) */
+	u64 next_ns;          /* when the next frame is due */
+	u64 sent;             /* frames sent (XDP_TX) */
+	u64 skipped;          /* iterations that sent nothing */
+};
+
 /* One entry, written by bench_fwd.py before each ladder. */
 BPF_ARRAY(gen_cfg, struct gen_cfg, 1);
+/* The first 56 bytes of the frame (Eth + IPv4 + TCP and 2 of padding), written by
+ * bench_fwd.py; gen copies them into every frame before it sets addresses and ports. */
+#define TMPL_WORDS 7
+struct gen_tmpl {
+	u64 w[TMPL_WORDS];
+};
+BPF_ARRAY(gen_tmpl, struct gen_tmpl, 1);
+/* One entry: written by bench_fwd.py (gap_ns, next_ns) and gen (next_ns and the counts);
+ * gen runs on one CPU only (the test run's), so plain updates are enough. */
+BPF_ARRAY(gen_pace, struct gen_pace, 1);
 /* Static host addresses (network order), written by bench_fwd.py. */
 BPF_ARRAY(gen_static, u32, GEN_STATICS);
 /* One address inside each CSAM list entry (network order), written by bench_fwd.py. */
@@ -61,10 +83,28 @@ int gen(struct xdp_md *ctx)
 	u16 dport = 443, *w = (void *)ip;
 	u32 idx, *v;
 	struct gen_cfg *c = gen_cfg.lookup(&zero);
+	struct gen_pace *p = gen_pace.lookup(&zero);
+	struct gen_tmpl *tm = gen_tmpl.lookup(&zero);
+	u64 *pw = data;
 	u32 sum = 0;
+	u64 now;
 
-	if (!c || (void *)(tcp + 1) > end || !c->pool_span)
+	if (!c || !p || !tm || data + sizeof(*tm) > end || !c->pool_span)
 		return XDP_ABORTED;
+	if (p->gap_ns) {
+		now = bpf_ktime_get_ns();
+		if (now < p->next_ns) {
+			p->skipped++;
+			return XDP_DROP;
+		}
+		p->next_ns += p->gap_ns;
+		if (p->next_ns + PACE_BURST * p->gap_ns < now)
+			p->next_ns = now - PACE_BURST * p->gap_ns;
+	}
+	p->sent++;
+#pragma unroll
+	for (int i = 0; i < TMPL_WORDS; i++)
+		pw[i] = tm->w[i];
 	src = bpf_htonl(c->pool_base + bpf_get_prandom_u32() % c->pool_span);
 	if (c->mix == MIX_DROP) {
 		if (r & 1) {
