@@ -406,6 +406,7 @@ class Env:
     pin_root: str
     subs_file: Path
     csam_file: Path
+    xdpzoot_extra: str = ""       # TOML appended to xdpzoot's config (--xdpzoot-extra)
 
 
 class Router:
@@ -579,7 +580,7 @@ class Xdpzoot(Router):
                       else f"xdpzoot at {'XDP (native)' if hook == 'xdp' else 'TC'}")
         self.pin_dir = os.path.join(env.pin_root, self.name)
         self.config = env.workdir / f"{self.name}.toml"
-        extra = "\n[dataplane]\nfast_path = true\n" if fast_path else ""
+        extra = ("\n[dataplane]\nfast_path = true\n" if fast_path else "") + env.xdpzoot_extra
         self.config.write_text(XDPZOOT_CONFIG.format(
             rin=self.t.rin, rout=self.t.rout, hook=hook, subs=env.subs_file,
             csam=env.csam_file, extra=extra))
@@ -775,7 +776,8 @@ def run(args: argparse.Namespace) -> dict:
                             "pools": args.pools, "statics": len(ds.statics),
                             "csam": len(ds.csam), "rates": list(rates), "seconds": seconds,
                             "frame_bytes": FRAME_LEN, "generator_cpu": GEN_CPU,
-                            "router_cpu": ROUTER_CPU, "realtime": not args.no_rt},
+                            "router_cpu": ROUTER_CPU, "realtime": not args.no_rt,
+                            "xdpzoot_extra": args.xdpzoot_extra},
                  "routers": []}
     tag = "xzfb" + secrets.token_hex(2)
     topo: Topo | None = None
@@ -794,7 +796,9 @@ def run(args: argparse.Namespace) -> dict:
             # router's kthread: on the generator's CPU it would wait for each whole test_run
             # call (the generator does not yield) behind a ring of 256 frames.
             doc["config"]["sink_napi"] = "softirq on the router's CPU"
-            env = Env(topo, ds, traffic, workdir, pin_root, subs, csam)
+            extra = args.xdpzoot_extra.replace("\\n", "\n")
+            extra = f"\n{extra}\n" if extra else ""
+            env = Env(topo, ds, traffic, workdir, pin_root, subs, csam, extra)
             for router in make_routers(env):
                 if args.only and router.name not in args.only:
                     continue
@@ -867,6 +871,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offered loads, e.g. 250k,1M,0 (0: unpaced)")
     p.add_argument("--no-rt", action="store_true",
                    help="no SCHED_FIFO for the generator and the router's NAPI kthread")
+    p.add_argument("--xdpzoot-extra", default="", metavar="TOML",
+                   help="appended to xdpzoot's config, e.g. '[bandwidth]\\nenabled = false'")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast")
