@@ -28,13 +28,23 @@ run_time_ns / run_cnt from the kernel's BPF stats (kernel.bpf_stats_enabled, res
 afterwards); the netfilter routers run no program of their own (their XDP_PASS stub is not
 their cost).
 
-Caveats: veth, not a NIC (no DMA, no driver ring; XDP on veth works from a ptr_ring of 256
-frames); one router CPU (the router veth's threaded NAPI kthread pinned to CPU 1, the
-generator and the sink's NAPI on CPU 0 on this 2-core machine, so the generator is not a fixed
-cost apart from the sink); TCP checksums are not valid (a router does not check them).
+Pinning: the generator (this process, during a step) on CPU 0, the router's ingress veth in
+threaded NAPI mode with its kthread on CPU 1; both SCHED_FIFO (``--no-rt``: not) while measured,
+because the machine may be shared and a descheduled generator or router measures the
+neighbours. The sink's NAPI is a softirq raised by the router's kthread and so runs on CPU 1
+too (~as much as an XDP_DROP costs per forwarded frame; on CPU 0 it would wait behind each
+whole test_run call of the generator, which does not yield, and its ring of 256 would drop).
+
+Caveats: veth, not a NIC (no DMA, no driver ring: XDP on veth reads from a ptr_ring of 256
+frames, and frames that find it full are the loss, not counted as processed); one router CPU;
+each test_run call of the generator costs ~25 ms to set up, in which nothing is sent (part of
+the step's time); TCP checksums are not valid (a router does not check them); the figures
+move with whatever else the machine runs.
 
 Usage: bench_fwd.py [--json] [--quick] [--csam N] [--pools N] [--statics N]
-                    [--seconds S] [--rates 250k,500k,...,0] [--only NAME,...]
+                    [--seconds S] [--rates 250k,500k,...,0] [--only NAME,...] [--no-rt]
+                    [--xdpzoot-extra TOML]
+Example: make bench-fwd BENCH_ARGS="--quick --only plain,xdpzoot-xdp"
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import os
 import platform
 import random
 import secrets
+import shutil
 import socket
 import struct
 import subprocess
@@ -415,6 +426,7 @@ class Router:
 
     name = "?"
     label = "?"
+    needs: tuple[str, ...] = ()   # programs that must be installed (scripts/setup.sh)
 
     def __init__(self, env: Env):
         self.env = env
@@ -458,6 +470,7 @@ def nft_ruleset(ds: DataSet) -> str:
 
 class Nft(Router):
     name, label = "nft", "nftables, interval sets"
+    needs = ("nft",)
 
     def setup(self) -> None:
         super().setup()
@@ -483,6 +496,7 @@ class Nft(Router):
 class Ipt(Router):
     name, label = "iptables", "iptables-legacy + ipset hash:net"
     ipt = "iptables-legacy"
+    needs = ("ipset", "iptables-legacy", "iptables-legacy-restore")
 
     def setup(self) -> None:
         super().setup()
@@ -817,6 +831,11 @@ def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds
     reported with the reason (the fast path before that feature exists: config refused)."""
     out: dict = {"name": router.name, "label": router.label}
     log(f"{router.name}: setting up ...")
+    missing = [p for p in router.needs if shutil.which(p) is None]
+    if missing:
+        out["status"], out["error"] = "not installed", f"missing {', '.join(missing)} (make setup)"
+        log(f"  {out['status']}: {out['error']}")
+        return out
     t0 = time.monotonic()
     try:
         try:
