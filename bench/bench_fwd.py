@@ -133,7 +133,12 @@ def make_dataset(n_pools: int, n_statics: int, n_csam: int, seed: int = 1) -> Da
     pools = [f"{ipaddress.IPv4Address(POOL_BASE + (i << POOL_BITS))}/{32 - POOL_BITS}"
              for i in range(n_pools)]
     span = n_pools << POOL_BITS
-    statics = sorted({POOL_BASE + rng.randrange(span) for _ in range(n_statics)})
+    if n_statics > span // 2:
+        raise ValueError("statics: at most half the pools' addresses")
+    drawn: set[int] = set()
+    while len(drawn) < n_statics:
+        drawn.add(POOL_BASE + rng.randrange(span))
+    statics = sorted(drawn)
     entries: dict[tuple[int, int], int] = {}
     n_prefixes = n_csam // 5
     while len(entries) < n_csam:

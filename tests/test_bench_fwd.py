@@ -24,7 +24,7 @@ SECONDS = 0.5
 
 def test_dataset_shape():
     ds = bf.make_dataset(16, 10, 1000, seed=3)
-    assert len(ds.pools) == 16 and ds.pool_span == 16 * 1024
+    assert len(ds.pools) == 16 and ds.pool_span == 16 * 1024 and len(ds.statics) == 10
     assert len(ds.csam) == len(ds.listed) == 1000
     prefixes = [e for e in ds.csam if "/" in e]
     assert len(prefixes) == 200
