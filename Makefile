@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench lab-up lab-down clean
+.PHONY: setup test lint bench bench-fwd lab-up lab-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,10 @@ lint:
 
 bench:
 	$(PY) bench/bench.py
+
+# Routers side by side in a lab of namespaces (plain, nft, iptables+ipset, XDP, xdpzoot).
+bench-fwd:
+	$(PY) bench/bench_fwd.py $(BENCH_ARGS)
 
 lab-up:
 	.venv/bin/xdpzoot lab up

@@ -1,0 +1,107 @@
+"""The forwarding lab benchmark's pieces (bench/bench_fwd.py), cheaply: its data set, and a
+bounded number of generated frames through a plain router and through the reference XDP
+program, counted at the sink and at the router."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_fwd as bf  # noqa: E402
+
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, BPF)")
+RATE = 20_000          # frames/s: far below what a router does, so nothing overflows a ring
+SECONDS = 0.5
+
+
+def test_dataset_shape():
+    ds = bf.make_dataset(16, 10, 1000, seed=3)
+    assert len(ds.pools) == 16 and ds.pool_span == 16 * 1024 and len(ds.statics) == 10
+    assert len(ds.csam) == len(ds.listed) == 1000
+    prefixes = [e for e in ds.csam if "/" in e]
+    assert len(prefixes) == 200
+    for entry, addr in zip(ds.csam, ds.listed, strict=True):
+        net = ipaddress.IPv4Network(entry)          # raises on host bits set
+        assert ipaddress.IPv4Address(addr) in net
+        assert net.network_address.packed[0] not in bf.BAD_FIRST
+    span = ipaddress.IPv4Network("100.64.0.0/18")
+    assert all(ipaddress.IPv4Address(a) in span for a in ds.statics)
+    assert "@static" in bf.nft_ruleset(ds)
+
+
+def test_parse_rates():
+    assert bf.parse_rates("250k,1.5M,0") == (250_000, 1_500_000, 0)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """The three namespaces, the generator and sink loaded; torn down at the end."""
+    ds = bf.make_dataset(4, 8, 200, seed=5)
+    topo = bf.topo_up("xzfb" + secrets.token_hex(2))
+    try:
+        with bf.bpffs() as pins:
+            traffic = bf.Traffic(ds, topo, pins)
+            bf.attach_pinned_xdp(topo.snk, topo.snk_dev, traffic.pins["sink"])
+            subs, csam = bf.write_sources(ds, tmp_path)
+            yield bf.Env(topo, ds, traffic, tmp_path, pins, subs, csam)
+    finally:
+        bf.topo_down(topo)
+    assert not {topo.gen, topo.rtr, topo.snk} & set(bf.ip("netns", "list").split())
+
+
+def send(env: bf.Env, router: bf.Router, mix: str) -> tuple[int, int, int]:
+    """Frames sent, counted by the sink and dropped by the router, for one paced burst."""
+    bf.threaded_napi(env.topo.rtr, env.topo.rin, bf.ROUTER_CPU, realtime=True)
+    env.traffic.set_mix(mix)
+    sink0, drops0 = env.traffic.sink_count(), router.drops()
+    with bf.pinned_to(bf.GEN_CPU, True), bf.in_netns(env.topo.gen):
+        sent, _ = bf.offer(env.traffic, RATE, SECONDS)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        got = env.traffic.sink_count() - sink0 + router.drops() - drops0
+        if got >= sent:
+            break
+        time.sleep(0.02)
+    return sent, env.traffic.sink_count() - sink0, router.drops() - drops0
+
+
+@root
+@pytest.mark.lab
+def test_plain_router_forwards_every_frame(lab):
+    router = bf.Plain(lab)
+    router.setup()
+    try:
+        sent, sink, drops = send(lab, router, "forward")
+    finally:
+        router.teardown()
+    assert sent > RATE * SECONDS / 4
+    assert (sink, drops) == (sent, 0)
+
+
+@root
+@pytest.mark.lab
+def test_reference_program_drops_port_25_and_listed(lab):
+    router = bf.Ref(lab)
+    router.setup()
+    try:
+        sent, sink, drops = send(lab, router, "drop")
+        t = router.bpf[b"ref_drops"]
+        op25b, csam = (sum(t[t.Key(k)]) for k in range(2))
+        fsent, fsink, fdrops = send(lab, router, "forward")
+        assert router.prog_ids()
+    finally:
+        router.teardown()
+    assert sink + drops == sent > 0
+    # Port 25 from the pools and listed destinations, half each; a pool source that is one
+    # of the 8 static hosts (8 in 4,096 addresses) is forwarded.
+    assert sink <= sent * 0.01
+    assert op25b > sent * 0.4 and csam > sent * 0.4
+    assert fsink + fdrops == fsent and fdrops <= fsent * 0.01
