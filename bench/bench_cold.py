@@ -483,9 +483,11 @@ class Prog:
     hot: dict[str, list[int]] = field(default_factory=dict)
 
 
-def run_cold(progs: list[Prog], rounds: int) -> None:
+def run_cold(progs: list[Prog], rounds: int, seed: int = 1) -> None:
     """Each program runs each of its packets once per round, repeat=1; programs take
-    turns of BLOCK calls, each walking its packets from its own offset."""
+    turns of BLOCK calls, each walking its packets from its own offset, in a new random
+    order every cycle of turns (so that no program always follows the same one)."""
+    rng = random.Random(seed)
     n = len(progs)
     offsets = [len(p.pkts) * i // n for i, p in enumerate(progs)]
     for rnd in range(rounds):
@@ -493,7 +495,7 @@ def run_cold(progs: list[Prog], rounds: int) -> None:
         pos = [0] * n
         live = list(range(n))
         while live:
-            for i in list(live):
+            for i in rng.sample(live, len(live)):
                 pr = progs[i]
                 if pr.control:
                     pr.inst.set_control(*pr.control)
