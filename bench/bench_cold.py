@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import probes  # noqa: E402
 
-from bench import bpffs, counted, size_label  # noqa: E402  (bench.py's helpers)
+from bench import bpffs, counted, cpu_times, size_label  # noqa: E402  (bench.py's)
 from xdpzoot import kernel, loader, schema  # noqa: E402
 from xdpzoot.config import load_config  # noqa: E402
 
@@ -573,10 +573,16 @@ def breakdown_controls(inst: Instance) -> dict[str, tuple[int, int]]:
     rules = (C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_OP25B_REJECT"] | C["XZ_C_IP53B"]
              | C["XZ_C_IP53B_V6"] | C["XZ_C_IP53B_TCP"])
     bare = f & ~rules & ~C["XZ_C_RATES"]
-    return {"bd_bypass": (C["XZ_C_LOADED"] | C["XZ_C_BYPASS"], cw),
-            "bd_class": (bare, 0),
-            "bd_rules": (bare | (f & rules), 0),
-            "bd_csam": (bare | (f & rules), cw)}
+    out = {"bd_bypass": (C["XZ_C_LOADED"] | C["XZ_C_BYPASS"], cw),
+           "bd_class": (bare, 0),
+           "bd_rules": (bare | (f & rules), 0),
+           "bd_csam": (bare | (f & rules), cw)}
+    # The list's two lookups apart, by the word's own "what the list holds" bits (when
+    # the header still has them: the list's layout is being changed).
+    if "XZ_CSAM_HOSTS" in C and "XZ_CSAM_PREFIXES" in C:
+        out["bd_csam_hash"] = (bare | (f & rules), cw & ~C["XZ_CSAM_PREFIXES"])
+        out["bd_csam_trie"] = (bare | (f & rules), cw & ~C["XZ_CSAM_HOSTS"])
+    return out
 
 
 BREAKDOWN = [   # key, label, what the row adds
@@ -592,6 +598,8 @@ BREAKDOWN_ASIDE = [
     ("bd_bypass", "pipeline, bypass on: control + counter, no parse"),
     ("xzb_parse_hash", "probe: parse + host hash lookup of the source"),
     ("xzb_parse_lpm", "probe: parse + subscriber trie lookup of the source"),
+    ("bd_csam_hash", "pipeline: + OP25B/IP53B + list's host hash only"),
+    ("bd_csam_trie", "pipeline: + OP25B/IP53B + list's prefix trie only"),
 ]
 
 
@@ -665,9 +673,14 @@ def bench(args: argparse.Namespace) -> dict:
                 f"{args.rounds} rounds ...")
             warm = [Prog(p.key, p.inst, p.fd_of, p.pkts, p.control) for p in progs]
             run_cold(warm, 1)   # LRU inserts (pool state), page faults: not timed
-            t0 = time.monotonic()
+            t0, busy0 = time.monotonic(), cpu_times(cpu)
             run_cold(progs, args.rounds)
+            busy1 = cpu_times(cpu)
             doc["cold_s"] = time.monotonic() - t0
+            doc["other_cpus_busy_pct"] = round(100 * (busy1[0] - busy0[0])
+                                               / max(busy1[1] - busy0[1], 1))
+            doc["loadavg"] = os.getloadavg()[0]
+            doc["per_round"] = per_round(progs, args.rounds)
             log("hot: the same packet repeated ...")
             run_hot(progs)
             doc["progs"] = {p.key: summarise(p) for p in progs}
@@ -678,6 +691,27 @@ def bench(args: argparse.Namespace) -> dict:
     doc["goals"] = goals(doc)
     doc["elapsed_s"] = time.monotonic() - t_start
     return doc
+
+
+def per_round(progs: list[Prog], rounds: int) -> dict[str, list[float]]:
+    """The goals' ratios round by round (each round's medians, net of its floor): how
+    far they move with whatever else the machine is doing."""
+    by = {p.key: p for p in progs}
+
+    def med(key: str, r: int, cls: str | None) -> float:
+        p = by[key]
+        n = len(p.pkts)
+        xs = [t for t, c in zip(p.times[r * n:(r + 1) * n], p.classes[r * n:(r + 1) * n],
+                                strict=True) if cls is None or c == cls]
+        return float(statistics.median(xs))
+
+    out: dict[str, list[float]] = {"scale_ratio": [], "ref_ratio": []}
+    for r in range(rounds):
+        fl = med("floor", r, None)
+        big, small = med("full_big", r, "up_pass") - fl, med("full_small", r, "up_pass") - fl
+        out["scale_ratio"].append(big / small)
+        out["ref_ratio"].append(big / (med("ref_big", r, "up_pass") - fl))
+    return out
 
 
 def net(doc: dict, key: str, cls: str, what: str = "median") -> float:
@@ -776,18 +810,29 @@ def report(doc: dict) -> str:
         prev, prev_h = cm, h
     out.append("  aside:")
     for key, label in BREAKDOWN_ASIDE:
+        if key not in pr:
+            continue
         out.append(f"  {label:<50}{net(doc, key, 'up_pass'):>9.0f}{'':>7}"
                    f"{net(doc, key, 'up_pass', 'mean'):>7.0f}{net_hot(doc, key, 'up_pass'):>7.1f}")
 
     def pm(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
+    def rng_of(xs: list[float]) -> str:
+        return f"{min(xs):.2f}..{max(xs):.2f}"
+
     out += ["",
             f"goal: cold pass path {big} / {small} <= 1.5x: {g['scale_ratio']:.2f}  "
-            f"{pm(g['scale_ok'])}  (net of floor; raw {g['scale_ratio_raw']:.2f})",
+            f"{pm(g['scale_ok'])}  (net of floor; raw {g['scale_ratio_raw']:.2f}; rounds "
+            f"{rng_of(doc['per_round']['scale_ratio'])})",
             f"goal: cold pass path xdpzoot / minimal program <= 2x ({big}): "
             f"{g['ref_ratio']:.2f}  {pm(g['ref_ok'])}  (net of floor; raw "
-            f"{g['ref_ratio_raw']:.2f})",
+            f"{g['ref_ratio_raw']:.2f}; rounds {rng_of(doc['per_round']['ref_ratio'])})",
+            f"  minimal program alone, {big} / {small}: "
+            f"{net(doc, 'ref_big', 'up_pass') / net(doc, 'ref_small', 'up_pass'):.2f}",
+            f"other CPUs busy during the timed rounds: {doc['other_cpus_busy_pct']}% "
+            f"(load average {doc['loadavg']:.1f}; a shared machine moves cold figures by "
+            "~20% between runs, the ratios less)",
             "",
             "load (CLI processes): " + "; ".join(
                 f"{doc['labels'][n]}: subscribers {v['subscribers_load_s']:.1f} s, list "
