@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench bench-fwd lab-up lab-down clean
+.PHONY: setup test lint bench bench-cold bench-fwd lab-up lab-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,11 @@ lint:
 
 bench:
 	$(PY) bench/bench.py
+	$(PY) bench/bench_cold.py
+
+# The cold-cache per-packet figures alone (1M subscribers and list entries, ~5 min).
+bench-cold:
+	$(PY) bench/bench_cold.py
 
 # Routers side by side in a lab of namespaces (plain, nft, iptables+ipset, XDP, xdpzoot).
 bench-fwd:
