@@ -362,7 +362,7 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 /* Returns XZ_V_*: PASS, DROP, REJECT (the entry point answers via reply.h). */
 static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 {
-	int verdict = XZ_V_PASS, reason = XZ_R_OK, listed = 0;
+	int verdict = XZ_V_PASS, reason = XZ_R_OK;
 	struct xz_class *cls = NULL;
 	struct xz_control *ctl;
 	__u32 key = 0, flags, csam;
@@ -380,13 +380,11 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 		reason = XZ_R_UNPARSED;
 		goto out;
 	}
-	/* The CSAM list applies to every packet from the access side, subscriber or not.
-	 * Looked up first: the verifier then meets one scalar, not two map paths, below. */
-	if (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE))
-		listed = xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, p->family,
-					 csam);
 	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls);
-	if (listed && verdict == XZ_V_PASS) {
+	/* The CSAM list applies to every packet from the access side, subscriber or not;
+	 * one stopped already needs no lookup. */
+	if (verdict == XZ_V_PASS && (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE)) &&
+	    xz_csam_listed(role == XZ_ROLE_ACCESS ? &p->dst : &p->src, p->family, csam)) {
 		xz_csam_count(csam, p->family);
 		reason = XZ_R_CSAM;
 		verdict = role == XZ_ROLE_ACCESS && (flags & XZ_C_CSAM_REJECT) && xz_can_reply(p) &&
