@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -367,6 +368,12 @@ def build(root: str, tmp: Path, st: State, cfg_path: Path, with_probes: bool) ->
     """Load the state through the CLI, compile and load the data plane on the same pins,
     configure it from the config; then the reference program with the same pools and
     list."""
+    # The example config, with room for the state of every IPv4 pool address (the pools
+    # have a rate) and the IPv6 packets' addresses.
+    own = tmp / f"xdpzoot-{st.name}.toml"
+    own.write_text(re.sub(r"(?m)^pool_addresses = \d+", "pool_addresses = "
+                          f"{1024 * len(st.pools4) + 65536}", cfg_path.read_text()))
+    cfg_path = own
     cfg = load_config(str(cfg_path))
     pin = os.path.join(root, st.name)
     subs, lst = tmp / f"subscribers-{st.name}.csv", tmp / f"csam-{st.name}.txt"
@@ -747,8 +754,9 @@ def report(doc: dict) -> str:
         "state (loaded by the CLI): " + "; ".join(
             f"{doc['labels'][n]}: " + ", ".join(f"{v:,} {k}" for k, v in s.items())
             for n, s in doc["state"].items()),
-        f"config {cfg['config_file']} (OP25B, IP53B, rates on); programs interleaved in "
-        f"blocks of {cfg['block']} calls, rotated offsets",
+        f"config {cfg['config_file']} (OP25B, IP53B, rates on; limits.pool_addresses sized "
+        f"to the pools); programs interleaved in blocks of {cfg['block']} calls, rotated "
+        "offsets",
         "",
         f"floor, xz_xdp_empty: cold median {fl['cold']['median']:.0f} ns, mean "
         f"{fl['cold']['mean']:.0f} ns (p90 {fl['cold']['p90']:.0f}); hot "

@@ -585,6 +585,9 @@ mode = "native"
 [sources]
 subscribers = "{subs}"
 csam = "{csam}"
+
+[limits]
+pool_addresses = {pool_addrs}   # every pool address may send to port 25 (the drop mix)
 {extra}"""
 
 
@@ -602,7 +605,7 @@ class Xdpzoot(Router):
         extra = ("\n[dataplane]\nfast_path = true\n" if fast_path else "") + env.xdpzoot_extra
         self.config.write_text(XDPZOOT_CONFIG.format(
             rin=self.t.rin, rout=self.t.rout, hook=hook, subs=env.subs_file,
-            csam=env.csam_file, extra=extra))
+            csam=env.csam_file, pool_addrs=1024 * len(env.ds.pools), extra=extra))
         self.attached = False
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300

@@ -108,6 +108,8 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	int gen = csam & XZ_CSAM_GEN;
 	__u32 zero = 0, look = XZ_CSAM_DIR_LOOK;
 
+	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
+		return 0;   /* no list in force (or an empty one): nothing to look up */
 	if (family == 4) {
 		look = xz_dir_state(gen ? xz_csam_d1.lookup(&zero) : xz_csam_d0.lookup(&zero), a);
 		if (look == XZ_CSAM_DIR_NONE)

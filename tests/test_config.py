@@ -65,6 +65,7 @@ def test_defines() -> None:
         "-DXZ_MAX_CSAM_PREFIXES=262144",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
+        "-DXZ_MAX_POOL_ADDRS=262144",
     ]
     c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n")
     assert c.defines() == [
@@ -75,6 +76,7 @@ def test_defines() -> None:
         "-DXZ_MAX_CSAM_PREFIXES=262144",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
+        "-DXZ_MAX_POOL_ADDRS=262144",
     ]
 
 

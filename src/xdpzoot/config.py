@@ -102,6 +102,7 @@ class Limits:
     csam_prefixes: int = 262144  # CSAM list prefixes, per generation (LPM trie)
     subscribers: int = 1048576  # per-subscriber state slots (rates, volume)
     flows: int = 262144  # flows watched for bulk transfers in congestion mode (LRU)
+    pool_addresses: int = 262144  # state of pool addresses without an owner (LRU)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Config:
             f"-DXZ_MAX_CSAM_PREFIXES={self.limits.csam_prefixes}",
             f"-DXZ_MAX_SUBSCRIBERS={self.limits.subscribers}",
             f"-DXZ_MAX_FLOWS={self.limits.flows}",
+            f"-DXZ_MAX_POOL_ADDRS={self.limits.pool_addresses}",
         ]
 
 
@@ -340,7 +342,8 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     },
     "sources": {"subscribers": _path, "csam": _path},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
-               "csam_prefixes": _size, "subscribers": _size, "flows": _size},
+               "csam_prefixes": _size, "subscribers": _size, "flows": _size,
+               "pool_addresses": _size},
     "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
 }
 _SECTIONS: dict[str, type[Any]] = {
