@@ -243,10 +243,10 @@ class Maps:
 
     def read_dir(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
-        return bytearray(self.dirs[gen].lookup(ZERO_KEY))
+        return self.dirs[gen].lookup_into(ZERO_KEY)
 
     def write_dir(self, gen: int, d: bytes | bytearray) -> None:
-        self.dirs[gen].update(ZERO_KEY, bytes(d))
+        self.dirs[gen].update(ZERO_KEY, d)
 
     def __enter__(self) -> Maps:
         return self
@@ -321,7 +321,8 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
     old_dir = maps.read_dir(idle) if old else None
-    delta = text_delta(old.text, data) if old and old_dir.strip(b"\0") else None
+    delta = (text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
+             else None)
     if delta is None:
         lst = lst or parse_csam_bytes(data, path)   # the careful parser names bad lines
     key = struct.pack("=I", idle)

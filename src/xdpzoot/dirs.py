@@ -163,16 +163,17 @@ def union(a: bytes, b: bytes) -> bytes:
 
 
 def subscriber_added(d: bytearray, hosts: Iterable[bytes],
-                     prefixes: Iterable[tuple[int, bytes]]) -> None:
-    """Clear what the directory says is absent where new entries go."""
-    for a in hosts:
-        i = slash24(a)
-        if i is not None:
-            put(d, i, get(d, i) & ~NO_HOST)
-    for plen, addr in prefixes:
-        s = span(plen, addr)
-        for i in range(s[0], s[0] + s[1]) if s else ():
-            put(d, i, get(d, i) & ~NO_PREFIX)
+                     prefixes: Iterable[tuple[int, bytes]]) -> bool:
+    """Clear what the directory says is absent where new entries go; whether anything
+    changed."""
+    changed = False
+    for i, bit in [(slash24(a), NO_HOST) for a in hosts] + [
+            (i, NO_PREFIX) for plen, addr in prefixes
+            for s in [span(plen, addr)] if s for i in range(s[0], s[0] + s[1])]:
+        if i is not None and get(d, i) & bit:
+            put(d, i, get(d, i) & ~bit)
+            changed = True
+    return changed
 
 
 def states(d: bytes | bytearray) -> np.ndarray:

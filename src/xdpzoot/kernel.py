@@ -267,8 +267,19 @@ class PinnedMap:
             return None
         return val.raw
 
-    def update(self, key: bytes, value: bytes) -> None:
+    def update(self, key: bytes, value: bytes | bytearray) -> None:
+        if isinstance(value, bytearray):   # written from where it is, not copied first
+            value = (ct.c_char * len(value)).from_buffer(value)
         _check(_libbpf.bpf_map_update_elem(self.fd, key, value, 0), f"update {self.path}")
+
+    def lookup_into(self, key: bytes) -> bytearray | None:
+        """The value (not per-CPU) in a new bytearray, read in place: for large values."""
+        out = bytearray(self.value_size)
+        buf = (ct.c_char * len(out)).from_buffer(out)
+        if _libbpf.bpf_map_lookup_elem(self.fd, key, buf) != 0:
+            return None
+        del buf
+        return out
 
     def keys(self) -> list[bytes]:
         """Every key: batch lookups where the map type has them, else key by key."""
@@ -745,17 +756,15 @@ class SubscriberMaps:
 
     def read_dir(self) -> bytearray:
         """The IPv4 /24 directory of the subscriber maps (dirs.py)."""
-        return bytearray(self.dir_map.lookup(ZERO_KEY))
+        return self.dir_map.lookup_into(ZERO_KEY)
 
     def write_dir(self, d: bytes | bytearray) -> None:
-        self.dir_map.update(ZERO_KEY, bytes(d))
+        self.dir_map.update(ZERO_KEY, d)
 
     def _adding(self, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> None:
         """Before new entries go in: the directory stops saying they are absent."""
         d = self.read_dir()
-        before = bytes(d)
-        dirs.subscriber_added(d, hosts, prefixes)
-        if d != before:
+        if dirs.subscriber_added(d, hosts, prefixes):
             self.write_dir(d)
 
     def owners(self) -> dict[int, int]:
