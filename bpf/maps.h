@@ -54,7 +54,10 @@ XZ_MAP("array", __u32, struct xz_throttle, xz_throttle, XZ_MAX_SUBSCRIBERS, 0);
 /* Throttles set by hand, by slot: cp writes, the daemon reads. */
 XZ_MAP("hash", __u32, struct xz_manual, xz_manual, 65536, BPF_F_NO_PREALLOC);
 /* State of pool addresses without an owner, by address. dp writes, cp reads. */
-XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_ADDRS, 0);
+XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_LRU, 0);
+/* State of IPv4 pool addresses, by pool (xz_class.slot) and host bits: no hash, no insert.
+ * dp writes, cp reads and clears a block before giving it to another pool. */
+XZ_MAP("array", __u32, struct xz_state, xz_pool_addrs, XZ_MAX_POOL_ADDRS, 0);
 /* Flows watched for bulk transfers while congestion mode is on. dp writes. */
 XZ_MAP("lru_hash", struct xz_flow_key, struct xz_flow, xz_flows, XZ_MAX_FLOWS, 0);
 /* Global switches, one entry. cp writes. */

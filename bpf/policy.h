@@ -190,14 +190,19 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 	return hit ? XZ_V_DROP : XZ_V_PASS;
 }
 
-/* The subscriber's state: its slot, or (pool address without owner) its address's. */
+/* The subscriber's state: its slot, or (pool address without owner) its address's:
+ * indexed for IPv4 pools that have a block of xz_pool_addrs, else in the LRU. */
 static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_class *cls,
 						    const int role)
 {
 	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
-	__u32 slot = cls->slot;
+	__u32 slot = cls->slot, bits = cls->pool_bits;
 	struct xz_state *st;
 
+	if (bits) {   /* an indexed pool: its first index plus the address's host bits */
+		slot += bpf_ntohl(*(__be32 *)&a->addr[12]) & ((1U << (bits & 31)) - 1);
+		return xz_pool_addrs.lookup(&slot);
+	}
 	if (slot)
 		return xz_state.lookup(&slot);
 	st = xz_pool_state.lookup(a);
@@ -325,10 +330,11 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	 * throttle, no volume rule: those bind subscribers, by slot) unless congestion mode
 	 * may hold its bulk flows to a floor: then no state, and no LRU insert for every
 	 * address of every pool. */
-	if (!slot && !kbps && !((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps))
+	if ((!slot || cls->pool_bits) && !kbps &&
+	    !((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps))
 		return XZ_V_PASS;
 	st = xz_state_of(p, cls, role);
-	if (slot && (ctl->flags & XZ_C_THROTTLES))   /* mostly none: no lookup */
+	if (slot && !cls->pool_bits && (ctl->flags & XZ_C_THROTTLES))   /* mostly none */
 		th = xz_throttle.lookup(&slot);
 	if (!st)
 		return XZ_V_PASS;   /* no state slot: fail open */

@@ -29,8 +29,12 @@
 #define XZ_MAX_SUBSCRIBERS 1048576 /* per-subscriber state slots (rates, volume) */
 #endif
 #ifndef XZ_MAX_POOL_ADDRS
-#define XZ_MAX_POOL_ADDRS 262144   /* state of pool addresses without an owner (LRU) */
+#define XZ_MAX_POOL_ADDRS 262144   /* state of IPv4 pool addresses, indexed (array) */
 #endif
+#ifndef XZ_MAX_POOL_LRU
+#define XZ_MAX_POOL_LRU 65536      /* state of other pool addresses (IPv6; overflow): LRU */
+#endif
+#define XZ_POOL_MAX_BITS 16        /* indexed pools: /16 (IPv4) or longer */
 #ifndef XZ_MAX_FLOWS
 #define XZ_MAX_FLOWS 262144        /* flows watched for bulk transfers (LRU) */
 #endif
@@ -90,10 +94,13 @@ struct xz_class {
 	__u32 sub_id;      /* subscriber (customer) id; for a pool, the pool id */
 	__u8 type;         /* XZ_TYPE_* */
 	__u8 flags;        /* XZ_F_* */
-	__u16 _pad;
+	__u8 pool_bits;    /* an IPv4 pool whose 2^pool_bits addresses have state in
+			    * xz_pool_addrs from index slot on (host bits of the address) */
+	__u8 _pad;
 	__u32 up_kbps;     /* contracted rate upstream, 0 = unlimited */
 	__u32 down_kbps;   /* contracted rate downstream, 0 = unlimited */
-	__u32 slot;        /* index in xz_state/xz_throttle; 0: per-address state (pool) */
+	__u32 slot;        /* index in xz_state/xz_throttle, or (pool_bits) in xz_pool_addrs;
+			    * 0 and no pool_bits: per-address state in the LRU (pool) */
 };
 
 /* Directions, index of per-direction state. */

@@ -14,7 +14,7 @@ import time
 import packets
 import pytest
 
-from xdpzoot import kernel, schema, tables
+from xdpzoot import kernel, schema, sync, tables
 from xdpzoot.kernel import Entry
 from xdpzoot.model import Packet
 
@@ -198,3 +198,32 @@ def test_bulk_flow_gets_a_share_in_congestion(dp, hook):
     dp.maps.set_control_flags(C["XZ_C_RATES"])
     time.sleep(0.01)
     assert dp.verdict(hook, "access", bulk)[0] == "pass"
+
+
+def test_indexed_pool_addresses_have_state_of_their_own(dp):
+    """A pool loaded as `subscribers load` does gets a block of the pool-address array:
+    each address its own entry, found by index (no LRU entry), its SMTP attempts counted
+    there; an address suspended on its own shares the entry."""
+    setup(dp)
+    m = dp.maps
+    hosts, prefixes = kernel.ClassTable(), kernel.ClassTable()
+    prefixes.append(kernel.LPM_KEY.pack(*tables.key_of(ipaddress.ip_network("100.64.1.0/24"))),
+                    Entry(100, DYN, 0, 100_000, 100_000))
+    sync.apply_subscribers(m, hosts, prefixes)
+    (_, pool), = m.prefix_items()
+    assert pool.pool_bits == 8
+    m.clear_pool_blocks([(pool.slot, 256)])
+    send(dp, up(src=POOL4), 3)
+    send(dp, up(src="100.64.1.11"), 2)
+    assert dp.verdict("xdp", "access", up(src=POOL4, dport=25))[0] == "drop"
+    assert m.bpf[b"xz_pool_state"].items() == []
+    vols = m.pool_volumes()
+    assert {str(tables.ip_of(a)): (v.up_packets, v.op25b) for a, v in vols.items()} == {
+        POOL4: (3, 1), "100.64.1.11": (2, 0)}
+    sync.set_suspended(m, tables.addr16(POOL4), True)
+    assert m.get_host(tables.addr16(POOL4)).slot == pool.slot
+    m.set_control_flags(C["XZ_C_RATES"] | C["XZ_C_OP25B"])
+    assert dp.verdict("xdp", "access", up(src=POOL4))[0] == "drop"   # suspended
+    sync.set_suspended(m, tables.addr16(POOL4), False)
+    send(dp, up(src=POOL4), 1)
+    assert m.pool_volumes()[tables.addr16(POOL4)].up_packets == 4

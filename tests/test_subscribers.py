@@ -5,9 +5,11 @@ read back (layouts checked against bcc's types)."""
 from __future__ import annotations
 
 import ctypes as ct
+import ipaddress
 import os
 import secrets
 import struct
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -160,6 +162,7 @@ class FakeMaps:
     """What plan_subscribers reads of SubscriberMaps, from dicts."""
 
     host_map, prefix_map = "hosts", "prefixes"
+    pool_map = SimpleNamespace(max_entries=0)   # no pool blocks: the dict model's pools
 
     def __init__(self, hosts: dict, prefixes: dict, slots: int):
         self.tables = {"hosts": ClassTable.of(hosts.items()),
@@ -177,7 +180,8 @@ addresses = st.integers(0, 255).map(lambda x: BASE[:15] + bytes([x]))
 prefix_keys = st.tuples(st.integers(120, 127), st.integers(0, 255)).map(
     lambda t: (t[0], BASE[:15] + bytes([t[1] & ~((1 << (128 - t[0])) - 1) & 0xFF])))
 entries = st.builds(Entry, st.integers(1, 8), st.sampled_from((DYNAMIC, STATIC)),
-                    st.integers(0, 7), st.integers(0, 3), st.integers(0, 3), st.just(0))
+                    st.integers(0, 7), st.integers(0, 3), st.integers(0, 3), st.just(0),
+                    pool_bits=st.just(0))
 kernel_entries = st.builds(lambda e, slot: e._replace(slot=slot), entries, st.integers(0, 12))
 
 
@@ -240,10 +244,10 @@ def test_class_layout(compiled) -> None:
         leaf = bpf[name].Leaf
         assert ct.sizeof(leaf) == CLASS.size
         assert ctype_fields(leaf) == fields_of(CLASS)
-        assert [n for n, *_ in leaf._fields_] == ["sub_id", "type", "flags", "_pad", "up_kbps",
-                                                  "down_kbps", "slot"]
-        v = leaf(sub_id=1, type=2, flags=3, up_kbps=4, down_kbps=5, slot=6)
-        assert bytes(v) == kernel.pack_class(Entry(1, 2, 3, 4, 5, 6))
+        assert [n for n, *_ in leaf._fields_] == ["sub_id", "type", "flags", "pool_bits",
+                                                  "_pad", "up_kbps", "down_kbps", "slot"]
+        v = leaf(sub_id=1, type=2, flags=3, pool_bits=7, up_kbps=4, down_kbps=5, slot=6)
+        assert bytes(v) == kernel.pack_class(Entry(1, 2, 3, 4, 5, 6, 7))
     key = bpf[b"xz_prefixes"].Key
     assert ctype_fields(key) == fields_of(LPM_KEY)
     assert ct.sizeof(bpf[b"xz_hosts"].Key) == 16
@@ -303,7 +307,7 @@ def expected(text: str) -> dict[str, Entry]:
 
 
 def without_slots(d: dict[str, Entry]) -> dict[str, Entry]:
-    return {k: e._replace(slot=0) for k, e in d.items()}
+    return {k: e._replace(slot=0, pool_bits=0) for k, e in d.items()}
 
 
 HEADER = "subscriber,address,type,up_kbps,down_kbps,flags\n"
@@ -403,7 +407,65 @@ def test_loads_read_back_as_their_sources(maps, tmp_path, files) -> None:
         assert without_slots(got) == expected(text)
         pools = {e.sub_id for k, e in got.items() if "/" in k and e.type == DYNAMIC}
         slots = {e.sub_id: e.slot for e in got.values() if e.sub_id not in pools}
-        assert all(e.slot == (0 if e.sub_id in pools else slots[e.sub_id]) for e in got.values())
+        assert all(e.slot == slots[e.sub_id] and not e.pool_bits
+                   for e in got.values() if e.sub_id not in pools)
+        # IPv4 pools (/24 here) have a block of pool-address state each, IPv6 ones the LRU
+        pool_rows = [(k, e) for k, e in got.items() if "/" in k and e.type == DYNAMIC]
+        assert all((e.pool_bits, e.slot % 256) == (8, 0) if ":" not in k else
+                   (e.pool_bits, e.slot) == (0, 0) for k, e in pool_rows)
+        firsts = [e.slot for _, e in pool_rows if e.pool_bits]
+        assert len(set(firsts)) == len(firsts)
         assert len(set(slots.values())) == len(slots) and 0 not in slots.values()
         assert all(held[s] == slot for s, slot in slots.items() if s in held)
         held = slots
+
+
+# ---- pool-address state blocks --------------------------------------------------------------
+
+
+def pools_table(*rows: tuple[str, int, int]) -> ClassTable:
+    """Prefix entries (network, id, type) as a subscriber load has them."""
+    return ClassTable.of((LPM_KEY.pack(*tables.key_of(ipaddress.ip_network(n))),
+                          Entry(sid, t)) for n, sid, t in rows)
+
+
+def blocks(t: ClassTable) -> dict[str, tuple[int, int]]:
+    return {str(tables.net_of(LPM_KEY.unpack(k))): (e.slot, e.pool_bits)
+            for k, e in t.items() if e.pool_bits}
+
+
+def test_pools_get_disjoint_blocks_and_keep_them() -> None:
+    rows = [("100.64.0.0/22", 1, DYNAMIC), ("100.64.8.0/24", 2, DYNAMIC),
+            ("100.64.9.0/30", 3, DYNAMIC), ("198.51.100.0/24", 4, STATIC),
+            ("100.0.0.0/15", 5, DYNAMIC), ("2001:db8::/56", 6, DYNAMIC)]
+    p = pools_table(*rows)
+    assert sync.assign_pool_blocks(ClassTable(), ClassTable(), p, 2000) == []
+    got = blocks(p)
+    # IPv4 dynamic pools of /16 or longer only; largest first
+    assert got == {"100.64.0.0/22": (0, 10), "100.64.8.0/24": (1024, 8),
+                   "100.64.9.0/30": (1280, 2)}
+    # a reload keeps every block; a pool that grew gets a new one, and the block it
+    # leaves is cleared before another pool takes it
+    p2 = pools_table(("100.64.0.0/22", 1, DYNAMIC), ("100.64.8.0/23", 2, DYNAMIC),
+                     ("100.64.9.0/30", 3, DYNAMIC), ("100.64.12.0/24", 7, DYNAMIC))
+    clear = sync.assign_pool_blocks(p, ClassTable(), p2, 2000)
+    got2 = blocks(p2)
+    assert got2["100.64.0.0/22"] == (0, 10) and got2["100.64.9.0/30"] == (1280, 2)
+    assert got2["100.64.8.0/23"] == (1284, 9)            # first gap that fits 512
+    assert got2["100.64.12.0/24"] == (1024, 8)           # the /24's old block ...
+    assert clear == [(1024, 256)]                          # ... cleared first
+
+
+def test_pools_beyond_the_array_keep_state_in_the_lru() -> None:
+    p = pools_table(("100.64.0.0/22", 1, DYNAMIC), ("100.64.8.0/22", 2, DYNAMIC))
+    sync.assign_pool_blocks(ClassTable(), ClassTable(), p, 1500)
+    assert blocks(p) == {"100.64.0.0/22": (0, 10)}
+    assert [e.slot for _, e in p.items()] == [0, 0]
+
+
+def test_a_pools_own_host_entry_shares_its_block() -> None:
+    p = pools_table(("100.64.0.0/22", 1, DYNAMIC))
+    h = ClassTable.of([(tables.addr16("100.64.1.7"), Entry(1, DYNAMIC, SUSPENDED)),
+                       (tables.addr16("100.64.1.8"), Entry(77, STATIC, 0, 0, 0, 5))])
+    sync.assign_pool_blocks(ClassTable(), h, p, 4096)
+    assert [(e.slot, e.pool_bits) for _, e in h.items()] == [(0, 10), (5, 0)]

@@ -514,7 +514,7 @@ def _slots(maps: kernel.Maps, target: str) -> tuple[int, int]:
             raise kernel.KernelError(f"no subscriber {target}") from None
         sid = e.sub_id
     for _, e in (*maps.host_items(), *maps.prefix_items()):
-        if e.sub_id == sid and e.slot:
+        if e.sub_id == sid and e.slot and not e.pool_bits:
             return sid, e.slot
     raise kernel.KernelError(f"no subscriber {target} with a state slot "
                              "(addresses of a pool have per-address state only)")

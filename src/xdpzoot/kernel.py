@@ -607,38 +607,50 @@ class Entry(NamedTuple):
     flags: int = 0
     up_kbps: int = 0
     down_kbps: int = 0
-    slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state)
+    slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state) ...
+    pool_bits: int = 0   # ... or, when set, a pool's first index in xz_pool_addrs
 
 
-# struct xz_class as bytes: sub_id, type, flags, _pad, up_kbps, down_kbps, slot. In bulk it is
-# five native 32-bit words, the second holding type, flags and _pad (class_word).
-CLASS = struct.Struct("=IBBHIII")
+# struct xz_class as bytes: sub_id, type, flags, pool_bits, _pad, up_kbps, down_kbps, slot. In
+# bulk it is five native 32-bit words, the second holding type, flags, pool_bits and _pad
+# (class_word).
+CLASS = struct.Struct("=IBBBBIII")
 WORDS = CLASS.size // 4
 LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
-SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle", "xz_sub_dir")
+SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle", "xz_sub_dir",
+                   "xz_pool_addrs")
 ZERO_KEY = bytes(4)
 STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
-_TYPE_FLAGS = struct.Struct("=BBH")
+_TYPE_FLAGS = struct.Struct("=BBBx")
 if array("I").itemsize != 4:
     raise ImportError("array('I') is not 32 bits wide here")
 
 
-def class_word(type_: int, flags: int) -> int:
-    """The second word of struct xz_class (type, flags, _pad), as ClassTable holds it."""
-    return int.from_bytes(_TYPE_FLAGS.pack(type_, flags, 0), sys.byteorder)
+def class_word(type_: int, flags: int, pool_bits: int = 0) -> int:
+    """The second word of struct xz_class (type, flags, pool_bits, _pad), as ClassTable
+    holds it."""
+    return int.from_bytes(_TYPE_FLAGS.pack(type_, flags, pool_bits), sys.byteorder)
+
+
+POOL_BITS_WORD = class_word(0, 0, 0xFF)   # the pool_bits byte of class_word
+
+
+def pool_bits_of(word: int) -> int:
+    """pool_bits of a class_word."""
+    return (word & POOL_BITS_WORD) // class_word(0, 0, 1)
 
 
 def pack_class(e: Entry) -> bytes:
     """struct xz_class of ``e``, each field cut to its width as a C assignment would."""
     u32 = 0xFFFF_FFFF
-    return CLASS.pack(e.sub_id & u32, e.type & 0xFF, e.flags & 0xFF, 0, e.up_kbps & u32,
-                      e.down_kbps & u32, e.slot & u32)
+    return CLASS.pack(e.sub_id & u32, e.type & 0xFF, e.flags & 0xFF, e.pool_bits & 0xFF, 0,
+                      e.up_kbps & u32, e.down_kbps & u32, e.slot & u32)
 
 
 def _entry(fields: tuple[int, ...]) -> Entry:
     """An Entry from CLASS.unpack's fields (the padding dropped)."""
-    sub_id, type_, flags, _, up, down, slot = fields
-    return Entry(sub_id, type_, flags, up, down, slot)
+    sub_id, type_, flags, pool_bits, _, up, down, slot = fields
+    return Entry(sub_id, type_, flags, up, down, slot, pool_bits)
 
 
 @dataclass
@@ -714,10 +726,10 @@ class SubscriberMaps:
     over 128 bits, IPv4 mapped into ::ffff:0:0/96; loads read and write whole ClassTables."""
 
     def __init__(self, hosts: PinnedMap, prefixes: PinnedMap, state: PinnedMap,
-                 throttle: PinnedMap, sub_dir: PinnedMap):
+                 throttle: PinnedMap, sub_dir: PinnedMap, pool_addrs: PinnedMap):
         self.host_map, self.prefix_map = hosts, prefixes
         self.state_map, self.throttle_map = state, throttle
-        self.dir_map = sub_dir
+        self.dir_map, self.pool_map = sub_dir, pool_addrs
 
     @classmethod
     def open(cls, pin_dir: str) -> SubscriberMaps:
@@ -726,7 +738,7 @@ class SubscriberMaps:
 
     def close(self) -> None:
         for m in (self.host_map, self.prefix_map, self.state_map, self.throttle_map,
-                  self.dir_map):
+                  self.dir_map, self.pool_map):
             m.close()
 
     def __enter__(self) -> SubscriberMaps:
@@ -768,12 +780,39 @@ class SubscriberMaps:
             self.write_dir(d)
 
     def owners(self) -> dict[int, int]:
-        """State slot -> subscriber id, from the host and prefix entries."""
+        """State slot -> subscriber id, from the host and prefix entries (a pool's
+        addresses, indexed or not, have no owner)."""
         out: dict[int, int] = {}
         for m in (self.host_map, self.prefix_map):
             t = self.read(m)
-            out.update(zip(t.column(4), t.column(0), strict=True))
+            out.update((s, i) for s, i, w in zip(t.column(4), t.column(0), t.column(1),
+                                                 strict=True) if not w & POOL_BITS_WORD)
         out.pop(0, None)   # slot 0: per-address state (pools), no owner
+        return out
+
+    def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
+        """Zero the pool-address state of ``(first index, count)`` blocks."""
+        zero = bytes(self.pool_map.value_size)
+        for first, n in blocks:
+            keys = [struct.pack("=I", i) for i in range(first, first + n)]
+            self.pool_map.update_items(keys, zero * n)
+
+    def indexed_pool_volumes(self) -> dict[bytes, Volume]:
+        """Address -> volume, for the addresses of indexed pools that sent or received
+        anything (xz_pool_addrs read whole)."""
+        pools = [(LPM_KEY.unpack(k)[1], e) for k, e in self.read(self.prefix_map).items()
+                 if e.pool_bits]
+        if not pools:
+            return {}
+        _, raw = self.pool_map.items()
+        n, zero, out = STATE.size, bytes(STATE.size), {}
+        for addr, e in pools:
+            first = int.from_bytes(addr, "big")
+            for i in range(1 << e.pool_bits):
+                off = (e.slot + i) * n
+                if raw[off:off + n] != zero:
+                    v = STATE.unpack_from(raw, off)
+                    out[(first + i).to_bytes(16, "big")] = Volume(v[2], v[6], v[3], v[7], v[8])
         return out
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
@@ -883,7 +922,8 @@ class Maps(SubscriberMaps):
     # per-subscriber state
     def pool_volumes(self) -> dict[bytes, Volume]:
         """Pool address -> volume, for addresses of pools without an owner."""
-        return {bytes(k.addr): _volume(v) for k, v in self.pool_state.items()}
+        return {bytes(k.addr): _volume(v) for k, v in self.pool_state.items()} | \
+            self.indexed_pool_volumes()
 
     def manual_throttles(self) -> dict[int, tuple[int, int]]:
         """Slot -> (kbps, until) of throttles set by hand."""

@@ -17,6 +17,7 @@ from . import dirs, schema
 from .kernel import (
     CLASS,
     LPM_KEY,
+    POOL_BITS_WORD,
     WORDS,
     ClassTable,
     Entry,
@@ -33,6 +34,8 @@ SUSPENDED = schema.C["XZ_F_SUSPENDED"]
 _SUSPENDED_WORD = class_word(0, SUSPENDED)
 _TYPE_MASK = class_word(0xFF, 0)
 _DYNAMIC_WORD = class_word(schema.TYPES["dynamic"], 0)
+POOL_BITS = schema.C["XZ_POOL_MAX_BITS"]   # indexed pools: at most 2^16 addresses
+_V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Plan(NamedTuple):
     prefixes: Diff
     freed: set[int]
     dir: bytes
+    pool_clear: list[tuple[int, int]]   # pool-address blocks that held another pool's state
 
     @property
     def change(self) -> Change:
@@ -153,7 +157,10 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
                                       for w in prefixes.column(1)]))
     cur_ids = cur_hosts.column(0) + cur_prefixes.column(0)
-    cur_slots = cur_hosts.column(4) + cur_prefixes.column(4)
+    # a pool's block of pool-address state is no subscriber's slot
+    cur_slots = [0 if w & POOL_BITS_WORD else s for s, w in zip(
+        cur_hosts.column(4) + cur_prefixes.column(4),
+        cur_hosts.column(1) + cur_prefixes.column(1), strict=True)]
     # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
     held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
     wanted = dict.fromkeys(host_ids)   # in file order, which sorts quickly
@@ -179,6 +186,61 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     return set(held.values()) - used
 
 
+def assign_pool_blocks(cur_prefixes: ClassTable, hosts: ClassTable, prefixes: ClassTable,
+                       limit: int) -> list[tuple[int, int]]:
+    """Give every IPv4 dynamic pool of /16 or longer a block of xz_pool_addrs, one entry per
+    address (its first index in ``slot``, its host bits in ``pool_bits``), so that a pool
+    address's state is an array index, not a hash lookup and an insert. A pool keeps the
+    block it has in the kernel; new ones take the first gap that fits, largest first; a pool
+    that does not fit keeps per-address state in the LRU. The pool's own host entries
+    (``suspend ADDRESS``) point at the same block. Returns the new blocks that overlap one
+    that held another pool's state: to be cleared before they are used."""
+    old = {k: (e.slot, e.pool_bits) for k, e in cur_prefixes.items() if e.pool_bits}
+    want: list[tuple[int, bytes, int]] = []   # row, key, host bits
+    for i, (k, w) in enumerate(zip(prefixes.keys, prefixes.column(1), strict=True)):
+        plen, a = LPM_KEY.unpack(k)
+        if w & _TYPE_MASK == _DYNAMIC_WORD and a[:12] == _V4MAPPED and 128 - plen <= POOL_BITS:
+            want.append((i, k, 128 - plen))
+    base = {k: old[k][0] for _, k, bits in want
+            if k in old and old[k][1] == bits and old[k][0] + (1 << bits) <= limit}
+    kept = set(base)
+    taken = sorted((b, b + (1 << old[k][1])) for k, b in base.items())
+    gaps, pos = [], 0
+    for lo, hi in taken:
+        if lo > pos:
+            gaps.append([pos, lo])
+        pos = max(pos, hi)
+    gaps.append([pos, limit])
+    for _, k, bits in sorted((w for w in want if w[1] not in base), key=lambda w: -w[2]):
+        g = next((g for g in gaps if g[1] - g[0] >= 1 << bits), None)
+        if g is not None:
+            base[k], g[0] = g[0], g[0] + (1 << bits)
+    for i, k, bits in want:
+        w = prefixes.values[i * WORDS + 1] & ~POOL_BITS_WORD
+        prefixes.values[i * WORDS + 1] = w | (class_word(0, 0, bits) if k in base else 0)
+        prefixes.values[i * WORDS + 4] = base.get(k, 0)
+    _point_hosts_at_pools(hosts, prefixes, {prefixes.values[i * WORDS]: i for i, k, _ in want
+                                            if k in base})
+    stale = [(b, b + (1 << bits)) for k, (b, bits) in old.items() if k not in kept]
+    return [(base[k], 1 << bits) for _, k, bits in want if k in base and k not in kept
+            if any(lo < base[k] + (1 << bits) and base[k] < hi for lo, hi in stale)]
+
+
+def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dict[int, int]
+                          ) -> None:
+    """Host entries of a pool's own (its id, inside it) share the pool's block."""
+    if not pool_row:
+        return
+    prefix_row = dict(zip(prefixes.keys, range(len(prefixes)), strict=True))
+    ids = hosts.column(0)
+    for j in [j for j, s in enumerate(ids) if s in pool_row]:
+        i = _longest(prefix_row, hosts.keys[j])
+        if i is not None and i == pool_row[ids[j]]:
+            hosts.values[j * WORDS + 1] = (hosts.values[j * WORDS + 1] & ~POOL_BITS_WORD) | (
+                prefixes.values[i * WORDS + 1] & POOL_BITS_WORD)
+            hosts.values[j * WORDS + 4] = prefixes.values[i * WORDS + 4]
+
+
 def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
     """The writes that make the subscriber maps equal ``hosts``/``prefixes`` (left as
     they are), and the state slots that are then free."""
@@ -187,8 +249,10 @@ def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTab
         hosts, prefixes = hosts.copy(), prefixes.copy()
         keep_suspensions(cur_h, cur_p, hosts, prefixes)
         freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots)
+        pool_clear = assign_pool_blocks(cur_p, hosts, prefixes, maps.pool_map.max_entries)
         d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
-        return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d)
+        return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
+                    pool_clear)
 
 
 def apply_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Change:
@@ -203,6 +267,7 @@ def apply_plan(maps: SubscriberMaps, p: Plan,
     class while it stays in the file. The directory covers the old entries and the new
     ones while both are in the maps, and is exact once the old ones are gone."""
     maps.write_dir(dirs.union(maps.read_dir(), p.dir))
+    maps.clear_pool_blocks(p.pool_clear)
     maps.write(maps.prefix_map, p.prefixes.write, progress)
     maps.write(maps.host_map, p.hosts.write, progress)
     maps.delete(maps.host_map, p.hosts.remove, progress)
