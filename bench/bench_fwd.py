@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench import bpffs, log  # noqa: E402  (bench/ is on the path: it is this folder)
 from xdpzoot import kernel  # noqa: E402
-from xdpzoot.lab import NetnsError, netns_run  # noqa: E402
+from xdpzoot.lab import NetnsError, in_netns, netns_run  # noqa: E402
 
 POOL_BASE = int(ipaddress.IPv4Address("100.64.0.0"))
 POOL_BITS = 10                    # a /22 pool: 1,024 addresses
@@ -97,7 +97,6 @@ CALL_S = 0.25                     # a test_run call of the generator lasts about
 CALL_ITERS_START = 65_536
 CALL_ITERS_MAX = 1 << 24
 DRAIN_S = 0.1                     # after a step, for the router's queues to empty
-CLONE_NEWNET = 0x40000000
 
 # ---- the data set ---------------------------------------------------------------------------
 
@@ -248,25 +247,6 @@ def topo_down(t: Topo) -> None:
     for ns in t.namespaces:
         if ns in names:
             ip("netns", "del", ns, check=False)
-
-
-@contextlib.contextmanager
-def in_netns(ns: str) -> Iterator[None]:
-    """Run this thread in namespace ``ns`` (test_run resolves ingress_ifindex there)."""
-    libc = ct.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), f"setns {ns}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ct.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def napi_threads(dev: str) -> list[int]:

@@ -10,10 +10,7 @@ program's ingress interface is that namespace's loopback (what test_run gives it
 
 from __future__ import annotations
 
-import contextlib
-import ctypes as ct
 import json
-import os
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -27,9 +24,9 @@ from scapy.packet import Raw
 from test_bpf import flags_of, load, model_tables
 
 from xdpzoot import schema
+from xdpzoot.lab import in_netns
 
 XDP_PASS, XDP_DROP, XDP_REDIRECT = 2, 1, 4
-CLONE_NEWNET = 0x40000000
 NEIGH4, NEIGH6 = "10.9.0.2", "fd00:9::2"
 NEIGH_MAC = "02:00:00:00:09:02"
 MAC_IN, MAC_ROUTER = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -71,25 +68,6 @@ def net() -> Iterator[Net]:
         yield Net(name, link["ifindex"], link["address"])
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
-
-
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """This thread in namespace ``name`` for the block, back where it was after."""
-    libc = ct.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(there, CLONE_NEWNET):
-            raise OSError(ct.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET):
-                raise OSError(ct.get_errno(), "setns back")
-    finally:
-        os.close(there)
-        os.close(home)
 
 
 def v4(dst: str, ttl: int = 64, size: int = 0, options: bool = False, vlan: bool = False,
@@ -158,7 +136,7 @@ def test_fast_path(dp, net: Net, case: Case):
     dp.maps.set_fast_ifs([net.fa] if case.egress else [])
     frame = case.frame()
     try:
-        with inside(net.name):
+        with in_netns(net.name):
             r = dp.run("xdp", "access", frame)
     finally:
         dp.maps.set_fast_ifs([])

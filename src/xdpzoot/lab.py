@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -181,6 +182,29 @@ def netns_run(ns: str, *argv: str, timeout: float = 30, check: bool = True,
     ``check`` a non-zero exit raises :class:`NetnsError`, whose message carries stdout and stderr.
     """
     return _run(["ip", "netns", "exec", ns, *argv], timeout=timeout, check=check, input=input)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """This thread in network namespace ``ns`` for the block (for what resolves interfaces
+    there: BPF_PROG_TEST_RUN's ingress ifindex, a fib lookup), back where it was after."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
 
 
 def _ip(*args: str, ns: str | None = None) -> subprocess.CompletedProcess[str]:
