@@ -328,8 +328,8 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	kbps = d == XZ_UP ? cls->up_kbps : cls->down_kbps;
 	/* A pool address without an owner and without a rate has nothing to enforce (no
 	 * throttle, no volume rule: those bind subscribers, by slot) unless congestion mode
-	 * may hold its bulk flows to a floor: then no state, and no LRU insert for every
-	 * address of every pool. */
+	 * may hold its bulk flows to a floor: then its state is not touched (no cold load,
+	 * no LRU insert). */
 	if ((!slot || cls->pool_bits) && !kbps &&
 	    !((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps))
 		return XZ_V_PASS;
