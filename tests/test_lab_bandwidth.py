@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import pytest
 from conftest import LabRouter
 
 from xdpzoot import schema
-from xdpzoot.lab import Lab, lab_down, lab_up, netns_run, read_maildir
+from xdpzoot.lab import Lab, lab_running, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
 
@@ -152,11 +151,8 @@ class Router(LabRouter):
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    prefix = "xzb" + secrets.token_hex(3)
-    try:
-        yield lab_up(prefix)
-    finally:
-        lab_down(prefix)
+    with lab_running("xzb") as lb:
+        yield lb
 
 
 @pytest.fixture(scope="module")

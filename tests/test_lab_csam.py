@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import LabRouter, xdp_pass_on_peers
 
-from xdpzoot.lab import Lab, lab_down, lab_up, netns_run
+from xdpzoot.lab import Lab, lab_running, netns_run
 
 pytestmark = pytest.mark.lab
 
@@ -221,14 +220,10 @@ def delta(after: dict[str, int], before: dict[str, int], addr: str) -> int:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    prefix = "xzs" + secrets.token_hex(3)
-    try:
-        lb = lab_up(prefix)
+    with lab_running("xzs") as lb:
         for a in (ALWAYS, SOMETIMES):
             netns_run(lb.inet, "ip", "addr", "add", f"{a}/32", "dev", "lo")
         yield lb
-    finally:
-        lab_down(prefix)
 
 
 @pytest.fixture(scope="module")

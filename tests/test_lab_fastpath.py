@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 from conftest import LabRouter, xdp_pass_on_peers
 from test_lab_policy import smtp
 
-from xdpzoot.lab import Lab, lab_config, lab_down, lab_up, netns_run
+from xdpzoot.lab import Lab, lab_config, lab_running, netns_run
 
 pytestmark = pytest.mark.lab
 
@@ -76,11 +75,8 @@ class Router(LabRouter):
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    prefix = "xzf" + secrets.token_hex(3)
-    try:
-        yield lab_up(prefix)
-    finally:
-        lab_down(prefix)
+    with lab_running("xzf") as lb:
+        yield lb
 
 
 @pytest.fixture(scope="module")

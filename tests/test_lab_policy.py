@@ -7,7 +7,6 @@ One lab per module; the router's programs are replaced (not rebuilt) between hoo
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import LabRouter, xdp_pass_on_peers
 
-from xdpzoot.lab import Lab, lab_config, lab_down, lab_up, netns_run, read_maildir
+from xdpzoot.lab import Lab, lab_config, lab_running, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
 
@@ -53,12 +52,9 @@ class Router(LabRouter):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Lab]:
-    prefix = "xzp" + secrets.token_hex(3)
-    try:
-        yield lab_up(prefix)
-    finally:
-        lab_down(prefix)
+def lab() -> Iterator[Lab]:
+    with lab_running("xzp") as lb:
+        yield lb
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from xdpzoot.lab import (
     Lab,
     lab_down,
     lab_exists,
+    lab_running,
     lab_servers,
     lab_state,
     lab_up,
@@ -35,9 +36,11 @@ from xdpzoot.lab import (
 pytestmark = pytest.mark.lab
 
 
+TAG = "xzt"   # marks labs made by tests, should one ever be left behind
+
+
 def _prefix() -> str:
-    # "xzt" marks labs made by tests, should one ever be left behind.
-    return "xzt" + secrets.token_hex(3)
+    return TAG + secrets.token_hex(3)
 
 
 def _host_netns() -> list[str]:
@@ -61,11 +64,8 @@ def _pid_gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    prefix = _prefix()
-    try:
-        yield lab_up(prefix)
-    finally:
-        lab_down(prefix)
+    with lab_running(TAG) as lb:
+        yield lb
 
 
 def _ns(lab: Lab, role: str) -> str:

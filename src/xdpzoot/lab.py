@@ -690,6 +690,17 @@ def lab_down(prefix: str) -> None:
 # ----------------------------------------------------------------------------- maildir
 
 
+
+@contextlib.contextmanager
+def lab_running(tag: str, servers: bool = True) -> Iterator[Lab]:
+    """A lab named ``tag`` + random hex for the block (tests, benchmarks), taken down
+    afterwards whatever happens, a half-built one included."""
+    prefix = tag + secrets.token_hex(3)
+    try:
+        yield lab_up(prefix, servers)
+    finally:
+        lab_down(prefix)
+
 def read_maildir(lab: Lab) -> list[dict[str, Any]]:
     """Every message the SMTP sink accepted, oldest first.
 
