@@ -58,8 +58,9 @@ import packets  # noqa: E402
 import probes  # noqa: E402
 from scapy.layers.l2 import ARP, Ether  # noqa: E402
 
-from xdpzoot import kernel, schema, tables  # noqa: E402
-from xdpzoot.kernel import Entry  # noqa: E402
+from xdpzoot import tables  # noqa: E402
+from xdpzoot.dataplane import kernel, schema  # noqa: E402
+from xdpzoot.dataplane.layout import Entry  # noqa: E402
 from xdpzoot.model import TCP, UDP, Packet  # noqa: E402
 
 DEFINES = ["-DXZ_MAX_HOSTS=1100000", "-DXZ_MAX_PREFIXES=20000"]

@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import packets  # noqa: E402
 
 from bench import bpffs, log, size_label  # noqa: E402  (bench/ is on the path: it is this folder)
-from xdpzoot import kernel, schema  # noqa: E402
 from xdpzoot.config import Bandwidth  # noqa: E402
+from xdpzoot.dataplane import kernel, schema  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
 
 C = schema.C

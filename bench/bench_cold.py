@@ -65,8 +65,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import probes  # noqa: E402
 
 from bench import bpffs, counted, cpu_times, size_label  # noqa: E402  (bench.py's)
-from xdpzoot import kernel, loader, schema  # noqa: E402
 from xdpzoot.config import load_config  # noqa: E402
+from xdpzoot.dataplane import kernel, loader, schema  # noqa: E402
 
 CONFIG = ROOT / "maps" / "xdpzoot.toml"
 REF_C = ROOT / "bench" / "ref_cold.c"

@@ -74,7 +74,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from bench import bpffs, log  # noqa: E402  (bench/ is on the path: it is this folder)
-from xdpzoot import kernel  # noqa: E402
+from xdpzoot.dataplane import kernel  # noqa: E402
 from xdpzoot.lab import NetnsError, in_netns, netns_run  # noqa: E402
 
 POOL_BASE = int(ipaddress.IPv4Address("100.64.0.0"))

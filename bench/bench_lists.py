@@ -59,10 +59,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))   # packets.py: frames from model.Packet
 sys.path.insert(0, str(ROOT / "src"))
 
-from xdpzoot import csam, kernel, schema, sync, tables  # noqa: E402
-from xdpzoot.kernel import Entry  # noqa: E402
+from xdpzoot import sync, tables  # noqa: E402
+from xdpzoot.dataplane import blocklist, kernel, schema  # noqa: E402
+from xdpzoot.dataplane.layout import Entry  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
-from xdpzoot.sources import paused_gc, read_columns  # noqa: E402
+from xdpzoot.sources import csam  # noqa: E402
+from xdpzoot.sources.files import paused_gc  # noqa: E402
+from xdpzoot.sources.subscribers import read_columns  # noqa: E402
 
 ENTRIES = 1_000_000
 ROWS = 1_000_000
@@ -424,16 +427,16 @@ class Steps:
         return r
 
 
-def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], csam.LoadResult]:
+def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], blocklist.LoadResult]:
     """What `xdpzoot blocklist load` does (cli.load_csam), step by step in this process,
-    the whole of csam.load being one step; its parts are also timed alone first (in
+    the whole of blocklist.load being one step; its parts are also timed alone first (in
     parentheses: not counted in the sum)."""
     st = Steps()
     data, _ = st("read the file", csam.read_list, str(path))
-    maps = st("open the pinned maps", csam.Maps, pin)
+    maps = st("open the pinned maps", kernel.CsamMaps, pin)
     try:
         idle = 1 - (maps.word()[1] & C["XZ_CSAM_GEN"])
-        old = st("(read the idle generation's text, check its digest)", csam.held, maps,
+        old = st("(read the idle generation's text, check its digest)", blocklist.held, maps,
                  idle)
         if old:
             st("(compare the texts, parse the lines that differ)", csam.text_delta,
@@ -442,8 +445,8 @@ def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], csam.Load
             st("(parse and validate the whole file)", csam.parse_csam_bytes, data, str(path))
             st("(read the idle generation's keys)",
                lambda: (maps.hosts[idle].keys(), maps.prefixes[idle].keys()))
-        res = st("csam.load: all of it (diff, write, keep the text, switch)", csam.load, maps,
-                 data, str(path))
+        res = st("blocklist.load: all of it (diff, write, keep the text, switch)", blocklist.load,
+                 maps, data, str(path))
     finally:
         maps.close()
     return st.times, res
@@ -495,12 +498,12 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
     maps.set_host(tables.addr16(STATIC_V4), Entry(1, C["XZ_TYPE_STATIC"], 0, 0, 0))
     maps.set_control_flags(FLAGS_ON)
     words = {}
-    with csam.Maps(pin) as cm:
+    with kernel.CsamMaps(pin) as cm:
         for label, lst in (("small", small), ("big", big)):
             log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries, "
-                f"csam.load) ...")
+                f"blocklist.load) ...")
             t0 = time.monotonic()
-            csam.load(cm, texts[label], lst=lst)
+            blocklist.load(cm, texts[label], lst=lst)
             words[label] = cm.word()[1]
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
@@ -557,7 +560,7 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
             while True:   # random IPv4 in the listed regions, not itself listed
                 lo, hi = (V4_HOSTS, V4_PREFIXES)[rng.random() < 0.5]
                 a = ntoa4(rng.randrange(lo, hi))
-                if csam.check(cm, tables.addr16(a)) is None:
+                if blocklist.check(cm, tables.addr16(a)) is None:
                     break
             cold_frames.append(packets.frame(Packet("access", STATIC_V4, a, TCP, 40_000,
                                                     443)))

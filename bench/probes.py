@@ -9,7 +9,7 @@ data plane under test.
 
 from __future__ import annotations
 
-from xdpzoot import kernel
+from xdpzoot.dataplane import kernel
 
 PROBES_C = r"""
 static __always_inline int xzb_start(struct xdp_md *ctx, struct xz_pkt *p)

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from xdpzoot import kernel, schema  # noqa: E402
+from xdpzoot.dataplane import kernel, layout, schema
 
 # Return codes: XDP_DROP 1, XDP_PASS 2, XDP_TX 3; TC_ACT_OK 0, TC_ACT_SHOT 2, REDIRECT 7.
 XDP_VERDICT = {1: "drop", 2: "pass", 3: "reject"}
@@ -71,7 +71,7 @@ class Dataplane:
             t.clear()
         for name in ("xz_sub_dir", "xz_csam_d0", "xz_csam_d1"):   # zeros: look all up
             with kernel.PinnedMap(name, b[name.encode()].map_fd) as m:
-                m.update(kernel.ZERO_KEY, bytes(m.value_size))
+                m.update(layout.ZERO_KEY, bytes(m.value_size))
         self.maps.control[ct.c_uint32(0)] = self.maps.control.Leaf()   # every switch off
         self.maps.clear_counters()
 

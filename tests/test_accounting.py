@@ -22,20 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdpzoot import accounting
-from xdpzoot.accounting import (
-    Accounting,
-    Action,
-    AuditLog,
-    Rule,
-    SnapshotError,
-    Window,
-    load_rules,
-    load_snapshot,
-    parse_rules,
-    save_snapshot,
-)
-from xdpzoot.sources import SourceError
+from xdpzoot.bandwidth import rules
+from xdpzoot.bandwidth.accounting import Accounting, Action, SnapshotError
+from xdpzoot.bandwidth.rules import Rule, Window, load_rules, parse_rules
+from xdpzoot.bandwidth.store import AuditLog, load_snapshot, save_snapshot
+from xdpzoot.sources.files import SourceError
 
 TZ = ZoneInfo("Asia/Tokyo")
 MAPS = Path(__file__).resolve().parents[1] / "maps"
@@ -591,7 +582,7 @@ def test_rolling_memory_is_bounded() -> None:
         eng.observe(t + i * 300, {1: (i * 1000, 0)})
     sub = eng._subs[1]
     [ring] = [m[0] for m in sub.meters.values()]
-    assert len(ring) <= accounting.BUCKETS
+    assert len(ring) <= rules.BUCKETS
 
 
 # --- counting ---------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import time
 import packets
 import pytest
 
-from xdpzoot import kernel, schema, sync, tables
-from xdpzoot.kernel import Entry
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.dataplane.layout import Entry
 from xdpzoot.model import Packet
 
 C = schema.C
@@ -206,8 +207,8 @@ def test_indexed_pool_addresses_have_state_of_their_own(dp):
     there; an address suspended on its own shares the entry."""
     setup(dp)
     m = dp.maps
-    hosts, prefixes = kernel.ClassTable(), kernel.ClassTable()
-    prefixes.append(kernel.LPM_KEY.pack(*tables.key_of(ipaddress.ip_network("100.64.1.0/24"))),
+    hosts, prefixes = layout.ClassTable(), layout.ClassTable()
+    prefixes.append(layout.LPM_KEY.pack(*tables.key_of(ipaddress.ip_network("100.64.1.0/24"))),
                     Entry(100, DYN, 0, 100_000, 100_000))
     sync.apply_subscribers(m, hosts, prefixes)
     (_, pool), = m.prefix_items()

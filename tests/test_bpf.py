@@ -30,8 +30,9 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.packet import Raw
 
-from xdpzoot import dirs, kernel, model, schema, tables
-from xdpzoot.kernel import Entry
+from xdpzoot import model, tables
+from xdpzoot.dataplane import dirs, kernel, schema
+from xdpzoot.dataplane.layout import Entry
 from xdpzoot.model import ICMP, ICMPV6, TCP_RST, UDP, Packet
 from xdpzoot.model import TCP as P_TCP
 

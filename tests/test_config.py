@@ -23,7 +23,7 @@ from xdpzoot.config import (
     load_config,
     parse_config,
 )
-from xdpzoot.sources import SourceError
+from xdpzoot.sources.files import SourceError
 
 MAPS = Path(__file__).resolve().parents[1] / "maps"
 
@@ -396,7 +396,8 @@ def test_explicit_file_is_read(tmp_path: Path) -> None:
 
 def test_fast_path_is_a_control_switch() -> None:
     """fast_path is a bit of xz_control (no recompile), off by default, named in status."""
-    from xdpzoot import schema, tables
+    from xdpzoot import tables
+    from xdpzoot.dataplane import schema
 
     bit = schema.C["XZ_C_FAST_PATH"]
     assert not tables.control_flags(Config()) & bit

@@ -29,8 +29,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdpzoot import csam, kernel, schema, tables
-from xdpzoot.sources import MAX_SHOWN, SourceError
+from xdpzoot import tables
+from xdpzoot.dataplane import blocklist, kernel, layout, schema
+from xdpzoot.sources import csam
+from xdpzoot.sources.files import MAX_SHOWN, SourceError
 
 C = schema.C
 PATH = "lists/csam.txt"   # how errors name the file in the parser tests
@@ -58,7 +60,7 @@ def counts_of(hosts: set[bytes], prefixes: set[tables.Key]) -> dict[str, int]:
 
 
 def kind_of(hosts: set[bytes], prefixes: set[tables.Key], a: bytes) -> str | None:
-    """Pure-Python answer of csam.check: an exact entry first, else a covering prefix."""
+    """Pure-Python answer of blocklist.check: an exact entry first, else a covering prefix."""
     if a in hosts:
         return "exact"
     if any(tables.covers(k, a) for k in prefixes):
@@ -415,8 +417,8 @@ def test_lpm_key_layout(compiled):
     bpf, _ = compiled
     for name in (b"xz_csam_p0", b"xz_csam_p1"):
         key = bpf[name].Key
-        assert ct.sizeof(key) == csam.LPM_KEY.size
-        assert ctype_fields(key) == fields_of(csam.LPM_KEY)
+        assert ct.sizeof(key) == layout.LPM_KEY.size
+        assert ctype_fields(key) == fields_of(layout.LPM_KEY)
         assert [n for n, *_ in key._fields_] == ["prefixlen", "addr"]
         assert ct.sizeof(bpf[name].Leaf) == len(csam.LISTED)
 
@@ -434,15 +436,15 @@ def test_control_layout(compiled):
     leaf = bpf[b"xz_control"].Leaf
     names = [n for n, *_ in leaf._fields_]
     assert names[:2] == ["flags", "csam"]
-    assert ctype_fields(leaf)[:2] == fields_of(csam.CONTROL)
-    assert ct.sizeof(leaf) >= csam.CONTROL.size
+    assert ctype_fields(leaf)[:2] == fields_of(layout.CONTROL)
+    assert ct.sizeof(leaf) >= layout.CONTROL.size
 
 
 def test_meta_layout(compiled):
     bpf, _ = compiled
     leaf = bpf[b"xz_csam_meta"].Leaf
-    assert ct.sizeof(leaf) == csam.META.size
-    assert ctype_fields(leaf) == fields_of(csam.META)
+    assert ct.sizeof(leaf) == layout.META.size
+    assert ctype_fields(leaf) == fields_of(layout.META)
     assert [n for n, *_ in leaf._fields_] == ["sha256", "loaded", "hosts4", "hosts6",
                                               "prefixes4", "prefixes6"]
     assert ct.sizeof(bpf[b"xz_csam_meta"].Key) == 4
@@ -451,13 +453,13 @@ def test_meta_layout(compiled):
 def test_pinned_sizes_match(compiled):
     """What PinnedMap sees of the pins is what the packers produce."""
     _, pin = compiled
-    with csam.Maps(pin) as m:
+    with kernel.CsamMaps(pin) as m:
         for t in m.prefixes:
-            assert (t.key_size, t.value_size) == (csam.LPM_KEY.size, 1)
+            assert (t.key_size, t.value_size) == (layout.LPM_KEY.size, 1)
         for t in m.hosts:
             assert (t.key_size, t.value_size) == (16, 1)
-        assert m.meta.value_size == csam.META.size
-        assert m.control.value_size >= csam.CONTROL.size
+        assert m.meta.value_size == layout.META.size
+        assert m.control.value_size >= layout.CONTROL.size
         assert m.hits.max_entries == C["XZ_NR_CSAM_HITS"] and m.hits.value_size == 8
 
 
@@ -467,17 +469,17 @@ NOW = 1_700_000_000
 
 
 @pytest.fixture
-def maps(compiled) -> Iterator[csam.Maps]:
-    with csam.Maps(compiled[1]) as m:
+def maps(compiled) -> Iterator[kernel.CsamMaps]:
+    with kernel.CsamMaps(compiled[1]) as m:
         yield m
 
 
-def in_force(m: csam.Maps) -> tuple[int, int, set[bytes], set[tables.Key]]:
+def in_force(m: kernel.CsamMaps) -> tuple[int, int, set[bytes], set[tables.Key]]:
     """(generation, csam word, hosts, prefixes) of the generation in force, read back."""
     _, word = m.word()
     gen = word & C["XZ_CSAM_GEN"]
     hosts = set(m.hosts[gen].keys())
-    prefixes = set(map(csam.LPM_KEY.unpack, m.prefixes[gen].keys()))
+    prefixes = set(map(layout.LPM_KEY.unpack, m.prefixes[gen].keys()))
     return gen, word, hosts, prefixes
 
 
@@ -498,7 +500,7 @@ def probes(hosts: set[bytes], prefixes: set[tables.Key]) -> set[bytes]:
     return out
 
 
-def agree(m: csam.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
+def agree(m: kernel.CsamMaps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
           extra: set[bytes] = frozenset()) -> None:
     """The generation in force is exactly this list; check() and status() say so."""
     gen, word, h, p = in_force(m)
@@ -508,21 +510,21 @@ def agree(m: csam.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key
     model = tables.Tables(csam_hosts=set(hosts), csam_prefixes=set(prefixes))
     for a in probes(hosts, prefixes) | set(extra):
         k = kind_of(hosts, prefixes, a)
-        assert csam.check(m, a) == k, tables.ip_of(a)
+        assert blocklist.check(m, a) == k, tables.ip_of(a)
         assert model.csam(a) == (k is not None)
-    st_ = csam.status(m)
+    st_ = blocklist.status(m)
     assert st_["generation"] == gen
     assert st_["sha256"] == hashlib.sha256(data).hexdigest()
     assert {k: st_[k] for k in ("hosts4", "hosts6", "prefixes4", "prefixes6")} == \
         counts_of(hosts, prefixes)
-    assert csam.in_force(m, data)
+    assert blocklist.in_force(m, data)
 
 
-def load(m: csam.Maps, data: bytes) -> csam.LoadResult:
-    return csam.load(m, data, now=lambda: NOW)
+def load(m: kernel.CsamMaps, data: bytes) -> blocklist.LoadResult:
+    return blocklist.load(m, data, now=lambda: NOW)
 
 
-def reset(m: csam.Maps) -> None:
+def reset(m: kernel.CsamMaps) -> None:
     """Both generations empty (two distinct empty lists, so that both switch)."""
     for _ in range(2):
         load(m, f"# reset {secrets.token_hex(8)}\n".encode())
@@ -559,31 +561,31 @@ def test_load_switch_steps(maps):
     gen0 = maps.word()[1] & C["XZ_CSAM_GEN"]
 
     r = load(maps, LIST_A)                      # A into the idle, emptied generation
-    assert r == csam.LoadResult(n_a, 0, 1 - gen0, True)
+    assert r == blocklist.LoadResult(n_a, 0, 1 - gen0, True)
     agree(maps, LIST_A, ha, pa, former)
-    st_a = csam.status(maps)
+    st_a = blocklist.status(maps)
     assert st_a["loaded"] == NOW
 
     word = maps.word()
     r = load(maps, LIST_A)                      # the same list: nothing written
-    assert r == csam.LoadResult(0, 0, 1 - gen0, False)
-    assert maps.word() == word and csam.status(maps) == st_a
+    assert r == blocklist.LoadResult(0, 0, 1 - gen0, False)
+    assert maps.word() == word and blocklist.status(maps) == st_a
     agree(maps, LIST_A, ha, pa, former)
 
     r = load(maps, LIST_B)                      # B: switched, A stays in the idle one
-    assert r == csam.LoadResult(n_b, 0, gen0, True)
+    assert r == blocklist.LoadResult(n_b, 0, gen0, True)
     agree(maps, LIST_B, hb, pb, former)
     assert set(maps.hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
 
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
-    assert r == csam.LoadResult(0, n_a, 1 - gen0, True)
+    assert r == blocklist.LoadResult(0, n_a, 1 - gen0, True)
     agree(maps, b"# empty\n", set(), set(), former)
     assert maps.word()[1] == 1 - gen0
     for a in former:
-        assert csam.check(maps, a) is None
+        assert blocklist.check(maps, a) is None
 
     r = load(maps, LIST_A)                      # A again, after B
-    assert r == csam.LoadResult(len(ha - hb) + len(pa - pb), len(hb - ha) + len(pb - pa),
+    assert r == blocklist.LoadResult(len(ha - hb) + len(pa - pb), len(hb - ha) + len(pb - pa),
                                 gen0, True)
     agree(maps, LIST_A, ha, pa, former)
 
@@ -618,7 +620,7 @@ def test_hosts_only_and_prefixes_only(maps):
 @given(st.lists(list_files(max_entries=25), min_size=1, max_size=4))
 def test_load_sequence(compiled, files):
     """Random lists loaded in turn: after each, the generation in force is that list."""
-    with csam.Maps(compiled[1]) as m:
+    with kernel.CsamMaps(compiled[1]) as m:
         for data, nets in files:
             load(m, data)
             hosts, prefixes = expected(nets)
@@ -633,17 +635,17 @@ def entries_of(lst: csam.CsamList) -> set[bytes]:
         {csam.entry_key(None, p) for p in lst.prefixes}
 
 
-def idle_holds(m: csam.Maps, data: bytes) -> int:
+def idle_holds(m: kernel.CsamMaps, data: bytes) -> int:
     """Load ``data``, then another list: ``data`` is in the idle generation (returned), with
     its text."""
     load(m, data)
     load(m, f"# another list {secrets.token_hex(8)}\n192.0.2.1\n".encode())
     idle = 1 - (m.word()[1] & C["XZ_CSAM_GEN"])
-    assert csam.held(m, idle).text == data
+    assert blocklist.held(m, idle).text == data
     return idle
 
 
-def snapshot(m: csam.Maps) -> tuple:
+def snapshot(m: kernel.CsamMaps) -> tuple:
     """Everything a load may change: word, meta, kept texts and every entry."""
     return (m.word(), [m.meta.lookup(struct.pack("=I", g)) for g in (0, 1)],
             [kernel.read_blob(m.text_path(g)) for g in (0, 1)],
@@ -681,14 +683,14 @@ def test_load_from_the_text_is_a_full_load(compiled, case):
     same entries, counts, result and kept duplicates as a full load."""
     (base, _), new = case
     before, after = csam.parse_csam_bytes(base), csam.parse_csam_bytes(new)
-    with csam.Maps(compiled[1]) as m:
+    with kernel.CsamMaps(compiled[1]) as m:
         idle = idle_holds(m, base)
         with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
             r = load(m, new)
-        assert r == csam.LoadResult(len(entries_of(after) - entries_of(before)),
+        assert r == blocklist.LoadResult(len(entries_of(after) - entries_of(before)),
                                     len(entries_of(before) - entries_of(after)), idle, True)
         agree(m, new, set(after.hosts), set(after.prefixes))
-        assert csam.held(m, idle) == csam.Held(new, after.dups, after.counts())
+        assert blocklist.held(m, idle) == blocklist.Held(new, after.dups, after.counts())
 
 
 def test_duplicates_are_counted():
@@ -725,18 +727,18 @@ def test_load_without_a_trusted_text(maps, spoil):
     if spoil == "missing":
         os.unlink(path)
     elif spoil == "another text":
-        kernel.pin_blob(path, csam.TEXT.pack(len(LIST_B), 0) + LIST_B)
+        kernel.pin_blob(path, blocklist.TEXT.pack(len(LIST_B), 0) + LIST_B)
     elif spoil == "not a text":
         kernel.pin_blob(path, b"\xff" * 64)
     else:   # what a killed load leaves: meta cleared, the tables half written
-        maps.meta.update(struct.pack("=I", idle), bytes(csam.META.size))
+        maps.meta.update(struct.pack("=I", idle), bytes(layout.META.size))
         maps.hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
     with mock.patch.object(csam, "parse_csam_bytes", wraps=csam.parse_csam_bytes) as parse:
         r = load(maps, EDIT_OF_A)
     assert parse.called and r.generation == idle
     agree(maps, EDIT_OF_A, *want(*(n.replace("192.0.2.66", "192.0.2.99").replace(
         "/48", "/64") for n in NETS_A)))
-    assert csam.held(maps, idle).text == EDIT_OF_A
+    assert blocklist.held(maps, idle).text == EDIT_OF_A
 
 
 @pytest.mark.parametrize("kill", ["delete_many", "add_new", "pin_blob", "set_word"])
@@ -746,12 +748,12 @@ def test_a_killed_load_leaves_nothing_to_trust(maps, kill):
     reset(maps)
     idle = idle_holds(maps, LIST_A)
     in_force_before = in_force(maps)
-    owner = {"pin_blob": kernel, "set_word": csam.Maps}.get(kill, kernel.PinnedMap)
+    owner = {"pin_blob": kernel, "set_word": kernel.CsamMaps}.get(kill, kernel.PinnedMap)
     with mock.patch.object(owner, kill, side_effect=KeyboardInterrupt), \
             pytest.raises(KeyboardInterrupt):
         load(maps, EDIT_OF_A)
     assert in_force(maps) == in_force_before
-    assert csam.held(maps, idle) is None or kill == "set_word"
+    assert blocklist.held(maps, idle) is None or kill == "set_word"
     load(maps, EDIT_OF_A)
     agree(maps, EDIT_OF_A, *want(*(n.replace("192.0.2.66", "192.0.2.99").replace(
         "/48", "/64") for n in NETS_A)))
@@ -934,7 +936,7 @@ def new_instance(cli: Cli, bpffs: str, tmp_path: Path, creator: str) -> str:
 
 
 def listed_now(pin: str) -> tuple[set[bytes], set[tables.Key]]:
-    with csam.Maps(pin) as m:
+    with kernel.CsamMaps(pin) as m:
         _, _, h, p = in_force(m)
     return h, p
 

@@ -55,8 +55,10 @@ from test_bpf import (
 )
 from test_bpf import load as load_world
 
-from xdpzoot import csam, dirs, model, schema, tables
+from xdpzoot import model, tables
+from xdpzoot.dataplane import blocklist, dirs, kernel, layout, schema
 from xdpzoot.model import ICMP, ICMPV6, TCP_RST, Packet
+from xdpzoot.sources import csam
 
 C = schema.C
 GEN, HOSTS, PREFIXES = C["XZ_CSAM_GEN"], C["XZ_CSAM_HOSTS"], C["XZ_CSAM_PREFIXES"]
@@ -257,9 +259,9 @@ def _ids(cases) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cmaps(dataplane) -> Iterator[csam.Maps]:
+def cmaps(dataplane) -> Iterator[kernel.CsamMaps]:
     """The CSAM maps of the session's data plane, emptied before and after this module."""
-    with csam.Maps(dataplane.pin_dir) as m:
+    with kernel.CsamMaps(dataplane.pin_dir) as m:
         wipe(m)
         try:
             yield m
@@ -267,19 +269,19 @@ def cmaps(dataplane) -> Iterator[csam.Maps]:
             wipe(m)
 
 
-def wipe(m: csam.Maps) -> None:
+def wipe(m: kernel.CsamMaps) -> None:
     for t in (*m.hosts, *m.prefixes):
         t.delete_many(t.keys())
     for g in (0, 1):
-        m.meta.update(struct.pack("=I", g), bytes(csam.META.size))
+        m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
         m.write_dir(g, bytes(dirs.BYTES))
     m.set_word(0)
 
 
-def put(m: csam.Maps, gen: int, present: bool = True) -> None:
+def put(m: kernel.CsamMaps, gen: int, present: bool = True) -> None:
     """Write the list into generation ``gen`` (or take it out)."""
     hosts, prefixes = m.hosts[gen], m.prefixes[gen]
-    pkeys = [csam.LPM_KEY.pack(*k) for k in LIST_PREFIXES]
+    pkeys = [layout.LPM_KEY.pack(*k) for k in LIST_PREFIXES]
     if present:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
@@ -319,7 +321,7 @@ def hit_slot(gen: int, family: int) -> int:
     return gen * 2 + (family == 6)
 
 
-def setup(dp, m: csam.Maps, case: Case) -> None:
+def setup(dp, m: kernel.CsamMaps, case: Case) -> None:
     load_world(dp, model_tables(), flags_of(case.switches))
     put(m, case.holds)
     m.set_word(case.csam_word)
@@ -448,7 +450,7 @@ def test_switch_takes_effect(cdp, cmaps, family, hook):
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_loaded_lists_take_effect(cdp, cmaps, hook):
-    """csam.load, as the CLI calls it: list A in force, then B, then A again."""
+    """blocklist.load, as the CLI calls it: list A in force, then B, then A again."""
     load_world(cdp, model_tables(), flags_of(CR))
     wipe(cmaps)
     list_a = b"# A\n192.0.2.66\n198.18.0.0/15\n"
@@ -459,7 +461,7 @@ def test_loaded_lists_take_effect(cdp, cmaps, hook):
              (list_b, {to_exact: "pass", to_prefix: "pass", to_b6: "reject", to_b4: "reject"}),
              (list_a, {to_exact: "reject", to_prefix: "reject", to_b6: "pass", to_b4: "pass"})]
     for lst, expect in steps:
-        res = csam.load(cmaps, lst)
+        res = blocklist.load(cmaps, lst)
         assert res.switched
         for pkt, verdict in expect.items():
             cdp.maps.clear_counters()
@@ -503,5 +505,5 @@ def test_status_hits_count_every_cpu(cdp, cmaps):
     finally:
         os.sched_setaffinity(0, cpus)
     assert hits(cdp) == {2: 2}
-    assert csam.status(cmaps)["hits"] == {"gen0_ipv4": 0, "gen0_ipv6": 0, "gen1_ipv4": 2,
+    assert blocklist.status(cmaps)["hits"] == {"gen0_ipv4": 0, "gen0_ipv6": 0, "gen1_ipv4": 2,
                                           "gen1_ipv6": 0}

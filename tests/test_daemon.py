@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from xdpzoot import accounting, kernel, schema
+from xdpzoot.bandwidth import store
 from xdpzoot.daemon import Congestion, Daemon
+from xdpzoot.dataplane import kernel, schema
 
 C = schema.C
 T0 = 1_790_000_000.0   # 2026-09-21, any fixed instant
@@ -195,5 +196,5 @@ def test_run_stops_cleanly_on_sigterm_and_reloads_on_sighup(setup):
             p.kill()
     err = p.stderr.read()
     assert "stopped; the data plane keeps enforcing" in err
-    assert accounting.load_snapshot(str(tmp / "state.msgpack"))
+    assert store.load_snapshot(str(tmp / "state.msgpack"))
     assert kernel.pinned(pin)

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from test_bpf import flags_of, load, run_one
 
-from xdpzoot import model, schema, tables
-from xdpzoot.kernel import Entry
+from xdpzoot import model, tables
+from xdpzoot.dataplane import schema
+from xdpzoot.dataplane.layout import Entry
 from xdpzoot.model import ICMP, ICMPV6, TCP, UDP, Packet
 
 # Where subscribers live (the table draws its entries here) and where the rest of the

@@ -1,6 +1,6 @@
 """The IPv4 /24 directories (dirs.py, struct xz_dir): what each state promises holds for
 every address of its /24, for exact directories and for ones changed entry by entry; and
-the data plane, fed through the real loads (csam.load, sync.apply_subscribers), agrees with
+the data plane, fed through the real loads (blocklist.load, sync.apply_subscribers), agrees with
 plain membership on packets to random addresses in and around the entries.
 
 Lists live in 198.18.0.0/15 and 203.0.113.0/24; subscribers in 100.64.0.0/16 and
@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bpf import flags_of, load, run_one
 
-from xdpzoot import csam, dirs, kernel, model, sync, tables
-from xdpzoot.kernel import ClassTable, Entry
+from xdpzoot import model, sync, tables
+from xdpzoot.dataplane import blocklist, dirs, kernel, layout
+from xdpzoot.dataplane.layout import ClassTable, Entry
 from xdpzoot.model import TCP, Packet
 
 V4 = dirs.V4MAPPED
@@ -31,7 +32,7 @@ def addr16(ip: str) -> bytes:
 
 
 def listed(hosts: set[bytes], prefixes: set[tuple[int, bytes]], a: bytes) -> bool:
-    return a in hosts or any(kernel.masked(a, p) == n for p, n in prefixes)
+    return a in hosts or any(layout.masked(a, p) == n for p, n in prefixes)
 
 
 def near(rng_or_draw, base: str, i: int) -> bytes:
@@ -47,7 +48,7 @@ def lists(draw) -> tuple[set[bytes], set[tuple[int, bytes]]]:
     for _ in range(draw(st.integers(0, 4))):
         n = draw(st.sampled_from((15, 20, 23, 24, 25, 28, 31)))
         a = near(draw, draw(st.sampled_from(BASES)), draw(st.integers(0, 600)))
-        prefixes.add((96 + n, kernel.masked(a, 96 + n)))
+        prefixes.add((96 + n, layout.masked(a, 96 + n)))
     return hosts, prefixes
 
 
@@ -95,7 +96,7 @@ def test_csam_directory_is_exact(lst):
         n = sum(listed(hosts, prefixes, b) for b in inside)
         if n == 0:
             assert dirs.get(d, i) == dirs.NONE
-        if any(p <= 96 + 24 and kernel.masked(inside[0], p) == net for p, net in prefixes):
+        if any(p <= 96 + 24 and layout.masked(inside[0], p) == net for p, net in prefixes):
             assert dirs.get(d, i) == dirs.ALL
 
 
@@ -128,7 +129,7 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
                 state = dirs.get(dd, dirs.slash24(a))
                 if a in h:
                     assert not state & dirs.NO_HOST
-                if any(kernel.masked(a, pl) == n for pl, n in p):
+                if any(layout.masked(a, pl) == n for pl, n in p):
                     assert not state & dirs.NO_PREFIX
 
 
@@ -137,7 +138,7 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
 
 @pytest.fixture(scope="module")
 def cmaps(dataplane):
-    with csam.Maps(dataplane.pin_dir) as m:
+    with kernel.CsamMaps(dataplane.pin_dir) as m:
         yield m
 
 
@@ -161,12 +162,12 @@ def test_data_plane_agrees_through_full_and_changed_loads(dp, cmaps, steps):
     generation's text): packets to every probe address are dropped exactly when listed."""
     dp.reset()
     for g in (0, 1):   # nothing trusted: the first loads are whole ones
-        cmaps.meta.update(g.to_bytes(4, "little"), bytes(csam.META.size))
+        cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
         for t in (cmaps.hosts[g], cmaps.prefixes[g]):
             t.delete_many(t.keys())
     cmaps.set_word(0)
     for hosts, prefixes in steps:
-        csam.load(cmaps, text_of(hosts, prefixes) + b"# " + str(len(steps)).encode())
+        blocklist.load(cmaps, text_of(hosts, prefixes) + b"# " + str(len(steps)).encode())
         for a in probes(hosts, prefixes):
             p = Packet("access", "100.64.0.5", str(tables.ip_of(a)), TCP, 40000, 443)
             check(dp, p, *(("drop", "csam") if listed(hosts, prefixes, a)
@@ -189,11 +190,11 @@ def test_data_plane_classifies_through_a_subscriber_load(dp, seed):
     for i in range(rng.randint(0, 4)):
         n = rng.choice((16, 22, 24, 28, 30))
         a = addr16(f"100.64.{rng.choice((0, 1, 7))}.{rng.randint(0, 255)}")
-        t.prefixes[(96 + n, kernel.masked(a, 96 + n))] = Entry(2000 + i, rng.choice((1, 2)))
+        t.prefixes[(96 + n, layout.masked(a, 96 + n))] = Entry(2000 + i, rng.choice((1, 2)))
     for a, e in t.hosts.items():
         hosts.append(a, e)
     for k, e in t.prefixes.items():
-        prefixes.append(kernel.LPM_KEY.pack(*k), e)
+        prefixes.append(layout.LPM_KEY.pack(*k), e)
     dp.reset()
     load(dp, tables.Tables(), flags_of(("op25b",)))   # switches only
     sync.apply_subscribers(dp.maps, hosts, prefixes)

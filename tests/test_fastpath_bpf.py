@@ -23,7 +23,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 from test_bpf import flags_of, load, model_tables
 
-from xdpzoot import schema
+from xdpzoot.dataplane import schema
 from xdpzoot.lab import in_netns
 
 XDP_PASS, XDP_DROP, XDP_REDIRECT = 2, 1, 4

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from conftest import LabRouter
 
-from xdpzoot import schema
+from xdpzoot.dataplane import schema
 from xdpzoot.lab import Lab, lab_running, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
@@ -460,7 +460,7 @@ def test_bulk_drops_do_not_use_up_the_rate(dp):
     from scapy.packet import Raw
 
     from xdpzoot import tables
-    from xdpzoot.kernel import Entry
+    from xdpzoot.dataplane.layout import Entry
 
     def tcp(sport: int, size: int) -> bytes:
         return bytes(Ether() / IP(src="198.51.100.9", dst="203.0.113.10")

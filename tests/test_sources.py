@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdpzoot import sources
-from xdpzoot.sources import (
+from xdpzoot.sources import subscribers
+from xdpzoot.sources.files import SourceError
+from xdpzoot.sources.subscribers import (
     FLAGS,
-    SourceError,
     Subscriber,
     check_network,
     overlaps_v4mapped,
@@ -498,7 +498,7 @@ def test_fast_network_factory_matches_constructor(version: int, data: st.DataObj
     plen = data.draw(st.integers(0, bits))
     value = data.draw(st.integers(0, (1 << bits) - 1)) & ~((1 << (bits - plen)) - 1)
     cls = V4 if version == 4 else V6
-    got, want = sources._NET[version](value, plen), cls((value, plen))
+    got, want = subscribers._NET[version](value, plen), cls((value, plen))
     assert vars(got).keys() == vars(want).keys()
     assert (got, hash(got), repr(got)) == (want, hash(want), repr(want))
     if plen >= bits - 1:
@@ -703,7 +703,7 @@ def test_plans_come_from_the_plan_column_only(tmp_path):
     with_plans = tmp_path / "plans.csv"
     with_plans.write_text("# plans\nsubscriber,address,type,plan\n1,192.0.2.1,dynamic,home\n"
                           "2,192.0.2.2,static,\n3,192.0.2.3,static,biz\n")
-    assert sources.read_plans(str(with_plans)) == {1: "home", 3: "biz"}
+    assert subscribers.read_plans(str(with_plans)) == {1: "home", 3: "biz"}
     without = tmp_path / "noplans.csv"
     without.write_text("subscriber,address,type\n1,192.0.2.1,dynamic\n")
-    assert sources.read_plans(str(without)) == {}
+    assert subscribers.read_plans(str(without)) == {}

@@ -16,15 +16,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_csam import ctype_fields, fields_of
 
-from xdpzoot import kernel, schema, sources, sync, tables
-from xdpzoot.kernel import CLASS, LPM_KEY, ClassTable, Entry, KernelError, SubscriberMaps
-from xdpzoot.sources import SourceError
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.dataplane.kernel import KernelError, SubscriberMaps
+from xdpzoot.dataplane.layout import CLASS, LPM_KEY, ClassTable, Entry
+from xdpzoot.sources import subscribers
+from xdpzoot.sources.files import SourceError
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
 DYNAMIC, STATIC = schema.TYPES["dynamic"], schema.TYPES["static"]
 
 
-def rows_of(columns: tuple[sources.Columns, sources.Columns]) -> tuple[list, list]:
+def rows_of(columns: tuple[subscribers.Columns, subscribers.Columns]) -> tuple[list, list]:
     """Both groups of columns as sorted rows, to compare regardless of row order."""
     return tuple(sorted(zip(*c, strict=True), key=lambda r: r[0]) for c in columns)
 
@@ -86,17 +89,17 @@ def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
     """Whatever the bulk parser accepts, the row-by-row parser gives the same rows for; what
     that one refuses, the bulk parser never accepts; parse_columns answers as it does."""
     try:
-        want = sources.columns_of(sources.parse_subscribers_text(text, "t.csv", strict))
+        want = subscribers.columns_of(subscribers.parse_subscribers_text(text, "t.csv", strict))
     except SourceError as e:
-        assert sources._bulk(text, strict) is None
+        assert subscribers._bulk(text, strict) is None
         with pytest.raises(SourceError) as got:
-            sources.parse_columns(text, "t.csv", strict)
+            subscribers.parse_columns(text, "t.csv", strict)
         assert (got.value.path, got.value.problems) == (e.path, e.problems)
         return
-    bulk = sources._bulk(text, strict)
+    bulk = subscribers._bulk(text, strict)
     if bulk is not None:
         assert rows_of(bulk) == rows_of(want)
-    assert rows_of(sources.parse_columns(text, "t.csv", strict)) == rows_of(want)
+    assert rows_of(subscribers.parse_columns(text, "t.csv", strict)) == rows_of(want)
 
 
 def test_plain_files_take_the_bulk_path() -> None:
@@ -107,14 +110,15 @@ def test_plain_files_take_the_bulk_path() -> None:
             "3,2001:db8::1,static,0,,op25b_exempt;ip53b_exempt,\r\n"
             "3,2001:db8:1::1/128,static,,,,\r\n\r\n# pools\r\n"
             "4,100.64.0.0/10,dynamic,,,,\r\n5,2001:db8:100::/56,static,5,5,,a/b\r\n")
-    bulk = sources._bulk(text, False)
+    bulk = subscribers._bulk(text, False)
     assert bulk is not None
-    assert rows_of(bulk) == rows_of(sources.columns_of(sources.parse_subscribers_text(text)))
+    rows = subscribers.parse_subscribers_text(text)
+    assert rows_of(bulk) == rows_of(subscribers.columns_of(rows))
     hosts, prefixes = bulk
     assert len(hosts.keys) == 4 and len(prefixes.keys) == 2
-    assert sources._bulk(text, True) == bulk   # --strict: nothing overlaps
+    assert subscribers._bulk(text, True) == bulk   # --strict: nothing overlaps
     inside = text + "6,100.64.1.1,static,,,,\r\n"
-    assert sources._bulk(inside, False) is not None and sources._bulk(inside, True) is None
+    assert subscribers._bulk(inside, False) is not None and subscribers._bulk(inside, True) is None
 
 
 # ---- 2. the plan on columns against the dict model it replaced ---------------------------------
@@ -214,9 +218,9 @@ def test_plan_agrees_with_the_dict_model(cur_h, cur_p, hosts, prefixes, limit) -
 def test_class_table_columns() -> None:
     e = Entry(7, STATIC, SUSPENDED, 1000, 2000, 3)
     t = ClassTable.of([(b"a" * 16, e), (b"b" * 16, e._replace(sub_id=8, slot=0))])
-    assert t.values.tobytes()[:CLASS.size] == kernel.pack_class(e)
+    assert t.values.tobytes()[:CLASS.size] == layout.pack_class(e)
     assert t.column(0) == [7, 8] and t.column(4) == [3, 0]
-    assert t.column(1)[0] == kernel.class_word(STATIC, SUSPENDED)
+    assert t.column(1)[0] == layout.class_word(STATIC, SUSPENDED)
     assert t.entry(1) == e._replace(sub_id=8, slot=0)
     assert list(t.take([1]).items()) == [(b"b" * 16, e._replace(sub_id=8, slot=0))]
 
@@ -247,26 +251,26 @@ def test_class_layout(compiled) -> None:
         assert [n for n, *_ in leaf._fields_] == ["sub_id", "type", "flags", "pool_bits",
                                                   "_pad", "up_kbps", "down_kbps", "slot"]
         v = leaf(sub_id=1, type=2, flags=3, pool_bits=7, up_kbps=4, down_kbps=5, slot=6)
-        assert bytes(v) == kernel.pack_class(Entry(1, 2, 3, 4, 5, 6, 7))
+        assert bytes(v) == layout.pack_class(Entry(1, 2, 3, 4, 5, 6, 7))
     key = bpf[b"xz_prefixes"].Key
     assert ctype_fields(key) == fields_of(LPM_KEY)
     assert ct.sizeof(bpf[b"xz_hosts"].Key) == 16
     with SubscriberMaps.open(pin) as m:
         assert (m.host_map.key_size, m.host_map.value_size) == (16, CLASS.size)
         assert (m.prefix_map.key_size, m.prefix_map.value_size) == (LPM_KEY.size, CLASS.size)
-        assert m.state_map.value_size == kernel.STATE.size
+        assert m.state_map.value_size == layout.STATE.size
         assert m.slots == 64
 
 
 def test_state_layout(compiled) -> None:
-    """kernel.STATE against bcc's struct xz_state: what volumes() reads where."""
+    """layout.STATE against bcc's struct xz_state: what volumes() reads where."""
     bpf, pin = compiled
     leaf = bpf[b"xz_state"].Leaf
     v = leaf()
     v.dir[0].tat, v.dir[0].bulk_tat, v.dir[0].bytes, v.dir[0].packets = 1, 2, 3, 4
     v.dir[1].tat, v.dir[1].bulk_tat, v.dir[1].bytes, v.dir[1].packets = 5, 6, 7, 8
     v.op25b = 9
-    assert kernel.STATE.unpack(bytes(v)) == tuple(range(1, 10))
+    assert layout.STATE.unpack(bytes(v)) == tuple(range(1, 10))
 
 
 # ---- 4. loads into real maps, read back --------------------------------------------------------
@@ -303,7 +307,7 @@ def expected(text: str) -> dict[str, Entry]:
             else str(r.network.network_address):
             Entry(r.sub_id, schema.TYPES[r.type], sum(schema.FLAGS[f] for f in r.flags),
                   r.up_kbps, r.down_kbps)
-            for r in sources.parse_subscribers_text(text)}
+            for r in subscribers.parse_subscribers_text(text)}
 
 
 def without_slots(d: dict[str, Entry]) -> dict[str, Entry]:

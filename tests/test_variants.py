@@ -32,8 +32,9 @@ from test_bpf import (
     tcp,
 )
 
-from xdpzoot import config, kernel, schema, tables
-from xdpzoot.kernel import Entry
+from xdpzoot import config, tables
+from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane.layout import Entry
 
 
 def smtp4(vlans: int = 0, pppoe: bool = False) -> bytes:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdpzoot.sources import SourceError, check_network, parse_toml, read_source
+from xdpzoot.sources.files import SourceError, parse_toml, read_source
+from xdpzoot.sources.subscribers import check_network
 
 __all__ = [
     "DEFAULT_PATH",

@@ -19,9 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import accounting, csam, kernel, loader, schema, sync, tables
-from .config import load_config
-from .sources import SourceError, read_plans
+from xdpzoot import sync, tables
+from xdpzoot.bandwidth import accounting, store
+from xdpzoot.bandwidth import rules as volume_rules
+from xdpzoot.config import load_config
+from xdpzoot.dataplane import blocklist, kernel, loader, schema
+from xdpzoot.sources import csam
+from xdpzoot.sources.files import SourceError
+from xdpzoot.sources.subscribers import read_plans
 
 C = schema.C
 
@@ -71,7 +76,7 @@ class Daemon:
     cfg: object = None
     maps: kernel.Maps | None = None
     acct: accounting.Accounting | None = None
-    audit: accounting.AuditLog | None = None
+    audit: store.AuditLog | None = None
     congestion: Congestion | None = None
     watched: dict[str, tuple[int, int]] = field(default_factory=dict)
     plans: dict[int, str] = field(default_factory=dict)   # subscriber id -> service plan
@@ -94,12 +99,12 @@ class Daemon:
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
-        rules = accounting.load_rules(b.rules) if b.rules else []
+        rules = volume_rules.load_rules(b.rules) if b.rules else []
         old = self.acct
         self.acct = accounting.Accounting(rules)
         if resume:
             try:
-                data = accounting.load_snapshot(b.state)
+                data = store.load_snapshot(b.state)
                 if data is not None:
                     self.acct = accounting.Accounting.restore(data, rules)
                     log(f"resumed from {b.state}")
@@ -108,7 +113,7 @@ class Daemon:
                 self._adopt_throttles()
         elif old is not None:
             self.acct = accounting.Accounting.restore(old.snapshot(), rules)
-        self.audit = accounting.AuditLog(b.audit, b.audit_retention_days * 86400)
+        self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
                                      b.congestion_seconds, b.hysteresis,
                                      active=bool(self.maps.control_flags()
@@ -152,7 +157,7 @@ class Daemon:
         if now - self._last_purge >= 3600:
             self.audit.purge(now)
             self._last_purge = now
-        accounting.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        store.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
         return actions
 
     def _enforce_rates(self, now: float, slot_of: dict[int, int]) -> None:
@@ -181,7 +186,7 @@ class Daemon:
     def _congestion(self, now: float) -> None:
         if self.maps.control_params()["congestion"] != C["XZ_CONGESTION_AUTO"]:
             return
-        from . import netlink
+        from xdpzoot.dataplane import netlink
 
         on = self.congestion.feed(now, netlink.link_bytes(list(self.cfg.interfaces.core)))
         flags = self.maps.control_flags()
@@ -228,8 +233,8 @@ class Daemon:
                             f"{c.removed} removed")
                     else:
                         data, _ = csam.read_list(path)
-                        with csam.Maps(self.pin_dir) as cm:
-                            r = csam.load(cm, data, path)
+                        with kernel.CsamMaps(self.pin_dir) as cm:
+                            r = blocklist.load(cm, data, path)
                         log(f"CSAM list reloaded: generation {r.generation}")
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had
@@ -255,5 +260,5 @@ class Daemon:
             deadline = self.clock() + self.cfg.bandwidth.tick_seconds
             while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
                 sleep(min(0.5, max(0.0, deadline - self.clock())))
-        accounting.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        store.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
         log("stopped; the data plane keeps enforcing")

@@ -22,15 +22,14 @@ subscriber namespaces.  Their pids, the Lab itself and the maildir live under
 
 Run as a module for the server side and for people without the CLI::
 
-    python -m xdpzoot.lab up [--prefix P] [--no-servers]
-    python -m xdpzoot.lab down P
-    python -m xdpzoot.lab list
-    python -m xdpzoot.lab smtp --port 25 --port 587 --maildir DIR    (what lab_up starts)
+    xdpzoot lab up [--prefix P] [--no-servers]
+    xdpzoot lab down P
+    xdpzoot lab list
+    python -m xdpzoot lab smtp --port 25 --port 587 --maildir DIR    (what lab_up starts)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
@@ -472,7 +471,7 @@ def _start_servers(lab: Lab, servers: dict[str, dict[str, Any]]) -> None:
     """Start SMTP and DNS servers and wait (bounded) until each answers from its namespace."""
     lab.maildir.mkdir(parents=True, exist_ok=True)
     a = lab.addr
-    smtp = [sys.executable, "-m", "xdpzoot.lab", "smtp", "--maildir", str(lab.maildir)]
+    smtp = [sys.executable, "-m", "xdpzoot", "lab", "smtp", "--maildir", str(lab.maildir)]
     for port in SMTP_PORTS:
         smtp += ["--port", str(port)]
     _start(lab, servers, "smtp-inet", lab.inet, smtp)
@@ -492,7 +491,7 @@ def _start_servers(lab: Lab, servers: dict[str, dict[str, Any]]) -> None:
     for ns, listen in dns_listen.values():
         probes.setdefault(ns, []).extend(f"--dns={h}" for h in listen)
     waiters = {
-        ns: subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "xdpzoot.lab",
+        ns: subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "xdpzoot", "lab",
                               "wait", f"--timeout={SERVER_TIMEOUT}", *args],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, env=_pkg_env())
@@ -812,46 +811,3 @@ def wait_ready(tcp: Sequence[str], resolvers: Sequence[str], timeout: float) -> 
             break
         time.sleep(0.05)
     return [n for n, _ in pending]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``python -m xdpzoot.lab``."""
-    ap = argparse.ArgumentParser(prog="python -m xdpzoot.lab",
-                                 description=(__doc__ or "").split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="build a lab and print it as JSON")
-    up.add_argument("--prefix")
-    up.add_argument("--no-servers", action="store_true")
-    down = sub.add_parser("down", help="tear a lab down")
-    down.add_argument("prefix", nargs="+")
-    sub.add_parser("list", help="list labs with a state file")
-    smtp = sub.add_parser("smtp", help="run the SMTP sink (inside a namespace)")
-    smtp.add_argument("--port", type=int, action="append", required=True)
-    smtp.add_argument("--maildir", type=Path, required=True)
-    wait = sub.add_parser("wait", help="wait for servers to answer (inside a namespace)")
-    wait.add_argument("--tcp", action="append", default=[], metavar="HOST:PORT")
-    wait.add_argument("--dns", action="append", default=[], metavar="HOST")
-    wait.add_argument("--timeout", type=float, default=SERVER_TIMEOUT)
-    args = ap.parse_args(argv)
-
-    if args.cmd == "up":
-        lab = lab_up(args.prefix, servers=not args.no_servers)
-        print(json.dumps(asdict(lab), indent=2))
-    elif args.cmd == "down":
-        for p in args.prefix:
-            lab_down(p)
-    elif args.cmd == "list":
-        for p in lab_list():
-            print(p)
-    elif args.cmd == "smtp":
-        serve_smtp(args.port, args.maildir)
-    elif args.cmd == "wait":
-        failed = wait_ready(args.tcp, args.dns, args.timeout)
-        if failed:
-            print(f"not ready after {args.timeout:.0f}s: {', '.join(failed)}")
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

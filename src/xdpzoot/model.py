@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import schema
-from .kernel import Entry
-from .tables import addr16
+from xdpzoot.dataplane import schema
+from xdpzoot.dataplane.layout import Entry
+from xdpzoot.tables import addr16
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 PROTOS = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMPV6}

@@ -13,22 +13,20 @@ from dataclasses import dataclass
 from itertools import compress, filterfalse, islice, repeat
 from typing import NamedTuple
 
-from . import dirs, schema
-from .kernel import (
+from xdpzoot.dataplane import dirs, schema
+from xdpzoot.dataplane.kernel import KernelError, Maps, SubscriberMaps
+from xdpzoot.dataplane.layout import (
     CLASS,
     LPM_KEY,
     POOL_BITS_WORD,
     WORDS,
     ClassTable,
     Entry,
-    KernelError,
-    Maps,
-    SubscriberMaps,
     class_word,
     masked,
 )
-from .sources import paused_gc
-from .tables import Key
+from xdpzoot.sources.files import paused_gc
+from xdpzoot.tables import Key
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
 _SUSPENDED_WORD = class_word(0, SUSPENDED)
@@ -293,7 +291,7 @@ def set_suspended(maps: SubscriberMaps, target: int | bytes, on: bool) -> list[s
     entry of its own, so that only that address is cut off. Returns what changed,
     as descriptions; empty when ``target`` is unknown.
     """
-    from .tables import ip_of, net_of
+    from xdpzoot.tables import ip_of, net_of
 
     done: list[str] = []
     if isinstance(target, bytes):

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import starmap
 
-from . import schema
-from .kernel import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
-from .sources import Columns, read_columns
+from xdpzoot.dataplane import schema
+from xdpzoot.dataplane.layout import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
+from xdpzoot.sources.subscribers import Columns, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
 HEADER = BPF_DIR / "xdpzoot.h"
 
 

@@ -10,7 +10,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from . import kernel, schema, sync, tables
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import kernel, schema
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _our_xdp_ids(pin_dir: str) -> dict[int, str]:
 
 def attachments(pin_dir: str) -> list[Attachment]:
     """Where this instance's programs are attached, as the kernel tells it."""
-    from . import netlink
+    from xdpzoot.dataplane import netlink
 
     xdp_ids = _our_xdp_ids(pin_dir)
     tags = {tc_tag(pin_dir, r): r for r in ("access", "core")}
@@ -78,7 +79,7 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     """Compile, load and attach; replaces a running instance atomically per interface,
     keeps the pinned maps and their contents, and takes our programs off interfaces
     that are no longer named."""
-    from . import netlink  # pyroute2 takes long to import: only the commands that attach
+    from xdpzoot.dataplane import netlink
 
     for name in access + core:
         if name in ("lo",) or name.startswith("ifb"):
@@ -118,7 +119,7 @@ def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
     """Make the fast path's devmap hold the router's interfaces ``names`` (and no other);
     returns the names left out, whose ifindex is beyond the devmap (XZ_MAX_IFINDEX): what
     is routed out of them goes through the kernel (counted as ``egress``)."""
-    from . import netlink
+    from xdpzoot.dataplane import netlink
 
     index = netlink.link_indexes()
     by_index = {index[n]: n for n in names if n in index}
@@ -128,7 +129,7 @@ def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
 def fast_path(maps: kernel.Maps) -> dict:
     """The fast path for `status` and `stats`: its switch, its egress interfaces (names, as
     this namespace has them) and its counters by reason."""
-    from . import netlink
+    from xdpzoot.dataplane import netlink
 
     names = {i: n for n, i in netlink.link_indexes().items()}
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
@@ -138,7 +139,7 @@ def fast_path(maps: kernel.Maps) -> dict:
 
 
 def _detach_one(a: Attachment) -> None:
-    from . import netlink
+    from xdpzoot.dataplane import netlink
 
     if a.hook == "xdp":
         netlink.detach_xdp(a.ifname)

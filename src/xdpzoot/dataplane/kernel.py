@@ -17,11 +17,25 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from . import dirs, schema
+from xdpzoot.dataplane import dirs, schema
+from xdpzoot.dataplane.layout import (
+    CLASS,
+    CONTROL,
+    LPM_KEY,
+    META,
+    POOL_BITS_WORD,
+    STATE,
+    ZERO_KEY,
+    ClassTable,
+    Entry,
+    Volume,
+    _entry,
+    masked,
+    pack_class,
+)
 
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
@@ -596,116 +610,8 @@ def load_named(bpf, name: str, hook: str = "xdp") -> int:
     return bpf.load_func(name.encode(), BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
 
 
-# ---- maps as plain values -----------------------------------------------------------------
-
-
-class Entry(NamedTuple):
-    """Value of the subscriber maps (struct xz_class), one at a time (bulk: ClassTable)."""
-
-    sub_id: int
-    type: int
-    flags: int = 0
-    up_kbps: int = 0
-    down_kbps: int = 0
-    slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state) ...
-    pool_bits: int = 0   # ... or, when set, a pool's first index in xz_pool_addrs
-
-
-# struct xz_class as bytes: sub_id, type, flags, pool_bits, _pad, up_kbps, down_kbps, slot. In
-# bulk it is five native 32-bit words, the second holding type, flags, pool_bits and _pad
-# (class_word).
-CLASS = struct.Struct("=IBBBBIII")
-WORDS = CLASS.size // 4
-LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
 SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle", "xz_sub_dir",
                    "xz_pool_addrs")
-ZERO_KEY = bytes(4)
-STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
-_TYPE_FLAGS = struct.Struct("=BBBx")
-if array("I").itemsize != 4:
-    raise ImportError("array('I') is not 32 bits wide here")
-
-
-def class_word(type_: int, flags: int, pool_bits: int = 0) -> int:
-    """The second word of struct xz_class (type, flags, pool_bits, _pad), as ClassTable
-    holds it."""
-    return int.from_bytes(_TYPE_FLAGS.pack(type_, flags, pool_bits), sys.byteorder)
-
-
-POOL_BITS_WORD = class_word(0, 0, 0xFF)   # the pool_bits byte of class_word
-
-
-def pool_bits_of(word: int) -> int:
-    """pool_bits of a class_word."""
-    return (word & POOL_BITS_WORD) // class_word(0, 0, 1)
-
-
-def pack_class(e: Entry) -> bytes:
-    """struct xz_class of ``e``, each field cut to its width as a C assignment would."""
-    u32 = 0xFFFF_FFFF
-    return CLASS.pack(e.sub_id & u32, e.type & 0xFF, e.flags & 0xFF, e.pool_bits & 0xFF, 0,
-                      e.up_kbps & u32, e.down_kbps & u32, e.slot & u32)
-
-
-def _entry(fields: tuple[int, ...]) -> Entry:
-    """An Entry from CLASS.unpack's fields (the padding dropped)."""
-    sub_id, type_, flags, pool_bits, _, up, down, slot = fields
-    return Entry(sub_id, type_, flags, up, down, slot, pool_bits)
-
-
-@dataclass
-class ClassTable:
-    """A subscriber map's contents in columns: ``keys[i]`` (packed as the map keys it) holds
-    struct xz_class ``values[WORDS * i:WORDS * (i + 1)]``. A load handles a million entries:
-    columns are filled, compared and written in bulk, without an object per entry."""
-
-    keys: list[bytes] = field(default_factory=list)
-    values: array = field(default_factory=lambda: array("I"))
-
-    @classmethod
-    def of(cls, items: Iterable[tuple[bytes, Entry]]) -> ClassTable:
-        t = cls()
-        for k, e in items:
-            t.append(k, e)
-        return t
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def entry(self, i: int) -> Entry:
-        return _entry(CLASS.unpack_from(self.values, i * CLASS.size))
-
-    def items(self) -> Iterator[tuple[bytes, Entry]]:
-        return zip(self.keys, map(_entry, CLASS.iter_unpack(self.values)), strict=True)
-
-    def column(self, word: int) -> list[int]:
-        """Word ``word`` of every entry (0: sub_id, 1: class_word, 4: slot)."""
-        return self.values[word::WORDS].tolist()
-
-    def copy(self) -> ClassTable:
-        return ClassTable(list(self.keys), array("I", self.values))
-
-    def append(self, key: bytes, e: Entry) -> None:
-        self.keys.append(key)
-        self.values.frombytes(pack_class(e))
-
-    def take(self, rows: list[int]) -> ClassTable:
-        """The entries of ``rows`` (indices), in that order."""
-        raw = memoryview(self.values).cast("B")
-        n = CLASS.size
-        return ClassTable([self.keys[i] for i in rows],
-                          array("I", b"".join([raw[i * n:(i + 1) * n] for i in rows])))
-
-
-@dataclass(frozen=True)
-class Volume:
-    """What the data plane admitted for a subscriber, and the SMTP attempts it blocked."""
-
-    up_bytes: int
-    down_bytes: int
-    up_packets: int
-    down_packets: int
-    op25b: int
 
 
 def _volume(v) -> Volume:
@@ -1017,7 +923,63 @@ class Maps(SubscriberMaps):
         return too_big
 
 
-def masked(addr: bytes, plen: int) -> bytes:
-    """``addr`` with the bits after the first ``plen`` cleared."""
-    n = int.from_bytes(addr, "big") >> (128 - plen) << (128 - plen) if plen else 0
-    return n.to_bytes(16, "big")
+class CsamMaps:
+    """The CSAM maps of one instance and its control word, opened without bcc."""
+
+    def __init__(self, pin_dir: str):
+        if not os.path.exists(os.path.join(pin_dir, "xz_csam_h0")):
+            raise KernelError(f"xdpzoot is not loaded (no maps pinned under {pin_dir})")
+        p = lambda n: PinnedMap(os.path.join(pin_dir, n))  # noqa: E731
+        self.pin_dir = pin_dir
+        self.control = p("xz_control")
+        self.meta = p("xz_csam_meta")
+        self.hits = p("xz_csam_hits")
+        self.hosts = (p("xz_csam_h0"), p("xz_csam_h1"))
+        self.prefixes = (p("xz_csam_p0"), p("xz_csam_p1"))
+        self.dirs = (p("xz_csam_d0"), p("xz_csam_d1"))
+
+    def close(self) -> None:
+        for m in (self.control, self.meta, self.hits, *self.hosts, *self.prefixes, *self.dirs):
+            m.close()
+
+    def read_dir(self, gen: int) -> bytearray:
+        """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
+        return self.dirs[gen].lookup_into(ZERO_KEY)
+
+    def write_dir(self, gen: int, d: bytes | bytearray) -> None:
+        self.dirs[gen].update(ZERO_KEY, d)
+
+    def __enter__(self) -> CsamMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def word(self) -> tuple[int, int]:
+        """(flags, csam) of the control entry."""
+        return CONTROL.unpack_from(self.control.lookup(b"\0\0\0\0") or bytes(CONTROL.size))
+
+    def set_word(self, csam: int) -> None:
+        """Switch lists: one write of the control entry (every other field kept)."""
+        value = bytearray(self.control.lookup(b"\0\0\0\0"))
+        flags, _ = CONTROL.unpack_from(value)
+        CONTROL.pack_into(value, 0, flags, csam)
+        self.control.update(b"\0\0\0\0", bytes(value))
+
+    def text_path(self, gen: int) -> str:
+        """Where the text of generation ``gen``'s list is pinned."""
+        return os.path.join(self.pin_dir, f"xz_csam_t{gen}")
+
+    def read_meta(self, gen: int) -> dict:
+        sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(struct.pack("=I", gen)))
+        return {"sha256": sha.hex() if loaded else None, "loaded": loaded or None,
+                "hosts4": h4, "hosts6": h6, "prefixes4": p4, "prefixes6": p6}
+
+    def hit_counts(self) -> dict[str, int]:
+        """Hits per generation and family, summed over CPUs."""
+        out = {}
+        for gen in (0, 1):
+            for fam, name in ((0, "ipv4"), (1, "ipv6")):
+                raw = self.hits.lookup(struct.pack("=I", gen * 2 + fam)) or b""
+                out[f"gen{gen}_{name}"] = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
+        return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import schema
+from xdpzoot.dataplane import schema
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,0 +1,130 @@
+"""What the accounting keeps on disk: the msgpack snapshot (written whole or not at all: a
+temporary file, fsync, rename, fsync of the directory) and the audit log of policy actions."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime, tzinfo
+
+from xdpzoot.bandwidth.accounting import Action
+from xdpzoot.bandwidth.rules import local_zone
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
+
+    The file is created readable by its owner only (it holds subscriber data).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def save_snapshot(path: str, data: bytes) -> None:
+    """Write a snapshot atomically: a crash leaves either the old or the new file, whole."""
+    _atomic_write(path, data)
+
+
+def load_snapshot(path: str) -> bytes | None:
+    """The snapshot bytes at ``path``, or None if there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class AuditLog:
+    """The audit trail of policy actions: one JSON line per action, kept for ``retention_s``.
+
+    A line holds the time (ISO-8601 with zone), subscriber, rule, action, rate and values;
+    nothing about flows or destinations. One writer: call :meth:`write` and :meth:`purge`
+    from the same thread (purge replaces the file).
+    """
+
+    def __init__(
+        self, path: str, retention_s: float, tz: tzinfo | None = None, fsync: bool = True
+    ) -> None:
+        """``tz`` is the zone the times are written in (default: local); ``fsync`` each write."""
+        if retention_s <= 0:
+            raise ValueError("retention_s must be positive")
+        self.path = path
+        self.retention_s = float(retention_s)
+        self.tz = tz if tz is not None else local_zone()
+        self.fsync = fsync
+
+    def line(self, action: Action) -> str:
+        """One action as its JSON line (without the newline)."""
+        record = {
+            "time": datetime.fromtimestamp(action.time, self.tz).isoformat(),
+            "subscriber": action.subscriber,
+            "rule": action.rule,
+            "action": action.action,
+            "rate_kbps": action.rate_kbps,
+            "values": action.values,
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    def write(self, actions: Iterable[Action]) -> int:
+        """Append one line per action; returns how many were written."""
+        lines = [self.line(a) + "\n" for a in actions]
+        if not lines:
+            return 0
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        return len(lines)
+
+    def purge(self, now: float) -> int:
+        """Drop records older than the retention (time < now - retention); returns how many.
+
+        The file is rewritten atomically, and only when something is dropped. Lines that are
+        not records (e.g. torn by a crash) are kept: purge only ever removes old records.
+        """
+        try:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return 0
+        cutoff = now - self.retention_s
+        kept: list[str] = []
+        for text in lines:
+            try:
+                when = datetime.fromisoformat(json.loads(text)["time"]).timestamp()
+            except (ValueError, KeyError, TypeError):
+                when = None
+            if when is None or when >= cutoff:
+                kept.append(text if text.endswith("\n") else text + "\n")
+        dropped = len(lines) - len(kept)
+        if dropped:
+            _atomic_write(self.path, "".join(kept).encode("utf-8", errors="surrogateescape"))
+        return dropped

@@ -1,0 +1,140 @@
+"""The ``xdpzoot`` command line: every operation an operator needs, ``--json`` on all
+that reports. Exit codes: 0 ok, 1 operational error, 2 usage error."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import click
+
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import kernel, layout, loader, schema
+from xdpzoot.sources.files import SourceError
+
+ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
+
+
+class Ctx:
+    """Global options, resolved lazily so that --help needs no root and no config."""
+
+    def __init__(self, config_path: str | None, pin_dir: str):
+        self.config_path = config_path
+        self.pin_dir = pin_dir
+        self._cfg = None
+
+    @property
+    def cfg(self):
+        if self._cfg is None:
+            from xdpzoot.config import load_config  # here: most commands never read the config
+
+            self._cfg = load_config(self.config_path)
+        return self._cfg
+
+    def maps(self, create: bool = False) -> kernel.Maps:
+        if create and not kernel.pinned(self.pin_dir):
+            return kernel.Maps(kernel.compile_bpf(self.pin_dir, self.cfg.defines(),
+                                                  maps_only=True))
+        return loader.open_maps(self.cfg, self.pin_dir)
+
+    def subscriber_maps(self, create: bool = False) -> kernel.SubscriberMaps:
+        """The subscriber maps, opened from their pins without a compile."""
+        if not kernel.pinned(self.pin_dir):
+            self.maps(create)   # creates the maps, or says that xdpzoot is not loaded
+        return kernel.SubscriberMaps.open(self.pin_dir)
+
+
+def _audit(o: Ctx, subscriber: int | str, action: str, rate_kbps: int | None = None,
+           **values) -> None:
+    """An operator's policy action, into the audit log that the daemon writes too.
+    If it cannot be written: a warning, the action stands."""
+    from xdpzoot.bandwidth import accounting, store
+
+    b = o.cfg.bandwidth
+    try:
+        os.makedirs(os.path.dirname(b.audit) or ".", mode=0o700, exist_ok=True)
+        log = store.AuditLog(b.audit, b.audit_retention_days * 86400)
+        log.write([accounting.Action(time.time(), subscriber, "operator", action, rate_kbps,
+                                     values)])
+    except OSError as e:
+        click.echo(f"xdpzoot: warning: audit log {b.audit}: {e.strerror}", err=True)
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"xdpzoot: error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Operational errors become one line on stderr and exit code 1."""
+    try:
+        fn()
+    except (kernel.KernelError, SourceError, OSError) as e:
+        _fail(str(e))
+
+
+def _emit(as_json: bool, data, text: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=None, sort_keys=True, default=str))
+    else:
+        text()
+
+
+EXAMPLES = """\b
+Examples:
+  xdpzoot attach --access eth1 --core eth0
+  xdpzoot --pin-dir /run/xdpzoot/r1 attach --hook tc --access v1 --core v0
+  xdpzoot subscribers load /etc/xdpzoot/subscribers.csv
+  xdpzoot explain --in access --src 100.64.1.10 --dst 203.0.113.10 \\
+      --proto tcp --dport 25
+  xdpzoot stats 1 5
+  xdpzoot status --json
+"""
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE", default=None,
+              help="Config file (default /etc/xdpzoot/xdpzoot.toml).")
+@click.option("--pin-dir", metavar="DIR", envvar=ENV_PIN_DIR,
+              default=kernel.DEFAULT_PIN_DIR, show_default=True,
+              help=f"BPF pin directory of this instance (or ${ENV_PIN_DIR}).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, pin_dir: str) -> None:
+    """xdpzoot: OP25B, IP53B and suspension at XDP/TC for an ISP edge router."""
+    ctx.obj = Ctx(config_path, os.path.abspath(pin_dir))
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _address(value: str) -> bytes:
+    try:
+        return tables.addr16(ipaddress.ip_address(value))
+    except ValueError as e:
+        raise click.BadParameter(f"not an IP address: {value}") from e
+
+def _entry_json(e: layout.Entry) -> dict:
+    t = {v: k for k, v in schema.TYPES.items()}.get(e.type, str(e.type))
+    return {"subscriber": e.sub_id, "type": t, "flags": schema.flag_names(e.flags),
+            "up_kbps": e.up_kbps, "down_kbps": e.down_kbps}
+
+def _change_text(c: sync.Change) -> str:
+    return f"{c.added} added, {c.changed} changed, {c.removed} removed"
+
+def _progress(total: int, label: str):
+    """A progress bar on stderr for loads that take more than a moment."""
+    if total < 20000 or not sys.stderr.isatty():
+        return None, None
+    bar = click.progressbar(length=total, label=label, file=sys.stderr)
+    return bar, bar.update
+
+
+# Each command group registers itself on ``main``.
+from . import bandwidth, blocklist, dataplane, explain, lab, subscribers  # noqa: E402, F401, I001
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Rates by hand (throttle), congestion mode, volumes (top, usage) and the daemon (run)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import click
+
+from xdpzoot import tables
+from xdpzoot.dataplane import kernel, schema
+from xdpzoot.sources.files import SourceError
+
+from . import Ctx, _address, _audit, _emit, _fail, _run, json_opt, main
+
+# ---- bandwidth -------------------------------------------------------------------------------
+
+
+def _slots(maps: kernel.Maps, target: str) -> tuple[int, int]:
+    """(subscriber id, state slot) of SUBSCRIBER given as id or address."""
+    try:
+        sid = int(target)
+    except ValueError:
+        a = _address(target)
+        e = maps.get_host(a) or (maps.match_prefix(a) or (None, None))[1]
+        if e is None:
+            raise kernel.KernelError(f"no subscriber {target}") from None
+        sid = e.sub_id
+    for _, e in (*maps.host_items(), *maps.prefix_items()):
+        if e.sub_id == sid and e.slot and not e.pool_bits:
+            return sid, e.slot
+    raise kernel.KernelError(f"no subscriber {target} with a state slot "
+                             "(addresses of a pool have per-address state only)")
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot throttle 1042 --rate 1000
+  xdpzoot throttle 198.51.100.9 --rate 512 --for 12h --json""")
+@click.argument("subscriber")
+@click.option("--rate", type=click.IntRange(1), required=True, metavar="KBPS",
+              help="Rate in kbit/s, both directions.")
+@click.option("--for", "duration", metavar="DURATION", help="e.g. 30m, 12h, 7d.")
+@json_opt
+@click.pass_obj
+def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
+    """Hold SUBSCRIBER (id or address) to RATE, now, until `unthrottle` or --for ends."""
+    from xdpzoot.bandwidth.rules import parse_seconds
+
+    try:
+        until = int(time.time()) + parse_seconds(duration) if duration else 0
+    except ValueError as e:
+        raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {duration}") from e
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            maps = o.maps()
+            sid, slot = _slots(maps, subscriber)
+            maps.set_manual(slot, rate, until)
+            up, down = maps.get_throttle(slot)
+            maps.set_throttle(slot, min(x for x in (up, rate) if x), min(x for x in (down, rate)
+                                                                       if x))
+        data = {"subscriber": sid, "rate_kbps": rate, "until": until or None}
+        _audit(o, sid, "throttle", rate, until=until or None)
+        _emit(as_json, data, lambda: click.echo(
+            f"subscriber {sid} throttled to {rate} kbit/s"
+            + (f" until {time.strftime('%Y-%m-%d %H:%M', time.localtime(until))}" if until
+               else "")))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot unthrottle 1042""")
+@click.argument("subscriber")
+@json_opt
+@click.pass_obj
+def unthrottle(o: Ctx, subscriber, as_json) -> None:
+    """Lift the throttle set by hand on SUBSCRIBER; a volume rule's throttle in force
+    comes back at the daemon's next tick."""
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            maps = o.maps()
+            sid, slot = _slots(maps, subscriber)
+            maps.del_manual(slot)
+            maps.set_throttle(slot, 0, 0)
+        _audit(o, sid, "release")
+        _emit(as_json, {"subscriber": sid, "unthrottled": True},
+              lambda: click.echo(f"subscriber {sid}: throttle lifted"))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot congestion           # show
+  xdpzoot congestion on
+  xdpzoot congestion auto      # `xdpzoot run` decides from utilisation""")
+@click.argument("mode", type=click.Choice(["on", "off", "auto"]), required=False)
+@json_opt
+@click.pass_obj
+def congestion(o: Ctx, mode, as_json) -> None:
+    """Congestion mode: bulk flows of a subscriber share a part of its rate."""
+    bit = schema.C["XZ_C_CONGESTION"]
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            maps = o.maps()
+            if mode:
+                maps.set_control_params(congestion=tables.CONGESTION[mode])
+                if mode != "auto":
+                    flags = maps.control_flags()
+                    maps.set_control_flags(flags | bit if mode == "on" else flags & ~bit)
+            code = maps.control_params()["congestion"]
+            active = bool(maps.control_flags() & bit)
+        name = {v: k for k, v in tables.CONGESTION.items()}[code]
+        _emit(as_json, {"mode": name, "active": active},
+              lambda: click.echo(f"congestion mode {name}: {'on' if active else 'off'} now"))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot top
+  xdpzoot top --by op25b -n 20
+  xdpzoot top --by up --json""")
+@click.option("--by", "key", type=click.Choice(["down", "up", "op25b"]), default="down",
+              show_default=True)
+@click.option("-n", "count", type=click.IntRange(1), default=10, show_default=True)
+@json_opt
+@click.pass_obj
+def top(o: Ctx, key, count, as_json) -> None:
+    """Subscribers by volume since the counters started, or by blocked SMTP attempts."""
+
+    def go():
+        maps = o.maps()
+        owner = maps.owners()
+        rows = [{"subscriber": owner[s], **asdict(v)} for s, v in maps.volumes(owner).items()]
+        rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}
+                 for a, v in maps.pool_volumes().items()]
+        field = {"down": "down_bytes", "up": "up_bytes", "op25b": "op25b"}[key]
+        rows = sorted((r for r in rows if r[field]), key=lambda r: -r[field])[:count]
+
+        def text():
+            if not rows:
+                click.echo("No entries found.")
+                return
+            click.echo(f"{'SUBSCRIBER':<26} {'DOWN BYTES':>14} {'UP BYTES':>14} {'OP25B':>8}")
+            for r in rows:
+                click.echo(f"{str(r['subscriber']):<26} {r['down_bytes']:>14} "
+                           f"{r['up_bytes']:>14} {r['op25b']:>8}")
+
+        _emit(as_json, rows, text)
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot run                  # under systemd: systemd/xdpzoot.service
+  xdpzoot --config /etc/xdpzoot/xdpzoot.toml run""")
+@click.pass_obj
+def run(o: Ctx) -> None:
+    """The controller: accounting, volume rules, congestion mode, source sync.
+
+    SIGTERM stops it (the data plane keeps enforcing); SIGHUP reloads."""
+    from xdpzoot.daemon import Daemon
+
+    def go():
+        d = Daemon(o.config_path, o.pin_dir)
+        d.start()
+        d.run()
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot usage 1042
+  xdpzoot usage 1042 --json""")
+@click.argument("subscriber", type=int)
+@json_opt
+@click.pass_obj
+def usage(o: Ctx, subscriber, as_json) -> None:
+    """SUBSCRIBER's volume per volume rule and window, from the daemon's state."""
+    from xdpzoot.bandwidth import accounting, store
+    from xdpzoot.bandwidth import rules as volume_rules
+
+    def go():
+        b = o.cfg.bandwidth
+        rules = volume_rules.load_rules(b.rules) if b.rules else []
+        data = store.load_snapshot(b.state)
+        acct = accounting.Accounting.restore(data, rules) if data else \
+            accounting.Accounting(rules)
+        rows = acct.usage(subscriber, time.time())
+
+        def text():
+            if not rows:
+                click.echo("No entries found.")
+            for r in rows:
+                click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
+
+        _emit(as_json, {"subscriber": subscriber, "rules": rows}, text)
+
+    try:
+        go()
+    except (OSError, SourceError, kernel.KernelError, accounting.SnapshotError) as e:
+        _fail(str(e))

@@ -1,0 +1,134 @@
+"""The CSAM list: load, check one address, status. Never an entry in any output."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import click
+
+from xdpzoot.dataplane import blocklist as swap
+from xdpzoot.dataplane import kernel
+from xdpzoot.sources import csam
+
+from . import Ctx, _address, _emit, _progress, _run, json_opt, main
+
+# ---- CSAM list ---------------------------------------------------------------------------
+
+
+@main.group(epilog="""\b
+Examples:
+  xdpzoot blocklist load /etc/xdpzoot/csam.txt
+  xdpzoot blocklist check 192.0.2.66
+  xdpzoot blocklist status --json""")
+def blocklist() -> None:
+    """The CSAM address list: loaded whole, switched atomically, never printed."""
+
+
+def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
+    """Validate the list file, then swap it in (under the instance's lock; not attached
+    yet: the maps are created, and attach finds them)."""
+    data, warnings = csam.read_list(path, strict=strict)
+    for w in warnings:
+        click.echo(f"xdpzoot: warning: {w}", err=True)
+    with kernel.lock(o.pin_dir):
+        if not kernel.pinned(o.pin_dir):
+            o.maps(create=True)
+        return _load_csam_locked(o.pin_dir, path, data)
+
+
+def _load_csam_locked(pin_dir: str, path: str, data: bytes) -> dict:
+    bars = []
+
+    def progress(total: int):
+        bar, step = _progress(total, "writing CSAM list")
+        bars.extend([bar] if bar else [])
+        return step
+
+    with kernel.CsamMaps(pin_dir) as maps:
+        try:
+            res = swap.load(maps, data, path, progress=progress)
+        finally:
+            for bar in bars:
+                bar.render_finish()
+        meta = maps.read_meta(res.generation)
+    return {**asdict(res), **{k: meta[k] for k in csam.COUNTS}, "sha256": meta["sha256"]}
+
+
+@blocklist.command("load", epilog="""\b
+Examples:
+  xdpzoot blocklist load /etc/xdpzoot/csam.txt
+  xdpzoot blocklist load --strict csam.txt --json""")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--strict", is_flag=True, help="Refuse a world-readable file.")
+@json_opt
+@click.pass_obj
+def blocklist_load(o: Ctx, file, strict, as_json) -> None:
+    """Validate FILE and make it the list in force, all at once.
+
+    One address or prefix per line; '#' comments. A file with any error
+    changes nothing. Loading the list in force again writes nothing."""
+
+    def go():
+        r = load_csam(o, file, strict)
+        _emit(as_json, r, lambda: click.echo(
+            f"CSAM list: {r['hosts4'] + r['hosts6']} addresses, "
+            f"{r['prefixes4'] + r['prefixes6']} prefixes; "
+            + (f"generation {r['generation']} in force ({r['added']} added, "
+               f"{r['removed']} removed)" if r["switched"] else "unchanged")))
+
+    _run(go)
+
+
+@blocklist.command("check", epilog="""\b
+Examples:
+  xdpzoot blocklist check 192.0.2.66
+  xdpzoot blocklist check 2001:db8::66 --json""")
+@click.argument("address")
+@json_opt
+@click.pass_obj
+def blocklist_check(o: Ctx, address, as_json) -> None:
+    """Whether ADDRESS is on the list in force, and by which kind of entry."""
+    a = _address(address)
+
+    def go():
+        with kernel.CsamMaps(o.pin_dir) as maps:
+            kind = swap.check(maps, a)
+        _emit(as_json, {"address": address, "listed": kind is not None, "entry": kind},
+              lambda: click.echo(f"{address}: " + (f"listed ({kind} entry)" if kind
+                                                   else "not listed")))
+
+    _run(go)
+
+
+@blocklist.command("status", epilog="""\b
+Examples:
+  xdpzoot blocklist status
+  xdpzoot blocklist status --json""")
+@json_opt
+@click.pass_obj
+def blocklist_status(o: Ctx, as_json) -> None:
+    """The list in force: entries per family and kind, digest, load time, hits."""
+
+    def go():
+        with kernel.CsamMaps(o.pin_dir) as maps:
+            st = swap.status(maps)
+
+        def text():
+            click.echo(f"CSAM list, generation {st['generation']}:")
+            if not st["loaded"]:
+                click.echo("  No list loaded.")
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(st["loaded"]))
+                click.echo(f"  loaded     {when}")
+                click.echo(f"  sha256     {st['sha256']}")
+            click.echo(f"  {'':<10} {'IPv4':>10} {'IPv6':>10}")
+            click.echo(f"  {'addresses':<10} {st['hosts4']:>10} {st['hosts6']:>10}")
+            click.echo(f"  {'prefixes':<10} {st['prefixes4']:>10} {st['prefixes6']:>10}")
+            h = st["hits"]
+            click.echo(f"  {'hits':<10} {h['gen0_ipv4'] + h['gen1_ipv4']:>10} "
+                       f"{h['gen0_ipv6'] + h['gen1_ipv6']:>10}")
+
+        _emit(as_json, st, text)
+
+    _run(go)

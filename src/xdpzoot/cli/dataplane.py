@@ -1,0 +1,227 @@
+"""Attach, detach, status and stats: the programs on the interfaces and what they count."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import click
+
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import blocklist, kernel, loader, schema
+from xdpzoot.sources import csam
+
+from . import Ctx, _change_text, _emit, _run, json_opt, main
+
+# ---- attach / detach / status -------------------------------------------------------------
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot attach                       # interfaces from the config
+  xdpzoot attach --access eth1 --core eth0 --hook tc
+  xdpzoot attach --mode generic --json""")
+@click.option("--access", multiple=True, metavar="IF", help="Subscriber-facing interface.")
+@click.option("--core", multiple=True, metavar="IF", help="Internet-facing interface.")
+@click.option("--hook", type=click.Choice(["xdp", "tc"]), default=None)
+@click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default=None,
+              help="XDP attach mode (auto: native where the driver can, else generic).")
+@json_opt
+@click.pass_obj
+def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
+    """Load the programs and attach them; again to replace them in place."""
+
+    def go():
+        cfg = o.cfg
+        acc = list(access) or list(cfg.interfaces.access)
+        cor = list(core) or list(cfg.interfaces.core)
+        if not acc and not cor:
+            raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
+        subs = lst = None
+        if cfg.sources.subscribers:   # validate before any change
+            _, *subs = tables.read_subscribers(cfg.sources.subscribers)
+        if cfg.sources.csam:
+            text, warnings = csam.read_list(cfg.sources.csam)
+            lst = csam.parse_csam_bytes(text, cfg.sources.csam)
+            for w in warnings:
+                click.echo(f"xdpzoot: warning: {w}", err=True)
+        with kernel.lock(o.pin_dir):
+            maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
+                                       mode or cfg.interfaces.mode)
+            fast = loader.fast_path(maps)
+            change = sync.apply_subscribers(maps, *subs) if subs is not None else None
+            if lst is not None:
+                with kernel.CsamMaps(o.pin_dir) as cm:
+                    blocklist.load(cm, text, cfg.sources.csam, lst)
+        if fast["enabled"]:
+            for name in sorted(set(acc + cor) - set(fast["egress"])):
+                click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "
+                           "its traffic goes through the kernel", err=True)
+        data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
+                "subscribers": asdict(change) if change else None,
+                "csam": lst.counts() if lst else None,
+                "fast_path": {k: fast[k] for k in ("enabled", "egress")}}
+        _emit(as_json, data, lambda: [
+            click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
+            for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
+                              if change else []))
+
+    _run(go)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot detach
+  xdpzoot --pin-dir /run/xdpzoot/r1 detach --json""")
+@json_opt
+@click.pass_obj
+def detach(o: Ctx, as_json) -> None:
+    """Remove the programs from every interface and delete the pinned maps."""
+
+    def go():
+        with kernel.lock(o.pin_dir):
+            gone = loader.detach(o.pin_dir)
+        _emit(as_json, {"detached": [asdict(a) for a in gone]}, lambda: click.echo(
+            "\n".join(f"detached {a.ifname} ({a.role}, {a.hook})" for a in gone)
+            or "nothing was attached"))
+
+    _run(go)
+
+
+def _totals(counters: dict[int, tuple[int, int]]) -> list[dict]:
+    rows = []
+    for slot, (pk, by) in sorted(counters.items()):
+        per_role = len(schema.VERDICTS) * schema.REASON_SLOTS
+        role, rest = divmod(slot, per_role)
+        verdict, reason = divmod(rest, schema.REASON_SLOTS)
+        rows.append({"role": schema.ROLES[role], "verdict": schema.VERDICTS[verdict],
+                     "reason": schema.REASONS[reason], "packets": pk, "bytes": by})
+    return rows
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot status
+  xdpzoot status --json | jq .interfaces""")
+@json_opt
+@click.pass_obj
+def status(o: Ctx, as_json) -> None:
+    """Show interfaces, switches, table sizes and totals."""
+
+    def go():
+        maps = o.maps()
+        att = loader.attachments(o.pin_dir)
+        flags = maps.control_flags()
+        data = {
+            "pin_dir": o.pin_dir,
+            "interfaces": [asdict(a) for a in att],
+            "switches": tables.control_names(flags),
+            "tables": {"hosts": len(list(maps.host_items())),
+                       "prefixes": len(list(maps.prefix_items())),
+                       "allow": len(maps.allow_items())},
+            "counters": _totals(maps.counters_sum()),
+            "fast_path": loader.fast_path(maps),
+        }
+
+        def text():
+            click.echo(f"Data plane: {o.pin_dir}")
+            on = [k for k, v in data["switches"].items() if v]
+            click.echo(f"  switches: {', '.join(on) or 'none'}")
+            click.echo("\nInterfaces:")
+            for a in att:
+                click.echo(f"  {a.ifname:<15} {a.role:<7} {a.hook:<4} {a.mode}")
+            if not att:
+                click.echo("  No programs attached.")
+            click.echo("\nTables:")
+            for k, v in data["tables"].items():
+                click.echo(f"  {k:<10} {v:>10}")
+            click.echo("\nTotals:")
+            _counter_table(data["counters"])
+            fp = data["fast_path"]
+            click.echo(f"\nFast path: {'on' if fp['enabled'] else 'off'}"
+                       + (f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"
+                          if fp["enabled"] else ""))
+            _fast_table(fp["counters"])
+
+        _emit(as_json, data, text)
+
+    _run(go)
+
+
+def _fast_table(counters: dict[str, dict], rates: dict | None = None) -> None:
+    """The fast path's counters: forwarded, and each reason to hand a packet to the kernel."""
+    rows = [(r, c) for r, c in counters.items() if c["packets"]]
+    if not rows:
+        click.echo("  No packets counted.")
+        return
+    click.echo(f"  {'REASON':<28} {'PACKETS':>12} {'BYTES':>14}"
+               + (f" {'PPS':>10}" if rates is not None else ""))
+    for reason, c in rows:
+        label = reason if reason == "forwarded" else f"to kernel: {reason}"
+        line = f"  {label:<28} {c['packets']:>12} {c['bytes']:>14}"
+        if rates is not None:
+            line += f" {rates.get(reason, 0):>10.0f}"
+        click.echo(line)
+
+
+def _counter_table(rows: list[dict], rates: dict | None = None) -> None:
+    if not rows:
+        click.echo("  No packets counted.")
+        return
+    click.echo(f"  {'ROLE':<7} {'VERDICT':<8} {'REASON':<11} {'PACKETS':>12} {'BYTES':>14}"
+               + (f" {'PPS':>10}" if rates is not None else ""))
+    for r in rows:
+        line = (f"  {r['role']:<7} {r['verdict']:<8} {r['reason']:<11} {r['packets']:>12} "
+                f"{r['bytes']:>14}")
+        if rates is not None:
+            line += f" {rates.get((r['role'], r['verdict'], r['reason']), 0):>10.0f}"
+        click.echo(line)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot stats            # totals once
+  xdpzoot stats 1          # every second, until interrupted
+  xdpzoot stats 2 10 --json""")
+@click.argument("interval", type=float, required=False)
+@click.argument("count", type=int, required=False)
+@json_opt
+@click.pass_obj
+def stats(o: Ctx, interval, count, as_json) -> None:
+    """Packets and bytes by interface role, verdict and reason."""
+
+    def go():
+        maps = o.maps()
+        prev = None
+        n = 0
+        while True:
+            rows = _totals(maps.counters_sum())
+            fast = {r: {"packets": p, "bytes": b} for r, (p, b) in maps.fast_counters().items()}
+            now = time.monotonic()
+            rates = fast_rates = None
+            if prev is not None:
+                dt = now - prev[0]
+                old = {(r["role"], r["verdict"], r["reason"]): r["packets"] for r in prev[1]}
+                rates = {(r["role"], r["verdict"], r["reason"]):
+                         (r["packets"] - old.get((r["role"], r["verdict"], r["reason"]), 0)) / dt
+                         for r in rows}
+                fast_rates = {r: (c["packets"] - prev[2][r]["packets"]) / dt
+                              for r, c in fast.items()}
+            if as_json:
+                click.echo(json.dumps({"time": time.time(), "counters": rows,
+                                       "fast_path": fast}))
+            else:
+                if prev is not None:
+                    click.echo("")
+                _counter_table(rows, rates)
+                if any(c["packets"] for c in fast.values()):
+                    click.echo("Fast path:")
+                    _fast_table(fast, fast_rates)
+            n += 1
+            if interval is None or (count is not None and n >= count):
+                return
+            prev = (now, rows, fast)
+            time.sleep(interval)
+
+    _run(go)

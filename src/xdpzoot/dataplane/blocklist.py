@@ -1,0 +1,202 @@
+"""The CSAM list into the kernel: written whole into the idle generation, then switched in.
+
+Kernel side (bpf/maps.h): two generations of an exact-address hash and a prefix trie;
+the idle generation is brought to the new list by diff, then one write of the control
+word (``xz_control.csam``) switches every packet from the whole old list to the whole new
+one. Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
+without the hash or the trie: written whole with a whole list, changed entry by entry with
+a difference. The maps are :class:`kernel.CsamMaps`, without bcc, so that a small change is
+applied in well under a second.
+
+Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
+root only), the text of the file it was loaded from. A load compares the new file with the
+idle generation's text and parses only the lines that differ: every other line was valid
+when that list was loaded, and yields the entries the generation holds already.
+
+The list is confidential: nothing here returns, logs or formats an entry of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xdpzoot.dataplane import dirs, kernel, schema
+from xdpzoot.dataplane.kernel import CsamMaps as Maps
+from xdpzoot.dataplane.layout import LPM_KEY, META
+from xdpzoot.sources import csam
+from xdpzoot.sources.csam import HOST, LISTED, CsamList
+
+V4MAPPED = bytes(10) + b"\xff\xff"
+C = schema.C
+COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
+# A load's progress: given how many entries it will write, a callback for those written.
+Progress = Callable[[int], Callable[[int], None] | None]
+
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did: entries written to the idle generation, and the switch."""
+
+    added: int
+    removed: int
+    generation: int
+    switched: bool
+
+
+def in_force(maps: Maps, data: bytes) -> bool:
+    """True when the list in force was loaded from exactly these bytes (by digest)."""
+    _, word = maps.word()
+    return maps.read_meta(word & C["XZ_CSAM_GEN"])["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = None,
+         progress: Progress | None = None, now: Callable[[], float] = time.time
+         ) -> LoadResult:
+    """Make the list in ``data`` the list in force: bring the idle generation to it, then
+    switch. A file with an error changes nothing (SourceError); the same list (by digest)
+    as the one in force writes nothing.
+
+    When the idle generation's text is kept and intact, only the lines that differ from it
+    are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
+    already) and compared with the idle generation's keys, read back.
+    """
+    sha = hashlib.sha256(data).digest()
+    _, word = maps.word()
+    gen = word & C["XZ_CSAM_GEN"]
+    if maps.read_meta(gen)["sha256"] == sha.hex():
+        return LoadResult(0, 0, gen, False)
+    idle = 1 - gen
+    old = held(maps, idle)
+    # A directory of zeros was never written (an instance from before directories):
+    # correct, but only a whole load makes it fast.
+    old_dir = maps.read_dir(idle) if old else None
+    delta = (csam.text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
+             else None)
+    if delta is None:
+        lst = lst or csam.parse_csam_bytes(data, path)   # the careful parser names bad lines
+    key = struct.pack("=I", idle)
+    # Until it is written whole, the idle generation holds no list that anything may trust.
+    maps.meta.update(key, bytes(META.size))
+    if delta is not None:
+        added, removed, counts, dups = _write_delta(maps, idle, old, delta, progress)
+        dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
+                         map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
+        maps.write_dir(idle, old_dir)
+    else:
+        added, removed = _write_list(maps, idle, lst, progress)
+        counts, dups = lst.counts(), lst.dups
+    kernel.pin_blob(maps.text_path(idle), TEXT.pack(len(data), len(dups)) + data
+                    + b"".join(DUP.pack(k, n) for k, n in dups.items()))
+    maps.meta.update(key, META.pack(sha, int(now()), *(counts[k] for k in COUNTS)))
+    maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
+                  | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
+    return LoadResult(added, removed, idle, True)
+
+
+def _write_list(maps: Maps, gen: int, lst: CsamList,
+                progress: Progress | None) -> tuple[int, int]:
+    """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back;
+    (added, removed)."""
+    want_h = lst.hosts
+    want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
+    have_h = set(maps.hosts[gen].keys())
+    have_p = set(maps.prefixes[gen].keys())
+    add_h, del_h = list(want_h - have_h), list(have_h - want_h)
+    add_p, del_p = list(want_p - have_p), list(have_p - want_p)
+    step = progress(len(add_h) + len(del_h) + len(add_p) + len(del_p)) if progress else None
+    # Deletes first: the tables never hold more than the larger of old and new.
+    maps.hosts[gen].delete_many(del_h, step)
+    maps.prefixes[gen].delete_many(del_p, step)
+    maps.hosts[gen].update_many(add_h, LISTED, step)
+    maps.prefixes[gen].update_many(add_p, LISTED, step)
+    maps.write_dir(gen, dirs.csam(lst.hosts, lst.prefixes))
+    return len(add_h) + len(add_p), len(del_h) + len(del_p)
+
+
+def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
+                 progress: Progress | None
+                 ) -> tuple[int, int, dict[str, int], dict[bytes, int]]:
+    """Apply ``delta`` (per entry: lines that write it, added less removed) to generation
+    ``gen``, which holds ``old``; (added, removed, counts, entries on more than one line).
+
+    An entry goes when no line writes it any more: on one line unless ``old.dups`` says
+    more. An entry some added line writes is written unless the generation has it (then
+    some unchanged line wrote it, or a removed one)."""
+    dups, counts = dict(old.dups), dict(old.counts)
+    gone = [k for k, d in delta.items() if d < 0 and dups.get(k, 1) + d <= 0]
+    new = [k for k, d in delta.items() if d > 0]
+    step = progress(len(gone) + len(new)) if progress else None
+    hosts, prefixes = maps.hosts[gen], maps.prefixes[gen]
+    hosts.delete_many([k[4:] for k in gone if k[:4] == HOST], step)
+    prefixes.delete_many([k for k in gone if k[:4] != HOST], step)
+    had = {HOST + a for a in hosts.add_new([k[4:] for k in new if k[:4] == HOST], LISTED)}
+    had.update(prefixes.add_new([k for k in new if k[:4] != HOST], LISTED))
+    if step:
+        step(len(new))
+    for k, d in delta.items():
+        before = dups.pop(k, 1) if d < 0 or k in had else 0
+        after = max(before + d, 0)
+        if after > 1:
+            dups[k] = after
+        if bool(before) != bool(after):
+            kind = "hosts" if k[:4] == HOST else "prefixes"
+            counts[kind + ("4" if k[4:16] == V4MAPPED else "6")] += 1 if after else -1
+    return len(new) - len(had), len(gone), counts, dups
+
+
+# ---- the text each generation was loaded from ----------------------------------------------
+# In kernel memory only (kernel.pin_blob): this header, the file's bytes, then the entries
+# that more than one line writes (as entry_key) and on how many lines.
+TEXT = struct.Struct("=QI")               # length of the text, how many DUP records
+DUP = struct.Struct("=20sI")
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a generation holds, as text: the file, its entries on more than one line, and
+    the counts (from meta)."""
+
+    text: bytes
+    dups: dict[bytes, int]
+    counts: dict[str, int]
+
+
+def held(maps: Maps, gen: int) -> Held | None:
+    """The text of generation ``gen``'s list; None unless it is kept, intact, and the list
+    meta says the generation holds (meta is cleared while a generation is written)."""
+    meta = maps.read_meta(gen)
+    blob = kernel.read_blob(maps.text_path(gen)) if meta["loaded"] else None
+    if blob is None:
+        return None
+    size, n = TEXT.unpack_from(blob)
+    end = TEXT.size + size
+    if end + n * DUP.size > len(blob):
+        return None
+    text = bytes(memoryview(blob)[TEXT.size:end])
+    if hashlib.sha256(text).hexdigest() != meta["sha256"]:
+        return None
+    return Held(text, dict(DUP.iter_unpack(blob[end:end + n * DUP.size])),
+                {k: meta[k] for k in COUNTS})
+
+
+def check(maps: Maps, addr16: bytes) -> str | None:
+    """Whether the list in force holds ``addr16``: "exact", "prefix" or None."""
+    _, word = maps.word()
+    gen = word & C["XZ_CSAM_GEN"]
+    if maps.hosts[gen].lookup(addr16) is not None:
+        return "exact"
+    if maps.prefixes[gen].lookup(LPM_KEY.pack(128, addr16)) is not None:
+        return "prefix"
+    return None
+
+
+def status(maps: Maps) -> dict:
+    """Generation in force, its counts, digest and time; hits. No entry, ever."""
+    _, word = maps.word()
+    gen = word & C["XZ_CSAM_GEN"]
+    return {"generation": gen, **maps.read_meta(gen), "hits": maps.hit_counts()}

@@ -1,0 +1,134 @@
+"""The data plane's layouts as plain Python values: struct xz_class (Entry, ClassTable), the
+LPM key, per-subscriber state and volumes, the control value and the CSAM meta. They mirror
+bpf/xdpzoot.h (tests check them against the compiled programs); nothing here touches the
+kernel, so pure modules (sync, tables, model) import them without libbpf.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Entry(NamedTuple):
+    """Value of the subscriber maps (struct xz_class), one at a time (bulk: ClassTable)."""
+
+    sub_id: int
+    type: int
+    flags: int = 0
+    up_kbps: int = 0
+    down_kbps: int = 0
+    slot: int = 0   # per-subscriber state slot, 0 for a pool (per-address state) ...
+    pool_bits: int = 0   # ... or, when set, a pool's first index in xz_pool_addrs
+
+
+# struct xz_class as bytes: sub_id, type, flags, pool_bits, _pad, up_kbps, down_kbps, slot. In
+# bulk it is five native 32-bit words, the second holding type, flags, pool_bits and _pad
+# (class_word).
+CLASS = struct.Struct("=IBBBBIII")
+WORDS = CLASS.size // 4
+LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
+ZERO_KEY = bytes(4)
+STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
+_TYPE_FLAGS = struct.Struct("=BBBx")
+if array("I").itemsize != 4:
+    raise ImportError("array('I') is not 32 bits wide here")
+
+
+def class_word(type_: int, flags: int, pool_bits: int = 0) -> int:
+    """The second word of struct xz_class (type, flags, pool_bits, _pad), as ClassTable
+    holds it."""
+    return int.from_bytes(_TYPE_FLAGS.pack(type_, flags, pool_bits), sys.byteorder)
+
+
+POOL_BITS_WORD = class_word(0, 0, 0xFF)   # the pool_bits byte of class_word
+
+
+def pool_bits_of(word: int) -> int:
+    """pool_bits of a class_word."""
+    return (word & POOL_BITS_WORD) // class_word(0, 0, 1)
+
+
+def pack_class(e: Entry) -> bytes:
+    """struct xz_class of ``e``, each field cut to its width as a C assignment would."""
+    u32 = 0xFFFF_FFFF
+    return CLASS.pack(e.sub_id & u32, e.type & 0xFF, e.flags & 0xFF, e.pool_bits & 0xFF, 0,
+                      e.up_kbps & u32, e.down_kbps & u32, e.slot & u32)
+
+
+def _entry(fields: tuple[int, ...]) -> Entry:
+    """An Entry from CLASS.unpack's fields (the padding dropped)."""
+    sub_id, type_, flags, pool_bits, _, up, down, slot = fields
+    return Entry(sub_id, type_, flags, up, down, slot, pool_bits)
+
+
+@dataclass
+class ClassTable:
+    """A subscriber map's contents in columns: ``keys[i]`` (packed as the map keys it) holds
+    struct xz_class ``values[WORDS * i:WORDS * (i + 1)]``. A load handles a million entries:
+    columns are filled, compared and written in bulk, without an object per entry."""
+
+    keys: list[bytes] = field(default_factory=list)
+    values: array = field(default_factory=lambda: array("I"))
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[bytes, Entry]]) -> ClassTable:
+        t = cls()
+        for k, e in items:
+            t.append(k, e)
+        return t
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def entry(self, i: int) -> Entry:
+        return _entry(CLASS.unpack_from(self.values, i * CLASS.size))
+
+    def items(self) -> Iterator[tuple[bytes, Entry]]:
+        return zip(self.keys, map(_entry, CLASS.iter_unpack(self.values)), strict=True)
+
+    def column(self, word: int) -> list[int]:
+        """Word ``word`` of every entry (0: sub_id, 1: class_word, 4: slot)."""
+        return self.values[word::WORDS].tolist()
+
+    def copy(self) -> ClassTable:
+        return ClassTable(list(self.keys), array("I", self.values))
+
+    def append(self, key: bytes, e: Entry) -> None:
+        self.keys.append(key)
+        self.values.frombytes(pack_class(e))
+
+    def take(self, rows: list[int]) -> ClassTable:
+        """The entries of ``rows`` (indices), in that order."""
+        raw = memoryview(self.values).cast("B")
+        n = CLASS.size
+        return ClassTable([self.keys[i] for i in rows],
+                          array("I", b"".join([raw[i * n:(i + 1) * n] for i in rows])))
+
+
+@dataclass(frozen=True)
+class Volume:
+    """What the data plane admitted for a subscriber, and the SMTP attempts it blocked."""
+
+    up_bytes: int
+    down_bytes: int
+    up_packets: int
+    down_packets: int
+    op25b: int
+
+
+
+
+def masked(addr: bytes, plen: int) -> bytes:
+    """``addr`` with the bits after the first ``plen`` cleared."""
+    n = int.from_bytes(addr, "big") >> (128 - plen) << (128 - plen) if plen else 0
+    return n.to_bytes(16, "big")
+
+
+# Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
+CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
+META = struct.Struct("=32sQIIII")         # struct xz_csam_meta
