@@ -453,10 +453,10 @@ def test_meta_layout(compiled):
 def test_pinned_sizes_match(compiled):
     """What PinnedMap sees of the pins is what the packers produce."""
     _, pin = compiled
-    with kernel.CsamMaps(pin) as m:
-        for t in m.prefixes:
+    with kernel.Maps(pin) as m:
+        for t in m.csam_prefixes:
             assert (t.key_size, t.value_size) == (layout.LPM_KEY.size, 1)
-        for t in m.hosts:
+        for t in m.csam_hosts:
             assert (t.key_size, t.value_size) == (16, 1)
         assert m.meta.value_size == layout.META.size
         assert m.control.value_size >= layout.CONTROL.size
@@ -469,17 +469,17 @@ NOW = 1_700_000_000
 
 
 @pytest.fixture
-def maps(compiled) -> Iterator[kernel.CsamMaps]:
-    with kernel.CsamMaps(compiled[1]) as m:
+def maps(compiled) -> Iterator[kernel.Maps]:
+    with kernel.Maps(compiled[1]) as m:
         yield m
 
 
-def in_force(m: kernel.CsamMaps) -> tuple[int, int, set[bytes], set[tables.Key]]:
+def in_force(m: kernel.Maps) -> tuple[int, int, set[bytes], set[tables.Key]]:
     """(generation, csam word, hosts, prefixes) of the generation in force, read back."""
     _, word = m.word()
     gen = word & C["XZ_CSAM_GEN"]
-    hosts = set(m.hosts[gen].keys())
-    prefixes = set(map(layout.LPM_KEY.unpack, m.prefixes[gen].keys()))
+    hosts = set(m.csam_hosts[gen].keys())
+    prefixes = set(map(layout.LPM_KEY.unpack, m.csam_prefixes[gen].keys()))
     return gen, word, hosts, prefixes
 
 
@@ -500,7 +500,7 @@ def probes(hosts: set[bytes], prefixes: set[tables.Key]) -> set[bytes]:
     return out
 
 
-def agree(m: kernel.CsamMaps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
+def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
           extra: set[bytes] = frozenset()) -> None:
     """The generation in force is exactly this list; check() and status() say so."""
     gen, word, h, p = in_force(m)
@@ -520,15 +520,15 @@ def agree(m: kernel.CsamMaps, data: bytes, hosts: set[bytes], prefixes: set[tabl
     assert blocklist.in_force(m, data)
 
 
-def load(m: kernel.CsamMaps, data: bytes) -> blocklist.LoadResult:
+def load(m: kernel.Maps, data: bytes) -> blocklist.LoadResult:
     return blocklist.load(m, data, now=lambda: NOW)
 
 
-def reset(m: kernel.CsamMaps) -> None:
+def reset(m: kernel.Maps) -> None:
     """Both generations empty (two distinct empty lists, so that both switch)."""
     for _ in range(2):
         load(m, f"# reset {secrets.token_hex(8)}\n".encode())
-    assert all(not t.keys() for t in (*m.hosts, *m.prefixes))
+    assert all(not t.keys() for t in (*m.csam_hosts, *m.csam_prefixes))
 
 
 LIST_A = b"""# list A
@@ -575,7 +575,7 @@ def test_load_switch_steps(maps):
     r = load(maps, LIST_B)                      # B: switched, A stays in the idle one
     assert r == blocklist.LoadResult(n_b, 0, gen0, True)
     agree(maps, LIST_B, hb, pb, former)
-    assert set(maps.hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
+    assert set(maps.csam_hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
 
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
     assert r == blocklist.LoadResult(0, n_a, 1 - gen0, True)
@@ -620,7 +620,7 @@ def test_hosts_only_and_prefixes_only(maps):
 @given(st.lists(list_files(max_entries=25), min_size=1, max_size=4))
 def test_load_sequence(compiled, files):
     """Random lists loaded in turn: after each, the generation in force is that list."""
-    with kernel.CsamMaps(compiled[1]) as m:
+    with kernel.Maps(compiled[1]) as m:
         for data, nets in files:
             load(m, data)
             hosts, prefixes = expected(nets)
@@ -635,7 +635,7 @@ def entries_of(lst: csam.CsamList) -> set[bytes]:
         {csam.entry_key(None, p) for p in lst.prefixes}
 
 
-def idle_holds(m: kernel.CsamMaps, data: bytes) -> int:
+def idle_holds(m: kernel.Maps, data: bytes) -> int:
     """Load ``data``, then another list: ``data`` is in the idle generation (returned), with
     its text."""
     load(m, data)
@@ -645,11 +645,11 @@ def idle_holds(m: kernel.CsamMaps, data: bytes) -> int:
     return idle
 
 
-def snapshot(m: kernel.CsamMaps) -> tuple:
+def snapshot(m: kernel.Maps) -> tuple:
     """Everything a load may change: word, meta, kept texts and every entry."""
     return (m.word(), [m.meta.lookup(struct.pack("=I", g)) for g in (0, 1)],
             [kernel.read_blob(m.text_path(g)) for g in (0, 1)],
-            [sorted(t.keys()) for t in (*m.hosts, *m.prefixes)])
+            [sorted(t.keys()) for t in (*m.csam_hosts, *m.csam_prefixes)])
 
 
 @st.composite
@@ -683,7 +683,7 @@ def test_load_from_the_text_is_a_full_load(compiled, case):
     same entries, counts, result and kept duplicates as a full load."""
     (base, _), new = case
     before, after = csam.parse_csam_bytes(base), csam.parse_csam_bytes(new)
-    with kernel.CsamMaps(compiled[1]) as m:
+    with kernel.Maps(compiled[1]) as m:
         idle = idle_holds(m, base)
         with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
             r = load(m, new)
@@ -732,7 +732,7 @@ def test_load_without_a_trusted_text(maps, spoil):
         kernel.pin_blob(path, b"\xff" * 64)
     else:   # what a killed load leaves: meta cleared, the tables half written
         maps.meta.update(struct.pack("=I", idle), bytes(layout.META.size))
-        maps.hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
+        maps.csam_hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
     with mock.patch.object(csam, "parse_csam_bytes", wraps=csam.parse_csam_bytes) as parse:
         r = load(maps, EDIT_OF_A)
     assert parse.called and r.generation == idle
@@ -748,7 +748,7 @@ def test_a_killed_load_leaves_nothing_to_trust(maps, kill):
     reset(maps)
     idle = idle_holds(maps, LIST_A)
     in_force_before = in_force(maps)
-    owner = {"pin_blob": kernel, "set_word": kernel.CsamMaps}.get(kill, kernel.PinnedMap)
+    owner = {"pin_blob": kernel, "set_word": kernel.Maps}.get(kill, kernel.PinnedMap)
     with mock.patch.object(owner, kill, side_effect=KeyboardInterrupt), \
             pytest.raises(KeyboardInterrupt):
         load(maps, EDIT_OF_A)
@@ -936,7 +936,7 @@ def new_instance(cli: Cli, bpffs: str, tmp_path: Path, creator: str) -> str:
 
 
 def listed_now(pin: str) -> tuple[set[bytes], set[tables.Key]]:
-    with kernel.CsamMaps(pin) as m:
+    with kernel.Maps(pin) as m:
         _, _, h, p = in_force(m)
     return h, p
 
