@@ -132,7 +132,7 @@ flows = 4096
 def xdpzoot_argv() -> list[str]:
     """The CLI of this checkout (not whichever one is installed)."""
     os.environ["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return [sys.executable, "-m", "xdpzoot.cli"]
+    return [sys.executable, "-m", "xdpzoot"]
 
 
 class LabRouter:

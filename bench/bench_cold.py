@@ -327,7 +327,7 @@ def write_private(path: Path, text: str) -> None:
 def cli(cfg: Path, pin: str, *args: str) -> dict:
     """The real CLI as a process (this tree's source), --json output."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    argv = [sys.executable, "-m", "xdpzoot.cli", "--config", str(cfg), "--pin-dir", pin,
+    argv = [sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir", pin,
             *args, "--json"]
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode:

@@ -622,7 +622,7 @@ def xdpzoot_argv() -> list[str]:
     src = str(ROOT / "src")
     if src not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = src + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return [sys.executable, "-m", "xdpzoot.cli"]
+    return [sys.executable, "-m", "xdpzoot"]
 
 
 def make_routers(env: Env) -> list[Router]:

@@ -355,7 +355,7 @@ def xdpzoot_argv(cfg: Path, pin: str, *args: str, profile: Path | None = None) -
     pre = [sys.executable]
     if profile:
         pre += ["-m", "cProfile", "-o", str(profile)]
-    return [*pre, "-m", "xdpzoot.cli", "--config", str(cfg), "--pin-dir", pin, *args]
+    return [*pre, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir", pin, *args]
 
 
 def memlock(pin_dir: str, names: tuple[str, ...]) -> dict[str, dict]:

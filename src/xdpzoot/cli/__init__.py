@@ -37,8 +37,11 @@ class Ctx:
             self._cfg = load_config(self.config_path)
         return self._cfg
 
-    def instance(self) -> Instance:
-        """The instance at --pin-dir (its maps opened from their pins when used)."""
+    def instance(self, config: bool = False) -> Instance:
+        """The instance at --pin-dir (its maps opened from their pins when used); with
+        ``config``, the config is read first (a bad one is the error a command reports)."""
+        if config:
+            self.cfg  # noqa: B018
         if self._inst is None:
             self._inst = Instance(self.pin_dir)
         return self._inst

@@ -45,7 +45,7 @@ def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
         raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {duration}") from e
 
     def go():
-        with o.instance().locked():   # the slot stays that subscriber's meanwhile
+        with o.instance(config=True).locked():   # the slot stays that subscriber's meanwhile
             sid, slot = _slots(o, subscriber)
             o.instance().throttle(slot, rate, until)
         data = {"subscriber": sid, "rate_kbps": rate, "until": until or None}
@@ -69,7 +69,7 @@ def unthrottle(o: Ctx, subscriber, as_json) -> None:
     comes back at the daemon's next tick."""
 
     def go():
-        with o.instance().locked():
+        with o.instance(config=True).locked():
             sid, slot = _slots(o, subscriber)
             o.instance().unthrottle(slot)
         _audit(o, sid, "release")
@@ -91,7 +91,7 @@ def congestion(o: Ctx, mode, as_json) -> None:
     """Congestion mode: bulk flows of a subscriber share a part of its rate."""
 
     def go():
-        name, active = o.instance().congestion(mode)
+        name, active = o.instance(config=True).congestion(mode)
         _emit(as_json, {"mode": name, "active": active},
               lambda: click.echo(f"congestion mode {name}: {'on' if active else 'off'} now"))
 
@@ -112,7 +112,7 @@ def top(o: Ctx, key, count, as_json) -> None:
     """Subscribers by volume since the counters started, or by blocked SMTP attempts."""
 
     def go():
-        inst = o.instance()
+        inst = o.instance(config=True)
         owner = inst.owners()
         rows = [{"subscriber": owner[s], **asdict(v)} for s, v in inst.volumes(owner).items()]
         rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}

@@ -109,7 +109,7 @@ def status(o: Ctx, as_json) -> None:
     """Show interfaces, switches, table sizes and totals."""
 
     def go():
-        inst = o.instance()
+        inst = o.instance(config=True)
         flags = inst.control_flags()
         att = inst.attachments()
         data = {
@@ -189,7 +189,7 @@ def stats(o: Ctx, interval, count, as_json) -> None:
     """Packets and bytes by interface role, verdict and reason."""
 
     def go():
-        inst = o.instance()
+        inst = o.instance(config=True)
         inst.control_flags()   # not loaded: says so before anything is printed
         prev = None
         n = 0

@@ -54,7 +54,7 @@ def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
         p_proto = model.ICMPV6
 
     def go():
-        inst = o.instance()
+        inst = o.instance(config=True)
         pkt = model.Packet(role, src, dst, p_proto, sport, dport)
         d = model.decide(pkt, inst.control_flags(), _LiveLookup(inst))
         data = {"verdict": d.verdict, "reason": d.reason,
