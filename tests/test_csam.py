@@ -430,14 +430,72 @@ def test_host_key_layout(compiled):
         assert ct.sizeof(bpf[name].Leaf) == len(csam.LISTED)
 
 
+def flat_fields(t, base: int = 0) -> list[tuple[int, int]]:
+    """(offset, size) of each scalar of a ctypes struct, nested structs and arrays opened
+    (byte arrays stay one field, as struct's 's')."""
+    out = []
+    for name, typ, *_ in t._fields_:
+        out += _flat(typ, base + getattr(t, name).offset)
+    return out
+
+
+def _flat(typ, off: int) -> list[tuple[int, int]]:
+    if issubclass(typ, ct.Structure):
+        return flat_fields(typ, off)
+    if issubclass(typ, ct.Array) and ct.sizeof(typ._type_) > 1:
+        n = ct.sizeof(typ._type_)
+        return [f for i in range(typ._length_) for f in _flat(typ._type_, off + i * n)]
+    return [(off, ct.sizeof(typ))]
+
+
 def test_control_layout(compiled):
-    """CONTROL covers the first fields of struct xz_control: flags, then the csam word."""
+    """layout.Control is struct xz_control, whole: names, offsets, size."""
     bpf, _ = compiled
     leaf = bpf[b"xz_control"].Leaf
-    names = [n for n, *_ in leaf._fields_]
-    assert names[:2] == ["flags", "csam"]
-    assert ctype_fields(leaf)[:2] == fields_of(layout.CONTROL)
-    assert ct.sizeof(leaf) >= layout.CONTROL.size
+    assert [n for n, *_ in leaf._fields_] == list(layout.Control._fields)
+    assert flat_fields(leaf) == fields_of(layout.CONTROL)
+    assert ct.sizeof(leaf) == layout.CONTROL.size
+    v = leaf(*range(1, 10))
+    assert layout.Control.unpack(bytes(v)) == layout.Control(*range(1, 10))
+    assert layout.Control(*range(1, 10)).pack() == bytes(v)
+
+
+# Map -> (key layout, value layout) as kernel.Maps packs them; None: a 16-byte address.
+MAP_LAYOUTS = {
+    "xz_hosts": (None, layout.CLASS), "xz_prefixes": (layout.LPM_KEY, layout.CLASS),
+    "xz_allow": (layout.LPM_KEY, layout.U32), "xz_control": (layout.U32, layout.CONTROL),
+    "xz_counters": (layout.U32, layout.COUNTER), "xz_fast": (layout.U32, layout.COUNTER),
+    "xz_throttle": (layout.U32, layout.THROTTLE), "xz_manual": (layout.U32, layout.MANUAL),
+    "xz_state": (layout.U32, layout.STATE), "xz_pool_addrs": (layout.U32, layout.STATE),
+    "xz_pool_state": (None, layout.STATE), "xz_csam_meta": (layout.U32, layout.META),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAP_LAYOUTS))
+def test_map_layouts(compiled, name):
+    """Every layout kernel.Maps packs, against bcc's types and the pinned map's sizes."""
+    bpf, pin = compiled
+    key, value = MAP_LAYOUTS[name]
+    t = bpf[name.encode()]
+    if key is None:
+        assert ct.sizeof(t.Key) == 16
+    else:
+        assert ct.sizeof(t.Key) == key.size
+        assert (flat_fields(t.Key) if issubclass(t.Key, ct.Structure)
+                else [(0, ct.sizeof(t.Key))]) == fields_of(key)
+    leaf = getattr(t, "sLeaf", t.Leaf)   # a per-CPU map's: one CPU's value
+    assert ct.sizeof(leaf) == value.size
+    assert (flat_fields(leaf) if issubclass(leaf, ct.Structure)
+            else [(0, ct.sizeof(leaf))]) == fields_of(value)
+    with kernel.Maps(pin) as m:
+        pinned = m.map(name)
+        assert (pinned.key_size, pinned.value_size) == (key.size if key else 16, value.size)
+
+
+def test_devmap_layout(compiled):
+    """The fast path's devmap: ifindex -> ifindex, both u32 (kernel.Maps.set_fast_ifs)."""
+    with kernel.Maps(compiled[1]) as m:
+        assert (m.devmap.key_size, m.devmap.value_size) == (layout.U32.size, layout.U32.size)
 
 
 def test_meta_layout(compiled):
@@ -459,7 +517,7 @@ def test_pinned_sizes_match(compiled):
         for t in m.csam_hosts:
             assert (t.key_size, t.value_size) == (16, 1)
         assert m.meta.value_size == layout.META.size
-        assert m.control.value_size >= layout.CONTROL.size
+        assert m.control.value_size == layout.CONTROL.size
         assert m.hits.max_entries == C["XZ_NR_CSAM_HITS"] and m.hits.value_size == 8
 
 
