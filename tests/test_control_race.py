@@ -253,3 +253,22 @@ def test_no_write_of_the_control_value_is_lost(instance):
         assert m.get_throttle(slot) == (rate, rate)
         assert m.manual_throttles().get(slot) == ((rate, 0) if rate else None)
         assert bool(flags & C["XZ_C_THROTTLES"]) == bool(rate)
+
+
+def test_a_shared_write_without_the_lock_fails(instance):
+    """The Instance's maps refuse a write of a shared value unless its lock is held."""
+    from xdpzoot.dataplane.instance import Instance
+
+    _, pin, _ = instance
+    with Instance(pin) as inst:
+        before = inst.maps.control_value()
+        for write in (lambda: inst.maps.set_control_flags(0),
+                      lambda: inst.maps.set_word(before.csam ^ 1),
+                      lambda: inst.maps.set_manual(1, 100, 0),
+                      lambda: inst.maps.set_throttle(1, 100, 100)):
+            with pytest.raises(kernel.KernelError, match="without the lock"):
+                write()
+        assert inst.maps.control_value() == before
+        with inst.locked():
+            inst.maps.set_switch(C["XZ_C_MONITOR"], True)
+        assert inst.control_flags() & C["XZ_C_MONITOR"]

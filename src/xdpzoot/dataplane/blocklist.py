@@ -66,6 +66,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
     already) and compared with the idle generation's keys, read back.
     """
+    maps.check_writer()
     sha = hashlib.sha256(data).digest()
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]

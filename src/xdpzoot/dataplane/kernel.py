@@ -658,8 +658,9 @@ class Maps:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _shared(self) -> None:
-        """Before a write of a value another writer may change too."""
+    def check_writer(self) -> None:
+        """Before a write of a value another writer may change too: the owner's guard
+        (Instance: is the lock held?)."""
         if self.guard is not None:
             self.guard()
 
@@ -701,12 +702,12 @@ class Maps:
 
     def write(self, m: PinnedMap, t: ClassTable,
               progress: Callable[[int], None] | None = None) -> None:
-        self._shared()
+        self.check_writer()
         m.update_items(t.keys, t.values.tobytes(), progress)
 
     def delete(self, m: PinnedMap, keys: list[bytes],
                progress: Callable[[int], None] | None = None) -> None:
-        self._shared()
+        self.check_writer()
         m.delete_many(keys, progress)
 
     def read_dir(self) -> bytearray:
@@ -714,6 +715,7 @@ class Maps:
         return self.dir_map.lookup_into(ZERO_KEY)
 
     def write_dir(self, d: bytes | bytearray) -> None:
+        self.check_writer()
         self.dir_map.update(ZERO_KEY, d)
 
     def _adding(self, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> None:
@@ -735,6 +737,7 @@ class Maps:
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
         """Zero the pool-address state of ``(first index, count)`` blocks."""
+        self.check_writer()
         zero = bytes(self.pool_map.value_size)
         for first, n in blocks:
             keys = [struct.pack("=I", i) for i in range(first, first + n)]
@@ -766,7 +769,7 @@ class Maps:
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
-        self._shared()
+        self.check_writer()
         keys = [U32.pack(s) for s in sorted(slots)]
         for m in (self.state_map, self.throttle_map):
             m.update_items(keys, bytes(m.value_size * len(keys)))
@@ -784,21 +787,21 @@ class Maps:
         return _entry(CLASS.unpack(raw)) if raw is not None else None
 
     def set_host(self, addr: bytes, e: Entry) -> None:
-        self._shared()
+        self.check_writer()
         self._adding([addr], [])
         self.host_map.update(addr, pack_class(e))
 
     def del_host(self, addr: bytes) -> None:
-        self._shared()
+        self.check_writer()
         self.host_map.delete_many([addr])
 
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
-        self._shared()
+        self.check_writer()
         self._adding([], [key])
         self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
 
     def del_prefix(self, key: tuple[int, bytes]) -> None:
-        self._shared()
+        self.check_writer()
         self.prefix_map.delete_many([LPM_KEY.pack(*key)])
 
     def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
@@ -819,9 +822,11 @@ class Maps:
                                                          strict=True)}
 
     def set_allow(self, key: tuple[int, bytes], bits: int) -> None:
+        self.check_writer()
         self.allow.update(LPM_KEY.pack(*key), U32.pack(bits))
 
     def del_allow(self, key: tuple[int, bytes]) -> None:
+        self.check_writer()
         self.allow.delete_many([LPM_KEY.pack(*key)])
 
     def allow_bits(self, addr: bytes) -> int:
@@ -836,7 +841,7 @@ class Maps:
         """The whole control value, in one write (the data plane sees the old value or
         this one). Every change of it is a read, a change and this write: only under the
         instance's lock."""
-        self._shared()
+        self.check_writer()
         self.control.update(CONTROL_KEY, c.pack())
 
     def control_flags(self) -> int:
@@ -874,7 +879,7 @@ class Maps:
         """A slot's throttle (0: none). The data plane looks throttles up only while the
         switch XZ_C_THROTTLES is on: it is switched on first (the daemon switches it off
         when none is in force)."""
-        self._shared()
+        self.check_writer()
         if up_kbps or down_kbps:
             self.set_throttles_switch(True)
         self.throttle_map.update(U32.pack(slot), THROTTLE.pack(up_kbps, down_kbps))
@@ -893,11 +898,11 @@ class Maps:
                 in zip(keys, MANUAL.iter_unpack(values), strict=True)}
 
     def set_manual(self, slot: int, kbps: int, until: int) -> None:
-        self._shared()
+        self.check_writer()
         self.manual.update(U32.pack(slot), MANUAL.pack(kbps, 0, until))
 
     def del_manual(self, slot: int) -> None:
-        self._shared()
+        self.check_writer()
         _libbpf.bpf_map_delete_elem(self.manual.fd, U32.pack(slot))   # ENOENT: not there
 
     # ---- what the data plane counts -----------------------------------------------------
@@ -946,6 +951,7 @@ class Maps:
     def set_fast_ifs(self, ifindexes: Iterable[int]) -> list[int]:
         """Make the devmap hold exactly ``ifindexes`` (new ones first, then the others go);
         returns those that do not fit (ifindex >= XZ_MAX_IFINDEX): not fast-path egress."""
+        self.check_writer()
         m = self.devmap
         want = set(ifindexes)
         too_big = sorted(i for i in want if i >= m.max_entries)
