@@ -280,6 +280,9 @@ class Instance:
     def fast_counters(self) -> dict[str, tuple[int, int]]:
         return self.maps.fast_counters()
 
+    def clear_fast_counters(self) -> None:
+        self.maps.clear_fast_counters()
+
     def fast_path(self) -> dict:
         return loader.fast_path(self.maps)
 
