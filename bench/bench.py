@@ -283,7 +283,7 @@ def load(pin_dir: str, with_probes: bool = True) -> Dataplane:
     fds = {"empty": kernel.load_named(bpf, "xz_xdp_empty"),
            "access": kernel.load_program(bpf, "xdp", "access"),
            "core": kernel.load_program(bpf, "xdp", "core")}
-    dp = Dataplane(bpf, kernel.Maps(bpf), fds)
+    dp = Dataplane(bpf, kernel.Maps(pin_dir), fds)
     if with_probes:
         dp.probe_bpf = probes.compile_probes(pin_dir, DEFINES)
         dp.probes = probes.load_probes(dp.probe_bpf)
@@ -606,13 +606,13 @@ def bench(args: argparse.Namespace) -> dict:
             load_static_state(d)
         log(f"  {N_PREFIXES:,} prefixes, allow-list, {len(NAMED_HOSTS)} named hosts loaded")
         log(f"reference instance: {size_label(REF_HOSTS)} hosts ...")
-        fill_hosts(ref.maps.hosts, 0, REF_HOSTS - len(NAMED_HOSTS))
+        fill_hosts(ref.bpf[b"xz_hosts"], 0, REF_HOSTS - len(NAMED_HOSTS))
         cases = main_cases()
         loaded, fill_s = 0, 0.0
         for size in sizes:
             log(f"growing the host map to {size_label(size)} ...")
             t0 = time.monotonic()
-            doc["fill_method"] = fill_hosts(dp.maps.hosts, loaded, size - len(NAMED_HOSTS))
+            doc["fill_method"] = fill_hosts(dp.bpf[b"xz_hosts"], loaded, size - len(NAMED_HOSTS))
             fill_s += time.monotonic() - t0
             loaded = size - len(NAMED_HOSTS)
             log(f"  timing {len(cases) + 2} paths, {args.runs} x {repeat:,} ...")

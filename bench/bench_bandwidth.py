@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes as ct
 import json
 import os
 import platform
@@ -60,6 +59,7 @@ import packets  # noqa: E402
 from bench import bpffs, log, size_label  # noqa: E402  (bench/ is on the path: it is this folder)
 from xdpzoot.config import Bandwidth  # noqa: E402
 from xdpzoot.dataplane import kernel, schema  # noqa: E402
+from xdpzoot.dataplane.layout import Entry  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
 
 C = schema.C
@@ -300,7 +300,7 @@ def load(pin_dir: str) -> Dataplane:
            "tc": kernel.load_program(bpf, "tc", "access")}
     probe = BPF(text=CLOCK_PROBE)
     fds["clock"] = probe.load_func(b"xzb_clock", BPF.XDP).fd
-    return Dataplane(bpf, kernel.Maps(bpf), fds, probe)
+    return Dataplane(bpf, kernel.Maps(pin_dir), fds, probe)
 
 
 def host_addr(j: int) -> bytes:
@@ -335,12 +335,7 @@ def fill_hosts(table, start: int, stop: int, kbps: int, chunk: int = 100_000) ->
 
 def set_subscriber(dp: Dataplane, j: int, kbps: int) -> None:
     """Subscriber ``j``'s rate, both directions (its slot unchanged)."""
-    v = dp.maps.hosts.Leaf()
-    raw = LEAF.pack(1_000_000 + j, STA, 0, 0, kbps, kbps, j + 1)
-    ct.memmove(ct.byref(v), raw, len(raw))
-    k = dp.maps.hosts.Key()
-    ct.memmove(k.addr, host_addr(j), 16)
-    dp.maps.hosts[k] = v
+    dp.maps.set_host(host_addr(j), Entry(1_000_000 + j, STA, 0, kbps, kbps, j + 1))
 
 
 def counted(dp: Dataplane) -> dict[tuple[str, str, str], int]:
@@ -401,7 +396,7 @@ def cost(dp: Dataplane, sizes: tuple[int, ...], repeat: int, runs: int) -> dict:
     loaded = 0
     for size in sizes:
         log(f"(b) {size_label(size)} subscribers ...")
-        fill_hosts(dp.maps.hosts, loaded, size, NEVER_KBPS)
+        fill_hosts(dp.bpf[b"xz_hosts"], loaded, size, NEVER_KBPS)
         loaded = size
         runs_ = cost_at(dp, frame, repeat, runs)
         med_ = {k: med(v) for k, v in runs_.items()}

@@ -399,7 +399,7 @@ def build(root: str, tmp: Path, st: State, cfg_path: Path, with_probes: bool) ->
     fds = {"empty": kernel.load_named(bpf, "xz_xdp_empty"),
            "access": kernel.load_program(bpf, "xdp", "access"),
            "core": kernel.load_program(bpf, "xdp", "core")}
-    maps = kernel.Maps(bpf)
+    maps = kernel.Maps(pin)
     loader.configure(maps, cfg)
     ctl = maps.control_params()
     inst = Instance(st.name, pin, bpf, maps, fds, {"flags": ctl["flags"], "csam": ctl["csam"]},

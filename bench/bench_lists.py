@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from xdpzoot import sync, tables  # noqa: E402
 from xdpzoot.dataplane import blocklist, kernel, schema  # noqa: E402
+from xdpzoot.dataplane.instance import Instance  # noqa: E402
 from xdpzoot.dataplane.layout import Entry  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
 from xdpzoot.sources import csam  # noqa: E402
@@ -433,7 +434,8 @@ def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], blocklist
     parentheses: not counted in the sum)."""
     st = Steps()
     data, _ = st("read the file", csam.read_list, str(path))
-    maps = st("open the pinned maps", kernel.CsamMaps, pin)
+    inst = st("open the instance (its maps are opened from the pins when used)", Instance, pin)
+    maps = inst.maps
     try:
         idle = 1 - (maps.word()[1] & C["XZ_CSAM_GEN"])
         old = st("(read the idle generation's text, check its digest)", blocklist.held, maps,
@@ -444,12 +446,13 @@ def csam_steps(pin: str, path: Path) -> tuple[list[tuple[str, float]], blocklist
         else:
             st("(parse and validate the whole file)", csam.parse_csam_bytes, data, str(path))
             st("(read the idle generation's keys)",
-               lambda: (maps.hosts[idle].keys(), maps.prefixes[idle].keys()))
-        res = st("blocklist.load: all of it (diff, write, keep the text, switch)", blocklist.load,
-                 maps, data, str(path))
+               lambda: (maps.csam_hosts[idle].keys(), maps.csam_prefixes[idle].keys()))
+        res = st("Instance.load_csam: all of it (lock, diff, write, keep the text, switch)",
+                 inst.load_csam, data, str(path))
     finally:
-        maps.close()
-    return st.times, res
+        inst.close()
+    return st.times, blocklist.LoadResult(res["added"], res["removed"], res["generation"],
+                                          res["switched"])
 
 
 def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, float]],
@@ -461,11 +464,10 @@ def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, f
     with paused_gc():
         hosts, prefixes = st("read, parse and validate", read_columns, str(path))
         hosts, prefixes = st("build the tables", tables.class_tables, hosts, prefixes)
-        maps = st("open the maps (pins, no compile)", kernel.SubscriberMaps.open, pin)
-        with maps:
-            st("(plan alone: read the maps, diff)", sync.plan_subscribers, maps, hosts,
-               prefixes)
-            change = st("sync.apply_subscribers: plan, write", sync.apply_subscribers, maps,
+        inst = st("open the instance (maps from their pins, no compile)", Instance, pin)
+        with inst:
+            st("(plan alone: read the maps, diff)", inst.plan_subscribers, hosts, prefixes)
+            change = st("Instance.load_subscribers: lock, plan, write", inst.load_subscribers,
                         hosts, prefixes)
     return st.times, change
 
@@ -493,12 +495,12 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
     bpf = kernel.compile_bpf(pin, DP_DEFINES)
     fd = kernel.load_program(bpf, "xdp", "access")
     floor = kernel.load_named(bpf, "xz_xdp_empty")
-    maps = kernel.Maps(bpf)
+    maps = kernel.Maps(pin)
     compile_s = time.monotonic() - t0
     maps.set_host(tables.addr16(STATIC_V4), Entry(1, C["XZ_TYPE_STATIC"], 0, 0, 0))
     maps.set_control_flags(FLAGS_ON)
     words = {}
-    with kernel.CsamMaps(pin) as cm:
+    with kernel.Maps(pin) as cm:
         for label, lst in (("small", small), ("big", big)):
             log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries, "
                 f"blocklist.load) ...")

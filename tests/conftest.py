@@ -4,7 +4,6 @@ once per session, and BPF_PROG_TEST_RUN as a verdict."""
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ class Dataplane:
     pin_dir: str
     maps: kernel.Maps
     fds: dict[tuple[str, str], int]
+    bpf: object = None   # bcc's object: keeps the programs loaded
 
     def run(self, hook: str, role: str, data: bytes, repeat: int = 1) -> kernel.TestRun:
         return kernel.test_run(self.fds[(hook, role)], data, repeat)
@@ -64,23 +64,21 @@ class Dataplane:
 
     def reset(self) -> None:
         """Empty every map (counters included) and switch everything off."""
-        b = self.maps.bpf
-        for t in (self.maps.hosts, self.maps.prefixes, self.maps.allow, self.maps.pool_state,
-                  self.maps.manual, *(b[f"xz_csam_{k}".encode()] for k in
-                                      ("h0", "h1", "p0", "p1"))):
-            t.clear()
-        for name in ("xz_sub_dir", "xz_csam_d0", "xz_csam_d1"):   # zeros: look all up
-            with kernel.PinnedMap(name, b[name.encode()].map_fd) as m:
-                m.update(layout.ZERO_KEY, bytes(m.value_size))
-        self.maps.control[ct.c_uint32(0)] = self.maps.control.Leaf()   # every switch off
-        self.maps.clear_counters()
+        m = self.maps
+        for t in (m.host_map, m.prefix_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
+                  *m.csam_prefixes):
+            t.delete_many(t.keys())
+        for t in (m.dir_map, *m.csam_dirs):   # zeros: look all up
+            t.update(layout.ZERO_KEY, bytes(t.value_size))
+        m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
+        m.clear_counters()
 
 
 def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
     bpf = kernel.compile_bpf(pin_dir, defines or [])
     fds = {(h, r): kernel.load_program(bpf, h, r) for h in kernel.HOOKS
            for r in ("access", "core")}
-    return Dataplane(pin_dir, kernel.Maps(bpf), fds)
+    return Dataplane(pin_dir, kernel.Maps(pin_dir), fds, bpf)
 
 
 class LabRouter:

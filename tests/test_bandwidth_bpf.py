@@ -36,8 +36,8 @@ def setup(dp, kbps=8, burst_ms=1000, flags=0, bulk_share=50, tick_ns=0):
     m = dp.maps
     for s in (1, 2):
         m.clear_state([s])
-    m.pool_state.clear()
-    m.bpf[b"xz_flows"].clear()
+    m.pool_state.delete_many(m.pool_state.keys())
+    m.map("xz_flows").delete_many(m.map("xz_flows").keys())
     m.set_prefix(tables.key_of(ipaddress.ip_network("198.51.100.8/29")),
                  Entry(200, STA, 0, kbps, kbps, slot=1))
     m.set_prefix(tables.key_of(ipaddress.ip_network("100.64.1.0/24")), Entry(100, DYN, 0, 0, 0))
@@ -217,7 +217,7 @@ def test_indexed_pool_addresses_have_state_of_their_own(dp):
     send(dp, up(src=POOL4), 3)
     send(dp, up(src="100.64.1.11"), 2)
     assert dp.verdict("xdp", "access", up(src=POOL4, dport=25))[0] == "drop"
-    assert m.bpf[b"xz_pool_state"].items() == []
+    assert m.pool_state.keys() == []
     vols = m.pool_volumes()
     assert {str(tables.ip_of(a)): (v.up_packets, v.op25b) for a, v in vols.items()} == {
         POOL4: (3, 1), "100.64.1.11": (2, 0)}

@@ -430,14 +430,72 @@ def test_host_key_layout(compiled):
         assert ct.sizeof(bpf[name].Leaf) == len(csam.LISTED)
 
 
+def flat_fields(t, base: int = 0) -> list[tuple[int, int]]:
+    """(offset, size) of each scalar of a ctypes struct, nested structs and arrays opened
+    (byte arrays stay one field, as struct's 's')."""
+    out = []
+    for name, typ, *_ in t._fields_:
+        out += _flat(typ, base + getattr(t, name).offset)
+    return out
+
+
+def _flat(typ, off: int) -> list[tuple[int, int]]:
+    if issubclass(typ, ct.Structure):
+        return flat_fields(typ, off)
+    if issubclass(typ, ct.Array) and ct.sizeof(typ._type_) > 1:
+        n = ct.sizeof(typ._type_)
+        return [f for i in range(typ._length_) for f in _flat(typ._type_, off + i * n)]
+    return [(off, ct.sizeof(typ))]
+
+
 def test_control_layout(compiled):
-    """CONTROL covers the first fields of struct xz_control: flags, then the csam word."""
+    """layout.Control is struct xz_control, whole: names, offsets, size."""
     bpf, _ = compiled
     leaf = bpf[b"xz_control"].Leaf
-    names = [n for n, *_ in leaf._fields_]
-    assert names[:2] == ["flags", "csam"]
-    assert ctype_fields(leaf)[:2] == fields_of(layout.CONTROL)
-    assert ct.sizeof(leaf) >= layout.CONTROL.size
+    assert [n for n, *_ in leaf._fields_] == list(layout.Control._fields)
+    assert flat_fields(leaf) == fields_of(layout.CONTROL)
+    assert ct.sizeof(leaf) == layout.CONTROL.size
+    v = leaf(*range(1, 10))
+    assert layout.Control.unpack(bytes(v)) == layout.Control(*range(1, 10))
+    assert layout.Control(*range(1, 10)).pack() == bytes(v)
+
+
+# Map -> (key layout, value layout) as kernel.Maps packs them; None: a 16-byte address.
+MAP_LAYOUTS = {
+    "xz_hosts": (None, layout.CLASS), "xz_prefixes": (layout.LPM_KEY, layout.CLASS),
+    "xz_allow": (layout.LPM_KEY, layout.U32), "xz_control": (layout.U32, layout.CONTROL),
+    "xz_counters": (layout.U32, layout.COUNTER), "xz_fast": (layout.U32, layout.COUNTER),
+    "xz_throttle": (layout.U32, layout.THROTTLE), "xz_manual": (layout.U32, layout.MANUAL),
+    "xz_state": (layout.U32, layout.STATE), "xz_pool_addrs": (layout.U32, layout.STATE),
+    "xz_pool_state": (None, layout.STATE), "xz_csam_meta": (layout.U32, layout.META),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAP_LAYOUTS))
+def test_map_layouts(compiled, name):
+    """Every layout kernel.Maps packs, against bcc's types and the pinned map's sizes."""
+    bpf, pin = compiled
+    key, value = MAP_LAYOUTS[name]
+    t = bpf[name.encode()]
+    if key is None:
+        assert ct.sizeof(t.Key) == 16
+    else:
+        assert ct.sizeof(t.Key) == key.size
+        assert (flat_fields(t.Key) if issubclass(t.Key, ct.Structure)
+                else [(0, ct.sizeof(t.Key))]) == fields_of(key)
+    leaf = getattr(t, "sLeaf", t.Leaf)   # a per-CPU map's: one CPU's value
+    assert ct.sizeof(leaf) == value.size
+    assert (flat_fields(leaf) if issubclass(leaf, ct.Structure)
+            else [(0, ct.sizeof(leaf))]) == fields_of(value)
+    with kernel.Maps(pin) as m:
+        pinned = m.map(name)
+        assert (pinned.key_size, pinned.value_size) == (key.size if key else 16, value.size)
+
+
+def test_devmap_layout(compiled):
+    """The fast path's devmap: ifindex -> ifindex, both u32 (kernel.Maps.set_fast_ifs)."""
+    with kernel.Maps(compiled[1]) as m:
+        assert (m.devmap.key_size, m.devmap.value_size) == (layout.U32.size, layout.U32.size)
 
 
 def test_meta_layout(compiled):
@@ -453,13 +511,13 @@ def test_meta_layout(compiled):
 def test_pinned_sizes_match(compiled):
     """What PinnedMap sees of the pins is what the packers produce."""
     _, pin = compiled
-    with kernel.CsamMaps(pin) as m:
-        for t in m.prefixes:
+    with kernel.Maps(pin) as m:
+        for t in m.csam_prefixes:
             assert (t.key_size, t.value_size) == (layout.LPM_KEY.size, 1)
-        for t in m.hosts:
+        for t in m.csam_hosts:
             assert (t.key_size, t.value_size) == (16, 1)
         assert m.meta.value_size == layout.META.size
-        assert m.control.value_size >= layout.CONTROL.size
+        assert m.control.value_size == layout.CONTROL.size
         assert m.hits.max_entries == C["XZ_NR_CSAM_HITS"] and m.hits.value_size == 8
 
 
@@ -469,17 +527,17 @@ NOW = 1_700_000_000
 
 
 @pytest.fixture
-def maps(compiled) -> Iterator[kernel.CsamMaps]:
-    with kernel.CsamMaps(compiled[1]) as m:
+def maps(compiled) -> Iterator[kernel.Maps]:
+    with kernel.Maps(compiled[1]) as m:
         yield m
 
 
-def in_force(m: kernel.CsamMaps) -> tuple[int, int, set[bytes], set[tables.Key]]:
+def in_force(m: kernel.Maps) -> tuple[int, int, set[bytes], set[tables.Key]]:
     """(generation, csam word, hosts, prefixes) of the generation in force, read back."""
     _, word = m.word()
     gen = word & C["XZ_CSAM_GEN"]
-    hosts = set(m.hosts[gen].keys())
-    prefixes = set(map(layout.LPM_KEY.unpack, m.prefixes[gen].keys()))
+    hosts = set(m.csam_hosts[gen].keys())
+    prefixes = set(map(layout.LPM_KEY.unpack, m.csam_prefixes[gen].keys()))
     return gen, word, hosts, prefixes
 
 
@@ -500,7 +558,7 @@ def probes(hosts: set[bytes], prefixes: set[tables.Key]) -> set[bytes]:
     return out
 
 
-def agree(m: kernel.CsamMaps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
+def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.Key],
           extra: set[bytes] = frozenset()) -> None:
     """The generation in force is exactly this list; check() and status() say so."""
     gen, word, h, p = in_force(m)
@@ -520,15 +578,15 @@ def agree(m: kernel.CsamMaps, data: bytes, hosts: set[bytes], prefixes: set[tabl
     assert blocklist.in_force(m, data)
 
 
-def load(m: kernel.CsamMaps, data: bytes) -> blocklist.LoadResult:
+def load(m: kernel.Maps, data: bytes) -> blocklist.LoadResult:
     return blocklist.load(m, data, now=lambda: NOW)
 
 
-def reset(m: kernel.CsamMaps) -> None:
+def reset(m: kernel.Maps) -> None:
     """Both generations empty (two distinct empty lists, so that both switch)."""
     for _ in range(2):
         load(m, f"# reset {secrets.token_hex(8)}\n".encode())
-    assert all(not t.keys() for t in (*m.hosts, *m.prefixes))
+    assert all(not t.keys() for t in (*m.csam_hosts, *m.csam_prefixes))
 
 
 LIST_A = b"""# list A
@@ -575,7 +633,7 @@ def test_load_switch_steps(maps):
     r = load(maps, LIST_B)                      # B: switched, A stays in the idle one
     assert r == blocklist.LoadResult(n_b, 0, gen0, True)
     agree(maps, LIST_B, hb, pb, former)
-    assert set(maps.hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
+    assert set(maps.csam_hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
 
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
     assert r == blocklist.LoadResult(0, n_a, 1 - gen0, True)
@@ -620,7 +678,7 @@ def test_hosts_only_and_prefixes_only(maps):
 @given(st.lists(list_files(max_entries=25), min_size=1, max_size=4))
 def test_load_sequence(compiled, files):
     """Random lists loaded in turn: after each, the generation in force is that list."""
-    with kernel.CsamMaps(compiled[1]) as m:
+    with kernel.Maps(compiled[1]) as m:
         for data, nets in files:
             load(m, data)
             hosts, prefixes = expected(nets)
@@ -635,7 +693,7 @@ def entries_of(lst: csam.CsamList) -> set[bytes]:
         {csam.entry_key(None, p) for p in lst.prefixes}
 
 
-def idle_holds(m: kernel.CsamMaps, data: bytes) -> int:
+def idle_holds(m: kernel.Maps, data: bytes) -> int:
     """Load ``data``, then another list: ``data`` is in the idle generation (returned), with
     its text."""
     load(m, data)
@@ -645,11 +703,11 @@ def idle_holds(m: kernel.CsamMaps, data: bytes) -> int:
     return idle
 
 
-def snapshot(m: kernel.CsamMaps) -> tuple:
+def snapshot(m: kernel.Maps) -> tuple:
     """Everything a load may change: word, meta, kept texts and every entry."""
     return (m.word(), [m.meta.lookup(struct.pack("=I", g)) for g in (0, 1)],
             [kernel.read_blob(m.text_path(g)) for g in (0, 1)],
-            [sorted(t.keys()) for t in (*m.hosts, *m.prefixes)])
+            [sorted(t.keys()) for t in (*m.csam_hosts, *m.csam_prefixes)])
 
 
 @st.composite
@@ -683,7 +741,7 @@ def test_load_from_the_text_is_a_full_load(compiled, case):
     same entries, counts, result and kept duplicates as a full load."""
     (base, _), new = case
     before, after = csam.parse_csam_bytes(base), csam.parse_csam_bytes(new)
-    with kernel.CsamMaps(compiled[1]) as m:
+    with kernel.Maps(compiled[1]) as m:
         idle = idle_holds(m, base)
         with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
             r = load(m, new)
@@ -732,7 +790,7 @@ def test_load_without_a_trusted_text(maps, spoil):
         kernel.pin_blob(path, b"\xff" * 64)
     else:   # what a killed load leaves: meta cleared, the tables half written
         maps.meta.update(struct.pack("=I", idle), bytes(layout.META.size))
-        maps.hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
+        maps.csam_hosts[idle].update_many([tables.addr16("203.0.113.5")], csam.LISTED)
     with mock.patch.object(csam, "parse_csam_bytes", wraps=csam.parse_csam_bytes) as parse:
         r = load(maps, EDIT_OF_A)
     assert parse.called and r.generation == idle
@@ -748,7 +806,7 @@ def test_a_killed_load_leaves_nothing_to_trust(maps, kill):
     reset(maps)
     idle = idle_holds(maps, LIST_A)
     in_force_before = in_force(maps)
-    owner = {"pin_blob": kernel, "set_word": kernel.CsamMaps}.get(kill, kernel.PinnedMap)
+    owner = {"pin_blob": kernel, "set_word": kernel.Maps}.get(kill, kernel.PinnedMap)
     with mock.patch.object(owner, kill, side_effect=KeyboardInterrupt), \
             pytest.raises(KeyboardInterrupt):
         load(maps, EDIT_OF_A)
@@ -936,7 +994,7 @@ def new_instance(cli: Cli, bpffs: str, tmp_path: Path, creator: str) -> str:
 
 
 def listed_now(pin: str) -> tuple[set[bytes], set[tables.Key]]:
-    with kernel.CsamMaps(pin) as m:
+    with kernel.Maps(pin) as m:
         _, _, h, p = in_force(m)
     return h, p
 

@@ -13,7 +13,6 @@ documentation ranges and 198.18.0.0/15.
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 import os
 import struct
@@ -259,9 +258,9 @@ def _ids(cases) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cmaps(dataplane) -> Iterator[kernel.CsamMaps]:
+def cmaps(dataplane) -> Iterator[kernel.Maps]:
     """The CSAM maps of the session's data plane, emptied before and after this module."""
-    with kernel.CsamMaps(dataplane.pin_dir) as m:
+    with kernel.Maps(dataplane.pin_dir) as m:
         wipe(m)
         try:
             yield m
@@ -269,27 +268,27 @@ def cmaps(dataplane) -> Iterator[kernel.CsamMaps]:
             wipe(m)
 
 
-def wipe(m: kernel.CsamMaps) -> None:
-    for t in (*m.hosts, *m.prefixes):
+def wipe(m: kernel.Maps) -> None:
+    for t in (*m.csam_hosts, *m.csam_prefixes):
         t.delete_many(t.keys())
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
-        m.write_dir(g, bytes(dirs.BYTES))
+        m.write_csam_dir(g, bytes(dirs.BYTES))
     m.set_word(0)
 
 
-def put(m: kernel.CsamMaps, gen: int, present: bool = True) -> None:
+def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
     """Write the list into generation ``gen`` (or take it out)."""
-    hosts, prefixes = m.hosts[gen], m.prefixes[gen]
+    hosts, prefixes = m.csam_hosts[gen], m.csam_prefixes[gen]
     pkeys = [layout.LPM_KEY.pack(*k) for k in LIST_PREFIXES]
     if present:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
-        m.write_dir(gen, dirs.csam(LIST_HOSTS, LIST_PREFIXES))   # as a load writes it
+        m.write_csam_dir(gen, dirs.csam(LIST_HOSTS, LIST_PREFIXES))   # as a load writes it
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
-        m.write_dir(gen, bytes(dirs.BYTES))
+        m.write_csam_dir(gen, bytes(dirs.BYTES))
 
 
 def _has(trie, key: bytes) -> bool:
@@ -302,16 +301,16 @@ def cdp(dp, cmaps):
     for g in (0, 1):
         put(cmaps, g, present=False)
     cmaps.set_word(0)
-    dp.maps.bpf[b"xz_csam_hits"].clear()
+    dp.maps.clear_hits()
     return dp
 
 
 def hits(dp) -> dict[int, int]:
-    """Non-zero CSAM hit counters, summed over CPUs (read through bcc)."""
-    t = dp.maps.bpf[b"xz_csam_hits"]
+    """Non-zero CSAM hit counters, summed over CPUs."""
     out = {}
     for i in range(C["XZ_NR_CSAM_HITS"]):
-        n = sum(t[ct.c_uint32(i)])
+        raw = dp.maps.hits.lookup(struct.pack("=I", i))
+        n = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
         if n:
             out[i] = n
     return out
@@ -321,7 +320,7 @@ def hit_slot(gen: int, family: int) -> int:
     return gen * 2 + (family == 6)
 
 
-def setup(dp, m: kernel.CsamMaps, case: Case) -> None:
+def setup(dp, m: kernel.Maps, case: Case) -> None:
     load_world(dp, model_tables(), flags_of(case.switches))
     put(m, case.holds)
     m.set_word(case.csam_word)
@@ -444,7 +443,7 @@ def test_switch_takes_effect(cdp, cmaps, family, hook):
                                   (0 | ALL_BITS, "pass", "ok")]:
         cmaps.set_word(word)
         cdp.maps.clear_counters()
-        cdp.maps.bpf[b"xz_csam_hits"].clear()
+        cdp.maps.clear_hits()
         run_case(cdp, hook, A, frame, verdict, reason, tcp(A, src, dst, 443), word & GEN)
 
 
@@ -465,7 +464,7 @@ def test_loaded_lists_take_effect(cdp, cmaps, hook):
         assert res.switched
         for pkt, verdict in expect.items():
             cdp.maps.clear_counters()
-            cdp.maps.bpf[b"xz_csam_hits"].clear()
+            cdp.maps.clear_hits()
             frame = packets.frame(pkt, pppoe=True)
             reason = "csam" if verdict == "reject" else ("unknown" if pkt is to_b4 else "ok")
             run_case(cdp, hook, A, frame, verdict, reason, pkt, res.generation)

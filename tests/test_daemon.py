@@ -5,7 +5,6 @@ files are re-synced when they change; and the real process stops cleanly on SIGT
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 
 from xdpzoot.bandwidth import store
 from xdpzoot.daemon import Congestion, Daemon
-from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane import kernel, layout, schema
 
 C = schema.C
 T0 = 1_790_000_000.0   # 2026-09-21, any fixed instant
@@ -75,9 +74,10 @@ csam_prefixes = 1024
 
 def add_bytes(d: Daemon, slot: int, up: int) -> None:
     """Traffic as the data plane would count it."""
-    v = d.maps.state[ct.c_uint32(slot)]
-    v.dir[0].bytes += up
-    d.maps.state[ct.c_uint32(slot)] = v
+    m = d.inst.maps.state_map
+    v = list(layout.STATE.unpack(m.lookup(layout.U32.pack(slot))))
+    v[2] += up   # dir[0].bytes
+    m.update(layout.U32.pack(slot), layout.STATE.pack(*v))
 
 
 def daemon(cfg, pin, clock) -> Daemon:
@@ -90,13 +90,13 @@ def test_rule_throttles_releases_audits_and_survives_restart(setup):
     cfg, pin, tmp = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.maps.owners()))
+    slot = next(iter(d.inst.owners()))
     d.tick()                                   # first sight of the counters
     clock.t += 60
     add_bytes(d, slot, 25_000_000)             # 25 MB up in a minute: over 20 MB/h
     acts = d.tick()
     assert [(a.action, a.subscriber, a.rate_kbps) for a in acts] == [("throttle", 200, 2000)]
-    assert d.maps.get_throttle(slot) == (2000, 2000)
+    assert d.inst.get_throttle(slot) == (2000, 2000)
     lines = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
     assert lines[-1]["action"] == "throttle" and lines[-1]["subscriber"] == 200
     assert "flow" not in json.dumps(lines) and "198.51.100" not in json.dumps(lines)
@@ -104,12 +104,12 @@ def test_rule_throttles_releases_audits_and_survives_restart(setup):
     clock.t += 60
     d2 = daemon(cfg, pin, clock)
     assert d2.tick() == []
-    assert d2.maps.get_throttle(slot) == (2000, 2000)
+    assert d2.inst.get_throttle(slot) == (2000, 2000)
     # ... and is released when the rolling hour no longer holds 20 MB.
     clock.t += 2 * 3600
     acts = d2.tick()
     assert [a.action for a in acts] == ["release"]
-    assert d2.maps.get_throttle(slot) == (0, 0)
+    assert d2.inst.get_throttle(slot) == (0, 0)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x93garbage", b"xdpzoot" * 3],
@@ -118,29 +118,30 @@ def test_corrupt_snapshot_is_a_safe_start(setup, content, capsys):
     cfg, pin, tmp = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.maps.owners()))
-    d.maps.set_throttle(slot, 2000, 2000)      # a throttle in force from before the crash
+    slot = next(iter(d.inst.owners()))
+    with d.inst.locked():   # a throttle in force from before the crash
+        d.inst.maps.set_throttle(slot, 2000, 2000)
     (tmp / "state.msgpack").write_bytes(content)
     d2 = daemon(cfg, pin, clock)
     assert "starting afresh" in capsys.readouterr().err
     d2.tick()
-    assert d2.maps.get_throttle(slot) == (2000, 2000)   # enforcement continues from the maps
-    assert d2.maps.manual_throttles()[slot] == (2000, 0)
+    assert d2.inst.get_throttle(slot) == (2000, 2000)   # enforcement continues from the maps
+    assert d2.inst.manual_throttles()[slot] == (2000, 0)
 
 
 def test_hand_set_throttle_expires(setup):
     cfg, pin, _ = setup
     clock = Clock(T0)
     d = daemon(cfg, pin, clock)
-    slot = next(iter(d.maps.owners()))
-    d.maps.set_manual(slot, 1000, int(T0) + 600)
+    slot = next(iter(d.inst.owners()))
+    d.inst.throttle(slot, 1000, int(T0) + 600)
     d.tick()
-    assert d.maps.get_throttle(slot) == (1000, 1000)
-    assert d.maps.control_flags() & C["XZ_C_THROTTLES"]   # the data plane looks it up
+    assert d.inst.get_throttle(slot) == (1000, 1000)
+    assert d.inst.control_flags() & C["XZ_C_THROTTLES"]   # the data plane looks it up
     clock.t += 601
     d.tick()
-    assert d.maps.get_throttle(slot) == (0, 0) and not d.maps.manual_throttles()
-    assert not d.maps.control_flags() & C["XZ_C_THROTTLES"]   # none: no lookup
+    assert d.inst.get_throttle(slot) == (0, 0) and not d.inst.manual_throttles()
+    assert not d.inst.control_flags() & C["XZ_C_THROTTLES"]   # none: no lookup
 
 
 def test_source_file_change_is_synced_and_a_bad_one_is_not(setup, capsys):
@@ -150,14 +151,14 @@ def test_source_file_change_is_synced_and_a_bad_one_is_not(setup, capsys):
     subs.write_text(SUBS + "300,198.51.100.16/29,static,,\n")
     os.utime(subs, ns=(time.time_ns(), time.time_ns() + 1_000_000))
     d.tick()
-    assert len(list(d.maps.prefix_items())) == 2
+    assert len(list(d.inst.maps.prefix_items())) == 2
     d.tick()
     assert 300 in d.acct.subscribers()
     subs.write_text(SUBS + "300,not-an-address,static,,\n")
     os.utime(subs, ns=(time.time_ns(), time.time_ns() + 2_000_000))
     d.tick()
     assert "not applied" in capsys.readouterr().err
-    assert len(list(d.maps.prefix_items())) == 2       # unchanged
+    assert len(list(d.inst.maps.prefix_items())) == 2       # unchanged
     subs.write_text(SUBS)                               # subscriber 300's contract ended
     os.utime(subs, ns=(time.time_ns(), time.time_ns() + 3_000_000))
     d.tick()                                            # synced: the engine forgets 300

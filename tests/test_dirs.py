@@ -138,7 +138,7 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
 
 @pytest.fixture(scope="module")
 def cmaps(dataplane):
-    with kernel.CsamMaps(dataplane.pin_dir) as m:
+    with kernel.Maps(dataplane.pin_dir) as m:
         yield m
 
 
@@ -163,7 +163,7 @@ def test_data_plane_agrees_through_full_and_changed_loads(dp, cmaps, steps):
     dp.reset()
     for g in (0, 1):   # nothing trusted: the first loads are whole ones
         cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
-        for t in (cmaps.hosts[g], cmaps.prefixes[g]):
+        for t in (cmaps.csam_hosts[g], cmaps.csam_prefixes[g]):
             t.delete_many(t.keys())
     cmaps.set_word(0)
     for hosts, prefixes in steps:

@@ -18,7 +18,7 @@ from test_csam import ctype_fields, fields_of
 
 from xdpzoot import sync, tables
 from xdpzoot.dataplane import kernel, layout, schema
-from xdpzoot.dataplane.kernel import KernelError, SubscriberMaps
+from xdpzoot.dataplane.kernel import KernelError, Maps
 from xdpzoot.dataplane.layout import CLASS, LPM_KEY, ClassTable, Entry
 from xdpzoot.sources import subscribers
 from xdpzoot.sources.files import SourceError
@@ -163,7 +163,7 @@ def reference_plan(cur_h: dict, cur_p: dict, hosts: dict, prefixes: dict, limit:
 
 
 class FakeMaps:
-    """What plan_subscribers reads of SubscriberMaps, from dicts."""
+    """What plan_subscribers reads of kernel.Maps, from dicts."""
 
     host_map, prefix_map = "hosts", "prefixes"
     pool_map = SimpleNamespace(max_entries=0)   # no pool blocks: the dict model's pools
@@ -255,7 +255,7 @@ def test_class_layout(compiled) -> None:
     key = bpf[b"xz_prefixes"].Key
     assert ctype_fields(key) == fields_of(LPM_KEY)
     assert ct.sizeof(bpf[b"xz_hosts"].Key) == 16
-    with SubscriberMaps.open(pin) as m:
+    with Maps(pin) as m:
         assert (m.host_map.key_size, m.host_map.value_size) == (16, CLASS.size)
         assert (m.prefix_map.key_size, m.prefix_map.value_size) == (LPM_KEY.size, CLASS.size)
         assert m.state_map.value_size == layout.STATE.size
@@ -282,19 +282,19 @@ def maps(compiled):
     bpf, pin = compiled
     bpf[b"xz_hosts"].clear()
     bpf[b"xz_prefixes"].clear()
-    with SubscriberMaps.open(pin) as m:
+    with Maps(pin) as m:
         m.clear_state(range(m.slots))
         yield m
 
 
-def load(maps: SubscriberMaps, tmp_path, text: str) -> sync.Change:
+def load(maps: Maps, tmp_path, text: str) -> sync.Change:
     path = tmp_path / "subscribers.csv"
     path.write_text(text)
     _, hosts, prefixes = tables.read_subscribers(str(path))
     return sync.apply_subscribers(maps, hosts, prefixes)
 
 
-def in_kernel(maps: SubscriberMaps) -> dict[str, Entry]:
+def in_kernel(maps: Maps) -> dict[str, Entry]:
     """What the maps hold, by address or prefix as text."""
     out = {str(tables.ip_of(a)): e for a, e in maps.host_items()}
     out.update({str(tables.net_of(k)): e for k, e in maps.prefix_items()})

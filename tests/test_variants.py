@@ -113,7 +113,7 @@ def test_variant_loads(bpffs, variant: Variant):
         try:
             assert kernel.pinned(pin_dir)
             for name, size in variant.sizes.items():
-                assert dp.maps.bpf[name.encode()].max_entries == size, name
+                assert dp.maps.map(name).max_entries == size, name
             for desc, build, verdict, reason in variant.probes:
                 frame = build()
                 for hook in kernel.HOOKS:
@@ -127,7 +127,8 @@ def test_variant_loads(bpffs, variant: Variant):
                     except AssertionError as e:
                         raise AssertionError(f"{desc} ({hook}): {e}") from e
         finally:
-            dp.maps.bpf.cleanup()
+            dp.maps.close()
+            dp.bpf.cleanup()
     finally:
         kernel.unpin_all(pin_dir)
     assert not os.path.exists(pin_dir)

@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from xdpzoot import sync, tables
+from xdpzoot import tables
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.bandwidth import rules as volume_rules
 from xdpzoot.config import load_config
-from xdpzoot.dataplane import blocklist, kernel, loader, schema
+from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources import csam
 from xdpzoot.sources.files import SourceError
 from xdpzoot.sources.subscribers import read_plans
@@ -74,7 +75,7 @@ class Daemon:
     pin_dir: str
     clock: Callable[[], float] = time.time
     cfg: object = None
-    maps: kernel.Maps | None = None
+    inst: Instance | None = None
     acct: accounting.Accounting | None = None
     audit: store.AuditLog | None = None
     congestion: Congestion | None = None
@@ -86,9 +87,11 @@ class Daemon:
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Open the maps, read config and rules, resume from the snapshot."""
+        """Open the instance, read config and rules, resume from the snapshot."""
         self.cfg = load_config(self.config_path)
-        self.maps = loader.open_maps(self.cfg, self.pin_dir)
+        self.inst = Instance(self.pin_dir)
+        if not self.inst.loaded():
+            raise kernel.KernelError(kernel.NOT_LOADED.format(self.pin_dir))
         self._load_rules(resume=True)
         self._watch_init()
         if self.cfg.sources.subscribers:
@@ -116,22 +119,18 @@ class Daemon:
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
                                      b.congestion_seconds, b.hysteresis,
-                                     active=bool(self.maps.control_flags()
+                                     active=bool(self.inst.control_flags()
                                                  & C["XZ_C_CONGESTION"]))
 
     def _adopt_throttles(self) -> None:
         """Without a usable snapshot the rules' history is gone: throttles in force in the
         kernel are kept, as if set by hand, until `unthrottle` lifts them."""
-        manual = self.maps.manual_throttles()
-        for slot in self.maps.owners():
-            up, down = self.maps.get_throttle(slot)
-            if (up or down) and slot not in manual:
-                self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
+        self.inst.adopt_throttles()
 
     def reload(self) -> None:
         """SIGHUP: reread the config and the rules; windows and throttles are kept."""
         self.cfg = load_config(self.config_path)
-        loader.configure(self.maps, self.cfg)
+        self.inst.configure(self.cfg)
         self._load_rules(resume=False)
         log("config and rules reloaded")
 
@@ -139,8 +138,8 @@ class Daemon:
     def tick(self) -> list:
         """One round: count, decide, enforce, persist. Returns the actions taken."""
         now = self.clock()
-        owners = self.maps.owners()
-        vols = self.maps.volumes(owners)
+        owners = self.inst.owners()
+        vols = self.inst.volumes(owners)
         counters = {owners[s]: (v.up_bytes, v.down_bytes) for s, v in vols.items()}
         actions = self.acct.observe(now, counters, self.plans)
         slot_of = {sid: s for s, sid in owners.items()}
@@ -148,7 +147,7 @@ class Daemon:
             if a.action in ("suspend", "unsuspend"):
                 # Another rule may still hold the subscriber suspended.
                 on = a.values.get("suspended", a.action == "suspend")
-                sync.set_suspended(self.maps, a.subscriber, bool(on))
+                self.inst.suspend(a.subscriber, bool(on))
         self._enforce_rates(now, slot_of)
         self._congestion(now)
         self._watch_sources()
@@ -161,38 +160,23 @@ class Daemon:
         return actions
 
     def _enforce_rates(self, now: float, slot_of: dict[int, int]) -> None:
-        """The throttle in force per slot: the lowest of the rules' and the hand-set one."""
-        manual = self.maps.manual_throttles()
-        for slot, (_, until) in list(manual.items()):
-            if until and until <= now:
-                self.maps.del_manual(slot)
-                del manual[slot]
-                log(f"throttle set by hand on slot {slot} expired")
+        """The throttle in force per slot: the lowest of the rules' and the hand-set one
+        (written by the instance under its lock, hand-set ones read there)."""
         want: dict[int, int] = {}
         for sid, slot in slot_of.items():
             rate = self.acct.throttle_rate(sid, now)
             if rate:
                 want[slot] = rate
-        for slot, (kbps, _) in manual.items():
-            want[slot] = min(kbps, want.get(slot, kbps))
-        for slot in set(want) | {s for s in slot_of.values() if any(self.maps.get_throttle(s))}:
-            rate = want.get(slot, 0)
-            if self.maps.get_throttle(slot) != (rate, rate):
-                self.maps.set_throttle(slot, rate, rate)
-        # None in force: the data plane may skip the lookup (a throttle set by hand since
-        # the start of this tick is in the manual map: read it once more).
-        self.maps.set_throttles_switch(bool(want or self.maps.manual_throttles()))
+        for slot in self.inst.enforce_rates(now, want, slot_of.values()):
+            log(f"throttle set by hand on slot {slot} expired")
 
     def _congestion(self, now: float) -> None:
-        if self.maps.control_params()["congestion"] != C["XZ_CONGESTION_AUTO"]:
+        if self.inst.control_params()["congestion"] != C["XZ_CONGESTION_AUTO"]:
             return
         from xdpzoot.dataplane import netlink
 
         on = self.congestion.feed(now, netlink.link_bytes(list(self.cfg.interfaces.core)))
-        flags = self.maps.control_flags()
-        if on != bool(flags & C["XZ_C_CONGESTION"]):
-            bit = C["XZ_C_CONGESTION"]
-            self.maps.set_control_flags(flags | bit if on else flags & ~bit)
+        if self.inst.congestion_auto(on):
             log(f"congestion mode {'on' if on else 'off'} (auto)")
             self.audit.write([accounting.Action(now, 0, "congestion", "congestion",
                                                 None, {"on": on})])
@@ -219,13 +203,13 @@ class Daemon:
                 continue
             self.watched[path] = stamp
             try:
-                with kernel.lock(self.pin_dir):
+                with self.inst.locked():
                     if path == self.cfg.sources.subscribers:
                         _, hosts, prefixes = tables.read_subscribers(path)
-                        c = sync.apply_subscribers(self.maps, hosts, prefixes)
+                        c = self.inst.load_subscribers(hosts, prefixes)
                         # Gone from the file: the contract ended (not merely maps still
                         # empty at start-up, when the windows of a snapshot must stay).
-                        left = self.acct.subscribers() - set(self.maps.owners().values())
+                        left = self.acct.subscribers() - set(self.inst.owners().values())
                         for sid in left:
                             self.acct.forget(sid)
                         self.plans = read_plans(path)
@@ -233,9 +217,8 @@ class Daemon:
                             f"{c.removed} removed")
                     else:
                         data, _ = csam.read_list(path)
-                        with kernel.CsamMaps(self.pin_dir) as cm:
-                            r = blocklist.load(cm, data, path)
-                        log(f"CSAM list reloaded: generation {r.generation}")
+                        r = self.inst.load_csam(data, path)
+                        log(f"CSAM list reloaded: generation {r['generation']}")
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had
 

@@ -14,7 +14,7 @@ from itertools import compress, filterfalse, islice, repeat
 from typing import NamedTuple
 
 from xdpzoot.dataplane import dirs, schema
-from xdpzoot.dataplane.kernel import KernelError, Maps, SubscriberMaps
+from xdpzoot.dataplane.kernel import KernelError, Maps
 from xdpzoot.dataplane.layout import (
     CLASS,
     LPM_KEY,
@@ -239,7 +239,7 @@ def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dic
             hosts.values[j * WORDS + 4] = prefixes.values[i * WORDS + 4]
 
 
-def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
+def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
     """The writes that make the subscriber maps equal ``hosts``/``prefixes`` (left as
     they are), and the state slots that are then free."""
     with paused_gc():
@@ -253,12 +253,12 @@ def plan_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTab
                     pool_clear)
 
 
-def apply_subscribers(maps: SubscriberMaps, hosts: ClassTable, prefixes: ClassTable) -> Change:
+def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable) -> Change:
     """Write the difference (see apply_plan)."""
     return apply_plan(maps, plan_subscribers(maps, hosts, prefixes))
 
 
-def apply_plan(maps: SubscriberMaps, p: Plan,
+def apply_plan(maps: Maps, p: Plan,
                progress: Callable[[int], None] | None = None) -> Change:
     """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
     add/change prefixes and hosts, then delete, so that an address is never without its
@@ -284,7 +284,7 @@ def apply_allow(maps: Maps, desired: dict[Key, int]) -> Change:
     return change
 
 
-def set_suspended(maps: SubscriberMaps, target: int | bytes, on: bool) -> list[str]:
+def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
     """Suspend or resume a subscriber id, or the owner of an address.
 
     An address of a dynamic pool without an owner gets (on) or loses (off) a host

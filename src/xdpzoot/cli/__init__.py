@@ -13,7 +13,8 @@ from collections.abc import Callable
 import click
 
 from xdpzoot import sync, tables
-from xdpzoot.dataplane import kernel, layout, loader, schema
+from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources.files import SourceError
 
 ENV_PIN_DIR = "XDPZOOT_PIN_DIR"
@@ -26,6 +27,7 @@ class Ctx:
         self.config_path = config_path
         self.pin_dir = pin_dir
         self._cfg = None
+        self._inst: Instance | None = None
 
     @property
     def cfg(self):
@@ -35,17 +37,14 @@ class Ctx:
             self._cfg = load_config(self.config_path)
         return self._cfg
 
-    def maps(self, create: bool = False) -> kernel.Maps:
-        if create and not kernel.pinned(self.pin_dir):
-            return kernel.Maps(kernel.compile_bpf(self.pin_dir, self.cfg.defines(),
-                                                  maps_only=True))
-        return loader.open_maps(self.cfg, self.pin_dir)
-
-    def subscriber_maps(self, create: bool = False) -> kernel.SubscriberMaps:
-        """The subscriber maps, opened from their pins without a compile."""
-        if not kernel.pinned(self.pin_dir):
-            self.maps(create)   # creates the maps, or says that xdpzoot is not loaded
-        return kernel.SubscriberMaps.open(self.pin_dir)
+    def instance(self, config: bool = False) -> Instance:
+        """The instance at --pin-dir (its maps opened from their pins when used); with
+        ``config``, the config is read first (a bad one is the error a command reports)."""
+        if config:
+            self.cfg  # noqa: B018
+        if self._inst is None:
+            self._inst = Instance(self.pin_dir)
+        return self._inst
 
 
 def _audit(o: Ctx, subscriber: int | str, action: str, rate_kbps: int | None = None,

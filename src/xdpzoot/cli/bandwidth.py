@@ -8,7 +8,7 @@ from dataclasses import asdict
 import click
 
 from xdpzoot import tables
-from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane import kernel
 from xdpzoot.sources.files import SourceError
 
 from . import Ctx, _address, _audit, _emit, _fail, _run, json_opt, main
@@ -16,21 +16,13 @@ from . import Ctx, _address, _audit, _emit, _fail, _run, json_opt, main
 # ---- bandwidth -------------------------------------------------------------------------------
 
 
-def _slots(maps: kernel.Maps, target: str) -> tuple[int, int]:
+def _slots(o: Ctx, target: str) -> tuple[int, int]:
     """(subscriber id, state slot) of SUBSCRIBER given as id or address."""
     try:
-        sid = int(target)
+        key: int | bytes = int(target)
     except ValueError:
-        a = _address(target)
-        e = maps.get_host(a) or (maps.match_prefix(a) or (None, None))[1]
-        if e is None:
-            raise kernel.KernelError(f"no subscriber {target}") from None
-        sid = e.sub_id
-    for _, e in (*maps.host_items(), *maps.prefix_items()):
-        if e.sub_id == sid and e.slot and not e.pool_bits:
-            return sid, e.slot
-    raise kernel.KernelError(f"no subscriber {target} with a state slot "
-                             "(addresses of a pool have per-address state only)")
+        key = _address(target)
+    return o.instance().subscriber_slot(key, target)
 
 
 @main.command(epilog="""\b
@@ -53,13 +45,9 @@ def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
         raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {duration}") from e
 
     def go():
-        with kernel.lock(o.pin_dir):
-            maps = o.maps()
-            sid, slot = _slots(maps, subscriber)
-            maps.set_manual(slot, rate, until)
-            up, down = maps.get_throttle(slot)
-            maps.set_throttle(slot, min(x for x in (up, rate) if x), min(x for x in (down, rate)
-                                                                       if x))
+        with o.instance(config=True).locked():   # the slot stays that subscriber's meanwhile
+            sid, slot = _slots(o, subscriber)
+            o.instance().throttle(slot, rate, until)
         data = {"subscriber": sid, "rate_kbps": rate, "until": until or None}
         _audit(o, sid, "throttle", rate, until=until or None)
         _emit(as_json, data, lambda: click.echo(
@@ -81,11 +69,9 @@ def unthrottle(o: Ctx, subscriber, as_json) -> None:
     comes back at the daemon's next tick."""
 
     def go():
-        with kernel.lock(o.pin_dir):
-            maps = o.maps()
-            sid, slot = _slots(maps, subscriber)
-            maps.del_manual(slot)
-            maps.set_throttle(slot, 0, 0)
+        with o.instance(config=True).locked():
+            sid, slot = _slots(o, subscriber)
+            o.instance().unthrottle(slot)
         _audit(o, sid, "release")
         _emit(as_json, {"subscriber": sid, "unthrottled": True},
               lambda: click.echo(f"subscriber {sid}: throttle lifted"))
@@ -103,19 +89,9 @@ Examples:
 @click.pass_obj
 def congestion(o: Ctx, mode, as_json) -> None:
     """Congestion mode: bulk flows of a subscriber share a part of its rate."""
-    bit = schema.C["XZ_C_CONGESTION"]
 
     def go():
-        with kernel.lock(o.pin_dir):
-            maps = o.maps()
-            if mode:
-                maps.set_control_params(congestion=tables.CONGESTION[mode])
-                if mode != "auto":
-                    flags = maps.control_flags()
-                    maps.set_control_flags(flags | bit if mode == "on" else flags & ~bit)
-            code = maps.control_params()["congestion"]
-            active = bool(maps.control_flags() & bit)
-        name = {v: k for k, v in tables.CONGESTION.items()}[code]
+        name, active = o.instance(config=True).congestion(mode)
         _emit(as_json, {"mode": name, "active": active},
               lambda: click.echo(f"congestion mode {name}: {'on' if active else 'off'} now"))
 
@@ -136,11 +112,11 @@ def top(o: Ctx, key, count, as_json) -> None:
     """Subscribers by volume since the counters started, or by blocked SMTP attempts."""
 
     def go():
-        maps = o.maps()
-        owner = maps.owners()
-        rows = [{"subscriber": owner[s], **asdict(v)} for s, v in maps.volumes(owner).items()]
+        inst = o.instance(config=True)
+        owner = inst.owners()
+        rows = [{"subscriber": owner[s], **asdict(v)} for s, v in inst.volumes(owner).items()]
         rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}
-                 for a, v in maps.pool_volumes().items()]
+                 for a, v in inst.pool_volumes().items()]
         field = {"down": "down_bytes", "up": "up_bytes", "op25b": "op25b"}[key]
         rows = sorted((r for r in rows if r[field]), key=lambda r: -r[field])[:count]
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import click
 
-from xdpzoot.dataplane import blocklist as swap
-from xdpzoot.dataplane import kernel
 from xdpzoot.sources import csam
 
 from . import Ctx, _address, _emit, _progress, _run, json_opt, main
@@ -31,13 +28,7 @@ def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
     data, warnings = csam.read_list(path, strict=strict)
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
-    with kernel.lock(o.pin_dir):
-        if not kernel.pinned(o.pin_dir):
-            o.maps(create=True)
-        return _load_csam_locked(o.pin_dir, path, data)
-
-
-def _load_csam_locked(pin_dir: str, path: str, data: bytes) -> dict:
+    inst = o.instance()
     bars = []
 
     def progress(total: int):
@@ -45,14 +36,14 @@ def _load_csam_locked(pin_dir: str, path: str, data: bytes) -> dict:
         bars.extend([bar] if bar else [])
         return step
 
-    with kernel.CsamMaps(pin_dir) as maps:
+    with inst.locked():
+        if not inst.loaded():
+            inst.create(o.cfg.defines())
         try:
-            res = swap.load(maps, data, path, progress=progress)
+            return inst.load_csam(data, path, progress=progress)
         finally:
             for bar in bars:
                 bar.render_finish()
-        meta = maps.read_meta(res.generation)
-    return {**asdict(res), **{k: meta[k] for k in csam.COUNTS}, "sha256": meta["sha256"]}
 
 
 @blocklist.command("load", epilog="""\b
@@ -92,8 +83,7 @@ def blocklist_check(o: Ctx, address, as_json) -> None:
     a = _address(address)
 
     def go():
-        with kernel.CsamMaps(o.pin_dir) as maps:
-            kind = swap.check(maps, a)
+        kind = o.instance().csam_check(a)
         _emit(as_json, {"address": address, "listed": kind is not None, "entry": kind},
               lambda: click.echo(f"{address}: " + (f"listed ({kind} entry)" if kind
                                                    else "not listed")))
@@ -111,8 +101,7 @@ def blocklist_status(o: Ctx, as_json) -> None:
     """The list in force: entries per family and kind, digest, load time, hits."""
 
     def go():
-        with kernel.CsamMaps(o.pin_dir) as maps:
-            st = swap.status(maps)
+        st = o.instance().csam_status()
 
         def text():
             click.echo(f"CSAM list, generation {st['generation']}:")

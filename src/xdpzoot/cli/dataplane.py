@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import click
 
-from xdpzoot import sync, tables
-from xdpzoot.dataplane import blocklist, kernel, loader, schema
+from xdpzoot import tables
+from xdpzoot.dataplane import schema
 from xdpzoot.sources import csam
 
 from . import Ctx, _change_text, _emit, _run, json_opt, main
@@ -46,14 +46,14 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             lst = csam.parse_csam_bytes(text, cfg.sources.csam)
             for w in warnings:
                 click.echo(f"xdpzoot: warning: {w}", err=True)
-        with kernel.lock(o.pin_dir):
-            maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
-                                       mode or cfg.interfaces.mode)
-            fast = loader.fast_path(maps)
-            change = sync.apply_subscribers(maps, *subs) if subs is not None else None
+        inst = o.instance()
+        with inst.locked():
+            done = inst.attach(cfg, acc, cor, hook or cfg.interfaces.hook,
+                               mode or cfg.interfaces.mode)
+            fast = inst.fast_path()
+            change = inst.load_subscribers(*subs) if subs is not None else None
             if lst is not None:
-                with kernel.CsamMaps(o.pin_dir) as cm:
-                    blocklist.load(cm, text, cfg.sources.csam, lst)
+                inst.load_csam(text, cfg.sources.csam, lst)
         if fast["enabled"]:
             for name in sorted(set(acc + cor) - set(fast["egress"])):
                 click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "
@@ -80,8 +80,7 @@ def detach(o: Ctx, as_json) -> None:
     """Remove the programs from every interface and delete the pinned maps."""
 
     def go():
-        with kernel.lock(o.pin_dir):
-            gone = loader.detach(o.pin_dir)
+        gone = o.instance().detach()
         _emit(as_json, {"detached": [asdict(a) for a in gone]}, lambda: click.echo(
             "\n".join(f"detached {a.ifname} ({a.role}, {a.hook})" for a in gone)
             or "nothing was attached"))
@@ -110,18 +109,16 @@ def status(o: Ctx, as_json) -> None:
     """Show interfaces, switches, table sizes and totals."""
 
     def go():
-        maps = o.maps()
-        att = loader.attachments(o.pin_dir)
-        flags = maps.control_flags()
+        inst = o.instance(config=True)
+        flags = inst.control_flags()
+        att = inst.attachments()
         data = {
             "pin_dir": o.pin_dir,
             "interfaces": [asdict(a) for a in att],
             "switches": tables.control_names(flags),
-            "tables": {"hosts": len(list(maps.host_items())),
-                       "prefixes": len(list(maps.prefix_items())),
-                       "allow": len(maps.allow_items())},
-            "counters": _totals(maps.counters_sum()),
-            "fast_path": loader.fast_path(maps),
+            "tables": inst.table_sizes(),
+            "counters": _totals(inst.counters_sum()),
+            "fast_path": inst.fast_path(),
         }
 
         def text():
@@ -192,12 +189,13 @@ def stats(o: Ctx, interval, count, as_json) -> None:
     """Packets and bytes by interface role, verdict and reason."""
 
     def go():
-        maps = o.maps()
+        inst = o.instance(config=True)
+        inst.control_flags()   # not loaded: says so before anything is printed
         prev = None
         n = 0
         while True:
-            rows = _totals(maps.counters_sum())
-            fast = {r: {"packets": p, "bytes": b} for r, (p, b) in maps.fast_counters().items()}
+            rows = _totals(inst.counters_sum())
+            fast = {r: {"packets": p, "bytes": b} for r, (p, b) in inst.fast_counters().items()}
             now = time.monotonic()
             rates = fast_rates = None
             if prev is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from xdpzoot import model, tables
-from xdpzoot.dataplane import blocklist, kernel
+from xdpzoot.dataplane.instance import Instance
 
 from . import Ctx, _address, _emit, _entry_json, _run, json_opt, main
 
@@ -15,23 +15,18 @@ from . import Ctx, _address, _emit, _entry_json, _run, json_opt, main
 class _LiveLookup:
     """The reference model's lookups, answered by the live maps."""
 
-    def __init__(self, maps: kernel.Maps, pin_dir: str):
-        self.maps = maps
-        self.pin_dir = pin_dir
+    def __init__(self, inst: Instance):
+        self.inst = inst
 
     def classify(self, a: bytes):
-        host = self.maps.get_host(a)
-        if host:
-            return host
-        m = self.maps.match_prefix(a)
-        return m[1] if m else None
+        c = self.inst.classify(a)
+        return c[1] if c else None
 
     def allowed(self, a: bytes) -> int:
-        return self.maps.allow_bits(a)
+        return self.inst.allow_bits(a)
 
     def csam(self, a: bytes) -> bool:
-        with kernel.CsamMaps(self.pin_dir) as cm:
-            return blocklist.check(cm, a) is not None
+        return self.inst.csam_check(a) is not None
 
 
 @main.command(epilog="""\b
@@ -59,9 +54,9 @@ def explain(o: Ctx, role, src, dst, proto, sport, dport, as_json) -> None:
         p_proto = model.ICMPV6
 
     def go():
-        maps = o.maps()
+        inst = o.instance(config=True)
         pkt = model.Packet(role, src, dst, p_proto, sport, dport)
-        d = model.decide(pkt, maps.control_flags(), _LiveLookup(maps, o.pin_dir))
+        d = model.decide(pkt, inst.control_flags(), _LiveLookup(inst))
         data = {"verdict": d.verdict, "reason": d.reason,
                 "subscriber": _entry_json(d.subscriber) if d.subscriber else None}
         _emit(as_json, data, lambda: click.echo(

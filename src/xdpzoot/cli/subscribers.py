@@ -7,7 +7,8 @@ from dataclasses import asdict
 import click
 
 from xdpzoot import sync, tables
-from xdpzoot.dataplane import kernel, layout
+from xdpzoot.dataplane import layout
+from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources.files import paused_gc
 
 from . import (
@@ -49,13 +50,21 @@ def subscribers_load(o: Ctx, file, strict, as_json) -> None:
     def go():
         with paused_gc():   # a million rows: see sources.paused_gc
             rows, hosts, prefixes = tables.read_subscribers(file, strict)
-            with kernel.lock(o.pin_dir), o.subscriber_maps(create=True) as maps:
-                plan = sync.plan_subscribers(maps, hosts, prefixes)
-                bar, step = _progress(plan.change.total, "writing subscribers")
+            inst = o.instance()
+            bars = []
+
+            def progress(total: int):
+                bar, step = _progress(total, "writing subscribers")
+                bars.extend([bar] if bar else [])
+                return step
+
+            with inst.locked():
+                if not inst.loaded():
+                    inst.create(o.cfg.defines())
                 try:
-                    change = sync.apply_plan(maps, plan, step)
+                    change = inst.load_subscribers(hosts, prefixes, progress)
                 finally:
-                    if bar:
+                    for bar in bars:
                         bar.render_finish()
         _emit(as_json, {"rows": rows, **asdict(change)},
               lambda: click.echo(f"{rows} rows: {_change_text(change)}"))
@@ -76,28 +85,24 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
 
     def go():
         rows, hosts, prefixes = tables.read_subscribers(file, strict)
-        with o.subscriber_maps() as maps:
-            plan = sync.plan_subscribers(maps, hosts, prefixes)
-            total = plan.change
-            data = {"rows": rows, **asdict(total)}
-            if as_json:
-                data["changes"] = _changes(maps, plan)
+        inst = o.instance()
+        plan = inst.plan_subscribers(hosts, prefixes)
+        total = plan.change
+        data = {"rows": rows, **asdict(total)}
+        if as_json:
+            data["changes"] = _changes(inst, plan)
         _emit(as_json, data, lambda: click.echo(f"{rows} rows: {_change_text(total)} "
                                                 "(nothing written)"))
 
     _run(go)
 
 
-def _changes(maps: kernel.SubscriberMaps, plan: sync.Plan) -> list[dict]:
+def _changes(inst: Instance, plan: sync.Plan) -> list[dict]:
     """Each change of a plan, before and after, for `subscribers diff --json`."""
-    cur_p = dict(maps.read(maps.prefix_map).items())
-    old = {a: maps.get_host(a) for a in plan.hosts.write.keys}
-    old.update((k, cur_p.get(k)) for k in plan.prefixes.write.keys)
-    return [{"entry": _key_text(k), "change": "change" if old[k] else "add",
-             "before": _entry_json(old[k]) if old[k] else None, "after": _entry_json(e)}
-            for k, e in (*plan.hosts.write.items(), *plan.prefixes.write.items())] + [
-        {"entry": _key_text(k), "change": "remove"}
-        for k in plan.hosts.remove + plan.prefixes.remove]
+    return [{"entry": _key_text(k), "change": "change" if old else "add",
+             "before": _entry_json(old) if old else None, "after": _entry_json(new)}
+            if new else {"entry": _key_text(k), "change": "remove"}
+            for k, old, new in inst.subscriber_changes(plan)]
 
 
 def _key_text(key: bytes) -> str:
@@ -119,14 +124,9 @@ def subscribers_show(o: Ctx, address, as_json) -> None:
     a = _address(address)
 
     def go():
-        with o.subscriber_maps() as maps:
-            host = maps.get_host(a)
-            match = None if host else maps.match_prefix(a)
-        if host:
-            data = {"address": address, "match": "host", **_entry_json(host)}
-        elif match:
-            data = {"address": address, "match": str(tables.net_of(match[0])),
-                    **_entry_json(match[1])}
+        match = o.instance().classify(a)
+        if match:
+            data = {"address": address, "match": match[0], **_entry_json(match[1])}
         else:
             data = {"address": address, "match": None}
         _emit(as_json, data, lambda: click.echo(
@@ -145,8 +145,7 @@ def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
         key = _address(target)
 
     def go():
-        with kernel.lock(o.pin_dir), o.subscriber_maps() as maps:
-            done = sync.set_suspended(maps, key, on)
+        done = o.instance().suspend(key, on)
         if not done:
             _fail(f"no subscriber {target}")
         word = "suspended" if on else "resumed"

@@ -5,8 +5,9 @@ the idle generation is brought to the new list by diff, then one write of the co
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
 one. Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
 without the hash or the trie: written whole with a whole list, changed entry by entry with
-a difference. The maps are :class:`kernel.CsamMaps`, without bcc, so that a small change is
-applied in well under a second.
+a difference. The maps are :class:`kernel.Maps`, without bcc, so that a small change is
+applied in well under a second. The caller holds the instance's lock for the whole load
+(:meth:`Instance.load_csam`): the switch is a read, a change and a write of xz_control.
 
 Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
 root only), the text of the file it was loaded from. A load compares the new file with the
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdpzoot.dataplane import dirs, kernel, schema
-from xdpzoot.dataplane.kernel import CsamMaps as Maps
+from xdpzoot.dataplane.kernel import Maps
 from xdpzoot.dataplane.layout import LPM_KEY, META
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import HOST, LISTED, CsamList
@@ -65,6 +66,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
     already) and compared with the idle generation's keys, read back.
     """
+    maps.check_writer()
     sha = hashlib.sha256(data).digest()
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
@@ -74,7 +76,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     old = held(maps, idle)
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
-    old_dir = maps.read_dir(idle) if old else None
+    old_dir = maps.read_csam_dir(idle) if old else None
     delta = (csam.text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
              else None)
     if delta is None:
@@ -86,7 +88,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
         added, removed, counts, dups = _write_delta(maps, idle, old, delta, progress)
         dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
                          map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
-        maps.write_dir(idle, old_dir)
+        maps.write_csam_dir(idle, old_dir)
     else:
         added, removed = _write_list(maps, idle, lst, progress)
         counts, dups = lst.counts(), lst.dups
@@ -104,17 +106,17 @@ def _write_list(maps: Maps, gen: int, lst: CsamList,
     (added, removed)."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
-    have_h = set(maps.hosts[gen].keys())
-    have_p = set(maps.prefixes[gen].keys())
+    have_h = set(maps.csam_hosts[gen].keys())
+    have_p = set(maps.csam_prefixes[gen].keys())
     add_h, del_h = list(want_h - have_h), list(have_h - want_h)
     add_p, del_p = list(want_p - have_p), list(have_p - want_p)
     step = progress(len(add_h) + len(del_h) + len(add_p) + len(del_p)) if progress else None
     # Deletes first: the tables never hold more than the larger of old and new.
-    maps.hosts[gen].delete_many(del_h, step)
-    maps.prefixes[gen].delete_many(del_p, step)
-    maps.hosts[gen].update_many(add_h, LISTED, step)
-    maps.prefixes[gen].update_many(add_p, LISTED, step)
-    maps.write_dir(gen, dirs.csam(lst.hosts, lst.prefixes))
+    maps.csam_hosts[gen].delete_many(del_h, step)
+    maps.csam_prefixes[gen].delete_many(del_p, step)
+    maps.csam_hosts[gen].update_many(add_h, LISTED, step)
+    maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
+    maps.write_csam_dir(gen, dirs.csam(lst.hosts, lst.prefixes))
     return len(add_h) + len(add_p), len(del_h) + len(del_p)
 
 
@@ -131,7 +133,7 @@ def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
     gone = [k for k, d in delta.items() if d < 0 and dups.get(k, 1) + d <= 0]
     new = [k for k, d in delta.items() if d > 0]
     step = progress(len(gone) + len(new)) if progress else None
-    hosts, prefixes = maps.hosts[gen], maps.prefixes[gen]
+    hosts, prefixes = maps.csam_hosts[gen], maps.csam_prefixes[gen]
     hosts.delete_many([k[4:] for k in gone if k[:4] == HOST], step)
     prefixes.delete_many([k for k in gone if k[:4] != HOST], step)
     had = {HOST + a for a in hosts.add_new([k[4:] for k in new if k[:4] == HOST], LISTED)}
@@ -188,9 +190,9 @@ def check(maps: Maps, addr16: bytes) -> str | None:
     """Whether the list in force holds ``addr16``: "exact", "prefix" or None."""
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
-    if maps.hosts[gen].lookup(addr16) is not None:
+    if maps.csam_hosts[gen].lookup(addr16) is not None:
         return "exact"
-    if maps.prefixes[gen].lookup(LPM_KEY.pack(128, addr16)) is not None:
+    if maps.csam_prefixes[gen].lookup(LPM_KEY.pack(128, addr16)) is not None:
         return "prefix"
     return None
 

@@ -24,12 +24,17 @@ from xdpzoot.dataplane import dirs, schema
 from xdpzoot.dataplane.layout import (
     CLASS,
     CONTROL,
+    COUNTER,
     LPM_KEY,
+    MANUAL,
     META,
     POOL_BITS_WORD,
     STATE,
+    THROTTLE,
+    U32,
     ZERO_KEY,
     ClassTable,
+    Control,
     Entry,
     Volume,
     _entry,
@@ -242,8 +247,8 @@ BATCH = 65536
 class PinnedMap:
     """A pinned map opened by path, keys and values as bytes of the kernel's sizes.
 
-    For the commands that must be quick (no bcc compile): the CSAM list and its
-    control word. Layouts are checked against bcc's types in the tests.
+    Every map of an instance is reached this way (:class:`Maps`), never through a bcc
+    compile. Layouts are checked against bcc's types in the tests.
     """
 
     def __init__(self, path: str, fd: int | None = None):
@@ -610,66 +615,99 @@ def load_named(bpf, name: str, hook: str = "xdp") -> int:
     return bpf.load_func(name.encode(), BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
 
 
-SUBSCRIBER_MAPS = ("xz_hosts", "xz_prefixes", "xz_state", "xz_throttle", "xz_sub_dir",
-                   "xz_pool_addrs")
+NOT_LOADED = "xdpzoot is not loaded (no maps pinned under {})"
+CONTROL_KEY = ZERO_KEY
 
 
-def _volume(v) -> Volume:
-    return Volume(v.dir[0].bytes, v.dir[1].bytes, v.dir[0].packets, v.dir[1].packets, v.op25b)
+class Maps:
+    """Every map of one instance, opened lazily from its pin (never a compile), read and
+    written as plain values: the subscriber maps (xz_hosts, 16-byte address, and xz_prefixes,
+    struct xz_lpm_key, to struct xz_class, the state slots their entries point at), the
+    allow-list, the control value, counters, throttles, the fast path and both CSAM
+    generations. Host keys are 16-byte addresses, prefix keys ``(prefixlen, address)`` over
+    128 bits, IPv4 mapped into ::ffff:0:0/96.
 
+    No locking here: :class:`xdpzoot.dataplane.instance.Instance` owns one of these and
+    holds the pin directory's lock around every write of a value two writers share; it sets
+    ``guard``, which those writes call first (it raises when the lock is not held).
+    """
 
-def _lpm_key(table, plen: int, addr: bytes):
-    k = table.Key()
-    k.prefixlen = plen
-    ct.memmove(k.addr, addr, 16)
-    return k
+    def __init__(self, pin_dir: str):
+        self.pin_dir = pin_dir
+        self.guard: Callable[[], None] | None = None
+        self._open: dict[str, PinnedMap] = {}
 
-
-class SubscriberMaps:
-    """The subscriber maps, raw and without bcc: xz_hosts (16-byte address) and xz_prefixes
-    (struct xz_lpm_key) to struct xz_class, and the state slots (xz_state, xz_throttle) their
-    entries point at. Host keys are 16-byte addresses, prefix keys ``(prefixlen, address)``
-    over 128 bits, IPv4 mapped into ::ffff:0:0/96; loads read and write whole ClassTables."""
-
-    def __init__(self, hosts: PinnedMap, prefixes: PinnedMap, state: PinnedMap,
-                 throttle: PinnedMap, sub_dir: PinnedMap, pool_addrs: PinnedMap):
-        self.host_map, self.prefix_map = hosts, prefixes
-        self.state_map, self.throttle_map = state, throttle
-        self.dir_map, self.pool_map = sub_dir, pool_addrs
-
-    @classmethod
-    def open(cls, pin_dir: str) -> SubscriberMaps:
-        """The pinned maps of the instance at ``pin_dir`` (no compile)."""
-        return cls(*(PinnedMap(os.path.join(pin_dir, n)) for n in SUBSCRIBER_MAPS))
+    def map(self, name: str) -> PinnedMap:
+        """The map pinned as ``name``, opened on first use."""
+        m = self._open.get(name)
+        if m is None:
+            path = os.path.join(self.pin_dir, name)
+            if not os.path.exists(path):
+                raise KernelError(NOT_LOADED.format(self.pin_dir))
+            m = self._open[name] = PinnedMap(path)
+        return m
 
     def close(self) -> None:
-        for m in (self.host_map, self.prefix_map, self.state_map, self.throttle_map,
-                  self.dir_map, self.pool_map):
+        for m in self._open.values():
             m.close()
+        self._open.clear()
 
-    def __enter__(self) -> SubscriberMaps:
+    def __enter__(self) -> Maps:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def check_writer(self) -> None:
+        """Before a write of a value another writer may change too: the owner's guard
+        (Instance: is the lock held?)."""
+        if self.guard is not None:
+            self.guard()
+
+    host_map = property(lambda self: self.map("xz_hosts"))
+    prefix_map = property(lambda self: self.map("xz_prefixes"))
+    state_map = property(lambda self: self.map("xz_state"))
+    throttle_map = property(lambda self: self.map("xz_throttle"))
+    dir_map = property(lambda self: self.map("xz_sub_dir"))
+    pool_map = property(lambda self: self.map("xz_pool_addrs"))
+    allow = property(lambda self: self.map("xz_allow"))
+    control = property(lambda self: self.map("xz_control"))
+    counters = property(lambda self: self.map("xz_counters"))
+    manual = property(lambda self: self.map("xz_manual"))
+    pool_state = property(lambda self: self.map("xz_pool_state"))
+    fast = property(lambda self: self.map("xz_fast"))
+    devmap = property(lambda self: self.map("xz_fast_ifs"))
+    meta = property(lambda self: self.map("xz_csam_meta"))
+    hits = property(lambda self: self.map("xz_csam_hits"))
+    csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
+    csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
+    csam_dirs = property(lambda self: (self.map("xz_csam_d0"), self.map("xz_csam_d1")))
 
     @property
     def slots(self) -> int:
         """How many state slots there are (slot 0, per-address state, included)."""
         return self.state_map.max_entries
 
-    # whole tables
+    # ---- subscriber maps: whole tables --------------------------------------------------
     def read(self, m: PinnedMap) -> ClassTable:
         """Every entry of ``host_map`` or ``prefix_map``."""
         keys, values = m.items()
         return ClassTable(keys, array("I", values))
 
+    def host_table(self) -> ClassTable:
+        return self.read(self.host_map)
+
+    def prefix_table(self) -> ClassTable:
+        return self.read(self.prefix_map)
+
     def write(self, m: PinnedMap, t: ClassTable,
               progress: Callable[[int], None] | None = None) -> None:
+        self.check_writer()
         m.update_items(t.keys, t.values.tobytes(), progress)
 
     def delete(self, m: PinnedMap, keys: list[bytes],
                progress: Callable[[int], None] | None = None) -> None:
+        self.check_writer()
         m.delete_many(keys, progress)
 
     def read_dir(self) -> bytearray:
@@ -677,6 +715,7 @@ class SubscriberMaps:
         return self.dir_map.lookup_into(ZERO_KEY)
 
     def write_dir(self, d: bytes | bytearray) -> None:
+        self.check_writer()
         self.dir_map.update(ZERO_KEY, d)
 
     def _adding(self, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> None:
@@ -698,6 +737,7 @@ class SubscriberMaps:
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
         """Zero the pool-address state of ``(first index, count)`` blocks."""
+        self.check_writer()
         zero = bytes(self.pool_map.value_size)
         for first, n in blocks:
             keys = [struct.pack("=I", i) for i in range(first, first + n)]
@@ -717,8 +757,7 @@ class SubscriberMaps:
             for i in range(1 << e.pool_bits):
                 off = (e.slot + i) * n
                 if raw[off:off + n] != zero:
-                    v = STATE.unpack_from(raw, off)
-                    out[(first + i).to_bytes(16, "big")] = Volume(v[2], v[6], v[3], v[7], v[8])
+                    out[(first + i).to_bytes(16, "big")] = _volume(raw, off)
         return out
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
@@ -726,20 +765,16 @@ class SubscriberMaps:
         whole, in batches (an array's batch comes in index order): a tick of the daemon
         wants every slot."""
         _, values = self.state_map.items()
-        n = STATE.size
-        out = {}
-        for s in slots:
-            up = STATE.unpack_from(values, s * n)
-            out[s] = Volume(up[2], up[6], up[3], up[7], up[8])
-        return out
+        return {s: _volume(values, s * STATE.size) for s in slots}
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
-        keys = [struct.pack("=I", s) for s in sorted(slots)]
+        self.check_writer()
+        keys = [U32.pack(s) for s in sorted(slots)]
         for m in (self.state_map, self.throttle_map):
             m.update_items(keys, bytes(m.value_size * len(keys)))
 
-    # one entry at a time
+    # ---- subscriber maps: one entry at a time -------------------------------------------
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:
         return self.read(self.host_map).items()
 
@@ -752,17 +787,21 @@ class SubscriberMaps:
         return _entry(CLASS.unpack(raw)) if raw is not None else None
 
     def set_host(self, addr: bytes, e: Entry) -> None:
+        self.check_writer()
         self._adding([addr], [])
         self.host_map.update(addr, pack_class(e))
 
     def del_host(self, addr: bytes) -> None:
+        self.check_writer()
         self.host_map.delete_many([addr])
 
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
+        self.check_writer()
         self._adding([], [key])
         self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
 
     def del_prefix(self, key: tuple[int, bytes]) -> None:
+        self.check_writer()
         self.prefix_map.delete_many([LPM_KEY.pack(*key)])
 
     def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
@@ -776,210 +815,182 @@ class SubscriberMaps:
             plen -= 1
         return (plen, masked(addr, plen)), _entry(CLASS.unpack(best))
 
-
-class Maps(SubscriberMaps):
-    """The pinned maps of one xdpzoot instance, read and written as plain values, from the
-    bcc object that compiled them (the subscriber maps through their raw descriptors)."""
-
-    def __init__(self, bpf):
-        super().__init__(*(PinnedMap(n, bpf[n.encode()].map_fd) for n in SUBSCRIBER_MAPS))
-        self.bpf = bpf
-        self.hosts = bpf[b"xz_hosts"]   # bcc's view of the subscriber maps: tests clear them
-        self.prefixes = bpf[b"xz_prefixes"]
-        self.allow = bpf[b"xz_allow"]
-        self.control = bpf[b"xz_control"]
-        self.counters = bpf[b"xz_counters"]
-        self.state = bpf[b"xz_state"]
-        self.throttle = bpf[b"xz_throttle"]
-        self.pool_state = bpf[b"xz_pool_state"]
-        self.manual = bpf[b"xz_manual"]
-        self.fast = bpf[b"xz_fast"]
-        self.devmap = bpf[b"xz_fast_ifs"]
-
-    # allow-list
+    # ---- allow-list: struct xz_lpm_key -> XZ_ALLOW_* bits -------------------------------
     def allow_items(self) -> dict[tuple[int, bytes], int]:
-        return {(k.prefixlen, bytes(k.addr)): v.value for k, v in self.allow.items()}
+        keys, values = self.allow.items()
+        return {LPM_KEY.unpack(k): v for k, (v,) in zip(keys, U32.iter_unpack(values),
+                                                         strict=True)}
 
     def set_allow(self, key: tuple[int, bytes], bits: int) -> None:
-        self.allow[_lpm_key(self.allow, *key)] = self.allow.Leaf(bits)
+        self.check_writer()
+        self.allow.update(LPM_KEY.pack(*key), U32.pack(bits))
 
     def del_allow(self, key: tuple[int, bytes]) -> None:
-        del self.allow[_lpm_key(self.allow, *key)]
+        self.check_writer()
+        self.allow.delete_many([LPM_KEY.pack(*key)])
 
     def allow_bits(self, addr: bytes) -> int:
-        v = self.allow.get(_lpm_key(self.allow, 128, addr))
-        return v.value if v is not None else 0
+        raw = self.allow.lookup(LPM_KEY.pack(128, addr))
+        return U32.unpack(raw)[0] if raw is not None else 0
 
-    # control
+    # ---- control: struct xz_control, one entry ------------------------------------------
+    def control_value(self) -> Control:
+        return Control.unpack(self.control.lookup(CONTROL_KEY) or bytes(CONTROL.size))
+
+    def write_control(self, c: Control) -> None:
+        """The whole control value, in one write (the data plane sees the old value or
+        this one). Every change of it is a read, a change and this write: only under the
+        instance's lock."""
+        self.check_writer()
+        self.control.update(CONTROL_KEY, c.pack())
+
     def control_flags(self) -> int:
-        return self.control[ct.c_uint32(0)].flags
-
-    def set_control_params(self, **params: int) -> None:
-        """Set numeric fields of the control entry (burst_us, bulk_kbps, ...)."""
-        v = self.control[ct.c_uint32(0)]
-        for k, val in params.items():
-            setattr(v, k, val)
-        self.control[ct.c_uint32(0)] = v
+        return self.control_value().flags
 
     def control_params(self) -> dict[str, int]:
-        v = self.control[ct.c_uint32(0)]
-        return {name: getattr(v, name) for name, _ in v._fields_ if not name.startswith("_")}
+        return self.control_value()._asdict()
 
-    # per-subscriber state
-    def pool_volumes(self) -> dict[bytes, Volume]:
-        """Pool address -> volume, for addresses of pools without an owner."""
-        return {bytes(k.addr): _volume(v) for k, v in self.pool_state.items()} | \
-            self.indexed_pool_volumes()
+    def set_control_params(self, **params: int) -> None:
+        """Set fields of the control value (burst_us, bulk_kbps, ...); the others kept."""
+        self.write_control(self.control_value()._replace(**params))
 
-    def manual_throttles(self) -> dict[int, tuple[int, int]]:
-        """Slot -> (kbps, until) of throttles set by hand."""
-        return {k.value: (v.kbps, v.until) for k, v in self.manual.items()}
+    def set_control_flags(self, flags: int) -> None:
+        """Set the switches; the CSAM word and the parameters are kept."""
+        self.set_control_params(flags=flags)
 
-    def set_manual(self, slot: int, kbps: int, until: int) -> None:
-        v = self.manual.Leaf()
-        v.kbps, v.until = kbps, until
-        self.manual[ct.c_uint32(slot)] = v
+    def set_switch(self, bit: int, on: bool) -> None:
+        """One switch (or several, ``bit`` a mask) on or off; the others kept."""
+        flags = self.control_flags()
+        want = flags | bit if on else flags & ~bit
+        if want != flags:
+            self.set_control_flags(want)
 
-    def del_manual(self, slot: int) -> None:
-        try:
-            del self.manual[ct.c_uint32(slot)]
-        except KeyError:
-            pass
+    def word(self) -> tuple[int, int]:
+        """(flags, csam) of the control value."""
+        c = self.control_value()
+        return c.flags, c.csam
 
+    def set_word(self, csam: int) -> None:
+        """Switch CSAM lists: one write of the control value (every other field kept)."""
+        self.set_control_params(csam=csam)
+
+    # ---- throttles ----------------------------------------------------------------------
     def set_throttle(self, slot: int, up_kbps: int, down_kbps: int) -> None:
         """A slot's throttle (0: none). The data plane looks throttles up only while the
         switch XZ_C_THROTTLES is on: it is switched on first (the daemon switches it off
         when none is in force)."""
+        self.check_writer()
         if up_kbps or down_kbps:
             self.set_throttles_switch(True)
-        v = self.throttle.Leaf()
-        v.kbps[0], v.kbps[1] = up_kbps, down_kbps
-        self.throttle[ct.c_uint32(slot)] = v
+        self.throttle_map.update(U32.pack(slot), THROTTLE.pack(up_kbps, down_kbps))
 
     def get_throttle(self, slot: int) -> tuple[int, int]:
-        v = self.throttle[ct.c_uint32(slot)]
-        return v.kbps[0], v.kbps[1]
+        raw = self.throttle_map.lookup(U32.pack(slot))
+        return THROTTLE.unpack(raw) if raw is not None else (0, 0)
 
     def set_throttles_switch(self, on: bool) -> None:
-        flags, bit = self.control_flags(), schema.C["XZ_C_THROTTLES"]
-        if bool(flags & bit) != on:
-            self.set_control_flags(flags | bit if on else flags & ~bit)
+        self.set_switch(schema.C["XZ_C_THROTTLES"], on)
 
-    def set_control_flags(self, flags: int) -> None:
-        """Set the switches; the CSAM generation in force is kept."""
-        v = self.control[ct.c_uint32(0)]
-        v.flags = flags
-        self.control[ct.c_uint32(0)] = v
+    def manual_throttles(self) -> dict[int, tuple[int, int]]:
+        """Slot -> (kbps, until) of throttles set by hand."""
+        keys, values = self.manual.items()
+        return {U32.unpack(k)[0]: (kbps, until) for k, (kbps, _, until)
+                in zip(keys, MANUAL.iter_unpack(values), strict=True)}
 
-    # counters
+    def set_manual(self, slot: int, kbps: int, until: int) -> None:
+        self.check_writer()
+        self.manual.update(U32.pack(slot), MANUAL.pack(kbps, 0, until))
+
+    def del_manual(self, slot: int) -> None:
+        self.check_writer()
+        _libbpf.bpf_map_delete_elem(self.manual.fd, U32.pack(slot))   # ENOENT: not there
+
+    # ---- what the data plane counts -----------------------------------------------------
+    def pool_volumes(self) -> dict[bytes, Volume]:
+        """Pool address -> volume, for addresses of pools without an owner."""
+        keys, values = self.pool_state.items()
+        return {k: _volume(values, i * STATE.size) for i, k in enumerate(keys)} | \
+            self.indexed_pool_volumes()
+
+    def _per_cpu_sums(self, m: PinnedMap) -> list[tuple[int, int]]:
+        """(packets, bytes) of every index of a per-CPU array of struct xz_counter."""
+        out = []
+        for i in range(m.max_entries):
+            raw = m.lookup(U32.pack(i)) or b""
+            pk = by = 0
+            for p, b in COUNTER.iter_unpack(raw):
+                pk, by = pk + p, by + b
+            out.append((pk, by))
+        return out
+
+    def _zero_per_cpu(self, m: PinnedMap) -> None:
+        zero = bytes((m.value_size + 7) // 8 * 8 * possible_cpus())
+        for i in range(m.max_entries):
+            m.update(U32.pack(i), zero)
+
     def counters_sum(self) -> dict[int, tuple[int, int]]:
         """Counter slot -> (packets, bytes) summed over CPUs, non-zero slots only."""
-        out = {}
-        for i in range(len(self.counters)):
-            per_cpu = self.counters[ct.c_uint32(i)]
-            pk = sum(c.packets for c in per_cpu)
-            if pk:
-                out[i] = (pk, sum(c.bytes for c in per_cpu))
-        return out
+        return {i: c for i, c in enumerate(self._per_cpu_sums(self.counters)) if c[0]}
 
     def clear_counters(self) -> None:
-        for i in range(len(self.counters)):
-            self.counters[ct.c_uint32(i)] = self.counters.Leaf()
+        self._zero_per_cpu(self.counters)
 
-    # fast path
     def fast_counters(self) -> dict[str, tuple[int, int]]:
         """Fast path reason -> (packets, bytes) summed over CPUs, every reason."""
-        out = {}
-        for i, name in enumerate(schema.FAST_REASONS):
-            per_cpu = self.fast[ct.c_uint32(i)]
-            out[name] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
-        return out
+        return dict(zip(schema.FAST_REASONS, self._per_cpu_sums(self.fast), strict=False))
 
     def clear_fast_counters(self) -> None:
-        for i in range(len(self.fast)):
-            self.fast[ct.c_uint32(i)] = self.fast.Leaf()
+        self._zero_per_cpu(self.fast)
 
+    # ---- fast path egress: the devmap, ifindex -> ifindex -------------------------------
     def fast_ifs(self) -> list[int]:
         """The ifindexes in the fast path's devmap (egress interfaces)."""
-        out = []
-        for i in range(len(self.devmap)):
-            try:
-                self.devmap[ct.c_uint32(i)]
-            except KeyError:
-                continue
-            out.append(i)
-        return out
+        m = self.devmap
+        return [i for i in range(m.max_entries) if m.lookup(U32.pack(i)) is not None]
 
     def set_fast_ifs(self, ifindexes: Iterable[int]) -> list[int]:
         """Make the devmap hold exactly ``ifindexes`` (new ones first, then the others go);
         returns those that do not fit (ifindex >= XZ_MAX_IFINDEX): not fast-path egress."""
+        self.check_writer()
+        m = self.devmap
         want = set(ifindexes)
-        too_big = sorted(i for i in want if i >= len(self.devmap))
+        too_big = sorted(i for i in want if i >= m.max_entries)
         for i in sorted(want - set(too_big)):
-            self.devmap[ct.c_uint32(i)] = ct.c_uint32(i)
-        for i in self.fast_ifs():
-            if i not in want:
-                del self.devmap[ct.c_uint32(i)]
+            m.update(U32.pack(i), U32.pack(i))
+        m.delete_many([U32.pack(i) for i in self.fast_ifs() if i not in want])
         return too_big
 
-
-class CsamMaps:
-    """The CSAM maps of one instance and its control word, opened without bcc."""
-
-    def __init__(self, pin_dir: str):
-        if not os.path.exists(os.path.join(pin_dir, "xz_csam_h0")):
-            raise KernelError(f"xdpzoot is not loaded (no maps pinned under {pin_dir})")
-        p = lambda n: PinnedMap(os.path.join(pin_dir, n))  # noqa: E731
-        self.pin_dir = pin_dir
-        self.control = p("xz_control")
-        self.meta = p("xz_csam_meta")
-        self.hits = p("xz_csam_hits")
-        self.hosts = (p("xz_csam_h0"), p("xz_csam_h1"))
-        self.prefixes = (p("xz_csam_p0"), p("xz_csam_p1"))
-        self.dirs = (p("xz_csam_d0"), p("xz_csam_d1"))
-
-    def close(self) -> None:
-        for m in (self.control, self.meta, self.hits, *self.hosts, *self.prefixes, *self.dirs):
-            m.close()
-
-    def read_dir(self, gen: int) -> bytearray:
+    # ---- CSAM list: two generations, meta, hits -----------------------------------------
+    def read_csam_dir(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
-        return self.dirs[gen].lookup_into(ZERO_KEY)
+        return self.csam_dirs[gen].lookup_into(ZERO_KEY)
 
-    def write_dir(self, gen: int, d: bytes | bytearray) -> None:
-        self.dirs[gen].update(ZERO_KEY, d)
-
-    def __enter__(self) -> CsamMaps:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def word(self) -> tuple[int, int]:
-        """(flags, csam) of the control entry."""
-        return CONTROL.unpack_from(self.control.lookup(b"\0\0\0\0") or bytes(CONTROL.size))
-
-    def set_word(self, csam: int) -> None:
-        """Switch lists: one write of the control entry (every other field kept)."""
-        value = bytearray(self.control.lookup(b"\0\0\0\0"))
-        flags, _ = CONTROL.unpack_from(value)
-        CONTROL.pack_into(value, 0, flags, csam)
-        self.control.update(b"\0\0\0\0", bytes(value))
+    def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
+        self.csam_dirs[gen].update(ZERO_KEY, d)
 
     def text_path(self, gen: int) -> str:
         """Where the text of generation ``gen``'s list is pinned."""
         return os.path.join(self.pin_dir, f"xz_csam_t{gen}")
 
     def read_meta(self, gen: int) -> dict:
-        sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(struct.pack("=I", gen)))
+        sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(U32.pack(gen)))
         return {"sha256": sha.hex() if loaded else None, "loaded": loaded or None,
                 "hosts4": h4, "hosts6": h6, "prefixes4": p4, "prefixes6": p6}
+
+    def clear_hits(self) -> None:
+        self._zero_per_cpu(self.hits)
 
     def hit_counts(self) -> dict[str, int]:
         """Hits per generation and family, summed over CPUs."""
         out = {}
         for gen in (0, 1):
             for fam, name in ((0, "ipv4"), (1, "ipv6")):
-                raw = self.hits.lookup(struct.pack("=I", gen * 2 + fam)) or b""
+                raw = self.hits.lookup(U32.pack(gen * 2 + fam)) or b""
                 out[f"gen{gen}_{name}"] = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
         return out
+
+
+def _volume(raw: bytes, off: int) -> Volume:
+    """The Volume of the struct xz_state at ``raw[off:]``."""
+    v = STATE.unpack_from(raw, off)
+    return Volume(v[2], v[6], v[3], v[7], v[8])

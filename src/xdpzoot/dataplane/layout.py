@@ -130,5 +130,32 @@ def masked(addr: bytes, plen: int) -> bytes:
 
 
 # Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
-CONTROL = struct.Struct("=II")            # struct xz_control: its first two words, flags, csam
 META = struct.Struct("=32sQIIII")         # struct xz_csam_meta
+U32 = struct.Struct("=I")                 # array indexes, allow-list bits, devmap ifindexes
+THROTTLE = struct.Struct("=2I")           # struct xz_throttle: kbps up, down
+MANUAL = struct.Struct("=IIQ")            # struct xz_manual: kbps, _pad, until
+COUNTER = struct.Struct("=QQ")            # struct xz_counter: packets, bytes
+
+
+class Control(NamedTuple):
+    """struct xz_control, the one entry of xz_control: switches, the CSAM word, parameters."""
+
+    flags: int = 0
+    csam: int = 0              # XZ_CSAM_*: generation in force, kinds it holds
+    burst_us: int = 0
+    bulk_kbps: int = 0
+    bulk_ms: int = 0
+    bulk_share: int = 0
+    bulk_floor_kbps: int = 0
+    congestion: int = 0        # XZ_CONGESTION_*, the control plane's own
+    tick_ns: int = 0
+
+    def pack(self) -> bytes:
+        return CONTROL.pack(*self)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Control:
+        return cls(*CONTROL.unpack_from(raw))
+
+
+CONTROL = struct.Struct("=" + "I" * len(Control._fields))   # struct xz_control, whole

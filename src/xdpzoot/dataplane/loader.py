@@ -62,7 +62,8 @@ def attachments(pin_dir: str) -> list[Attachment]:
 
 
 def configure(maps: kernel.Maps, cfg) -> None:
-    """Write the config's switches and allow-lists into the maps."""
+    """Write the config's switches and allow-lists into the maps (under the instance's
+    lock: the control value is read, changed and written back)."""
     sync.apply_allow(maps, tables.allow_table(cfg.op25b.allow, cfg.suspend.allow))
     maps.set_control_params(**tables.control_params(cfg),
                             congestion=tables.CONGESTION[cfg.bandwidth.congestion])
@@ -74,11 +75,11 @@ def configure(maps: kernel.Maps, cfg) -> None:
     maps.set_control_flags(flags)
 
 
-def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "xdp",
-           mode: str = "auto") -> tuple[kernel.Maps, list[Attachment]]:
+def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str = "xdp",
+           mode: str = "auto") -> list[Attachment]:
     """Compile, load and attach; replaces a running instance atomically per interface,
     keeps the pinned maps and their contents, and takes our programs off interfaces
-    that are no longer named."""
+    that are no longer named. The caller holds the instance's lock (Instance.attach)."""
     from xdpzoot.dataplane import netlink
 
     for name in access + core:
@@ -87,9 +88,10 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     overlap = set(access) & set(core)
     if overlap:
         raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
+    pin_dir = maps.pin_dir
     before = attachments(pin_dir) if kernel.pinned(pin_dir) else []
-    bpf = kernel.compile_bpf(pin_dir, cfg.defines())
-    maps = kernel.Maps(bpf)
+    bpf = kernel.compile_bpf(pin_dir, cfg.defines())   # creates the maps that are missing
+    maps.close()   # opened again from the pins, the new ones included
     configure(maps, cfg)
     set_egress(maps, access + core)   # before the programs: they find their egress at once
     wanted = {n: "access" for n in access} | {n: "core" for n in core}
@@ -112,7 +114,7 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     for a in before:
         if (a.ifname, a.hook) not in keep:
             _detach_one(a)
-    return maps, done
+    return done
 
 
 def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
@@ -154,10 +156,3 @@ def detach(pin_dir: str) -> list[Attachment]:
         _detach_one(a)
     kernel.unpin_all(pin_dir)
     return gone
-
-
-def open_maps(cfg, pin_dir: str) -> kernel.Maps:
-    """The pinned maps of a running (or loaded) instance."""
-    if not kernel.pinned(pin_dir):
-        raise kernel.KernelError(f"xdpzoot is not loaded (no maps pinned under {pin_dir})")
-    return kernel.Maps(kernel.compile_bpf(pin_dir, cfg.defines(), maps_only=True))

@@ -1,0 +1,295 @@
+"""One xdpzoot instance: its pin directory, the lock on it, and every operation on its maps.
+
+Commands and the daemon call an :class:`Instance`; nothing else opens a map. Every write of
+a value that two writers share happens with the pin directory's lock held
+(:func:`kernel.lock`, an flock): the control value (switches, parameters, the CSAM
+generation word), throttles and throttles set by hand, suspensions, the subscriber maps,
+the allow-list, the CSAM generations. Those writes are a read, a change and a write back:
+unlocked, a daemon tick interleaved with a list swap could put the previous generation
+back in force. Critical sections are short (one switch, one throttle, one tick's rates);
+a list or subscriber load holds the lock for its whole run and a tick waits for it.
+
+Reads (status, counters, volumes) take no lock: each map value is read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+
+from xdpzoot import sync, tables
+from xdpzoot.dataplane import blocklist, kernel, loader, schema
+from xdpzoot.dataplane.layout import Entry, Volume
+from xdpzoot.sources import csam
+from xdpzoot.sources.csam import CsamList
+
+C = schema.C
+Progress = blocklist.Progress
+
+
+class Instance:
+    """The instance pinned at ``pin_dir``. Maps are opened from their pins on first use; a
+    bcc compile only creates maps that do not exist yet (:meth:`create`) and loads the
+    programs (:meth:`attach`)."""
+
+    def __init__(self, pin_dir: str):
+        self.pin_dir = pin_dir
+        self.maps = kernel.Maps(pin_dir)
+        self.maps.guard = self._require_lock
+        self._held = False
+
+    def close(self) -> None:
+        self.maps.close()
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the lock -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the pin directory's lock (again inside an operation that holds it: an
+        attach loads the lists under the same lock)."""
+        if self._held:
+            yield
+            return
+        with kernel.lock(self.pin_dir):
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+
+    def _require_lock(self) -> None:
+        if not self._held:
+            raise kernel.KernelError(f"{self.pin_dir}: shared map written without the lock")
+
+    # ---- maps and programs --------------------------------------------------------------
+    def loaded(self) -> bool:
+        """Whether the maps are pinned."""
+        return kernel.pinned(self.pin_dir)
+
+    def create(self, defines: Iterable[str]) -> None:
+        """Create and pin the maps if they are not there yet (under the lock: two commands
+        on a new instance must not both compile)."""
+        with self.locked():
+            if not self.loaded():
+                kernel.compile_bpf(self.pin_dir, defines, maps_only=True).cleanup()
+                self.maps.close()
+
+    def attach(self, cfg, access: list[str], core: list[str], hook: str, mode: str
+               ) -> list[loader.Attachment]:
+        """Compile, load and attach (replacing what runs, keeping the maps)."""
+        with self.locked():
+            return loader.attach(cfg, self.maps, access, core, hook, mode)
+
+    def detach(self) -> list[loader.Attachment]:
+        """Take the programs off every interface and remove the pins."""
+        with self.locked():
+            self.maps.close()
+            return loader.detach(self.pin_dir)
+
+    def configure(self, cfg) -> None:
+        """The config's switches, parameters and allow-lists into the maps."""
+        with self.locked():
+            loader.configure(self.maps, cfg)
+
+    def attachments(self) -> list[loader.Attachment]:
+        return loader.attachments(self.pin_dir)
+
+    # ---- subscribers --------------------------------------------------------------------
+    def plan_subscribers(self, hosts, prefixes) -> sync.Plan:
+        """What a load of ``hosts``/``prefixes`` would write (nothing written)."""
+        return sync.plan_subscribers(self.maps, hosts, prefixes)
+
+    def load_subscribers(self, hosts, prefixes, progress: Progress | None = None
+                         ) -> sync.Change:
+        """Bring the subscriber maps to ``hosts``/``prefixes`` (suspensions kept)."""
+        with self.locked():
+            plan = sync.plan_subscribers(self.maps, hosts, prefixes)
+            return sync.apply_plan(self.maps, plan,
+                                   progress(plan.change.total) if progress else None)
+
+    def subscriber_changes(self, plan: sync.Plan) -> list[tuple[bytes, Entry | None,
+                                                                Entry | None]]:
+        """Each change of a plan: (key, before, after); after None: removed."""
+        cur_p = dict(self.maps.prefix_table().items())
+        old = {a: self.maps.get_host(a) for a in plan.hosts.write.keys}
+        old.update((k, cur_p.get(k)) for k in plan.prefixes.write.keys)
+        return [(k, old[k], e) for k, e in (*plan.hosts.write.items(),
+                                            *plan.prefixes.write.items())] + \
+            [(k, None, None) for k in plan.hosts.remove + plan.prefixes.remove]
+
+    def classify(self, addr: bytes) -> tuple[str, Entry] | None:
+        """Which entry classifies ``addr``: ("host", entry), (prefix text, entry) or None."""
+        host = self.maps.get_host(addr)
+        if host:
+            return "host", host
+        m = self.maps.match_prefix(addr)
+        return (str(tables.net_of(m[0])), m[1]) if m else None
+
+    def suspend(self, target: int | bytes, on: bool) -> list[str]:
+        """Suspend or resume a subscriber id or an address; what changed."""
+        with self.locked():
+            return sync.set_suspended(self.maps, target, on)
+
+    def subscriber_slot(self, target: int | bytes, name: str) -> tuple[int, int]:
+        """(subscriber id, state slot) of a subscriber id or an address (``name``: as
+        the operator wrote it, for the error)."""
+        if isinstance(target, bytes):
+            c = self.classify(target)
+            if c is None:
+                raise kernel.KernelError(f"no subscriber {name}")
+            target = c[1].sub_id
+        for _, e in (*self.maps.host_items(), *self.maps.prefix_items()):
+            if e.sub_id == target and e.slot and not e.pool_bits:
+                return target, e.slot
+        raise kernel.KernelError(f"no subscriber {name} with a state slot "
+                                 "(addresses of a pool have per-address state only)")
+
+    # ---- CSAM list ----------------------------------------------------------------------
+    def load_csam(self, data: bytes, path: str, lst: CsamList | None = None,
+                  progress: Progress | None = None) -> dict:
+        """Make ``data`` the list in force (blocklist.load), holding the lock throughout;
+        the result with the counts and digest of the generation in force."""
+        with self.locked():
+            res = blocklist.load(self.maps, data, path, lst, progress)
+            meta = self.maps.read_meta(res.generation)
+        return {**asdict(res), **{k: meta[k] for k in csam.COUNTS}, "sha256": meta["sha256"]}
+
+    def csam_check(self, addr16: bytes) -> str | None:
+        return blocklist.check(self.maps, addr16)
+
+    def csam_status(self) -> dict:
+        return blocklist.status(self.maps)
+
+    # ---- switches -----------------------------------------------------------------------
+    def control_flags(self) -> int:
+        return self.maps.control_flags()
+
+    def control_params(self) -> dict[str, int]:
+        return self.maps.control_params()
+
+    def set_switch(self, bit: int, on: bool) -> None:
+        """One switch on or off; every other field of the control value kept."""
+        with self.locked():
+            self.maps.set_switch(bit, on)
+
+    def set_params(self, **params: int) -> None:
+        with self.locked():
+            self.maps.set_control_params(**params)
+
+    def congestion(self, mode: str | None) -> tuple[str, bool]:
+        """Set the congestion mode (on, off, auto; None: as it is); (mode, active now)."""
+        bit = C["XZ_C_CONGESTION"]
+        with self.locked():
+            if mode:
+                self.maps.set_control_params(congestion=tables.CONGESTION[mode])
+                if mode != "auto":
+                    self.maps.set_switch(bit, mode == "on")
+            c = self.maps.control_value()
+        name = {v: k for k, v in tables.CONGESTION.items()}[c.congestion]
+        return name, bool(c.flags & bit)
+
+    def congestion_auto(self, on: bool) -> bool:
+        """The daemon's decision in mode auto; True when it switched. Checked again under
+        the lock: an operator's `congestion on/off` since the daemon looked wins."""
+        bit = C["XZ_C_CONGESTION"]
+        with self.locked():
+            c = self.maps.control_value()
+            if c.congestion != C["XZ_CONGESTION_AUTO"] or bool(c.flags & bit) == on:
+                return False
+            self.maps.set_switch(bit, on)
+            return True
+
+    # ---- throttles ----------------------------------------------------------------------
+    def throttle(self, slot: int, kbps: int, until: int) -> None:
+        """A throttle set by hand, in force at once (the lower of it and a rule's)."""
+        with self.locked():
+            self.maps.set_manual(slot, kbps, until)
+            up, down = self.maps.get_throttle(slot)
+            self.maps.set_throttle(slot, min(x for x in (up, kbps) if x),
+                                   min(x for x in (down, kbps) if x))
+
+    def unthrottle(self, slot: int) -> None:
+        """Lift the throttle set by hand (a rule's comes back at the daemon's next tick)."""
+        with self.locked():
+            self.maps.del_manual(slot)
+            self.maps.set_throttle(slot, 0, 0)
+
+    def adopt_throttles(self) -> None:
+        """Throttles in force without a record of why become throttles set by hand."""
+        with self.locked():
+            manual = self.maps.manual_throttles()
+            for slot in self.maps.owners():
+                up, down = self.maps.get_throttle(slot)
+                if (up or down) and slot not in manual:
+                    self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
+
+    def enforce_rates(self, now: float, rule_rates: dict[int, int], slots: Iterable[int]
+                      ) -> list[int]:
+        """The daemon's throttles: expire those set by hand whose time is up, then make
+        every slot's throttle the lowest of the rules' (``rule_rates``, slot -> kbps) and
+        the hand-set one (for ``slots``, the owned slots, and those); the switch on while
+        any is in force.
+        One critical section: a `throttle` cannot come between the read of the hand-set
+        ones and the switch. Returns the slots whose hand-set throttle expired."""
+        with self.locked():
+            manual = self.maps.manual_throttles()
+            expired = [s for s, (_, until) in manual.items() if until and until <= now]
+            for slot in expired:
+                self.maps.del_manual(slot)
+                del manual[slot]
+            slots = list(slots)
+            want = dict(rule_rates)
+            for slot, (kbps, _) in manual.items():
+                want[slot] = min(kbps, want.get(slot, kbps))
+            for slot in set(want) | {s for s in slots if any(self.maps.get_throttle(s))}:
+                rate = want.get(slot, 0)
+                if self.maps.get_throttle(slot) != (rate, rate):
+                    self.maps.set_throttle(slot, rate, rate)
+            self.maps.set_throttles_switch(bool(want))
+        return expired
+
+    # ---- what the daemon and `top` read -------------------------------------------------
+    def owners(self) -> dict[int, int]:
+        return self.maps.owners()
+
+    def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
+        return self.maps.volumes(slots)
+
+    def pool_volumes(self) -> dict[bytes, Volume]:
+        return self.maps.pool_volumes()
+
+    def manual_throttles(self) -> dict[int, tuple[int, int]]:
+        return self.maps.manual_throttles()
+
+    def get_throttle(self, slot: int) -> tuple[int, int]:
+        return self.maps.get_throttle(slot)
+
+    # ---- counters and status ------------------------------------------------------------
+    def counters_sum(self) -> dict[int, tuple[int, int]]:
+        return self.maps.counters_sum()
+
+    def clear_counters(self) -> None:
+        self.maps.clear_counters()
+
+    def fast_counters(self) -> dict[str, tuple[int, int]]:
+        return self.maps.fast_counters()
+
+    def clear_fast_counters(self) -> None:
+        self.maps.clear_fast_counters()
+
+    def fast_path(self) -> dict:
+        return loader.fast_path(self.maps)
+
+    def allow_bits(self, addr: bytes) -> int:
+        return self.maps.allow_bits(addr)
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"hosts": len(self.maps.host_table()), "prefixes": len(self.maps.prefix_table()),
+                "allow": len(self.maps.allow_items())}
+
