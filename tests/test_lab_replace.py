@@ -187,9 +187,11 @@ class Router(LabRouter):
         cfg = lab_config(self.lab, self.workdir, extra=LIMITS + (FAST_PATH if fast_path else ""))
         cfg.write_text(cfg.read_text().replace("[sources]\n", f'[sources]\ncsam = "{lst}"\n'))
 
-    def attach(self, hook: str) -> dict:
-        mode = ["--mode", "native"] if hook == "xdp" else []
-        return self.json("attach", "--hook", hook, *mode)
+    def attach(self, hook: str, mode: str) -> dict:
+        out = self.json("attach", "--hook", hook, "--mode", mode)
+        assert {(a["hook"], a["mode"]) for a in out["attached"]} == \
+            {(hook, mode if hook == "xdp" else "clsact")}
+        return out
 
 
 class Sink:
@@ -295,12 +297,21 @@ def wait_flowing(sink: Sink, since: int) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("hook,fast_path", [("xdp", False), ("tc", False), ("xdp", True)],
-                         ids=["xdp", "tc", "xdp-fast-path"])
-def test_replace_under_traffic(lab, router, sink, hook, fast_path, tmp_path):
+# (hook, fast path, the XDP mode of each attach in turn: the first is not under test)
+VARIANTS = {
+    "xdp": ("xdp", False, ["native"] * (1 + REPLACES)),
+    "tc": ("tc", False, ["auto"] * (1 + REPLACES)),
+    "xdp-fast-path": ("xdp", True, ["native"] * (1 + REPLACES)),
+    # The kernel has one XDP mode per interface at a time: a change of mode is no swap.
+    "xdp-mode-change": ("xdp", False, ["generic", "native"] * (1 + REPLACES // 2)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_replace_under_traffic(lab, router, sink, variant, tmp_path):
+    hook, fast_path, modes = VARIANTS[variant]
     router.write_config(fast_path=fast_path)
-    out = router.attach(hook)   # the first attach of this variant: not under test
-    assert {a["hook"] for a in out["attached"]} == {hook}
+    out = router.attach(hook, modes[0])
     assert out["fast_path"]["enabled"] is fast_path
     assert router.json("blocklist", "check", LISTED)["listed"]
     before = sink.counts()
@@ -309,11 +320,8 @@ def test_replace_under_traffic(lab, router, sink, hook, fast_path, tmp_path):
     sender = stream(lab, str(stop_file), mark)
     try:
         wait_flowing(sink, allowed(before))
-        for _ in range(REPLACES):
-            t0 = time.monotonic()
-            out = router.attach(hook)
-            print("attach", time.monotonic() - t0)
-            assert {a["hook"] for a in out["attached"]} == {hook}
+        for mode in modes[1:1 + REPLACES]:
+            router.attach(hook, mode)
             wait_flowing(sink, allowed(sink.counts()))
         assert sender.poll() is None, "the stream ended before the last replace: raise its bounds"
     finally:
@@ -333,7 +341,7 @@ def test_replace_under_traffic(lab, router, sink, hook, fast_path, tmp_path):
     allowed_sent = sum(by[key(*s[1:])] for s in STREAMS if s[0] == "allowed")
     allowed_got = sum(got[key(*s[1:])] for s in STREAMS if s[0] == "allowed")
     lost = allowed_sent - allowed_got
-    print(f"replace under traffic ({hook}{', fast path' if fast_path else ''}): "
+    print(f"replace under traffic ({variant}): "
           f"{REPLACES} replaces, allowed {allowed_got}/{allowed_sent} received, "
           f"{lost} lost ({lost / REPLACES:.1f} per replace)")
     assert 0 <= lost <= MAX_LOST_PER_REPLACE * REPLACES, \
