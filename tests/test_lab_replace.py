@@ -5,8 +5,8 @@ link, which sees every frame the router sent it, whatever the sockets there do w
 not one packet to a listed address and not one OP25B packet (a TCP SYN to port 25 from the
 dynamic subscriber) may arrive; the allowed packets flow again after each replace, and what
 they lost is reported (the kernel's replace is atomic: XDP swaps the program pointer, TC
-replaces the filter in place; the maps are pinned and kept). With XDP, TC, and XDP with the
-fast path.
+replaces the filter in place; the maps are pinned and kept). With XDP (the same mode, and
+changes of mode: these the kernel cannot swap), TC, and XDP with the fast path.
 
 Run with ``-rA`` to see the loss per replace.
 """
@@ -28,10 +28,9 @@ from xdpzoot.lab import Lab, lab_config, lab_running, netns_run
 pytestmark = pytest.mark.lab
 
 LISTED = "192.0.2.66"      # on the CSAM list the config loads with every attach
-REPLACES = 3
 STREAM_PPS = 1_000
 # Bounds of the stream, whichever comes first (the test ends it with a stop file): room
-# for REPLACES attaches (a bcc compile each) on a loaded machine.
+# for three attaches (a bcc compile each, 10-15 s on a loaded machine).
 STREAM_MAX_SECONDS = 240.0
 STREAM_MAX_PACKETS = 240_000
 FLOW_TIMEOUT = 10.0         # allowed traffic not seen again after this: the replace broke it
@@ -297,13 +296,13 @@ def wait_flowing(sink: Sink, since: int) -> None:
         time.sleep(0.02)
 
 
-# (hook, fast path, the XDP mode of each attach in turn: the first is not under test)
+# (hook, fast path, the XDP mode of each attach in turn: the first is not under test).
+# XDP: a replace in the same mode, then two changes of mode, which the kernel cannot swap
+# (one XDP mode per interface at a time: loader.attach covers the gap with TC).
 VARIANTS = {
-    "xdp": ("xdp", False, ["native"] * (1 + REPLACES)),
-    "tc": ("tc", False, ["auto"] * (1 + REPLACES)),
-    "xdp-fast-path": ("xdp", True, ["native"] * (1 + REPLACES)),
-    # The kernel has one XDP mode per interface at a time: a change of mode is no swap.
-    "xdp-mode-change": ("xdp", False, ["generic", "native"] * (1 + REPLACES // 2)),
+    "xdp": ("xdp", False, ["native", "native", "generic", "native"]),
+    "tc": ("tc", False, ["auto"] * 3),
+    "xdp-fast-path": ("xdp", True, ["native"] * 3),
 }
 
 
@@ -320,7 +319,7 @@ def test_replace_under_traffic(lab, router, sink, variant, tmp_path):
     sender = stream(lab, str(stop_file), mark)
     try:
         wait_flowing(sink, allowed(before))
-        for mode in modes[1:1 + REPLACES]:
+        for mode in modes[1:]:
             router.attach(hook, mode)
             wait_flowing(sink, allowed(sink.counts()))
         assert sender.poll() is None, "the stream ended before the last replace: raise its bounds"
@@ -335,14 +334,14 @@ def test_replace_under_traffic(lab, router, sink, variant, tmp_path):
     by = {k: sent[i] for i, k in enumerate(key(*s[1:]) for s in STREAMS)}
     for what, proto, dst, port in STREAMS:
         k = key(proto, dst, port)
-        assert by[k] > 1_000, f"{k}: only {by[k]} sent"
+        assert by[k] > 100, f"{k}: only {by[k]} sent"
         if what != "allowed":
             assert got[k] == 0, f"{what} {k}: {got[k]} of {by[k]} got through a replace"
     allowed_sent = sum(by[key(*s[1:])] for s in STREAMS if s[0] == "allowed")
     allowed_got = sum(got[key(*s[1:])] for s in STREAMS if s[0] == "allowed")
-    lost = allowed_sent - allowed_got
+    lost, replaces = allowed_sent - allowed_got, len(modes) - 1
     print(f"replace under traffic ({variant}): "
-          f"{REPLACES} replaces, allowed {allowed_got}/{allowed_sent} received, "
-          f"{lost} lost ({lost / REPLACES:.1f} per replace)")
-    assert 0 <= lost <= MAX_LOST_PER_REPLACE * REPLACES, \
-        f"{lost} of {allowed_sent} allowed packets lost over {REPLACES} replaces"
+          f"{replaces} replaces, allowed {allowed_got}/{allowed_sent} received, "
+          f"{lost} lost ({lost / replaces:.1f} per replace)")
+    assert 0 <= lost <= MAX_LOST_PER_REPLACE * replaces, \
+        f"{lost} of {allowed_sent} allowed packets lost over {replaces} replaces"
