@@ -104,7 +104,16 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
         for name in names:
             if hook == "xdp":
                 # Switching hook: the new program is in place before the old one goes.
+                # Switching XDP mode is a detach, then an attach (one mode per interface
+                # at a time): our TC program holds the policy in between (a packet may
+                # then be counted twice, never let through).
+                bridge = _mode_changes(name, mode)
+                if bridge:
+                    netlink.attach_tc(name, kernel.load_program(bpf, "tc", role),
+                                      tc_tag(pin_dir, role))
                 used = netlink.attach_xdp(name, fd, mode)
+                if bridge:
+                    netlink.detach_tc(name)
                 done.append(Attachment(name, role, "xdp", used))
             else:
                 netlink.attach_tc(name, fd, tc_tag(pin_dir, role))
@@ -115,6 +124,14 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
         if (a.ifname, a.hook) not in keep:
             _detach_one(a)
     return done
+
+
+def _mode_changes(name: str, mode: str) -> bool:
+    """True when attaching XDP in ``mode`` to ``name`` takes its XDP program off first."""
+    from xdpzoot.dataplane import netlink
+
+    current = netlink.xdp_state(name).mode
+    return current is not None and mode != "auto" and current != mode
 
 
 def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
