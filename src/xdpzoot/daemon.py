@@ -93,13 +93,14 @@ class Daemon:
         self._watch_init()
         if self.cfg.sources.subscribers:
             try:
-                self.plans = read_plans(self.cfg.sources.subscribers)
+                self.plans = read_plans(self.cfg.sources.subscribers,
+                                        self.cfg.limits.source_bytes)
             except SourceError as e:
                 log(f"plans not read: {e}")
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
-        rules = volume_rules.load_rules(b.rules) if b.rules else []
+        rules = volume_rules.load_rules(b.rules, self.cfg.limits.source_bytes) if b.rules else []
         old = self.acct
         self.acct = accounting.Accounting(rules)
         if resume:
@@ -213,6 +214,7 @@ class Daemon:
         self.watched = {p: self._stamp(p) for p in self._sources()}
 
     def _watch_sources(self) -> None:
+        limit = self.cfg.limits.source_bytes
         for path in self._sources():
             stamp = self._stamp(path)
             if self.watched.get(path) == stamp:
@@ -221,20 +223,23 @@ class Daemon:
             try:
                 with kernel.lock(self.pin_dir):
                     if path == self.cfg.sources.subscribers:
-                        _, hosts, prefixes = tables.read_subscribers(path)
-                        c = sync.apply_subscribers(self.maps, hosts, prefixes)
+                        _, hosts, prefixes = tables.read_subscribers(path, False, limit)
+                        # never forced: a file cut short keeps the maps as they are
+                        c = sync.apply_subscribers(self.maps, hosts, prefixes,
+                                                   self.cfg.sources.max_shrink, path)
                         # Gone from the file: the contract ended (not merely maps still
                         # empty at start-up, when the windows of a snapshot must stay).
                         left = self.acct.subscribers() - set(self.maps.owners().values())
                         for sid in left:
                             self.acct.forget(sid)
-                        self.plans = read_plans(path)
+                        self.plans = read_plans(path, limit)
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:
-                        data, _ = csam.read_list(path)
+                        data, _ = csam.read_list(path, False, limit)
                         with kernel.CsamMaps(self.pin_dir) as cm:
-                            r = blocklist.load(cm, data, path)
+                            r = blocklist.load(cm, data, path,
+                                               max_shrink=self.cfg.csam.max_shrink)
                         log(f"CSAM list reloaded: generation {r.generation}")
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had

@@ -191,7 +191,7 @@ def usage(o: Ctx, subscriber, as_json) -> None:
 
     def go():
         b = o.cfg.bandwidth
-        rules = volume_rules.load_rules(b.rules) if b.rules else []
+        rules = volume_rules.load_rules(b.rules, o.cfg.limits.source_bytes) if b.rules else []
         data = store.load_snapshot(b.state)
         acct = accounting.Accounting.restore(data, rules) if data else \
             accounting.Accounting(rules)

@@ -40,9 +40,10 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
         subs = lst = None
         if cfg.sources.subscribers:   # validate before any change
-            _, *subs = tables.read_subscribers(cfg.sources.subscribers)
+            _, *subs = tables.read_subscribers(cfg.sources.subscribers, False,
+                                               cfg.limits.source_bytes)
         if cfg.sources.csam:
-            text, warnings = csam.read_list(cfg.sources.csam)
+            text, warnings = csam.read_list(cfg.sources.csam, False, cfg.limits.source_bytes)
             lst = csam.parse_csam_bytes(text, cfg.sources.csam)
             for w in warnings:
                 click.echo(f"xdpzoot: warning: {w}", err=True)
@@ -50,10 +51,13 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             maps, done = loader.attach(cfg, o.pin_dir, acc, cor, hook or cfg.interfaces.hook,
                                        mode or cfg.interfaces.mode)
             fast = loader.fast_path(maps)
-            change = sync.apply_subscribers(maps, *subs) if subs is not None else None
+            change = (sync.apply_subscribers(maps, *subs, cfg.sources.max_shrink,
+                                             cfg.sources.subscribers)
+                      if subs is not None else None)
             if lst is not None:
                 with kernel.CsamMaps(o.pin_dir) as cm:
-                    blocklist.load(cm, text, cfg.sources.csam, lst)
+                    blocklist.load(cm, text, cfg.sources.csam, lst,
+                                   max_shrink=cfg.csam.max_shrink)
         if fast["enabled"]:
             for name in sorted(set(acc + cor) - set(fast["egress"])):
                 click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "

@@ -38,19 +38,27 @@ def subscribers() -> None:
 @subscribers.command("load", epilog="""\b
 Examples:
   xdpzoot subscribers load subscribers.csv
-  xdpzoot subscribers load --strict subscribers.csv --json""")
+  xdpzoot subscribers load --strict subscribers.csv --json
+  xdpzoot subscribers load --force few.csv   # removes most subscribers""")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--strict", is_flag=True, help="Overlapping entries are errors.")
+@click.option("--force", is_flag=True,
+              help="Load an empty file, or one shorter than sources.max_shrink allows.")
 @json_opt
 @click.pass_obj
-def subscribers_load(o: Ctx, file, strict, as_json) -> None:
-    """Validate FILE, then write only what differs from the kernel's maps."""
+def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
+    """Validate FILE, then write only what differs from the kernel's maps.
+
+    A file with no entries, or with fewer than (1 - sources.max_shrink) of
+    the entries (hosts and prefixes) in the maps, is refused unless --force."""
 
     def go():
         with paused_gc():   # a million rows: see sources.paused_gc
-            rows, hosts, prefixes = tables.read_subscribers(file, strict)
+            rows, hosts, prefixes = tables.read_subscribers(file, strict,
+                                                            o.cfg.limits.source_bytes)
             with kernel.lock(o.pin_dir), o.subscriber_maps(create=True) as maps:
-                plan = sync.plan_subscribers(maps, hosts, prefixes)
+                plan = sync.plan_subscribers(maps, hosts, prefixes,
+                                             None if force else o.cfg.sources.max_shrink, file)
                 bar, step = _progress(plan.change.total, "writing subscribers")
                 try:
                     change = sync.apply_plan(maps, plan, step)
@@ -75,9 +83,10 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
     """What `subscribers load FILE` would change, as counts (--json: each change)."""
 
     def go():
-        rows, hosts, prefixes = tables.read_subscribers(file, strict)
+        rows, hosts, prefixes = tables.read_subscribers(file, strict,
+                                                        o.cfg.limits.source_bytes)
         with o.subscriber_maps() as maps:
-            plan = sync.plan_subscribers(maps, hosts, prefixes)
+            plan = sync.plan_subscribers(maps, hosts, prefixes, path=file)
             total = plan.change
             data = {"rows": rows, **asdict(total)}
             if as_json:
