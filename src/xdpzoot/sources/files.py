@@ -67,24 +67,26 @@ def read_file(path: str, limit: int = SOURCE_BYTES) -> tuple[bytes, os.stat_resu
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (OSError, ValueError) as e:   # ValueError: a NUL in the path
         raise SourceError(path, [(None, f"cannot read: {_reason(e)}")]) from e
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    chunks: list[bytes] = []
+    try:
         st = os.fstat(fd)
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "of an unknown type")
         if not stat.S_ISREG(st.st_mode):
-            raise SourceError(path, [(None, f"not a regular file ({kind or 'unknown type'})")])
+            raise SourceError(path, [(None, f"not a regular file ({kind})")])
         if st.st_size > limit:
             raise SourceError(path, [(None, _too_large(limit))])
-        chunks, total, want = [], 0, min(st.st_size, limit) + 1
-        try:
-            while total <= limit:
-                chunk = f.read(want)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                want = min(1 << 20, limit + 1 - total)
-        except OSError as e:
-            raise SourceError(path, [(None, f"cannot read: {_reason(e)}")]) from e
+        total, want = 0, min(st.st_size, limit) + 1
+        while total <= limit:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = min(1 << 20, limit + 1 - total)
+    except OSError as e:
+        raise SourceError(path, [(None, f"cannot read: {_reason(e)}")]) from e
+    finally:
+        os.close(fd)
     if total > limit:
         raise SourceError(path, [(None, _too_large(limit))])
     return b"".join(chunks), st
