@@ -105,11 +105,11 @@ class Daemon:
         self.acct = accounting.Accounting(rules)
         if resume:
             try:
-                data = store.load_snapshot(b.state)
+                data = store.load_snapshot(b.state, self.cfg.limits.source_bytes)
                 if data is not None:
                     self.acct = accounting.Accounting.restore(data, rules)
                     log(f"resumed from {b.state}")
-            except (accounting.SnapshotError, OSError) as e:
+            except (accounting.SnapshotError, SourceError, OSError) as e:
                 log(f"warning: {b.state}: {e}; starting afresh (the maps keep enforcing)")
                 self._adopt_throttles()
         elif old is not None:

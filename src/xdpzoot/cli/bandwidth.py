@@ -192,7 +192,7 @@ def usage(o: Ctx, subscriber, as_json) -> None:
     def go():
         b = o.cfg.bandwidth
         rules = volume_rules.load_rules(b.rules, o.cfg.limits.source_bytes) if b.rules else []
-        data = store.load_snapshot(b.state)
+        data = store.load_snapshot(b.state, o.cfg.limits.source_bytes)
         acct = accounting.Accounting.restore(data, rules) if data else \
             accounting.Accounting(rules)
         rows = acct.usage(subscriber, time.time())
