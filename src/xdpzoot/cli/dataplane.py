@@ -194,6 +194,9 @@ Examples:
 @click.pass_obj
 def stats(o: Ctx, interval, count, as_json) -> None:
     """Packets and bytes by interface role, verdict and reason."""
+    if interval is not None and not 0 < interval <= 86400:   # NaN too
+        raise click.BadParameter("a number of seconds, more than 0, at most 86400",
+                                 param_hint="INTERVAL")
 
     def go():
         maps = o.maps()

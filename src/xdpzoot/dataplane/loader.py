@@ -87,6 +87,9 @@ def attach(cfg, pin_dir: str, access: list[str], core: list[str], hook: str = "x
     overlap = set(access) & set(core)
     if overlap:
         raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
+    missing = sorted(set(access + core) - set(netlink.link_indexes()))
+    if missing:   # before anything changes: the maps stay as they are
+        raise kernel.KernelError(f"no such interface: {', '.join(missing)}")
     before = attachments(pin_dir) if kernel.pinned(pin_dir) else []
     bpf = kernel.compile_bpf(pin_dir, cfg.defines())
     maps = kernel.Maps(bpf)

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Iterator
 
 MAX_SHOWN = 20  # problems printed by str(SourceError); the rest are counted
+MAX_PROBLEM = 200  # characters of one problem shown: a field of a huge line is not echoed
 SOURCE_BYTES = 256 << 20  # limits.source_bytes by default: a 1M-line list with room to spare
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -32,13 +33,21 @@ class SourceError(Exception):
         if not self.problems:
             return f"{self.path}: invalid"
         out = [
-            f"{self.path}:{line}: {msg}" if line is not None else f"{self.path}: {msg}"
+            f"{self.path}:{line}: {_cut(msg)}" if line is not None else f"{self.path}: {_cut(msg)}"
             for line, msg in self.problems[:MAX_SHOWN]
         ]
         rest = len(self.problems) - MAX_SHOWN
         if rest > 0:
             out.append(f"... and {rest} more problem{'s' if rest != 1 else ''}")
         return "\n".join(out)
+
+
+def _cut(msg: str) -> str:
+    """A problem as shown: its start and end when it is long (it may quote a field)."""
+    if len(msg) <= MAX_PROBLEM:
+        return msg
+    return f"{msg[:MAX_PROBLEM - 60]} ...({len(msg) - MAX_PROBLEM + 20} characters)... " \
+        f"{msg[-40:]}"
 
 
 @contextlib.contextmanager
