@@ -96,7 +96,7 @@ class Csam:
 
 @dataclass(frozen=True)
 class Limits:
-    """Map sizes, compiled into the BPF programs as -D flags."""
+    """Map sizes, compiled into the BPF programs as -D flags; and the largest source file."""
 
     hosts: int = 262144  # exact subscriber addresses (hash)
     prefixes: int = 65536  # pools and static blocks (LPM trie)
