@@ -75,15 +75,15 @@ def cases(files: dict[str, str]) -> dict[tuple[str, ...], list[list[str]]]:
         ("stats",): [["stats", x] for x in ("x", "-1", "nan", "1e999")]
         + [["stats", "1", x] for x in ("x", "-1", "1.5")],
         ("explain",): [explain[:i] + [v] + explain[i + 1:] for i, vals in
-                       ((4, BAD_ADDRESSES), (6, BAD_ADDRESSES), (8, ["x", ""]),
+                       ((4, BAD_ADDRESSES), (6, BAD_ADDRESSES[:4]), (8, ["x", ""]),
                         (10, BAD_PORTS), (2, ["x"])) for v in vals]
         + [explain + ["--sport", p] for p in BAD_PORTS],
         ("subscribers", "load"): [["subscribers", "load", p] for p in f]
         + [["subscribers", "load", "--force", p] for p in forced],
         ("subscribers", "diff"): [["subscribers", "diff", p] for p in f],
         ("subscribers", "show"): [["subscribers", "show", a] for a in BAD_ADDRESSES],
-        ("suspend",): [["suspend", s] for s in BAD_SUBSCRIBERS + BAD_ADDRESSES],
-        ("resume",): [["resume", s] for s in BAD_SUBSCRIBERS + BAD_ADDRESSES],
+        ("suspend",): [["suspend", s] for s in BAD_SUBSCRIBERS + BAD_ADDRESSES[2:5]],
+        ("resume",): [["resume", s] for s in BAD_SUBSCRIBERS + BAD_ADDRESSES[2:5]],
         ("blocklist", "load"): [["blocklist", "load", p] for p in f]
         + [["blocklist", "load", "--force", p] for p in forced],
         ("blocklist", "check"): [["blocklist", "check", a] for a in BAD_ADDRESSES],
@@ -92,8 +92,9 @@ def cases(files: dict[str, str]) -> dict[tuple[str, ...], list[list[str]]]:
         ("top",): [["top", "--by", "x"], ["top", "-n", "0"], ["top", "-n", "x"]],
         ("throttle",): [["throttle", "1", "--rate", r] for r in BAD_RATES]
         + [["throttle", "1", "--rate", "1000", "--for", d] for d in BAD_DURATIONS]
-        + [["throttle", s, "--rate", "1000"] for s in BAD_SUBSCRIBERS + ["192.0.2.250"]],
-        ("unthrottle",): [["unthrottle", s] for s in BAD_SUBSCRIBERS + ["192.0.2.250"]],
+        + [["throttle", s, "--rate", "1000"] for s in ("x", "-1", "192.0.2.250")],
+        ("unthrottle",): [["unthrottle", s] for s in ("x", "99999999999999999999",
+                                                      "192.0.2.250")],
         ("congestion",): [["congestion", "x"], ["congestion", ""]],
         ("run",): [["run", "x"]],
         ("lab", "up"): [["lab", "up", "--prefix", p] for p in ("", "UP", "../x", "a" * 40)],
