@@ -381,7 +381,7 @@ def test_unreadable_default_file_is_an_error(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path))
     with pytest.raises(SourceError) as info:
         load_config(None)
-    assert info.value.problems == [(None, "cannot read: Is a directory")]
+    assert info.value.problems == [(None, "not a regular file (a directory)")]
 
 
 def test_explicit_file_is_read(tmp_path: Path) -> None:

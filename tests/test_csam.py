@@ -1027,7 +1027,12 @@ def test_cli_load_and_status(cli, bpffs, tmp_path, creator):
     text = cli.run(pin, "blocklist", "status")
     assert text.returncode == 0 and r["sha256"] in text.stdout
     assert max(map(len, text.stdout.splitlines())) < 80
-    text = cli.run(pin, "blocklist", "load", write_list(tmp_path / "v2.txt", SECRET_LIST_2))
+    v2 = write_list(tmp_path / "v2.txt", SECRET_LIST_2)
+    refused = cli.run(pin, "blocklist", "load", v2)   # 5 entries to 2: more than half gone
+    assert refused.returncode == 1 and "2 list entries would replace the 5 in force" in \
+        refused.stderr and "csam.max_shrink" in refused.stderr
+    assert listed_now(pin) == want(*SECRET_NETS)
+    text = cli.run(pin, "blocklist", "load", "--force", v2)
     assert text.returncode == 0
     assert text.stdout.strip().startswith("CSAM list: 1 addresses, 1 prefixes; generation")
     assert listed_now(pin) == want("198.18.123.45/32", "2001:db8:c5a:f00d::/64")
@@ -1049,7 +1054,10 @@ def test_cli_check(cli, bpffs, tmp_path):
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
 
     # The empty list: no former entry is listed any more.
-    cli.ok(pin, "blocklist", "load", write_list(tmp_path / "empty.txt", "# nothing\n"))
+    empty = write_list(tmp_path / "empty.txt", "# nothing\n")
+    assert cli.run(pin, "blocklist", "load", empty).returncode == 1
+    assert listed_now(pin) == want(*SECRET_NETS)
+    cli.ok(pin, "blocklist", "load", "--force", empty)
     assert listed_now(pin) == (set(), set())
     for addr in ("198.18.123.45", "2001:db8:c5a:f00d::"):
         assert cli.ok(pin, "blocklist", "check", addr)["listed"] is False

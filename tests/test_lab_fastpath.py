@@ -231,7 +231,7 @@ def test_csam_still_applies(lab, router, tmp_path):
         assert " 0% packet loss" in ping(lab, lab.addr["support4"])   # not listed
     finally:
         lst.write_text("# empty\n")
-        router.cli("blocklist", "load", str(lst))
+        router.cli("blocklist", "load", "--force", str(lst))   # an empty list: forced
 
 
 def test_status_shows_the_fast_path(lab, router):

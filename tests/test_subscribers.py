@@ -165,7 +165,8 @@ def reference_plan(cur_h: dict, cur_p: dict, hosts: dict, prefixes: dict, limit:
 class FakeMaps:
     """What plan_subscribers reads of kernel.Maps, from dicts."""
 
-    host_map, prefix_map = "hosts", "prefixes"
+    host_map = SimpleNamespace(name="hosts", max_entries=1 << 20)
+    prefix_map = SimpleNamespace(name="prefixes", max_entries=1 << 20)
     pool_map = SimpleNamespace(max_entries=0)   # no pool blocks: the dict model's pools
 
     def __init__(self, hosts: dict, prefixes: dict, slots: int):
@@ -174,8 +175,8 @@ class FakeMaps:
                                                  for k, e in prefixes.items())}
         self.slots = slots
 
-    def read(self, m: str) -> ClassTable:
-        return self.tables[m]
+    def read(self, m: SimpleNamespace) -> ClassTable:
+        return self.tables[m.name]
 
 
 # A /24 and everything in it, so that hosts, pools and blocks overlap often.

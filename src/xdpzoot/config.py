@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdpzoot.sources.files import SourceError, parse_toml, read_source
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, parse_toml, read_source
 from xdpzoot.sources.subscribers import check_network
 
 __all__ = [
@@ -82,6 +82,7 @@ class Sources:
 
     subscribers: str = ""
     csam: str = ""
+    max_shrink: float = 0.5  # share of the subscriber entries a load may remove (--force: any)
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,12 @@ class Csam:
 
     action: str = "drop"  # "drop" | "reject" (TCP RST, ICMP administratively prohibited)
     core: bool = False  # also drop packets from listed addresses at core ingress
+    max_shrink: float = 0.5  # share of the list in force a load may remove (--force: any)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Map sizes, compiled into the BPF programs as -D flags."""
+    """Map sizes, compiled into the BPF programs as -D flags; and the largest source file."""
 
     hosts: int = 262144  # exact subscriber addresses (hash)
     prefixes: int = 65536  # pools and static blocks (LPM trie)
@@ -104,6 +106,7 @@ class Limits:
     subscribers: int = 1048576  # per-subscriber state slots (rates, volume)
     flows: int = 262144  # flows watched for bulk transfers in congestion mode (LRU)
     pool_addresses: int = 262144  # state of pool addresses without an owner (LRU)
+    source_bytes: int = SOURCE_BYTES  # largest source file read (list, subscribers, rules)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,13 @@ def _size(value: Any) -> int:
     return value
 
 
+def _share(value: Any) -> float:
+    """A share: a number from 0 to 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"must be a number 0..1 (0.5 = half), got {_show(value)}")
+    return float(value)
+
+
 def _int(lo: int, hi: int) -> Checker:
     """A checker for an integer in lo..hi."""
 
@@ -331,7 +341,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     },
     "ip53b": {"enabled": _boolean, "tcp": _boolean, "ipv6": _boolean},
     "suspend": {"allow": _networks},
-    "csam": {"action": _choice("drop", "reject"), "core": _boolean},
+    "csam": {"action": _choice("drop", "reject"), "core": _boolean, "max_shrink": _share},
     "bandwidth": {
         "enabled": _boolean, "burst_ms": _int(1, 10000), "rules": _path,
         "congestion": _choice("off", "on", "auto"), "capacity_kbps": _int(0, 1 << 31),
@@ -341,10 +351,10 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
         "bulk_floor_kbps": _int(0, 1 << 31), "tick_seconds": _int(1, 3600),
         "state": _path, "audit": _path, "audit_retention_days": _int(1, 3650),
     },
-    "sources": {"subscribers": _path, "csam": _path},
+    "sources": {"subscribers": _path, "csam": _path, "max_shrink": _share},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
                "csam_prefixes": _size, "subscribers": _size, "flows": _size,
-               "pool_addresses": _size},
+               "pool_addresses": _size, "source_bytes": _int(1, 1 << 40)},
     "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
 }
 _SECTIONS: dict[str, type[Any]] = {

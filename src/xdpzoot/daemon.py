@@ -96,22 +96,23 @@ class Daemon:
         self._watch_init()
         if self.cfg.sources.subscribers:
             try:
-                self.plans = read_plans(self.cfg.sources.subscribers)
+                self.plans = read_plans(self.cfg.sources.subscribers,
+                                        self.cfg.limits.source_bytes)
             except SourceError as e:
                 log(f"plans not read: {e}")
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
-        rules = volume_rules.load_rules(b.rules) if b.rules else []
+        rules = volume_rules.load_rules(b.rules, self.cfg.limits.source_bytes) if b.rules else []
         old = self.acct
         self.acct = accounting.Accounting(rules)
         if resume:
             try:
-                data = store.load_snapshot(b.state)
+                data = store.load_snapshot(b.state, self.cfg.limits.source_bytes)
                 if data is not None:
                     self.acct = accounting.Accounting.restore(data, rules)
                     log(f"resumed from {b.state}")
-            except (accounting.SnapshotError, OSError) as e:
+            except (accounting.SnapshotError, SourceError, OSError) as e:
                 log(f"warning: {b.state}: {e}; starting afresh (the maps keep enforcing)")
                 self._adopt_throttles()
         elif old is not None:
@@ -197,6 +198,7 @@ class Daemon:
         self.watched = {p: self._stamp(p) for p in self._sources()}
 
     def _watch_sources(self) -> None:
+        limit = self.cfg.limits.source_bytes
         for path in self._sources():
             stamp = self._stamp(path)
             if self.watched.get(path) == stamp:
@@ -205,19 +207,22 @@ class Daemon:
             try:
                 with self.inst.locked():
                     if path == self.cfg.sources.subscribers:
-                        _, hosts, prefixes = tables.read_subscribers(path)
-                        c = self.inst.load_subscribers(hosts, prefixes)
+                        _, hosts, prefixes = tables.read_subscribers(path, False, limit)
+                        # never forced: a file cut short keeps the maps as they are
+                        c = self.inst.load_subscribers(hosts, prefixes,
+                                                       max_shrink=self.cfg.sources.max_shrink,
+                                                       path=path)
                         # Gone from the file: the contract ended (not merely maps still
                         # empty at start-up, when the windows of a snapshot must stay).
                         left = self.acct.subscribers() - set(self.inst.owners().values())
                         for sid in left:
                             self.acct.forget(sid)
-                        self.plans = read_plans(path)
+                        self.plans = read_plans(path, limit)
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:
-                        data, _ = csam.read_list(path)
-                        r = self.inst.load_csam(data, path)
+                        data, _ = csam.read_list(path, False, limit)
+                        r = self.inst.load_csam(data, path, max_shrink=self.cfg.csam.max_shrink)
                         log(f"CSAM list reloaded: generation {r['generation']}")
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had

@@ -25,7 +25,7 @@ from xdpzoot.dataplane.layout import (
     class_word,
     masked,
 )
-from xdpzoot.sources.files import paused_gc
+from xdpzoot.sources.files import check_room, check_shrink, paused_gc
 from xdpzoot.tables import Key
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
@@ -77,6 +77,7 @@ class Plan(NamedTuple):
     freed: set[int]
     dir: bytes
     pool_clear: list[tuple[int, int]]   # pool-address blocks that held another pool's state
+    held: tuple[int, int] = (0, 0)      # host and prefix entries in the maps before
 
     @property
     def change(self) -> Change:
@@ -175,8 +176,9 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     used = set(slot_of.values())
     free = list(islice(filterfalse(used.__contains__, range(1, limit)), len(new)))
     if len(free) < len(new):
-        raise KernelError(f"more subscribers than state slots ({limit - 1}): "
-                          "raise [limits] subscribers")
+        raise KernelError(f"more subscribers than state slots: {len(wanted)} subscribers, "
+                          f"{limit - 1} slots (limits.subscribers = {limit}, slot 0 is "
+                          "per-address state): raise limits.subscribers; nothing was changed")
     slot_of.update(zip(new, free, strict=True))
     for t, ids in ((hosts, host_ids), (prefixes, prefix_ids)):
         t.values[4::WORDS] = array("I", map(slot_of.get, ids, repeat(0)))
@@ -239,23 +241,38 @@ def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dic
             hosts.values[j * WORDS + 4] = prefixes.values[i * WORDS + 4]
 
 
-def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable) -> Plan:
+def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
+                     max_shrink: float | None = None, path: str = "<subscribers>") -> Plan:
     """The writes that make the subscriber maps equal ``hosts``/``prefixes`` (left as
-    they are), and the state slots that are then free."""
+    they are), and the state slots that are then free.
+
+    Refused before anything is written (SourceError naming ``path``): more entries than a
+    map holds (``limits.*``) and, given ``max_shrink``, no entries or fewer than
+    ``1 - max_shrink`` of those in the maps (``sources.max_shrink``; --force gives None).
+    """
     with paused_gc():
         cur_h, cur_p = maps.read(maps.host_map), maps.read(maps.prefix_map)
+        if max_shrink is not None:
+            check_shrink(path, "subscriber entries", len(cur_h) + len(cur_p),
+                         len(hosts) + len(prefixes), max_shrink, "sources.max_shrink")
         hosts, prefixes = hosts.copy(), prefixes.copy()
         keep_suspensions(cur_h, cur_p, hosts, prefixes)
+        # after keep_suspensions: a suspended pool address keeps a host entry of its own
+        check_room(path, "host entries", len(hosts), maps.host_map.max_entries,
+                   "limits.hosts")
+        check_room(path, "prefix entries", len(prefixes), maps.prefix_map.max_entries,
+                   "limits.prefixes")
         freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots)
         pool_clear = assign_pool_blocks(cur_p, hosts, prefixes, maps.pool_map.max_entries)
         d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
         return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
-                    pool_clear)
+                    pool_clear, (len(cur_h), len(cur_p)))
 
 
-def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable) -> Change:
-    """Write the difference (see apply_plan)."""
-    return apply_plan(maps, plan_subscribers(maps, hosts, prefixes))
+def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
+                      max_shrink: float | None = None, path: str = "<subscribers>") -> Change:
+    """Write the difference (see plan_subscribers, apply_plan)."""
+    return apply_plan(maps, plan_subscribers(maps, hosts, prefixes, max_shrink, path))
 
 
 def apply_plan(maps: Maps, p: Plan,
@@ -263,13 +280,25 @@ def apply_plan(maps: Maps, p: Plan,
     """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
     add/change prefixes and hosts, then delete, so that an address is never without its
     class while it stays in the file. The directory covers the old entries and the new
-    ones while both are in the maps, and is exact once the old ones are gone."""
+    ones while both are in the maps, and is exact once the old ones are gone.
+
+    A map that cannot hold its old and new entries at once (plan_subscribers checked that
+    it holds the new ones) has its deletes first: an address whose entry goes may then be
+    without it for a moment, until the entry that replaces it is written."""
+    first_h = p.held[0] + p.hosts.change.added > maps.host_map.max_entries
+    first_p = p.held[1] + p.prefixes.change.added > maps.prefix_map.max_entries
     maps.write_dir(dirs.union(maps.read_dir(), p.dir))
     maps.clear_pool_blocks(p.pool_clear)
+    if first_p:
+        maps.delete(maps.prefix_map, p.prefixes.remove, progress)
     maps.write(maps.prefix_map, p.prefixes.write, progress)
+    if first_h:
+        maps.delete(maps.host_map, p.hosts.remove, progress)
     maps.write(maps.host_map, p.hosts.write, progress)
-    maps.delete(maps.host_map, p.hosts.remove, progress)
-    maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+    if not first_h:
+        maps.delete(maps.host_map, p.hosts.remove, progress)
+    if not first_p:
+        maps.delete(maps.prefix_map, p.prefixes.remove, progress)
     maps.write_dir(p.dir)
     maps.clear_state(p.freed)
     return p.change

@@ -16,6 +16,7 @@ from itertools import starmap
 
 from xdpzoot.dataplane import schema
 from xdpzoot.dataplane.layout import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
+from xdpzoot.sources.files import SOURCE_BYTES
 from xdpzoot.sources.subscribers import Columns, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -95,10 +96,11 @@ def _longest(d: dict[Key, object], a: bytes):
     return best
 
 
-def read_subscribers(path: str, strict: bool = False) -> tuple[int, ClassTable, ClassTable]:
-    """The subscriber file at ``path`` validated (sources.read_columns) and made into map
-    contents: (rows, hosts, prefixes)."""
-    hosts, prefixes = read_columns(path, strict)
+def read_subscribers(path: str, strict: bool = False, limit: int = SOURCE_BYTES
+                     ) -> tuple[int, ClassTable, ClassTable]:
+    """The subscriber file at ``path`` (at most ``limit`` bytes) validated
+    (sources.read_columns) and made into map contents: (rows, hosts, prefixes)."""
+    hosts, prefixes = read_columns(path, strict, limit)
     return len(hosts.keys) + len(prefixes.keys), *class_tables(hosts, prefixes)
 
 

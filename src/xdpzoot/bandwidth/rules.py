@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from xdpzoot.sources.files import SourceError, parse_toml, read_source
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, parse_toml, read_source
 
 __all__ = [
     "BUCKETS",
@@ -355,9 +355,9 @@ def parse_rules(text: str, path: str) -> list[Rule]:
     return rules
 
 
-def load_rules(path: str) -> list[Rule]:
+def load_rules(path: str, limit: int = SOURCE_BYTES) -> list[Rule]:
     """Read and validate the rules file at ``path`` (see :func:`parse_rules`)."""
-    return parse_rules(read_source(path), path)
+    return parse_rules(read_source(path, limit), path)
 
 
 # --- calendar -------------------------------------------------------------------------------

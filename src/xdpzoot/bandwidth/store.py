@@ -11,6 +11,7 @@ from datetime import datetime, tzinfo
 
 from xdpzoot.bandwidth.accounting import Action
 from xdpzoot.bandwidth.rules import local_zone
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, read_file
 
 # --- files ----------------------------------------------------------------------------------
 
@@ -51,13 +52,15 @@ def save_snapshot(path: str, data: bytes) -> None:
     _atomic_write(path, data)
 
 
-def load_snapshot(path: str) -> bytes | None:
-    """The snapshot bytes at ``path``, or None if there is no such file."""
+def load_snapshot(path: str, limit: int = SOURCE_BYTES) -> bytes | None:
+    """The snapshot bytes at ``path``, or None if there is no such file; one that is not a
+    regular file or is larger than ``limit`` is a SourceError (files.read_file)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+        return read_file(path, limit)[0]
+    except SourceError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
 
 
 class AuditLog:

@@ -30,7 +30,7 @@ Examples:
   xdpzoot throttle 1042 --rate 1000
   xdpzoot throttle 198.51.100.9 --rate 512 --for 12h --json""")
 @click.argument("subscriber")
-@click.option("--rate", type=click.IntRange(1), required=True, metavar="KBPS",
+@click.option("--rate", type=click.IntRange(1, 0xFFFFFFFF), required=True, metavar="KBPS",
               help="Rate in kbit/s, both directions.")
 @click.option("--for", "duration", metavar="DURATION", help="e.g. 30m, 12h, 7d.")
 @json_opt
@@ -40,7 +40,7 @@ def throttle(o: Ctx, subscriber, rate, duration, as_json) -> None:
     from xdpzoot.bandwidth.rules import parse_seconds
 
     try:
-        until = int(time.time()) + parse_seconds(duration) if duration else 0
+        until = int(time.time()) + parse_seconds(duration) if duration is not None else 0
     except ValueError as e:
         raise click.BadParameter(f"not a duration (like 30m, 12h, 7d): {duration}") from e
 
@@ -157,7 +157,7 @@ def run(o: Ctx) -> None:
 Examples:
   xdpzoot usage 1042
   xdpzoot usage 1042 --json""")
-@click.argument("subscriber", type=int)
+@click.argument("subscriber", type=click.IntRange(1, 0xFFFFFFFF))
 @json_opt
 @click.pass_obj
 def usage(o: Ctx, subscriber, as_json) -> None:
@@ -167,8 +167,8 @@ def usage(o: Ctx, subscriber, as_json) -> None:
 
     def go():
         b = o.cfg.bandwidth
-        rules = volume_rules.load_rules(b.rules) if b.rules else []
-        data = store.load_snapshot(b.state)
+        rules = volume_rules.load_rules(b.rules, o.cfg.limits.source_bytes) if b.rules else []
+        data = store.load_snapshot(b.state, o.cfg.limits.source_bytes)
         acct = accounting.Accounting.restore(data, rules) if data else \
             accounting.Accounting(rules)
         rows = acct.usage(subscriber, time.time())

@@ -22,10 +22,10 @@ def blocklist() -> None:
     """The CSAM address list: loaded whole, switched atomically, never printed."""
 
 
-def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
+def load_csam(o: Ctx, path: str, strict: bool = False, force: bool = False) -> dict:
     """Validate the list file, then swap it in (under the instance's lock; not attached
     yet: the maps are created, and attach finds them)."""
-    data, warnings = csam.read_list(path, strict=strict)
+    data, warnings = csam.read_list(path, strict, o.cfg.limits.source_bytes)
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
     inst = o.instance()
@@ -40,7 +40,8 @@ def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
         if not inst.loaded():
             inst.create(o.cfg.defines())
         try:
-            return inst.load_csam(data, path, progress=progress)
+            return inst.load_csam(data, path, progress=progress,
+                                  max_shrink=None if force else o.cfg.csam.max_shrink)
         finally:
             for bar in bars:
                 bar.render_finish()
@@ -49,19 +50,24 @@ def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
 @blocklist.command("load", epilog="""\b
 Examples:
   xdpzoot blocklist load /etc/xdpzoot/csam.txt
-  xdpzoot blocklist load --strict csam.txt --json""")
+  xdpzoot blocklist load --strict csam.txt --json
+  xdpzoot blocklist load --force csam-small.txt   # shrinks the list""")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--strict", is_flag=True, help="Refuse a world-readable file.")
+@click.option("--force", is_flag=True,
+              help="Load an empty list, or one shorter than csam.max_shrink allows.")
 @json_opt
 @click.pass_obj
-def blocklist_load(o: Ctx, file, strict, as_json) -> None:
+def blocklist_load(o: Ctx, file, strict, force, as_json) -> None:
     """Validate FILE and make it the list in force, all at once.
 
     One address or prefix per line; '#' comments. A file with any error
-    changes nothing. Loading the list in force again writes nothing."""
+    changes nothing. Loading the list in force again writes nothing. An
+    empty list, or one with fewer than (1 - csam.max_shrink) of the
+    entries in force, is refused unless --force."""
 
     def go():
-        r = load_csam(o, file, strict)
+        r = load_csam(o, file, strict, force)
         _emit(as_json, r, lambda: click.echo(
             f"CSAM list: {r['hosts4'] + r['hosts6']} addresses, "
             f"{r['prefixes4'] + r['prefixes6']} prefixes; "

@@ -40,9 +40,10 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
         subs = lst = None
         if cfg.sources.subscribers:   # validate before any change
-            _, *subs = tables.read_subscribers(cfg.sources.subscribers)
+            _, *subs = tables.read_subscribers(cfg.sources.subscribers, False,
+                                               cfg.limits.source_bytes)
         if cfg.sources.csam:
-            text, warnings = csam.read_list(cfg.sources.csam)
+            text, warnings = csam.read_list(cfg.sources.csam, False, cfg.limits.source_bytes)
             lst = csam.parse_csam_bytes(text, cfg.sources.csam)
             for w in warnings:
                 click.echo(f"xdpzoot: warning: {w}", err=True)
@@ -51,9 +52,11 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             done = inst.attach(cfg, acc, cor, hook or cfg.interfaces.hook,
                                mode or cfg.interfaces.mode)
             fast = inst.fast_path()
-            change = inst.load_subscribers(*subs) if subs is not None else None
+            change = (inst.load_subscribers(*subs, max_shrink=cfg.sources.max_shrink,
+                                            path=cfg.sources.subscribers)
+                      if subs is not None else None)
             if lst is not None:
-                inst.load_csam(text, cfg.sources.csam, lst)
+                inst.load_csam(text, cfg.sources.csam, lst, max_shrink=cfg.csam.max_shrink)
         if fast["enabled"]:
             for name in sorted(set(acc + cor) - set(fast["egress"])):
                 click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "
@@ -187,6 +190,9 @@ Examples:
 @click.pass_obj
 def stats(o: Ctx, interval, count, as_json) -> None:
     """Packets and bytes by interface role, verdict and reason."""
+    if interval is not None and not 0 < interval <= 86400:   # NaN too
+        raise click.BadParameter("a number of seconds, more than 0, at most 86400",
+                                 param_hint="INTERVAL")
 
     def go():
         inst = o.instance(config=True)

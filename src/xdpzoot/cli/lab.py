@@ -32,7 +32,10 @@ def lab_up_cmd(prefix, no_servers, as_json) -> None:
     from xdpzoot import lab as labmod
 
     def go():
-        lb = labmod.lab_up(prefix, servers=not no_servers)
+        try:
+            lb = labmod.lab_up(prefix, servers=not no_servers)
+        except ValueError as e:   # a bad prefix
+            _fail(str(e))
         data = asdict(lb)
 
         def text():
@@ -58,7 +61,10 @@ def lab_down_cmd(prefix, as_json) -> None:
 
     def go():
         existed = labmod.lab_exists(prefix)
-        labmod.lab_down(prefix)
+        try:
+            labmod.lab_down(prefix)
+        except ValueError as e:   # a bad prefix
+            _fail(str(e))
         _emit(as_json, {"removed": existed}, lambda: click.echo(
             f"lab {prefix} removed" if existed else f"no lab {prefix}"))
 

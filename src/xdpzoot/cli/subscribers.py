@@ -39,17 +39,24 @@ def subscribers() -> None:
 @subscribers.command("load", epilog="""\b
 Examples:
   xdpzoot subscribers load subscribers.csv
-  xdpzoot subscribers load --strict subscribers.csv --json""")
+  xdpzoot subscribers load --strict subscribers.csv --json
+  xdpzoot subscribers load --force few.csv   # removes most subscribers""")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--strict", is_flag=True, help="Overlapping entries are errors.")
+@click.option("--force", is_flag=True,
+              help="Load an empty file, or one shorter than sources.max_shrink allows.")
 @json_opt
 @click.pass_obj
-def subscribers_load(o: Ctx, file, strict, as_json) -> None:
-    """Validate FILE, then write only what differs from the kernel's maps."""
+def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
+    """Validate FILE, then write only what differs from the kernel's maps.
+
+    A file with no entries, or with fewer than (1 - sources.max_shrink) of
+    the entries (hosts and prefixes) in the maps, is refused unless --force."""
 
     def go():
         with paused_gc():   # a million rows: see sources.paused_gc
-            rows, hosts, prefixes = tables.read_subscribers(file, strict)
+            rows, hosts, prefixes = tables.read_subscribers(file, strict,
+                                                            o.cfg.limits.source_bytes)
             inst = o.instance()
             bars = []
 
@@ -62,7 +69,9 @@ def subscribers_load(o: Ctx, file, strict, as_json) -> None:
                 if not inst.loaded():
                     inst.create(o.cfg.defines())
                 try:
-                    change = inst.load_subscribers(hosts, prefixes, progress)
+                    change = inst.load_subscribers(
+                        hosts, prefixes, progress,
+                        None if force else o.cfg.sources.max_shrink, file)
                 finally:
                     for bar in bars:
                         bar.render_finish()
@@ -84,9 +93,10 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
     """What `subscribers load FILE` would change, as counts (--json: each change)."""
 
     def go():
-        rows, hosts, prefixes = tables.read_subscribers(file, strict)
+        rows, hosts, prefixes = tables.read_subscribers(file, strict,
+                                                        o.cfg.limits.source_bytes)
         inst = o.instance()
-        plan = inst.plan_subscribers(hosts, prefixes)
+        plan = inst.plan_subscribers(hosts, prefixes, file)
         total = plan.change
         data = {"rows": rows, **asdict(total)}
         if as_json:

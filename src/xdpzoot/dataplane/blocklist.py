@@ -30,6 +30,7 @@ from xdpzoot.dataplane.kernel import Maps
 from xdpzoot.dataplane.layout import LPM_KEY, META
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import HOST, LISTED, CsamList
+from xdpzoot.sources.files import check_room, check_shrink
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 C = schema.C
@@ -56,11 +57,14 @@ def in_force(maps: Maps, data: bytes) -> bool:
 
 
 def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = None,
-         progress: Progress | None = None, now: Callable[[], float] = time.time
-         ) -> LoadResult:
+         progress: Progress | None = None, now: Callable[[], float] = time.time,
+         max_shrink: float | None = None) -> LoadResult:
     """Make the list in ``data`` the list in force: bring the idle generation to it, then
     switch. A file with an error changes nothing (SourceError); the same list (by digest)
-    as the one in force writes nothing.
+    as the one in force writes nothing. So does a list that a generation cannot hold
+    (``limits.csam_*``) and, given ``max_shrink``, an empty list or one with fewer than
+    ``1 - max_shrink`` of the entries in force (``csam.max_shrink``; --force gives None):
+    SourceError, before anything is written.
 
     When the idle generation's text is kept and intact, only the lines that differ from it
     are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
@@ -79,8 +83,18 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     old_dir = maps.read_csam_dir(idle) if old else None
     delta = (csam.text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
              else None)
+    before = sum(maps.read_meta(gen)[k] for k in COUNTS)
+    if delta is not None and not _surely_fits(maps, old, delta, before, max_shrink):
+        delta = None   # near a limit: decided on the whole list, parsed
     if delta is None:
         lst = lst or csam.parse_csam_bytes(data, path)   # the careful parser names bad lines
+        if max_shrink is not None:
+            check_shrink(path, "list entries", before, len(lst.hosts) + len(lst.prefixes),
+                         max_shrink, "csam.max_shrink")
+        check_room(path, "addresses", len(lst.hosts), maps.hosts[idle].max_entries,
+                   "limits.csam_hosts")
+        check_room(path, "prefixes", len(lst.prefixes), maps.prefixes[idle].max_entries,
+                   "limits.csam_prefixes")
     key = struct.pack("=I", idle)
     # Until it is written whole, the idle generation holds no list that anything may trust.
     maps.meta.update(key, bytes(META.size))
@@ -98,6 +112,23 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
     return LoadResult(added, removed, idle, True)
+
+
+def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
+                 max_shrink: float | None) -> bool:
+    """Whether the list ``delta`` makes of ``old`` passes the guards of :func:`load` for
+    sure, from bounds: each added entry may or may not be in ``old`` already."""
+    gone = [k for k, d in delta.items() if d < 0 and old.dups.get(k, 1) + d <= 0]
+    new = [k for k, d in delta.items() if d > 0]
+    hosts = old.counts["hosts4"] + old.counts["hosts6"] - sum(k[:4] == HOST for k in gone)
+    prefixes = (old.counts["prefixes4"] + old.counts["prefixes6"]
+                - sum(k[:4] != HOST for k in gone))
+    new_h = sum(k[:4] == HOST for k in new)
+    least = hosts + prefixes
+    if max_shrink is not None and (not least or before - least > max_shrink * before):
+        return False
+    return (hosts + new_h <= maps.hosts[0].max_entries
+            and prefixes + len(new) - new_h <= maps.prefixes[0].max_entries)
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList,

@@ -101,15 +101,18 @@ class Instance:
         return loader.attachments(self.pin_dir)
 
     # ---- subscribers --------------------------------------------------------------------
-    def plan_subscribers(self, hosts, prefixes) -> sync.Plan:
+    def plan_subscribers(self, hosts, prefixes, path: str = "<subscribers>") -> sync.Plan:
         """What a load of ``hosts``/``prefixes`` would write (nothing written)."""
-        return sync.plan_subscribers(self.maps, hosts, prefixes)
+        return sync.plan_subscribers(self.maps, hosts, prefixes, path=path)
 
-    def load_subscribers(self, hosts, prefixes, progress: Progress | None = None
+    def load_subscribers(self, hosts, prefixes, progress: Progress | None = None,
+                         max_shrink: float | None = None, path: str = "<subscribers>"
                          ) -> sync.Change:
-        """Bring the subscriber maps to ``hosts``/``prefixes`` (suspensions kept)."""
+        """Bring the subscriber maps to ``hosts``/``prefixes`` (suspensions kept); refused
+        before any write when the maps cannot hold them or, given ``max_shrink``, when the
+        file is empty or much shorter (sync.plan_subscribers)."""
         with self.locked():
-            plan = sync.plan_subscribers(self.maps, hosts, prefixes)
+            plan = sync.plan_subscribers(self.maps, hosts, prefixes, max_shrink, path)
             return sync.apply_plan(self.maps, plan,
                                    progress(plan.change.total) if progress else None)
 
@@ -152,11 +155,11 @@ class Instance:
 
     # ---- CSAM list ----------------------------------------------------------------------
     def load_csam(self, data: bytes, path: str, lst: CsamList | None = None,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, max_shrink: float | None = None) -> dict:
         """Make ``data`` the list in force (blocklist.load), holding the lock throughout;
         the result with the counts and digest of the generation in force."""
         with self.locked():
-            res = blocklist.load(self.maps, data, path, lst, progress)
+            res = blocklist.load(self.maps, data, path, lst, progress, max_shrink=max_shrink)
             meta = self.maps.read_meta(res.generation)
         return {**asdict(res), **{k: meta[k] for k in csam.COUNTS}, "sha256": meta["sha256"]}
 

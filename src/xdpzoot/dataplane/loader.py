@@ -89,6 +89,9 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
     if overlap:
         raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
     pin_dir = maps.pin_dir
+    missing = sorted(set(access + core) - set(netlink.link_indexes()))
+    if missing:   # before anything changes: the maps stay as they are
+        raise kernel.KernelError(f"no such interface: {', '.join(missing)}")
     before = attachments(pin_dir) if kernel.pinned(pin_dir) else []
     bpf = kernel.compile_bpf(pin_dir, cfg.defines())   # creates the maps that are missing
     maps.close()   # opened again from the pins, the new ones included

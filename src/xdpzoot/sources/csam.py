@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 import socket
 import stat
 import struct
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xdpzoot.dataplane.layout import LPM_KEY
-from xdpzoot.sources.files import SourceError
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, read_file
 from xdpzoot.sources.subscribers import V4MAPPED_PROBLEM, overlaps_v4mapped
 from xdpzoot.tables import Key
 
@@ -179,28 +178,24 @@ def _content(line: bytes) -> bytes:
     return line.split(b"#", 1)[0].strip() if b"#" in line else line.strip()
 
 
-def parse_csam(path: str, strict: bool = False) -> tuple[CsamList, list[str]]:
+def parse_csam(path: str, strict: bool = False,
+               limit: int = SOURCE_BYTES) -> tuple[CsamList, list[str]]:
     """Read and validate the list file; returns the list and warnings (world-readable)."""
-    data, warnings = read_list(path, strict)
+    data, warnings = read_list(path, strict, limit)
     return parse_csam_bytes(data, path), warnings
 
 
-def read_list(path: str, strict: bool = False) -> tuple[bytes, list[str]]:
-    """The list file's bytes, and a warning when everyone may read it (an error with
-    ``strict``): the list is confidential."""
-    warnings: list[str] = []
-    try:
-        st = os.stat(path)
-        if st.st_mode & stat.S_IROTH:
-            msg = f"{path}: readable by everyone: chmod o-r {path}"
-            if strict:
-                raise SourceError(path, [(None, "readable by everyone (--strict): chmod o-r")])
-            warnings.append(msg)
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise SourceError(path, [(None, f"cannot read: {e.strerror}")]) from e
-    return data, warnings
+def read_list(path: str, strict: bool = False,
+              limit: int = SOURCE_BYTES) -> tuple[bytes, list[str]]:
+    """The list file's bytes (a regular file of at most ``limit`` bytes: files.read_file),
+    and a warning when everyone may read it (an error with ``strict``): the list is
+    confidential."""
+    data, st = read_file(path, limit)
+    if not st.st_mode & stat.S_IROTH:
+        return data, []
+    if strict:
+        raise SourceError(path, [(None, "readable by everyone (--strict): chmod o-r")])
+    return data, [f"{path}: readable by everyone: chmod o-r {path}"]
 
 
 def text_delta(old: bytes, new: bytes) -> dict[bytes, int] | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import compress, repeat
 from typing import Any, NamedTuple
 
-from xdpzoot.sources.files import SourceError, paused_gc, read_source
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, paused_gc, read_source
 
 __all__ = [
     "FLAGS",
@@ -83,15 +83,16 @@ class Columns(NamedTuple):
     flags: list[frozenset[str]]
 
 
-def parse_subscribers(path: str, strict: bool = False) -> list[Subscriber]:
+def parse_subscribers(path: str, strict: bool = False,
+                      limit: int = SOURCE_BYTES) -> list[Subscriber]:
     """Load and validate the subscriber CSV at ``path`` (see :func:`parse_subscribers_text`)."""
-    return parse_subscribers_text(read_source(path), path, strict)
+    return parse_subscribers_text(read_source(path, limit), path, strict)
 
 
-def read_plans(path: str) -> dict[int, str]:
+def read_plans(path: str, limit: int = SOURCE_BYTES) -> dict[int, str]:
     """Service plan by subscriber id, from the optional ``plan`` column of the subscriber
     file (for the volume rules' ``plans``): a file without it is not parsed again."""
-    text = read_source(path)
+    text = read_source(path, limit)
     header = next((line for line in text.split("\n") if line.strip() and line[0] != "#"), "")
     if "plan" not in _header(1, header)[0]:
         return {}
@@ -496,9 +497,10 @@ _HOST_BITS4 = [(1 << (32 - plen)) - 1 for plen in range(33)]   # by prefix lengt
 _SPACES = " \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
-def read_columns(path: str, strict: bool = False) -> tuple[Columns, Columns]:
+def read_columns(path: str, strict: bool = False,
+                 limit: int = SOURCE_BYTES) -> tuple[Columns, Columns]:
     """The subscriber file at ``path`` as (hosts, prefixes) columns (see parse_columns)."""
-    return parse_columns(read_source(path), path, strict)
+    return parse_columns(read_source(path, limit), path, strict)
 
 
 def parse_columns(text: str, path: str = "<subscribers>",
