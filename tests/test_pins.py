@@ -83,8 +83,9 @@ def snapshot(r: dict) -> tuple:
 
 
 # Every command that opens the maps, each one way to get there.
-COMMANDS = [["attach", "--mode", "generic"], ["attach", "--hook", "tc"], ["subscribers", "load", "{subs}"],
-            ["blocklist", "load", "{list}"], ["status"], ["suspend", "100.64.7.9"],
+COMMANDS = [["attach", "--mode", "generic"], ["attach", "--hook", "tc"],
+            ["subscribers", "load", "{subs}"], ["blocklist", "load", "{list}"], ["status"],
+            ["suspend", "100.64.7.9"],
             ["subscribers", "show", "100.64.7.9"]]
 
 
