@@ -160,7 +160,8 @@ def test_other_limits_are_refused(router):
     before = snapshot(r)
     bigger = config(r["dir"] / "bigger.toml", r["dir"] / "subscribers.csv", hosts=2048)
     for cmd in (["attach", "--mode", "generic"], ["status"],
-                ["subscribers", "load", str(r["dir"] / "subscribers.csv")]):
+                ["subscribers", "load", str(r["dir"] / "subscribers.csv")],
+                ["blocklist", "load", str(r["dir"] / "list.txt")]):
         res = xz(r, *cmd, cfg=bigger)
         assert res.returncode == 1, res.stderr
         assert "-DXZ_MAX_HOSTS=1024 -> -DXZ_MAX_HOSTS=2048" in res.stderr, res.stderr

@@ -45,7 +45,7 @@ class Ctx:
         """The subscriber maps, opened from their pins without a compile."""
         if not kernel.pinned(self.pin_dir):
             self.maps(create)   # creates the maps, or says that xdpzoot is not loaded
-        return kernel.SubscriberMaps.open(self.pin_dir)
+        return kernel.SubscriberMaps.open(self.pin_dir, self.cfg.defines())
 
 
 def _audit(o: Ctx, subscriber: int | str, action: str, rate_kbps: int | None = None,

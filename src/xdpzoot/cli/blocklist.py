@@ -32,6 +32,7 @@ def load_csam(o: Ctx, path: str, strict: bool = False) -> dict:
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
     with kernel.lock(o.pin_dir):
+        kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
         if not kernel.pinned(o.pin_dir):
             o.maps(create=True)
         return _load_csam_locked(o.pin_dir, path, data)

@@ -702,9 +702,10 @@ class SubscriberMaps:
         self.dir_map, self.pool_map = sub_dir, pool_addrs
 
     @classmethod
-    def open(cls, pin_dir: str) -> SubscriberMaps:
-        """The pinned maps of the instance at ``pin_dir`` (no compile)."""
-        check_layout(pin_dir)
+    def open(cls, pin_dir: str, defines: Iterable[str] | None = None) -> SubscriberMaps:
+        """The pinned maps of the instance at ``pin_dir`` (no compile), when their layout is
+        this build's with ``defines`` (check_layout)."""
+        check_layout(pin_dir, defines)
         return cls(*(PinnedMap(os.path.join(pin_dir, n)) for n in SUBSCRIBER_MAPS))
 
     def close(self) -> None:
