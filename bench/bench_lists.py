@@ -354,7 +354,7 @@ def xdpzoot_argv(cfg: Path, pin: str, *args: str, profile: Path | None = None) -
     pre = [sys.executable]
     if profile:
         pre += ["-m", "cProfile", "-o", str(profile)]
-    return [*pre, "-m", "xdpzoot.cli", "--config", str(cfg), "--pin-dir", pin, *args]
+    return [*pre, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir", pin, *args]
 
 
 def memlock(pin_dir: str, names: tuple[str, ...]) -> dict[str, dict]:
@@ -498,12 +498,19 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
     maps.set_control_flags(FLAGS_ON)
     words = {}
     with kernel.CsamMaps(pin) as cm:
+        # A load brings both generations to its list: the big one goes into the idle
+        # generation alone (a load's first half), so that each generation holds one list.
         for label, lst in (("small", small), ("big", big)):
-            log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries, "
-                f"blocklist.load) ...")
+            log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries) "
+                "...")
             t0 = time.monotonic()
-            blocklist.load(cm, texts[label], lst=lst)
-            words[label] = cm.word()[1]
+            if label == "small":
+                blocklist.load(cm, texts[label], lst=lst)
+                words[label] = cm.word()[1]
+            else:
+                idle = 1 - (words["small"] & C["XZ_CSAM_GEN"])
+                blocklist._bring(cm, idle, texts[label], label, lst, None)
+                words[label] = idle | C["XZ_CSAM_HOSTS"] | C["XZ_CSAM_PREFIXES"]
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
             PathCase("unlisted", "pass, destination not listed", UNLISTED_V4, ("pass", "ok")),

@@ -573,12 +573,13 @@ def pin_layout(pin_dir: str, defines: Iterable[str]) -> None:
              "\n".join([layout_digest(defines), *defines]).encode())
 
 
-def check_layout(pin_dir: str, defines: Iterable[str] | None = None) -> None:
+def check_layout(pin_dir: str, defines: Iterable[str] | None = None) -> bool:
     """Refuse (KernelError, one line) when maps are pinned under ``pin_dir`` with a layout
     other than this build's with ``defines`` (None: with the defines they were made with,
-    i.e. the headers alone). Maps without a layout pin are from a build before it: other."""
+    i.e. the headers alone). Maps without a layout pin are from a build before it: other.
+    False when no map is pinned there."""
     if not any(os.path.exists(os.path.join(pin_dir, m)) for m in MAPS):
-        return
+        return False
     todo = (f"detach (`xdpzoot --pin-dir {pin_dir} detach` removes the pins) and attach "
             "again; the maps are made anew, empty")
     blob = read_blob(os.path.join(pin_dir, LAYOUT_PIN))
@@ -594,6 +595,7 @@ def check_layout(pin_dir: str, defines: Iterable[str] | None = None) -> None:
         diff = ", ".join(sorted(old - new)) + " -> " + ", ".join(sorted(new - old))
         raise KernelError(f"{pin_dir}: maps pinned with other limits ({diff}; config "
                           f"[limits]): {todo}, or put the limits back")
+    return True
 
 
 # ---- compile and load ---------------------------------------------------------------------
@@ -637,14 +639,13 @@ def compile_bpf(pin_dir: str, defines: Iterable[str] = (), maps_only: bool = Fal
 
     ensure_bpffs(pin_dir)
     defines = list(defines)
-    check_layout(pin_dir, defines)
+    if not check_layout(pin_dir, defines):   # the maps are made now, with this layout
+        pin_layout(pin_dir, defines)
     text = maps_source() if maps_only else program_source()
     try:
         bpf = BPF(text=text.encode(), cflags=cflags(pin_dir, defines))
     except Exception as e:  # bcc raises bare Exception
         raise KernelError(f"BPF compile/load failed: {e}") from e
-    if not os.path.exists(os.path.join(pin_dir, LAYOUT_PIN)):   # the maps are new
-        pin_layout(pin_dir, defines)
     return bpf
 
 
