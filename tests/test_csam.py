@@ -768,16 +768,16 @@ def test_second_load_takes_the_delta_path(compiled):
             assert set(m.hosts[g].keys()) == want(*edited_nets)[0]
 
 
-# The swap calls each twice (hosts, prefixes) and pin_blob once; the n-th call is the
-# first one after the switch.
+# The swap calls each twice (hosts, prefixes); the n-th call is one after the switch
+# (repin: the list's text, pinned for the other generation too).
 @pytest.mark.parametrize("kill,n", [("delete_many", 3), ("add_new", 3), ("add_new", 4),
-                                    ("pin_blob", 2)])
+                                    ("repin", 1)])
 def test_a_load_killed_while_the_idle_one_is_brought_up_to_date(maps, kill, n):
     """Killed after the switch, while the generation that was in force is written: the new
     list is in force, whole; the other generation untrusted until the next load."""
     reset(maps)
     idle_holds(maps, LIST_A)
-    owner = kernel if kill == "pin_blob" else kernel.PinnedMap
+    owner = kernel if kill == "repin" else kernel.PinnedMap
     real = getattr(owner, kill)
     seen = []
 

@@ -74,7 +74,11 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     if maps.read_meta(gen)["sha256"] == sha.hex():
         return LoadResult(0, 0, gen, False)
     idle = 1 - gen
-    added, removed, counts, lst = _bring(maps, idle, data, path, lst, progress)
+    # Both generations held the same list (the last load brought both to it): what the
+    # idle one's text says, and the difference, hold for the other one too.
+    sha_idle = maps.read_meta(idle)["sha256"]
+    same = sha_idle is not None and sha_idle == maps.read_meta(gen)["sha256"]
+    added, removed, counts, lst, old = _bring(maps, idle, data, path, lst, progress)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
     maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
@@ -83,19 +87,21 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     # before the switch may still look it up for a few microseconds: it finds a mix of the
     # old and the new list, neither more nor less than one of them would list.) A load
     # killed from here on leaves its meta cleared: the next load takes the whole path.
-    _, _, counts, _ = _bring(maps, gen, data, path, lst, None)
+    _, _, counts, _, _ = _bring(maps, gen, data, path, lst, None, old if same else None,
+                                maps.text_path(idle))
     maps.meta.update(struct.pack("=I", gen), META.pack(sha, int(now()),
                                                        *(counts[k] for k in COUNTS)))
     return LoadResult(added, removed, idle, True)
 
 
 def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
-           progress: Progress | None
-           ) -> tuple[int, int, dict[str, int], CsamList | None]:
+           progress: Progress | None, old: Held | None = None, text: str | None = None
+           ) -> tuple[int, int, dict[str, int], CsamList | None, Held | None]:
     """Write the list in ``data`` into generation ``gen``, which is not in force, with its
     text, and leave its meta cleared (the caller writes it); (added, removed, counts, the
-    list when it was parsed)."""
-    old = held(maps, gen)
+    list when it was parsed, what the generation held). ``old``: what it holds, when known
+    already; ``text``: where this list's text is pinned already."""
+    old = old or held(maps, gen)
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
     old_dir = maps.read_dir(gen) if old else None
@@ -113,9 +119,12 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     else:
         added, removed = _write_list(maps, gen, lst, progress)
         counts, dups = lst.counts(), lst.dups
-    kernel.pin_blob(maps.text_path(gen), TEXT.pack(len(data), len(dups)) + data
-                    + b"".join(DUP.pack(k, n) for k, n in dups.items()))
-    return added, removed, counts, lst
+    if text:
+        kernel.repin(text, maps.text_path(gen))
+    else:
+        kernel.pin_blob(maps.text_path(gen), TEXT.pack(len(data), len(dups)) + data
+                        + b"".join(DUP.pack(k, n) for k, n in dups.items()))
+    return added, removed, counts, lst, old
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList,

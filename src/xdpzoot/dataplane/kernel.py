@@ -427,6 +427,17 @@ def pin_blob(path: str, blob: bytes) -> None:
         os.close(fd)
 
 
+def repin(src: str, dst: str) -> None:
+    """Pin what is pinned at ``src`` at ``dst`` too, for root alone (replacing what was
+    pinned there): one map under two names."""
+    fd = _check(_libbpf.bpf_obj_get(src.encode()), f"open {src}")
+    try:
+        pin(fd, dst)
+        os.chmod(dst, 0o600)
+    finally:
+        os.close(fd)
+
+
 def read_blob(path: str) -> bytearray | None:
     """What :func:`pin_blob` keeps at ``path``, padding included; None when nothing, or
     something else, is pinned there."""
