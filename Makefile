@@ -2,13 +2,18 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench bench-cold bench-fwd lab-up lab-down clean
+.PHONY: setup test fuzz lint bench bench-cold bench-fwd lab-up lab-down clean
 
 setup:
 	bash scripts/setup.sh
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The long differential run: 2,000 worlds of 50 packets, BPF verdicts against model.py
+# (XZ_FUZZ_WORLDS, XZ_FUZZ_PACKETS change it; `make test` runs 300 packets).
+fuzz:
+	XZ_FUZZ=1 $(PY) -m pytest -q -s tests/test_differential.py
 
 lint:
 	.venv/bin/ruff check src tests bench

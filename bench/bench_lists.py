@@ -11,11 +11,10 @@ our own, one after another on the same machine):
   interval sets; goal: xdpzoot / ipset <= 1.0;
 * the same for a 1,000,000-row subscriber file (``xdpzoot subscribers load``);
 * a 1,000-entry change to the loaded list (the whole CLI command): loads A, A', A'', A'''
-  each differing from the previous by 1,000 replaced entries; with two generations the
-  idle one holds the list before the one in force, so from A'' on a load writes the
-  difference to the list two loads back (found from that list's text, kept in the
-  kernel; A' finds an empty generation without text and parses the whole file); goal:
-  the last one under 0.5 s;
+  each differing from the previous by 1,000 replaced entries; a load brings both
+  generations to its list (the idle one, then, after the switch, the other), so from the
+  second load (A') on a load writes the difference to the list in force (found from its
+  text, kept in the kernel); goal: the second load and the last one under 0.5 s;
 * per packet, BPF_PROG_TEST_RUN of the upstream pipeline (a static subscriber's TCP :443)
   with 1k and with 1M list entries in force: destination not listed, one just outside a
   listed prefix, a listed host (drop), an address in a listed prefix (drop); both lists
@@ -501,12 +500,19 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
     maps.set_control_flags(FLAGS_ON)
     words = {}
     with kernel.Maps(pin) as cm:
+        # A load brings both generations to its list: the big one goes into the idle
+        # generation alone (a load's first half), so that each generation holds one list.
         for label, lst in (("small", small), ("big", big)):
-            log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries, "
-                f"blocklist.load) ...")
+            log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries) "
+                "...")
             t0 = time.monotonic()
-            blocklist.load(cm, texts[label], lst=lst)
-            words[label] = cm.word()[1]
+            if label == "small":
+                blocklist.load(cm, texts[label], lst=lst)
+                words[label] = cm.word()[1]
+            else:
+                idle = 1 - (words["small"] & C["XZ_CSAM_GEN"])
+                blocklist._bring(cm, idle, texts[label], label, lst, None)
+                words[label] = idle | C["XZ_CSAM_HOSTS"] | C["XZ_CSAM_PREFIXES"]
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
             PathCase("unlisted", "pass, destination not listed", UNLISTED_V4, ("pass", "ok")),
@@ -704,6 +710,7 @@ def csam_part(args, doc, run, cfg, pin, tmp, s, entries, lst_a) -> None:
         log(f"  A{chr(39) * i:<4} {dt:6.2f} s  (+{o['added']:,} -{o['removed']:,}, "
             f"generation {o['generation']})")
     doc.figures["change_steps"] = steps
+    doc.figures["second_load_s"] = steps[0]["seconds"]
     doc.figures["change_s"] = steps[-1]["seconds"]
     dt, r = run.run(xdpzoot_argv(cfg, pin, "blocklist", "load", str(p), "--json"))
     doc.figures["same_again_s"] = dt
@@ -825,6 +832,7 @@ def goals(doc: Doc) -> dict:
     g["csam_ok"] = g["csam_vs_ipset"] <= GOAL_RATIO
     g["subs_ok"] = g["subs_vs_ipset"] <= GOAL_RATIO
     g["change_ok"] = g["change_s"] < GOAL_CHANGE_S
+    g["second_load_ok"] = f["second_load_s"] < GOAL_CHANGE_S
     runs = pp["runs"]
     per = {}
     for key in pp["labels"]:
@@ -882,11 +890,10 @@ def report(doc: Doc) -> str:
     row("  ratio xdpzoot / nft", f"{f['subs_xdpzoot_s'] / f['subs_nft_s']:.2f}")
     for i, st in enumerate(f["change_steps"], 1):
         last = i == len(f["change_steps"])
-        what = ("idle generation empty: full write" if i == 1 else
-                "diff to the list 2 loads back")
+        what = "second load, 1k change" if i == 1 else "diff to the list in force"
         row(f"{CHANGE:,}-entry change A{chr(39) * i} ({what})",
-            f"{st['seconds']:.2f} s", "< 0.5 s" if last else "",
-            g["change_ok"] if last else None)
+            f"{st['seconds']:.2f} s", "< 0.5 s" if last or i == 1 else "",
+            g["change_ok"] if last else g["second_load_ok"] if i == 1 else None)
         out[-1] += f"  +{st['added']:,}/-{st['removed']:,}"
     row("  the same file again (in force: nothing written)", f"{f['same_again_s']:.2f} s")
     row("  python start-up + import xdpzoot.cli alone", f"{f['cli_import_s']:.2f} s")

@@ -26,7 +26,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from xdpzoot import tables
@@ -630,21 +630,24 @@ def test_load_switch_steps(maps):
     assert maps.word() == word and blocklist.status(maps) == st_a
     agree(maps, LIST_A, ha, pa, former)
 
-    r = load(maps, LIST_B)                      # B: switched, A stays in the idle one
-    assert r == blocklist.LoadResult(n_b, 0, gen0, True)
+    # B: the idle generation held A too (brought up to date after the switch): it is
+    # written the difference between A and B, then switched in; then A's generation gets B.
+    r = load(maps, LIST_B)
+    assert r == blocklist.LoadResult(len(hb - ha) + len(pb - pa), len(ha - hb) + len(pa - pb),
+                                     gen0, True)
     agree(maps, LIST_B, hb, pb, former)
-    assert set(maps.csam_hosts[1 - gen0].keys()) == ha   # the old list, intact, not in force
+    assert set(maps.csam_hosts[1 - gen0].keys()) == hb   # the idle one holds B as well
+    assert blocklist.held(maps, 1 - gen0).text == LIST_B
 
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
-    assert r == blocklist.LoadResult(0, n_a, 1 - gen0, True)
+    assert r == blocklist.LoadResult(0, n_b, 1 - gen0, True)
     agree(maps, b"# empty\n", set(), set(), former)
     assert maps.word()[1] == 1 - gen0
     for a in former:
         assert blocklist.check(maps, a) is None
 
-    r = load(maps, LIST_A)                      # A again, after B
-    assert r == blocklist.LoadResult(len(ha - hb) + len(pa - pb), len(hb - ha) + len(pb - pa),
-                                gen0, True)
+    r = load(maps, LIST_A)                      # A again, after the empty list
+    assert r == blocklist.LoadResult(n_a, 0, gen0, True)
     agree(maps, LIST_A, ha, pa, former)
 
 
@@ -694,10 +697,8 @@ def entries_of(lst: csam.CsamList) -> set[bytes]:
 
 
 def idle_holds(m: kernel.Maps, data: bytes) -> int:
-    """Load ``data``, then another list: ``data`` is in the idle generation (returned), with
-    its text."""
+    """Load ``data``: it is in the idle generation (returned) as well, with its text."""
     load(m, data)
-    load(m, f"# another list {secrets.token_hex(8)}\n192.0.2.1\n".encode())
     idle = 1 - (m.word()[1] & C["XZ_CSAM_GEN"])
     assert blocklist.held(m, idle).text == data
     return idle
@@ -740,6 +741,7 @@ def test_load_from_the_text_is_a_full_load(compiled, case):
     """A list loaded over the idle generation's text, without parsing the whole file: the
     same entries, counts, result and kept duplicates as a full load."""
     (base, _), new = case
+    assume(new != base)   # the list in force again: nothing to load
     before, after = csam.parse_csam_bytes(base), csam.parse_csam_bytes(new)
     with kernel.Maps(compiled[1]) as m:
         idle = idle_holds(m, base)
@@ -797,6 +799,64 @@ def test_load_without_a_trusted_text(maps, spoil):
     agree(maps, EDIT_OF_A, *want(*(n.replace("192.0.2.66", "192.0.2.99").replace(
         "/48", "/64") for n in NETS_A)))
     assert blocklist.held(maps, idle).text == EDIT_OF_A
+
+
+def test_second_load_takes_the_delta_path(compiled):
+    """On a fresh instance, the first load brings both generations to its list: the second
+    load (a small change) parses and writes only the lines that differ."""
+    pin = compiled[1]
+    with kernel.CsamMaps(pin) as m:
+        reset(m)
+        for g in (0, 1):   # fresh: no text kept, no list held
+            m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
+            os.unlink(m.text_path(g))
+        first = load(m, LIST_A)
+        assert first.switched
+        for g in (0, 1):
+            assert blocklist.held(m, g).text == LIST_A
+            assert set(m.hosts[g].keys()) == want(*NETS_A)[0]
+        with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
+            second = load(m, EDIT_OF_A)
+        assert (second.added, second.removed, second.switched) == (2, 2, True)
+        edited_nets = [n.replace("192.0.2.66", "192.0.2.99").replace("/48", "/64")
+                       for n in NETS_A]
+        agree(m, EDIT_OF_A, *want(*edited_nets))
+        for g in (0, 1):
+            assert blocklist.held(m, g).text == EDIT_OF_A
+            assert set(m.hosts[g].keys()) == want(*edited_nets)[0]
+
+
+# The swap calls each twice (hosts, prefixes); the n-th call is one after the switch
+# (repin: the list's text, pinned for the other generation too).
+@pytest.mark.parametrize("kill,n", [("delete_many", 3), ("add_new", 3), ("add_new", 4),
+                                    ("repin", 1)])
+def test_a_load_killed_while_the_idle_one_is_brought_up_to_date(maps, kill, n):
+    """Killed after the switch, while the generation that was in force is written: the new
+    list is in force, whole; the other generation untrusted until the next load."""
+    reset(maps)
+    idle_holds(maps, LIST_A)
+    owner = kernel if kill == "repin" else kernel.PinnedMap
+    real = getattr(owner, kill)
+    seen = []
+
+    def dying(*a, **k):
+        seen.append(1)
+        if len(seen) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with mock.patch.object(owner, kill, autospec=True, side_effect=dying), \
+            pytest.raises(KeyboardInterrupt):
+        load(maps, EDIT_OF_A)
+    edited_nets = [n.replace("192.0.2.66", "192.0.2.99").replace("/48", "/64") for n in NETS_A]
+    agree(maps, EDIT_OF_A, *want(*edited_nets))
+    gen = maps.word()[1] & C["XZ_CSAM_GEN"]
+    assert blocklist.held(maps, 1 - gen) is None
+    new = EDIT_OF_A + b"192.0.2.100\n"
+    with mock.patch.object(csam, "parse_csam_bytes", wraps=csam.parse_csam_bytes) as parse:
+        load(maps, new)
+    assert parse.called   # no text to trust: the whole path, and right again
+    agree(maps, new, *want(*edited_nets, "192.0.2.100/32"))
 
 
 @pytest.mark.parametrize("kill", ["delete_many", "add_new", "pin_blob", "set_word"])

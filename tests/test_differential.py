@@ -12,6 +12,7 @@ be model.decide's.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 
 import packets
@@ -48,6 +49,14 @@ def network(family: int, bases, lens) -> st.SearchStrategy:
 
 
 families = st.sampled_from((4, 6))
+# Built once: hypothesis spends more time building a strategy than drawing from it.
+SUB_ADDR = {f: address(f, SUB_BASES) for f in (4, 6)}
+PEER_ADDR = {f: address(f, PEER_BASES) for f in (4, 6)}
+ANY_ADDR = {f: PEER_ADDR[f] | SUB_ADDR[f] for f in (4, 6)}
+PORT = st.sampled_from(PORTS) | st.integers(0, 65535)
+RULE_PORT = {"access": st.just(25) | PORT, "core": st.just(53) | PORT}
+L4_LEN = st.none() | st.none() | st.integers(0, 28)
+TCP_FLAGS_ANY = st.sampled_from(TCP_FLAGS) | st.integers(0, 255)
 
 
 def odds(on: int, off: int) -> st.SearchStrategy[bool]:
@@ -86,9 +95,20 @@ def _inside(draw, nets: list) -> str:
     return str(n.network_address + draw(st.integers(0, min(n.num_addresses, SPREAD) - 1)))
 
 
+@dataclass(frozen=True)
+class World:
+    """A subscriber table, allow-lists and switches, and where its packets draw from."""
+
+    tables: tables.Tables
+    flags: int
+    hosts: list[str]
+    nets: list
+    allowed: list
+
+
 @st.composite
-def scenarios(draw) -> tuple[tables.Tables, int, Shot]:
-    """A world (subscriber table, allow-lists, switches) and one packet in it."""
+def worlds(draw) -> World:
+    """A world: subscriber table, allow-lists, switches."""
     t = tables.Tables()
     for _ in range(draw(st.integers(0, 4))):
         a = draw(families.flatmap(lambda f: address(f, SUB_BASES)))
@@ -103,25 +123,28 @@ def scenarios(draw) -> tuple[tables.Tables, int, Shot]:
     t.allow = tables.allow_table(relays, support)
     on = [s for s in SWITCHES if draw(odds(3, 1))]
     on += [s for s in ("bypass", "monitor") if draw(odds(1, 19))]
-    flags = flags_of(tuple(on))
+    return World(t, flags_of(tuple(on)), [str(tables.ip_of(a)) for a in t.hosts],
+                 [tables.net_of(k) for k in t.prefixes], relays + support)
 
+
+@st.composite
+def shots(draw, w: World) -> Shot:
+    """One packet in world ``w``."""
     # The subscriber's side: mostly an address the table knows, sometimes any.
-    hosts = [str(tables.ip_of(a)) for a in t.hosts]
-    nets = [tables.net_of(k) for k in t.prefixes]
     how = draw(st.sampled_from(("host", "prefix", "prefix", "prefix", "any")))
-    if how == "host" and hosts:
-        me = draw(st.sampled_from(hosts))
+    if how == "host" and w.hosts:
+        me = draw(st.sampled_from(w.hosts))
     elif how in ("host", "prefix"):
-        me = _inside(draw, nets)
+        me = _inside(draw, w.nets)
     else:
-        me = draw(families.flatmap(lambda f: address(f, SUB_BASES) | address(f, PEER_BASES)))
+        me = draw(ANY_ADDR[draw(families)])
     family = 6 if ":" in me else 4
     # The other side: mostly a peer, often on an allow-list.
-    listed = [n for n in relays + support if n.version == family]
+    listed = [n for n in w.allowed if n.version == family]
     if listed and draw(odds(1, 1)):
         peer = _inside(draw, listed)
     else:
-        peer = draw(address(family, PEER_BASES) | address(family, SUB_BASES))
+        peer = draw(ANY_ADDR[family])
 
     role = draw(st.sampled_from(schema.ROLES))
     src, dst = (me, peer) if role == "access" else (peer, me)
@@ -129,31 +152,50 @@ def scenarios(draw) -> tuple[tables.Tables, int, Shot]:
     # OP25B is about TCP from subscribers, IP53B mostly about UDP to them.
     protos = (TCP, TCP, UDP, icmp_proto) if role == "access" else (UDP, UDP, TCP, icmp_proto)
     proto = draw(st.sampled_from(protos))
-    port = st.sampled_from(PORTS) | st.integers(0, 65535)
-    # The port each pipeline looks at, more often than the others.
-    rule_port = 25 if role == "access" else 53
     icmp = (8, 0, 3, 11) if family == 4 else (128, 129, 1, 132, 133, 135, 136, 137, 138)
     frag = draw(st.sampled_from(("none",) * 5 + ("first", "later")))
     p = Packet(role, src, dst, proto,
-               sport=draw(port), dport=draw(st.just(rule_port) | port), frag=frag,
-               l4_len=draw(st.none() | st.none() | st.integers(0, 28)),
-               tcp_flags=draw(st.sampled_from(TCP_FLAGS) | st.integers(0, 255)),
+               # dport: the port each pipeline looks at, more often than the others
+               sport=draw(PORT), dport=draw(RULE_PORT[role]), frag=frag,
+               l4_len=draw(L4_LEN), tcp_flags=draw(TCP_FLAGS_ANY),
                icmp_type=draw(st.sampled_from(icmp)), ip_extra=draw(odds(1, 3)))
-    shot = Shot(p, draw(st.integers(0, 2)), draw(st.booleans()),
+    return Shot(p, draw(st.integers(0, 2)), draw(st.booleans()),
                 draw(st.sampled_from(("xdp", "tc"))))
-    return t, flags, shot
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scenario=scenarios())
-def test_bpf_agrees_with_model(dp, scenario):
-    t, flags, shot = scenario
-    dp.reset()
-    load(dp, t, flags)
-    p = shot.packet
-    want = model.decide(p, flags, t)
-    note(f"model: {want.verdict}/{want.reason}, switches {tables.control_names(flags)}")
-    event(f"{want.verdict}/{want.reason}")
-    frame = packets.frame(p, vlans=shot.vlans, pppoe=shot.pppoe)
-    run_one(dp, shot.hook, p.role, frame, want.verdict, want.reason)
+# `make test`: 300 worlds of one packet each. `make fuzz` (XZ_FUZZ=1): XZ_FUZZ_WORLDS worlds
+# of XZ_FUZZ_PACKETS packets each, 100,000 packets by default.
+FUZZ = os.environ.get("XZ_FUZZ") == "1"
+WORLDS = int(os.environ.get("XZ_FUZZ_WORLDS", 2000)) if FUZZ else 300
+PACKETS = int(os.environ.get("XZ_FUZZ_PACKETS", 50)) if FUZZ else 1
+
+
+def test_bpf_agrees_with_model(dp):
+    checked = []
+
+    @settings(max_examples=WORLDS, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(scenario=worlds().flatmap(lambda w: st.tuples(
+        st.just(w), st.lists(shots(w), min_size=PACKETS, max_size=PACKETS))))
+    def agree(scenario):
+        w, packets_in = scenario
+        dp.reset()
+        load(dp, w.tables, w.flags)
+        note(f"switches {tables.control_names(w.flags)}")
+        for shot in packets_in:
+            p = shot.packet
+            want = model.decide(p, w.flags, w.tables)
+            event(f"{want.verdict}/{want.reason}")
+            dp.maps.clear_counters()
+            frame = packets.frame(p, vlans=shot.vlans, pppoe=shot.pppoe)
+            try:
+                run_one(dp, shot.hook, p.role, frame, want.verdict, want.reason)
+            except AssertionError:
+                note(f"{shot}: the model says {want.verdict}/{want.reason}")
+                raise
+        checked.append(len(packets_in))
+
+    agree()
+    print(f"\ndifferential: {len(checked)} worlds, {sum(checked)} packets agree with the model")
+    assert sum(checked) >= WORLDS * PACKETS or not FUZZ, "fewer packets than asked for"

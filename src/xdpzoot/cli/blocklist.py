@@ -6,6 +6,7 @@ import time
 
 import click
 
+from xdpzoot.dataplane import kernel
 from xdpzoot.sources import csam
 
 from . import Ctx, _address, _emit, _progress, _run, json_opt, main
@@ -28,6 +29,7 @@ def load_csam(o: Ctx, path: str, strict: bool = False, force: bool = False) -> d
     data, warnings = csam.read_list(path, strict, o.cfg.limits.source_bytes)
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
+    kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
     inst = o.instance()
     bars = []
 

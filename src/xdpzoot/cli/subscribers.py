@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from xdpzoot import sync, tables
-from xdpzoot.dataplane import layout
+from xdpzoot.dataplane import kernel, layout
 from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources.files import paused_gc
 
@@ -57,6 +57,7 @@ def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
         with paused_gc():   # a million rows: see sources.paused_gc
             rows, hosts, prefixes = tables.read_subscribers(file, strict,
                                                             o.cfg.limits.source_bytes)
+            kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
             inst = o.instance()
             bars = []
 

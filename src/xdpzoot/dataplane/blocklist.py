@@ -3,7 +3,8 @@
 Kernel side (bpf/maps.h): two generations of an exact-address hash and a prefix trie;
 the idle generation is brought to the new list by diff, then one write of the control
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
-one. Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
+one, and the generation that was in force, idle now, is brought to the new list too.
+Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
 without the hash or the trie: written whole with a whole list, changed entry by entry with
 a difference. The maps are :class:`kernel.Maps`, without bcc, so that a small change is
 applied in well under a second. The caller holds the instance's lock for the whole load
@@ -60,15 +61,17 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
          progress: Progress | None = None, now: Callable[[], float] = time.time,
          max_shrink: float | None = None) -> LoadResult:
     """Make the list in ``data`` the list in force: bring the idle generation to it, then
-    switch. A file with an error changes nothing (SourceError); the same list (by digest)
-    as the one in force writes nothing. So does a list that a generation cannot hold
+    switch, then bring the generation that was in force (idle now) to it too. A file with
+    an error changes nothing (SourceError); the same list (by digest) as the one in force
+    writes nothing. So does a list that a generation cannot hold
     (``limits.csam_*``) and, given ``max_shrink``, an empty list or one with fewer than
     ``1 - max_shrink`` of the entries in force (``csam.max_shrink``; --force gives None):
     SourceError, before anything is written.
 
-    When the idle generation's text is kept and intact, only the lines that differ from it
-    are parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
-    already) and compared with the idle generation's keys, read back.
+    When a generation's text is kept and intact, only the lines that differ from it are
+    parsed and written; else the whole file is parsed (``lst``, if the caller parsed it
+    already) and compared with the generation's keys, read back. Since both generations
+    hold the list in force after a load, the next load writes only its difference with it.
     """
     maps.check_writer()
     sha = hashlib.sha256(data).digest()
@@ -77,13 +80,44 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     if maps.read_meta(gen)["sha256"] == sha.hex():
         return LoadResult(0, 0, gen, False)
     idle = 1 - gen
-    old = held(maps, idle)
+    # Both generations held the same list (the last load brought both to it): what the
+    # idle one's text says, and the difference, hold for the other one too.
+    sha_idle = maps.read_meta(idle)["sha256"]
+    same = sha_idle is not None and sha_idle == maps.read_meta(gen)["sha256"]
+    before = sum(maps.read_meta(gen)[k] for k in COUNTS)   # entries in force
+    added, removed, counts, lst, old = _bring(maps, idle, data, path, lst, progress,
+                                              max_shrink=max_shrink, before=before)
+    maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
+                                                        *(counts[k] for k in COUNTS)))
+    maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
+                  | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
+    # The generation that was in force is idle now. (A packet that read the control word
+    # before the switch may still look it up for a few microseconds: it finds a mix of the
+    # old and the new list, neither more nor less than one of them would list.) A load
+    # killed from here on leaves its meta cleared: the next load takes the whole path.
+    _, _, counts, _, _ = _bring(maps, gen, data, path, lst, None, old if same else None,
+                                maps.text_path(idle))
+    maps.meta.update(struct.pack("=I", gen), META.pack(sha, int(now()),
+                                                       *(counts[k] for k in COUNTS)))
+    return LoadResult(added, removed, idle, True)
+
+
+def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
+           progress: Progress | None, old: Held | None = None, text: str | None = None,
+           max_shrink: float | None = None, before: int = 0
+           ) -> tuple[int, int, dict[str, int], CsamList | None, Held | None]:
+    """Write the list in ``data`` into generation ``gen``, which is not in force, with its
+    text, and leave its meta cleared (the caller writes it); (added, removed, counts, the
+    list when it was parsed, what the generation held). ``old``: what it holds, when known
+    already; ``text``: where this list's text is pinned already. Refused before any write
+    (SourceError): more entries than a generation holds, and given ``max_shrink``, fewer
+    than ``1 - max_shrink`` of ``before``, the entries in force."""
+    old = old or held(maps, gen)
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
-    old_dir = maps.read_csam_dir(idle) if old else None
+    old_dir = maps.read_csam_dir(gen) if old else None
     delta = (csam.text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
              else None)
-    before = sum(maps.read_meta(gen)[k] for k in COUNTS)
     if delta is not None and not _surely_fits(maps, old, delta, before, max_shrink):
         delta = None   # near a limit: decided on the whole list, parsed
     if delta is None:
@@ -91,27 +125,26 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
         if max_shrink is not None:
             check_shrink(path, "list entries", before, len(lst.hosts) + len(lst.prefixes),
                          max_shrink, "csam.max_shrink")
-        check_room(path, "addresses", len(lst.hosts), maps.hosts[idle].max_entries,
+        check_room(path, "addresses", len(lst.hosts), maps.csam_hosts[gen].max_entries,
                    "limits.csam_hosts")
-        check_room(path, "prefixes", len(lst.prefixes), maps.prefixes[idle].max_entries,
+        check_room(path, "prefixes", len(lst.prefixes), maps.csam_prefixes[gen].max_entries,
                    "limits.csam_prefixes")
-    key = struct.pack("=I", idle)
-    # Until it is written whole, the idle generation holds no list that anything may trust.
-    maps.meta.update(key, bytes(META.size))
+    # Until it is written whole, the generation holds no list that anything may trust.
+    maps.meta.update(struct.pack("=I", gen), bytes(META.size))
     if delta is not None:
-        added, removed, counts, dups = _write_delta(maps, idle, old, delta, progress)
+        added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress)
         dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
                          map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
-        maps.write_csam_dir(idle, old_dir)
+        maps.write_csam_dir(gen, old_dir)
     else:
-        added, removed = _write_list(maps, idle, lst, progress)
+        added, removed = _write_list(maps, gen, lst, progress)
         counts, dups = lst.counts(), lst.dups
-    kernel.pin_blob(maps.text_path(idle), TEXT.pack(len(data), len(dups)) + data
-                    + b"".join(DUP.pack(k, n) for k, n in dups.items()))
-    maps.meta.update(key, META.pack(sha, int(now()), *(counts[k] for k in COUNTS)))
-    maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
-                  | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
-    return LoadResult(added, removed, idle, True)
+    if text:
+        kernel.repin(text, maps.text_path(gen))
+    else:
+        kernel.pin_blob(maps.text_path(gen), TEXT.pack(len(data), len(dups)) + data
+                        + b"".join(DUP.pack(k, n) for k, n in dups.items()))
+    return added, removed, counts, lst, old
 
 
 def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,

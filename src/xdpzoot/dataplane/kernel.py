@@ -10,6 +10,7 @@ import contextlib
 import ctypes as ct
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import struct
@@ -431,6 +432,17 @@ def pin_blob(path: str, blob: bytes) -> None:
         os.close(fd)
 
 
+def repin(src: str, dst: str) -> None:
+    """Pin what is pinned at ``src`` at ``dst`` too, for root alone (replacing what was
+    pinned there): one map under two names."""
+    fd = _check(_libbpf.bpf_obj_get(src.encode()), f"open {src}")
+    try:
+        pin(fd, dst)
+        os.chmod(dst, 0o600)
+    finally:
+        os.close(fd)
+
+
 def read_blob(path: str) -> bytearray | None:
     """What :func:`pin_blob` keeps at ``path``, padding included; None when nothing, or
     something else, is pinned there."""
@@ -543,6 +555,65 @@ def unpin_all(pin_dir: str) -> None:
             raise
 
 
+# ---- the layout of the pinned maps --------------------------------------------------------
+# bcc's BPF_TABLE_PINNED reuses whatever is pinned under a map's name: a map of another key
+# size, value size or max_entries is taken as it is, with no error (bcc's table object then
+# even reports the source's max_entries, not the kernel's). So the maps carry the digest of
+# the layout they were made with, pinned beside them, and nothing opens them under another.
+
+LAYOUT_PIN = "xz_layout"
+LAYOUT_HEADERS = ("xdpzoot.h", "maps.h")   # the structs, the limits and the map definitions
+
+
+def _code(text: str) -> str:
+    """C source without its comments and with its spacing normalised."""
+    return " ".join(re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S).split())
+
+
+def layout_digest(defines: Iterable[str]) -> str:
+    """SHA-256 of the map layout: the headers that define the maps (comments and spacing
+    left out) and the -D limits in force."""
+    h = hashlib.sha256()
+    for name in LAYOUT_HEADERS:
+        h.update(_code((schema.BPF_DIR / name).read_text()).encode() + b"\0")
+    for d in sorted(defines):
+        h.update(d.encode() + b"\0")
+    return h.hexdigest()
+
+
+def pin_layout(pin_dir: str, defines: Iterable[str]) -> None:
+    """Pin the layout the maps under ``pin_dir`` were made with: its digest, and the
+    defines in force (so that a command without them can check the headers)."""
+    defines = sorted(defines)
+    pin_blob(os.path.join(pin_dir, LAYOUT_PIN),
+             "\n".join([layout_digest(defines), *defines]).encode())
+
+
+def check_layout(pin_dir: str, defines: Iterable[str] | None = None) -> bool:
+    """Refuse (KernelError, one line) when maps are pinned under ``pin_dir`` with a layout
+    other than this build's with ``defines`` (None: with the defines they were made with,
+    i.e. the headers alone). Maps without a layout pin are from a build before it: other.
+    False when no map is pinned there."""
+    if not any(os.path.exists(os.path.join(pin_dir, m)) for m in MAPS):
+        return False
+    todo = (f"detach (`xdpzoot --pin-dir {pin_dir} detach` removes the pins) and attach "
+            "again; the maps are made anew, empty")
+    blob = read_blob(os.path.join(pin_dir, LAYOUT_PIN))
+    if blob is None:
+        raise KernelError(f"{pin_dir}: maps pinned by a build without a layout digest, "
+                          f"perhaps of another layout: {todo}")
+    digest, *pinned_defs = blob.rstrip(b"\0").decode().split("\n")
+    if layout_digest(pinned_defs) != digest:
+        raise KernelError(f"{pin_dir}: maps pinned by a build whose headers define other map "
+                          f"layouts (bpf/xdpzoot.h, bpf/maps.h): {todo}")
+    if defines is not None and layout_digest(defines) != digest:
+        old, new = set(pinned_defs), set(defines)
+        diff = ", ".join(sorted(old - new)) + " -> " + ", ".join(sorted(new - old))
+        raise KernelError(f"{pin_dir}: maps pinned with other limits ({diff}; config "
+                          f"[limits]): {todo}, or put the limits back")
+    return True
+
+
 # ---- compile and load ---------------------------------------------------------------------
 
 
@@ -578,15 +649,20 @@ def cflags(pin_dir: str, defines: Iterable[str] = ()) -> list[str]:
 
 
 def compile_bpf(pin_dir: str, defines: Iterable[str] = (), maps_only: bool = False):
-    """Compile with bcc. Pinned maps that exist are reused, others created and pinned."""
+    """Compile with bcc. Pinned maps that exist are reused (when their layout is this one:
+    check_layout), others created and pinned, with the layout's digest."""
     from bcc import BPF  # imported here: only commands that touch the kernel need bcc
 
     ensure_bpffs(pin_dir)
+    defines = list(defines)
+    if not check_layout(pin_dir, defines):   # the maps are made now, with this layout
+        pin_layout(pin_dir, defines)
     text = maps_source() if maps_only else program_source()
     try:
-        return BPF(text=text.encode(), cflags=cflags(pin_dir, defines))
+        bpf = BPF(text=text.encode(), cflags=cflags(pin_dir, defines))
     except Exception as e:  # bcc raises bare Exception
         raise KernelError(f"BPF compile/load failed: {e}") from e
+    return bpf
 
 
 def program_name(hook: str, role: str) -> str:
@@ -644,6 +720,8 @@ class Maps:
             path = os.path.join(self.pin_dir, name)
             if not os.path.exists(path):
                 raise KernelError(NOT_LOADED.format(self.pin_dir))
+            if not self._open:   # maps of another build's layout are never used
+                check_layout(self.pin_dir)
             m = self._open[name] = PinnedMap(path)
         return m
 
