@@ -1,0 +1,203 @@
+"""Faults an edge router meets, each with a count of what was lost.
+
+``kill -9`` of the real commands at chosen points (tests/killpoint.py wraps a function of
+the product in the child process and sends SIGKILL there): `blocklist load`, `subscribers
+load` and `xdpzoot run` mid-tick and mid-snapshot. A full disk and a read-only state
+directory under `xdpzoot run`, made inside the daemon's own mount namespace (``unshare -m``),
+never in the host's. Every wait is on an event (a file, a log line, a map value) and bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import hashlib
+import ipaddress
+import json
+import os
+import queue
+import secrets
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import packets
+import pytest
+from conftest import make_dataplane
+from test_bpf import tcp
+
+from xdpzoot import tables
+from xdpzoot.bandwidth import accounting
+from xdpzoot.dataplane import blocklist, kernel, layout, schema
+
+C = schema.C
+XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
+KILLPOINT = str(Path(__file__).with_name("killpoint.py"))
+DEFINES = {"hosts": 4096, "prefixes": 1024, "subscribers": 4096, "csam_hosts": 262144,
+           "csam_prefixes": 1024, "flows": 1024}
+STRANGER6 = "2001:db8:ffff:1::77"   # a source that is nobody's: the CSAM step still drops
+KILLED = -9
+
+
+def wait_for(what: str, cond: Callable[[], object], timeout: float = 60) -> object:
+    """Poll ``cond`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def inst(bpffs, tmp_path_factory):
+    """One instance with its programs loaded (for verdicts), and a config that matches it."""
+    pin = os.path.join(bpffs, f"faults-{secrets.token_hex(3)}")
+    dp = make_dataplane(pin, [f"-DXZ_MAX_{k.upper()}={v}" for k, v in DEFINES.items()])
+    dp.maps.set_control_flags(C["XZ_C_LOADED"])
+    cfg = tmp_path_factory.mktemp("faults") / "xdpzoot.toml"
+    cfg.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in DEFINES.items()))
+    try:
+        yield dp, cfg
+    finally:
+        dp.maps.bpf.cleanup()
+        kernel.unpin_all(pin)
+
+
+def run(cfg, pin: str, *args: str, kill: dict | None = None, check: bool = True,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real CLI; with ``kill``, under killpoint.py (which must kill it)."""
+    argv = [XDPZOOT] if kill is None else [sys.executable, KILLPOINT]
+    env = {**os.environ, "XZ_KILL": json.dumps(kill)} if kill else None
+    r = subprocess.run([*argv, "--config", str(cfg), "--pin-dir", pin, *args],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    if kill:
+        assert r.returncode == KILLED, f"not killed at {kill}: {r.returncode} {r.stderr}"
+    elif check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+# ---- kill -9 of `blocklist load` -----------------------------------------------------------
+
+def hosts6(n: int, net: str) -> list[str]:
+    base = int(ipaddress.ip_address(net))
+    return [str(ipaddress.ip_address(base + i)) for i in range(1, n + 1)]
+
+
+OLD_LIST = ["192.0.2.66", "203.0.113.7", "2001:db8:ffff:66::66", "198.51.100.128/25",
+            "2001:db8:bad::/48", *hosts6(3000, "2001:db8:c5a::")]
+# Three batches of hosts to write (BATCH is 65536), some of the old list gone.
+NEW_LIST = ["192.0.2.67", "2001:db8:ffff:66::66", "198.51.100.0/26", "2001:db8:bad:1::/64",
+            *hosts6(140_000, "2001:db8:c5b::"), *hosts6(1500, "2001:db8:c5a::")]
+
+
+def text(entries: list[str], tag: str) -> bytes:
+    return (f"# {tag}\n" + "\n".join(entries) + "\n").encode()
+
+
+def reset_csam(pin: str) -> None:
+    """Both generations empty and never loaded, generation 0 in force: a fresh instance."""
+    with kernel.CsamMaps(pin) as m:
+        for t in (*m.hosts, *m.prefixes):
+            t.delete_many(t.keys())
+        for g in (0, 1):
+            m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
+            m.write_dir(g, bytes(m.dirs[g].value_size))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(m.text_path(g))
+        m.set_word(0)
+
+
+def sample(entries: list[str]) -> list[str]:
+    """Addresses that the list holds: hosts and the first address of each prefix, spread."""
+    addrs = [str(ipaddress.ip_network(e, strict=False).network_address) for e in entries]
+    return sorted(set(addrs[:6] + addrs[6::len(addrs) // 20 or 1]))
+
+
+def csam_verdict(dp, addr: str) -> str:
+    return dp.verdict("xdp", "access", packets.frame(tcp("access", STRANGER6 if ":" in addr
+                                                          else "100.64.1.10", addr, 443)))[0]
+
+
+def assert_in_force(dp, cfg, data: bytes, entries: list[str], others: list[str]) -> None:
+    """The list in force is exactly ``data``'s, whole: its meta digest, its keys, `blocklist
+    check` and BPF verdicts on a sample; addresses only the other list has are not listed."""
+    pin = dp.pin_dir
+    with kernel.CsamMaps(pin) as m:
+        assert blocklist.in_force(m, data)
+        _, word = m.word()
+        gen = word & C["XZ_CSAM_GEN"]
+        hosts = {a for a in m.hosts[gen].keys()}
+        prefixes = set(map(layout.LPM_KEY.unpack, m.prefixes[gen].keys()))
+    want = [ipaddress.ip_network(e) for e in entries]
+    assert hosts == {tables.addr16(n.network_address) for n in want if tables.is_host(n)}
+    assert prefixes == {tables.key_of(n) for n in want if not tables.is_host(n)}
+    status = json.loads(run(cfg, pin, "blocklist", "status", "--json").stdout)
+    assert status["sha256"] == hashlib.sha256(data).hexdigest()
+    only_other = sorted(set(sample(others)) - set(sample(entries)) - {
+        a for a in sample(others) if any(ipaddress.ip_address(a) in n for n in want)})
+    for a in sample(entries):
+        assert json.loads(run(cfg, pin, "blocklist", "check", a, "--json").stdout)["listed"]
+        assert csam_verdict(dp, a) == "drop"
+    for a in only_other:
+        assert csam_verdict(dp, a) == "pass"
+
+
+BATCH_UPDATE = "xdpzoot.dataplane.kernel:_libbpf.bpf_map_update_batch"
+CSAM_KILLS = {
+    "1st-batch": {"target": BATCH_UPDATE, "when": "after", "n": 1},
+    "2nd-batch": {"target": BATCH_UPDATE, "when": "after", "n": 2},
+    "before-text": {"target": "xdpzoot.dataplane.kernel:pin_blob", "when": "before", "n": 1},
+    "after-text": {"target": "xdpzoot.dataplane.kernel:pin_blob", "when": "after", "n": 1},
+    "before-switch": {"target": "xdpzoot.dataplane.kernel:CsamMaps.set_word",
+                      "when": "before", "n": 1},
+    "after-switch": {"target": "xdpzoot.dataplane.kernel:CsamMaps.set_word",
+                     "when": "after", "n": 1},
+}
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-load", "later-load"])
+@pytest.mark.parametrize("point", list(CSAM_KILLS))
+def test_killed_blocklist_load(inst, tmp_path, point, first):
+    """Killed anywhere, a load leaves the old list in force, whole (or, killed after the
+    switch, the new one, whole); the idle generation is trusted only if it is whole; the
+    next load completes and is exact."""
+    dp, cfg = inst
+    pin = dp.pin_dir
+    reset_csam(pin)
+    old, new = text(OLD_LIST, "old"), text(NEW_LIST, "new")
+    (tmp_path / "old.txt").write_bytes(old)
+    (tmp_path / "new.txt").write_bytes(new)
+    if first:   # the old list is what a fresh instance has: none
+        old_entries, old = [], None
+    else:
+        old_entries = OLD_LIST
+        run(cfg, pin, "blocklist", "load", str(tmp_path / "old.txt"))
+    run(cfg, pin, "blocklist", "load", str(tmp_path / "new.txt"), kill=CSAM_KILLS[point])
+    switched = point == "after-switch"
+    if switched:
+        assert_in_force(dp, cfg, new, NEW_LIST, old_entries)
+    elif old is not None:
+        assert_in_force(dp, cfg, old, OLD_LIST, NEW_LIST)
+    else:
+        with kernel.CsamMaps(pin) as m:
+            assert m.word()[1] == 0 and m.read_meta(0)["sha256"] is None
+        assert all(csam_verdict(dp, a) == "pass" for a in sample(NEW_LIST))
+    with kernel.CsamMaps(pin) as m:   # the idle generation: trusted only when whole
+        idle = 1 - (m.word()[1] & C["XZ_CSAM_GEN"])
+        held = blocklist.held(m, idle)
+        if held is not None:
+            assert held.text in (old, new)
+            assert set(m.hosts[idle].keys()) == {
+                tables.addr16(ipaddress.ip_network(e).network_address)
+                for e in (NEW_LIST if held.text == new else OLD_LIST) if "/" not in e}
+    r = json.loads(run(cfg, pin, "blocklist", "load", str(tmp_path / "new.txt"),
+                       "--json").stdout)
+    assert r["switched"] != switched
+    assert_in_force(dp, cfg, new, NEW_LIST, old_entries)
