@@ -142,8 +142,9 @@ def assert_in_force(dp, cfg, data: bytes, entries: list[str], others: list[str])
     assert status["sha256"] == hashlib.sha256(data).hexdigest()
     only_other = sorted(set(sample(others)) - set(sample(entries)) - {
         a for a in sample(others) if any(ipaddress.ip_address(a) in n for n in want)})
-    for a in sample(entries):
+    for a in sample(entries)[:2]:   # the command says so too (each run costs a start-up)
         assert json.loads(run(cfg, pin, "blocklist", "check", a, "--json").stdout)["listed"]
+    for a in sample(entries):
         assert csam_verdict(dp, a) == "drop"
     for a in only_other:
         assert csam_verdict(dp, a) == "pass"
