@@ -32,6 +32,8 @@ from test_bpf import tcp
 
 from xdpzoot import tables
 from xdpzoot.bandwidth import accounting
+from xdpzoot.bandwidth import rules as volume_rules
+from xdpzoot.config import load_config
 from xdpzoot.dataplane import blocklist, kernel, layout, schema
 
 C = schema.C
@@ -39,6 +41,7 @@ XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
 KILLPOINT = str(Path(__file__).with_name("killpoint.py"))
 DEFINES = {"hosts": 4096, "prefixes": 1024, "subscribers": 4096, "csam_hosts": 262144,
            "csam_prefixes": 1024, "flows": 1024}
+LIMITS = "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in DEFINES.items())
 STRANGER6 = "2001:db8:ffff:1::77"   # a source that is nobody's: the CSAM step still drops
 KILLED = -9
 
@@ -58,10 +61,10 @@ def wait_for(what: str, cond: Callable[[], object], timeout: float = 60) -> obje
 def inst(bpffs, tmp_path_factory):
     """One instance with its programs loaded (for verdicts), and a config that matches it."""
     pin = os.path.join(bpffs, f"faults-{secrets.token_hex(3)}")
-    dp = make_dataplane(pin, [f"-DXZ_MAX_{k.upper()}={v}" for k, v in DEFINES.items()])
-    dp.maps.set_control_flags(C["XZ_C_LOADED"])
     cfg = tmp_path_factory.mktemp("faults") / "xdpzoot.toml"
-    cfg.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in DEFINES.items()))
+    cfg.write_text(LIMITS)
+    dp = make_dataplane(pin, load_config(str(cfg)).defines())
+    dp.maps.set_control_flags(C["XZ_C_LOADED"])
     try:
         yield dp, cfg
     finally:
@@ -202,3 +205,66 @@ def test_killed_blocklist_load(inst, tmp_path, point, first):
                        "--json").stdout)
     assert r["switched"] != switched
     assert_in_force(dp, cfg, new, NEW_LIST, old_entries)
+
+
+# ---- kill -9 of `subscribers load` ---------------------------------------------------------
+
+def subscriber_file(old: bool) -> str:
+    """Hosts, prefixes (IPv4 and IPv6) and a dynamic pool; the new file changes rates,
+    removes some entries of each kind and adds others."""
+    rows = ["subscriber,address,type,up_kbps,down_kbps", "9000,100.65.0.0/24,dynamic,,"]
+    hosts = range(1, 201) if old else range(1, 151)
+    rows += [f"{1000 + i},100.64.1.{i},static,{1000 if old or i > 50 else 2000},1000"
+             for i in hosts]
+    rows += [f"{1000 + i},100.64.2.{i - 200},static,3000,3000" for i in
+             ([] if old else range(201, 261))]
+    nets = range(0, 50) if old else range(25, 75)
+    rows += [f"{2000 + i},100.64.{16 + i // 32}.{(i % 32) * 8}/29,static,5000,5000"
+             for i in nets]
+    rows += [f"{3000 + i},2001:db8:100:{i:x}::/64,static,{7000 if old else 8000},7000"
+             for i in range(20)]
+    return "\n".join(rows) + "\n"
+
+
+def subscriber_maps(pin: str) -> dict[tuple, layout.Entry]:
+    with kernel.SubscriberMaps.open(pin) as m:
+        return ({("host", a): e for a, e in m.host_items()}
+                | {("prefix", k): e for k, e in m.prefix_items()})
+
+
+SUB = "xdpzoot.dataplane.kernel:SubscriberMaps."
+SUBSCRIBER_KILLS = {   # the steps of sync.apply_plan
+    "after-union-dir": {"target": SUB + "write_dir", "when": "after", "n": 1},
+    "after-prefixes": {"target": SUB + "write", "when": "after", "n": 1},
+    "after-hosts": {"target": SUB + "write", "when": "after", "n": 2},
+    "after-host-deletes": {"target": SUB + "delete", "when": "after", "n": 1},
+    "before-final-dir": {"target": SUB + "write_dir", "when": "before", "n": 2},
+    "before-free-slots": {"target": SUB + "clear_state", "when": "before", "n": 1},
+}
+
+
+@pytest.mark.parametrize("point", list(SUBSCRIBER_KILLS))
+def test_killed_subscribers_load(inst, tmp_path, point):
+    """Killed between any two steps, a load leaves each entry old or new (an address that
+    stays in the file never without its class); the next load converges to the file."""
+    dp, cfg = inst
+    pin = dp.pin_dir
+    (tmp_path / "old.csv").write_text(subscriber_file(old=True))
+    (tmp_path / "new.csv").write_text(subscriber_file(old=False))
+    run(cfg, pin, "subscribers", "load", str(tmp_path / "old.csv"))
+    old = subscriber_maps(pin)
+    run(cfg, pin, "subscribers", "load", str(tmp_path / "new.csv"),
+        kill=SUBSCRIBER_KILLS[point])
+    mid = subscriber_maps(pin)
+    run(cfg, pin, "subscribers", "load", str(tmp_path / "new.csv"))
+    new = subscriber_maps(pin)
+    torn = [k for k, e in mid.items() if e not in (old.get(k), new.get(k))]
+    lost = [k for k in old.keys() & new.keys() if k not in mid]
+    assert (len(torn), len(lost)) == (0, 0)
+    assert mid != old or point == "after-union-dir"   # the kill came after some writes
+    _, hosts, prefixes = tables.read_subscribers(str(tmp_path / "new.csv"))
+    assert {a for kind, a in new if kind == "host"} == set(hosts.keys)
+    assert {layout.LPM_KEY.pack(*k) for kind, k in new if kind == "prefix"} == set(prefixes.keys)
+    diff = json.loads(run(cfg, pin, "subscribers", "diff", str(tmp_path / "new.csv"),
+                          "--json").stdout)
+    assert (diff["added"], diff["changed"], diff["removed"]) == (0, 0, 0)
