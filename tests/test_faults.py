@@ -15,12 +15,10 @@ import hashlib
 import ipaddress
 import json
 import os
-import queue
 import secrets
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,3 +266,191 @@ def test_killed_subscribers_load(inst, tmp_path, point):
     diff = json.loads(run(cfg, pin, "subscribers", "diff", str(tmp_path / "new.csv"),
                           "--json").stdout)
     assert (diff["added"], diff["changed"], diff["removed"]) == (0, 0, 0)
+
+
+# ---- kill -9 of `xdpzoot run` --------------------------------------------------------------
+
+RULES = """\
+[[rule]]
+name = "up-20mb"
+direction = "up"
+window = "rolling:1h"
+threshold = "20MB"
+action = "throttle"
+rate = "2Mbit"
+start = "now"
+duration = "until-below"
+"""
+SUBS = "subscriber,address,type,up_kbps,down_kbps\n200,198.51.100.8/29,static,50000,50000\n"
+MB = 1_000_000
+
+
+class Daemon:
+    """`xdpzoot run` as a process of its own, its log in a file; ``argv`` says how it is
+    started (plain, under killpoint.py, or in a mount namespace of its own)."""
+
+    def __init__(self, inst, tmp_path: Path, state_dir: Path):
+        self.dp, _ = inst
+        self.tmp, self.dir = tmp_path, state_dir
+        state_dir.mkdir(exist_ok=True)
+        (tmp_path / "rules.toml").write_text(RULES)
+        (tmp_path / "subs.csv").write_text(SUBS)
+        self.cfg = tmp_path / "xdpzoot.toml"
+        self.cfg.write_text(LIMITS + f"""
+[bandwidth]
+rules = "{tmp_path}/rules.toml"
+state = "{state_dir}/state.msgpack"
+audit = "{state_dir}/audit.jsonl"
+tick_seconds = 1
+""")
+        run(self.cfg, self.dp.pin_dir, "subscribers", "load", str(tmp_path / "subs.csv"))
+        m = self.dp.maps
+        self.slot = next(s for s, sid in m.owners().items() if sid == 200)
+        m.manual.clear()
+        m.set_throttle(self.slot, 0, 0)
+        m.set_throttles_switch(False)
+        self.rules = volume_rules.load_rules(str(tmp_path / "rules.toml"))
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp_path / "daemon.log"
+        self.root = ""   # where the daemon's view of the files is seen from here
+
+    def start(self, kill: dict | None = None, prefix: list[str] | None = None,
+              setup: str = "") -> None:
+        argv = [XDPZOOT] if kill is None else [sys.executable, KILLPOINT]
+        argv += ["--config", str(self.cfg), "--pin-dir", self.dp.pin_dir, "run"]
+        if setup:   # shell commands first, in a mount namespace of the daemon's own
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    setup + " && exec " + " ".join(argv)]
+        env = {**os.environ, "XZ_KILL": json.dumps(kill)} if kill else None
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(argv, stderr=log, env=env)
+        self.root = f"/proc/{self.proc.pid}/root" if setup else ""
+
+    def path(self, name: str) -> str:
+        return self.root + str(self.dir / name)
+
+    def log_lines(self, text: str) -> list[str]:
+        return [x for x in self.log.read_text().splitlines() if text in x]
+
+    def wait_log(self, text: str, count: int = 1) -> None:
+        wait_for(f"{count} log lines with {text!r}", lambda: self.alive_or_done() and
+                 len(self.log_lines(text)) >= count)
+
+    def alive_or_done(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()
+        return True
+
+    def snapshot(self) -> accounting.Accounting | None:
+        """The snapshot on disk, restored (it must be whole), or None if there is none."""
+        try:
+            data = Path(self.path("state.msgpack")).read_bytes()
+        except FileNotFoundError:
+            return None
+        return accounting.Accounting.restore(data, self.rules)
+
+    def snapshot_says(self, cond: Callable[[accounting.Accounting], bool]) -> bool:
+        acct = self.snapshot()
+        return acct is not None and cond(acct)
+
+    def audit(self) -> list[dict]:
+        """Every record of the audit log (each line must be one)."""
+        try:
+            return [json.loads(x) for x in Path(self.path("audit.jsonl")).read_text()
+                    .splitlines()]
+        except FileNotFoundError:
+            return []
+
+    def throttled(self, acct: accounting.Accounting) -> bool:
+        return bool(acct.throttle_rate(200, time.time()))
+
+    def used(self, acct: accounting.Accounting) -> int:
+        return acct.usage(200, time.time())[0]["bytes"]
+
+    def add_up(self, n: int) -> None:
+        """Upload as the data plane counts it."""
+        m = self.dp.maps
+        v = m.state[ct.c_uint32(self.slot)]
+        v.dir[0].bytes += n
+        m.state[ct.c_uint32(self.slot)] = v
+
+    def killed(self) -> None:
+        assert self.proc.wait(timeout=60) == KILLED, self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                assert self.proc.wait(timeout=30) == 0, self.log.read_text()
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon(inst, tmp_path) -> Iterator[Daemon]:
+    d = Daemon(inst, tmp_path, tmp_path / "state")
+    try:
+        yield d
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=10)
+
+
+def restart_resumes(d: Daemon, ticked: Callable[[accounting.Accounting], bool]) -> None:
+    """A plain restart reads the last whole snapshot (never the torn one), resumes the
+    windows and keeps the throttle the rules decided; its first snapshot (``ticked`` says
+    which) replaces the torn temp file."""
+    d.log.write_text("")
+    d.start()
+    d.wait_log("resumed from")
+    assert not d.log_lines("starting afresh")
+    wait_for("a snapshot of the restarted daemon",
+             lambda: d.alive_or_done() and d.snapshot_says(ticked))
+    assert not os.path.exists(d.path(".state.msgpack.tmp"))
+    assert d.dp.maps.get_throttle(d.slot) == (2000, 2000)
+    assert d.slot not in d.dp.maps.manual_throttles()   # resumed, not adopted by hand
+    d.stop()
+
+
+def test_kill_mid_snapshot(daemon):
+    """Killed with the new snapshot written but not renamed: the maps keep enforcing, the
+    old snapshot is whole, and the restart resumes from it; bytes counted since are not
+    lost (the kernel's counters carry them)."""
+    d = daemon
+    arm = d.tmp / "arm"
+    d.start(kill={"target": "os:replace", "when": "before", "n": 1,
+                  "match": "state.msgpack", "arm": str(arm)})
+    wait_for("the first snapshot", lambda: d.alive_or_done() and d.snapshot())
+    d.add_up(25 * MB)
+    wait_for("the throttle in a snapshot", lambda: d.alive_or_done()
+             and d.snapshot_says(d.throttled))
+    assert d.dp.maps.get_throttle(d.slot) == (2000, 2000)
+    d.add_up(1 * MB)
+    arm.touch()
+    d.killed()
+    assert os.path.exists(d.path(".state.msgpack.tmp"))   # the snapshot it was writing
+    assert d.dp.maps.get_throttle(d.slot) == (2000, 2000)  # enforcement continues
+    assert d.dp.maps.control_flags() & C["XZ_C_THROTTLES"]
+    before = d.snapshot()
+    assert d.throttled(before) and d.used(before) == 25 * MB
+    restart_resumes(d, lambda a: d.used(a) == 26 * MB)      # the window went on counting
+    assert [r["action"] for r in d.audit()] == ["throttle"]
+
+
+def test_kill_mid_tick(daemon):
+    """Killed right after the tick wrote a new throttle into the map, before the audit log
+    and the snapshot took it: the throttle stays in force, and the restarted daemon decides
+    it again from the counters (so the audit log has it, once)."""
+    d = daemon
+    d.start(kill={"target": "xdpzoot.dataplane.kernel:Maps.set_throttle", "when": "after",
+                  "n": 1, "match": ", 2000, 2000)"})
+    wait_for("the first snapshot", lambda: d.alive_or_done() and d.snapshot())
+    d.add_up(25 * MB)
+    d.killed()
+    assert d.dp.maps.get_throttle(d.slot) == (2000, 2000)
+    assert not d.throttled(d.snapshot()) and not d.audit()   # neither took it
+    restart_resumes(d, d.throttled)
+    assert d.used(d.snapshot()) == 25 * MB
+    assert [r["action"] for r in d.audit()] == ["throttle"]
