@@ -454,3 +454,66 @@ def test_kill_mid_tick(daemon):
     restart_resumes(d, d.throttled)
     assert d.used(d.snapshot()) == 25 * MB
     assert [r["action"] for r in d.audit()] == ["throttle"]
+
+
+# ---- a full disk, a read-only state directory ----------------------------------------------
+
+def fill(path: str) -> None:
+    """Write ``path`` until the file system is full, to the last byte."""
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(bytes(chunk))
+            except OSError as e:
+                assert e.errno == 28, e   # ENOSPC
+
+
+def remount(d: Daemon, opts: str) -> None:
+    """Remount the state directory in the daemon's own mount namespace (not the host's)."""
+    subprocess.run(["nsenter", "-t", str(d.proc.pid), "-m", "mount", "-o", opts, str(d.dir)],
+                   check=True, timeout=10)
+
+
+FAULTS = {   # name: (mount made before the start, how to break it, how to heal it, error)
+    "disk-full": ("mount -t tmpfs -o size=256k,mode=0700 xzfull {dir}",
+                  lambda d: fill(d.path("filler")),
+                  lambda d: os.unlink(d.path("filler")), "No space left on device"),
+    "read-only": ("mount --bind {dir} {dir}",
+                  lambda d: remount(d, "remount,bind,ro"),
+                  lambda d: remount(d, "remount,bind,rw"), "Read-only file system"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_state_directory_fault(daemon, fault):
+    """The snapshot and the audit log cannot be written: one log line per condition (not
+    one per tick), the tick goes on writing throttles into the maps, the old snapshot stays
+    whole, the audit log holds only whole records; healed, both are written again and the
+    actions of the meantime reach the audit log (nothing lost)."""
+    d = daemon
+    setup, brk, heal, error = FAULTS[fault]
+    d.start(setup=setup.format(dir=d.dir))
+    wait_for("the first snapshot", lambda: d.alive_or_done() and d.snapshot())
+    assert not d.audit()
+    brk(d)
+    d.add_up(25 * MB)
+    wait_for("the throttle in the map",
+             lambda: d.alive_or_done() and d.dp.maps.get_throttle(d.slot) == (2000, 2000))
+    d.wait_log(f"snapshot {d.dir}/state.msgpack not written: {error}")
+    d.wait_log(f"audit log {d.dir}/audit.jsonl not written: {error}")
+    for i in range(1, 3):   # more ticks, seen by a throttle set by hand that expires
+        d.dp.maps.set_manual(d.slot, 1000, int(time.time()) + 1)
+        d.wait_log("expired", count=i)
+    assert len(d.log_lines("not written")) == 2        # once per condition
+    assert d.dp.maps.get_throttle(d.slot) == (2000, 2000)
+    assert not d.throttled(d.snapshot())               # the old one, whole
+    assert not d.audit()                               # no torn record
+    assert not os.path.exists(d.path(".state.msgpack.tmp"))
+    heal(d)
+    d.wait_log(f"snapshot {d.dir}/state.msgpack written again")
+    d.wait_log(f"audit log {d.dir}/audit.jsonl written again")
+    assert d.throttled(d.snapshot()) and d.used(d.snapshot()) == 25 * MB
+    assert [r["action"] for r in d.audit()] == ["throttle"]
+    assert len(d.log_lines("not written")) == 2
+    d.stop()
