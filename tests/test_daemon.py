@@ -65,7 +65,7 @@ subscribers = 1024
 csam_hosts = 1024
 csam_prefixes = 1024
 """)
-    r = subprocess.run([sys.executable, "-m", "xdpzoot.cli", "--config", str(cfg), "--pin-dir",
+    r = subprocess.run([sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir",
                         pin, "subscribers", "load", str(tmp_path / "subs.csv")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
