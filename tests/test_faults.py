@@ -525,3 +525,32 @@ def test_state_directory_fault(daemon, fault):
     assert [r["action"] for r in d.audit()] == ["throttle"]
     assert len(d.log_lines("not written")) == 2
     d.stop()
+
+
+TORN_WRITE = """
+import resource, signal, sys
+from xdpzoot.bandwidth.accounting import Action
+from xdpzoot.bandwidth.store import AuditLog
+log = AuditLog(sys.argv[1], 86400)
+log.write([Action(1.79e9, 200, "up-20mb", "throttle", 2000, {})])
+size = len(open(sys.argv[1], "rb").read())
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, size + 100))
+try:
+    log.write([Action(1.79e9 + i, 200 + i, "up-20mb", "throttle", 2000, {}) for i in range(9)])
+except OSError as e:
+    print(e.strerror)
+"""
+
+
+def test_a_failed_audit_write_leaves_no_torn_record(tmp_path):
+    """A write that stops part-way (here at a file size limit: the first 100 bytes go in,
+    then EFBIG) is cut back to the last whole record, and the error is raised."""
+    path = tmp_path / "audit.jsonl"
+    r = subprocess.run([sys.executable, "-c", TORN_WRITE, str(path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "File too large"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(x["subscriber"], x["action"]) for x in records] == [(200, "throttle")]
+    assert path.read_text().endswith("\n")
