@@ -84,6 +84,8 @@ class Daemon:
     reload_wanted: bool = False
     stop_wanted: bool = False
     _last_purge: float = 0.0
+    unaudited: list = field(default_factory=list)   # actions the audit log has not taken yet
+    _failing: dict[str, tuple] = field(default_factory=dict)   # what -> (errno, message)
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,13 +154,38 @@ class Daemon:
         self._enforce_rates(now, slot_of)
         self._congestion(now)
         self._watch_sources()
-        if actions:
-            self.audit.write(actions)
-        if now - self._last_purge >= 3600:
-            self.audit.purge(now)
-            self._last_purge = now
-        store.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        self.unaudited.extend(actions)
+        self._persist(now)
         return actions
+
+    def _persist(self, now: float) -> None:
+        """The audit log and the snapshot, each written whole or not at all (store.py). What
+        cannot be written (a full disk, a read-only directory) is retried on the next tick:
+        the actions stay queued, and each snapshot holds the whole state."""
+        b = self.cfg.bandwidth
+        if self.unaudited and self._write("audit log", b.audit,
+                                          lambda: self.audit.write(self.unaudited)):
+            self.unaudited = []
+        if now - self._last_purge >= 3600:
+            self._write("audit log", b.audit, lambda: self.audit.purge(now))
+            self._last_purge = now
+        self._write("snapshot", b.state,
+                    lambda: store.save_snapshot(b.state, self.acct.snapshot()))
+
+    def _write(self, what: str, path: str, write: Callable[[], object]) -> bool:
+        """One write to the state directory. A failure is logged once per condition (not
+        on every tick), and its end once; the maps keep enforcing either way."""
+        try:
+            write()
+        except OSError as e:
+            if self._failing.get(what) != (e.errno, e.strerror):
+                self._failing[what] = (e.errno, e.strerror)
+                log(f"{what} {path} not written: {e.strerror}; enforcement continues, "
+                    "retried every tick")
+            return False
+        if self._failing.pop(what, None) is not None:
+            log(f"{what} {path} written again")
+        return True
 
     def _enforce_rates(self, now: float, slot_of: dict[int, int]) -> None:
         """The throttle in force per slot: the lowest of the rules' and the hand-set one
@@ -179,8 +206,8 @@ class Daemon:
         on = self.congestion.feed(now, netlink.link_bytes(list(self.cfg.interfaces.core)))
         if self.inst.congestion_auto(on):
             log(f"congestion mode {'on' if on else 'off'} (auto)")
-            self.audit.write([accounting.Action(now, 0, "congestion", "congestion",
-                                                None, {"on": on})])
+            self.unaudited.append(accounting.Action(now, 0, "congestion", "congestion",
+                                                    None, {"on": on}))
 
     # -- source files -----------------------------------------------------------------------
     def _sources(self) -> list[str]:
@@ -248,5 +275,5 @@ class Daemon:
             deadline = self.clock() + self.cfg.bandwidth.tick_seconds
             while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
                 sleep(min(0.5, max(0.0, deadline - self.clock())))
-        store.save_snapshot(self.cfg.bandwidth.state, self.acct.snapshot())
+        self._persist(self.clock())
         log("stopped; the data plane keeps enforcing")

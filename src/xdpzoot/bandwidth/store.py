@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime, tzinfo
 
@@ -28,11 +27,14 @@ def _fsync_dir(directory: str) -> None:
 def _atomic_write(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
 
-    The file is created readable by its owner only (it holds subscriber data).
+    The temp file has a fixed name (``.NAME.tmp``), so a writer killed before the rename
+    leaves at most one, which the next write replaces. It is created readable by its owner
+    only (it holds subscriber data); on an error (a full disk) it is removed.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -95,17 +97,27 @@ class AuditLog:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
     def write(self, actions: Iterable[Action]) -> int:
-        """Append one line per action; returns how many were written."""
-        lines = [self.line(a) + "\n" for a in actions]
-        if not lines:
+        """Append one line per action; returns how many were written. All or none: a write
+        that fails (a full disk) is cut back to where the file ended, so that no torn
+        record is left, and the OSError raised."""
+        data = "".join(self.line(a) + "\n" for a in actions).encode("utf-8")
+        if not data:
             return 0
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        return len(lines)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+        return data.count(b"\n")
 
     def purge(self, now: float) -> int:
         """Drop records older than the retention (time < now - retention); returns how many.
