@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xdpzoot.lab import Lab, LabRouter, netns_run, wait_for
+from xdpzoot.lab import Lab, LabRouter, in_netns, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -204,7 +205,8 @@ class Receiver:
         after it along the same path to an address that is not listed, has arrived."""
         marker = self.lab.addr["inet4"]
         seen = self.snap().get(marker, 0)
-        finish(stream(self.lab, [marker], max_packets=1, max_seconds=5, pps=1_000))
+        with in_netns(self.lab.dyn), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"m", (marker, PORT))
         return wait_for(lambda: (c := self.snap()).get(marker, 0) > seen and c, 5,
                         "the marker datagram at the receiver")
 
