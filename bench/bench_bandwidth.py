@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import struct
@@ -60,6 +59,7 @@ from bench import bpffs, log, size_label  # noqa: E402  (bench/ is on the path: 
 from xdpzoot.config import Bandwidth  # noqa: E402
 from xdpzoot.dataplane import kernel, schema  # noqa: E402
 from xdpzoot.dataplane.layout import Entry  # noqa: E402
+from xdpzoot.lab import LabRouter, lab_running, router_running  # noqa: E402
 from xdpzoot.model import TCP, Packet  # noqa: E402
 
 C = schema.C
@@ -129,28 +129,19 @@ flows = 4096
 """
 
 
-def xdpzoot_argv() -> list[str]:
-    """The CLI of this checkout (not whichever one is installed)."""
-    os.environ["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
-    return [sys.executable, "-m", "xdpzoot"]
+class Router(LabRouter):
+    """The xdpzoot CLI in the lab's router namespace, with the benchmark's config."""
 
-
-class LabRouter:
-    """The xdpzoot CLI in the lab's router namespace."""
+    timeout = 120
 
     def __init__(self, lab, workdir: Path, burst_ms: int):
-        self.lab, self.workdir = lab, workdir
-        self.pin_dir = str(lab.bpffs / "bench")
-        self.config = workdir / "xdpzoot.toml"
+        super().__init__(lab, workdir)
+        self.burst_ms = burst_ms
         self.subs = workdir / "subscribers.csv"
+
+    def write_config(self) -> None:
         self.subs.write_text(SUBSCRIBERS.format(kbps=0))
-        self.config.write_text(CONFIG.format(burst_ms=burst_ms, subs=self.subs))
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        from xdpzoot.lab import netns_run
-
-        return netns_run(self.lab.router, *xdpzoot_argv(), "--config", str(self.config),
-                         "--pin-dir", self.pin_dir, *args, timeout=120, check=check)
+        self.config.write_text(CONFIG.format(burst_ms=self.burst_ms, subs=self.subs))
 
     def set_rate(self, kbps: int) -> None:
         """The static subscriber's rate, both directions (0: unlimited)."""
@@ -223,42 +214,36 @@ def htb(ns: str, dev: str, mbit: int) -> Iterator[None]:
 
 def accuracy(args: argparse.Namespace) -> dict:
     """Goodput per rate and direction: xdpzoot (plain and paced sender), HTB, nothing."""
-    from xdpzoot.lab import lab_down, lab_up
-
-    prefix = "xzbw" + secrets.token_hex(2)
-    log(f"(a) lab {prefix}: up ...")
-    lab = lab_up(prefix, servers=False)
     workdir = Path(tempfile.mkdtemp(prefix="xdpzoot-bench-bw-"))
     out: dict = {"hook": args.hook, "seconds": args.seconds, "burst_ms": args.burst_ms,
                  "pace_factor": PACE_FACTOR, "rows": [], "unlimited": {}}
     try:
-        r = LabRouter(lab, workdir, args.burst_ms)
-        r.cli("attach", "--hook", args.hook)
-        a = lab.addr
-        # direction -> (sender ns, receiver ns, destination, router egress towards receiver)
-        paths = {"up": (lab.static, lab.inet, a["inet4"], "core0"),
-                 "down": (lab.inet, lab.static, a["sta4"], "acc-sta")}
-        for d, (snd, rcv, dst, _) in paths.items():
-            log(f"  unlimited {d} ...")
-            out["unlimited"][d] = iperf(snd, rcv, dst, args.seconds, None)
-        for rate in args.rates:
-            for d, (snd, rcv, dst, dev) in paths.items():
-                row = {"rate": rate, "dir": d}
-                log(f"  {rate} Mbit/s {d}: xdpzoot ...", end="")
-                r.set_rate(rate * 1000)
-                row["xdpzoot"] = iperf(snd, rcv, dst, args.seconds, None)
-                log(" paced ...", end="")
-                row["xdpzoot_paced"] = iperf(snd, rcv, dst, args.seconds, rate * PACE_FACTOR)
-                log(f" {CC_OTHER} ...", end="")
-                row["xdpzoot_other"] = iperf(snd, rcv, dst, args.seconds, None, CC_OTHER)
-                log(" htb ...")
-                r.set_rate(0)
-                with htb(lab.router, dev, rate):
-                    row["htb"] = iperf(snd, rcv, dst, args.seconds, None)
-                out["rows"].append(row)
-        r.cli("detach", check=False)
+        with (lab_running("xzbw", servers=False) as lab,
+              router_running(Router(lab, workdir, args.burst_ms), hook=args.hook) as r):
+            log(f"(a) lab {lab.prefix}, attached at {args.hook}")
+            a = lab.addr
+            # direction -> (sender ns, receiver ns, destination, router egress towards receiver)
+            paths = {"up": (lab.static, lab.inet, a["inet4"], "core0"),
+                     "down": (lab.inet, lab.static, a["sta4"], "acc-sta")}
+            for d, (snd, rcv, dst, _) in paths.items():
+                log(f"  unlimited {d} ...")
+                out["unlimited"][d] = iperf(snd, rcv, dst, args.seconds, None)
+            for rate in args.rates:
+                for d, (snd, rcv, dst, dev) in paths.items():
+                    row = {"rate": rate, "dir": d}
+                    log(f"  {rate} Mbit/s {d}: xdpzoot ...", end="")
+                    r.set_rate(rate * 1000)
+                    row["xdpzoot"] = iperf(snd, rcv, dst, args.seconds, None)
+                    log(" paced ...", end="")
+                    row["xdpzoot_paced"] = iperf(snd, rcv, dst, args.seconds, rate * PACE_FACTOR)
+                    log(f" {CC_OTHER} ...", end="")
+                    row["xdpzoot_other"] = iperf(snd, rcv, dst, args.seconds, None, CC_OTHER)
+                    log(" htb ...")
+                    r.set_rate(0)
+                    with htb(lab.router, dev, rate):
+                        row["htb"] = iperf(snd, rcv, dst, args.seconds, None)
+                    out["rows"].append(row)
     finally:
-        lab_down(prefix)
         shutil.rmtree(workdir, ignore_errors=True)
     for row in out["rows"]:
         for k in (*ACC_KEYS, "xdpzoot_other"):

@@ -3,24 +3,22 @@ once per session, and BPF_PROG_TEST_RUN as a verdict."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from xdpzoot.dataplane import kernel, layout, schema
+from bpfcases import TC_VERDICT, XDP_VERDICT  # noqa: E402
 
-# Return codes: XDP_DROP 1, XDP_PASS 2, XDP_TX 3; TC_ACT_OK 0, TC_ACT_SHOT 2, REDIRECT 7.
-XDP_VERDICT = {1: "drop", 2: "pass", 3: "reject"}
-TC_VERDICT = {0: "pass", 2: "drop", 7: "reject"}
+from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.lab import Lab, LabRouter, lab_running, router_running
 
 
 @pytest.fixture(scope="session")
@@ -81,53 +79,37 @@ def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
     return Dataplane(pin_dir, kernel.Maps(pin_dir), fds, bpf)
 
 
-class LabRouter:
-    """The xdpzoot CLI, run inside a lab's router namespace as an operator would.
-    Each lab test module says how it writes its config (``write_config``)."""
+@pytest.fixture(scope="module")
+def lab(request) -> Iterator[Lab]:
+    """The lab of a lab test module, named after its ``LAB_TAG``; the module's
+    ``prepare_lab(lab)``, if it has one, adds what its tests need."""
+    with lab_running(getattr(request.module, "LAB_TAG", "xz")) as lb:
+        prepare = getattr(request.module, "prepare_lab", None)
+        if prepare:
+            prepare(lb)
+        yield lb
 
-    def __init__(self, lab, workdir, pin_dir: str):
-        self.lab, self.workdir, self.pin_dir = lab, workdir, pin_dir
-        self.config = workdir / "xdpzoot.toml"
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        from xdpzoot.lab import netns_run
-
-        xdpzoot = os.path.join(os.path.dirname(sys.executable), "xdpzoot")
-        return netns_run(self.lab.router, xdpzoot, "--config", str(self.config), "--pin-dir",
-                         self.pin_dir, *args, timeout=60, check=check)
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.cli(*args, "--json").stdout)
+@pytest.fixture(scope="module")
+def router(request, lab, tmp_path_factory) -> Iterator[LabRouter]:
+    """The xdpzoot CLI in the module's lab (lab.router_running): the module's ``Router``
+    class (LabRouter if it has none), set up as its ``ROUTER`` says (hook, mode,
+    xdp_peers), detached at the end of the module."""
+    cls = getattr(request.module, "Router", LabRouter)
+    opts = getattr(request.module, "ROUTER", {})
+    with router_running(cls(lab, tmp_path_factory.mktemp("router")), **opts) as r:
+        yield r
 
 
 @pytest.fixture(scope="module", params=["xdp", "tc"])
 def hook(request, router) -> str:
-    """Attach the lab module's router (its own ``router`` fixture) with this hook, replacing
-    the other one in place, for the tests below."""
+    """Attach the module's router with this hook, replacing the other one in place, for the
+    tests below."""
     router.write_config()
-    out = router.json("attach", "--hook", request.param)
+    out = router.attach(request.param)
     assert {a["hook"] for a in out["attached"]} == {request.param}
     assert len(out["attached"]) == 3
     return request.param
-
-
-@contextlib.contextmanager
-def xdp_pass_on_peers(lab, bpffs: str):
-    """Native XDP_TX on a veth reaches the peer only if the peer runs XDP too: give the
-    lab hosts' ends an XDP_PASS program (a real NIC would not need it)."""
-    from bcc import BPF
-
-    from xdpzoot.lab import netns_run
-
-    prog = BPF(text=b"int pass(struct xdp_md *c) { return XDP_PASS; }")
-    pin = os.path.join(bpffs, "pass-" + lab.prefix)
-    kernel.pin(prog.load_func(b"pass", BPF.XDP).fd, pin)
-    try:
-        for ns in (lab.dyn, lab.static, lab.inet):
-            netns_run(ns, "ip", "link", "set", "dev", "eth0", "xdpdrv", "pinned", pin)
-        yield
-    finally:
-        os.unlink(pin)
 
 
 @pytest.fixture(scope="session")

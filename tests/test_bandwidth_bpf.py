@@ -83,7 +83,8 @@ def test_admit_within_burst_then_drop_then_refill(dp, hook, clock, tick):
     assert dp.counters()[("access", "drop", "rate")] == 20 - burst_frames
     # The bucket is burst_frames * cost ahead of now, and admits while at most 1 s ahead:
     # after a wait between (burst_frames * cost - 1) and ((burst_frames + 1) * cost - 1)
-    # seconds exactly one more frame passes. Wait for the middle (~0.18 s either way).
+    # seconds exactly one more frame passes. Wait for the middle (~0.18 s either way): the
+    # refill is what is tested, the sleep is not a wait for an event.
     time.sleep(((2 * burst_frames + 1) * cost - 2) / 2)
     again = send(dp, f, 20, hook)
     assert again == ["pass"] + ["drop"] * 19
@@ -188,6 +189,8 @@ def test_bulk_flow_gets_a_share_in_congestion(dp, hook):
     setup(dp, kbps=80000, burst_ms=1, flags=C["XZ_C_CONGESTION"], bulk_share=1)
     bulk, short = up(sport=41000), up(sport=42000)
     assert send(dp, bulk, 3, hook) == ["pass"] * 3     # first window: not bulk yet
+    # The sleeps below are the time under test (a window closing, a bucket refilling),
+    # not waits for an event.
     time.sleep(0.15)
     send(dp, bulk, 1, hook)                            # window closes: bulk from now on
     v = send(dp, bulk, 20, hook)

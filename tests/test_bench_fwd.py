@@ -4,11 +4,11 @@ program, counted at the sink and at the router."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench_fwd as bf  # noqa: E402
+
+from xdpzoot.lab import wait_for  # noqa: E402
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, BPF)")
 RATE = 20_000          # frames/s: far below what a router does, so nothing overflows a ring
@@ -64,12 +66,9 @@ def send(env: bf.Env, router: bf.Router, mix: str) -> tuple[int, int, int]:
     sink0, drops0 = env.traffic.sink_count(), router.drops()
     with bf.pinned_to(bf.GEN_CPU, True), bf.in_netns(env.topo.gen):
         sent, _ = bf.offer(env.traffic, RATE, SECONDS)
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        got = env.traffic.sink_count() - sink0 + router.drops() - drops0
-        if got >= sent:
-            break
-        time.sleep(0.02)
+    with contextlib.suppress(TimeoutError):   # what is missing then is the test's answer
+        wait_for(lambda: env.traffic.sink_count() - sink0 + router.drops() - drops0 >= sent,
+                 2, "every frame counted by the sink or dropped")
     return sent, env.traffic.sink_count() - sink0, router.drops() - drops0
 
 

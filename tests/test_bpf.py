@@ -12,135 +12,74 @@ their own below.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from dataclasses import dataclass
-from functools import reduce
-from operator import or_
 
 import packets
 import pytest
+from bpfcases import (
+    ALL,
+    BLOCK4,
+    BLOCK6,
+    C_,
+    DNS,
+    DYN4,
+    DYN6,
+    DYN_SMTP4,
+    DYN_SMTP6,
+    ENCAPS,
+    EXEMPT4,
+    EXEMPT6,
+    GATEWAY6,
+    HOOKS,
+    HOST_IN_BLOCK4,
+    HOST_IN_BLOCK6,
+    MAIL4,
+    MAIL6,
+    OP,
+    REJ,
+    RELAY4,
+    RELAY6,
+    RESOLVER4,
+    RESOLVER6,
+    STATIC4,
+    STATIC6,
+    STRANGER4,
+    STRANGER6,
+    SUBS,
+    SUPPORT4,
+    SUPPORT6,
+    SUSP4,
+    SUSP6,
+    WEB4,
+    WEB6,
+    A,
+    eth,
+    exthdr_chain,
+    flags_of,
+    ids,
+    load,
+    model_tables,
+    ping,
+    run_one,
+    tcp,
+    three_tags,
+    udp,
+)
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import (
     IPv6,
-    IPv6ExtHdrDestOpt,
-    IPv6ExtHdrHopByHop,
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.ppp import PPP, PPPoE, PPPoED
 from scapy.packet import Raw
 
-from xdpzoot import model, tables
-from xdpzoot.dataplane import dirs, kernel, schema
+from xdpzoot import model
+from xdpzoot.dataplane import kernel, schema
 from xdpzoot.dataplane.layout import Entry
-from xdpzoot.model import ICMP, ICMPV6, TCP_RST, UDP, Packet
-from xdpzoot.model import TCP as P_TCP
+from xdpzoot.model import ICMPV6, TCP_RST, Packet
 
 TCP_FIN, TCP_PSH, TCP_ACK = 0x01, 0x08, 0x10
-
-# ---- the world: subscribers, peers, allow-lists ------------------------------------------
-
-DYN4 = "100.64.0.5"          # in the dynamic pool 100.64.0.0/24
-BLOCK4 = "100.64.0.9"        # static /29 carved out of that pool
-HOST_IN_BLOCK4 = "100.64.0.12"   # dynamic host entry inside the static /29
-EXEMPT4 = "100.64.0.50"      # dynamic, op25b_exempt + ip53b_exempt
-SUSP4 = "100.64.0.66"        # dynamic, suspended
-STATIC4 = "100.64.1.7"       # static pool 100.64.1.0/24
-STRANGER4 = "198.51.100.77"  # nobody's
-MAIL4, WEB4, RESOLVER4 = "192.0.2.10", "192.0.2.80", "192.0.2.53"
-RELAY4, SUPPORT4 = "192.0.2.25", "203.0.113.10"
-
-DYN6 = "2001:db8:100:1::5"
-BLOCK6 = "2001:db8:100:8::9"
-HOST_IN_BLOCK6 = "2001:db8:100:8::12"
-EXEMPT6 = "2001:db8:100:50::1"
-SUSP6 = "2001:db8:100:66::5"
-STATIC6 = "2001:db8:200::7"
-STRANGER6 = "2001:db8:ffff:1::77"
-MAIL6, WEB6, RESOLVER6 = "2001:db8:ffff:1::10", "2001:db8:ffff:1::80", "2001:db8:ffff:1::53"
-RELAY6, SUPPORT6 = "2001:db8:ffff::25", "2001:db8:fffe::10"
-GATEWAY6 = "2001:db8:100:66::1"
-
-# (network, type, flags...): /32 and /128 become host entries, the rest trie prefixes.
-SUBS = (
-    ("100.64.0.0/24", "dynamic"),
-    ("100.64.0.8/29", "static"),
-    ("100.64.0.12/32", "dynamic"),
-    ("100.64.0.50/32", "dynamic", "op25b_exempt", "ip53b_exempt"),
-    ("100.64.0.66/32", "dynamic", "suspended"),
-    ("100.64.1.0/24", "static"),
-    ("2001:db8:100::/40", "dynamic"),
-    ("2001:db8:100:8::/64", "static"),
-    ("2001:db8:100:8::12/128", "dynamic"),
-    ("2001:db8:100:50::1/128", "dynamic", "op25b_exempt", "ip53b_exempt"),
-    ("2001:db8:100:66::/64", "dynamic", "suspended"),
-    ("2001:db8:200::/48", "static"),
-)
-RELAYS = ("192.0.2.25/32", "2001:db8:ffff::25/128")       # OP25B allow-list
-SUPPORT = ("203.0.113.0/24", "2001:db8:fffe::/48")        # reachable while suspended
-
-OP = ("op25b", "op25b_v6")
-REJ = ("op25b", "op25b_v6", "op25b_reject")
-DNS = ("ip53b", "ip53b_v6")
-ALL = OP + DNS
-
-HOOKS = kernel.HOOKS
-# name: (VLAN tags, PPPoE session)
-ENCAPS = {"plain": (0, False), "vlan1": (1, False), "qinq": (2, False), "pppoe": (0, True),
-          "qinq+pppoe": (2, True)}
-# The model's verdict as the hook reports it: monitor passes, reject is XDP_TX / redirect.
-AT_HOOK = {"pass": "pass", "drop": "drop", "reject": "reject", "monitor": "pass"}
-
-
-def flags_of(switches: tuple[str, ...]) -> int:
-    """xz_control flags for switch names (op25b, ip53b_tcp, bypass, ...)."""
-    return reduce(or_, (schema.C["XZ_C_" + s.upper()] for s in switches), schema.C["XZ_C_LOADED"])
-
-
-def model_tables(subs=SUBS, relays=RELAYS, support=SUPPORT) -> tables.Tables:
-    """The maps as plain values, for model.decide and for load()."""
-    t = tables.Tables()
-    for i, (net, kind, *fl) in enumerate(subs, 1):
-        n = ipaddress.ip_network(net)
-        e = Entry(i, schema.TYPES[kind], reduce(or_, (schema.FLAGS[f] for f in fl), 0))
-        if n.prefixlen == n.max_prefixlen:
-            t.hosts[tables.addr16(n.network_address)] = e
-        else:
-            t.prefixes[tables.key_of(n)] = e
-    t.allow = tables.allow_table([ipaddress.ip_network(n) for n in relays],
-                                 [ipaddress.ip_network(n) for n in support])
-    return t
-
-
-def load(dp, t: tables.Tables, flags: int) -> None:
-    """Write ``t`` and the switches into the (already emptied) maps, with the exact IPv4
-    directory a subscriber load writes (so the data plane skips what it says is absent)."""
-    for a, e in t.hosts.items():
-        dp.maps.set_host(a, e)
-    for k, e in t.prefixes.items():
-        dp.maps.set_prefix(k, e)
-    dp.maps.write_dir(dirs.subscribers(t.hosts, t.prefixes))
-    for k, bits in t.allow.items():
-        dp.maps.set_allow(k, bits)
-    dp.maps.set_control_flags(flags)
-
-
-# ---- packets ------------------------------------------------------------------------------
-
-
-def tcp(role, src, dst, dport, sport=40000, **kw) -> Packet:
-    return Packet(role, src, dst, P_TCP, sport, dport, **kw)
-
-
-def udp(role, src, dst, dport, sport=40000, **kw) -> Packet:
-    return Packet(role, src, dst, UDP, sport, dport, **kw)
-
-
-def ping(role, src, dst, **kw) -> Packet:
-    if ":" in src:
-        return Packet(role, src, dst, ICMPV6, icmp_type=128, **kw)
-    return Packet(role, src, dst, ICMP, icmp_type=8, **kw)
-
 
 @dataclass(frozen=True)
 class Case:
@@ -153,8 +92,6 @@ class Case:
     subs: tuple = SUBS
     model_bug: str | None = None   # known disagreement of model.decide with this row
 
-
-A, C_ = "access", "core"
 
 CASES = [
     # -- OP25B, IPv4 --
@@ -368,99 +305,13 @@ CASES = [
 ]
 
 
-def _ids(cases) -> list[str]:
-    ids = [c.id for c in cases]
-    assert len(set(ids)) == len(ids), "duplicate case id"
-    return ids
-
-
-# ---- checking a RST -----------------------------------------------------------------------
-
-
-def _l2(pkt) -> list:
-    """The encapsulation layers of a parsed frame: (class, fields) up to the IP header."""
-    out = []
-    layer = pkt
-    while layer and not isinstance(layer, IP | IPv6):   # NoPayload is false
-        fields = dict(layer.fields)
-        fields.pop("len", None)   # PPPoE length is checked separately
-        if isinstance(layer, Ether):
-            fields.pop("src")
-            fields.pop("dst")
-        out.append((type(layer), fields))
-        layer = layer.payload
-    return out
-
-
-def check_rst(frame_in: bytes, frame_out: bytes) -> None:
-    """frame_out must be the TCP RST that answers the segment in frame_in: same
-    encapsulation, MACs, addresses and ports swapped, seq/ack per RFC 9293 3.10.7.1,
-    valid checksums, nothing after the TCP header."""
-    a, b = Ether(frame_in), Ether(frame_out)
-    assert b.src == a.dst and b.dst == a.src
-    assert _l2(b) == _l2(a)
-    ipa = a[IP] if IP in a else a[IPv6]
-    assert IP in b or IPv6 in b, "no IP header in the reply"
-    ipb = b[IP] if IP in b else b[IPv6]
-    assert TCP in b, "no TCP header in the reply"
-    assert type(ipb) is type(ipa)
-    assert (ipb.src, ipb.dst) == (ipa.dst, ipa.src)
-    ta, tb = a[TCP], b[TCP]
-    assert (tb.sport, tb.dport) == (ta.dport, ta.sport)
-    assert tb.dataofs == 5 and tb.options == []
-    assert tb.window == 0 and tb.urgptr == 0
-    assert len(tb.payload) == 0
-    if isinstance(ipa, IP):
-        paylen = ipa.len - ipa.ihl * 4 - ta.dataofs * 4
-        assert (ipb.ihl, ipb.len, ipb.proto, ipb.ttl) == (5, 40, 6, 64)
-        assert ipb.flags == "DF" and ipb.frag == 0
-        l3len = 40
-    else:
-        paylen = ipa.plen - ta.dataofs * 4
-        assert (ipb.plen, ipb.nh, ipb.hlim) == (20, 6, 64)
-        l3len = 60
-    if ta.flags.A:
-        assert tb.flags == "R" and tb.seq == ta.ack and tb.ack == 0
-    else:
-        seg = paylen + bool(ta.flags.S) + bool(ta.flags.F)
-        assert tb.flags == "RA" and tb.seq == 0
-        assert tb.ack == (ta.seq + seg) % 2**32
-    if PPPoE in b:
-        assert b[PPPoE].len == l3len + 2
-    l2len = len(frame_out) - len(bytes(ipb))
-    assert len(bytes(ipb)) == l3len
-    assert l2len == len(frame_in) - len(bytes(ipa))
-    # Checksums: scapy recomputes them when the fields are deleted.
-    redo = b.copy()
-    if IP in redo:
-        del redo[IP].chksum
-    del redo[TCP].chksum
-    redo = Ether(bytes(redo))
-    if IP in b:
-        assert b[IP].chksum == redo[IP].chksum
-    assert tb.chksum == redo[TCP].chksum
-
-
-def run_one(dp, hook: str, role: str, frame: bytes, verdict: str, reason: str) -> bytes:
-    """Run ``frame``; assert the hook's verdict and that exactly this one packet was
-    counted, bytes included, under (role, verdict, reason). Returns the frame out."""
-    got, out = dp.verdict(hook, role, frame)
-    assert got == AT_HOOK[verdict]
-    want = {schema.counter_index(role, verdict, reason): (1, len(frame))}
-    assert dp.maps.counters_sum() == want, dp.counters()
-    if verdict == "reject":
-        check_rst(frame, out)
-    else:
-        assert out == frame, "the frame was rewritten although not rejected"
-    return out
-
 
 # ---- the table through the kernel ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("encap", list(ENCAPS))
-@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_case(dp, case: Case, encap: str, hook: str):
     load(dp, model_tables(case.subs), flags_of(case.switches))
     vlans, pppoe = ENCAPS[encap]
@@ -536,30 +387,9 @@ def test_rst(dp, row, family, encap, hook):
 
 # ---- frames no model.Packet describes -----------------------------------------------------
 
-DYN_SMTP4 = tcp(A, DYN4, MAIL4, 25)
-DYN_SMTP6 = tcp(A, DYN6, MAIL6, 25)
-
-
-def _eth(payload, **kw) -> bytes:
-    eth = Ether(src=packets.MAC_A, dst=packets.MAC_B, **kw)
-    return bytes(eth / payload) if payload else bytes(eth)
-
 
 def _patch(frame: bytes, offset: int, value: int) -> bytes:
     return frame[:offset] + bytes([value]) + frame[offset + 1:]
-
-
-def _exthdr_chain(n: int) -> bytes:
-    """IPv6 TCP SYN to :25 from a dynamic behind ``n`` extension headers (HBH first)."""
-    l3 = IPv6(src=DYN6, dst=MAIL6)
-    for i in range(n):
-        l3 = l3 / (IPv6ExtHdrHopByHop() if i == 0 else IPv6ExtHdrDestOpt())
-    return _eth(l3 / TCP(sport=40000, dport=25, flags="S") / Raw(b"x" * 4))
-
-
-def _three_tags(pppoe: bool) -> bytes:
-    inner = Ether(packets.frame(DYN_SMTP4, vlans=2, pppoe=pppoe))
-    return _eth(Dot1AD(vlan=10) / Dot1Q(vlan=100) / Dot1Q(vlan=200) / inner[Dot1Q].payload)
 
 
 @dataclass(frozen=True)
@@ -576,21 +406,21 @@ class RawCase:
 
 
 RAW_CASES = [
-    RawCase("arp", "ARP is not ours", lambda: _eth(ARP(psrc=DYN4, pdst="100.64.0.1")),
+    RawCase("arp", "ARP is not ours", lambda: eth(ARP(psrc=DYN4, pdst="100.64.0.1")),
             A, ALL, "pass", "unparsed"),
     RawCase("arp-bypass", "bypass is decided before parsing",
-            lambda: _eth(ARP(psrc=DYN4, pdst="100.64.0.1")), A, ALL + ("bypass",),
+            lambda: eth(ARP(psrc=DYN4, pdst="100.64.0.1")), A, ALL + ("bypass",),
             "pass", "bypass"),
     RawCase("unknown-ethertype", "ethertype 0x88b5",
-            lambda: _eth(Raw(b"\x00" * 46), type=0x88B5), A, ALL, "pass", "unparsed"),
+            lambda: eth(Raw(b"\x00" * 46), type=0x88B5), A, ALL, "pass", "unparsed"),
     RawCase("ethernet-only", "14 bytes saying IPv4 (tc: the kernel refuses the run)",
-            lambda: _eth(b"", type=0x0800), A, ALL, "pass", "unparsed", hooks=("xdp",)),
+            lambda: eth(b"", type=0x0800), A, ALL, "pass", "unparsed", hooks=("xdp",)),
     RawCase("vlan-tag-only", "18 bytes: a VLAN tag saying IPv4, nothing after",
-            lambda: _eth(Dot1Q(vlan=200, type=0x0800)), A, ALL, "pass", "unparsed"),
-    RawCase("pppoe-discovery", "PADI (0x8863)", lambda: _eth(PPPoED(code=0x09)),
+            lambda: eth(Dot1Q(vlan=200, type=0x0800)), A, ALL, "pass", "unparsed"),
+    RawCase("pppoe-discovery", "PADI (0x8863)", lambda: eth(PPPoED(code=0x09)),
             A, ALL, "pass", "unparsed"),
     RawCase("pppoe-lcp", "PPPoE session carrying LCP echo",
-            lambda: _eth(PPPoE(sessionid=0x1234) / PPP(proto=0xC021) /
+            lambda: eth(PPPoE(sessionid=0x1234) / PPP(proto=0xC021) /
                          Raw(b"\x09\x01\x00\x08\x00\x00\x00\x00")),
             A, ALL, "pass", "unparsed"),
     RawCase("pppoe-bad-version", "PPPoE session header with version 2",
@@ -606,15 +436,15 @@ RAW_CASES = [
     RawCase("ipv6-version-4", "version 4 in an IPv6 ethertype",
             lambda: _patch(packets.frame(DYN_SMTP6), 14, 0x40), A, ALL, "pass", "unparsed"),
     RawCase("ipv6-6-exthdrs", "XZ_MAX_EXTHDR extension headers: still parsed",
-            lambda: _exthdr_chain(6), A, ALL, "drop", "op25b"),
+            lambda: exthdr_chain(6), A, ALL, "drop", "op25b"),
     RawCase("ipv6-7-exthdrs", "one extension header more than XZ_MAX_EXTHDR: fail open",
-            lambda: _exthdr_chain(7), A, ALL, "pass", "unparsed"),
+            lambda: exthdr_chain(7), A, ALL, "pass", "unparsed"),
     RawCase("three-vlan-tags", "one tag more than XZ_MAX_VLAN: fail open",
-            lambda: _three_tags(False), A, ALL, "pass", "unparsed"),
-    RawCase("three-vlan-tags-pppoe", "three tags, then PPPoE", lambda: _three_tags(True),
+            lambda: three_tags(False), A, ALL, "pass", "unparsed"),
+    RawCase("three-vlan-tags-pppoe", "three tags, then PPPoE", lambda: three_tags(True),
             A, ALL, "pass", "unparsed"),
     RawCase("three-vlan-tags-core", "three tags on the core side",
-            lambda: _three_tags(False), C_, ALL, "pass", "unparsed"),
+            lambda: three_tags(False), C_, ALL, "pass", "unparsed"),
 ]
 
 

@@ -805,7 +805,7 @@ def test_second_load_takes_the_delta_path(compiled):
     """On a fresh instance, the first load brings both generations to its list: the second
     load (a small change) parses and writes only the lines that differ."""
     pin = compiled[1]
-    with kernel.CsamMaps(pin) as m:
+    with kernel.Maps(pin) as m:
         reset(m)
         for g in (0, 1):   # fresh: no text kept, no list held
             m.meta.update(struct.pack("=I", g), bytes(layout.META.size))

@@ -18,6 +18,7 @@ import pytest
 from xdpzoot.bandwidth import store
 from xdpzoot.daemon import Congestion, Daemon
 from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.lab import wait_for
 
 C = schema.C
 T0 = 1_790_000_000.0   # 2026-09-21, any fixed instant
@@ -184,11 +185,11 @@ def test_run_stops_cleanly_on_sigterm_and_reloads_on_sighup(setup):
     p = subprocess.Popen([str(Path(sys.executable).with_name("xdpzoot")), "--config", str(cfg),
                           "--pin-dir", pin, "run"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp / "state.msgpack").exists() and time.monotonic() < deadline:
+        def ticked() -> bool:
             assert p.poll() is None, p.stderr.read()
-            time.sleep(0.1)
-        assert (tmp / "state.msgpack").exists()
+            return (tmp / "state.msgpack").exists()
+
+        wait_for(ticked, 60, "the first tick's snapshot")
         p.send_signal(signal.SIGHUP)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0

@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 
 import packets
+from bpfcases import flags_of, load, run_one
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-from test_bpf import flags_of, load, run_one
 
 from xdpzoot import model, tables
 from xdpzoot.dataplane import schema

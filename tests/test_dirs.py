@@ -14,9 +14,9 @@ import random
 
 import packets
 import pytest
+from bpfcases import flags_of, load, run_one
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bpf import flags_of, load, run_one
 
 from xdpzoot import model, sync, tables
 from xdpzoot.dataplane import blocklist, dirs, kernel, layout

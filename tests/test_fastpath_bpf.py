@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from bpfcases import flags_of, ids, load, model_tables
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
-from test_bpf import flags_of, load, model_tables
 
 from xdpzoot.dataplane import schema
 from xdpzoot.lab import in_netns
@@ -129,7 +129,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_fast_path(dp, net: Net, case: Case):
     load(dp, model_tables(), flags_of(case.switches))
     dp.maps.clear_fast_counters()

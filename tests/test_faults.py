@@ -67,7 +67,7 @@ def inst(bpffs, tmp_path_factory):
     try:
         yield dp, cfg
     finally:
-        dp.maps.bpf.cleanup()
+        dp.bpf.cleanup()
         kernel.unpin_all(pin)
 
 
@@ -122,7 +122,7 @@ def sample(which: str) -> list[str]:
 
 def reset_csam(pin: str) -> None:
     """Both generations empty and never loaded, generation 0 in force: a fresh instance."""
-    with kernel.CsamMaps(pin) as m:
+    with kernel.Maps(pin) as m:
         for t in (*m.hosts, *m.prefixes):
             t.delete_many(t.keys())
         for g in (0, 1):
@@ -143,7 +143,7 @@ def assert_in_force(dp, cfg, data: bytes, which: str) -> None:
     its keys, `blocklist check` and BPF verdicts on a sample; addresses that only the other
     list holds are not listed."""
     pin, want = dp.pin_dir, listed(which)
-    with kernel.CsamMaps(pin) as m:
+    with kernel.Maps(pin) as m:
         assert blocklist.in_force(m, data)
         _, word = m.word()
         gen = word & C["XZ_CSAM_GEN"]
@@ -167,9 +167,9 @@ CSAM_KILLS = {
     "2nd-batch": {"target": BATCH_UPDATE, "when": "after", "n": 2},
     "before-text": {"target": "xdpzoot.dataplane.kernel:pin_blob", "when": "before", "n": 1},
     "after-text": {"target": "xdpzoot.dataplane.kernel:pin_blob", "when": "after", "n": 1},
-    "before-switch": {"target": "xdpzoot.dataplane.kernel:CsamMaps.set_word",
+    "before-switch": {"target": "xdpzoot.dataplane.kernel:Maps.set_word",
                       "when": "before", "n": 1},
-    "after-switch": {"target": "xdpzoot.dataplane.kernel:CsamMaps.set_word",
+    "after-switch": {"target": "xdpzoot.dataplane.kernel:Maps.set_word",
                      "when": "after", "n": 1},
 }
 
@@ -197,10 +197,10 @@ def test_killed_blocklist_load(inst, tmp_path, point, first):
     elif old is not None:
         assert_in_force(dp, cfg, old, "old")
     else:
-        with kernel.CsamMaps(pin) as m:
+        with kernel.Maps(pin) as m:
             assert m.word()[1] == 0 and m.read_meta(0)["sha256"] is None
         assert all(csam_verdict(dp, a) == "pass" for a in sample("new"))
-    with kernel.CsamMaps(pin) as m:   # the idle generation: trusted only when whole
+    with kernel.Maps(pin) as m:   # the idle generation: trusted only when whole
         idle = 1 - (m.word()[1] & C["XZ_CSAM_GEN"])
         held = blocklist.held(m, idle)
         if held is not None:
@@ -233,12 +233,12 @@ def subscriber_file(old: bool) -> str:
 
 
 def subscriber_maps(pin: str) -> dict[tuple, layout.Entry]:
-    with kernel.SubscriberMaps.open(pin) as m:
+    with kernel.Maps(pin) as m:
         return ({("host", a): e for a, e in m.host_items()}
                 | {("prefix", k): e for k, e in m.prefix_items()})
 
 
-SUB = "xdpzoot.dataplane.kernel:SubscriberMaps."
+SUB = "xdpzoot.dataplane.kernel:Maps."
 SUBSCRIBER_KILLS = {   # the steps of sync.apply_plan
     "after-union-dir": {"target": SUB + "write_dir", "when": "after", "n": 1},
     "after-prefixes": {"target": SUB + "write", "when": "after", "n": 1},
@@ -314,7 +314,7 @@ tick_seconds = 1
         run(self.cfg, self.dp.pin_dir, "subscribers", "load", str(tmp_path / "subs.csv"))
         m = self.dp.maps
         self.slot = next(s for s, sid in m.owners().items() if sid == 200)
-        m.manual.clear()
+        m.manual.delete_many(m.manual.keys())
         m.set_throttle(self.slot, 0, 0)
         m.set_throttles_switch(False)
         self.rules = volume_rules.load_rules(str(tmp_path / "rules.toml"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,14 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LabRouter
 
 from xdpzoot.dataplane import schema
-from xdpzoot.lab import Lab, lab_running, netns_run, read_maildir
+from xdpzoot.lab import Lab, LabRouter, netns_run, read_maildir, wait_for
 
 pytestmark = pytest.mark.lab
 
-XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
 SUB = 200                  # the static subscriber, 198.51.100.8/29
 RATE_KBPS = 20_000         # its rate, both directions
 RATE = RATE_KBPS / 1000    # Mbit/s
@@ -112,6 +109,9 @@ except (socket.timeout, TimeoutError):
 """
 
 
+LAB_TAG = "xzb"   # the conftest's lab; its router is attached by the hook fixture
+
+
 class Router(LabRouter):
     """The CLI in the router namespace, with this module's config."""
 
@@ -126,18 +126,6 @@ class Router(LabRouter):
                                       audit=state_dir / "audit.jsonl"))
         return path
 
-    def argv(self, *args: str, config: Path | None = None) -> list[str]:
-        return [XDPZOOT, "--config", str(config or self.config), "--pin-dir", self.pin_dir,
-                *args]
-
-    def cli(self, *args: str, check: bool = True, config: Path | None = None
-            ) -> subprocess.CompletedProcess:
-        return netns_run(self.lab.router, *self.argv(*args, config=config), timeout=60,
-                         check=check)
-
-    def json(self, *args: str, config: Path | None = None):
-        return json.loads(self.cli(*args, "--json", config=config).stdout)
-
     def volume(self) -> dict:
         """The static subscriber's row of `xdpzoot top` (zeros before it moved any byte)."""
         rows = self.json("top", "-n", "100")
@@ -147,22 +135,6 @@ class Router(LabRouter):
     def drops(self, reason: str) -> int:
         return sum(r["packets"] for r in self.json("stats")["counters"]
                    if r["verdict"] == "drop" and r["reason"] == reason)
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running("xzb") as lb:
-        yield lb
-
-
-@pytest.fixture(scope="module")
-def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
-    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
-    r.write_config()
-    try:
-        yield r
-    finally:
-        r.cli("detach", check=False)
 
 
 # ---- iperf3 ---------------------------------------------------------------------------------
@@ -181,11 +153,11 @@ def iperf_server(ns: str) -> Iterator[subprocess.Popen]:
                             str(PORT)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not _listening(ns, PORT):
+        def listening() -> bool:
             assert srv.poll() is None, "iperf3 server exited"
-            assert time.monotonic() < deadline, "iperf3 server does not listen"
-            time.sleep(0.05)
+            return _listening(ns, PORT)
+
+        wait_for(listening, 10, "the iperf3 server to listen")
         yield srv
     finally:
         srv.kill()
@@ -273,6 +245,8 @@ def test_throttle_live_transfer(lab, router, hook):
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         try:
+            # Not a wait for an event: the first 2 s of the transfer, unthrottled, are
+            # measured (the receiver's intervals ending by then must be at the full rate).
             time.sleep(2)
             router.cli("throttle", str(SUB), "--rate", "2000")
             throttled_at = time.monotonic() - t0
@@ -319,13 +293,14 @@ def test_volume_rule_throttles(lab, router, hook, tmp_path):
         daemon = subprocess.Popen(["ip", "netns", "exec", lab.router,
                                    *router.argv("run", config=cfg)],
                                   stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    def ticked() -> bool:
+        assert daemon.poll() is None, log.read_text()
+        return (tmp_path / "state.msgpack").exists()
+
     try:
-        deadline = time.monotonic() + 30
-        while "running:" not in log.read_text():
-            assert daemon.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"daemon not running: {log.read_text()}"
-            time.sleep(0.1)
-        time.sleep(1.5)   # one tick: the counters' baseline
+        # The first tick has read the counters' baseline once it has written its snapshot.
+        wait_for(ticked, 30, f"the daemon's first tick: {log}")
+        drops = router.drops("throttle")
         with iperf_server(lab.inet):
             # 30 MB at most, and 40 s at most (it stops once the throttle has been seen).
             client = subprocess.Popen(["ip", "netns", "exec", lab.static, "iperf3", "-c",
@@ -334,14 +309,16 @@ def test_volume_rule_throttles(lab, router, hook, tmp_path):
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
             try:
-                deadline = time.monotonic() + 40
-                while not throttle_logged():
+                def throttled() -> bool:
                     assert client.poll() is None, "30 MB sent and no throttle"
-                    assert time.monotonic() < deadline, f"no throttle: {log.read_text()}"
-                    time.sleep(0.2)
-                time.sleep(1)   # the tick that logged it has written the rate, too
+                    return throttle_logged()
+
+                wait_for(throttled, 40, f"the rule's throttle in the audit log: {log}")
+                # The tick that logged it wrote the rate first: it bites.
+                wait_for(lambda: router.drops("throttle") > drops, 10,
+                         "drops for the throttle")
                 v0, t0 = router.volume()["up_bytes"], time.monotonic()
-                time.sleep(3)
+                time.sleep(3)   # not a wait for an event: the rate is measured over 3 s
                 v1, t1 = router.volume()["up_bytes"], time.monotonic()
             finally:
                 client.kill()
@@ -376,8 +353,7 @@ def smtp(lab: Lab, size: int = 4000) -> tuple[str, float]:
 
 def bulk_transfer(lab: Lab, seconds: int, during=None):
     """A paced upstream transfer of ``seconds`` from the static subscriber; ``during()`` is
-    called 3 s into it (the flow is bulk by then: above 2 Mbit/s for over 1 s). Returns the
-    receiver's intervals and what ``during`` returned."""
+    called while it runs. Returns the receiver's intervals and what ``during`` returned."""
     got = None
     with iperf_server(lab.inet):
         bulk = subprocess.Popen(["ip", "netns", "exec", lab.static,
@@ -386,7 +362,6 @@ def bulk_transfer(lab: Lab, seconds: int, during=None):
                                 stderr=subprocess.PIPE, text=True)
         try:
             if during:
-                time.sleep(3)
                 got = during()
             out, _ = bulk.communicate(timeout=seconds + IPERF_GRACE)
         finally:
@@ -401,8 +376,15 @@ def bulk_transfer(lab: Lab, seconds: int, during=None):
 def test_congestion_mode(lab, router, hook):
     drops = router.drops("bulk")
     assert router.json("congestion", "on")["active"]
+
+    def held_then_smtp() -> tuple[str, float]:
+        # The long flow is bulk once above 2 Mbit/s for over 1 s; held to its share, it
+        # shows as drops for "bulk". Then the short exchange.
+        wait_for(lambda: router.drops("bulk") > drops, 5, "drops for the bulk share")
+        return smtp(lab)
+
     try:
-        iv, (word, took) = bulk_transfer(lab, 6, lambda: smtp(lab))
+        iv, (word, took) = bulk_transfer(lab, 6, held_then_smtp)
         # A short exchange of the same subscriber meanwhile is not held to the bulk share.
         assert word == "sent" and took < 5, (word, took)
         # The long flow was found bulk and held to its share (10% of 20 Mbit/s): packets
@@ -477,6 +459,8 @@ def test_bulk_drops_do_not_use_up_the_rate(dp):
     bulk = tcp(41000, 1460)
     shorts = [tcp(42000 + i, 10) for i in range(20)]   # each the first packet of its flow
     assert dp.verdict("xdp", "access", bulk)[0] == "pass"   # the flow's first window
+    # Sleeps here are the time under test, not waits for an event: the flow's 100 ms
+    # window closes, then the subscriber's bucket drains by the time it is given.
     time.sleep(0.15)
     dp.verdict("xdp", "access", bulk)                         # it closes: bulk from now on
     time.sleep(0.05)                                          # the subscriber's bucket drains

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import LabRouter, xdp_pass_on_peers
 
-from xdpzoot.lab import Lab, lab_running, netns_run
+from xdpzoot.lab import Lab, LabRouter, in_netns, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -114,7 +114,7 @@ while n < max_n:
     now = time.monotonic() - t0
     if now >= max_s or (n % 50 == 0 and stop_file and os.path.exists(stop_file)):
         break
-    if n / pps > now:
+    if n / pps > now:   # pacing: the stream's rate, not a wait for an event
         time.sleep(n / pps - now)
     t = targets[n % len(targets)]
     s.sendto(b"x", (t, port))
@@ -166,6 +166,10 @@ print(json.dumps(out))
 """
 
 
+LAB_TAG = "xzs"
+ROUTER = {"xdp_peers": True}   # the conftest's router fixture: attached by its hook fixture
+
+
 class Router(LabRouter):
     """The CLI in the router namespace, with this module's config."""
 
@@ -189,14 +193,24 @@ class Router(LabRouter):
 class Receiver:
     """The counting UDP receiver in the inet namespace (a child process of ours)."""
 
-    def __init__(self, ns: str, lifetime: float):
+    def __init__(self, lab: Lab, lifetime: float):
+        self.lab = lab
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", RECEIVER, str(PORT),
+            ["ip", "netns", "exec", lab.inet, sys.executable, "-c", RECEIVER, str(PORT),
              str(lifetime)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
     def counts(self) -> dict[str, int]:
-        time.sleep(0.3)   # what is still on the wire
+        """The counts, once what is still on the wire has landed: a marker datagram, sent
+        after it along the same path to an address that is not listed, has arrived."""
+        marker = self.lab.addr["inet4"]
+        seen = self.snap().get(marker, 0)
+        with in_netns(self.lab.dyn), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"m", (marker, PORT))
+        return wait_for(lambda: (c := self.snap()).get(marker, 0) > seen and c, 5,
+                        "the marker datagram at the receiver")
+
+    def snap(self) -> dict[str, int]:
         self.proc.stdin.write("snap\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -218,23 +232,10 @@ def delta(after: dict[str, int], before: dict[str, int], addr: str) -> int:
     return after.get(addr, 0) - before.get(addr, 0)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running("xzs") as lb:
-        for a in (ALWAYS, SOMETIMES):
-            netns_run(lb.inet, "ip", "addr", "add", f"{a}/32", "dev", "lo")
-        yield lb
-
-
-@pytest.fixture(scope="module")
-def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
-    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
-    r.write_config()
-    with xdp_pass_on_peers(lab, bpffs):
-        try:
-            yield r
-        finally:
-            r.cli("detach", check=False)
+def prepare_lab(lab: Lab) -> None:
+    """The listed addresses, on the inet namespace's loopback (the conftest's lab fixture)."""
+    for a in (ALWAYS, SOMETIMES):
+        netns_run(lab.inet, "ip", "addr", "add", f"{a}/32", "dev", "lo")
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,7 @@ def lists(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def receiver(lab) -> Iterator[Receiver]:
-    rx = Receiver(lab.inet, lifetime=600)   # bounded, and stopped at the end
+    rx = Receiver(lab, lifetime=600)   # bounded, and stopped at the end
     try:
         yield rx
     finally:
@@ -325,16 +326,18 @@ def test_swap_under_traffic(lab, router, hook, lists, receiver, tmp_path):
     stop_file = tmp_path / "stop"
     sender = stream(lab, [ALWAYS, SOMETIMES], str(stop_file))
     try:
-        time.sleep(0.3)
+        # OLD in force: the stream is dropped, and so are the datagrams after the last swap.
+        wait_for(lambda: router.csam_drops() > drops0, 5, "the stream's drops")
         loads = []
         for i in range(SWAPS):
             which = "new" if i % 2 == 0 else "old"
             r = router.json("blocklist", "load", lists[which])
             assert r["switched"], r
             loads.append(r["generation"])
-            time.sleep(0.15)
+            time.sleep(0.15)   # not a wait for an event: the stream runs under each list
         assert sender.poll() is None, "the stream ended before the last swap: raise its bounds"
-        time.sleep(0.3)
+        last = router.csam_drops()
+        wait_for(lambda: router.csam_drops() > last, 5, "drops after the last swap")
     finally:
         stop_file.touch()
         sent = finish(sender)

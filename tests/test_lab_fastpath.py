@@ -13,16 +13,12 @@ One lab per module; the routes, MTUs and neighbours a test changes are put back 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import time
-from collections.abc import Iterator
 
 import pytest
-from conftest import LabRouter, xdp_pass_on_peers
 from test_lab_policy import smtp
 
-from xdpzoot.lab import Lab, lab_config, lab_running, netns_run
+from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -40,6 +36,10 @@ fast_path = true
 csam_hosts = 4096
 csam_prefixes = 1024
 """
+
+
+LAB_TAG = "xzf"
+ROUTER = {"hook": "xdp", "mode": "native", "xdp_peers": True}   # the conftest's router
 
 
 class Router(LabRouter):
@@ -73,32 +73,21 @@ class Router(LabRouter):
         return v4 + v6
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running("xzf") as lb:
-        yield lb
-
-
-@pytest.fixture(scope="module")
-def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
-    """The lab's router attached at XDP native with the fast path on; the hosts' ends of
-    the links run XDP too, so that a redirect into a veth reaches them."""
-    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
-    r.write_config()
+def prepare_lab(lab: Lab) -> None:
+    """The conftest's lab fixture: on a wire every packet carries its checksums; a veth
+    hands the stack's packets over with the TCP/UDP checksum left to an offload that never
+    comes once XDP has redirected them: the hosts compute their own, as on a real link."""
     for ns in (lab.dyn, lab.static, lab.inet):
-        # On a wire every packet carries its checksums; a veth hands the stack's packets
-        # over with the TCP/UDP checksum left to an offload that never comes once XDP has
-        # redirected them: the hosts compute their own, as on a real link.
         netns_run(ns, "ethtool", "-K", "eth0", "tx", "off", timeout=10)
-    with xdp_pass_on_peers(lab, bpffs):
-        try:
-            out = r.json("attach", "--hook", "xdp", "--mode", "native")
-            assert {a["mode"] for a in out["attached"]} == {"native"}
-            assert out["fast_path"] == {"enabled": True,
-                                        "egress": sorted(["acc-dyn", "acc-sta", "core0"])}
-            yield r
-        finally:
-            r.cli("detach", check=False)
+
+
+def test_attached_native_with_the_fast_path(router):
+    """The module's router: XDP native, the fast path on every interface; the hosts' ends
+    of the links run XDP too, so that a redirect into a veth reaches them."""
+    out = router.attached
+    assert {a["mode"] for a in out["attached"]} == {"native"}
+    assert out["fast_path"] == {"enabled": True,
+                                "egress": sorted(["acc-dyn", "acc-sta", "core0"])}
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -119,11 +108,12 @@ def iperf_up(lab: Lab, dst: str) -> dict:
                             str(PORT), "-B", dst], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not netns_run(lab.inet, "ss", "-Hltn", f"sport = :{PORT}", timeout=10).stdout:
+        def listening() -> bool:
             assert srv.poll() is None, "iperf3 server exited"
-            assert time.monotonic() < deadline, "iperf3 server does not listen"
-            time.sleep(0.05)
+            return bool(netns_run(lab.inet, "ss", "-Hltn", f"sport = :{PORT}",
+                                  timeout=10).stdout)
+
+        wait_for(listening, 10, "the iperf3 server to listen")
         res = netns_run(lab.dyn, "iperf3", "-c", dst, "-p", str(PORT), "-t",
                         str(IPERF_SECONDS), "-J", timeout=IPERF_SECONDS + IPERF_GRACE,
                         check=False)

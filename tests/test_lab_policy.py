@@ -6,15 +6,12 @@ One lab per module; the router's programs are replaced (not rebuilt) between hoo
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
-from collections.abc import Iterator
 
 import pytest
-from conftest import LabRouter, xdp_pass_on_peers
 
-from xdpzoot.lab import Lab, lab_config, lab_running, netns_run, read_maildir
+from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run, read_maildir
 
 pytestmark = pytest.mark.lab
 
@@ -44,28 +41,15 @@ except dns.exception.Timeout:
 """
 
 
+LAB_TAG = "xzp"
+ROUTER = {"xdp_peers": True}   # the conftest's router fixture: attached by its hook fixture
+
+
 class Router(LabRouter):
     """The CLI in the router namespace, with this module's config."""
 
     def write_config(self, action: str = "drop") -> None:
         lab_config(self.lab, self.workdir, action=action)
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running("xzp") as lb:
-        yield lb
-
-
-@pytest.fixture(scope="module")
-def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
-    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
-    r.write_config()
-    with xdp_pass_on_peers(lab, bpffs):
-        try:
-            yield r
-        finally:
-            r.cli("detach", check=False)
 
 
 def smtp(lab: Lab, ns: str, dst: str, port: int, src: str = "") -> str:

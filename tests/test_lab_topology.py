@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +24,6 @@ from xdpzoot.lab import (
     Lab,
     lab_down,
     lab_exists,
-    lab_running,
     lab_servers,
     lab_state,
     lab_up,
@@ -37,6 +35,7 @@ pytestmark = pytest.mark.lab
 
 
 TAG = "xzt"   # marks labs made by tests, should one ever be left behind
+LAB_TAG = TAG   # the conftest's lab fixture
 
 
 def _prefix() -> str:
@@ -60,12 +59,6 @@ def _pid_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running(TAG) as lb:
-        yield lb
 
 
 def _ns(lab: Lab, role: str) -> str:

@@ -17,20 +17,20 @@ from dataclasses import dataclass
 
 import packets
 import pytest
-from conftest import make_dataplane
-from test_bpf import (
+from bpfcases import (
     DYN6,
     DYN_SMTP4,
     DYN_SMTP6,
     RELAY4,
     A,
-    _exthdr_chain,
-    _three_tags,
+    exthdr_chain,
     flags_of,
     load,
     run_one,
     tcp,
+    three_tags,
 )
+from conftest import make_dataplane
 
 from xdpzoot import config, tables
 from xdpzoot.dataplane import kernel, schema
@@ -60,23 +60,23 @@ SMALL_TEST_SIZES = {"xz_hosts": 262144, "xz_prefixes": 65536, "xz_allow": 4096}
 VARIANTS = [
     Variant("config-defaults", tuple(config.Config().defines()), DEFAULT_SIZES, (
         ("QinQ + PPPoE, answered", lambda: smtp4(2, True), "reject", "op25b"),
-        ("IPv6 behind XZ_MAX_EXTHDR=6 headers", lambda: _exthdr_chain(6), "drop", "op25b"),
-        ("IPv6 behind 7 headers", lambda: _exthdr_chain(7), "pass", "unparsed"),
-        ("three tags", lambda: _three_tags(False), "pass", "unparsed"),
+        ("IPv6 behind XZ_MAX_EXTHDR=6 headers", lambda: exthdr_chain(6), "drop", "op25b"),
+        ("IPv6 behind 7 headers", lambda: exthdr_chain(7), "pass", "unparsed"),
+        ("three tags", lambda: three_tags(False), "pass", "unparsed"),
     )),
     Variant("vlan0-exthdr1", ("-DXZ_MAX_VLAN=0", "-DXZ_MAX_EXTHDR=1"), SMALL_TEST_SIZES, (
         ("untagged, answered", lambda: smtp4(), "reject", "op25b"),
         ("untagged PPPoE, answered", lambda: smtp4(0, True), "reject", "op25b"),
         ("one tag: not walked", lambda: smtp4(1), "pass", "unparsed"),
-        ("IPv6 behind 1 header", lambda: _exthdr_chain(1), "drop", "op25b"),
-        ("IPv6 behind 2 headers", lambda: _exthdr_chain(2), "pass", "unparsed"),
+        ("IPv6 behind 1 header", lambda: exthdr_chain(1), "drop", "op25b"),
+        ("IPv6 behind 2 headers", lambda: exthdr_chain(2), "pass", "unparsed"),
     )),
     Variant("vlan1-exthdr8", ("-DXZ_MAX_VLAN=1", "-DXZ_MAX_EXTHDR=8"), SMALL_TEST_SIZES, (
         ("one tag, answered", lambda: smtp4(1), "reject", "op25b"),
         ("one tag + PPPoE, answered", lambda: smtp4(1, True), "reject", "op25b"),
         ("QinQ: second tag not walked", lambda: smtp4(2), "pass", "unparsed"),
-        ("IPv6 behind 8 headers", lambda: _exthdr_chain(8), "drop", "op25b"),
-        ("IPv6 behind 9 headers", lambda: _exthdr_chain(9), "pass", "unparsed"),
+        ("IPv6 behind 8 headers", lambda: exthdr_chain(8), "drop", "op25b"),
+        ("IPv6 behind 9 headers", lambda: exthdr_chain(9), "pass", "unparsed"),
     )),
     Variant("tiny-tables",
             ("-DXZ_MAX_HOSTS=1", "-DXZ_MAX_PREFIXES=1", "-DXZ_MAX_ALLOW=1",

@@ -216,14 +216,17 @@ def _sysctls(ns: str, pairs: Sequence[str]) -> None:
     netns_run(ns, "sysctl", "-q", "-w", *pairs, timeout=10)
 
 
-def _wait_for(what: str, pred: Callable[[], bool], timeout: float) -> None:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass (then raise TimeoutError)."""
+def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``pred`` until it returns something true, and return that; after ``timeout``
+    seconds raise TimeoutError naming ``what``. The bounded wait on an event that tests
+    and the lab use instead of a fixed sleep."""
     deadline = time.monotonic() + timeout
     while True:
-        if pred():
-            return
+        got = pred()
+        if got:
+            return got
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"lab: timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"lab: timed out after {timeout:g}s waiting for {what}")
         time.sleep(POLL_INTERVAL)
 
 
@@ -325,12 +328,10 @@ def _build_network(lab: Lab) -> None:
         _ip("link", "set", "eth0", "up", ns=ns_of[role])
     for dev, role, _, _, _ in _LINKS:
         peer = ns_of[role]
-        _wait_for(f"carrier on {lab.router}/{dev}",
-                  lambda d=dev: "LOWER_UP" in _link_info(lab.router, d).get("flags", []),
-                  LINK_TIMEOUT)
-        _wait_for(f"carrier on {peer}/eth0",
-                  lambda p=peer: "LOWER_UP" in _link_info(p, "eth0").get("flags", []),
-                  LINK_TIMEOUT)
+        wait_for(lambda d=dev: "LOWER_UP" in _link_info(lab.router, d).get("flags", []),
+                 LINK_TIMEOUT, f"carrier on {lab.router}/{dev}")
+        wait_for(lambda p=peer: "LOWER_UP" in _link_info(p, "eth0").get("flags", []),
+                 LINK_TIMEOUT, f"carrier on {peer}/eth0")
 
     for dev, role, rtr_addrs, peer_addrs, (gw4, gw6) in _LINKS:
         peer = ns_of[role]
@@ -361,8 +362,8 @@ def _build_network(lab: Lab) -> None:
         ns=lab.router)
 
     for ns in lab.namespaces:
-        _wait_for(f"IPv6 addresses in {ns} to leave the tentative state",
-                  lambda n=ns: not _tentative(n), LINK_TIMEOUT)
+        wait_for(lambda n=ns: not _tentative(n), LINK_TIMEOUT,
+                 f"IPv6 addresses in {ns} to leave the tentative state")
 
 
 # ----------------------------------------------------------------------------- state file
@@ -643,7 +644,7 @@ def _stop_pids(pids: Iterator[int] | Sequence[int]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, sig)
         with contextlib.suppress(TimeoutError):
-            _wait_for("servers to stop", lambda a=alive: all(_pid_gone(p) for p in a), wait)
+            wait_for(lambda a=alive: all(_pid_gone(p) for p in a), wait, "servers to stop")
     left = [p for p in pids if not _pid_gone(p)]
     if left:
         raise RuntimeError(f"lab: processes {left} survived SIGKILL")
@@ -699,6 +700,82 @@ def lab_running(tag: str, servers: bool = True) -> Iterator[Lab]:
         yield lab_up(prefix, servers)
     finally:
         lab_down(prefix)
+
+
+# ----------------------------------------------------------------------------- the router
+
+
+class LabRouter:
+    """The xdpzoot CLI run in a lab's router namespace as an operator runs it: a config in
+    ``workdir`` and a pin directory on the lab's BPF filesystem. Subclasses write a config
+    of their own (``write_config``); this one writes lab_config's."""
+
+    def __init__(self, lab: Lab, workdir: Path):
+        self.lab, self.workdir = lab, workdir
+        self.pin_dir = str(lab.bpffs / "xdpzoot")
+        self.config = workdir / "xdpzoot.toml"
+        self.attached: dict[str, Any] | None = None   # the attach report of router_running
+
+    def write_config(self) -> None:
+        lab_config(self.lab, self.workdir)
+
+    def argv(self, *args: str, config: Path | None = None) -> list[str]:
+        """The command line for ``args``: this package's CLI (the checkout's, whatever is
+        installed)."""
+        return ["env", "PYTHONPATH=" + _pkg_env()["PYTHONPATH"], sys.executable, "-m",
+                "xdpzoot", "--config", str(config or self.config), "--pin-dir", self.pin_dir,
+                *args]
+
+    timeout = 60   # seconds a command may take
+
+    def cli(self, *args: str, check: bool = True, config: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        return netns_run(self.lab.router, *self.argv(*args, config=config),
+                         timeout=self.timeout, check=check)
+
+    def json(self, *args: str, config: Path | None = None) -> Any:
+        return json.loads(self.cli(*args, "--json", config=config).stdout)
+
+    def attach(self, hook: str, mode: str | None = None) -> dict[str, Any]:
+        """Attach at ``hook`` (replacing what is attached in place); the attach report."""
+        return self.json("attach", "--hook", hook, *(("--mode", mode) if mode else ()))
+
+
+@contextlib.contextmanager
+def xdp_pass_on_peers(lab: Lab) -> Iterator[None]:
+    """Native XDP_TX on a veth, or a redirect into one, reaches the peer only if the peer
+    runs XDP too: give the lab hosts' ends an XDP_PASS program (a real NIC would not need
+    it). Gone with the namespaces; the pin is removed at the end."""
+    from bcc import BPF
+
+    from xdpzoot.dataplane import kernel
+
+    prog = BPF(text=b"int pass(struct xdp_md *c) { return XDP_PASS; }")
+    pin = str(lab.bpffs / "xdp-pass")
+    kernel.pin(prog.load_func(b"pass", BPF.XDP).fd, pin)
+    try:
+        for ns in (lab.dyn, lab.static, lab.inet):
+            netns_run(ns, "ip", "link", "set", "dev", "eth0", "xdpdrv", "pinned", pin)
+        yield
+    finally:
+        os.unlink(pin)
+
+
+@contextlib.contextmanager
+def router_running(router: LabRouter, hook: str | None = None, mode: str | None = None,
+                   xdp_peers: bool = False) -> Iterator[LabRouter]:
+    """``router`` for a block (a test module, a benchmark): its config written, attached at
+    ``hook`` (and ``mode``) when given, its attach report in ``router.attached``, the hosts
+    running XDP_PASS when ``xdp_peers`` (xdp_pass_on_peers); detached afterwards whatever
+    happens."""
+    router.write_config()
+    with xdp_pass_on_peers(router.lab) if xdp_peers else contextlib.nullcontext():
+        try:
+            if hook:
+                router.attached = router.attach(hook, mode)
+            yield router
+        finally:
+            router.cli("detach", check=False)
 
 def read_maildir(lab: Lab) -> list[dict[str, Any]]:
     """Every message the SMTP sink accepted, oldest first.
