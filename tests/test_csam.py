@@ -814,7 +814,7 @@ def test_second_load_takes_the_delta_path(compiled):
         assert first.switched
         for g in (0, 1):
             assert blocklist.held(m, g).text == LIST_A
-            assert set(m.hosts[g].keys()) == want(*NETS_A)[0]
+            assert set(m.csam_hosts[g].keys()) == want(*NETS_A)[0]
         with mock.patch.object(csam, "parse_csam_bytes", side_effect=AssertionError):
             second = load(m, EDIT_OF_A)
         assert (second.added, second.removed, second.switched) == (2, 2, True)
@@ -823,7 +823,7 @@ def test_second_load_takes_the_delta_path(compiled):
         agree(m, EDIT_OF_A, *want(*edited_nets))
         for g in (0, 1):
             assert blocklist.held(m, g).text == EDIT_OF_A
-            assert set(m.hosts[g].keys()) == want(*edited_nets)[0]
+            assert set(m.csam_hosts[g].keys()) == want(*edited_nets)[0]
 
 
 # The swap calls each twice (hosts, prefixes); the n-th call is one after the switch

@@ -123,11 +123,11 @@ def sample(which: str) -> list[str]:
 def reset_csam(pin: str) -> None:
     """Both generations empty and never loaded, generation 0 in force: a fresh instance."""
     with kernel.Maps(pin) as m:
-        for t in (*m.hosts, *m.prefixes):
+        for t in (*m.csam_hosts, *m.csam_prefixes):
             t.delete_many(t.keys())
         for g in (0, 1):
             m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
-            m.write_dir(g, bytes(m.dirs[g].value_size))
+            m.write_csam_dir(g, bytes(m.csam_dirs[g].value_size))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(m.text_path(g))
         m.set_word(0)
@@ -147,8 +147,8 @@ def assert_in_force(dp, cfg, data: bytes, which: str) -> None:
         assert blocklist.in_force(m, data)
         _, word = m.word()
         gen = word & C["XZ_CSAM_GEN"]
-        assert set(m.hosts[gen].keys()) == want.csam_hosts
-        assert set(map(layout.LPM_KEY.unpack, m.prefixes[gen].keys())) == want.csam_prefixes
+        assert set(m.csam_hosts[gen].keys()) == want.csam_hosts
+        assert set(map(layout.LPM_KEY.unpack, m.csam_prefixes[gen].keys())) == want.csam_prefixes
     status = json.loads(run(cfg, pin, "blocklist", "status", "--json").stdout)
     assert status["sha256"] == hashlib.sha256(data).hexdigest()
     for a in sample(which)[:2]:   # the command says so too (each run costs a start-up)
@@ -205,7 +205,7 @@ def test_killed_blocklist_load(inst, tmp_path, point, first):
         held = blocklist.held(m, idle)
         if held is not None:
             assert held.text in (old, new)
-            assert set(m.hosts[idle].keys()) == listed(
+            assert set(m.csam_hosts[idle].keys()) == listed(
                 "new" if held.text == new else "old").csam_hosts
     r = json.loads(run(cfg, pin, "blocklist", "load", str(tmp_path / "new.txt"),
                        "--json").stdout)

@@ -160,8 +160,8 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
     least = hosts + prefixes
     if max_shrink is not None and (not least or before - least > max_shrink * before):
         return False
-    return (hosts + new_h <= maps.hosts[0].max_entries
-            and prefixes + len(new) - new_h <= maps.prefixes[0].max_entries)
+    return (hosts + new_h <= maps.csam_hosts[0].max_entries
+            and prefixes + len(new) - new_h <= maps.csam_prefixes[0].max_entries)
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList,
