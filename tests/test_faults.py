@@ -10,7 +10,6 @@ never in the host's. Every wait is on an event (a file, a log line, a map value)
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import functools
 import hashlib
 import ipaddress
@@ -311,7 +310,8 @@ state = "{state_dir}/state.msgpack"
 audit = "{state_dir}/audit.jsonl"
 tick_seconds = 1
 """)
-        run(self.cfg, self.dp.pin_dir, "subscribers", "load", str(tmp_path / "subs.csv"))
+        # --force: the module's instance may hold a larger table from the tests before
+        run(self.cfg, self.dp.pin_dir, "subscribers", "load", "--force", str(tmp_path / "subs.csv"))
         m = self.dp.maps
         self.slot = next(s for s, sid in m.owners().items() if sid == 200)
         m.manual.delete_many(m.manual.keys())
@@ -376,10 +376,10 @@ tick_seconds = 1
 
     def add_up(self, n: int) -> None:
         """Upload as the data plane counts it."""
-        m = self.dp.maps
-        v = m.state[ct.c_uint32(self.slot)]
-        v.dir[0].bytes += n
-        m.state[ct.c_uint32(self.slot)] = v
+        key = struct.pack("=I", self.slot)
+        v = list(layout.STATE.unpack(self.dp.maps.state_map.lookup(key)))
+        v[2] += n   # up.bytes
+        self.dp.maps.state_map.update(key, layout.STATE.pack(*v))
 
     def killed(self) -> None:
         assert self.proc.wait(timeout=60) == KILLED, self.log.read_text()

@@ -21,9 +21,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import LabRouter, xdp_pass_on_peers
 
-from xdpzoot.lab import Lab, lab_config, lab_running, netns_run
+from xdpzoot.lab import Lab, LabRouter, lab_config, lab_running, netns_run, xdp_pass_on_peers
 
 pytestmark = pytest.mark.lab
 

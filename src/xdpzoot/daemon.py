@@ -91,7 +91,7 @@ class Daemon:
     def start(self) -> None:
         """Open the instance, read config and rules, resume from the snapshot."""
         self.cfg = load_config(self.config_path)
-        self.inst = Instance(self.pin_dir)
+        self.inst = Instance(self.pin_dir, self.cfg.defines())
         if not self.inst.loaded():
             raise kernel.KernelError(kernel.NOT_LOADED.format(self.pin_dir))
         self._load_rules(resume=True)

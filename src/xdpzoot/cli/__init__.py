@@ -40,10 +40,10 @@ class Ctx:
     def instance(self, config: bool = False) -> Instance:
         """The instance at --pin-dir (its maps opened from their pins when used); with
         ``config``, the config is read first (a bad one is the error a command reports)."""
-        if config:
-            self.cfg  # noqa: B018
         if self._inst is None:
-            self._inst = Instance(self.pin_dir)
+            self._inst = Instance(self.pin_dir, self.cfg.defines() if config else None)
+        elif config and self._inst.maps.defines is None:
+            self._inst.maps.defines = self.cfg.defines()
         return self._inst
 
 

@@ -33,9 +33,10 @@ class Instance:
     bcc compile only creates maps that do not exist yet (:meth:`create`) and loads the
     programs (:meth:`attach`)."""
 
-    def __init__(self, pin_dir: str):
+    def __init__(self, pin_dir: str, defines: Iterable[str] | None = None):
+        """``defines``: the config's limits; maps pinned with others are refused."""
         self.pin_dir = pin_dir
-        self.maps = kernel.Maps(pin_dir)
+        self.maps = kernel.Maps(pin_dir, defines)
         self.maps.guard = self._require_lock
         self._held = False
 

@@ -708,8 +708,9 @@ class Maps:
     ``guard``, which those writes call first (it raises when the lock is not held).
     """
 
-    def __init__(self, pin_dir: str):
+    def __init__(self, pin_dir: str, defines: Iterable[str] | None = None):
         self.pin_dir = pin_dir
+        self.defines = None if defines is None else list(defines)   # the config's limits
         self.guard: Callable[[], None] | None = None
         self._open: dict[str, PinnedMap] = {}
 
@@ -721,7 +722,7 @@ class Maps:
             if not os.path.exists(path):
                 raise KernelError(NOT_LOADED.format(self.pin_dir))
             if not self._open:   # maps of another build's layout are never used
-                check_layout(self.pin_dir)
+                check_layout(self.pin_dir, self.defines)
             m = self._open[name] = PinnedMap(path)
         return m
 
