@@ -82,8 +82,10 @@ def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:
 @pytest.fixture(scope="module")
 def lab(request) -> Iterator[Lab]:
     """The lab of a lab test module, named after its ``LAB_TAG``; the module's
-    ``prepare_lab(lab)``, if it has one, adds what its tests need."""
-    with lab_running(getattr(request.module, "LAB_TAG", "xz")) as lb:
+    ``prepare_lab(lab)``, if it has one, adds what its tests need; ``LAB_SERVERS = False``
+    starts none of the lab's servers."""
+    with lab_running(getattr(request.module, "LAB_TAG", "xz"),
+                     servers=getattr(request.module, "LAB_SERVERS", True)) as lb:
         prepare = getattr(request.module, "prepare_lab", None)
         if prepare:
             prepare(lb)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xdpzoot.lab import Lab, LabRouter, lab_config, lab_running, netns_run, xdp_pass_on_peers
+from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run
 
 pytestmark = pytest.mark.lab
 
@@ -226,25 +226,17 @@ class Sink:
                 self.proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with lab_running("xzr", servers=False) as lb:
-        netns_run(lb.inet, "ip", "addr", "add", f"{LISTED}/32", "dev", "lo")
-        for ns in (lb.dyn, lb.static, lb.inet):
-            # As in test_lab_fastpath: the hosts' own packets carry their checksums after
-            # an XDP redirect (the counted ones are made whole by the sender anyway).
-            netns_run(ns, "ethtool", "-K", "eth0", "tx", "off", timeout=10)
-        yield lb
+LAB_TAG = "xzr"
+LAB_SERVERS = False
+ROUTER = {"xdp_peers": True}   # native XDP_TX/redirect into a veth needs XDP on the peer
 
 
-@pytest.fixture(scope="module")
-def router(lab, bpffs, tmp_path_factory) -> Iterator[Router]:
-    r = Router(lab, tmp_path_factory.mktemp("router"), os.path.join(bpffs, "lab-" + lab.prefix))
-    with xdp_pass_on_peers(lab, bpffs):
-        try:
-            yield r
-        finally:
-            r.cli("detach", check=False)
+def prepare_lab(lb: Lab) -> None:
+    netns_run(lb.inet, "ip", "addr", "add", f"{LISTED}/32", "dev", "lo")
+    for ns in (lb.dyn, lb.static, lb.inet):
+        # As in test_lab_fastpath: the hosts' own packets carry their checksums after
+        # an XDP redirect (the counted ones are made whole by the sender anyway).
+        netns_run(ns, "ethtool", "-K", "eth0", "tx", "off", timeout=10)
 
 
 @pytest.fixture(scope="module")
