@@ -1294,3 +1294,34 @@ def test_ipv6_entries_may_not_reach_into_the_ipv4_mapped_range(entry):
     msg = str(e.value)
     assert msg.startswith("l.txt:2: IPv6 entry overlapping ::ffff:0:0/96")
     assert entry not in msg.replace("::ffff:0:0/96", "")   # the rule names the range only
+
+
+# ---- batch writes on several threads (kernel._in_parallel) --------------------------------
+
+
+def test_batches_written_on_threads_are_all_there(dp, monkeypatch):
+    """A write of many batches runs on threads: every key arrives, progress counts each
+    once, and deletes take them all out again; at an LPM trie (batches, one thread) too."""
+    monkeypatch.setattr(kernel, "BATCH", 100)
+    hosts, prefixes = dp.maps.csam_hosts[0], dp.maps.csam_prefixes[0]
+    keys = [secrets.token_bytes(16) for _ in range(3_000)]
+    pkeys = list({layout.LPM_KEY.pack(120, secrets.token_bytes(16)) for _ in range(700)})
+    for m, ks in ((hosts, keys), (prefixes, pkeys)):
+        seen = []
+        m.update_many(ks, csam.LISTED,
+                      seen.append)
+        assert sum(seen) == len(ks) and all(n <= 100 for n in seen)
+        assert set(m.keys()) == set(ks)
+        m.delete_many(ks)
+        assert m.keys() == []
+
+
+def test_a_batch_that_fails_on_a_thread_is_an_error(dp, monkeypatch):
+    """More keys than the map holds: the batch that finds it full fails, and the write
+    raises (KernelError naming the map) instead of hanging or passing."""
+    monkeypatch.setattr(kernel, "BATCH", 256)
+    hosts = dp.maps.csam_hosts[0]
+    keys = [secrets.token_bytes(16) for _ in range(hosts.max_entries + 600)]
+    with pytest.raises(kernel.KernelError, match="xz_csam_h0"):
+        hosts.update_many(keys, csam.LISTED)
+    hosts.delete_many(hosts.keys())

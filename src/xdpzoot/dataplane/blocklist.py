@@ -85,8 +85,10 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     sha_idle = maps.read_meta(idle)["sha256"]
     same = sha_idle is not None and sha_idle == maps.read_meta(gen)["sha256"]
     before = sum(maps.read_meta(gen)[k] for k in COUNTS)   # entries in force
+    memo: dict = {}   # what the two writes of this load share (the directory)
     added, removed, counts, lst, old = _bring(maps, idle, data, path, lst, progress,
-                                              max_shrink=max_shrink, before=before)
+                                              max_shrink=max_shrink, before=before,
+                                              memo=memo)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
     maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
@@ -96,7 +98,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     # old and the new list, neither more nor less than one of them would list.) A load
     # killed from here on leaves its meta cleared: the next load takes the whole path.
     _, _, counts, _, _ = _bring(maps, gen, data, path, lst, None, old if same else None,
-                                maps.text_path(idle))
+                                maps.text_path(idle), memo=memo)
     maps.meta.update(struct.pack("=I", gen), META.pack(sha, int(now()),
                                                        *(counts[k] for k in COUNTS)))
     return LoadResult(added, removed, idle, True)
@@ -104,14 +106,15 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
 
 def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
            progress: Progress | None, old: Held | None = None, text: str | None = None,
-           max_shrink: float | None = None, before: int = 0
+           max_shrink: float | None = None, before: int = 0, memo: dict | None = None
            ) -> tuple[int, int, dict[str, int], CsamList | None, Held | None]:
     """Write the list in ``data`` into generation ``gen``, which is not in force, with its
     text, and leave its meta cleared (the caller writes it); (added, removed, counts, the
     list when it was parsed, what the generation held). ``old``: what it holds, when known
     already; ``text``: where this list's text is pinned already. Refused before any write
     (SourceError): more entries than a generation holds, and given ``max_shrink``, fewer
-    than ``1 - max_shrink`` of ``before``, the entries in force."""
+    than ``1 - max_shrink`` of ``before``, the entries in force. ``memo``: shared with
+    the other write of the same list (its directory is computed once)."""
     old = old or held(maps, gen)
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
@@ -137,7 +140,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
                          map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
         maps.write_csam_dir(gen, old_dir)
     else:
-        added, removed = _write_list(maps, gen, lst, progress)
+        added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo)
         counts, dups = lst.counts(), lst.dups
     if text:
         kernel.repin(text, maps.text_path(gen))
@@ -164,10 +167,10 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
             and prefixes + len(new) - new_h <= maps.csam_prefixes[0].max_entries)
 
 
-def _write_list(maps: Maps, gen: int, lst: CsamList,
-                progress: Progress | None) -> tuple[int, int]:
+def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
+                memo: dict) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back;
-    (added, removed)."""
+    (added, removed). ``memo["dir"]``: the list's directory, computed on first use."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     have_h = set(maps.csam_hosts[gen].keys())
@@ -180,7 +183,9 @@ def _write_list(maps: Maps, gen: int, lst: CsamList,
     maps.csam_prefixes[gen].delete_many(del_p, step)
     maps.csam_hosts[gen].update_many(add_h, LISTED, step)
     maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
-    maps.write_csam_dir(gen, dirs.csam(lst.hosts, lst.prefixes))
+    if "dir" not in memo:
+        memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
+    maps.write_csam_dir(gen, memo["dir"])
     return len(add_h) + len(add_p), len(del_h) + len(del_p)
 
 
