@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test fuzz lint bench bench-cold bench-fwd lab-up lab-down clean
+.PHONY: setup test fuzz lint bench bench-cold bench-daemon bench-fwd lab-up lab-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,11 @@ lint:
 bench:
 	$(PY) bench/bench.py
 	$(PY) bench/bench_cold.py
+	$(PY) bench/bench_daemon.py
+
+# The daemon's tick with 1M subscribers (BENCH_ARGS="--tree ../before" times another checkout too).
+bench-daemon:
+	$(PY) bench/bench_daemon.py $(BENCH_ARGS)
 
 # The cold-cache per-packet figures alone (1M subscribers and list entries, ~5 min).
 bench-cold:

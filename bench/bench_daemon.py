@@ -1,0 +1,292 @@
+"""The daemon's tick at scale: `xdpzoot run`'s round (owners, counters, the volume rules'
+windows, throttles, congestion, the snapshot) with 1M subscribers, timed in the daemon's own
+code (xdpzoot.daemon.Daemon.tick), with counters that move between ticks as traffic would
+move them.
+
+Set-up (not timed): a BPF filesystem under /run, a subscriber file of N static /32 hosts
+(one subscriber each, 100.64.0.0/10 and 198.18.0.0/15 addresses), the two volume rules of
+maps/bandwidth.toml plus a rolling one, loaded with the CLI. Then in a fresh process (the
+``--driver`` half): Daemon.start (the snapshot, empty at first), one tick (first sight of
+the counters), and ``--ticks`` ticks, before each of which a tenth of the subscribers' upload
+and download counters grow by a random amount (written into the state array in batches, as
+the data plane would count). Reported: each tick's phases and the median whole tick; the
+snapshot's size. ``--tree PATH`` runs the driver against another checkout's src/ (the same
+Daemon API) for a before/after figure in one run.
+
+    sudo .venv/bin/python bench/bench_daemon.py                 # 1M subscribers, 5 ticks
+    sudo .venv/bin/python bench/bench_daemon.py --subscribers 100000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RULES = """\
+[[rule]]
+name = "monthly-1tb"
+direction = "down"
+window = "calendar-month"
+threshold = "1TB"
+action = "throttle"
+rate = "1Mbit"
+start = "next-window:2"
+duration = "1 window"
+
+[[rule]]
+name = "daily-up"
+direction = "up"
+window = "calendar-day"
+threshold = "20GB"
+action = "notify"
+
+[[rule]]
+name = "rolling-both"
+direction = "both"
+window = "rolling:24h"
+threshold = "100GB"
+action = "throttle"
+rate = "10Mbit"
+duration = "until-below"
+"""
+
+
+# The CLI of the tree on PYTHONPATH (older trees have no xdpzoot/__main__.py).
+CLI = [sys.executable, "-c", "import sys; from xdpzoot.cli import main; sys.argv[0] = 'xdpzoot'; "
+       "main()"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def subscriber_file(path: Path, n: int) -> None:
+    """``n`` static /32 hosts, subscriber ids 1..n."""
+    base = (100 << 24) | (64 << 16)
+    with path.open("w") as f:
+        f.write("subscriber,address,type\n")
+        for i in range(n):
+            a = base + i
+            f.write(f"{i + 1},{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255},static\n")
+
+
+def config(path: Path, tmp: Path, n: int) -> None:
+    room = max(n + n // 10, 4096)
+    path.write_text(f"""\
+[limits]
+hosts = {room}
+subscribers = {room}
+prefixes = 1024
+csam_hosts = 4096
+csam_prefixes = 1024
+
+[bandwidth]
+rules = "{tmp}/rules.toml"
+state = "{tmp}/state/state.msgpack"
+audit = "{tmp}/state/audit.jsonl"
+tick_seconds = 10
+""")
+
+
+# ---- the driver: runs in a process of its own, against the tree under test -----------------
+
+
+def driver(args: argparse.Namespace) -> None:
+    import ctypes as ct
+    import struct
+
+    from xdpzoot.daemon import Daemon
+
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    fd = lib.bpf_obj_get(os.path.join(args.pin, "xz_state").encode())
+    if fd < 0:
+        raise SystemExit(f"open {args.pin}/xz_state: {os.strerror(ct.get_errno())}")
+    state_size = 9 * 8   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
+    slots = args.subscribers + 1   # slot 0 is the pool addresses'
+
+    def read_state() -> bytearray:
+        out = bytearray(slots * state_size)
+        buf = (ct.c_char * len(out)).from_buffer(out)
+        for i in range(slots):
+            if lib.bpf_map_lookup_elem(fd, struct.pack("=I", i), ct.byref(buf, i * state_size)):
+                raise SystemExit(f"lookup xz_state[{i}]: {os.strerror(ct.get_errno())}")
+        return out
+
+    class Opts(ct.Structure):
+        _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+    raw = read_state()
+    rng = random.Random(args.seed)
+
+    def traffic() -> None:
+        """A tenth of the slots count more bytes up and down, written in batches."""
+        chosen = sorted(rng.sample(range(1, slots), max(1, (slots - 1) // 10)))
+        for s in chosen:
+            off = s * state_size
+            for field in (2, 6):   # up.bytes, down.bytes
+                o = off + field * 8
+                v = int.from_bytes(raw[o:o + 8], "little") + rng.randrange(1, 50_000_000)
+                raw[o:o + 8] = v.to_bytes(8, "little")
+        for i in range(0, len(chosen), 65536):
+            part = chosen[i:i + 65536]
+            keys = b"".join(struct.pack("=I", s) for s in part)
+            vals = b"".join(bytes(raw[s * state_size:(s + 1) * state_size]) for s in part)
+            count = ct.c_uint32(len(part))
+            opts = Opts(sz=ct.sizeof(Opts))
+            if lib.bpf_map_update_batch(fd, keys, vals, ct.byref(count), ct.byref(opts)):
+                raise SystemExit(f"update xz_state: {os.strerror(ct.get_errno())}")
+
+    d = Daemon(args.config, args.pin)
+    phases: dict[str, list[float]] = {}
+
+    def timed(obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases.setdefault(label, []).append(time.perf_counter() - t0)
+        setattr(obj, name, wrapper)
+
+    t0 = time.perf_counter()
+    d.start()
+    start_s = time.perf_counter() - t0
+    inst = getattr(d, "inst", None) or getattr(d, "maps", None)
+    for obj, name, label in ((inst, "owners", "owners (map columns)"),
+                             (inst, "volumes", "counters (state array)"),
+                             (d.acct, "observe", "volume rules (accounting)"),
+                             (d, "_enforce_rates", "throttles in force"),
+                             (d, "_congestion", "congestion"),
+                             (d, "_watch_sources", "source sync check"),
+                             (d, "_persist", "audit log and snapshot")):
+        if obj is not None and hasattr(obj, name):
+            timed(obj, name, label)
+    t0 = time.perf_counter()
+    d.tick()
+    first = time.perf_counter() - t0
+    phases.clear()
+    ticks = []
+    for _ in range(args.ticks):
+        traffic()
+        t0 = time.perf_counter()
+        d.tick()
+        ticks.append(time.perf_counter() - t0)
+    snap = Path(d.cfg.bandwidth.state)
+    print(json.dumps({
+        "start_s": start_s, "first_tick_s": first, "ticks_s": ticks,
+        "tick_median_s": statistics.median(ticks),
+        "phases_median_s": {k: statistics.median(v) for k, v in phases.items()},
+        "snapshot_bytes": snap.stat().st_size if snap.exists() else None,
+    }))
+
+
+# ---- the set-up and the report --------------------------------------------------------------
+
+
+def run_tree(tree: Path, args: argparse.Namespace, cfg: Path, pin: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    r = subprocess.run([sys.executable, __file__, "--driver", "--config", str(cfg),
+                        "--pin", pin, "--subscribers", str(args.subscribers),
+                        "--ticks", str(args.ticks), "--seed", str(args.seed)],
+                       env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"driver ({tree}) failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def prepare(tree: Path, args: argparse.Namespace, tmp: Path, pin: str) -> Path:
+    """The maps (a subscriber load, which creates them) and the files, for ``tree``."""
+    (tmp / "state").mkdir(exist_ok=True)
+    (tmp / "rules.toml").write_text(RULES)
+    cfg = tmp / "xdpzoot.toml"
+    config(cfg, tmp, args.subscribers)
+    subs = tmp / "subscribers.csv"
+    if not subs.exists():
+        subscriber_file(subs, args.subscribers)
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    t0 = time.perf_counter()
+    r = subprocess.run([*CLI, "--config", str(cfg), "--pin-dir", pin,
+                        "subscribers", "load", str(subs)], env=env, capture_output=True,
+                       text=True, timeout=1800)
+    if r.returncode != 0:
+        raise SystemExit(f"subscribers load ({tree}) failed:\n{r.stderr}")
+    log(f"  {args.subscribers:,} subscribers loaded in {time.perf_counter() - t0:.1f} s")
+    return cfg
+
+
+def detach(tree: Path, cfg: Path, pin: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    subprocess.run([*CLI, "--config", str(cfg), "--pin-dir", pin, "detach"], env=env,
+                   capture_output=True, timeout=120)
+
+
+def report(name: str, r: dict) -> None:
+    log(f"{name}: tick median {r['tick_median_s'] * 1000:.0f} ms "
+        f"(ticks {', '.join(f'{t * 1000:.0f}' for t in r['ticks_s'])} ms; first tick "
+        f"{r['first_tick_s'] * 1000:.0f} ms; start {r['start_s'] * 1000:.0f} ms; snapshot "
+        f"{(r['snapshot_bytes'] or 0) / 1e6:.1f} MB)")
+    for k, v in r["phases_median_s"].items():
+        log(f"    {k:28s} {v * 1000:8.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--subscribers", type=int, default=1_000_000)
+    ap.add_argument("--ticks", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tree", action="append", default=[],
+                    help="another checkout to time too (its src/), e.g. before a change")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--pin", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.driver:
+        driver(args)
+        return 0
+    if os.geteuid() != 0:
+        raise SystemExit("bench_daemon.py: needs root (BPF maps)")
+    out = {}
+    root = tempfile.mkdtemp(prefix="xzbench-daemon-", dir="/run")
+    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="xzbench-daemon-") as td:
+            for tree in [ROOT, *map(Path, args.tree)]:
+                name = "this checkout" if tree == ROOT else str(tree)
+                log(f"daemon tick, {args.subscribers:,} subscribers, {name}:")
+                tmp = Path(td) / str(len(out))
+                tmp.mkdir()
+                pin = os.path.join(root, f"t{len(out)}")
+                cfg = prepare(tree, args, tmp, pin)
+                try:
+                    out[name] = run_tree(tree, args, cfg, pin)
+                finally:
+                    detach(tree, cfg, pin)
+                report(name, out[name])
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", root], check=False)
+            os.rmdir(root)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
