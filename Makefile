@@ -1,6 +1,6 @@
 # xdpzoot: `make setup` once (as root), then `make test`.
 PY := .venv/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: setup test fuzz lint bench bench-cold bench-daemon bench-fwd lab-up lab-down clean
 
