@@ -250,9 +250,9 @@ def accounting(pkt: rp.Packet) -> Accounting:
 # --- rates ----------------------------------------------------------------------------------
 
 _UNIT = {"": 1, "k": 1000, "m": 1000_000, "g": 1000_000_000}
-_MIKROTIK_RATE = re.compile(r"(\d{1,10})([kKmMgG]?)")
+_MIKROTIK_RATE = re.compile(r"([0-9]{1,10})([kKmMgG]?)")   # ASCII digits only
 _CISCO_RATE = re.compile(r"(?:lcp|ip):interface-config[=*]rate-limit (input|output) "
-                         r"(\d{1,10})(?: [ -~]*)?")
+                         r"([0-9]{1,10})(?: [ -~]*)?")
 MAX_KBPS = 0xFFFF_FFFF
 
 

@@ -162,9 +162,12 @@ class Listener:
         if client is None:
             raise Drop("unknown_client")
         now = self.clock()
-        dup = (source[0], source[1], data[1:2], data[4:20])
+        data = data[:radius.check_frame(data)]
+        # A retransmission (RFC 5080 section 2.2.2) is the same packet from the same port:
+        # it gets the same answer again, without being handled twice.
+        dup = (source[0], source[1], data)
         seen = self._answered.get(dup)
-        if seen is not None and seen[0] > now - DUPLICATE_S and len(data) >= 20:
+        if seen is not None and seen[0] > now - DUPLICATE_S:
             self.requests["duplicate"] += 1
             return seen[1]
         pkt = radius.verify(data, client.secret, self.require_ma)

@@ -6,7 +6,7 @@ accounting request with a :class:`Change` (entries to write, entries to delete) 
 changing itself: the listener hands the change to the map writer and commits the plan
 only when the write is done, so the table never holds what the maps do not.
 
-- Start: the session and its addresses (a repeated Start is the same session again).
+- Start: the session and its addresses (a repeated or late Start only adds).
 - Interim-Update: adds addresses that came late (DHCPv6-PD); an unknown session is started.
 - Stop: the session's addresses go, except those another session has taken since.
 - Accounting-On / -Off: every session of that NAS goes.
@@ -104,9 +104,9 @@ class SessionTable:
 
     def _plan_update(self, key: Key, acct: Accounting, now: float) -> Plan:
         old = self.sessions.get(key)
-        nets = acct.networks
-        if old is not None and acct.status == "interim":
-            nets = tuple(dict.fromkeys(old.networks + acct.networks))
+        # Start and Interim only add: a late or repeated Start must not take back what an
+        # Interim added (a new address is a new session).
+        nets = tuple(dict.fromkeys((old.networks if old else ()) + acct.networks))
         user_changed = old is not None and old.user != acct.user
         mine = {n for n in (old.networks if old else ()) if self.owner.get(n) == key}
         add = [(n, acct.user) for n in nets
