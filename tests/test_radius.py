@@ -20,18 +20,24 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import packets
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyrad import packet as rp
 
+from xdpzoot import tables
 from xdpzoot.config import parse_config
+from xdpzoot.dataplane import dirs, schema
+from xdpzoot.dataplane.layout import Entry
 from xdpzoot.lab import in_netns
+from xdpzoot.model import TCP as P_TCP
+from xdpzoot.model import Packet
 from xdpzoot.sources import radius
 from xdpzoot.sources.files import SourceError
 from xdpzoot.sources.radius import Accounting, Drop
@@ -346,13 +352,19 @@ def test_accounting_addresses() -> None:
 
 @dataclass
 class Calls:
+    """What the listener asked of the maps (``apply``) and of contracts (``act``); with a
+    ``writer``, changes go on to it (real maps)."""
+
     changes: list[Change] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
     fail: bool = False
+    writer: Callable[[Change], None] | None = None
 
     def apply(self, c: Change) -> None:
         if self.fail:
             raise OSError("map full")
+        if self.writer is not None:
+            self.writer(c)
         self.changes.append(c)
 
     def act(self, a: Action) -> None:
@@ -642,6 +654,87 @@ def test_radclient_disconnect_ends_the_session(netns: str) -> None:
         rc, out = radclient(netns, BRAS1, "disconnect", SECRET,
                             {"Framed-IP-Address": "100.64.0.5"})
         assert "Session-Context-Not-Found" in out
+
+
+def map_writer(maps, contracts: dict[str, Entry], pool: Entry) -> Callable[[Change], None]:
+    """A stand-in for the instance's apply: a session address becomes a host entry (a
+    prefix: a trie entry) holding its contract's entry, or the pool's for an unknown user."""
+
+    def write(c: Change) -> None:
+        for n, user in c.add:
+            e = contracts.get(user, pool)
+            if tables.is_host(n):
+                maps.set_host(tables.addr16(n.network_address), e)
+            else:
+                maps.set_prefix(tables.key_of(n), e)
+        for n in c.remove:
+            if tables.is_host(n):
+                maps.del_host(tables.addr16(n.network_address))
+            else:
+                maps.del_prefix(tables.key_of(n))
+
+    return write
+
+
+def smtp_verdict(dp, src: str) -> str:
+    dst = "2001:db8:ffff::25" if ":" in src else "198.51.100.25"
+    frame = packets.frame(Packet("access", src, dst, P_TCP, 40000, 25))
+    return {1: "drop", 2: "pass"}.get(dp.run("xdp", "access", frame).retval, "other")
+
+
+@needs_radclient
+def test_radclient_sessions_in_the_maps(netns: str, dp) -> None:
+    """Sessions through real maps: the contract's entry on every address of its sessions
+    (one state slot), OP25B on the new address, the old one gone at Stop, nothing else
+    touched."""
+    dynamic, static = schema.TYPES["dynamic"], schema.TYPES["static"]
+    pool = Entry(9000, dynamic)
+    contract = Entry(2001, dynamic, 0, 100000, 1000000, slot=5)
+    other = Entry(7, static, 0, 0, 0, slot=6)
+    pool_key = tables.key_of(net("100.64.0.0/24"))
+    static_addr = tables.addr16(ipaddress.ip_address("203.0.113.10"))
+    dp.maps.set_prefix(pool_key, pool)
+    dp.maps.set_host(static_addr, other)
+    dp.maps.write_dir(dirs.subscribers([static_addr], [pool_key]))
+    dp.maps.set_control_flags(schema.C["XZ_C_LOADED"] | schema.C["XZ_C_OP25B"]
+                              | schema.C["XZ_C_OP25B_V6"])
+
+    def host(a: str) -> Entry | None:
+        return dp.maps.get_host(tables.addr16(ipaddress.ip_address(a)))
+
+    calls = Calls(writer=map_writer(dp.maps, {USER: contract}, pool))
+    with serving(netns, calls):
+        assert radclient(netns, BRAS1, "acct", SECRET, RC_START)[0] == 0
+        assert host("100.64.0.5") == contract
+        rc, _ = radclient(netns, BRAS1, "acct", SECRET, dict(
+            RC_START, **{"Acct-Status-Type": "Interim-Update",
+                         "Delegated-IPv6-Prefix": "2001:db8:200::/56"}))
+        assert rc == 0
+        key, e = dp.maps.match_prefix(tables.addr16(ipaddress.ip_address("2001:db8:200::9")))
+        assert tables.net_of(key) == net("2001:db8:200::/56") and e == contract
+        assert smtp_verdict(dp, "2001:db8:200::9") == "drop"
+        # reconnect: Stop, then Start on a new address; the contract (slot 5) goes with it
+        rc, _ = radclient(netns, BRAS1, "acct", SECRET,
+                          dict(RC_START, **{"Acct-Status-Type": "Stop"}))
+        assert rc == 0 and host("100.64.0.5") is None
+        assert dp.maps.match_prefix(tables.addr16(
+            ipaddress.ip_address("2001:db8:200::9"))) is None
+        rc, _ = radclient(netns, BRAS1, "acct", SECRET, dict(
+            RC_START, **{"Acct-Session-Id": q("s2"), "Framed-IP-Address": "100.64.0.9"}))
+        assert rc == 0 and host("100.64.0.9") == contract
+        assert smtp_verdict(dp, "100.64.0.9") == "drop"
+        # a user in no row keeps the pool's treatment
+        rc, _ = radclient(netns, BRAS1, "acct", SECRET, dict(
+            RC_START, **{"Acct-Session-Id": q("s3"), "User-Name": q("stranger@x"),
+                         "Framed-IP-Address": "100.64.0.10"}))
+        assert rc == 0 and host("100.64.0.10") == pool
+        # nothing else was touched
+        hosts = {tables.ip_of(a): e for a, e in dp.maps.host_items()}
+        assert hosts == {ipaddress.ip_address("203.0.113.10"): other,
+                         ipaddress.ip_address("100.64.0.9"): contract,
+                         ipaddress.ip_address("100.64.0.10"): pool}
+        assert [(tables.net_of(k), e) for k, e in dp.maps.prefix_items()] == [
+            (net("100.64.0.0/24"), pool)]
 
 
 # --- fuzz -----------------------------------------------------------------------------------
