@@ -325,6 +325,7 @@ def test_verify() -> None:
     (dict(Acct_Status_Type="Start"), "missing_attribute"),
     (dict(START, Framed_IP_Netmask="255.0.0.0"), "invalid_attribute"),
     (dict(START, Framed_IP_Netmask="255.0.255.0"), "invalid_attribute"),
+    (dict(START, Framed_IP_Netmask="0.0.0.255"), "invalid_attribute"),
     (dict(START, Delegated_IPv6_Prefix="2001:db8::/16"), "invalid_attribute"),
     (dict(START, Framed_IPv6_Address="::ffff:192.0.2.9"), "invalid_attribute"),
 ])

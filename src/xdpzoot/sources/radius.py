@@ -209,20 +209,25 @@ def _network(text: str) -> IPNetwork:
     return net
 
 
+def _prefixlen(mask: str) -> int:
+    """The length of a netmask: leading ones, then zeros (a host mask is refused)."""
+    m = int(ipaddress.IPv4Address(mask))
+    plen = 32 - ((~m & 0xFFFF_FFFF).bit_length())
+    if m != (0xFFFF_FFFF << (32 - plen)) & 0xFFFF_FFFF:
+        raise Drop("invalid_attribute")
+    return plen
+
+
 def networks(pkt: rp.Packet) -> tuple[IPNetwork, ...]:
     """The session's addresses: Framed-IP-Address (with Framed-IP-Netmask), Framed-IPv6-Prefix,
     Delegated-IPv6-Prefix, Framed-IPv6-Address. 255.255.255.254/255 in Framed-IP-Address mean
     "not assigned yet" (RFC 2865 section 5.8) and give nothing."""
     out: list[IPNetwork] = []
-    mask = _one(pkt, "Framed-IP-Netmask", "255.255.255.255")
-    for ip in _values(pkt, "Framed-IP-Address"):
-        if ip in ("255.255.255.254", "255.255.255.255", "0.0.0.0"):
-            continue
-        try:
-            out.append(_network(f"{ip}/{mask}"))
-        except ValueError:   # a netmask that is not contiguous
-            raise Drop("invalid_attribute") from None
+    plen = _prefixlen(_one(pkt, "Framed-IP-Netmask", "255.255.255.255"))
     try:
+        for ip in _values(pkt, "Framed-IP-Address"):
+            if ip not in ("255.255.255.254", "255.255.255.255", "0.0.0.0"):
+                out.append(_network(f"{ip}/{plen}"))
         for name in ("Framed-IPv6-Prefix", "Delegated-IPv6-Prefix"):
             out.extend(_network(v) for v in _values(pkt, name))
         out.extend(_network(f"{v}/128") for v in _values(pkt, "Framed-IPv6-Address"))
@@ -241,10 +246,9 @@ def accounting(pkt: rp.Packet) -> Accounting:
     session_id = _text(_one(pkt, "Acct-Session-Id", ""))
     if status in ("start", "interim", "stop") and not session_id:
         raise Drop("missing_attribute")
-    user = _one(pkt, "User-Name", "")
+    user = _text(_one(pkt, "User-Name", ""))
     cls = tuple(v for v in _values(pkt, "Class") if isinstance(v, bytes))
-    return Accounting(status, nas_identity(pkt), session_id, _text(user) if user else "",
-                      cls, networks(pkt))
+    return Accounting(status, nas_identity(pkt), session_id, user, cls, networks(pkt))
 
 
 # --- rates ----------------------------------------------------------------------------------
@@ -326,8 +330,8 @@ def coa(pkt: rp.Packet) -> Coa:
             raise Nak(UNSUPPORTED_ATTRIBUTE, f"attribute {key}")
     try:
         nets = networks(pkt)
-        session_id = _text(_one(pkt, "Acct-Session-Id", "")) if "Acct-Session-Id" in pkt else ""
-        user = _text(_one(pkt, "User-Name")) if "User-Name" in pkt else ""
+        session_id = _text(_one(pkt, "Acct-Session-Id", ""))
+        user = _text(_one(pkt, "User-Name", ""))
         nas = nas_identity(pkt)
     except Drop:
         raise Nak(INVALID_ATTRIBUTE_VALUE, "bad session attribute") from None
