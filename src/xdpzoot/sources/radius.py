@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from pyrad import packet as rp
+from pyrad import tools
 from pyrad.dictionary import Dictionary
 
 from xdpzoot.sources.subscribers import overlaps_v4mapped
@@ -168,13 +169,33 @@ def verify(data: bytes, secret: bytes, require_ma: bool) -> rp.Packet:
 
 
 # --- attributes -----------------------------------------------------------------------------
+# Values are read from the attributes pyrad split out (its raw octets by code), decoded by
+# pyrad's codec per the dictionary's type; addresses and prefixes are built from the octets
+# directly (a string round trip through ipaddress costs more than the rest of a request).
+
+
+@cache
+def _attr(name: str):
+    """(the packet's key for ``name``: code or (vendor, code), its dictionary entry)."""
+    d = dictionary()
+    return d.attrindex.GetForward(name), d.attributes[name]
+
+
+def _raw(pkt: rp.Packet, name: str) -> list[bytes]:
+    """The octets of each instance of attribute ``name``."""
+    return dict.get(pkt, _attr(name)[0]) or []
 
 
 def _values(pkt: rp.Packet, name: str) -> list:
-    """Decoded values of attribute ``name`` ([] if absent); a bad value is a Drop."""
+    """Decoded values of attribute ``name`` ([] if absent); a bad value is a Drop. Enumerated
+    integers stay integers."""
+    raw = dict.get(pkt, _attr(name)[0])
+    if not raw:
+        return []
+    kind = _attr(name)[1].type
     try:
-        return pkt[name] if name in pkt else []
-    except (ValueError, TypeError, KeyError, IndexError, struct.error, rp.PacketError):
+        return [tools.DecodeAttr(kind, v) for v in raw]
+    except (ValueError, TypeError, struct.error):
         raise Drop("invalid_attribute") from None
 
 
@@ -199,23 +220,41 @@ def nas_identity(pkt: rp.Packet) -> str:
     return ""
 
 
-def _network(text: str) -> IPNetwork:
-    """A session address or prefix, masked; too wide, or IPv6 in ::ffff:0:0/96: refused."""
-    net = ipaddress.ip_network(text, strict=False)
-    if net.prefixlen < MIN_PREFIXLEN[net.version] or net.network_address.is_unspecified:
-        raise Drop("invalid_attribute")
-    if net.version == 6 and overlaps_v4mapped(int(net.network_address), net.prefixlen):
-        raise Drop("invalid_attribute")
-    return net
+_NETWORK = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+_BITS = {4: 32, 6: 128}
 
 
-def _prefixlen(mask: str) -> int:
+def _network(version: int, value: int, plen: int) -> IPNetwork:
+    """A session address or prefix, host bits cleared; one wider than MIN_PREFIXLEN, the
+    unspecified address, or IPv6 in ::ffff:0:0/96 is refused."""
+    bits = _BITS[version]
+    if not MIN_PREFIXLEN[version] <= plen <= bits:
+        raise Drop("invalid_attribute")
+    value &= ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
+    if value == 0 or (version == 6 and overlaps_v4mapped(value, plen)):
+        raise Drop("invalid_attribute")
+    return _NETWORK[version]((value, plen))
+
+
+def _prefixlen(mask: bytes) -> int:
     """The length of a netmask: leading ones, then zeros (a host mask is refused)."""
-    m = int(ipaddress.IPv4Address(mask))
+    if len(mask) != 4:
+        raise Drop("invalid_attribute")
+    m = int.from_bytes(mask, "big")
     plen = 32 - ((~m & 0xFFFF_FFFF).bit_length())
     if m != (0xFFFF_FFFF << (32 - plen)) & 0xFFFF_FFFF:
         raise Drop("invalid_attribute")
     return plen
+
+
+_NOT_ASSIGNED = (0xFFFF_FFFE, 0xFFFF_FFFF, 0)   # RFC 2865 section 5.8, and 0.0.0.0
+
+
+def _v6prefix(raw: bytes) -> IPNetwork:
+    """An ipv6prefix (RFC 3162 section 2.3): reserved octet, length, up to 16 octets."""
+    if not 2 <= len(raw) <= 18 or raw[0] != 0 or len(raw) - 2 < (raw[1] + 7) // 8:
+        raise Drop("invalid_attribute")
+    return _network(6, int.from_bytes(raw[2:].ljust(16, b"\0"), "big"), raw[1])
 
 
 def networks(pkt: rp.Packet) -> tuple[IPNetwork, ...]:
@@ -223,16 +262,20 @@ def networks(pkt: rp.Packet) -> tuple[IPNetwork, ...]:
     Delegated-IPv6-Prefix, Framed-IPv6-Address. 255.255.255.254/255 in Framed-IP-Address mean
     "not assigned yet" (RFC 2865 section 5.8) and give nothing."""
     out: list[IPNetwork] = []
-    plen = _prefixlen(_one(pkt, "Framed-IP-Netmask", "255.255.255.255"))
-    try:
-        for ip in _values(pkt, "Framed-IP-Address"):
-            if ip not in ("255.255.255.254", "255.255.255.255", "0.0.0.0"):
-                out.append(_network(f"{ip}/{plen}"))
-        for name in ("Framed-IPv6-Prefix", "Delegated-IPv6-Prefix"):
-            out.extend(_network(v) for v in _values(pkt, name))
-        out.extend(_network(f"{v}/128") for v in _values(pkt, "Framed-IPv6-Address"))
-    except ValueError:
-        raise Drop("invalid_attribute") from None
+    masks = _raw(pkt, "Framed-IP-Netmask")
+    plen = _prefixlen(masks[0]) if masks else 32
+    for raw in _raw(pkt, "Framed-IP-Address"):
+        if len(raw) != 4:
+            raise Drop("invalid_attribute")
+        value = int.from_bytes(raw, "big")
+        if value not in _NOT_ASSIGNED:
+            out.append(_network(4, value, plen))
+    for name in ("Framed-IPv6-Prefix", "Delegated-IPv6-Prefix"):
+        out.extend(map(_v6prefix, _raw(pkt, name)))
+    for raw in _raw(pkt, "Framed-IPv6-Address"):
+        if len(raw) != 16:
+            raise Drop("invalid_attribute")
+        out.append(_network(6, int.from_bytes(raw, "big"), 128))
     return tuple(dict.fromkeys(out))
 
 
@@ -241,13 +284,12 @@ def accounting(pkt: rp.Packet) -> Accounting:
     status = _one(pkt, "Acct-Status-Type")
     if status is None:
         raise Drop("missing_attribute")
-    status = STATUS.get({"Start": 1, "Stop": 2, "Interim-Update": 3, "Accounting-On": 7,
-                         "Accounting-Off": 8}.get(status, status), "other")
+    status = STATUS.get(status, "other")
     session_id = _text(_one(pkt, "Acct-Session-Id", ""))
     if status in ("start", "interim", "stop") and not session_id:
         raise Drop("missing_attribute")
     user = _text(_one(pkt, "User-Name", ""))
-    cls = tuple(v for v in _values(pkt, "Class") if isinstance(v, bytes))
+    cls = tuple(_raw(pkt, "Class"))
     return Accounting(status, nas_identity(pkt), session_id, user, cls, networks(pkt))
 
 

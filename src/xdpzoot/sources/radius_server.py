@@ -38,6 +38,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_SECRET = 256
 DUPLICATE_S = 30.0   # how long an answer is kept for a retransmitted request
 DUPLICATE_MAX = 65536
+CLIENT_CACHE = 4096   # sources remembered with their client (or none)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Listener:
         self.requests: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
+        self._client_cache: dict[str, Client | None] = {}
         self._answered: OrderedDict[tuple, tuple[float, bytes]] = OrderedDict()
 
     def stats(self) -> dict[str, object]:
@@ -132,7 +134,18 @@ class Listener:
                 "answers": dict(self.answers)}
 
     def client_of(self, host: str) -> Client | None:
-        """The client whose source prefixes hold ``host``."""
+        """The client whose source prefixes hold ``host`` (remembered per source: the NAS
+        are few, and parsing the address costs as much as a lookup in the table)."""
+        try:
+            return self._client_cache[host]
+        except KeyError:
+            pass
+        if len(self._client_cache) >= CLIENT_CACHE:
+            self._client_cache.clear()
+        found = self._client_cache[host] = self._find_client(host)
+        return found
+
+    def _find_client(self, host: str) -> Client | None:
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
