@@ -178,6 +178,40 @@ def test_snapshot_round_trip(tmp_path: Path) -> None:
         SessionTable.restore(str(path), 3600)
 
 
+_OPS = st.tuples(st.sampled_from(("start", "interim", "stop", "on", "off", "expire")),
+                 st.sampled_from(("s1", "s2", "s3")), st.sampled_from(("a@x", "b@x")),
+                 st.lists(st.sampled_from(("100.64.0.1/32", "100.64.0.2/32",
+                                           "2001:db8:1::/56", "2001:db8:2::/64")),
+                          max_size=3),
+                 st.sampled_from(("bras1/192.0.2.1", "bras2/198.51.100.1")),
+                 st.integers(0, 200))
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=st.lists(_OPS, max_size=25))
+def test_table_and_maps_agree(ops: list) -> None:
+    """Whatever the order of requests, the maps that replay the changes hold exactly the
+    addresses the table says are owned, each with its owner's user, and a change never
+    removes what is not in the maps."""
+    r = Recorder(timeout=300)
+    maps: dict = {}
+    now = 0.0
+    for status, sid, user, nets, nas, dt in ops:
+        now += dt
+        if status == "expire":
+            p = r.table.plan_expiry(now)
+            change = p.change
+            r.table.commit(p, now)
+        else:
+            change = r.send(acct(status, sid, user, *nets), nas=nas, now=now)
+        for n in change.remove:
+            assert n in maps
+            del maps[n]
+        maps.update(change.add)
+        assert maps == {n: r.table.sessions[k].user for n, k in r.table.owner.items()}
+        assert all(n in r.table.sessions[k].networks for n, k in r.table.owner.items())
+
+
 # --- rates ----------------------------------------------------------------------------------
 
 
@@ -402,6 +436,38 @@ def test_one_client_cannot_touch_anothers_sessions() -> None:
     dis = request(rp.DisconnectRequest, OTHER_SECRET, User_Name=USER)
     answer = lst.handle(dis, (BRAS2, 5000), "coa")
     assert answer[0] == rp.DisconnectNAK and calls.actions == []
+
+
+def test_listener_expiry_and_restart(tmp_path: Path) -> None:
+    """Sessions without an Interim expire through apply; the table written at the end of
+    serve() comes back, and a Stop after the restart removes exactly the session's entry."""
+    now = [1000.0]
+    calls = Calls()
+    lst = make_listener(calls)
+    lst.clock = lambda: now[0]
+    lst.table.timeout = 100
+    lst.handle(request(**START), (BRAS1, 1), "acct")
+    lst.handle(request(**dict(START, Acct_Session_Id="s2", Framed_IP_Address="100.64.0.6")),
+               (BRAS1, 1), "acct")
+    now[0] += 60
+    lst.handle(request(**dict(START, Acct_Status_Type="Interim-Update")), (BRAS1, 1), "acct")
+    now[0] += 50
+    calls.fail = True
+    assert lst.expire() == 0 and lst.drops["apply_failed"] == 1 and len(lst.table) == 2
+    calls.fail = False
+    assert lst.expire() == 1
+    assert calls.changes[-1] == Change((), (net("100.64.0.6/32"),))
+    assert lst.stats()["requests"] == {"start": 2, "interim": 1, "expired": 1}
+
+    path = str(tmp_path / "radius.msgpack")
+    stop = asyncio.Event()
+    stop.set()
+    asyncio.run(lst.serve(None, None, stop, snapshot=path))
+    again = Listener(lst.clients, SessionTable.restore(path, 100), calls.apply)
+    assert again.table.sessions == lst.table.sessions
+    answer = again.handle(request(**dict(START, Acct_Status_Type="Stop")), (BRAS1, 1), "acct")
+    assert answer is not None
+    assert calls.changes[-1] == Change((), (net("100.64.0.5/32"),))
 
 
 # --- radclient against the listener in a namespace ------------------------------------------

@@ -104,19 +104,18 @@ class SessionTable:
 
     def _plan_update(self, key: Key, acct: Accounting, now: float) -> Plan:
         old = self.sessions.get(key)
+        before = old.networks if old else ()
         # Start and Interim only add: a late or repeated Start must not take back what an
-        # Interim added (a new address is a new session).
-        nets = tuple(dict.fromkeys((old.networks if old else ()) + acct.networks))
-        user_changed = old is not None and old.user != acct.user
-        mine = {n for n in (old.networks if old else ()) if self.owner.get(n) == key}
-        add = [(n, acct.user) for n in nets
-               if n in acct.networks and (self.owner.get(n) != key or user_changed)]
-        add += [(n, acct.user) for n in nets
-                if n not in acct.networks and n in mine and user_changed]
-        remove = tuple(n for n in mine if n not in nets)
+        # Interim added (a new address is a new session). The session writes what it names
+        # and does not hold yet; all it holds if its user changed.
+        nets = tuple(dict.fromkeys(before + acct.networks))
+        if old is not None and old.user != acct.user:
+            write = [n for n in nets if n in acct.networks or self.owner.get(n) == key]
+        else:
+            write = [n for n in acct.networks if self.owner.get(n) != key]
         session = Session(key[0], key[1], acct.user, acct.cls or (old.cls if old else ()),
                           nets, old.started if old else now, now)
-        return Plan(Change(tuple(add), remove), {key: session})
+        return Plan(Change(tuple((n, acct.user) for n in write)), {key: session})
 
     def _plan_stop(self, key: Key, now: float) -> Plan:
         old = self.sessions.get(key)
