@@ -41,7 +41,13 @@ from xdpzoot.model import Packet
 from xdpzoot.sources import radius
 from xdpzoot.sources.files import SourceError
 from xdpzoot.sources.radius import Accounting, Drop
-from xdpzoot.sources.radius_server import Action, Client, Listener, read_secret
+from xdpzoot.sources.radius_server import (
+    Action,
+    Client,
+    Listener,
+    open_listener,
+    read_secret,
+)
 from xdpzoot.sources.sessions import Change, SessionTable
 
 net = ipaddress.ip_network
@@ -657,6 +663,40 @@ def test_malformed_and_retransmitted_datagrams(netns: str) -> None:
         s.sendto(good, (BRAS1, ACCT))
         assert s.recv(4096) == answer
         s.close()
+
+
+def test_listener_from_config(netns: str, tmp_path: Path) -> None:
+    """open_listener: the config's clients with their secrets, the snapshot restored, the
+    sockets bound where the config says; a secret others may read stops it first."""
+    secret = tmp_path / "bras1.secret"
+    secret.write_bytes(SECRET + b"\n")
+    secret.chmod(0o600)
+    state = tmp_path / "radius.msgpack"
+    r = Recorder()
+    r.send(acct("start", "s1", USER, "100.64.0.5/32"))
+    r.table.save(str(state))
+    cfg = parse_config(f'''[radius]
+listen = "{BRAS1}:{ACCT}"
+coa_listen = "[::]:{COA}"
+state = "{state}"
+[[radius.client]]
+name = "bras1"
+source = ["{BRAS1}/32"]
+secret_file = "{secret}"
+''').radius
+    calls = Calls()
+    with in_netns(netns):
+        lst, a, c = open_listener(cfg, calls.apply, calls.act)
+    try:
+        assert a.getsockname() == (BRAS1, ACCT) and c.getsockname()[:2] == ("::", COA)
+        assert lst.clients == [Client("bras1", (net(f"{BRAS1}/32"),), SECRET)]
+        assert lst.table.sessions == r.table.sessions
+    finally:
+        a.close()
+        c.close()
+    secret.chmod(0o640)
+    with in_netns(netns), pytest.raises(SourceError, match="lets others read it"):
+        open_listener(cfg, calls.apply, calls.act)
 
 
 @needs_radclient

@@ -363,10 +363,15 @@ def rates(pkt: rp.Packet) -> tuple[int | None, int | None]:
     return (min(got["up"]) if got["up"] else None, min(got["down"]) if got["down"] else None)
 
 
+@cache
+def _coa_known() -> frozenset:
+    """The packet keys of the attributes a CoA/Disconnect-Request may carry."""
+    return frozenset(_attr(n)[0] for n in _COA_KNOWN)
+
+
 def coa(pkt: rp.Packet) -> Coa:
     """A CoA/Disconnect-Request's meaning; what cannot be honoured is a Nak."""
-    d = dictionary()
-    known = {d.attrindex.GetForward(n) for n in _COA_KNOWN}
+    known = _coa_known()
     for key in dict.keys(pkt):
         if key not in known:
             raise Nak(UNSUPPORTED_ATTRIBUTE, f"attribute {key}")

@@ -332,19 +332,27 @@ class _Protocol(asyncio.DatagramProtocol):
             self.transport.sendto(answer, addr)
 
 
-def run(cfg: Radius, apply: Callable[[Change], None], act: Callable[[Action], None],
-        stop: asyncio.Event | None = None) -> None:
-    """Serve the configured listeners until interrupted (for ``xdpzoot radius`` and
-    ``xdpzoot run``): sessions restored from ``cfg.state`` and saved back."""
-    table = SessionTable.restore(cfg.state, cfg.session_timeout) if cfg.state else \
-        SessionTable(cfg.session_timeout)
-    listener = Listener(clients_of(cfg), table, apply, act,
+def open_listener(cfg: Radius, apply: Callable[[Change], None],
+                  act: Callable[[Action], None]
+                  ) -> tuple[Listener, socket.socket | None, socket.socket | None]:
+    """The listener of a config (secrets read, sessions restored from ``cfg.state``) and
+    its accounting and CoA sockets, bound (None where off); serve with
+    ``Listener.serve(acct, coa, stop, cfg.state)``. A bad secret file or snapshot raises
+    SourceError before any socket is bound."""
+    clients = clients_of(cfg)
+    try:
+        table = (SessionTable.restore(cfg.state, cfg.session_timeout) if cfg.state
+                 else SessionTable(cfg.session_timeout))
+    except ValueError as e:
+        raise SourceError(cfg.state, [(None, str(e))]) from None
+    listener = Listener(clients, table, apply, act,
                         require_message_authenticator=cfg.require_message_authenticator,
                         disconnect=cfg.disconnect)
     acct = _bind(cfg.listen) if cfg.listen else None
-    coa = _bind(cfg.coa_listen) if cfg.coa_listen else None
-
-    async def main() -> None:
-        await listener.serve(acct, coa, stop or asyncio.Event(), cfg.state)
-
-    asyncio.run(main())
+    try:
+        coa = _bind(cfg.coa_listen) if cfg.coa_listen else None
+    except OSError:
+        if acct is not None:
+            acct.close()
+        raise
+    return listener, acct, coa
