@@ -431,6 +431,21 @@ def test_no_answer_before_the_write_and_none_after_a_failed_one() -> None:
     assert len(calls.changes) == 1 and len(lst.table) == 1
 
 
+def test_clients_by_source_and_requests_by_port() -> None:
+    calls = Calls()
+    lst = make_listener(calls)
+    lst.clients.append(Client("bras6", (net("2001:db8:6::/64"),), SECRET))
+    assert lst.client_of(BRAS1).name == "bras1"
+    assert lst.client_of(f"::ffff:{BRAS2}").name == "bras2"   # from a dual-stack socket
+    assert lst.client_of("2001:db8:6::1%lo").name == "bras6"
+    assert lst.client_of("203.0.113.1") is None and lst.client_of("nonsense") is None
+    # each port serves its own requests
+    assert lst.handle(request(**START), (BRAS1, 1), "coa") is None
+    dis = request(rp.DisconnectRequest, User_Name=USER)
+    assert lst.handle(dis, (BRAS1, 1), "acct") is None
+    assert lst.drops == {"code": 2} and calls.changes == [] and calls.actions == []
+
+
 def test_one_client_cannot_touch_anothers_sessions() -> None:
     calls = Calls()
     lst = make_listener(calls)
