@@ -199,34 +199,47 @@ def storm(ns: str, requests: list[list[bytes]], window: int) -> dict:
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2)}
 
 
-def paced(ns: str, requests: list[bytes], rate: float) -> dict:
-    """Send at ``rate`` per second from one NAS (ids cycle: at most 256 in flight)."""
+def paced(ns: str, requests: list[list[bytes]], rate: float) -> dict:
+    """Send at ``rate`` per second in all, round-robin over the NAS (each NAS's ids cycle:
+    a reply later than 256 of its requests cannot be matched and counts as late)."""
     with in_netns(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((NAS[0], 0))
-    s.setblocking(False)
-    sent: dict[int, float] = {}
+        socks = []
+        for a in NAS:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((a, 0))
+            s.setblocking(False)
+            socks.append(s)
+    sent: list[dict[int, float]] = [{} for _ in socks]
     lat: list[float] = []
+    late = 0
+    order = [(k, reqs[j]) for j in range(max(map(len, requests)))
+             for k, reqs in enumerate(requests) if j < len(reqs)]
     t0 = time.perf_counter()
     i = 0
-    deadline = t0 + len(requests) / rate + 5
-    while (i < len(requests) or sent) and time.perf_counter() < deadline:
+    deadline = t0 + len(order) / rate + 5
+    while (i < len(order) or any(sent)) and time.perf_counter() < deadline:
         now = time.perf_counter()
-        while i < len(requests) and now - t0 >= i / rate:
-            s.sendto(requests[i], SERVER)
-            sent[requests[i][1]] = now
+        while i < len(order) and now - t0 >= i / rate:
+            k, data = order[i]
+            socks[k].sendto(data, SERVER)
+            if data[1] in sent[k]:
+                late += 1
+            sent[k][data[1]] = now
             i += 1
-        try:
-            while True:
-                reply = s.recv(4096)
-                t = sent.pop(reply[1], None)
-                if t is not None:
-                    lat.append(time.perf_counter() - t)
-        except BlockingIOError:
-            time.sleep(0.0002)
-    s.close()
+        for k, s in enumerate(socks):
+            try:
+                while True:
+                    reply = s.recv(4096)
+                    t = sent[k].pop(reply[1], None)
+                    if t is not None:
+                        lat.append(time.perf_counter() - t)
+            except BlockingIOError:
+                pass
+        time.sleep(0.0002)
+    for s in socks:
+        s.close()
     lat.sort()
-    return {"rate": rate, "requests": len(requests), "answered": len(lat),
+    return {"rate": rate, "requests": len(order), "answered": len(lat), "late": late,
             "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
             "max_ms": round(lat[-1] * 1e3, 2)}
@@ -248,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
              for k in range(len(NAS))]
     m = int(args.rate * args.seconds)
     # paced: sessions after the storm's, started and stopped in turn
-    paced_reqs = [accounting_request(j % 256, 1 + j % 2, n + j // 2, NAS[0])
-                  for j in range(m)]
+    # each NAS starts a session and stops it with its next request
+    paced_reqs = [[accounting_request(i % 256, 1 + i % 2, n + i // 2 * len(NAS) + k, NAS[k])
+                   for i in range(m // len(NAS))] for k in range(len(NAS))]
     doc: dict = {"sessions": n, "window": args.window}
     with bpffs() as root, netns() as ns:
         pin_dir = os.path.join(root, "radius")
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| Stop storm | {t['requests']:,} | {t['answered_per_s']:,} | {t['retries']} "
               f"| {t['p50_ms']} | {t['p99_ms']} |\n"
               f"| paced {pc['rate']:.0f}/s | {pc['requests']:,} | ({pc['answered']:,} "
-              f"answered) | | {pc['p50_ms']} | {pc['p99_ms']} |")
+              f"matched, {pc['late']} late) | | {pc['p50_ms']} | {pc['p99_ms']} |")
         print(f"host entries after the Starts: {doc['hosts_after_start']:,}; "
               f"server: {doc['server']}")
     return 0

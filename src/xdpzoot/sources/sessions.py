@@ -161,10 +161,15 @@ class SessionTable:
                 self.sessions[key] = session
         for n, _user in plan.change.add:
             self.owner[n] = self._holder(plan, n)
-        self.ended.update(plan.ended)
+        for key, when in plan.ended.items():   # kept in time order: oldest first
+            self.ended.pop(key, None)
+            self.ended[key] = when
         cutoff = now - self.timeout
-        if self.ended and next(iter(self.ended.values())) <= cutoff:
-            self.ended = {k: t for k, t in self.ended.items() if t > cutoff}
+        while self.ended:
+            key, when = next(iter(self.ended.items()))
+            if when > cutoff:
+                break
+            del self.ended[key]
 
     @staticmethod
     def _holder(plan: Plan, n: IPNetwork) -> Key:
