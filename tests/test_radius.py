@@ -483,6 +483,9 @@ def test_listener_expiry_and_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "radius.msgpack")
     stop = asyncio.Event()
     stop.set()
+    asyncio.run(lst.serve(None, None, stop, snapshot=str(tmp_path / "absent" / "x")))
+    assert lst.stats()["errors"] == {"snapshot": 1}   # counted, nothing half-written
+    assert os.listdir(tmp_path) == []
     asyncio.run(lst.serve(None, None, stop, snapshot=path))
     again = Listener(lst.clients, SessionTable.restore(path, 100), calls.apply)
     assert again.table.sessions == lst.table.sessions

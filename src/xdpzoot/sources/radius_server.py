@@ -124,6 +124,7 @@ class Listener:
         self.requests: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()   # not about one request: the snapshot
         self._client_cache: dict[str, Client | None] = {}
         self._answered: OrderedDict[tuple, tuple[float, bytes]] = OrderedDict()
 
@@ -131,7 +132,7 @@ class Listener:
         """Counters and the table's size, as plain values."""
         return {"sessions": len(self.table), **self.table.counts(),
                 "requests": dict(self.requests), "drops": dict(self.drops),
-                "answers": dict(self.answers)}
+                "answers": dict(self.answers), "errors": dict(self.errors)}
 
     def client_of(self, host: str) -> Client | None:
         """The client whose source prefixes hold ``host`` (remembered per source: the NAS
@@ -278,11 +279,12 @@ class Listener:
     # --- serving -----------------------------------------------------------------------------
 
     async def serve(self, acct: socket.socket | None, coa: socket.socket | None,
-                    stop: asyncio.Event, snapshot: str = "",
-                    every: float = 5.0) -> None:
-        """Answer on the given (bound) sockets until ``stop`` is set; expire sessions and
-        write the snapshot (if a path is given and something changed) every ``every``
-        seconds, and once more at the end."""
+                    stop: asyncio.Event, snapshot: str = "", every: float = 5.0,
+                    save_every: float = 30.0) -> None:
+        """Answer on the given (bound) sockets until ``stop`` is set; expire sessions every
+        ``every`` seconds; write the snapshot (if a path is given) every ``save_every``
+        seconds when the table changed, and once more at the end. A snapshot is written
+        on the loop: with a million sessions it holds the answers for a moment."""
         loop = asyncio.get_running_loop()
         transports = []
         for sock, kind in ((acct, "acct"), (coa, "coa")):
@@ -290,7 +292,7 @@ class Listener:
                 t, _ = await loop.create_datagram_endpoint(
                     lambda kind=kind: _Protocol(self, kind), sock=sock)
                 transports.append(t)
-        saved = None
+        saved, last = -1, loop.time()   # -1: not written by this listener yet
         try:
             while not stop.is_set():
                 try:
@@ -298,23 +300,26 @@ class Listener:
                 except TimeoutError:
                     pass
                 self.expire()
-                saved = self._save(snapshot, saved)
+                if loop.time() - last >= save_every:
+                    saved, last = self._save(snapshot, saved), loop.time()
         finally:
             for t in transports:
                 t.close()
             self._save(snapshot, saved)
 
-    def _save(self, path: str, saved: bytes | None) -> bytes | None:
-        if not path:
+    def _save(self, path: str, saved: int) -> int:
+        """Write the table if it changed since version ``saved``; the version written (or
+        ``saved`` if the write failed: it is tried again)."""
+        version = self.table.version
+        if not path or version == saved:
             return saved
-        data = self.table.dump()
-        if data != saved:
-            try:
-                self.table.save(path)
-            except OSError as e:
-                log.error("radius: cannot write the session snapshot %s: %s", path, e)
-                return saved
-        return data
+        try:
+            self.table.save(path)
+        except OSError as e:
+            self.errors["snapshot"] += 1
+            log.error("radius: cannot write the session snapshot %s: %s", path, e)
+            return saved
+        return version
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -82,6 +82,7 @@ class SessionTable:
         self.sessions: dict[Key, Session] = {}
         self.owner: dict[IPNetwork, Key] = {}
         self.ended: dict[Key, float] = {}   # recently stopped, for late retransmissions
+        self.version = 0   # counts commits: the snapshot is written when it moved
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -148,6 +149,7 @@ class SessionTable:
 
     def commit(self, plan: Plan, now: float) -> None:
         """Make the plan true (after its change is in the maps)."""
+        self.version += 1
         for nas in plan.forget_ended:
             self.ended = {k: t for k, t in self.ended.items() if k[0] != nas}
         for key, session in plan.put.items():
