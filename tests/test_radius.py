@@ -91,6 +91,8 @@ def test_start_interim_stop() -> None:
     assert s.networks == (net("100.64.0.5/32"), net("2001:db8:100::/56"))
     assert s.cls == (b"class-1",)
     assert r.send(acct("interim", "s1", USER, "100.64.0.5/32")) == Change()   # nothing new
+    assert r.send(Accounting("interim", "", "s1", "", (), ())) == Change()   # no User-Name
+    assert r.table.sessions[("bras1/192.0.2.1", "s1")].user == USER
     c = r.send(acct("stop", "s1", USER))
     assert set(c.remove) == {net("100.64.0.5/32"), net("2001:db8:100::/56")} and not c.add
     assert len(r.table) == 0 and r.table.owner == {}

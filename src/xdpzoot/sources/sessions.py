@@ -109,14 +109,16 @@ class SessionTable:
         # Start and Interim only add: a late or repeated Start must not take back what an
         # Interim added (a new address is a new session). The session writes what it names
         # and does not hold yet; all it holds if its user changed.
+        # A request without User-Name (or Class) keeps the session's.
         nets = tuple(dict.fromkeys(before + acct.networks))
-        if old is not None and old.user != acct.user:
+        user = acct.user or (old.user if old else "")
+        if old is not None and old.user != user:
             write = [n for n in nets if n in acct.networks or self.owner.get(n) == key]
         else:
             write = [n for n in acct.networks if self.owner.get(n) != key]
-        session = Session(key[0], key[1], acct.user, acct.cls or (old.cls if old else ()),
+        session = Session(key[0], key[1], user, acct.cls or (old.cls if old else ()),
                           nets, old.started if old else now, now)
-        return Plan(Change(tuple((n, acct.user) for n in write)), {key: session})
+        return Plan(Change(tuple((n, user) for n in write)), {key: session})
 
     def _plan_stop(self, key: Key, now: float) -> Plan:
         old = self.sessions.get(key)
