@@ -286,6 +286,9 @@ def test_config_radius() -> None:
     assert "x.toml: radius.listen: must be" in text
     assert "radius.session_timeout: must be an integer 10..604800" in text
     assert "[1].secret: unknown key" in text and "[1].secret_file: missing" in text
+    with pytest.raises(SourceError, match="must be 1..64 letters"):
+        parse_config('[[radius.client]]\nname = "bras1/x"\nsource = ["192.0.2.1"]\n'
+                     'secret_file = "/s"\n')
     with pytest.raises(SourceError, match="no \\[\\[radius.client\\]\\] may send"):
         parse_config('[radius]\nlisten = "0.0.0.0:1813"\n')
 

@@ -9,6 +9,7 @@ documented in ``maps/README.md``; ``maps/xdpzoot.toml`` is a commented example.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -371,6 +372,8 @@ def _listen(value: Any) -> str:
 
 
 _CLIENT_KEYS = ("name", "source", "secret_file")
+# A session's NAS is "client/NAS identity": a name with "/" could pass for another client's.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _clients(value: Any) -> tuple[RadiusClient, ...]:
@@ -392,8 +395,9 @@ def _clients(value: Any) -> tuple[RadiusClient, ...]:
         if unknown or missing:
             continue
         name, secret = table["name"], table["secret_file"]
-        if not isinstance(name, str) or not name or not name.isprintable():
-            problems.append(f"{where}.name: must be a non-empty printable string")
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+            problems.append(f"{where}.name: must be 1..64 letters, digits, '-', '_' or '.', "
+                            f"got {_show(name)}")
             continue
         where = f"[{i}] ({name})"
         if name in names:
