@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import struct
 from dataclasses import dataclass
 from functools import cache
@@ -213,10 +214,16 @@ def _text(value) -> str:
 
 def nas_identity(pkt: rp.Packet) -> str:
     """What names the NAS in the packet: NAS-Identifier, else NAS-IP(v6)-Address, else ""."""
-    for name in _NAS[::-1]:
-        v = _one(pkt, name)
-        if v is not None:
-            return _text(v) if name == "NAS-Identifier" else str(v)
+    ident = _one(pkt, "NAS-Identifier")
+    if ident is not None:
+        return _text(ident)
+    for name, family, size in (("NAS-IP-Address", socket.AF_INET, 4),
+                               ("NAS-IPv6-Address", socket.AF_INET6, 16)):
+        raw = _raw(pkt, name)
+        if raw:
+            if len(raw[0]) != size:
+                raise Drop("invalid_attribute")
+            return socket.inet_ntop(family, raw[0])
     return ""
 
 
