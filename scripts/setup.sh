@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc libbpf1 python3-venv python3-pip iproute2 dnsmasq-base
-      iperf3 ipset iptables nftables tcpdump iputils-ping ethtool bpftool)
+      iperf3 ipset iptables nftables tcpdump iputils-ping ethtool bpftool
+      freeradius-utils)
 # Headers bcc compiles against: the running kernel's own package when it exists,
 # otherwise the distribution's generic headers (linked below).
 KVER=$(uname -r)
@@ -66,5 +67,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, click, msgpack, numpy'
+.venv/bin/python -c 'import bcc, pyroute2, click, msgpack, numpy, pyrad'
 echo "setup: ok"

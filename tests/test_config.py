@@ -245,11 +245,11 @@ SIZE = "must be an integer 1..16777216, got "
         pytest.param("[nocsam]\nlist = 'x'",
                      ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "bandwidth, "
-                      "sources, limits, dataplane)"], id="unknown-section"),
+                      "sources, limits, dataplane, radius)"], id="unknown-section"),
         pytest.param("bypass = true",
                      ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "bandwidth, "
-                      "sources, limits, dataplane)"], id="top-level-key"),
+                      "sources, limits, dataplane, radius)"], id="top-level-key"),
         pytest.param("op25b = true", ["op25b: must be a table ([op25b]), got true"],
                      id="section-not-a-table"),
         pytest.param("[[op25b]]\nenabled = true",
@@ -285,7 +285,7 @@ hosts = 0
         "op25b.colour: unknown key (known: enabled, action, ipv6, allow)",
         "limits.hosts: must be an integer 1..16777216, got 0",
         "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
-        "sources, limits, dataplane)",
+        "sources, limits, dataplane, radius)",
         # Cross-checked although access has a problem of its own: one round of fixes.
         "interfaces.core: 'eth0' is also an access interface",
     ]
@@ -331,6 +331,7 @@ def test_example_file() -> None:
         c, interfaces=Config().interfaces, op25b=dataclasses.replace(c.op25b, allow=()),
         suspend=Suspend(), sources=Sources(),
         bandwidth=dataclasses.replace(c.bandwidth, rules=""),
+        radius=dataclasses.replace(c.radius, client=()),
     ) == Config()
 
 

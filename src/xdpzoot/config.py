@@ -9,6 +9,7 @@ documented in ``maps/README.md``; ``maps/xdpzoot.toml`` is a commented example.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = [
     "Ip53b",
     "Limits",
     "Op25b",
+    "Radius",
+    "RadiusClient",
     "SourceError",
     "Sources",
     "Suspend",
@@ -141,6 +144,29 @@ class Dataplane:
 
 
 @dataclass(frozen=True)
+class RadiusClient:
+    """A NAS allowed to send accounting and CoA requests: its source prefixes and the file
+    that holds the shared secret (read by the listener; the secret is never in the config)."""
+
+    name: str
+    source: tuple[Network, ...]
+    secret_file: str
+
+
+@dataclass(frozen=True)
+class Radius:
+    """The RADIUS accounting listener (sessions -> host entries of contracts) and CoA."""
+
+    listen: str = ""  # accounting, "HOST:PORT"; "" = off
+    coa_listen: str = ""  # CoA / Disconnect (RFC 5176), "HOST:PORT"; "" = off
+    session_timeout: int = 3600  # seconds without an Interim-Update before a session expires
+    require_message_authenticator: bool = False  # drop requests without one
+    disconnect: str = "suspend"  # Disconnect-Request: "suspend" the contract | end the "session"
+    state: str = "/var/lib/xdpzoot/radius.msgpack"  # session table snapshot
+    client: tuple[RadiusClient, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``Config()`` holds the defaults."""
 
@@ -153,6 +179,7 @@ class Config:
     sources: Sources = field(default_factory=Sources)
     limits: Limits = field(default_factory=Limits)
     dataplane: Dataplane = field(default_factory=Dataplane)
+    radius: Radius = field(default_factory=Radius)
 
     def defines(self) -> list[str]:
         """The bcc cflags that size the maps (see XZ_MAX_* in bpf/xdpzoot.h)."""
@@ -326,6 +353,83 @@ def _networks(value: Any) -> tuple[Network, ...]:
     return tuple(out)
 
 
+def listen_address(value: Any) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` (IPv6 as ``"[ADDR]:PORT"``) as (host, port), or None for ""."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be a string "HOST:PORT" (or "" for off), got {_show(value)}')
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        version = 6
+    else:
+        version = 4
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if not sep or ip is None or ip.version != version or not (
+            port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f'must be "ADDRESS:PORT" or "[IPV6]:PORT", got {_show(value)}')
+    return str(ip), int(port)
+
+
+def _listen(value: Any) -> str:
+    """A listen address, kept as written (see listen_address)."""
+    listen_address(value)
+    return value
+
+
+_CLIENT_KEYS = ("name", "source", "secret_file")
+# A session's NAS is "client/NAS identity": a name with "/" could pass for another client's.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _clients(value: Any) -> tuple[RadiusClient, ...]:
+    """``[[radius.client]]`` tables: a unique name, source prefixes, a secret file path."""
+    problems = []
+    out = []
+    names: set[str] = set()
+    for i, table in enumerate(_list(value), 1):
+        where = f"[{i}]"
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table ([[radius.client]])")
+            continue
+        unknown = sorted(set(table) - set(_CLIENT_KEYS))
+        missing = [k for k in _CLIENT_KEYS if k not in table]
+        for k in unknown:
+            problems.append(f"{where}.{k}: unknown key (known: {', '.join(_CLIENT_KEYS)})")
+        for k in missing:
+            problems.append(f"{where}.{k}: missing")
+        if unknown or missing:
+            continue
+        name, secret = table["name"], table["secret_file"]
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
+            problems.append(f"{where}.name: must be 1..64 letters, digits, '-', '_' or '.', "
+                            f"got {_show(name)}")
+            continue
+        where = f"[{i}] ({name})"
+        if name in names:
+            problems.append(f"{where}.name: used twice")
+        names.add(name)
+        try:
+            source = _networks(table["source"])
+        except ValueError as e:
+            problems.append(f"{where}.source: {e}")
+            continue
+        if not source:
+            problems.append(f"{where}.source: must list at least one prefix")
+        if not isinstance(secret, str) or not secret or "\0" in secret:
+            problems.append(f"{where}.secret_file: must be the path of the file that holds "
+                            "the shared secret (never the secret itself)")
+            continue
+        out.append(RadiusClient(name, source, secret))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return tuple(out)
+
+
 _CHECKERS: dict[str, dict[str, Checker]] = {
     "interfaces": {
         "access": _interfaces,
@@ -356,6 +460,11 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
                "csam_prefixes": _size, "subscribers": _size, "flows": _size,
                "pool_addresses": _size, "source_bytes": _int(1, 1 << 40)},
     "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
+    "radius": {
+        "listen": _listen, "coa_listen": _listen, "session_timeout": _int(10, 86400 * 7),
+        "require_message_authenticator": _boolean,
+        "disconnect": _choice("suspend", "session"), "state": _path, "client": _clients,
+    },
 }
 _SECTIONS: dict[str, type[Any]] = {
     "interfaces": Interfaces,
@@ -367,6 +476,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "sources": Sources,
     "limits": Limits,
     "dataplane": Dataplane,
+    "radius": Radius,
 }
 
 
@@ -421,4 +531,8 @@ def _cross_checks(doc: dict[str, Any], config: Config) -> list[str]:
             f"limits.allow: {config.limits.allow} is less than the {allow} prefixes in "
             "op25b.allow and suspend.allow, which share one map"
         )
+    radius = doc.get("radius")
+    if isinstance(radius, dict) and (radius.get("listen") or radius.get("coa_listen")) \
+            and not radius.get("client"):
+        problems.append("radius.client: a listener is on but no [[radius.client]] may send")
     return problems

@@ -1,0 +1,363 @@
+"""The RADIUS listeners: accounting (sessions into the maps) and CoA/Disconnect.
+
+Requests are handled one at a time, to the end, on an asyncio loop: find the client by the
+source address (anyone else: no answer), verify with its secret, plan the change in the
+session table, hand it to ``apply`` (the map writer), commit, answer. The answer goes only
+after ``apply`` returned; if it raises, nothing is committed and nothing answered (the NAS
+sends again). A CoA or Disconnect acts through ``act`` (suspend, rate) or, for a Disconnect
+in "session" mode, ends the sessions through ``apply``.
+
+Every request is counted: by what it was (``requests``), and by why it got no answer
+(``drops``); :meth:`Listener.stats` gives them as a plain dict for status and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyrad import packet as rp
+
+from xdpzoot.config import Radius, listen_address
+from xdpzoot.sources import radius
+from xdpzoot.sources.files import SourceError
+from xdpzoot.sources.radius import Coa, Drop, Nak
+from xdpzoot.sources.sessions import Change, Plan, SessionTable
+
+log = logging.getLogger("xdpzoot.radius")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_SECRET = 256
+DUPLICATE_S = 30.0   # how long an answer is kept for a retransmitted request
+DUPLICATE_MAX = 65536
+CLIENT_CACHE = 4096   # sources remembered with their client (or none)
+
+
+@dataclass(frozen=True)
+class Client:
+    """A NAS that may send: its name, source prefixes and shared secret."""
+
+    name: str
+    source: tuple[IPNetwork, ...]
+    secret: bytes
+
+    def __repr__(self) -> str:   # never show the secret
+        return f"Client({self.name!r}, {[str(n) for n in self.source]})"
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a CoA or Disconnect-Request asks of a contract: "suspend", or "rate" with the
+    new rates (None: unchanged). Carried out by the ``act`` function given to the listener
+    (the instance: the contract's entries, the audit log)."""
+
+    kind: str
+    users: tuple[str, ...]
+    up_kbps: int | None = None
+    down_kbps: int | None = None
+
+
+def read_secret(path: str, key: str) -> bytes:
+    """The shared secret in ``path`` (trailing newline dropped). The file must be a regular
+    file no one but its owner can read or write (0600 or stricter); the secret itself never
+    appears in a message."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise SourceError(path, [(None, f"{key}: cannot open: {e.strerror or e}")]) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            problem = "not a regular file"
+        elif st.st_mode & 0o077:
+            problem = (f"mode {stat.S_IMODE(st.st_mode):04o} lets others read it "
+                       "(chmod 600)")
+        else:
+            data = f.read(MAX_SECRET + 2).rstrip(b"\r\n")
+            problem = ("empty" if not data else
+                       f"longer than {MAX_SECRET} bytes" if len(data) > MAX_SECRET else "")
+    if problem:
+        raise SourceError(path, [(None, f"{key}: {problem}")])
+    return data
+
+
+def clients_of(cfg: Radius) -> list[Client]:
+    """The configured clients with their secrets read."""
+    return [Client(c.name, c.source, read_secret(c.secret_file,
+                                                 f"radius.client {c.name!r} secret_file"))
+            for c in cfg.client]
+
+
+def _bind(spec: str) -> socket.socket:
+    host, port = listen_address(spec)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.setblocking(False)
+    return s
+
+
+class Listener:
+    """The accounting and CoA request handlers, with the session table and the counters."""
+
+    def __init__(self, clients: Iterable[Client], table: SessionTable,
+                 apply: Callable[[Change], None],
+                 act: Callable[[Action], None] | None = None, *,
+                 require_message_authenticator: bool = False, disconnect: str = "suspend",
+                 clock: Callable[[], float] = time.time):
+        self.clients = list(clients)
+        self.table = table
+        self.apply = apply
+        self.act = act
+        self.require_ma = require_message_authenticator
+        self.disconnect = disconnect
+        self.clock = clock
+        self.requests: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
+        self.answers: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()   # not about one request: the snapshot
+        self._client_cache: dict[str, Client | None] = {}
+        self._answered: OrderedDict[tuple, tuple[float, bytes]] = OrderedDict()
+
+    def stats(self) -> dict[str, object]:
+        """Counters and the table's size, as plain values."""
+        return {"sessions": len(self.table), **self.table.counts(),
+                "requests": dict(self.requests), "drops": dict(self.drops),
+                "answers": dict(self.answers), "errors": dict(self.errors)}
+
+    def client_of(self, host: str) -> Client | None:
+        """The client whose source prefixes hold ``host`` (remembered per source: the NAS
+        are few, and parsing the address costs as much as a lookup in the table)."""
+        try:
+            return self._client_cache[host]
+        except KeyError:
+            pass
+        if len(self._client_cache) >= CLIENT_CACHE:
+            self._client_cache.clear()
+        found = self._client_cache[host] = self._find_client(host)
+        return found
+
+    def _find_client(self, host: str) -> Client | None:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return next((c for c in self.clients if any(ip in n for n in c.source)), None)
+
+    # --- one datagram ------------------------------------------------------------------------
+
+    def handle(self, data: bytes, source: tuple, port_kind: str) -> bytes | None:
+        """The answer to one datagram on the accounting ("acct") or CoA ("coa") port, or None.
+
+        Never raises: a failure of the map writer is counted as ``apply_failed`` and logged,
+        anything else unexpected as ``internal``."""
+        try:
+            return self._handle(data, source, port_kind)
+        except Drop as d:
+            self.drops[d.cause] += 1
+        except Exception:
+            self.drops["internal"] += 1
+            log.exception("radius: request from %s not handled", source[0])
+        return None
+
+    def _handle(self, data: bytes, source: tuple, port_kind: str) -> bytes | None:
+        client = self.client_of(source[0])
+        if client is None:
+            raise Drop("unknown_client")
+        now = self.clock()
+        data = data[:radius.check_frame(data)]
+        # A retransmission (RFC 5080 section 2.2.2) is the same packet from the same port:
+        # it gets the same answer again, without being handled twice.
+        dup = (source[0], source[1], data)
+        seen = self._answered.get(dup)
+        if seen is not None and seen[0] > now - DUPLICATE_S:
+            self.requests["duplicate"] += 1
+            return seen[1]
+        pkt = radius.verify(data, client.secret, self.require_ma)
+        wanted = (radius.ACCOUNTING_REQUEST,) if port_kind == "acct" else (
+            radius.COA_REQUEST, radius.DISCONNECT_REQUEST)
+        if pkt.code not in wanted:
+            raise Drop("code")
+        if pkt.code == radius.ACCOUNTING_REQUEST:
+            answer = self._accounting(client, pkt, source, now)
+        else:
+            answer = self._coa(client, pkt, now)
+        self._remember(dup, now, answer)
+        return answer
+
+    def _remember(self, dup: tuple, now: float, answer: bytes) -> None:
+        self._answered[dup] = (now, answer)
+        while self._answered and (len(self._answered) > DUPLICATE_MAX or
+                                  next(iter(self._answered.values()))[0] <= now - DUPLICATE_S):
+            self._answered.popitem(last=False)
+
+    def _nas(self, client: Client, nas: str, source: tuple) -> str:
+        """The NAS a session belongs to: the client's name with what the packet names, so
+        that one client can never touch another client's sessions."""
+        return f"{client.name}/{nas or source[0]}"
+
+    def _write(self, plan: Plan, now: float) -> None:
+        """Apply, then commit; a failing apply leaves the table as it was."""
+        if plan.change:
+            try:
+                self.apply(plan.change)
+            except Exception:
+                log.exception("radius: map write failed")
+                raise Drop("apply_failed") from None
+        self.table.commit(plan, now)
+
+    def _accounting(self, client: Client, pkt: rp.Packet, source: tuple, now: float) -> bytes:
+        acct = radius.accounting(pkt)
+        self.requests[acct.status] += 1
+        self._write(self.table.plan(acct, self._nas(client, acct.nas, source), now), now)
+        self.answers["accounting_response"] += 1
+        return radius.reply(pkt)
+
+    def _coa(self, client: Client, pkt: rp.Packet, now: float) -> bytes:
+        kind = "disconnect" if pkt.code == radius.DISCONNECT_REQUEST else "coa"
+        self.requests[kind] += 1
+        try:
+            request = radius.coa(pkt)
+            self._coa_act(client, request, now)
+        except Nak as n:
+            self.answers[f"{kind}_nak_{n.error_cause}"] += 1
+            return radius.reply(pkt, n.error_cause)
+        self.answers[f"{kind}_ack"] += 1
+        return radius.reply(pkt)
+
+    def _coa_act(self, client: Client, c: Coa, now: float) -> None:
+        nas = f"{client.name}/{c.nas}" if c.nas else ""
+        keys = [k for k in self.table.select(nas, c.session_id, c.user, c.networks)
+                if k[0].startswith(client.name + "/")]
+        if not keys:
+            if nas and not any(k[0] == nas for k in self.table.sessions):
+                raise Nak(radius.NAS_MISMATCH, "no such NAS")
+            raise Nak(radius.SESSION_NOT_FOUND, "no such session")
+        if c.disconnect and self.disconnect == "session":
+            try:
+                self._write(self.table.plan_end(keys), now)
+            except Drop:
+                raise Nak(radius.RESOURCES_UNAVAILABLE, "map write failed") from None
+            return
+        users = tuple(sorted({self.table.sessions[k].user for k in keys}))
+        action = (Action("suspend", users) if c.disconnect
+                  else Action("rate", users, c.up_kbps, c.down_kbps))
+        try:
+            if self.act is None:
+                raise RuntimeError("no action configured")
+            self.act(action)
+        except Exception:
+            log.exception("radius: %s failed", action.kind)
+            raise Nak(radius.RESOURCES_UNAVAILABLE, "action failed") from None
+
+    def expire(self) -> int:
+        """End sessions without an Interim for the timeout; returns how many. A failing
+        map write leaves them for the next round."""
+        now = self.clock()
+        plan = self.table.plan_expiry(now)
+        if not plan.put:
+            return 0
+        try:
+            self._write(plan, now)
+        except Drop as d:
+            self.drops[d.cause] += 1
+            return 0
+        self.requests["expired"] += len(plan.put)
+        return len(plan.put)
+
+    # --- serving -----------------------------------------------------------------------------
+
+    async def serve(self, acct: socket.socket | None, coa: socket.socket | None,
+                    stop: asyncio.Event, snapshot: str = "", every: float = 5.0,
+                    save_every: float = 30.0) -> None:
+        """Answer on the given (bound) sockets until ``stop`` is set; expire sessions every
+        ``every`` seconds; write the snapshot (if a path is given) every ``save_every``
+        seconds when the table changed, and once more at the end. A snapshot is written
+        on the loop: with a million sessions it holds the answers for a moment."""
+        loop = asyncio.get_running_loop()
+        transports = []
+        for sock, kind in ((acct, "acct"), (coa, "coa")):
+            if sock is not None:
+                t, _ = await loop.create_datagram_endpoint(
+                    lambda kind=kind: _Protocol(self, kind), sock=sock)
+                transports.append(t)
+        saved, last = -1, loop.time()   # -1: not written by this listener yet
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), every)
+                except TimeoutError:
+                    pass
+                self.expire()
+                if loop.time() - last >= save_every:
+                    saved, last = self._save(snapshot, saved), loop.time()
+        finally:
+            for t in transports:
+                t.close()
+            self._save(snapshot, saved)
+
+    def _save(self, path: str, saved: int) -> int:
+        """Write the table if it changed since version ``saved``; the version written (or
+        ``saved`` if the write failed: it is tried again)."""
+        version = self.table.version
+        if not path or version == saved:
+            return saved
+        try:
+            self.table.save(path)
+        except OSError as e:
+            self.errors["snapshot"] += 1
+            log.error("radius: cannot write the session snapshot %s: %s", path, e)
+            return saved
+        return version
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, listener: Listener, kind: str):
+        self.listener = listener
+        self.kind = kind
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        answer = self.listener.handle(data, addr, self.kind)
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, addr)
+
+
+def open_listener(cfg: Radius, apply: Callable[[Change], None],
+                  act: Callable[[Action], None]
+                  ) -> tuple[Listener, socket.socket | None, socket.socket | None]:
+    """The listener of a config (secrets read, sessions restored from ``cfg.state``) and
+    its accounting and CoA sockets, bound (None where off); serve with
+    ``Listener.serve(acct, coa, stop, cfg.state)``. A bad secret file or snapshot raises
+    SourceError before any socket is bound."""
+    clients = clients_of(cfg)
+    try:
+        table = (SessionTable.restore(cfg.state, cfg.session_timeout) if cfg.state
+                 else SessionTable(cfg.session_timeout))
+    except ValueError as e:
+        raise SourceError(cfg.state, [(None, str(e))]) from None
+    listener = Listener(clients, table, apply, act,
+                        require_message_authenticator=cfg.require_message_authenticator,
+                        disconnect=cfg.disconnect)
+    acct = _bind(cfg.listen) if cfg.listen else None
+    try:
+        coa = _bind(cfg.coa_listen) if cfg.coa_listen else None
+    except OSError:
+        if acct is not None:
+            acct.close()
+        raise
+    return listener, acct, coa
