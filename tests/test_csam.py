@@ -1242,12 +1242,6 @@ def test_concurrent_blocklist_load(cli, bpffs, tmp_path):
         _one_of(cli, pin, x, y, sets)
 
 
-RACE_BUG = ("cli.blocklist_load creates the maps (o.maps(create=True), a bcc compile that "
-            "pins them) before it takes kernel.lock: two `blocklist load` on an instance "
-            "without maps both compile, and one fails with 'failed to pin map ... File "
-            "exists' / 'BPF compile/load failed', exit 1")
-
-
 def test_concurrent_blocklist_load_creating_the_maps(cli, bpffs, tmp_path):
     x, y, sets = _lists(tmp_path)
     for _ in range(3):
