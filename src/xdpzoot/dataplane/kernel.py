@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xdpzoot.dataplane import dirs, schema
 from xdpzoot.dataplane.layout import (
@@ -33,6 +34,7 @@ from xdpzoot.dataplane.layout import (
     STATE,
     THROTTLE,
     U32,
+    WORDS,
     ZERO_KEY,
     ClassTable,
     Control,
@@ -42,6 +44,9 @@ from xdpzoot.dataplane.layout import (
     masked,
     pack_class,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
@@ -318,7 +323,7 @@ class PinnedMap:
     def _keys_batch(self) -> list[bytes]:
         return self._lookup_batch()[0]
 
-    def _lookup_batch(self) -> tuple[list[bytes], bytes]:
+    def _lookup_batch(self, with_keys: bool = True) -> tuple[list[bytes], bytes]:
         ks, vs = self.key_size, self.value_size
         keys = ct.create_string_buffer(ks * BATCH)
         vals = ct.create_string_buffer(vs * BATCH)
@@ -330,8 +335,9 @@ class PinnedMap:
             count = ct.c_uint32(BATCH)
             rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, vals,
                                               ct.byref(count), ct.byref(opts))
-            raw = keys.raw[: count.value * ks]
-            out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
+            if with_keys:
+                raw = keys.raw[: count.value * ks]
+                out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
             values.append(vals.raw[: count.value * vs])
             if rc != 0:
                 if ct.get_errno() == errno.ENOENT:
@@ -346,6 +352,10 @@ class PinnedMap:
             return self._lookup_batch()
         keys = self.keys()
         return keys, b"".join(self.lookup(k) or bytes(self.value_size) for k in keys)
+
+    def values(self) -> bytes:
+        """Every value joined, without the keys (a batch map: an array's in index order)."""
+        return self._lookup_batch(with_keys=False)[1]
 
     def update_items(self, keys: list[bytes], values: bytes,
                      progress: Callable[[int], None] | None = None) -> None:
@@ -843,16 +853,27 @@ class Maps:
         if dirs.subscriber_added(d, hosts, prefixes):
             self.write_dir(d)
 
-    def owners(self) -> dict[int, int]:
-        """State slot -> subscriber id, from the host and prefix entries (a pool's
-        addresses, indexed or not, have no owner)."""
-        out: dict[int, int] = {}
+    def owner_ids(self) -> np.ndarray:
+        """Subscriber id per state slot (0: no owner), from the host and prefix entries (a
+        pool's addresses, indexed or not, have no owner; slot 0 is theirs). Columns of the
+        maps' raw values: a tick of the daemon reads a million entries."""
+        import numpy as np
+
+        out = np.zeros(self.slots, dtype=np.uint32)
         for m in (self.host_map, self.prefix_map):
-            t = self.read(m)
-            out.update((s, i) for s, i, w in zip(t.column(4), t.column(0), t.column(1),
-                                                 strict=True) if not w & POOL_BITS_WORD)
-        out.pop(0, None)   # slot 0: per-address state (pools), no owner
+            v = np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+            v = v[(v[:, 1] & POOL_BITS_WORD) == 0]
+            out[v[:, 4]] = v[:, 0]
+        out[0] = 0
         return out
+
+    def owners(self) -> dict[int, int]:
+        """State slot -> subscriber id (owner_ids as a dict)."""
+        import numpy as np
+
+        ids = self.owner_ids()
+        slots = np.flatnonzero(ids)
+        return dict(zip(slots.tolist(), ids[slots].tolist(), strict=True))
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
         """Zero the pool-address state of ``(first index, count)`` blocks."""
@@ -885,6 +906,14 @@ class Maps:
         wants every slot."""
         _, values = self.state_map.items()
         return {s: _volume(values, s * STATE.size) for s in slots}
+
+    def byte_counters(self) -> np.ndarray:
+        """Per state slot, the bytes its subscriber sent and received so far (up, down),
+        the state array read whole, in batches."""
+        import numpy as np
+
+        raw = np.frombuffer(self.state_map.values(), dtype=np.uint64)
+        return raw.reshape(-1, STATE.size // 8)[:, [2, 6]]   # up.bytes, down.bytes
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
@@ -1006,6 +1035,12 @@ class Maps:
     def get_throttle(self, slot: int) -> tuple[int, int]:
         raw = self.throttle_map.lookup(U32.pack(slot))
         return THROTTLE.unpack(raw) if raw is not None else (0, 0)
+
+    def throttle_rates(self) -> np.ndarray:
+        """Every slot's throttle (kbps up, down), the array read whole."""
+        import numpy as np
+
+        return np.frombuffer(self.throttle_map.values(), dtype=np.uint32).reshape(-1, 2)
 
     def set_throttles_switch(self, on: bool) -> None:
         self.set_switch(schema.C["XZ_C_THROTTLES"], on)
