@@ -241,17 +241,16 @@ class Instance:
                 if slot not in manual:
                     self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
 
-    def enforce_rates(self, now: float, rule_rates: dict[int, int], owned: np.ndarray
-                      ) -> list[int]:
+    def enforce_rates(self, now: float, rule_rates: dict[int, int], slots: Iterable[int]
+                      ) -> tuple[list[int], set[int]]:
         """The daemon's throttles: expire those set by hand whose time is up, then make
         every slot's throttle the lowest of the rules' (``rule_rates``, slot -> kbps) and
-        the hand-set one (for the ``owned`` slots, an index array, and those); the switch
-        on while any is in force. The throttle array is read whole and only the slots
-        whose throttle differs are written.
+        the hand-set one, for those slots, the hand-set ones' and ``slots`` (owned slots
+        that may hold a throttle: those in force at the last call, or every slot with one
+        found by :meth:`throttle_rates`); the switch on while any is in force.
         One critical section: a `throttle` cannot come between the read of the hand-set
-        ones and the switch. Returns the slots whose hand-set throttle expired."""
-        import numpy as np
-
+        ones and the switch. Returns the slots whose hand-set throttle expired, and those
+        with a throttle in force now."""
         with self.locked():
             manual = self.maps.manual_throttles()
             expired = [s for s, (_, until) in manual.items() if until and until <= now]
@@ -261,15 +260,12 @@ class Instance:
             want = dict(rule_rates)
             for slot, (kbps, _) in manual.items():
                 want[slot] = min(kbps, want.get(slot, kbps))
-            cur = self.maps.throttle_rates()
-            new = cur.copy()
-            new[owned] = 0
-            for slot, rate in want.items():
-                new[slot] = rate
-            for slot in np.flatnonzero((new != cur).any(axis=1)).tolist():
-                self.maps.set_throttle(slot, int(new[slot, 0]), int(new[slot, 1]))
+            for slot in set(want).union(slots):
+                rate = want.get(slot, 0)
+                if self.maps.get_throttle(slot) != (rate, rate):
+                    self.maps.set_throttle(slot, rate, rate)
             self.maps.set_throttles_switch(bool(want))
-        return expired
+        return expired, set(want)
 
     # ---- what the daemon and `top` read -------------------------------------------------
     def owners(self) -> dict[int, int]:
@@ -282,6 +278,10 @@ class Instance:
     def byte_counters(self) -> np.ndarray:
         """Bytes up and down so far per state slot (kernel.Maps.byte_counters)."""
         return self.maps.byte_counters()
+
+    def throttle_rates(self) -> np.ndarray:
+        """Every slot's throttle, kbps up and down (kernel.Maps.throttle_rates)."""
+        return self.maps.throttle_rates()
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
         return self.maps.volumes(slots)

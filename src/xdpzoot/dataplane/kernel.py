@@ -323,7 +323,7 @@ class PinnedMap:
     def _keys_batch(self) -> list[bytes]:
         return self._lookup_batch()[0]
 
-    def _lookup_batch(self, with_keys: bool = True) -> tuple[list[bytes], bytes]:
+    def _lookup_batch(self) -> tuple[list[bytes], bytes]:
         ks, vs = self.key_size, self.value_size
         keys = ct.create_string_buffer(ks * BATCH)
         vals = ct.create_string_buffer(vs * BATCH)
@@ -335,9 +335,8 @@ class PinnedMap:
             count = ct.c_uint32(BATCH)
             rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, vals,
                                               ct.byref(count), ct.byref(opts))
-            if with_keys:
-                raw = keys.raw[: count.value * ks]
-                out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
+            raw = keys.raw[: count.value * ks]
+            out.extend(raw[i:i + ks] for i in range(0, len(raw), ks))
             values.append(vals.raw[: count.value * vs])
             if rc != 0:
                 if ct.get_errno() == errno.ENOENT:
@@ -353,9 +352,30 @@ class PinnedMap:
         keys = self.keys()
         return keys, b"".join(self.lookup(k) or bytes(self.value_size) for k in keys)
 
-    def values(self) -> bytes:
-        """Every value joined, without the keys (a batch map: an array's in index order)."""
-        return self._lookup_batch(with_keys=False)[1]
+    def values(self) -> bytearray:
+        """Every value joined, without the keys, read in batches straight into one buffer
+        (a map of BATCH_TYPES; an array's come in index order)."""
+        ks, vs = self.key_size, self.value_size
+        out = bytearray(vs * self.max_entries)
+        buf = (ct.c_char * len(out)).from_buffer(out)
+        keys = ct.create_string_buffer(ks * BATCH)
+        token_in, token_out = None, ct.create_string_buffer(ks)
+        opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+        n = 0
+        while n < self.max_entries:
+            count = ct.c_uint32(min(BATCH, self.max_entries - n))
+            rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys,
+                                              ct.byref(buf, n * vs), ct.byref(count),
+                                              ct.byref(opts))
+            n += count.value
+            if rc != 0:
+                if ct.get_errno() == errno.ENOENT:
+                    break
+                _check(rc, f"lookup batch {self.path}")
+            token_in = ct.create_string_buffer(token_out.raw, ks)
+        del buf
+        del out[n * vs:]
+        return out
 
     def update_items(self, keys: list[bytes], values: bytes,
                      progress: Callable[[int], None] | None = None) -> None:
