@@ -115,6 +115,28 @@ def test_rule_throttles_releases_audits_and_survives_restart(setup):
     assert d2.inst.get_throttle(slot) == (0, 0)
 
 
+def test_throttles_in_force_are_kept_exact(setup):
+    """The tick looks only at slots with a throttle in force, yet a stray one (in the map
+    before the daemon started, wanted by nobody) goes at its first tick, and a rule's
+    throttle lifted by `unthrottle` comes back at the next."""
+    cfg, pin, _ = setup
+    clock = Clock(T0)
+    d = daemon(cfg, pin, clock)
+    slot = next(iter(d.inst.owners()))
+    with d.inst.locked():
+        d.inst.maps.set_throttle(slot, 700, 700)
+    d.tick()
+    assert d.inst.get_throttle(slot) == (0, 0)
+    clock.t += 60
+    add_bytes(d, slot, 25_000_000)
+    d.tick()
+    assert d.inst.get_throttle(slot) == (2000, 2000)
+    d.inst.unthrottle(slot)
+    clock.t += 1
+    d.tick()
+    assert d.inst.get_throttle(slot) == (2000, 2000)
+
+
 def test_snapshot_cadence_and_a_crash_between_snapshots(setup):
     """A snapshot every snapshot_seconds, and at once after a decision; a crash between two
     loses no byte: the restarted daemon counts the bytes since the snapshot from the
