@@ -1216,3 +1216,106 @@ def test_action_times_are_iso_in_values() -> None:
     drv = monthly_run([ts(2026, 1, 20)], until=ts(2026, 4, 2))
     decided = datetime.fromisoformat(drv.actions[0].values["decided"])
     assert decided.utcoffset() == timedelta(hours=9)
+
+
+# --- ticks that give only the counters that moved ------------------------------------------
+
+CHANGED_RULES = (
+    MONTHLY.replace("1TB", "60GB")
+    + UPLOAD.replace("30GB", "8GB").replace("24h", "6h")   # named upload-30gb-6h
+    + DAILY_PAIR
+    + EARLY
+    + """
+[[rule]]
+name = "hourly-suspend"
+direction = "both"
+window = "rolling:1h"
+threshold = "6GB"
+action = "suspend"
+duration = "30m"
+plans = ["gold"]
+subscribers = [3]
+
+[[rule]]
+name = "daily-notice"
+direction = "down"
+window = "calendar-day"
+threshold = "3GB"
+action = "notify"
+"""
+)
+SIDS = range(1, 7)
+
+# A tick: seconds since the last, traffic (subscriber, direction 0 up / 1 down, GB), and
+# maybe an event: a plan change, a counter reset (data plane reloaded), a contract ended.
+TICK = st.tuples(
+    st.sampled_from([60, 900, 3600, 3 * 3600, 86400, 5 * 86400]),
+    st.lists(st.tuples(st.sampled_from(SIDS), st.integers(0, 1), st.integers(1, 12)),
+             max_size=4),
+    st.one_of(st.none(),
+              st.tuples(st.just("plan"), st.sampled_from(SIDS), st.sampled_from(["gold", "x"])),
+              st.tuples(st.sampled_from(["reset", "forget"]), st.sampled_from(SIDS))),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TICK, min_size=1, max_size=60))
+def test_changed_counters_only_decide_as_every_counter(ticks) -> None:
+    """The daemon gives the engine only the counters that moved (and a new subscriber's
+    first): the actions, throttles, enforcements, usage and decision count are those of an
+    engine that visits every subscriber with every counter on every tick (the engine's
+    first-tick mode, forced on each tick), and the snapshot's kept records are never stale."""
+    rules = rules_of(CHANGED_RULES)
+    every, moved = Accounting(rules, TZ), Accounting(rules, TZ)
+    totals = {sid: [0, 0] for sid in SIDS if sid != 6}   # 6 comes later
+    seen: dict[int, tuple[int, int]] = {}   # what `moved` was last given
+    now = ts(2026, 1, 30, 20)
+    for i, (gap, traffic, event) in enumerate(ticks):
+        now += gap
+        if i == 3:
+            totals[6] = [0, 0]
+        plans = None
+        if event and event[0] == "plan":
+            plans = {event[1]: event[2]}
+        elif event and event[1] in totals:
+            if event[0] == "reset":
+                totals[event[1]] = [0, 0]
+            else:
+                del totals[event[1]]
+                seen.pop(event[1], None)
+                every.forget(event[1])
+                moved.forget(event[1])
+        for sid, direction, gb in traffic:
+            if sid in totals:
+                totals[sid][direction] += gb * GB
+        counters = {sid: (u, d) for sid, (u, d) in totals.items()}
+        given_ = {sid: c for sid, c in counters.items() if seen.get(sid) != c}
+        seen.update(given_)
+        every._all = True
+        a = every.observe(now, counters, plans)
+        b = moved.observe(now, given_, plans)
+        assert a == b
+        assert every.throttles(now) == moved.throttles(now) == {
+            sid: r for sid in totals if (r := every.throttle_rate(sid, now))}
+        assert every.active(now) == moved.active(now)
+        assert every.scheduled(now) == moved.scheduled(now)
+        for sid in totals:
+            assert every.usage(sid, now) == moved.usage(sid, now)
+        assert every.decisions == moved.decisions
+        if i % 5 == 4:
+            snap = moved.snapshot()
+            for sub in moved._subs.values():
+                sub.packed = None
+            assert moved.snapshot() == snap
+
+
+def test_changed_counters_scenario_decides_something() -> None:
+    """The comparison above is not vacuous: its rules throttle, suspend, notify and release."""
+    drv = Driver(Accounting(rules_of(CHANGED_RULES), TZ))
+    drv.tick(ts(2026, 1, 30, 20), {3: (0, 0)})
+    drv.tick(ts(2026, 1, 30, 21), {3: (9 * GB, 0)})
+    drv.tick(ts(2026, 1, 30, 22), {3: (0, 11 * GB)})
+    drv.days(ts(2026, 1, 31), ts(2026, 2, 3), step=HOUR)
+    kinds = {(a.rule, a.action) for a in drv.actions}
+    assert {("hourly-suspend", "suspend"), ("upload-30gb-6h", "throttle"),
+            ("daily-notice", "notify"), ("down-daily", "release")} <= kinds

@@ -309,6 +309,7 @@ rules = "{tmp_path}/rules.toml"
 state = "{state_dir}/state.msgpack"
 audit = "{state_dir}/audit.jsonl"
 tick_seconds = 1
+snapshot_seconds = 1   # a snapshot on every tick: the faults hit one
 """)
         # --force: the module's instance may hold a larger table from the tests before
         run(self.cfg, self.dp.pin_dir, "subscribers", "load", "--force", str(tmp_path / "subs.csv"))

@@ -63,6 +63,7 @@ bulk_kbps = 2000
 bulk_seconds = 1
 bulk_share = 10
 tick_seconds = 1
+snapshot_seconds = 1   # tests wait for a snapshot as the sign of a tick
 rules = "{rules}"
 state = "{state}"
 audit = "{audit}"

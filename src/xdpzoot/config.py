@@ -129,6 +129,7 @@ class Bandwidth:
     bulk_share: int = 50  # percent of its subscriber's rate that bulk flows share
     bulk_floor_kbps: int = 0  # bulk share of subscribers without a rate; 0 = unlimited
     tick_seconds: int = 10  # how often `xdpzoot run` reads counters and decides
+    snapshot_seconds: int = 60  # how often it snapshots (and after a tick that decided)
     state: str = "/var/lib/xdpzoot/state.msgpack"  # daemon snapshot
     audit: str = "/var/log/xdpzoot/audit.jsonl"  # one JSON line per decision
     audit_retention_days: int = 180
@@ -453,7 +454,8 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
         "hysteresis": _int(0, 99), "bulk_kbps": _int(1, 1 << 31),
         "bulk_seconds": _int(1, 86400), "bulk_share": _int(1, 100),
         "bulk_floor_kbps": _int(0, 1 << 31), "tick_seconds": _int(1, 3600),
-        "state": _path, "audit": _path, "audit_retention_days": _int(1, 3650),
+        "snapshot_seconds": _int(1, 86400), "state": _path, "audit": _path,
+        "audit_retention_days": _int(1, 3650),
     },
     "sources": {"subscribers": _path, "csam": _path, "max_shrink": _share},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,

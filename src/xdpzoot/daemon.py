@@ -1,23 +1,27 @@
 """`xdpzoot run`: the controller's loop.
 
 On a tick it reads the per-subscriber volume counters, lets the accounting decide
-(throttle, release, notify, suspend), writes the rates in force into the maps, expires
-throttles set by hand, switches congestion mode in ``auto``, re-syncs the source files
-when they change, writes the audit log, and snapshots its state atomically so that a
-restart (or a crash) resumes windows and throttles. SIGTERM stops it cleanly (the data
-plane keeps enforcing); SIGHUP rereads the config and the rules.
+(throttle, release, notify, suspend) for the subscribers whose counters moved, writes the
+rates in force into the maps, expires throttles set by hand, switches congestion mode in
+``auto``, re-syncs the source files when they change, writes the audit log, and snapshots
+its state atomically (every ``snapshot_seconds``, and after any tick that decided
+something) so that a restart (or a crash) resumes windows and throttles. SIGTERM stops it
+cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules.
 
 Time and sleep are parameters: the tests run a month in milliseconds.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from xdpzoot import tables
 from xdpzoot.bandwidth import accounting, store
@@ -86,6 +90,14 @@ class Daemon:
     _last_purge: float = 0.0
     unaudited: list = field(default_factory=list)   # actions the audit log has not taken yet
     _failing: dict[str, tuple] = field(default_factory=dict)   # what -> (errno, message)
+    plans_changed: bool = True   # the engine has not been given self.plans yet
+    # The last tick's view of the maps: subscriber id and bytes (up, down) per state slot,
+    # and the slot of each subscriber.
+    _owners: np.ndarray | None = None
+    _bytes: np.ndarray | None = None
+    _slot_of: dict[int, int] = field(default_factory=dict)
+    _throttled: set[int] | None = None   # slots with a throttle after the last tick
+    _saved: tuple[float, int] = (0.0, -1)   # the last snapshot: when, acct.decisions then
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +114,7 @@ class Daemon:
                                         self.cfg.limits.source_bytes)
             except SourceError as e:
                 log(f"plans not read: {e}")
+        self._saved = (self.clock(), self.acct.decisions)   # what was read is on disk
 
     def _load_rules(self, resume: bool) -> None:
         b = self.cfg.bandwidth
@@ -119,6 +132,7 @@ class Daemon:
                 self._adopt_throttles()
         elif old is not None:
             self.acct = accounting.Accounting.restore(old.snapshot(), rules)
+        self.plans_changed = True
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
                                      b.congestion_seconds, b.hysteresis,
@@ -139,29 +153,60 @@ class Daemon:
 
     # -- the tick ---------------------------------------------------------------------------
     def tick(self) -> list:
-        """One round: count, decide, enforce, persist. Returns the actions taken."""
+        """One round: count, decide, enforce, persist. Returns the actions taken.
+
+        The cycle collector waits meanwhile: a tick makes and keeps up to millions of small
+        objects (a million subscribers' windows), which it would walk again and again as
+        they are made (two thirds of a first tick at 1M). What the tick made is walked once
+        at its end; the whole heap hourly (_persist)."""
+        gc.disable()
+        try:
+            return self._tick()
+        finally:
+            gc.collect(1)
+            gc.enable()
+
+    def _tick(self) -> list:
         now = self.clock()
-        owners = self.inst.owners()
-        vols = self.inst.volumes(owners)
-        counters = {owners[s]: (v.up_bytes, v.down_bytes) for s, v in vols.items()}
-        actions = self.acct.observe(now, counters, self.plans)
-        slot_of = {sid: s for s, sid in owners.items()}
+        counters = self._counters()
+        plans, self.plans_changed = (self.plans if self.plans_changed else None), False
+        actions = self.acct.observe(now, counters, plans)
         for a in actions:
             if a.action in ("suspend", "unsuspend"):
                 # Another rule may still hold the subscriber suspended.
                 on = a.values.get("suspended", a.action == "suspend")
                 self.inst.suspend(a.subscriber, bool(on))
-        self._enforce_rates(now, slot_of)
+        self._enforce_rates(now)
         self._congestion(now)
         self._watch_sources()
         self.unaudited.extend(actions)
         self._persist(now)
         return actions
 
-    def _persist(self, now: float) -> None:
-        """The audit log and the snapshot, each written whole or not at all (store.py). What
-        cannot be written (a full disk, a read-only directory) is retried on the next tick:
-        the actions stay queued, and each snapshot holds the whole state."""
+    def _counters(self) -> dict[int, tuple[int, int]]:
+        """Subscriber -> (bytes up, bytes down) so far, for the slots whose counters moved
+        since the last tick; for every owned slot when the owners changed (a load, a slot
+        given to another subscriber), so that a new subscriber's first counter, its
+        baseline, is seen at once."""
+        owners, counts = self.inst.owner_ids(), self.inst.byte_counters()
+        if self._owners is None or not np.array_equal(owners, self._owners):
+            moved = owners != 0
+            slots = np.flatnonzero(moved)
+            self._owners = owners
+            self._slot_of = dict(zip(owners[slots].tolist(), slots.tolist(), strict=True))
+        else:
+            moved = (counts != self._bytes).any(axis=1) & (owners != 0)
+        self._bytes = counts
+        slots = np.flatnonzero(moved)
+        return dict(zip(owners[slots].tolist(), map(tuple, counts[slots].tolist()),
+                        strict=True))
+
+    def _persist(self, now: float, snapshot: bool = False) -> None:
+        """The audit log, and the snapshot when ``snapshot_seconds`` have passed since the
+        last, when the accounting decided something since (a crash must not make it decide
+        again), or when ``snapshot`` (at the stop); each written whole or not at all
+        (store.py). What cannot be written (a full disk, a read-only directory) is retried
+        on the next tick: the actions stay queued, and each snapshot holds the whole state."""
         b = self.cfg.bandwidth
         if self.unaudited and self._write("audit log", b.audit,
                                           lambda: self.audit.write(self.unaudited)):
@@ -169,8 +214,14 @@ class Daemon:
         if now - self._last_purge >= 3600:
             self._write("audit log", b.audit, lambda: self.audit.purge(now))
             self._last_purge = now
-        self._write("snapshot", b.state,
-                    lambda: store.save_snapshot(b.state, self.acct.snapshot()))
+            gc.collect()
+        when, decisions = self._saved
+        if (snapshot or "snapshot" in self._failing or decisions != self.acct.decisions
+                or not 0 <= now - when < b.snapshot_seconds):
+            decisions = self.acct.decisions
+            if self._write("snapshot", b.state,
+                           lambda: store.save_snapshot(b.state, self.acct.snapshot())):
+                self._saved = (now, decisions)
 
     def _write(self, what: str, path: str, write: Callable[[], object]) -> bool:
         """One write to the state directory. A failure is logged once per condition (not
@@ -187,15 +238,18 @@ class Daemon:
             log(f"{what} {path} written again")
         return True
 
-    def _enforce_rates(self, now: float, slot_of: dict[int, int]) -> None:
+    def _enforce_rates(self, now: float) -> None:
         """The throttle in force per slot: the lowest of the rules' and the hand-set one
-        (written by the instance under its lock, hand-set ones read there)."""
-        want: dict[int, int] = {}
-        for sid, slot in slot_of.items():
-            rate = self.acct.throttle_rate(sid, now)
-            if rate:
-                want[slot] = rate
-        for slot in self.inst.enforce_rates(now, want, slot_of.values()):
+        (written by the instance under its lock, hand-set ones read there). Every throttle
+        is written through the instance (the daemon's or by hand), so after the first tick
+        only the slots with one in force need a look, not a million."""
+        want = {self._slot_of[sid]: rate for sid, rate in self.acct.throttles(now).items()
+                if sid in self._slot_of}
+        if self._throttled is None:   # the first tick: whatever is in force, from anyone
+            held = self.inst.throttle_rates().any(axis=1) & (self._owners != 0)
+            self._throttled = set(np.flatnonzero(held).tolist())
+        expired, self._throttled = self.inst.enforce_rates(now, want, self._throttled)
+        for slot in expired:
             log(f"throttle set by hand on slot {slot} expired")
 
     def _congestion(self, now: float) -> None:
@@ -245,6 +299,7 @@ class Daemon:
                         for sid in left:
                             self.acct.forget(sid)
                         self.plans = read_plans(path, limit)
+                        self.plans_changed = True
                         log(f"{path}: {c.added} added, {c.changed} changed, "
                             f"{c.removed} removed")
                     else:
@@ -275,5 +330,5 @@ class Daemon:
             deadline = self.clock() + self.cfg.bandwidth.tick_seconds
             while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
                 sleep(min(0.5, max(0.0, deadline - self.clock())))
-        self._persist(self.clock())
+        self._persist(self.clock(), snapshot=True)
         log("stopped; the data plane keeps enforcing")

@@ -45,6 +45,17 @@ Enforcements (throttle, suspend)
     whole window inside it whose bytes were not over the threshold (rolling: at the first tick
     at least one window length after its start with the rolling sum not over).
 
+Which subscribers a tick visits
+    Only those whose counters are given (they moved), those with an enforcement (decided or in
+    force) or a rolling rule fired, and those whose plan changed; every subscriber on the first
+    tick of an engine (new or restored: the rules may have changed). For the others nothing can
+    happen: a calendar window with no new bytes cannot cross a threshold, and a rolling sum
+    that only shrinks matters only to a fired rule (watched) or an enforcement (watched). Their
+    window moves (a calendar window closing, rolling buckets falling out) are made when they
+    are next visited, with the same result; a new subscriber's meters start at its first bytes.
+    The decisions are those of visiting everyone on every tick (tests/test_accounting.py
+    compares both).
+
 Actions
     :meth:`Accounting.observe` returns actions sorted by time; a time can be earlier than the
     tick's ``now`` (a start, an end or a window boundary that fell between two ticks), never
@@ -158,7 +169,7 @@ class _Enf:
 class _Sub:
     """Per-subscriber state: last counters, plan, window meters, fired rules, enforcements."""
 
-    __slots__ = ("up", "down", "plan", "rules", "mlist", "meters", "fired", "enf")
+    __slots__ = ("up", "down", "plan", "rules", "mlist", "meters", "fired", "enf", "packed")
 
     def __init__(self) -> None:
         self.up: int | None = None  # None: no counter seen yet (the first one is a baseline)
@@ -171,6 +182,7 @@ class _Sub:
         self.meters: dict[int, list[Any]] = {}
         self.fired: dict[str, int] = {}  # rule -> calendar window index fired, or 1 = over
         self.enf: list[_Enf] = []
+        self.packed: bytes | None = None  # its snapshot record; None: changed since packed
 
 
 class _Compiled(NamedTuple):
@@ -217,12 +229,23 @@ class Accounting:
             mi = self._meter_keys.index(key)
             self._compiled.append(_Compiled(r.name, mi, not r.window.calendar, r.threshold, r))
         self._meter_of = {c.name: c.meter for c in self._compiled}
+        self._meter_names = [f"{k}:{s}:{d}" for k, s, d in self._meter_keys]
+        self._rolling = {c.name for c in self._compiled if c.rolling}
+        self._listed = frozenset().union(*(r.subscribers for r in rules))
+        self._by_plan: dict[str | None, tuple[list[_Compiled], list[tuple[int, str, int]]]] = {}
         self._subs: dict[int, _Sub] = {}
         self._heap: list[tuple[float, int, int, _Enf]] = []
         self._seq = 0  # enforcement ids and heap tie-breaks, persisted
         self._now: float | None = None  # the last tick
         self._orphans: list[_Enf] = []  # until-below enforcements whose rule is gone (restore)
         self._cal: dict[str, tuple[int, float, float]] = {}  # kind -> (index, start, end)
+        # Visited on every tick: an enforcement, or a rolling rule fired (module doc).
+        self._watch: set[int] = set()
+        self._all = True  # the next tick visits everyone
+        # Grows with every decision and every change the counters cannot redo (a rule
+        # fired or re-armed, an enforcement started or ended, a subscriber forgotten): the
+        # daemon snapshots when it moved.
+        self.decisions = 0
 
     # --- windows ---
 
@@ -263,6 +286,16 @@ class Accounting:
 
     def _rules_of(self, sid: int, sub: _Sub) -> list[_Compiled]:
         """The rules covering a subscriber; meters and fired states of other rules are dropped."""
+        if not (sub.meters or sub.fired or sub.enf or sid in self._listed):
+            # Nothing to drop, and the rules depend on the plan alone: shared per plan.
+            cached = self._by_plan.get(sub.plan)
+            if cached is None:
+                rules = [c for c in self._compiled if c.rule.covers(sid, sub.plan)]
+                mlist = [(m, self._meter_keys[m][0], _DIRECTION_CODE[self._meter_keys[m][2]])
+                         for m in sorted({c.meter for c in rules})]
+                cached = self._by_plan[sub.plan] = (rules, mlist)
+            sub.rules, sub.mlist = cached
+            return sub.rules
         rules = [c for c in self._compiled if c.rule.covers(sid, sub.plan)]
         keep = {c.meter for c in rules}
         keep.update(self._meter_of[e.rule] for e in sub.enf if e.rule in self._meter_of)
@@ -285,7 +318,9 @@ class Accounting:
     def forget(self, subscriber: int) -> None:
         """Drop everything known about a subscriber (contract ended); no action is returned."""
         sub = self._subs.pop(subscriber, None)
+        self._watch.discard(subscriber)
         if sub is not None:
+            self.decisions += 1
             for e in sub.enf:
                 e.ending = True  # its heap events are skipped
 
@@ -301,7 +336,10 @@ class Accounting:
 
         ``counters`` maps subscriber id to ``(up_bytes_total, down_bytes_total)`` as read from
         the data plane. Subscribers missing from it sent nothing this tick (their windows still
-        move). ``plans`` maps subscriber id to plan name; a plan is remembered until changed.
+        move): it need hold only the counters that moved, but a subscriber's first counter is
+        its baseline, so give every subscriber's once, when it is new. ``plans`` maps
+        subscriber id to plan name; a plan is remembered until changed (give it again only
+        when it changed).
         A ``now`` earlier than the previous tick (clock stepped back) is taken as the previous
         tick's time.
         """
@@ -311,6 +349,7 @@ class Accounting:
         self._now = now
         ctx = self._context(now)
         subs = self._subs
+        visit = self._watch.union(counters)
         if plans:
             for sid, plan in plans.items():
                 sub = subs.get(sid)
@@ -319,12 +358,17 @@ class Accounting:
                 if sub.plan != plan:
                     sub.plan = plan
                     sub.rules = None
+                    visit.add(sid)
         notices: list[Action] = []
         trans: list[tuple[float, int, int, int, _Enf, str, dict[str, Any]]] = []
         for sid in counters:
             if sid not in subs:
                 subs[sid] = _Sub()
-        for sid, sub in subs.items():
+        if self._all:
+            visit, self._all = subs.keys(), False
+        for sid in visit:
+            sub = subs[sid]
+            sub.packed = None
             counter = counters.get(sid)
             du = dd = 0
             if counter is not None:
@@ -334,8 +378,10 @@ class Accounting:
                     dd = down - sub.down if down >= sub.down else down
                 sub.up, sub.down = up, down
             rules = sub.rules if sub.rules is not None else self._rules_of(sid, sub)
-            if rules or sub.enf:
+            # A new subscriber's meters start at its first bytes (nothing to cross before).
+            if (rules or sub.enf) and (du or dd or sub.meters or sub.fired or sub.enf):
                 self._tick(sid, sub, rules, du, dd, now, ctx, notices, trans)
+            self._rewatch(sid, sub)
         for e in self._orphans:
             if not e.ending and e.sub in subs:
                 e.ending = True
@@ -351,7 +397,18 @@ class Accounting:
             elif order == _END and e.until == t:
                 e.ending = True
                 trans.append((t, e.sub, _END, e.id, e, "end", {}))
-        return self._replay(notices, trans)
+        actions = self._replay(notices, trans)
+        for tr in trans:
+            self._rewatch(tr[1], subs[tr[1]])
+        return actions
+
+    def _rewatch(self, sid: int, sub: _Sub) -> None:
+        """Visit the subscriber on every tick while it has an enforcement or a rolling rule
+        fired (module doc)."""
+        if sub.enf or (sub.fired and not self._rolling.isdisjoint(sub.fired)):
+            self._watch.add(sid)
+        else:
+            self._watch.discard(sid)
 
     def _tick(
         self,
@@ -407,6 +464,7 @@ class Accounting:
                         self._fire(sid, sub, rule, None, used, now, notices, trans)
                 elif name in fired:
                     del fired[name]
+                    self.decisions += 1
             elif used > threshold and fired.get(name) != st[0]:
                 fired[name] = st[0]
                 self._fire(sid, sub, rule, st[0], used, now, notices, trans)
@@ -472,6 +530,7 @@ class Accounting:
     ) -> None:
         """A rule's threshold was crossed: a notice now, or a throttle/suspension scheduled."""
         label = self._label(rule, index)
+        self.decisions += 1
         if rule.action == "notify":
             values = {"window": label, "bytes": used, "threshold": rule.threshold}
             notices.append(Action(now, sid, rule.name, "notify", None, values))
@@ -524,6 +583,7 @@ class Accounting:
     def _replay(self, notices: list[Action], trans: list[Any]) -> list[Action]:
         """Apply queued starts and ends in time order and describe each as an Action."""
         trans.sort(key=lambda x: (x[0], x[1], x[2], x[3]))
+        self.decisions += len(trans)
         out: list[tuple[tuple[float, int, int, int], Action]] = [
             ((a.time, a.subscriber, _NOTIFY, i), a) for i, a in enumerate(notices)
         ]
@@ -574,6 +634,15 @@ class Accounting:
             if later:
                 result[sid] = later
         return result
+
+    def throttles(self, now: float) -> dict[int, int]:
+        """Subscriber -> the rate in force at ``now``, for every throttled subscriber."""
+        rates = {}
+        for sid in self._watch:   # every subscriber with an enforcement
+            rate = self.throttle_rate(sid, now)
+            if rate:
+                rates[sid] = rate
+        return rates
 
     def throttle_rate(self, subscriber: int, now: float) -> int | None:
         """The rate in force for a subscriber at ``now`` (the lowest), None if unthrottled."""
@@ -638,22 +707,34 @@ class Accounting:
     # --- persistence ---
 
     def snapshot(self) -> bytes:
-        """The whole state as versioned, checksummed msgpack (see :meth:`restore`)."""
-        keys = [f"{k}:{s}:{d}" for k, s, d in self._meter_keys]
-        subs = []
+        """The whole state as versioned, checksummed msgpack (see :meth:`restore`).
+
+        Each subscriber's record is packed once and kept until a tick visits it again: a
+        snapshot packs only the records that changed and joins the others (the bytes are
+        those of packing the whole document at once)."""
+        keys = self._meter_names
+        packer = msgpack.Packer(use_bin_type=True)
+        records, enf = [], []
         for sid, sub in self._subs.items():
-            meters: dict[str, Any] = {}
-            for mi, st in sub.meters.items():
-                if keys[mi].startswith(ROLLING):
-                    meters[keys[mi]] = [[b, n] for b, n in st[0]]
-                else:
-                    meters[keys[mi]] = [st[0], st[1]]
-            subs.append([sid, sub.up, sub.down, sub.plan, meters, dict(sub.fired)])
-        enf = [e.row() for sub in self._subs.values() for e in sub.enf]
-        payload = msgpack.packb(
-            {"now": self._now, "seq": self._seq, "tz": str(self.tz), "subs": subs, "enf": enf},
-            use_bin_type=True,
-        )
+            if sub.packed is None:
+                meters: dict[str, Any] = {}
+                for mi, st in sub.meters.items():
+                    if keys[mi].startswith(ROLLING):
+                        meters[keys[mi]] = [[b, n] for b, n in st[0]]
+                    else:
+                        meters[keys[mi]] = [st[0], st[1]]
+                sub.packed = packer.pack([sid, sub.up, sub.down, sub.plan, meters,
+                                          dict(sub.fired)])
+            records.append(sub.packed)
+            if sub.enf:
+                enf.extend(e.row() for e in sub.enf)
+        head = {"now": self._now, "seq": self._seq, "tz": str(self.tz)}
+        payload = b"".join([
+            packer.pack_map_header(len(head) + 2),
+            *(packer.pack(k) + packer.pack(v) for k, v in head.items()),
+            packer.pack("subs"), packer.pack_array_header(len(records)), *records,
+            packer.pack("enf"), packer.pack(enf),
+        ])
         return msgpack.packb(
             [SNAPSHOT_MAGIC, SNAPSHOT_VERSION, zlib.crc32(payload), payload], use_bin_type=True
         )
@@ -730,6 +811,7 @@ class Accounting:
                     "snapshot content is invalid: enforcement of unknown subscriber"
                 )
             sub.enf.append(e)
+            self._watch.add(e.sub)
             self._push(e)
             rule = self._by_name.get(e.rule)
             if e.until is None and (rule is None or rule.window.kind != ROLLING):

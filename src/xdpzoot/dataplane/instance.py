@@ -17,12 +17,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from xdpzoot import sync, tables
 from xdpzoot.dataplane import blocklist, kernel, loader, schema
 from xdpzoot.dataplane.layout import Entry, Volume
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import CsamList
+
+if TYPE_CHECKING:   # imported where used: a command's start stays quick
+    import numpy as np
 
 C = schema.C
 Progress = blocklist.Progress
@@ -226,41 +230,58 @@ class Instance:
 
     def adopt_throttles(self) -> None:
         """Throttles in force without a record of why become throttles set by hand."""
+        import numpy as np
+
         with self.locked():
             manual = self.maps.manual_throttles()
-            for slot in self.maps.owners():
-                up, down = self.maps.get_throttle(slot)
-                if (up or down) and slot not in manual:
+            rates = self.maps.throttle_rates()
+            owned = self.maps.owner_ids() != 0
+            for slot in np.flatnonzero(owned & rates.any(axis=1)).tolist():
+                up, down = rates[slot].tolist()
+                if slot not in manual:
                     self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
 
     def enforce_rates(self, now: float, rule_rates: dict[int, int], slots: Iterable[int]
-                      ) -> list[int]:
+                      ) -> tuple[list[int], set[int]]:
         """The daemon's throttles: expire those set by hand whose time is up, then make
         every slot's throttle the lowest of the rules' (``rule_rates``, slot -> kbps) and
-        the hand-set one (for ``slots``, the owned slots, and those); the switch on while
-        any is in force.
+        the hand-set one, for those slots, the hand-set ones' and ``slots`` (owned slots
+        that may hold a throttle: those in force at the last call, or every slot with one
+        found by :meth:`throttle_rates`); the switch on while any is in force.
         One critical section: a `throttle` cannot come between the read of the hand-set
-        ones and the switch. Returns the slots whose hand-set throttle expired."""
+        ones and the switch. Returns the slots whose hand-set throttle expired, and those
+        with a throttle in force now."""
         with self.locked():
             manual = self.maps.manual_throttles()
             expired = [s for s, (_, until) in manual.items() if until and until <= now]
             for slot in expired:
                 self.maps.del_manual(slot)
                 del manual[slot]
-            slots = list(slots)
             want = dict(rule_rates)
             for slot, (kbps, _) in manual.items():
                 want[slot] = min(kbps, want.get(slot, kbps))
-            for slot in set(want) | {s for s in slots if any(self.maps.get_throttle(s))}:
+            for slot in set(want).union(slots):
                 rate = want.get(slot, 0)
                 if self.maps.get_throttle(slot) != (rate, rate):
                     self.maps.set_throttle(slot, rate, rate)
             self.maps.set_throttles_switch(bool(want))
-        return expired
+        return expired, set(want)
 
     # ---- what the daemon and `top` read -------------------------------------------------
     def owners(self) -> dict[int, int]:
         return self.maps.owners()
+
+    def owner_ids(self) -> np.ndarray:
+        """Subscriber id per state slot, 0 where none (kernel.Maps.owner_ids)."""
+        return self.maps.owner_ids()
+
+    def byte_counters(self) -> np.ndarray:
+        """Bytes up and down so far per state slot (kernel.Maps.byte_counters)."""
+        return self.maps.byte_counters()
+
+    def throttle_rates(self) -> np.ndarray:
+        """Every slot's throttle, kbps up and down (kernel.Maps.throttle_rates)."""
+        return self.maps.throttle_rates()
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
         return self.maps.volumes(slots)

@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xdpzoot.dataplane import dirs, schema
 from xdpzoot.dataplane.layout import (
@@ -33,6 +34,7 @@ from xdpzoot.dataplane.layout import (
     STATE,
     THROTTLE,
     U32,
+    WORDS,
     ZERO_KEY,
     ClassTable,
     Control,
@@ -42,6 +44,9 @@ from xdpzoot.dataplane.layout import (
     masked,
     pack_class,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
@@ -346,6 +351,31 @@ class PinnedMap:
             return self._lookup_batch()
         keys = self.keys()
         return keys, b"".join(self.lookup(k) or bytes(self.value_size) for k in keys)
+
+    def values(self) -> bytearray:
+        """Every value joined, without the keys, read in batches straight into one buffer
+        (a map of BATCH_TYPES; an array's come in index order)."""
+        ks, vs = self.key_size, self.value_size
+        out = bytearray(vs * self.max_entries)
+        buf = (ct.c_char * len(out)).from_buffer(out)
+        keys = ct.create_string_buffer(ks * BATCH)
+        token_in, token_out = None, ct.create_string_buffer(ks)
+        opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+        n = 0
+        while n < self.max_entries:
+            count = ct.c_uint32(min(BATCH, self.max_entries - n))
+            rc = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys,
+                                              ct.byref(buf, n * vs), ct.byref(count),
+                                              ct.byref(opts))
+            n += count.value
+            if rc != 0:
+                if ct.get_errno() == errno.ENOENT:
+                    break
+                _check(rc, f"lookup batch {self.path}")
+            token_in = ct.create_string_buffer(token_out.raw, ks)
+        del buf
+        del out[n * vs:]
+        return out
 
     def update_items(self, keys: list[bytes], values: bytes,
                      progress: Callable[[int], None] | None = None) -> None:
@@ -843,16 +873,27 @@ class Maps:
         if dirs.subscriber_added(d, hosts, prefixes):
             self.write_dir(d)
 
-    def owners(self) -> dict[int, int]:
-        """State slot -> subscriber id, from the host and prefix entries (a pool's
-        addresses, indexed or not, have no owner)."""
-        out: dict[int, int] = {}
+    def owner_ids(self) -> np.ndarray:
+        """Subscriber id per state slot (0: no owner), from the host and prefix entries (a
+        pool's addresses, indexed or not, have no owner; slot 0 is theirs). Columns of the
+        maps' raw values: a tick of the daemon reads a million entries."""
+        import numpy as np
+
+        out = np.zeros(self.slots, dtype=np.uint32)
         for m in (self.host_map, self.prefix_map):
-            t = self.read(m)
-            out.update((s, i) for s, i, w in zip(t.column(4), t.column(0), t.column(1),
-                                                 strict=True) if not w & POOL_BITS_WORD)
-        out.pop(0, None)   # slot 0: per-address state (pools), no owner
+            v = np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+            v = v[(v[:, 1] & POOL_BITS_WORD) == 0]
+            out[v[:, 4]] = v[:, 0]
+        out[0] = 0
         return out
+
+    def owners(self) -> dict[int, int]:
+        """State slot -> subscriber id (owner_ids as a dict)."""
+        import numpy as np
+
+        ids = self.owner_ids()
+        slots = np.flatnonzero(ids)
+        return dict(zip(slots.tolist(), ids[slots].tolist(), strict=True))
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
         """Zero the pool-address state of ``(first index, count)`` blocks."""
@@ -885,6 +926,14 @@ class Maps:
         wants every slot."""
         _, values = self.state_map.items()
         return {s: _volume(values, s * STATE.size) for s in slots}
+
+    def byte_counters(self) -> np.ndarray:
+        """Per state slot, the bytes its subscriber sent and received so far (up, down),
+        the state array read whole, in batches."""
+        import numpy as np
+
+        raw = np.frombuffer(self.state_map.values(), dtype=np.uint64)
+        return raw.reshape(-1, STATE.size // 8)[:, [2, 6]]   # up.bytes, down.bytes
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
@@ -1006,6 +1055,12 @@ class Maps:
     def get_throttle(self, slot: int) -> tuple[int, int]:
         raw = self.throttle_map.lookup(U32.pack(slot))
         return THROTTLE.unpack(raw) if raw is not None else (0, 0)
+
+    def throttle_rates(self) -> np.ndarray:
+        """Every slot's throttle (kbps up, down), the array read whole."""
+        import numpy as np
+
+        return np.frombuffer(self.throttle_map.values(), dtype=np.uint32).reshape(-1, 2)
 
     def set_throttles_switch(self, on: bool) -> None:
         self.set_switch(schema.C["XZ_C_THROTTLES"], on)
