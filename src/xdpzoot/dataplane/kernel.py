@@ -544,15 +544,18 @@ def _memlock(fd: int) -> int:
 # ---- BPF filesystem -----------------------------------------------------------------------
 
 
+class _StatFs(ct.Structure):
+    _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
+
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
 def _fs_magic(path: str) -> int | None:
-    """statfs f_type of ``path`` via libc, None if it does not exist."""
-
-    class StatFs(ct.Structure):
-        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
-
-    libc = ct.CDLL(None, use_errno=True)
-    st = StatFs()
-    if libc.statfs(path.encode(), ct.byref(st)) != 0:
+    """statfs f_type of ``path`` via libc, None if it does not exist. (Every lock asks:
+    no class or library handle is made per call.)"""
+    st = _StatFs()
+    if _libc.statfs(path.encode(), ct.byref(st)) != 0:
         return None
     return st.f_type & 0xFFFFFFFF
 
@@ -572,8 +575,7 @@ def ensure_bpffs(pin_dir: str) -> None:
         return
     mnt = "/sys/fs/bpf" if pin_dir.startswith("/sys/fs/bpf/") else pin_dir
     os.makedirs(mnt, exist_ok=True)
-    libc = ct.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", mnt.encode(), b"bpf", 0, None) != 0:
+    if _libc.mount(b"bpf", mnt.encode(), b"bpf", 0, None) != 0:
         raise KernelError(f"cannot mount bpffs at {mnt}: {os.strerror(ct.get_errno())}")
     os.makedirs(pin_dir, exist_ok=True)
     if mnt.startswith("/sys/") and _in_named_netns():
