@@ -234,11 +234,11 @@ class Daemon:
             try:
                 with self.inst.locked():
                     if path == self.cfg.sources.subscribers:
-                        _, hosts, prefixes = tables.read_subscribers(path, False, limit)
+                        _, hosts, prefixes, users = tables.read_subscribers(path, False, limit)
                         # never forced: a file cut short keeps the maps as they are
                         c = self.inst.load_subscribers(hosts, prefixes,
                                                        max_shrink=self.cfg.sources.max_shrink,
-                                                       path=path)
+                                                       path=path, contracts=users)
                         # Gone from the file: the contract ended (not merely maps still
                         # empty at start-up, when the windows of a snapshot must stay).
                         left = self.acct.subscribers() - set(self.inst.owners().values())
