@@ -86,6 +86,7 @@ class Daemon:
     _last_purge: float = 0.0
     unaudited: list = field(default_factory=list)   # actions the audit log has not taken yet
     _failing: dict[str, tuple] = field(default_factory=dict)   # what -> (errno, message)
+    radius: object = None   # radius_service.RadiusService, on a thread of its own
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,6 +97,10 @@ class Daemon:
             raise kernel.KernelError(kernel.NOT_LOADED.format(self.pin_dir))
         self._load_rules(resume=True)
         self._watch_init()
+        if self.cfg.radius.listen or self.cfg.radius.coa_listen:
+            from xdpzoot.radius_service import RadiusService
+
+            self.radius = RadiusService(self.cfg, self.pin_dir).start_thread()
         if self.cfg.sources.subscribers:
             try:
                 self.plans = read_plans(self.cfg.sources.subscribers,
@@ -276,4 +281,6 @@ class Daemon:
             while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
                 sleep(min(0.5, max(0.0, deadline - self.clock())))
         self._persist(self.clock())
+        if self.radius is not None:
+            self.radius.stop()
         log("stopped; the data plane keeps enforcing")

@@ -289,18 +289,20 @@ def _resolve_sessions(sessions: ClassTable, file: ClassTable, records: dict[int,
                       ) -> tuple[ClassTable, Change]:
     """The session entries a load keeps, with their contract's class as it is now: those
     whose contract left the file go (its pool row's treatment applies again), and so do
-    those the file now has a row of its own for. (kept, Change(changed, removed))"""
-    taken = set(file.keys)
-    kept, changed, removed = ClassTable(), 0, 0
+    those the file now has a row of its own for. (kept, Change(of the removed those a row
+    takes over, changed, removed))"""
+    taken = set(file.keys) if sessions else set()
+    kept, changed, removed, replaced = ClassTable(), 0, 0, 0
     for k, e in sessions.items():
         rec = records.get(e.sub_id)
         if rec is None or k in taken:
             removed += 1
+            replaced += k in taken
             continue
         new = session_entry(rec)
         changed += new != e
         kept.append(k, new)
-    return kept, Change(0, changed, removed)
+    return kept, Change(replaced, changed, removed)
 
 
 def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,

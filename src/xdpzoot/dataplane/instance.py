@@ -15,6 +15,7 @@ Reads (status, counters, volumes) take no lock: each map value is read whole.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
@@ -207,6 +208,13 @@ class Instance:
         if not done:
             raise kernel.KernelError(f"no contract for {', '.join(action.users)}")
         return done
+
+    def session_networks(self) -> list[tables.IPNetwork]:
+        """Every address and prefix the maps hold a session entry for."""
+        hosts = sync.split_sessions(self.maps.host_table())[1]
+        prefixes = sync.split_sessions(self.maps.prefix_table())[1]
+        return [ipaddress.ip_network(tables.ip_of(a)) for a in hosts.keys] + \
+            [tables.net_of(LPM_KEY.unpack(k)) for k in prefixes.keys]
 
     def contracts(self) -> dict[int, Entry]:
         """The RADIUS contracts in force, by subscriber id."""
