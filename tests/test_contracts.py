@@ -217,7 +217,7 @@ def test_coa_suspend_and_rate(dp, inst: Instance, tmp_path: Path) -> None:
     assert host(inst, "100.64.7.6") == inst.contracts()[2001]._replace(
         flags=SESSION | SUSPENDED)
     assert host(inst, "100.64.7.6")[3:5] == (100000, 1000000)
-    assert inst.table_sizes()["contracts_suspended"] == 1
+    assert inst.contract_sizes() == {"contracts": 3, "suspended": 1, "session_entries": 1}
     assert "contract 2001" in inst.suspend(2001, False)
     assert host(inst, "100.64.7.6").flags == SESSION
     with pytest.raises(Exception, match="no contract"):

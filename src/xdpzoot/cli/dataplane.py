@@ -122,6 +122,7 @@ def status(o: Ctx, as_json) -> None:
             "interfaces": [asdict(a) for a in att],
             "switches": tables.control_names(flags),
             "tables": inst.table_sizes(),
+            "contracts": inst.contract_sizes(),
             "counters": _totals(inst.counters_sum()),
             "fast_path": inst.fast_path(),
         }
@@ -138,6 +139,10 @@ def status(o: Ctx, as_json) -> None:
             click.echo("\nTables:")
             for k, v in data["tables"].items():
                 click.echo(f"  {k:<10} {v:>10}")
+            c = data["contracts"]
+            if c["contracts"] or c["session_entries"]:
+                click.echo(f"\nRADIUS contracts: {c['contracts']} ({c['suspended']} suspended),"
+                           f" {c['session_entries']} session entries")
             click.echo("\nTotals:")
             _counter_table(data["counters"])
             fp = data["fast_path"]

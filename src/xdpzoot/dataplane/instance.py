@@ -405,14 +405,16 @@ class Instance:
         return self.maps.allow_bits(addr)
 
     def table_sizes(self) -> dict[str, int]:
-        hosts, prefixes = self.maps.host_table(), self.maps.prefix_table()
+        return {"hosts": len(self.maps.host_table()), "prefixes": len(self.maps.prefix_table()),
+                "allow": len(self.maps.allow_items())}
+
+    def contract_sizes(self) -> dict[str, int]:
+        """RADIUS contracts, those suspended, and the session entries in the maps."""
         contracts = self.contracts().values()
-        return {"hosts": len(hosts), "prefixes": len(prefixes),
-                "allow": len(self.maps.allow_items()),
-                "sessions": sum(len(sync.split_sessions(t)[1]) for t in (hosts, prefixes)),
-                "contracts": len(contracts),
-                "contracts_suspended": sum(1 for e in contracts
-                                           if e.flags & sync.SUSPENDED)}
+        return {"contracts": len(contracts),
+                "suspended": sum(1 for e in contracts if e.flags & sync.SUSPENDED),
+                "session_entries": sum(len(sync.split_sessions(t)[1]) for t in (
+                    self.maps.host_table(), self.maps.prefix_table()))}
 
 
 def _map_key(net: tables.IPNetwork) -> bytes:
