@@ -23,6 +23,7 @@ from test_radius import (  # noqa: F401 (netns: a fixture)
     netns,
     q,
     radclient,
+    wait_for,
 )
 
 from xdpzoot import tables
@@ -132,16 +133,27 @@ def test_radius_command_then_the_daemon(router: dict, netns: str) -> None:  # no
         rc, out = radclient(netns, BRAS1, "disconnect", SECRET, {"User-Name": q(USER)})
         assert rc == 0 and "Disconnect-ACK" in out, out
         assert session_entry(router, "100.64.0.5")[0].flags & schema.C["XZ_F_SUSPENDED"]
+        # a user the file does not know yet: not written; once the file has it and is
+        # loaded, the listener writes its session (it watches the loads)
+        rc, _ = radclient(netns, BRAS1, "acct", SECRET, dict(
+            RC_START, **{"Acct-Session-Id": q("s9"), "User-Name": q("new@x"),
+                         "Framed-IP-Address": "100.64.0.9"}))
+        assert rc == 0 and session_entry(router, "100.64.0.9")[0] is None
+        subs = router["tmp"] / "subscribers.csv"
+        subs.write_text(FILE + "2002,,dynamic,,,,,new@x\n")
+        xz(router, "subscribers", "load", str(subs))
+        wait_for(lambda: session_entry(router, "100.64.0.9")[0] is not None, 20)
+        assert session_entry(router, "100.64.0.9")[0].sub_id == 2002
     finally:
         assert stopped(p) == 0
     audit = [json.loads(x) for x in (router["tmp"] / "audit.jsonl").read_text().splitlines()]
     assert audit[-1]["rule"] == "coa" and audit[-1]["subscriber"] == 2001
     table = SessionTable.restore(str(router["tmp"] / "radius.msgpack"), 3600)
-    assert [s.user for s in table.sessions.values()] == [USER]
+    assert [s.user for s in table.sessions.values()] == [USER, "new@x"]
 
     got = json.loads(xz(router, "sessions", "--json").stdout)
-    assert got["sessions"] == 1 and got["by_nas"] == {"bras1/192.0.2.1": 1}
-    assert got["addresses"] == {"ipv4": 1} and got["age_s"] >= 0
+    assert got["sessions"] == 2 and got["by_nas"] == {"bras1/192.0.2.1": 2}
+    assert got["addresses"] == {"ipv4": 2} and got["age_s"] >= 0
     shown = json.loads(xz(router, "sessions", "show", "100.64.0.5", "--json").stdout)
     assert [s["user"] for s in shown["sessions"]] == [USER]
     assert "No entries found" in xz(router, "sessions", "show", "nobody@x").stdout
@@ -159,4 +171,4 @@ def test_radius_command_then_the_daemon(router: dict, netns: str) -> None:  # no
         assert session_entry(router, "100.64.0.5")[0] is None
     finally:
         assert stopped(p) == 0
-    assert len(SessionTable.restore(str(router["tmp"] / "radius.msgpack"), 3600)) == 0
+    assert len(SessionTable.restore(str(router["tmp"] / "radius.msgpack"), 3600)) == 1

@@ -4,9 +4,11 @@ Sessions go into the maps through :meth:`Instance.apply_sessions` (each user's c
 from the subscriber file's ``user`` column), CoA and Disconnect through
 :meth:`Instance.act` and into the audit log (rule ``coa``). The user -> contract table is
 read from ``[sources] subscribers`` at start and again when the file changes (looked at
-every ``WATCH_S`` seconds); after a new read, and at start, every session of the table is
-written again and session entries the table does not hold are removed, so the maps
-converge to the table after a restart or a change of the file.
+every ``WATCH_S`` seconds). At start, after a new read, and after a load of the file into
+the maps (by the daemon or `subscribers load`: it counts its write of the directory),
+every session of the table is written again and session entries the table does not hold
+are removed, so the maps converge to the table after a restart, and a session of a user
+the file has just gained enters the maps once its contract is loaded.
 
 ``xdpzoot radius`` runs it on the main thread (:meth:`run`); ``xdpzoot run`` on a thread of
 its own (:meth:`start_thread`), with an Instance of its own: the flock is per open file, so
@@ -47,6 +49,7 @@ class RadiusService:
         self.users: dict[str, int] = {}
         self.counts: Counter[str] = Counter()   # apply_sessions': unknown, conflict, ...
         self._stamp: tuple[int, int] | None = None
+        self._loads = -1   # the instance's count of whole directory writes (loads) seen
         self.listener, self.acct, self.coa = open_listener(cfg.radius, self.apply, self.act)
         b = cfg.bandwidth
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
@@ -117,6 +120,7 @@ class RadiusService:
         """Write every session of the table again (each with its contract as the maps now
         have it) and remove session entries the table does not hold."""
         table = self.listener.table
+        self._loads = self.inst.maps.dir_writes()
         held = self.inst.session_networks()
         stale = tuple(n for n in held if n not in table.owner)
         self.apply(Change(tuple((n, table.sessions[k].user) for n, k in table.owner.items()),
@@ -129,10 +133,13 @@ class RadiusService:
                 await asyncio.wait_for(stop.wait(), WATCH_S)
             except TimeoutError:
                 pass
-            if not stop.is_set() and self._file_stamp() != self._stamp:
-                # parsed on a thread: answers go on meanwhile (the GIL allowing)
-                if await loop.run_in_executor(None, self.read_users):
-                    self.converge()
+            if stop.is_set():
+                break
+            # parsed on a thread: answers go on meanwhile (the GIL allowing)
+            read = self._file_stamp() != self._stamp and \
+                await loop.run_in_executor(None, self.read_users)
+            if read or self.inst.maps.dir_writes() != self._loads:
+                self.converge()
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -160,7 +160,8 @@ class Instance:
                     continue
                 held = m.get_class(mp, key)   # there exactly: the trie's longest is it
                 if held is not None and held.flags & sync.SESSION:
-                    m.put_class(mp, key, e)   # another session's, or this one's again
+                    if held != e:   # another session's, or this one's again
+                        m.put_class(mp, key, e)
                     n["written"] += 1
                 else:
                     n["conflict"] += 1
