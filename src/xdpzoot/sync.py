@@ -172,12 +172,11 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     host_ids, prefix_ids = hosts.column(0), prefixes.column(0)
     pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
                                       for w in prefixes.column(1)]))
-    cur = (cur_hosts, cur_prefixes, cur_contracts)
-    cur_ids = [i for t in cur for i in t.column(0)]
+    cur_ids = cur_hosts.column(0) + cur_prefixes.column(0) + cur_contracts.column(0)
     # a pool's block of pool-address state is no subscriber's slot
     cur_slots = [0 if w & POOL_BITS_WORD else s for s, w in zip(
-        [s for t in cur for s in t.column(4)], [w for t in cur for w in t.column(1)],
-        strict=True)]
+        cur_hosts.column(4) + cur_prefixes.column(4) + cur_contracts.column(4),
+        cur_hosts.column(1) + cur_prefixes.column(1) + cur_contracts.column(1), strict=True)]
     # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
     held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
     wanted = dict.fromkeys(host_ids)   # in file order, which sorts quickly
@@ -377,7 +376,7 @@ def apply_plan(maps: Maps, p: Plan,
     first_p = p.held[1] + p.prefixes.change.added > maps.prefix_map.max_entries
     maps.write_dir(dirs.union(maps.read_dir(), p.dir))
     maps.clear_pool_blocks(p.pool_clear)
-    if p.contracts is not None:
+    if p.contracts is not None and len(p.contracts.write):
         maps.write(maps.contract_map, p.contracts.write)
     if first_p:
         maps.delete(maps.prefix_map, p.prefixes.remove, progress)
@@ -389,7 +388,7 @@ def apply_plan(maps: Maps, p: Plan,
         maps.delete(maps.host_map, p.hosts.remove, progress)
     if not first_p:
         maps.delete(maps.prefix_map, p.prefixes.remove, progress)
-    if p.contracts is not None:
+    if p.contracts is not None and p.contracts.remove:
         maps.delete(maps.contract_map, p.contracts.remove)
     maps.write_dir(p.dir)
     maps.count_dir_write()
