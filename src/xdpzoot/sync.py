@@ -329,6 +329,7 @@ def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
                          len(hosts) + len(prefixes), max_shrink, "sources.max_shrink")
         hosts, prefixes = hosts.copy(), prefixes.copy()
         keep_suspensions(file_h, file_p, hosts, prefixes)
+        _check_room(maps, path, hosts, prefixes)   # the file's alone first, then sessions too
         want_c = contract_table(contracts or {})
         freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots, cur_c, want_c)
         pool_clear = assign_pool_blocks(file_p, hosts, prefixes, maps.pool_map.max_entries)
@@ -343,15 +344,19 @@ def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
         for t, kept in ((hosts, keep_h), (prefixes, keep_p)):
             t.keys.extend(kept.keys)
             t.values.extend(kept.values)
-        # after keep_suspensions: a suspended pool address keeps a host entry of its own
-        check_room(path, "host entries", len(hosts), maps.host_map.max_entries,
-                   "limits.hosts")
-        check_room(path, "prefix entries", len(prefixes), maps.prefix_map.max_entries,
-                   "limits.prefixes")
+        _check_room(maps, path, hosts, prefixes)
         d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
         return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
                     pool_clear, (len(cur_h), len(cur_p)), diff_table(cur_c, want_c),
                     ch + cp)
+
+
+def _check_room(maps: Maps, path: str, hosts: ClassTable, prefixes: ClassTable) -> None:
+    """Refuse entries the maps cannot hold (after keep_suspensions: a suspended pool
+    address keeps a host entry of its own)."""
+    check_room(path, "host entries", len(hosts), maps.host_map.max_entries, "limits.hosts")
+    check_room(path, "prefix entries", len(prefixes), maps.prefix_map.max_entries,
+               "limits.prefixes")
 
 
 def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
