@@ -904,6 +904,8 @@ class Maps:
         return t
 
     def get_contract(self, sub_id: int) -> Entry | None:
+        if not 0 < sub_id <= 0xFFFF_FFFF:   # no subscriber has that id
+            return None
         raw = self.contract_map.lookup(U32.pack(sub_id))
         return _entry(CLASS.unpack(raw)) if raw is not None else None
 
