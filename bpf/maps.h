@@ -21,6 +21,10 @@ XZ_MAP("hash", struct xz_addr, struct xz_class, xz_hosts, XZ_MAX_HOSTS, 0);
 /* Subscriber prefixes (dynamic pools, static blocks) -> class. cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, struct xz_class, xz_prefixes, XZ_MAX_PREFIXES,
        BPF_F_NO_PREALLOC);
+/* RADIUS contracts: subscriber id -> the class their session entries get (slot, sticky
+ * suspension, rates). cp writes and reads; no program uses it. Key 0 (no subscriber)
+ * counts exact writes of xz_sub_dir in its sub_id. */
+XZ_MAP("hash", __u32, struct xz_class, xz_contracts, XZ_MAX_SUBSCRIBERS, BPF_F_NO_PREALLOC);
 /* Which /24s have host entries or prefixes (XZ_SUB_DIR_* bits). cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_sub_dir, 1, 0);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */

@@ -88,6 +88,8 @@ struct xz_dir {
 #define XZ_F_SUSPENDED (1 << 0)     /* drop all but the support allow-list */
 #define XZ_F_OP25B_EXEMPT (1 << 1)  /* dynamic, but may send to port 25 */
 #define XZ_F_IP53B_EXEMPT (1 << 2)  /* dynamic, but may receive UDP/53 */
+#define XZ_F_SESSION (1 << 3)       /* a RADIUS session's entry (the control plane's
+				     * mark; the programs ignore it) */
 
 /* What an address (host entry) or prefix (pool, static block) belongs to. */
 struct xz_class {

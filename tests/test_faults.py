@@ -267,7 +267,7 @@ def test_killed_subscribers_load(inst, tmp_path, point):
     lost = [k for k in old.keys() & new.keys() if k not in mid]
     assert (len(torn), len(lost)) == (0, 0)
     assert mid != old or point == "after-union-dir"   # the kill came after some writes
-    _, hosts, prefixes = tables.read_subscribers(str(tmp_path / "new.csv"))
+    _, hosts, prefixes, _ = tables.read_subscribers(str(tmp_path / "new.csv"))
     assert {a for kind, a in new if kind == "host"} == set(hosts.keys)
     assert {layout.LPM_KEY.pack(*k) for kind, k in new if kind == "prefix"} == set(prefixes.keys)
     diff = json.loads(run(cfg, pin, "subscribers", "diff", str(tmp_path / "new.csv"),

@@ -97,6 +97,8 @@ def cases(files: dict[str, str]) -> dict[tuple[str, ...], list[list[str]]]:
                                                       "192.0.2.250")],
         ("congestion",): [["congestion", "x"], ["congestion", ""]],
         ("run",): [["run", "x"]],
+        ("radius",): [["radius", "x"], ["radius"]],   # the config has no [radius] listen
+        ("sessions", "show"): [["sessions", "show"], ["sessions", "show", "a", "b"]],
         ("lab", "up"): [["lab", "up", "--prefix", p] for p in ("", "UP", "../x", "a" * 40)],
         ("lab", "down"): [["lab", "down", p] for p in ("", "UP", "../x", "a" * 40)],
         ("lab", "list"): [["lab", "list", "x"]],
@@ -107,7 +109,8 @@ def cases(files: dict[str, str]) -> dict[tuple[str, ...], list[list[str]]]:
 
 # Configs: each hostile file as the config, and as each file a valid config names.
 CONFIG_COMMANDS = (["status"], ["attach", "--access", "xz-none"], ["run"], ["usage", "1"],
-                   ["subscribers", "load", "SUBS"], ["blocklist", "load", "LIST"])
+                   ["subscribers", "load", "SUBS"], ["blocklist", "load", "LIST"],
+                   ["radius"], ["sessions"])
 # A snapshot the daemon cannot read is a fresh start (test_daemon), not a refusal: only
 # `usage` refuses it.
 REFERENCED = {"bandwidth.rules": ["run"], "bandwidth.state": ["usage"],

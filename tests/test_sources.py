@@ -258,7 +258,7 @@ def test_row_error(row: str, messages: list[str]) -> None:
         pytest.param(
             "subscriber,address,type,colour\n1,192.0.2.1,static,red\n",
             [(1, "unknown column 'colour' (known: subscriber, address, type, up_kbps, "
-                 "down_kbps, flags, plan)")],
+                 "down_kbps, flags, plan, user)")],
             id="unknown-column",
         ),
         pytest.param(
@@ -273,7 +273,7 @@ def test_row_error(row: str, messages: list[str]) -> None:
         pytest.param(
             "Subscriber,address,type\n1,192.0.2.1,static\n",
             [(1, "unknown column 'Subscriber' (known: subscriber, address, type, up_kbps, "
-                 "down_kbps, flags, plan)"), (1, "missing column 'subscriber'")],
+                 "down_kbps, flags, plan, user)"), (1, "missing column 'subscriber'")],
             id="column-names-are-case-sensitive",
         ),
         pytest.param(

@@ -27,9 +27,9 @@ SUSPENDED = schema.C["XZ_F_SUSPENDED"]
 DYNAMIC, STATIC = schema.TYPES["dynamic"], schema.TYPES["static"]
 
 
-def rows_of(columns: tuple[subscribers.Columns, subscribers.Columns]) -> tuple[list, list]:
-    """Both groups of columns as sorted rows, to compare regardless of row order."""
-    return tuple(sorted(zip(*c, strict=True), key=lambda r: r[0]) for c in columns)
+def rows_of(columns: tuple) -> tuple[list, list]:
+    """The host and prefix columns as sorted rows, to compare regardless of row order."""
+    return tuple(sorted(zip(*c, strict=True), key=lambda r: r[0]) for c in columns[:2])
 
 
 # ---- 1. the bulk parser agrees with the row-by-row one -----------------------------------------
@@ -47,13 +47,15 @@ TYPE_TEXT = ["dynamic", "static", "Static", ""]
 RATES = ["", "0", "100", "4294967295", "4294967296", "1.5", "x"]
 FLAG_TEXT = ["", "suspended", "op25b_exempt;suspended", "ip53b_exempt", ";", "vip"]
 PLANS = ["", "gold", "a/b", "x:y", "#1"]
-OPTIONAL = ["up_kbps", "down_kbps", "flags", "plan"]
+USERS = ["", "", "a@x", "b@x", "abc12345@zoot.example", "\u00e9t\u00e9@x", '"c,d@x"',
+         "u" * 254, "\u200bzw@x"]
+OPTIONAL = ["up_kbps", "down_kbps", "flags", "plan", "user"]
 FIELDS = {"subscriber": IDS, "address": ADDRESSES, "type": TYPE_TEXT, "up_kbps": RATES,
-          "down_kbps": RATES, "flags": FLAG_TEXT, "plan": PLANS}
+          "down_kbps": RATES, "flags": FLAG_TEXT, "plan": PLANS, "user": USERS}
 # Mostly valid values, now and then one of the others.
-GOOD = {"subscriber": IDS[:5], "address": ADDRESSES[:9] + ADDRESSES[14:19],
+GOOD = {"subscriber": IDS[:5], "address": ADDRESSES[:9] + ADDRESSES[14:19] + [""],
         "type": TYPE_TEXT[:2], "up_kbps": RATES[:4], "down_kbps": RATES[:4],
-        "flags": FLAG_TEXT[:4], "plan": PLANS}
+        "flags": FLAG_TEXT[:4], "plan": PLANS, "user": USERS[:5]}
 
 
 @st.composite
@@ -98,8 +100,9 @@ def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
         return
     bulk = subscribers._bulk(text, strict)
     if bulk is not None:
-        assert rows_of(bulk) == rows_of(want)
-    assert rows_of(subscribers.parse_columns(text, "t.csv", strict)) == rows_of(want)
+        assert rows_of(bulk) == rows_of(want) and not want.contracts
+    got = subscribers.parse_columns(text, "t.csv", strict)
+    assert rows_of(got) == rows_of(want) and got.contracts == want.contracts
 
 
 def test_plain_files_take_the_bulk_path() -> None:
@@ -177,6 +180,9 @@ class FakeMaps:
 
     def read(self, m: SimpleNamespace) -> ClassTable:
         return self.tables[m.name]
+
+    def read_contracts(self) -> ClassTable:
+        return ClassTable()
 
 
 # A /24 and everything in it, so that hosts, pools and blocks overlap often.
@@ -291,8 +297,8 @@ def maps(compiled):
 def load(maps: Maps, tmp_path, text: str) -> sync.Change:
     path = tmp_path / "subscribers.csv"
     path.write_text(text)
-    _, hosts, prefixes = tables.read_subscribers(str(path))
-    return sync.apply_subscribers(maps, hosts, prefixes)
+    _, hosts, prefixes, contracts = tables.read_subscribers(str(path))
+    return sync.apply_subscribers(maps, hosts, prefixes, contracts=contracts)
 
 
 def in_kernel(maps: Maps) -> dict[str, Entry]:

@@ -98,6 +98,7 @@ class Daemon:
     _slot_of: dict[int, int] = field(default_factory=dict)
     _throttled: set[int] | None = None   # slots with a throttle after the last tick
     _saved: tuple[float, int] = (0.0, -1)   # the last snapshot: when, acct.decisions then
+    radius: object = None   # radius_service.RadiusService, on a thread of its own
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,6 +109,10 @@ class Daemon:
             raise kernel.KernelError(kernel.NOT_LOADED.format(self.pin_dir))
         self._load_rules(resume=True)
         self._watch_init()
+        if self.cfg.radius.listen or self.cfg.radius.coa_listen:
+            from xdpzoot.radius_service import RadiusService
+
+            self.radius = RadiusService(self.cfg, self.pin_dir).start_thread()
         if self.cfg.sources.subscribers:
             try:
                 self.plans = read_plans(self.cfg.sources.subscribers,
@@ -288,11 +293,11 @@ class Daemon:
             try:
                 with self.inst.locked():
                     if path == self.cfg.sources.subscribers:
-                        _, hosts, prefixes = tables.read_subscribers(path, False, limit)
+                        _, hosts, prefixes, users = tables.read_subscribers(path, False, limit)
                         # never forced: a file cut short keeps the maps as they are
                         c = self.inst.load_subscribers(hosts, prefixes,
                                                        max_shrink=self.cfg.sources.max_shrink,
-                                                       path=path)
+                                                       path=path, contracts=users)
                         # Gone from the file: the contract ended (not merely maps still
                         # empty at start-up, when the windows of a snapshot must stay).
                         left = self.acct.subscribers() - set(self.inst.owners().values())
@@ -331,4 +336,6 @@ class Daemon:
             while not self.stop_wanted and not self.reload_wanted and self.clock() < deadline:
                 sleep(min(0.5, max(0.0, deadline - self.clock())))
         self._persist(self.clock(), snapshot=True)
+        if self.radius is not None:
+            self.radius.stop()
         log("stopped; the data plane keeps enforcing")

@@ -19,6 +19,7 @@ from xdpzoot.dataplane.layout import (
     CLASS,
     LPM_KEY,
     POOL_BITS_WORD,
+    U32,
     WORDS,
     ClassTable,
     Entry,
@@ -29,7 +30,9 @@ from xdpzoot.sources.files import check_room, check_shrink, paused_gc
 from xdpzoot.tables import Key
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
+SESSION = schema.C["XZ_F_SESSION"]
 _SUSPENDED_WORD = class_word(0, SUSPENDED)
+_SESSION_WORD = class_word(0, SESSION)
 _TYPE_MASK = class_word(0xFF, 0)
 _DYNAMIC_WORD = class_word(schema.TYPES["dynamic"], 0)
 POOL_BITS = schema.C["XZ_POOL_MAX_BITS"]   # indexed pools: at most 2^16 addresses
@@ -69,8 +72,8 @@ class Diff(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """A subscriber load: the writes to both maps, the state slots then free, and the
-    IPv4 directory of what the maps then hold (dirs.py)."""
+    """A subscriber load: the writes to both maps and to the contracts, the state slots
+    then free, and the IPv4 directory of what the maps then hold (dirs.py)."""
 
     hosts: Diff
     prefixes: Diff
@@ -78,10 +81,18 @@ class Plan(NamedTuple):
     dir: bytes
     pool_clear: list[tuple[int, int]]   # pool-address blocks that held another pool's state
     held: tuple[int, int] = (0, 0)      # host and prefix entries in the maps before
+    contracts: Diff | None = None       # xz_contracts, keyed by U32 subscriber id
+    # session entries re-resolved (in hosts/prefixes too): changed, removed, and of the
+    # removed (in ``added``) those a row of the file takes over
+    sessions: Change = Change()
 
     @property
     def change(self) -> Change:
-        return self.hosts.change + self.prefixes.change
+        """The file's entries: what the load changed, session entries left out (a row that
+        takes over a session's address is added)."""
+        total, s = self.hosts.change + self.prefixes.change, self.sessions
+        return Change(total.added + s.added, total.changed - s.changed - s.added,
+                      total.removed - (s.removed - s.added))
 
 
 def diff_table(current: ClassTable, desired: ClassTable) -> Diff:
@@ -144,28 +155,35 @@ def _longest(prefix_row: dict[bytes, int], a: bytes) -> int | None:
 
 
 def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
-                 hosts: ClassTable, prefixes: ClassTable, limit: int) -> set[int]:
-    """Give every subscriber a state slot (rates, volume), shared by all its addresses.
+                 hosts: ClassTable, prefixes: ClassTable, limit: int,
+                 cur_contracts: ClassTable | None = None,
+                 contracts: ClassTable | None = None) -> set[int]:
+    """Give every subscriber a state slot (rates, volume), shared by all its addresses
+    and, for a RADIUS contract (``contracts``, by subscriber id), its sessions' entries:
+    a contract without any address in the file has a slot too.
 
     A subscriber keeps the slot it has in the kernel, so its counters survive a reload;
     pools (and addresses cut out of a pool) have per-address state instead (slot 0).
     New subscribers get the lowest free slots, in order of id. Returns the slots that
     their subscribers do not keep, to be cleared (a new subscriber may get one of them).
     """
+    cur_contracts = cur_contracts if cur_contracts is not None else ClassTable()
+    contracts = contracts if contracts is not None else ClassTable()
     host_ids, prefix_ids = hosts.column(0), prefixes.column(0)
     pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
                                       for w in prefixes.column(1)]))
-    cur_ids = cur_hosts.column(0) + cur_prefixes.column(0)
+    cur_ids = cur_hosts.column(0) + cur_prefixes.column(0) + cur_contracts.column(0)
     # a pool's block of pool-address state is no subscriber's slot
     cur_slots = [0 if w & POOL_BITS_WORD else s for s, w in zip(
-        cur_hosts.column(4) + cur_prefixes.column(4),
-        cur_hosts.column(1) + cur_prefixes.column(1), strict=True)]
+        cur_hosts.column(4) + cur_prefixes.column(4) + cur_contracts.column(4),
+        cur_hosts.column(1) + cur_prefixes.column(1) + cur_contracts.column(1), strict=True)]
     # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
     held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
     wanted = dict.fromkeys(host_ids)   # in file order, which sorts quickly
     wanted.update(dict.fromkeys(prefix_ids))
     for s in pools:
         wanted.pop(s, None)
+    wanted.update(dict.fromkeys(contracts.column(0)))
     # sub_id -> the slot it keeps, looked up from the smaller side (a first load holds few;
     # the other way round, it is in file order, as the lookups below go)
     if len(held) < len(wanted):
@@ -180,7 +198,8 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
                           f"{limit - 1} slots (limits.subscribers = {limit}, slot 0 is "
                           "per-address state): raise limits.subscribers; nothing was changed")
     slot_of.update(zip(new, free, strict=True))
-    for t, ids in ((hosts, host_ids), (prefixes, prefix_ids)):
+    for t, ids in ((hosts, host_ids), (prefixes, prefix_ids),
+                   (contracts, contracts.column(0))):
         t.values[4::WORDS] = array("I", map(slot_of.get, ids, repeat(0)))
     # A slot its subscriber does not keep is cleared, given to another one or not.
     return set(held.values()) - used
@@ -241,46 +260,119 @@ def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dic
             hosts.values[j * WORDS + 4] = prefixes.values[i * WORDS + 4]
 
 
+def split_sessions(t: ClassTable) -> tuple[ClassTable, ClassTable]:
+    """(the file's entries, RADIUS session entries) of a subscriber map's contents."""
+    import numpy as np  # a million flags at once; numpy is here for the directory anyway
+
+    words = np.frombuffer(t.values, dtype=np.uint32)[1::WORDS]
+    rows = np.flatnonzero(words & _SESSION_WORD)
+    if not len(rows):
+        return t, ClassTable()
+    mine = set(rows.tolist())
+    return t.take([i for i in range(len(t)) if i not in mine]), t.take(rows.tolist())
+
+
+def contract_table(contracts: dict[str, Entry]) -> ClassTable:
+    """xz_contracts contents from the file's contracts (user -> entry): one per id."""
+    by_id = {e.sub_id: e for e in contracts.values()}
+    return ClassTable.of((U32.pack(i), e._replace(slot=0, pool_bits=0))
+                         for i, e in sorted(by_id.items()))
+
+
+def session_entry(contract: Entry) -> Entry:
+    """What a session's address gets: its contract's class, marked."""
+    return contract._replace(flags=contract.flags | SESSION, pool_bits=0)
+
+
+def _resolve_sessions(sessions: ClassTable, file: ClassTable, records: dict[int, Entry]
+                      ) -> tuple[ClassTable, Change]:
+    """The session entries a load keeps, with their contract's class as it is now: those
+    whose contract left the file go (its pool row's treatment applies again), and so do
+    those the file now has a row of its own for. (kept, Change(of the removed those a row
+    takes over, changed, removed))"""
+    taken = set(file.keys) if sessions else set()
+    kept, changed, removed, replaced = ClassTable(), 0, 0, 0
+    for k, e in sessions.items():
+        rec = records.get(e.sub_id)
+        if rec is None or k in taken:
+            removed += 1
+            replaced += k in taken
+            continue
+        new = session_entry(rec)
+        changed += new != e
+        kept.append(k, new)
+    return kept, Change(replaced, changed, removed)
+
+
 def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
-                     max_shrink: float | None = None, path: str = "<subscribers>") -> Plan:
+                     max_shrink: float | None = None, path: str = "<subscribers>",
+                     contracts: dict[str, Entry] | None = None) -> Plan:
     """The writes that make the subscriber maps equal ``hosts``/``prefixes`` (left as
-    they are), and the state slots that are then free.
+    they are) and the contracts ``contracts`` (user -> entry), and the state slots that
+    are then free.
+
+    RADIUS session entries (XZ_F_SESSION) stay: each takes its contract's class as the
+    file now gives it (its slot, sticky suspension), or goes when its contract left the
+    file or the file has a row of its own for that address or prefix.
 
     Refused before anything is written (SourceError naming ``path``): more entries than a
     map holds (``limits.*``) and, given ``max_shrink``, no entries or fewer than
-    ``1 - max_shrink`` of those in the maps (``sources.max_shrink``; --force gives None).
+    ``1 - max_shrink`` of the file's entries in the maps (``sources.max_shrink``; --force
+    gives None).
     """
     with paused_gc():
         cur_h, cur_p = maps.read(maps.host_map), maps.read(maps.prefix_map)
+        cur_c = maps.read_contracts()
+        (file_h, sess_h), (file_p, sess_p) = split_sessions(cur_h), split_sessions(cur_p)
         if max_shrink is not None:
-            check_shrink(path, "subscriber entries", len(cur_h) + len(cur_p),
+            check_shrink(path, "subscriber entries", len(file_h) + len(file_p),
                          len(hosts) + len(prefixes), max_shrink, "sources.max_shrink")
         hosts, prefixes = hosts.copy(), prefixes.copy()
-        keep_suspensions(cur_h, cur_p, hosts, prefixes)
-        # after keep_suspensions: a suspended pool address keeps a host entry of its own
-        check_room(path, "host entries", len(hosts), maps.host_map.max_entries,
-                   "limits.hosts")
-        check_room(path, "prefix entries", len(prefixes), maps.prefix_map.max_entries,
-                   "limits.prefixes")
-        freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots)
-        pool_clear = assign_pool_blocks(cur_p, hosts, prefixes, maps.pool_map.max_entries)
+        keep_suspensions(file_h, file_p, hosts, prefixes)
+        _check_room(maps, path, hosts, prefixes)   # the file's alone first, then sessions too
+        want_c = contract_table(contracts or {})
+        freed = assign_slots(cur_h, cur_p, hosts, prefixes, maps.slots, cur_c, want_c)
+        pool_clear = assign_pool_blocks(file_p, hosts, prefixes, maps.pool_map.max_entries)
+        # suspensions of contracts are sticky as the file's are
+        old = {e.sub_id: e for _, e in cur_c.items()}
+        for i, e in enumerate(want_c.column(0)):
+            if old.get(e, Entry(0, 0)).flags & SUSPENDED:
+                want_c.values[i * WORDS + 1] |= _SUSPENDED_WORD
+        records = {e.sub_id: e for _, e in want_c.items()}
+        keep_h, ch = _resolve_sessions(sess_h, hosts, records)
+        keep_p, cp = _resolve_sessions(sess_p, prefixes, records)
+        for t, kept in ((hosts, keep_h), (prefixes, keep_p)):
+            t.keys.extend(kept.keys)
+            t.values.extend(kept.values)
+        _check_room(maps, path, hosts, prefixes)
         d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
         return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
-                    pool_clear, (len(cur_h), len(cur_p)))
+                    pool_clear, (len(cur_h), len(cur_p)), diff_table(cur_c, want_c),
+                    ch + cp)
+
+
+def _check_room(maps: Maps, path: str, hosts: ClassTable, prefixes: ClassTable) -> None:
+    """Refuse entries the maps cannot hold (after keep_suspensions: a suspended pool
+    address keeps a host entry of its own)."""
+    check_room(path, "host entries", len(hosts), maps.host_map.max_entries, "limits.hosts")
+    check_room(path, "prefix entries", len(prefixes), maps.prefix_map.max_entries,
+               "limits.prefixes")
 
 
 def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
-                      max_shrink: float | None = None, path: str = "<subscribers>") -> Change:
+                      max_shrink: float | None = None, path: str = "<subscribers>",
+                      contracts: dict[str, Entry] | None = None) -> Change:
     """Write the difference (see plan_subscribers, apply_plan)."""
-    return apply_plan(maps, plan_subscribers(maps, hosts, prefixes, max_shrink, path))
+    return apply_plan(maps, plan_subscribers(maps, hosts, prefixes, max_shrink, path,
+                                             contracts))
 
 
 def apply_plan(maps: Maps, p: Plan,
                progress: Callable[[int], None] | None = None) -> Change:
     """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
-    add/change prefixes and hosts, then delete, so that an address is never without its
-    class while it stays in the file. The directory covers the old entries and the new
-    ones while both are in the maps, and is exact once the old ones are gone.
+    contracts, add/change prefixes and hosts, then delete, so that an address is never
+    without its class while it stays in the file. The directory covers the old entries and
+    the new ones while both are in the maps, and is exact once the old ones are gone.
 
     A map that cannot hold its old and new entries at once (plan_subscribers checked that
     it holds the new ones) has its deletes first: an address whose entry goes may then be
@@ -289,6 +381,8 @@ def apply_plan(maps: Maps, p: Plan,
     first_p = p.held[1] + p.prefixes.change.added > maps.prefix_map.max_entries
     maps.write_dir(dirs.union(maps.read_dir(), p.dir))
     maps.clear_pool_blocks(p.pool_clear)
+    if p.contracts is not None and len(p.contracts.write):
+        maps.write(maps.contract_map, p.contracts.write)
     if first_p:
         maps.delete(maps.prefix_map, p.prefixes.remove, progress)
     maps.write(maps.prefix_map, p.prefixes.write, progress)
@@ -299,7 +393,10 @@ def apply_plan(maps: Maps, p: Plan,
         maps.delete(maps.host_map, p.hosts.remove, progress)
     if not first_p:
         maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+    if p.contracts is not None and p.contracts.remove:
+        maps.delete(maps.contract_map, p.contracts.remove)
     maps.write_dir(p.dir)
+    maps.count_dir_write()
     maps.clear_state(p.freed)
     return p.change
 
@@ -339,6 +436,10 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
                 maps.set_host(target, e)
             return [f"{ip_of(target)} (pool {net_of(match[0])})"]
         target = owner.sub_id
+    contract = maps.get_contract(target)
+    if contract is not None:   # sticky for its sessions to come, too
+        maps.set_contract(target, _flag(contract, on))
+        done.append(f"contract {target}")
     for a, e in list(maps.host_items()):
         if e.sub_id == target:
             maps.set_host(a, _flag(e, on))
@@ -348,6 +449,25 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
             maps.set_prefix(k, _flag(e, on))
             done.append(str(net_of(k)))
     return done
+
+
+def set_rates(maps: Maps, sub_id: int, up: int | None, down: int | None) -> None:
+    """A contract's rates (None: as they are) on its contract record and every entry of
+    it (file rows and sessions)."""
+
+    def rated(e: Entry) -> Entry:
+        return e._replace(up_kbps=e.up_kbps if up is None else up,
+                          down_kbps=e.down_kbps if down is None else down)
+
+    contract = maps.get_contract(sub_id)
+    if contract is not None:
+        maps.set_contract(sub_id, rated(contract))
+    for a, e in list(maps.host_items()):
+        if e.sub_id == sub_id and rated(e) != e:
+            maps.put_class(maps.host_map, a, rated(e))
+    for k, e in list(maps.prefix_items()):
+        if e.sub_id == sub_id and rated(e) != e:
+            maps.put_class(maps.prefix_map, LPM_KEY.pack(*k), rated(e))
 
 
 def _derived(host: Entry, pool: Entry) -> bool:

@@ -13,11 +13,12 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import starmap
+from typing import NamedTuple
 
 from xdpzoot.dataplane import schema
 from xdpzoot.dataplane.layout import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
 from xdpzoot.sources.files import SOURCE_BYTES
-from xdpzoot.sources.subscribers import Columns, read_columns
+from xdpzoot.sources.subscribers import Columns, Subscriber, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -96,12 +97,29 @@ def _longest(d: dict[Key, object], a: bytes):
     return best
 
 
-def read_subscribers(path: str, strict: bool = False, limit: int = SOURCE_BYTES
-                     ) -> tuple[int, ClassTable, ClassTable]:
+class Loaded(NamedTuple):
+    """A subscriber file as map contents: rows with an address, host and prefix entries
+    (slots not assigned yet), and the contracts of its users (user -> the entry its
+    sessions get, slot 0)."""
+
+    rows: int
+    hosts: ClassTable
+    prefixes: ClassTable
+    contracts: dict[str, Entry]
+
+
+def read_subscribers(path: str, strict: bool = False, limit: int = SOURCE_BYTES) -> Loaded:
     """The subscriber file at ``path`` (at most ``limit`` bytes) validated
-    (sources.read_columns) and made into map contents: (rows, hosts, prefixes)."""
-    hosts, prefixes = read_columns(path, strict, limit)
-    return len(hosts.keys) + len(prefixes.keys), *class_tables(hosts, prefixes)
+    (sources.read_columns) and made into map contents."""
+    hosts, prefixes, contracts = read_columns(path, strict, limit)
+    return Loaded(len(hosts.keys) + len(prefixes.keys), *class_tables(hosts, prefixes),
+                  contract_entries(contracts))
+
+
+def contract_entries(contracts: dict[str, Subscriber]) -> dict[str, Entry]:
+    """The entry each user's sessions get: its contract's id, type, flags and rates."""
+    return {u: Entry(r.sub_id, schema.TYPES[r.type], sum(schema.FLAGS[f] for f in r.flags),
+                     r.up_kbps, r.down_kbps) for u, r in contracts.items()}
 
 
 def class_tables(hosts: Columns, prefixes: Columns) -> tuple[ClassTable, ClassTable]:

@@ -119,7 +119,8 @@ def _address(value: str) -> bytes:
 def _entry_json(e: layout.Entry) -> dict:
     t = {v: k for k, v in schema.TYPES.items()}.get(e.type, str(e.type))
     return {"subscriber": e.sub_id, "type": t, "flags": schema.flag_names(e.flags),
-            "up_kbps": e.up_kbps, "down_kbps": e.down_kbps}
+            "up_kbps": e.up_kbps, "down_kbps": e.down_kbps,
+            "session": bool(e.flags & schema.C["XZ_F_SESSION"])}
 
 def _change_text(c: sync.Change) -> str:
     return f"{c.added} added, {c.changed} changed, {c.removed} removed"
@@ -133,7 +134,7 @@ def _progress(total: int, label: str):
 
 
 # Each command group registers itself on ``main``.
-from . import bandwidth, blocklist, dataplane, explain, lab, subscribers  # noqa: E402, F401, I001
+from . import bandwidth, blocklist, dataplane, explain, lab, radius, subscribers  # noqa: E402, F401, I001
 
 if __name__ == "__main__":
     main()

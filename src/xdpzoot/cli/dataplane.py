@@ -40,8 +40,8 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             raise click.UsageError("no interfaces: give --access/--core or [interfaces]")
         subs = lst = None
         if cfg.sources.subscribers:   # validate before any change
-            _, *subs = tables.read_subscribers(cfg.sources.subscribers, False,
-                                               cfg.limits.source_bytes)
+            subs = tables.read_subscribers(cfg.sources.subscribers, False,
+                                           cfg.limits.source_bytes)
         if cfg.sources.csam:
             text, warnings = csam.read_list(cfg.sources.csam, False, cfg.limits.source_bytes)
             lst = csam.parse_csam_bytes(text, cfg.sources.csam)
@@ -52,8 +52,10 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             done = inst.attach(cfg, acc, cor, hook or cfg.interfaces.hook,
                                mode or cfg.interfaces.mode)
             fast = inst.fast_path()
-            change = (inst.load_subscribers(*subs, max_shrink=cfg.sources.max_shrink,
-                                            path=cfg.sources.subscribers)
+            change = (inst.load_subscribers(subs.hosts, subs.prefixes,
+                                            max_shrink=cfg.sources.max_shrink,
+                                            path=cfg.sources.subscribers,
+                                            contracts=subs.contracts)
                       if subs is not None else None)
             if lst is not None:
                 inst.load_csam(text, cfg.sources.csam, lst, max_shrink=cfg.csam.max_shrink)
@@ -120,6 +122,7 @@ def status(o: Ctx, as_json) -> None:
             "interfaces": [asdict(a) for a in att],
             "switches": tables.control_names(flags),
             "tables": inst.table_sizes(),
+            "contracts": inst.contract_sizes(),
             "counters": _totals(inst.counters_sum()),
             "fast_path": inst.fast_path(),
         }
@@ -136,6 +139,10 @@ def status(o: Ctx, as_json) -> None:
             click.echo("\nTables:")
             for k, v in data["tables"].items():
                 click.echo(f"  {k:<10} {v:>10}")
+            c = data["contracts"]
+            if c["contracts"] or c["session_entries"]:
+                click.echo(f"\nRADIUS contracts: {c['contracts']} ({c['suspended']} suspended),"
+                           f" {c['session_entries']} session entries")
             click.echo("\nTotals:")
             _counter_table(data["counters"])
             fp = data["fast_path"]

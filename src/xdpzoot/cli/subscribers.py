@@ -55,8 +55,8 @@ def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
 
     def go():
         with paused_gc():   # a million rows: see sources.paused_gc
-            rows, hosts, prefixes = tables.read_subscribers(file, strict,
-                                                            o.cfg.limits.source_bytes)
+            rows, hosts, prefixes, contracts = tables.read_subscribers(
+                file, strict, o.cfg.limits.source_bytes)
             kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
             inst = o.instance()
             bars = []
@@ -72,7 +72,7 @@ def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
                 try:
                     change = inst.load_subscribers(
                         hosts, prefixes, progress,
-                        None if force else o.cfg.sources.max_shrink, file)
+                        None if force else o.cfg.sources.max_shrink, file, contracts)
                 finally:
                     for bar in bars:
                         bar.render_finish()
@@ -94,10 +94,10 @@ def subscribers_diff(o: Ctx, file, strict, as_json) -> None:
     """What `subscribers load FILE` would change, as counts (--json: each change)."""
 
     def go():
-        rows, hosts, prefixes = tables.read_subscribers(file, strict,
-                                                        o.cfg.limits.source_bytes)
+        rows, hosts, prefixes, contracts = tables.read_subscribers(
+            file, strict, o.cfg.limits.source_bytes)
         inst = o.instance()
-        plan = inst.plan_subscribers(hosts, prefixes, file)
+        plan = inst.plan_subscribers(hosts, prefixes, file, contracts)
         total = plan.change
         data = {"rows": rows, **asdict(total)}
         if as_json:

@@ -15,13 +15,15 @@ Reads (status, counters, volumes) take no lock: each map value is read whole.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from xdpzoot import sync, tables
-from xdpzoot.dataplane import blocklist, kernel, loader, schema
-from xdpzoot.dataplane.layout import Entry, Volume
+from xdpzoot.dataplane import blocklist, dirs, kernel, loader, schema
+from xdpzoot.dataplane.layout import LPM_KEY, Entry, Volume
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import CsamList
 
@@ -43,6 +45,8 @@ class Instance:
         self.maps = kernel.Maps(pin_dir, defines)
         self.maps.guard = self._require_lock
         self._held = False
+        self._dir: bytearray | None = None   # the subscriber directory as last read ...
+        self._dir_writes = -1                 # ... and its count of whole writes then
 
     def close(self) -> None:
         self.maps.close()
@@ -106,20 +110,120 @@ class Instance:
         return loader.attachments(self.pin_dir)
 
     # ---- subscribers --------------------------------------------------------------------
-    def plan_subscribers(self, hosts, prefixes, path: str = "<subscribers>") -> sync.Plan:
+    def plan_subscribers(self, hosts, prefixes, path: str = "<subscribers>",
+                         contracts: dict[str, Entry] | None = None) -> sync.Plan:
         """What a load of ``hosts``/``prefixes`` would write (nothing written)."""
-        return sync.plan_subscribers(self.maps, hosts, prefixes, path=path)
+        return sync.plan_subscribers(self.maps, hosts, prefixes, path=path,
+                                     contracts=contracts)
 
     def load_subscribers(self, hosts, prefixes, progress: Progress | None = None,
-                         max_shrink: float | None = None, path: str = "<subscribers>"
-                         ) -> sync.Change:
-        """Bring the subscriber maps to ``hosts``/``prefixes`` (suspensions kept); refused
-        before any write when the maps cannot hold them or, given ``max_shrink``, when the
-        file is empty or much shorter (sync.plan_subscribers)."""
+                         max_shrink: float | None = None, path: str = "<subscribers>",
+                         contracts: dict[str, Entry] | None = None) -> sync.Change:
+        """Bring the subscriber maps to ``hosts``/``prefixes`` and the RADIUS contracts to
+        ``contracts`` (user -> entry; suspensions kept, session entries kept and given
+        their contract's class as it is now); refused before any write when the maps
+        cannot hold them or, given ``max_shrink``, when the file is empty or much shorter
+        (sync.plan_subscribers)."""
         with self.locked():
-            plan = sync.plan_subscribers(self.maps, hosts, prefixes, max_shrink, path)
+            plan = sync.plan_subscribers(self.maps, hosts, prefixes, max_shrink, path,
+                                         contracts)
             return sync.apply_plan(self.maps, plan,
                                    progress(plan.change.total) if progress else None)
+
+    # ---- RADIUS sessions ----------------------------------------------------------------
+    def apply_sessions(self, change, users: Mapping[str, int]) -> Counter[str]:
+        """Write a session change (sources.sessions.Change: ``add`` (network, user),
+        ``remove`` networks) into the maps. An address or prefix of a user's session gets
+        its contract's class (xz_contracts: id, type, flags, rates, state slot) marked
+        XZ_F_SESSION; ``users`` names each user's subscriber id (the file's ``user``
+        column). Counts: ``written``, ``removed``; ``unknown``: a user with no contract
+        (not written: the pool row's treatment applies); ``conflict``: the maps hold an
+        entry of the file's (or of ``suspend ADDRESS``) there, which stays. A remove
+        deletes session entries only."""
+        n: Counter[str] = Counter()
+        with self.locked():
+            m = self.maps
+            records: dict[int, Entry | None] = {}
+            writes = []
+            for net, user in change.add:
+                sid = users.get(user, 0)
+                if sid not in records:
+                    records[sid] = m.get_contract(sid) if sid else None
+                rec = records[sid]
+                if rec is None:
+                    n["unknown"] += 1
+                    continue
+                writes.append((tables.is_host(net), _map_key(net), sync.session_entry(rec)))
+            if writes:   # first, so that no new entry is hidden for a moment
+                self._open_dir([k for host, k, _ in writes if host],
+                               [LPM_KEY.unpack(k) for host, k, _ in writes if not host])
+            for host, key, e in writes:
+                mp = m.host_map if host else m.prefix_map
+                if m.add_new(mp, key, e):
+                    n["written"] += 1
+                    continue
+                held = m.get_class(mp, key)   # there exactly: the trie's longest is it
+                if held is not None and held.flags & sync.SESSION:
+                    if held != e:   # another session's, or this one's again
+                        m.put_class(mp, key, e)
+                    n["written"] += 1
+                else:
+                    n["conflict"] += 1
+            for net in change.remove:
+                mp = m.host_map if tables.is_host(net) else m.prefix_map
+                key = _map_key(net)
+                held = m.get_class(mp, key)
+                if held is not None and held.flags & sync.SESSION:
+                    m.delete_if_there(mp, key)
+                    n["removed"] += 1
+        return n
+
+    def _open_dir(self, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> None:
+        """The directory stops saying "absent" where these entries go. Reading it is 4 MiB:
+        a copy is kept, trusted to say what is already open until a whole write of the
+        directory (a load, which may close /24s) is counted; a change is made on a fresh
+        read (other writers open /24s too)."""
+        count = self.maps.dir_writes()
+        if self._dir is not None and self._dir_writes == count and \
+                not _closed(self._dir, hosts, prefixes):
+            return
+        d = self.maps.read_dir()
+        if dirs.subscriber_added(d, hosts, prefixes):
+            self.maps.write_dir(d)
+        self._dir, self._dir_writes = d, count
+
+    def act(self, action, users: Mapping[str, int]) -> list[int]:
+        """A CoA or Disconnect-Request's action (radius_server.Action: kind "suspend" or
+        "rate", users, up/down kbps or None) on the users' contracts: the contract and
+        every entry of it, file rows and sessions. A suspension is sticky (reloads and new
+        sessions keep it, until ``resume``); rates last until the subscriber file is
+        loaded again. Returns the subscriber ids; KernelError if no user has a
+        contract."""
+        sids = sorted({users[u] for u in action.users if u in users})
+        done = []
+        with self.locked():
+            for sid in sids:
+                if self.maps.get_contract(sid) is None:
+                    continue
+                if action.kind == "suspend":
+                    sync.set_suspended(self.maps, sid, True)
+                else:
+                    sync.set_rates(self.maps, sid, action.up_kbps, action.down_kbps)
+                done.append(sid)
+        if not done:
+            raise kernel.KernelError(f"no contract for {', '.join(action.users)}")
+        return done
+
+    def session_networks(self) -> list[tables.IPNetwork]:
+        """Every address and prefix the maps hold a session entry for."""
+        hosts = sync.split_sessions(self.maps.host_table())[1]
+        prefixes = sync.split_sessions(self.maps.prefix_table())[1]
+        return [ipaddress.ip_network(tables.ip_of(a)) for a in hosts.keys] + \
+            [tables.net_of(LPM_KEY.unpack(k)) for k in prefixes.keys]
+
+    def contracts(self) -> dict[int, Entry]:
+        """The RADIUS contracts in force, by subscriber id."""
+        return {e.sub_id: e for _, e in self.maps.read_contracts().items()}
 
     def subscriber_changes(self, plan: sync.Plan) -> list[tuple[bytes, Entry | None,
                                                                 Entry | None]]:
@@ -152,6 +256,9 @@ class Instance:
             if c is None:
                 raise kernel.KernelError(f"no subscriber {name}")
             target = c[1].sub_id
+        contract = self.maps.get_contract(target)
+        if contract is not None and contract.slot:
+            return target, contract.slot
         for _, e in (*self.maps.host_items(), *self.maps.prefix_items()):
             if e.sub_id == target and e.slot and not e.pool_bits:
                 return target, e.slot
@@ -269,7 +376,12 @@ class Instance:
 
     # ---- what the daemon and `top` read -------------------------------------------------
     def owners(self) -> dict[int, int]:
-        return self.maps.owners()
+        """State slot -> subscriber id: of the entries, and of the RADIUS contracts (one
+        without a session has no entry)."""
+        out = self.maps.owners()
+        for e in self.contracts().values():
+            out.setdefault(e.slot, e.sub_id)
+        return out
 
     def owner_ids(self) -> np.ndarray:
         """Subscriber id per state slot, 0 where none (kernel.Maps.owner_ids)."""
@@ -317,4 +429,32 @@ class Instance:
     def table_sizes(self) -> dict[str, int]:
         return {"hosts": len(self.maps.host_table()), "prefixes": len(self.maps.prefix_table()),
                 "allow": len(self.maps.allow_items())}
+
+    def contract_sizes(self) -> dict[str, int]:
+        """RADIUS contracts, those suspended, and the session entries in the maps."""
+        contracts = self.contracts().values()
+        return {"contracts": len(contracts),
+                "suspended": sum(1 for e in contracts if e.flags & sync.SUSPENDED),
+                "session_entries": sum(len(sync.split_sessions(t)[1]) for t in (
+                    self.maps.host_table(), self.maps.prefix_table()))}
+
+
+def _map_key(net: tables.IPNetwork) -> bytes:
+    """The host or prefix map's key of a network."""
+    if tables.is_host(net):
+        return tables.addr16(net.network_address)
+    return LPM_KEY.pack(*tables.key_of(net))
+
+
+def _closed(d: bytearray, hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> bool:
+    """Whether the directory ``d`` says "absent" where one of these entries would go."""
+    for a in hosts:
+        i = dirs.slash24(a)
+        if i is not None and dirs.get(d, i) & dirs.NO_HOST:
+            return True
+    for plen, a in prefixes:
+        s = dirs.span(plen, a)
+        if s and any(dirs.get(d, i) & dirs.NO_PREFIX for i in range(s[0], s[0] + s[1])):
+            return True
+    return False
 

@@ -820,6 +820,7 @@ class Maps:
     state_map = property(lambda self: self.map("xz_state"))
     throttle_map = property(lambda self: self.map("xz_throttle"))
     dir_map = property(lambda self: self.map("xz_sub_dir"))
+    contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     allow = property(lambda self: self.map("xz_allow"))
     control = property(lambda self: self.map("xz_control"))
@@ -943,6 +944,60 @@ class Maps:
         keys = [U32.pack(s) for s in sorted(slots)]
         for m in (self.state_map, self.throttle_map):
             m.update_items(keys, bytes(m.value_size * len(keys)))
+
+    # ---- RADIUS contracts: subscriber id -> the class of its session entries --------------
+    def read_contracts(self) -> ClassTable:
+        """Every contract (keys: U32-packed subscriber ids; the directory's count at key 0
+        left out)."""
+        t = self.read(self.contract_map)
+        if ZERO_KEY in t.keys:
+            t = t.take([i for i, k in enumerate(t.keys) if k != ZERO_KEY])
+        return t
+
+    def get_contract(self, sub_id: int) -> Entry | None:
+        if not 0 < sub_id <= 0xFFFF_FFFF:   # no subscriber has that id
+            return None
+        raw = self.contract_map.lookup(U32.pack(sub_id))
+        return _entry(CLASS.unpack(raw)) if raw is not None else None
+
+    def set_contract(self, sub_id: int, e: Entry) -> None:
+        self.check_writer()
+        self.contract_map.update(U32.pack(sub_id), pack_class(e))
+
+    def dir_writes(self) -> int:
+        """How many times the subscriber directory was written whole (exact, which may set
+        bits that say "absent"): a writer that keeps a copy of it reads it again when this
+        moved."""
+        raw = self.contract_map.lookup(ZERO_KEY)
+        return CLASS.unpack(raw)[0] if raw is not None else 0
+
+    def get_class(self, m: PinnedMap, key: bytes) -> Entry | None:
+        """The entry of ``host_map`` or ``prefix_map`` that a lookup of ``key`` finds (in
+        the trie: the longest prefix holding it)."""
+        raw = m.lookup(key)
+        return _entry(CLASS.unpack(raw)) if raw is not None else None
+
+    def put_class(self, m: PinnedMap, key: bytes, e: Entry) -> None:
+        """Write one entry; the caller has seen to the directory (set_host does that)."""
+        self.check_writer()
+        m.update(key, pack_class(e))
+
+    def add_new(self, m: PinnedMap, key: bytes, e: Entry) -> bool:
+        """Write ``e`` under ``key`` unless the map holds exactly that key (an LPM trie
+        too, where a lookup would answer with a shorter prefix); whether it was written."""
+        self.check_writer()
+        return not m.add_new([key], pack_class(e))
+
+    def delete_if_there(self, m: PinnedMap, key: bytes) -> None:
+        """Delete ``key``; a key the map does not hold is no error."""
+        self.check_writer()
+        if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
+            _check(-1, f"delete {m.path}")
+
+    def count_dir_write(self) -> None:
+        self.check_writer()
+        n = (self.dir_writes() + 1) & 0xFFFF_FFFF
+        self.contract_map.update(ZERO_KEY, pack_class(Entry(n, 0)))
 
     # ---- subscriber maps: one entry at a time -------------------------------------------
     def host_items(self) -> Iterator[tuple[bytes, Entry]]:

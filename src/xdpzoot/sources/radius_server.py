@@ -280,11 +280,12 @@ class Listener:
 
     async def serve(self, acct: socket.socket | None, coa: socket.socket | None,
                     stop: asyncio.Event, snapshot: str = "", every: float = 5.0,
-                    save_every: float = 30.0) -> None:
+                    save_after: float = 1.0) -> None:
         """Answer on the given (bound) sockets until ``stop`` is set; expire sessions every
-        ``every`` seconds; write the snapshot (if a path is given) every ``save_every``
-        seconds when the table changed, and once more at the end. A snapshot is written
-        on the loop: with a million sessions it holds the answers for a moment."""
+        ``every`` seconds; write the snapshot (if a path is given) soon after the table
+        changed: ``save_after`` seconds, or ten times as long as the last write took if
+        that is longer (a write runs on the loop and holds the answers meanwhile: it may
+        take at most a tenth of the time), and once more at the end."""
         loop = asyncio.get_running_loop()
         transports = []
         for sock, kind in ((acct, "acct"), (coa, "coa")):
@@ -292,16 +293,24 @@ class Listener:
                 t, _ = await loop.create_datagram_endpoint(
                     lambda kind=kind: _Protocol(self, kind), sock=sock)
                 transports.append(t)
-        saved, last = -1, loop.time()   # -1: not written by this listener yet
+        saved = -1   # the version written; -1: not written by this listener yet
+        expiry = loop.time() + every
+        wait = save_after   # until the next write may be made
+        last = loop.time()
         try:
             while not stop.is_set():
                 try:
-                    await asyncio.wait_for(stop.wait(), every)
+                    await asyncio.wait_for(stop.wait(), min(save_after, every))
                 except TimeoutError:
                     pass
-                self.expire()
-                if loop.time() - last >= save_every:
-                    saved, last = self._save(snapshot, saved), loop.time()
+                now = loop.time()
+                if now >= expiry:
+                    self.expire()
+                    expiry = now + every
+                if now - last >= wait and self.table.version != saved:
+                    saved = self._save(snapshot, saved)
+                    last = loop.time()
+                    wait = max(save_after, 10 * (last - now))
         finally:
             for t in transports:
                 t.close()

@@ -34,6 +34,7 @@ from xdpzoot.sources.files import SOURCE_BYTES, SourceError, paused_gc, read_sou
 __all__ = [
     "FLAGS",
     "Columns",
+    "Parsed",
     "SourceError",
     "Subscriber",
     "check_network",
@@ -48,8 +49,9 @@ __all__ = [
 FLAGS = ("suspended", "op25b_exempt", "ip53b_exempt")
 TYPES = ("dynamic", "static")
 REQUIRED_COLUMNS = ("subscriber", "address", "type")
-OPTIONAL_COLUMNS = ("up_kbps", "down_kbps", "flags", "plan")
+OPTIONAL_COLUMNS = ("up_kbps", "down_kbps", "flags", "plan", "user")
 U32_MAX = 0xFFFF_FFFF
+USER_MAX = 253   # octets of a RADIUS User-Name (RFC 2865: attribute values up to 253)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Problem = tuple[int | None, str]
@@ -61,12 +63,13 @@ class Subscriber:
 
     line: int
     sub_id: int
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None   # None: a RADIUS contract
     type: str  # "dynamic" | "static"
     up_kbps: int  # 0 = unlimited
     down_kbps: int  # 0 = unlimited
     flags: frozenset[str]
     plan: str = ""  # service plan name, for the volume rules' `plans` (not in the kernel)
+    user: str = ""  # RADIUS User-Name of the contract ("" = none)
 
 
 class Columns(NamedTuple):
@@ -81,6 +84,16 @@ class Columns(NamedTuple):
     up: list[int]
     down: list[int]
     flags: list[frozenset[str]]
+
+
+class Parsed(NamedTuple):
+    """A subscriber file: its rows with an address as columns, and its contracts: user ->
+    the row whose treatment the user's RADIUS sessions get (the user's row without an
+    address, else its first row)."""
+
+    hosts: Columns
+    prefixes: Columns
+    contracts: dict[str, Subscriber]
 
 
 def parse_subscribers(path: str, strict: bool = False,
@@ -360,10 +373,15 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
     i_down = columns.get("down_kbps")
     i_flags = columns.get("flags")
     i_plan = columns.get("plan")
+    i_user = columns.get("user")
 
     rows: list[Subscriber] = []
     # (version, network int, prefixlen) -> line of its first row; also feeds the overlap sweep.
     first: dict[tuple[int, int, int], int] = {}
+    user_of: dict[str, tuple[int, int]] = {}   # user -> (subscriber id, line)
+    id_user: dict[int, tuple[str, int]] = {}   # subscriber id -> (its user, line)
+    contract_line: dict[str, int] = {}         # user -> line of its row without an address
+    pool_line: dict[int, int] = {}             # id of a dynamic prefix row -> its line
     u32 = _u32
     parse_network = _parse_network
     make_network = _NET
@@ -392,11 +410,23 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
             else:
                 sub_id = got_id
 
+        user = fields[i_user].strip() if i_user is not None else ""
+        if user:
+            row_problems.extend(_user_problems(user, sub_id, number, user_of, id_user))
+
         key: tuple[int, int, int] | None = None
+        contract = False   # a row of a user without an address
         if i_addr is not None:
-            got_net = parse_network(fields[i_addr].strip())
-            if isinstance(got_net, str):
-                row_problems.append(got_net)
+            text = fields[i_addr].strip()
+            got_net = parse_network(text) if text or not user else None
+            if got_net is None:
+                contract = True
+                seen = contract_line.setdefault(user, number)
+                if seen != number:
+                    row_problems.append(f"duplicate of line {seen}")
+            elif isinstance(got_net, str):
+                row_problems.append(got_net if text or i_user is None else
+                                    "empty address (only a row with a user may have none)")
             else:
                 seen = first.get(got_net)
                 if seen is None:
@@ -410,6 +440,11 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
             kind = fields[i_type].strip()
             if kind not in types:
                 row_problems.append(f"unknown type {kind!r} (must be 'dynamic' or 'static')")
+        if key is not None and kind == "dynamic" and key[2] < (32 if key[0] == 4 else 128):
+            pool_line.setdefault(sub_id, number)
+            if user:
+                row_problems.append("a pool (a dynamic row with a prefix) has no user: each "
+                                    "of its addresses is a subscriber of its own")
 
         up = down = 0
         if i_up is not None:
@@ -439,17 +474,38 @@ def _parse(text: str, path: str, strict: bool) -> list[Subscriber]:
 
         if row_problems:
             problems.extend((number, p) for p in row_problems)
-        elif key is not None and not problems:
+        elif (key is not None or contract) and not problems:
             # Once the file is known bad no rows are returned: stop building them.
-            net = make_network[key[0]](key[1], key[2])
-            rows.append(Subscriber(number, sub_id, net, kind, up, down, flags, plan))
+            net = make_network[key[0]](key[1], key[2]) if key is not None else None
+            rows.append(Subscriber(number, sub_id, net, kind, up, down, flags, plan, user))
 
+    for sub_id, (_, number) in id_user.items():
+        if sub_id in pool_line:
+            problems.append((number, f"subscriber {sub_id} is the pool of line "
+                             f"{pool_line[sub_id]}: a contract needs an id of its own"))
     if strict:
         problems.extend(_overlaps(first))
     if problems:
         problems.sort(key=lambda p: p[0] or 0)
         raise SourceError(path, problems)
     return rows
+
+
+def _user_problems(user: str, sub_id: int, number: int, user_of: dict[str, tuple[int, int]],
+                   id_user: dict[int, tuple[str, int]]) -> list[str]:
+    """What is wrong with ``user`` on a row of ``sub_id`` (0: the id is bad): a User-Name
+    names one contract, and a contract has one User-Name."""
+    if len(user.encode()) > USER_MAX or not user.isprintable() or "," in user:
+        return [f"bad user {user!r} (printable, no commas, at most {USER_MAX} bytes)"]
+    if not sub_id:
+        return []
+    seen = user_of.setdefault(user, (sub_id, number))
+    if seen[0] != sub_id:
+        return [f"user {user!r} is subscriber {seen[0]}'s (line {seen[1]})"]
+    other = id_user.setdefault(sub_id, (user, number))
+    if other[0] != user:
+        return [f"subscriber {sub_id} has user {other[0]!r} already (line {other[1]})"]
+    return []
 
 
 def _overlaps(first: dict[tuple[int, int, int], int]) -> list[Problem]:
@@ -497,29 +553,36 @@ _HOST_BITS4 = [(1 << (32 - plen)) - 1 for plen in range(33)]   # by prefix lengt
 _SPACES = " \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
 
 
-def read_columns(path: str, strict: bool = False,
-                 limit: int = SOURCE_BYTES) -> tuple[Columns, Columns]:
-    """The subscriber file at ``path`` as (hosts, prefixes) columns (see parse_columns)."""
+def read_columns(path: str, strict: bool = False, limit: int = SOURCE_BYTES) -> Parsed:
+    """The subscriber file at ``path`` as (hosts, prefixes) columns and its contracts (see
+    parse_columns)."""
     return parse_columns(read_source(path, limit), path, strict)
 
 
-def parse_columns(text: str, path: str = "<subscribers>",
-                  strict: bool = False) -> tuple[Columns, Columns]:
+def parse_columns(text: str, path: str = "<subscribers>", strict: bool = False) -> Parsed:
     """Validate a subscriber CSV like :func:`parse_subscribers_text` and return its rows as
-    columns: (rows of one address, prefix rows).
+    columns: (rows of one address, prefix rows, contracts by user).
 
-    A plain file is validated a column at a time; at the first doubt the row-by-row parser
-    takes over, and its verdict stands: the same rows, or every problem with its line.
+    A plain file without a ``user`` column is validated a column at a time; at the first
+    doubt the row-by-row parser takes over, and its verdict stands: the same rows, or every
+    problem with its line. A file with a ``user`` column goes to the row-by-row parser.
     """
     with paused_gc():
-        return _bulk(text, strict) or columns_of(_parse(text, path, strict))
+        bulk = _bulk(text, strict)
+        return Parsed(*bulk, {}) if bulk else columns_of(_parse(text, path, strict))
 
 
-def columns_of(rows: Iterable[Subscriber]) -> tuple[Columns, Columns]:
-    """Parsed rows as (rows of one address, prefix rows) columns."""
+def columns_of(rows: Iterable[Subscriber]) -> Parsed:
+    """Parsed rows as (rows of one address, prefix rows) columns, and the contracts: each
+    user's row without an address, else its first row."""
     hosts, prefixes = Columns([], [], [], [], [], []), Columns([], [], [], [], [], [])
+    contracts: dict[str, Subscriber] = {}
     for r in rows:
         net = r.network
+        if r.user and (net is None or r.user not in contracts):
+            contracts[r.user] = r
+        if net is None:
+            continue
         addr = net.network_address.packed
         if net.version == 4:
             addr = _V4MAPPED_BYTES + addr
@@ -530,7 +593,7 @@ def columns_of(rows: Iterable[Subscriber]) -> tuple[Columns, Columns]:
         for column, value in zip(cols, (key, r.sub_id, r.type, r.up_kbps, r.down_kbps, r.flags),
                                  strict=True):
             column.append(value)
-    return hosts, prefixes
+    return Parsed(hosts, prefixes, contracts)
 
 
 def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
@@ -554,7 +617,7 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
         if text[start:end] and text[start] != "#":
             break
     columns, width, problems = _header(1, text[start:end])
-    if problems:
+    if problems or "user" in columns:
         return None
     hosts: list[list] = [[] for _ in Columns._fields]
     prefixes: list[list] = [[] for _ in Columns._fields]
