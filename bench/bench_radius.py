@@ -1,14 +1,13 @@
 """RADIUS reconnect storm: Accounting-Start for N sessions from 4 NAS as fast as they are
 answered, then N Stops; then a paced run for the reply latency.
 
-The listener runs in a process of its own inside a namespace the bench creates (NAS
-addresses 192.0.2.1-4 and the server 192.0.2.10 on its lo), writing every session address
-into the pinned host map of a data plane compiled into a bpffs of the bench's own, and
-answers only after the write. The map writer here is a stand-in for the instance's: one
-host entry per session address with its contract's entry, the IPv4 directory opened once
-for the pool (set_host reads and writes the 4 MiB directory on every call). The clients keep
-a window of requests outstanding per NAS; a request unanswered for 2 s is sent again and
-counted as a retry.
+The listener is the product: `xdpzoot radius` in a namespace the bench creates (NAS
+addresses 192.0.2.1-4 and the server 192.0.2.10 on its lo), on an instance pinned in a
+bpffs of the bench's own, with a subscriber file of one contract per user (the ``user``
+column) and a dynamic pool: each session address becomes a host entry with its contract's
+class (Instance.apply_sessions, under the instance's lock), and a request is answered only
+after that write. The clients keep a window of requests outstanding per NAS; a request
+unanswered for 2 s is sent again and counted as a retry.
 
 Usage: bench_radius.py [--sessions N] [--window W] [--rate R] [--seconds S] [--json]
 """
@@ -20,11 +19,9 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import multiprocessing as mp
 import os
 import selectors
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -37,18 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from xdpzoot import tables  # noqa: E402
-from xdpzoot.dataplane import dirs, kernel, schema  # noqa: E402
-from xdpzoot.dataplane.layout import Entry, pack_class  # noqa: E402
+from xdpzoot.dataplane import kernel  # noqa: E402
 from xdpzoot.lab import in_netns  # noqa: E402
-from xdpzoot.sources.radius_server import Client, Listener  # noqa: E402
-from xdpzoot.sources.sessions import Change, SessionTable  # noqa: E402
 
 SECRET = b"bench-secret"
 NAS = [f"192.0.2.{i}" for i in range(1, 5)]
 SERVER = ("192.0.2.10", 1813)
 POOL = ipaddress.ip_network("100.64.0.0/12")
-DEFINES = ["-DXZ_MAX_HOSTS=262144", "-DXZ_MAX_SUBSCRIBERS=4096"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))   # this checkout's xdpzoot
 
 
 def log(msg: str) -> None:
@@ -100,47 +93,76 @@ def accounting_request(ident: int, status: int, i: int, nas: str) -> bytes:
     return head + hashlib.md5(head + bytes(16) + attrs + SECRET).digest() + attrs
 
 
-# --- the server process --------------------------------------------------------------------
+# --- the server: `xdpzoot radius` ------------------------------------------------------------
 
 
-def server(ns: str, pin_dir: str, ready, done, out) -> None:
-    """Serve until SIGTERM, then report the stats and the host map's size."""
-    maps = kernel.SubscriberMaps.open(pin_dir)
-    d = maps.read_dir()   # open the directory once for the whole pool
-    dirs.subscriber_added(d, [tables.addr16(a) for a in POOL.subnets(new_prefix=24)
-                              for a in [a.network_address]], [])
-    maps.write_dir(d)
-    dynamic = schema.TYPES["dynamic"]
+def setup(tmp: Path, pin_dir: str, users: int) -> Path:
+    """The config, secret and subscriber file (a pool and ``users`` contracts); the maps
+    made and the file loaded with the CLI. Returns the config's path."""
+    secret = tmp / "bras.secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(SECRET + b"\n")
+    subs = tmp / "subscribers.csv"
+    with subs.open("w") as f:
+        f.write(f"subscriber,address,type,up_kbps,down_kbps,flags,plan,user\n"
+                f"1,{POOL},dynamic,,,,,\n")
+        f.writelines(f"{i + 2},,dynamic,,,,,user{i}@zoot.example\n" for i in range(users))
+    room = max(4096, 1 << (users + 4096).bit_length())
+    cfg = tmp / "xdpzoot.toml"
+    cfg.write_text(f"""\
+[limits]
+hosts = {room}
+subscribers = {room}
+prefixes = 1024
+csam_hosts = 4096
+csam_prefixes = 1024
+[sources]
+subscribers = "{subs}"
+[bandwidth]
+state = "{tmp}/state.msgpack"
+audit = "{tmp}/audit.jsonl"
+[radius]
+listen = "{SERVER[0]}:{SERVER[1]}"
+session_timeout = 3600
+state = "{tmp}/radius.msgpack"
+[[radius.client]]
+name = "bras"
+source = [{", ".join(f'"{a}/32"' for a in NAS)}]
+secret_file = "{secret}"
+""")
+    t0 = time.perf_counter()
+    r = subprocess.run([*cli(cfg, pin_dir), "subscribers", "load", "--force", str(subs)],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    if r.returncode:
+        raise RuntimeError(f"subscribers load: {r.stderr}")
+    log(f"  {users:,} contracts loaded in {time.perf_counter() - t0:.1f} s")
+    return cfg
 
-    def apply(c: Change) -> None:
-        for n, user in c.add:
-            sub = int(user[4:user.index("@")]) + 1
-            maps.host_map.update(tables.addr16(n.network_address), pack_class(
-                Entry(sub, dynamic)))
-        if c.remove:
-            maps.host_map.delete_many([tables.addr16(n.network_address) for n in c.remove])
 
-    clients = [Client("bras", tuple(ipaddress.ip_network(f"{a}/32") for a in NAS), SECRET)]
-    listener = Listener(clients, SessionTable(3600), apply)
-    with in_netns(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind(SERVER)
-        sock.setblocking(False)
+def cli(cfg: Path, pin_dir: str) -> list[str]:
+    return [sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir", pin_dir]
 
-    import asyncio
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        ready.set()
-        await listener.serve(sock, None, stop, every=3600)
+def serving(ns: str, cfg: Path, pin_dir: str) -> subprocess.Popen:
+    """`xdpzoot radius` in ``ns`` (a child of ours), once its socket is bound."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns, *cli(cfg, pin_dir), "radius"], env=ENV,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not subprocess.run(["ip", "netns", "exec", ns, "ss", "-Huln",
+                              f"sport = :{SERVER[1]}"], capture_output=True,
+                             text=True).stdout.strip():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            raise RuntimeError(f"xdpzoot radius did not start: {p.communicate()[1]}")
+        time.sleep(0.1)
+    return p
 
-    asyncio.run(main())
-    out.put({"stats": {k: v for k, v in listener.stats().items()
-                       if k in ("sessions", "requests", "drops")},
-             "hosts": len(maps.host_map.keys())})
-    done.set()
+
+def host_entries(pin_dir: str) -> int:
+    with kernel.PinnedMap(os.path.join(pin_dir, "xz_hosts")) as hosts:
+        return len(hosts.keys())
 
 
 # --- the clients ---------------------------------------------------------------------------
@@ -265,30 +287,32 @@ def main(argv: list[str] | None = None) -> int:
     paced_reqs = [[accounting_request(i % 256, 1 + i % 2, n + i // 2 * len(NAS) + k, NAS[k])
                    for i in range(m // len(NAS))] for k in range(len(NAS))]
     doc: dict = {"sessions": n, "window": args.window}
-    with bpffs() as root, netns() as ns:
+    users = n + m // 2 + len(NAS)
+    with bpffs() as root, netns() as ns, tempfile.TemporaryDirectory() as td:
         pin_dir = os.path.join(root, "radius")
-        log("compiling the maps ...")
-        kernel.compile_bpf(pin_dir, DEFINES, maps_only=True)
-        ctx = mp.get_context("fork")
-        ready, done, out = ctx.Event(), ctx.Event(), ctx.Queue()
-        p = ctx.Process(target=server, args=(ns, pin_dir, ready, done, out))
-        p.start()
+        log(f"the instance: a pool and {users:,} contracts ...")
+        cfg = setup(Path(td), pin_dir, users)
+        p = serving(ns, cfg, pin_dir)
         try:
-            if not ready.wait(60):
-                raise RuntimeError("the listener did not start")
             log(f"{n} Starts from {len(NAS)} NAS ...")
             doc["start"] = storm(ns, starts, args.window)
-            with kernel.PinnedMap(os.path.join(pin_dir, "xz_hosts")) as hosts:
-                doc["hosts_after_start"] = len(hosts.keys())
+            doc["hosts_after_start"] = host_entries(pin_dir)
             log(f"{n} Stops ...")
             doc["stop"] = storm(ns, stops, args.window)
+            doc["hosts_after_stop"] = host_entries(pin_dir)
             log(f"paced, {args.rate:.0f}/s for {args.seconds:.0f} s ...")
             doc["paced"] = paced(ns, paced_reqs, args.rate)
         finally:
-            p.terminate()   # SIGTERM: the listener stops and reports
-            done.wait(30)
-            doc["server"] = out.get(timeout=5) if done.is_set() else None
-            p.join(10)
+            p.terminate()   # SIGTERM: the listener writes its snapshot and stops
+            try:
+                _, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
+            doc["server_exit"] = p.returncode
+        doc["server"] = json.loads(subprocess.run(
+            [*cli(cfg, pin_dir), "sessions", "--json"], capture_output=True, text=True,
+            env=ENV).stdout or "null")
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
@@ -301,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
               f"| {t['p50_ms']} | {t['p99_ms']} |\n"
               f"| paced {pc['rate']:.0f}/s | {pc['requests']:,} | ({pc['answered']:,} "
               f"matched, {pc['late']} late) | | {pc['p50_ms']} | {pc['p99_ms']} |")
-        print(f"host entries after the Starts: {doc['hosts_after_start']:,}; "
-              f"server: {doc['server']}")
+        print(f"host entries after the Starts: {doc['hosts_after_start']:,}, after the "
+              f"Stops: {doc['hosts_after_stop']:,}; `xdpzoot radius` exit "
+              f"{doc['server_exit']}; sessions at the end: {doc['server']}")
     return 0
 
 

@@ -1,0 +1,220 @@
+"""Contracts, not addresses, with real traffic: `xdpzoot run` serving RADIUS accounting in
+the lab's router, FreeRADIUS's radclient as the BRAS, iperf3 and SMTP from the dynamic
+subscriber. The subscriber reconnects on a new address (Stop, then Start) in the middle of
+its uploads: its volume continues in the same contract (one volume rule counts both
+sessions), the throttle that rule set holds on the new address at once (the contract's
+state slot is the same), OP25B still applies, and the old address is the pool's again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from xdpzoot.dataplane.instance import Instance
+from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run, wait_for
+
+pytestmark = pytest.mark.lab
+
+LAB_TAG = "xzq"
+ROUTER = {"hook": "xdp", "mode": "generic"}
+
+CONTRACT = 7001
+USER = "abc12345@zoot.example"
+NEW_ADDR = "100.64.1.77"       # the address of the second session (the first: lab dyn4)
+SECRET = "lab-bras-secret"
+PORT = 5301
+PACE = "30M"                   # iperf3 --fq-rate: the sender is paced, as in test_lab_bandwidth
+
+SUBSCRIBERS = f"""\
+subscriber,address,type,up_kbps,down_kbps,flags,plan,user
+100,100.64.1.0/24,dynamic,,,,,
+100,2001:db8:1::/64,dynamic,,,,,
+200,198.51.100.8/29,static,100000,100000,,,
+200,2001:db8:2::/64,static,100000,100000,,,
+{CONTRACT},,dynamic,,,,home,{USER}
+"""
+
+# 12 MB upstream in any hour throttles the contract to 2 Mbit/s.
+RULES = """\
+[[rule]]
+name = "lab-up-12mb"
+direction = "up"
+window = "rolling:1h"
+threshold = "12MB"
+action = "throttle"
+rate = "2Mbit"
+start = "now"
+duration = "until-below"
+"""
+
+
+class Router(LabRouter):
+    """The CLI in the router namespace; the config serves RADIUS accounting on 127.0.0.1."""
+
+    def write_config(self) -> None:
+        d = self.workdir
+        secret = d / "bras.secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(SECRET + "\n")
+        (d / "rules.toml").write_text(RULES)
+        cfg = lab_config(self.lab, d, extra=f"""\
+[radius]
+listen = "127.0.0.1:1813"
+session_timeout = 600
+state = "{d}/radius.msgpack"
+[[radius.client]]
+name = "bras1"
+source = ["127.0.0.0/8"]
+secret_file = "{secret}"
+""")
+        cfg.write_text(cfg.read_text().replace("[bandwidth]\n", f"""[bandwidth]
+tick_seconds = 1
+snapshot_seconds = 1
+rules = "{d}/rules.toml"
+"""))
+        (d / "subscribers.csv").write_text(SUBSCRIBERS)
+
+
+def radclient(lab: Lab, attrs: dict[str, str]) -> None:
+    """One accounting request from the router namespace; it must be answered."""
+    text = "\n".join(f"{k} = {v}" for k, v in attrs.items()) + "\n"
+    r = subprocess.run(["ip", "netns", "exec", lab.router, shutil.which("radclient") or
+                        "radclient", "-x", "-r", "3", "-t", "2", "127.0.0.1:1813", "acct",
+                        SECRET], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "Accounting-Response" in r.stdout, r.stdout + r.stderr
+
+
+def session(status: str, sid: str, addr: str) -> dict[str, str]:
+    return {"Acct-Status-Type": status, "Acct-Session-Id": f'"{sid}"',
+            "User-Name": f'"{USER}"', "NAS-IP-Address": "127.0.0.1",
+            "Framed-IP-Address": addr}
+
+
+def entry(router: Router, addr: str):
+    """(sub_id, slot) of the entry that classifies ``addr`` in the router's maps."""
+    import ipaddress
+
+    a = ipaddress.ip_address(addr)
+    key = (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+    with Instance(router.pin_dir) as inst:
+        match = inst.classify(key)
+    assert match, f"{addr}: no entry"
+    return match[1].sub_id, match[1].slot
+
+
+SMTP = """
+import smtplib, socket, sys
+try:
+    with smtplib.SMTP(sys.argv[1], 25, local_hostname="client.lab.test", timeout=4) as s:
+        s.sendmail("a@example.test", ["b@example.test"], "Subject: x\\r\\n\\r\\n" + sys.argv[2])
+    print("sent")
+except (socket.timeout, TimeoutError):
+    print("timeout")
+except OSError as e:
+    print(f"error {e}")
+"""
+
+
+def upload(lab: Lab, *bound: str) -> subprocess.Popen:
+    """iperf3 from the dynamic subscriber to the Internet host, bounded by ``bound``
+    (``-n 8M`` or ``-t 3``); its JSON on stdout."""
+    return subprocess.Popen(["ip", "netns", "exec", lab.dyn, "iperf3", "-c", lab.addr["inet4"],
+                             "-p", str(PORT), *bound, "--fq-rate", PACE, "-J",
+                             "--connect-timeout", "3000"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def test_reconnect_keeps_the_contract(lab, router, tmp_path):
+    d = router.workdir
+    router.cli("subscribers", "load", "--force", str(d / "subscribers.csv"))
+    log = tmp_path / "daemon.log"
+    audit = d / "audit.jsonl"
+    with open(log, "w") as logf:
+        daemon = subprocess.Popen(["ip", "netns", "exec", lab.router, *router.argv("run")],
+                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    iperf_srv = subprocess.Popen(["ip", "netns", "exec", lab.inet, "iperf3", "-s", "-p",
+                                  str(PORT)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    old = lab.addr["dyn4"]
+    try:
+        def alive(what):
+            def check():
+                assert daemon.poll() is None, log.read_text()
+                return what()
+            return check
+
+        wait_for(alive(lambda: (d / "state.msgpack").exists()), 60, f"the first tick: {log}")
+        # Session 1 on the lab's dynamic address: the contract's entry, its own slot.
+        radclient(lab, session("Start", "s1", old))
+        sub, slot = entry(router, old)
+        assert sub == CONTRACT and slot != 0
+
+        def throttled() -> bool:
+            return audit.exists() and any(
+                json.loads(x)["action"] == "throttle" and json.loads(x)["subscriber"] == CONTRACT
+                for x in audit.read_text().splitlines())
+
+        # 8 MB from the first address: under the rule's 12 MB.
+        first = upload(lab, "-n", "8M")
+        out, _ = first.communicate(timeout=60)
+        sent1 = json.loads(out)["end"]["sum_sent"]["bytes"]
+        assert sent1 >= 8_000_000 and not throttled()
+
+        # Reconnect: Stop, the address moves, Start on the new one.
+        radclient(lab, session("Stop", "s1", old))
+        netns_run(lab.dyn, "ip", "addr", "del", f"{old}/24", "dev", "eth0")
+        netns_run(lab.dyn, "ip", "addr", "add", f"{NEW_ADDR}/24", "dev", "eth0")
+        netns_run(lab.dyn, "ip", "route", "replace", "default", "via", lab.addr["rtr_dyn4"])
+        radclient(lab, session("Start", "s2", NEW_ADDR))
+        assert entry(router, NEW_ADDR) == (CONTRACT, slot)   # the same contract and slot
+        assert entry(router, old)[0] == 100                  # the pool's again
+
+        # 10 MB more from the new address: the contract passes 12 MB in the same window.
+        second = upload(lab, "-n", "10M")
+        try:
+            wait_for(alive(throttled), 60, f"the rule's throttle of the contract: {log}")
+        finally:
+            second.kill()
+            second.wait()
+        use = router.json("usage", str(CONTRACT))
+        row = next(r for r in use["rules"] if r["rule"] == "lab-up-12mb")
+        assert row["bytes"] > 12_000_000 and row["state"] == "throttled", row
+
+        # The throttle bites on the new address: a 3 s upload gets far less than its pace.
+        third = upload(lab, "-t", "3")
+        try:
+            out, _ = third.communicate(timeout=30)
+        finally:
+            if third.poll() is None:
+                third.kill()
+                third.wait()
+        rate = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+        assert rate < 5, f"{rate:.1f} Mbit/s on the new address while throttled"
+        print(f"contract {CONTRACT}: {sent1} B from {old}, then {row['bytes']} B in the rule's "
+              f"window after the reconnect to {NEW_ADDR}; throttled there at {rate:.2f} Mbit/s")
+        # OP25B: the contract is dynamic, so its new address cannot send to port 25.
+        got = netns_run(lab.dyn, sys.executable, "-c", SMTP, lab.addr["inet4"],
+                        uuid.uuid4().hex, timeout=20).stdout.strip()
+        assert got == "timeout", got
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, log.read_text()
+    finally:
+        for p in (daemon, iperf_srv):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        netns_run(lab.dyn, "ip", "addr", "del", f"{NEW_ADDR}/24", "dev", "eth0", check=False)
+        netns_run(lab.dyn, "ip", "addr", "replace", f"{old}/24", "dev", "eth0", check=False)
+        netns_run(lab.dyn, "ip", "route", "replace", "default", "via", lab.addr["rtr_dyn4"],
+                  check=False)
+        router.cli("unthrottle", str(CONTRACT), check=False)
