@@ -22,6 +22,7 @@ bench:
 	$(PY) bench/bench.py
 	$(PY) bench/bench_cold.py
 	$(PY) bench/bench_daemon.py
+	$(PY) bench/bench_radius.py
 
 # The daemon's tick with 1M subscribers (BENCH_ARGS="--tree ../before" times another checkout too).
 bench-daemon:
