@@ -212,14 +212,28 @@ class SessionTable:
 
     def dump(self) -> bytes:
         """The table as msgpack."""
-        return msgpack.packb({
-            "version": SNAPSHOT_VERSION,
-            "sessions": [[s.nas, s.session_id, s.user, list(s.cls),
-                          [str(n) for n in s.networks], s.started, s.seen,
-                          [str(n) for n in s.networks if self.owner.get(n) == s.key]]
-                         for s in self.sessions.values()],
-            "ended": [[k[0], k[1], t] for k, t in self.ended.items()],
-        }, use_bin_type=True)
+        return self.pack(self.frozen())
+
+    def frozen(self) -> tuple:
+        """What the snapshot holds, copied at once (sessions are immutable): packed on
+        another thread (:meth:`pack`) while the table goes on changing."""
+        return list(self.sessions.values()), dict(self.owner), list(self.ended.items())
+
+    @staticmethod
+    def pack(frozen: tuple) -> bytes:
+        """:meth:`frozen` as msgpack, a record at a time (each a short hold of the
+        interpreter lock, so the listener's loop keeps answering meanwhile)."""
+        sessions, owner, ended = frozen
+        p = msgpack.Packer(use_bin_type=True)
+        out = [p.pack_map_header(3), p.pack("version"), p.pack(SNAPSHOT_VERSION),
+               p.pack("sessions"), p.pack_array_header(len(sessions))]
+        out += [p.pack([s.nas, s.session_id, s.user, list(s.cls), [str(n) for n in s.networks],
+                        s.started, s.seen,
+                        [str(n) for n in s.networks if owner.get(n) == s.key]])
+                for s in sessions]
+        out += [p.pack("ended"), p.pack_array_header(len(ended))]
+        out += [p.pack([k[0], k[1], t]) for k, t in ended]
+        return b"".join(out)
 
     @classmethod
     def load(cls, data: bytes, timeout: float) -> SessionTable:
