@@ -224,6 +224,23 @@ def test_coa_suspend_and_rate(dp, inst: Instance, tmp_path: Path) -> None:
         inst.act(Action("suspend", ("stranger@x",)), USERS)
 
 
+def test_usage_state_shows_coa_and_throttles(inst: Instance) -> None:
+    """`usage`'s view of the maps: a CoA rate and suspension and a throttle set by hand on
+    a contract show without any volume rule; a pool address has no slot of its own."""
+    start(inst, USER, "100.64.7.5/32")
+    st = inst.subscriber_state(2001)
+    assert st is not None and st["slot"] == host(inst, "100.64.7.5").slot
+    assert not st["suspended"] and st["throttle_up_kbps"] == 0
+    inst.act(Action("rate", (USER,), 1000, 2000), USERS)
+    inst.act(Action("suspend", (USER,)), USERS)
+    with inst.locked():
+        inst.throttle(st["slot"], 500, 0)
+    st = inst.subscriber_state(2001)
+    assert (st["up_kbps"], st["down_kbps"], st["suspended"]) == (1000, 2000, True)
+    assert st["throttle_by_hand_kbps"] == 500 and st["throttle_up_kbps"] == 500
+    assert inst.subscriber_state(999_999) is None
+
+
 def test_directory_copy_follows_whole_writes(dp, inst: Instance, tmp_path: Path) -> None:
     """A load closes /24s; the instance's copy of the directory is read again after one."""
     start(inst, STATIC_USER, "100.64.9.9/32")

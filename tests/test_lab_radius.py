@@ -189,6 +189,7 @@ def test_reconnect_keeps_the_contract(lab, router, tmp_path):
         use = router.json("usage", str(CONTRACT))
         row = next(r for r in use["rules"] if r["rule"] == "lab-up-12mb")
         assert row["bytes"] > 12_000_000 and row["state"] == "throttled", row
+        assert use["maps"]["slot"] == slot and use["maps"]["throttle_up_kbps"] == 2000, use
 
         # The throttle bites on the new address: a 3 s upload gets far less than its pace.
         third = upload(lab, "-t", "3")

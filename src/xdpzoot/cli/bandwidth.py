@@ -161,7 +161,9 @@ Examples:
 @json_opt
 @click.pass_obj
 def usage(o: Ctx, subscriber, as_json) -> None:
-    """SUBSCRIBER's volume per volume rule and window, from the daemon's state."""
+    """SUBSCRIBER's volume per volume rule and window, from the daemon's state, and what
+    the maps hold for it now: counters, rates, throttle in force (a rule's, set by hand or
+    by CoA), suspension."""
     from xdpzoot.bandwidth import accounting, store
     from xdpzoot.bandwidth import rules as volume_rules
 
@@ -172,14 +174,19 @@ def usage(o: Ctx, subscriber, as_json) -> None:
         acct = accounting.Accounting.restore(data, rules) if data else \
             accounting.Accounting(rules)
         rows = acct.usage(subscriber, time.time())
+        inst = o.instance(config=True)
+        live = inst.subscriber_state(subscriber) if inst.loaded() else None
 
         def text():
+            if live:
+                click.echo("in the maps: " + "  ".join(f"{k}={v}" for k, v in live.items()))
             if not rows:
-                click.echo("No entries found.")
+                click.echo("No volume rule has counted this subscriber." if live else
+                           "No entries found.")
             for r in rows:
                 click.echo("  ".join(f"{k}={v}" for k, v in r.items()))
 
-        _emit(as_json, {"subscriber": subscriber, "rules": rows}, text)
+        _emit(as_json, {"subscriber": subscriber, "maps": live, "rules": rows}, text)
 
     try:
         go()

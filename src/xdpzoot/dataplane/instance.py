@@ -265,6 +265,26 @@ class Instance:
         raise kernel.KernelError(f"no subscriber {name} with a state slot "
                                  "(addresses of a pool have per-address state only)")
 
+    def subscriber_state(self, sid: int) -> dict | None:
+        """What the maps hold for subscriber ``sid`` now (no volume rule needed): its class
+        (a RADIUS contract's, else its first entry's), the counters of its state slot and
+        the throttle in force there; None when it has no slot of its own (a pool)."""
+        try:
+            _, slot = self.subscriber_slot(sid, str(sid))
+        except kernel.KernelError:
+            return None
+        e = self.maps.get_contract(sid) or next(
+            (e for _, e in (*self.maps.host_items(), *self.maps.prefix_items())
+             if e.sub_id == sid), None)
+        v = self.volumes([slot])[slot]
+        up, down = self.get_throttle(slot)
+        hand = self.manual_throttles().get(slot)
+        return {"slot": slot, "up_bytes": v.up_bytes, "down_bytes": v.down_bytes,
+                "up_kbps": e.up_kbps if e else 0, "down_kbps": e.down_kbps if e else 0,
+                "suspended": bool(e and e.flags & schema.C["XZ_F_SUSPENDED"]),
+                "throttle_up_kbps": up, "throttle_down_kbps": down,
+                "throttle_by_hand_kbps": hand[0] if hand else 0}
+
     # ---- CSAM list ----------------------------------------------------------------------
     def load_csam(self, data: bytes, path: str, lst: CsamList | None = None,
                   progress: Progress | None = None, max_shrink: float | None = None) -> dict:
