@@ -503,8 +503,17 @@ def test_listener_expiry_and_restart(tmp_path: Path) -> None:
 
 _names = itertools.count()
 RADCLIENT = shutil.which("radclient")
-needs_radclient = pytest.mark.skipif(RADCLIENT is None, reason="radclient (freeradius-utils) "
-                                     "not installed: make setup")
+
+
+def needs_radclient(test):
+    """A test that talks to FreeRADIUS's radclient: `make setup` installs it
+    (freeradius-utils); where it is missing the test fails, it is never skipped."""
+    return pytest.mark.usefixtures("radclient_installed")(test)
+
+
+@pytest.fixture
+def radclient_installed() -> None:
+    assert RADCLIENT, "radclient (freeradius-utils) is not installed: run `make setup`"
 
 
 @pytest.fixture

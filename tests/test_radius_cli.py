@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_radius import (  # noqa: F401 (netns: a fixture)
+from test_radius import (  # noqa: F401 (netns, radclient_installed: fixtures)
     BRAS1,
     RC_START,
     SECRET,
@@ -23,6 +23,7 @@ from test_radius import (  # noqa: F401 (netns: a fixture)
     netns,
     q,
     radclient,
+    radclient_installed,
     wait_for,
 )
 
