@@ -218,7 +218,8 @@ def storm(ns: str, requests: list[list[bytes]], window: int) -> dict:
     return {"requests": total, "seconds": round(elapsed, 2),
             "answered_per_s": round(total / elapsed), "retries": retries,
             "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
-            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2)}
+            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+            "max_ms": round(lat[-1] * 1e3, 2)}
 
 
 def paced(ns: str, requests: list[list[bytes]], rate: float) -> dict:
@@ -282,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     stops = [[accounting_request(j % 256, 2, i, NAS[k]) for j, i in enumerate(per[k])]
              for k in range(len(NAS))]
     m = int(args.rate * args.seconds)
-    # paced: sessions after the storm's, started and stopped in turn
-    # each NAS starts a session and stops it with its next request
-    paced_reqs = [[accounting_request(i % 256, 1 + i % 2, n + i // 2 * len(NAS) + k, NAS[k])
-                   for i in range(m // len(NAS))] for k in range(len(NAS))]
+
+    def paced_requests(first: int) -> list[list[bytes]]:
+        """Sessions from ``first`` on, started and stopped in turn: each NAS starts a
+        session and stops it with its next request."""
+        return [[accounting_request(i % 256, 1 + i % 2, first + i // 2 * len(NAS) + k, NAS[k])
+                 for i in range(m // len(NAS))] for k in range(len(NAS))]
+
     doc: dict = {"sessions": n, "window": args.window}
-    users = n + m // 2 + len(NAS)
+    users = n + m + len(NAS)
     with bpffs() as root, netns() as ns, tempfile.TemporaryDirectory() as td:
         pin_dir = os.path.join(root, "radius")
         log(f"the instance: a pool and {users:,} contracts ...")
@@ -297,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{n} Starts from {len(NAS)} NAS ...")
             doc["start"] = storm(ns, starts, args.window)
             doc["hosts_after_start"] = host_entries(pin_dir)
+            log(f"paced, {args.rate:.0f}/s for {args.seconds:.0f} s, {n:,} sessions live ...")
+            doc["paced_live"] = paced(ns, paced_requests(n), args.rate)
             log(f"{n} Stops ...")
             doc["stop"] = storm(ns, stops, args.window)
             doc["hosts_after_stop"] = host_entries(pin_dir)
-            log(f"paced, {args.rate:.0f}/s for {args.seconds:.0f} s ...")
-            doc["paced"] = paced(ns, paced_reqs, args.rate)
+            log(f"paced, {args.rate:.0f}/s for {args.seconds:.0f} s, after the Stops ...")
+            doc["paced"] = paced(ns, paced_requests(n + m // 2 + len(NAS)), args.rate)
         finally:
             p.terminate()   # SIGTERM: the listener writes its snapshot and stops
             try:
@@ -316,15 +322,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
     else:
-        s, t, pc = doc["start"], doc["stop"], doc["paced"]
-        print(f"| phase | requests | answered/s | retries | p50 ms | p99 ms |\n"
-              f"| --- | --- | --- | --- | --- | --- |\n"
-              f"| Start storm | {s['requests']:,} | {s['answered_per_s']:,} | {s['retries']} "
-              f"| {s['p50_ms']} | {s['p99_ms']} |\n"
-              f"| Stop storm | {t['requests']:,} | {t['answered_per_s']:,} | {t['retries']} "
-              f"| {t['p50_ms']} | {t['p99_ms']} |\n"
-              f"| paced {pc['rate']:.0f}/s | {pc['requests']:,} | ({pc['answered']:,} "
-              f"matched, {pc['late']} late) | | {pc['p50_ms']} | {pc['p99_ms']} |")
+        s, t = doc["start"], doc["stop"]
+        print("| phase | requests | answered/s | retries | p50 ms | p99 ms | max ms |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
+        for name, r in (("Start storm", s), (f"paced {args.rate:.0f}/s, {n:,} live",
+                                              doc["paced_live"]),
+                        ("Stop storm", t), (f"paced {args.rate:.0f}/s after the Stops",
+                                            doc["paced"])):
+            rate = (f"{r['answered_per_s']:,}" if "answered_per_s" in r else
+                    f"({r['answered']:,} matched, {r['late']} late)")
+            print(f"| {name} | {r['requests']:,} | {rate} | {r.get('retries', '')} "
+                  f"| {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |")
         print(f"host entries after the Starts: {doc['hosts_after_start']:,}, after the "
               f"Stops: {doc['hosts_after_stop']:,}; `xdpzoot radius` exit "
               f"{doc['server_exit']}; sessions at the end: {doc['server']}")

@@ -199,8 +199,9 @@ _OPS = st.tuples(st.sampled_from(("start", "interim", "stop", "on", "off", "expi
 @given(ops=st.lists(_OPS, max_size=25))
 def test_table_and_maps_agree(ops: list) -> None:
     """Whatever the order of requests, the maps that replay the changes hold exactly the
-    addresses the table says are owned, each with its owner's user, and a change never
-    removes what is not in the maps."""
+    addresses the table says are owned, each with its owner's user, a change never
+    removes what is not in the maps, and the snapshot records kept packed along the way
+    are the ones a fresh packing of the table makes."""
     r = Recorder(timeout=300)
     maps: dict = {}
     now = 0.0
@@ -218,6 +219,9 @@ def test_table_and_maps_agree(ops: list) -> None:
         maps.update(change.add)
         assert maps == {n: r.table.sessions[k].user for n, k in r.table.owner.items()}
         assert all(n in r.table.sessions[k].networks for n, k in r.table.owner.items())
+    again = SessionTable.load(r.table.dump(), 300)
+    assert again.dump() == r.table.dump()
+    assert again.sessions == r.table.sessions and again.owner == r.table.owner
 
 
 # --- rates ----------------------------------------------------------------------------------

@@ -122,9 +122,8 @@ class RadiusService:
         table = self.listener.table
         self._loads = self.inst.maps.dir_writes()
         held = self.inst.session_networks()
-        stale = tuple(n for n in held if n not in table.owner)
-        self.apply(Change(tuple((n, table.sessions[k].user) for n, k in table.owner.items()),
-                          stale))
+        owner = table.owner
+        self.apply(Change(tuple(table.held()), tuple(n for n in held if n not in owner)))
 
     async def _watch(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

@@ -14,13 +14,19 @@ only when the write is done, so the table never holds what the maps do not.
   retransmission that arrived after the Stop); a session with no Interim for ``timeout``
   seconds expires.
 Time is a parameter (``now``): tests inject it.
+
+The table holds its sessions as plain tuples of strings and numbers, addresses as text:
+the cycle collector does not look into such tuples, so a table of a million sessions
+adds nothing to its pauses (a Session object with ipaddress objects is seven tracked
+objects, and a table of 100k of them made every full collection 0.2 s). ``sessions`` and
+``owner`` show them as Session objects and ipaddress networks.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import msgpack
@@ -31,6 +37,7 @@ from xdpzoot.sources.radius import Accounting
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Key = tuple[str, str]   # (NAS identity, Acct-Session-Id)
 SNAPSHOT_VERSION = 1
+Row = tuple   # (user, cls, networks as text, started, seen): a session as the table keeps it
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class Change:
 
 @dataclass(frozen=True)
 class Session:
-    """One live session."""
+    """One live session, as :attr:`SessionTable.sessions` shows it."""
 
     nas: str
     session_id: str
@@ -63,13 +70,54 @@ class Session:
         return self.nas, self.session_id
 
 
+def _session(key: Key, row: Row) -> Session:
+    user, cls, nets, started, seen = row
+    return Session(key[0], key[1], user, cls, tuple(map(ipaddress.ip_network, nets)),
+                   started, seen)
+
+
+class _Sessions(Mapping):
+    """The table's sessions by key, as Session objects (made on access)."""
+
+    def __init__(self, rows: dict[Key, Row]):
+        self._rows = rows
+
+    def __getitem__(self, key: Key) -> Session:
+        return _session(key, self._rows[key])
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+
+class _Owner(Mapping):
+    """The session key holding each address or prefix, by ipaddress network."""
+
+    def __init__(self, owner: dict[str, Key]):
+        self._owner = owner
+
+    def __getitem__(self, n: IPNetwork) -> Key:
+        return self._owner[str(n)]
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return map(ipaddress.ip_network, self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A request's effect: the change to the maps, then the sessions to put (None: delete)
     and the stops to remember."""
 
     change: Change
-    put: dict[Key, Session | None] = field(default_factory=dict)
+    put: dict[Key, Row | None] = field(default_factory=dict)
     ended: dict[Key, float] = field(default_factory=dict)
     forget_ended: tuple[str, ...] = ()   # NAS whose stop memory a reboot clears
 
@@ -79,13 +127,28 @@ class SessionTable:
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self.sessions: dict[Key, Session] = {}
-        self.owner: dict[IPNetwork, Key] = {}
+        self._rows: dict[Key, Row] = {}
+        self._owner: dict[str, Key] = {}   # address or prefix as text -> session
         self.ended: dict[Key, float] = {}   # recently stopped, for late retransmissions
         self.version = 0   # counts commits: the snapshot is written when it moved
+        # The snapshot's records, packed when a session or stop is committed (a few
+        # microseconds each), in the order of the sessions and of ``ended``: a snapshot
+        # of 100k sessions is then a join of bytes, not 100k packings that hold the
+        # interpreter lock against the listener's loop.
+        self._records: dict[Key, bytes] = {}
+        self._ended_records: dict[Key, bytes] = {}
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def __len__(self) -> int:
-        return len(self.sessions)
+        return len(self._rows)
+
+    @property
+    def sessions(self) -> Mapping[Key, Session]:
+        return _Sessions(self._rows)
+
+    @property
+    def owner(self) -> Mapping[IPNetwork, Key]:
+        return _Owner(self._owner)
 
     # --- planning ---------------------------------------------------------------------------
 
@@ -104,48 +167,60 @@ class SessionTable:
         return self._plan_update(key, acct, now)
 
     def _plan_update(self, key: Key, acct: Accounting, now: float) -> Plan:
-        old = self.sessions.get(key)
-        before = old.networks if old else ()
+        old = self._rows.get(key)
+        named = {str(n): n for n in acct.networks}
+        before = old[2] if old else ()
         # Start and Interim only add: a late or repeated Start must not take back what an
         # Interim added (a new address is a new session). The session writes what it names
         # and does not hold yet; all it holds if its user changed.
         # A request without User-Name (or Class) keeps the session's.
-        nets = tuple(dict.fromkeys(before + acct.networks))
-        user = acct.user or (old.user if old else "")
-        if old is not None and old.user != user:
-            write = [n for n in nets if n in acct.networks or self.owner.get(n) == key]
+        nets = tuple(dict.fromkeys(before + tuple(named)))
+        user = acct.user or (old[0] if old else "")
+        if old is not None and old[0] != user:
+            write = [n for n in nets if n in named or self._owner.get(n) == key]
         else:
-            write = [n for n in acct.networks if self.owner.get(n) != key]
-        session = Session(key[0], key[1], user, acct.cls or (old.cls if old else ()),
-                          nets, old.started if old else now, now)
-        return Plan(Change(tuple((n, user) for n in write)), {key: session})
+            write = [n for n in named if self._owner.get(n) != key]
+        row = (user, acct.cls or (old[1] if old else ()), nets,
+               old[3] if old else now, now)
+        return Plan(Change(tuple((named.get(n) or ipaddress.ip_network(n), user)
+                                 for n in write)), {key: row})
 
     def _plan_stop(self, key: Key, now: float) -> Plan:
-        old = self.sessions.get(key)
+        old = self._rows.get(key)
         if old is None:
             return Plan(Change(), ended={key: now})
-        remove = tuple(n for n in old.networks if self.owner.get(n) == key)
-        return Plan(Change((), remove), {key: None}, {key: now})
+        return Plan(Change((), self._held(key, old)), {key: None}, {key: now})
+
+    def _held(self, key: Key, row: Row) -> tuple[IPNetwork, ...]:
+        """The networks of a session that it holds (not taken by another since)."""
+        return tuple(ipaddress.ip_network(n) for n in row[2] if self._owner.get(n) == key)
 
     def _plan_end(self, keys: Iterable[Key]) -> Plan:
         """Sessions gone without a Stop (reboot, expiry, Disconnect)."""
-        put: dict[Key, Session | None] = dict.fromkeys(keys)
-        remove = tuple(n for k in put for n in self.sessions[k].networks
-                       if self.owner.get(n) == k)
+        put: dict[Key, Row | None] = dict.fromkeys(keys)
+        remove = tuple(n for k in put for n in self._held(k, self._rows[k]))
         return Plan(Change((), remove), put)
 
     def _plan_reboot(self, nas: str) -> Plan:
-        p = self._plan_end(k for k in self.sessions if k[0] == nas)
+        p = self._plan_end(k for k in self._rows if k[0] == nas)
         return Plan(p.change, p.put, forget_ended=(nas,))
 
     def plan_end(self, keys: Iterable[Key]) -> Plan:
         """The effect of ending these sessions (a Disconnect-Request in "session" mode)."""
-        return self._plan_end(k for k in keys if k in self.sessions)
+        return self._plan_end(k for k in keys if k in self._rows)
 
     def plan_expiry(self, now: float) -> Plan:
-        """Sessions with no Start or Interim for ``timeout`` seconds."""
-        return self._plan_end(k for k, s in self.sessions.items()
-                              if s.seen <= now - self.timeout)
+        """Sessions with no Start or Interim for ``timeout`` seconds. A session moves to
+        the end of the table when it is seen, so the table is in order of last seen (as
+        far as the clock went forward) and the search stops at the first one seen in
+        time: a round costs the sessions that expire, not the table."""
+        cutoff = now - self.timeout
+        gone = []
+        for k, row in self._rows.items():
+            if row[4] > cutoff:
+                break
+            gone.append(k)
+        return self._plan_end(gone)
 
     # --- committing -------------------------------------------------------------------------
 
@@ -154,31 +229,45 @@ class SessionTable:
         self.version += 1
         for nas in plan.forget_ended:
             self.ended = {k: t for k, t in self.ended.items() if k[0] != nas}
-        for key, session in plan.put.items():
-            old = self.sessions.pop(key, None)
+            self._ended_records = {k: self._ended_records[k] for k in self.ended}
+        for key, row in plan.put.items():
+            old = self._rows.pop(key, None)
+            self._records.pop(key, None)
             if old is not None:
-                for n in old.networks:
-                    if self.owner.get(n) == key and (session is None
-                                                     or n not in session.networks):
-                        del self.owner[n]
-            if session is not None:
-                self.sessions[key] = session
-        for n, _user in plan.change.add:
-            self.owner[n] = self._holder(plan, n)
+                for n in old[2]:
+                    if self._owner.get(n) == key and (row is None or n not in row[2]):
+                        del self._owner[n]
+            if row is not None:
+                self._rows[key] = row
+                self._records[key] = b""   # packed below, once its addresses are owned
+        displaced = set()
+        for net, _user in plan.change.add:
+            n = str(net)
+            holder = next(k for k, r in plan.put.items() if r is not None and n in r[2])
+            was = self._owner.get(n)
+            if was is not None and was != holder and was in self._rows:
+                displaced.add(was)
+            self._owner[n] = holder
+        for key in [*displaced, *(k for k, r in plan.put.items() if r is not None)]:
+            self._records[key] = self._record(key, self._rows[key])
         for key, when in plan.ended.items():   # kept in time order: oldest first
             self.ended.pop(key, None)
+            self._ended_records.pop(key, None)
             self.ended[key] = when
+            self._ended_records[key] = self._packer.pack([key[0], key[1], when])
         cutoff = now - self.timeout
         while self.ended:
             key, when = next(iter(self.ended.items()))
             if when > cutoff:
                 break
             del self.ended[key]
+            del self._ended_records[key]
 
-    @staticmethod
-    def _holder(plan: Plan, n: IPNetwork) -> Key:
-        """The session of ``plan`` that writes ``n`` (one per plan)."""
-        return next(k for k, s in plan.put.items() if s is not None and n in s.networks)
+    def _record(self, key: Key, row: Row) -> bytes:
+        """The snapshot record of a session (with the addresses it holds)."""
+        user, cls, nets, started, seen = row
+        return self._packer.pack([key[0], key[1], user, list(cls), list(nets), started, seen,
+                                  [n for n in nets if self._owner.get(n) == key]])
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -186,27 +275,41 @@ class SessionTable:
                nets: Iterable[IPNetwork]) -> list[Key]:
         """Sessions a CoA/Disconnect-Request names: every given attribute must match (a NAS
         of "" matches any NAS of the client, prefix ``nas``)."""
-        nets = set(nets)
+        want = {str(n) for n in nets}
+        if want:   # the sessions holding them: no walk of the table
+            candidates = [k for k in dict.fromkeys(self._owner.get(n) for n in sorted(want))
+                          if k is not None]
+        else:
+            candidates = list(self._rows)
         found = []
-        for key, s in self.sessions.items():
+        for key in candidates:
+            row = self._rows[key]
             if nas and key[0] != nas:
                 continue
-            if session_id and s.session_id != session_id:
+            if session_id and key[1] != session_id:
                 continue
-            if user and s.user != user:
+            if user and row[0] != user:
                 continue
-            if nets and not nets <= {n for n in s.networks if self.owner.get(n) == key}:
+            if want and not want <= {n for n in row[2] if self._owner.get(n) == key}:
                 continue
             found.append(key)
         return found
 
+    def users(self, keys: Iterable[Key]) -> set[str]:
+        """The users of these sessions."""
+        return {self._rows[k][0] for k in keys}
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Sessions by NAS, and addresses held by kind."""
-        kinds = Counter("ipv4" if n.version == 4 else
-                        ("ipv6_prefix" if n.prefixlen < 128 else "ipv6")
-                        for n in self.owner)
-        return {"by_nas": dict(Counter(k[0] for k in self.sessions)),
+        kinds = Counter("ipv4" if ":" not in n else
+                        ("ipv6" if n.endswith("/128") else "ipv6_prefix")
+                        for n in self._owner)
+        return {"by_nas": dict(Counter(k[0] for k in self._rows)),
                 "addresses": dict(kinds)}
+
+    def held(self) -> list[tuple[IPNetwork, str]]:
+        """Every address and prefix held, with its session's user."""
+        return [(ipaddress.ip_network(n), self._rows[k][0]) for n, k in self._owner.items()]
 
     # --- snapshot ---------------------------------------------------------------------------
 
@@ -214,26 +317,19 @@ class SessionTable:
         """The table as msgpack."""
         return self.pack(self.frozen())
 
-    def frozen(self) -> tuple:
-        """What the snapshot holds, copied at once (sessions are immutable): packed on
-        another thread (:meth:`pack`) while the table goes on changing."""
-        return list(self.sessions.values()), dict(self.owner), list(self.ended.items())
+    def frozen(self) -> tuple[list[bytes], list[bytes]]:
+        """The snapshot's records, copied at once (a millisecond at 100k sessions):
+        :meth:`pack` can join them on another thread while the table goes on changing."""
+        return list(self._records.values()), list(self._ended_records.values())
 
     @staticmethod
-    def pack(frozen: tuple) -> bytes:
-        """:meth:`frozen` as msgpack, a record at a time (each a short hold of the
-        interpreter lock, so the listener's loop keeps answering meanwhile)."""
-        sessions, owner, ended = frozen
+    def pack(frozen: tuple[list[bytes], list[bytes]]) -> bytes:
+        """:meth:`frozen` as one msgpack document."""
+        sessions, ended = frozen
         p = msgpack.Packer(use_bin_type=True)
-        out = [p.pack_map_header(3), p.pack("version"), p.pack(SNAPSHOT_VERSION),
-               p.pack("sessions"), p.pack_array_header(len(sessions))]
-        out += [p.pack([s.nas, s.session_id, s.user, list(s.cls), [str(n) for n in s.networks],
-                        s.started, s.seen,
-                        [str(n) for n in s.networks if owner.get(n) == s.key]])
-                for s in sessions]
-        out += [p.pack("ended"), p.pack_array_header(len(ended))]
-        out += [p.pack([k[0], k[1], t]) for k, t in ended]
-        return b"".join(out)
+        return b"".join([p.pack_map_header(3), p.pack("version"), p.pack(SNAPSHOT_VERSION),
+                         p.pack("sessions"), p.pack_array_header(len(sessions)), *sessions,
+                         p.pack("ended"), p.pack_array_header(len(ended)), *ended])
 
     @classmethod
     def load(cls, data: bytes, timeout: float) -> SessionTable:
@@ -244,13 +340,15 @@ class SessionTable:
                 raise ValueError(f"snapshot version {doc.get('version')!r}")
             t = cls(timeout)
             for nas, sid, user, cl, nets, started, seen, owned in doc["sessions"]:
-                s = Session(nas, sid, user, tuple(cl),
-                            tuple(ipaddress.ip_network(n) for n in nets),
-                            float(started), float(seen))
-                t.sessions[s.key] = s
+                key = (nas, sid)
+                nets = tuple(str(ipaddress.ip_network(n)) for n in nets)
+                t._rows[key] = (user, tuple(cl), nets, float(started), float(seen))
                 for n in owned:
-                    t.owner[ipaddress.ip_network(n)] = s.key
+                    t._owner[str(ipaddress.ip_network(n))] = key
+            t._records = {k: t._record(k, row) for k, row in t._rows.items()}
             t.ended = {(nas, sid): float(when) for nas, sid, when in doc["ended"]}
+            t._ended_records = {k: t._packer.pack([k[0], k[1], when])
+                                for k, when in t.ended.items()}
             return t
         except (ValueError, TypeError, KeyError, AttributeError,
                 msgpack.UnpackException) as e:
