@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import click
 
-from xdpzoot import sync, tables
+from xdpzoot import __version__, sync, tables
 from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources.files import SourceError
@@ -101,9 +101,12 @@ Examples:
 @click.option("--pin-dir", metavar="DIR", envvar=ENV_PIN_DIR,
               default=kernel.DEFAULT_PIN_DIR, show_default=True,
               help=f"BPF pin directory of this instance (or ${ENV_PIN_DIR}).")
+@click.version_option(__version__, prog_name="xdpzoot", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, pin_dir: str) -> None:
-    """xdpzoot: OP25B, IP53B and suspension at XDP/TC for an ISP edge router."""
+    """xdpzoot: an ISP edge router's rules at XDP/TC: OP25B, IP53B, the CSAM list,
+    bandwidth control (rates, volume throttling, congestion), suspension, and RADIUS
+    contracts."""
     ctx.obj = Ctx(config_path, os.path.abspath(pin_dir))
 
 

@@ -31,7 +31,7 @@ Examples:
   xdpzoot throttle 198.51.100.9 --rate 512 --for 12h --json""")
 @click.argument("subscriber")
 @click.option("--rate", type=click.IntRange(1, 0xFFFFFFFF), required=True, metavar="KBPS",
-              help="Rate in kbit/s, both directions.")
+              help="kbit/s, both directions.")
 @click.option("--for", "duration", metavar="DURATION", help="e.g. 30m, 12h, 7d.")
 @json_opt
 @click.pass_obj
@@ -65,8 +65,8 @@ Examples:
 @json_opt
 @click.pass_obj
 def unthrottle(o: Ctx, subscriber, as_json) -> None:
-    """Lift the throttle set by hand on SUBSCRIBER; a volume rule's throttle in force
-    comes back at the daemon's next tick."""
+    """Lift the throttle set by hand on SUBSCRIBER; a volume rule's throttle
+    in force comes back at the daemon's next tick."""
 
     def go():
         with o.instance(config=True).locked():
@@ -109,7 +109,8 @@ Examples:
 @json_opt
 @click.pass_obj
 def top(o: Ctx, key, count, as_json) -> None:
-    """Subscribers by volume since the counters started, or by blocked SMTP attempts."""
+    """Subscribers by volume since the counters started, or by blocked SMTP
+    attempts."""
 
     def go():
         inst = o.instance(config=True)

@@ -23,7 +23,10 @@ def lab() -> None:
     """A lab of network namespaces to try xdpzoot by hand."""
 
 
-@lab.command("up")
+@lab.command("up", epilog="""\b
+Examples:
+  xdpzoot lab up
+  xdpzoot lab up --prefix xzdemo --no-servers --json""")
 @click.option("--prefix", default=None, help="Name prefix of the namespaces.")
 @click.option("--no-servers", is_flag=True, help="Do not start SMTP/DNS servers.")
 @json_opt
@@ -52,7 +55,9 @@ def lab_up_cmd(prefix, no_servers, as_json) -> None:
     _run(go)
 
 
-@lab.command("down")
+@lab.command("down", epilog="""\b
+Examples:
+  xdpzoot lab down xz1a2b""")
 @click.argument("prefix")
 @json_opt
 def lab_down_cmd(prefix, as_json) -> None:
@@ -71,7 +76,9 @@ def lab_down_cmd(prefix, as_json) -> None:
     _run(go)
 
 
-@lab.command("list")
+@lab.command("list", epilog="""\b
+Examples:
+  xdpzoot lab list --json""")
 @json_opt
 def lab_list_cmd(as_json) -> None:
     """The labs that have a state file (prefixes)."""

@@ -44,7 +44,7 @@ Examples:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--strict", is_flag=True, help="Overlapping entries are errors.")
 @click.option("--force", is_flag=True,
-              help="Load an empty file, or one shorter than sources.max_shrink allows.")
+              help="Load an empty file, or one shorter than max_shrink allows.")
 @json_opt
 @click.pass_obj
 def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
