@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_radius import (  # noqa: F401 (netns, radclient_installed: fixtures)
     BRAS1,
+    BRAS2,
+    OTHER_SECRET,
     RC_START,
     SECRET,
     USER,
@@ -28,8 +34,10 @@ from test_radius import (  # noqa: F401 (netns, radclient_installed: fixtures)
 )
 
 from xdpzoot import tables
+from xdpzoot.daemon import Daemon
 from xdpzoot.dataplane import kernel, schema
 from xdpzoot.dataplane.instance import Instance
+from xdpzoot.lab import in_netns
 from xdpzoot.sources.sessions import SessionTable
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -40,16 +48,11 @@ subscriber,address,type,up_kbps,down_kbps,flags,plan,user
 """
 
 
-@pytest.fixture(scope="module")
-def router(bpffs, tmp_path_factory) -> Iterator[dict]:
-    """A config with [radius] on 0.0.0.0 (inside the test's namespace) and a pinned
-    instance holding FILE, loaded by the CLI."""
-    tmp = tmp_path_factory.mktemp("radius-cli")
-    (tmp / "subscribers.csv").write_text(FILE)
-    secret = tmp / "bras1.secret"
-    secret.write_bytes(SECRET + b"\n")
-    secret.chmod(0o600)
-    cfg = tmp / "xdpzoot.toml"
+def write_config(tmp: Path, radius: str, state: Path | None = None) -> Path:
+    """A config for the instance holding FILE (``tmp/subscribers.csv``), its state files in
+    ``state`` (default ``tmp``), with this [radius] section."""
+    state = state or tmp
+    cfg = state / "xdpzoot.toml"
     cfg.write_text(f"""\
 [sources]
 subscribers = "{tmp}/subscribers.csv"
@@ -62,18 +65,38 @@ csam_prefixes = 1024
 flows = 1024
 pool_addresses = 1024
 [bandwidth]
-state = "{tmp}/state.msgpack"
-audit = "{tmp}/audit.jsonl"
+state = "{state}/state.msgpack"
+audit = "{state}/audit.jsonl"
 tick_seconds = 1
 [radius]
-listen = "0.0.0.0:1813"
-coa_listen = "0.0.0.0:3799"
-state = "{tmp}/radius.msgpack"
-[[radius.client]]
-name = "bras1"
-source = ["{BRAS1}/32"]
+state = "{state}/radius.msgpack"
+{radius}""")
+    return cfg
+
+
+def client(name: str, source: str, secret: Path) -> str:
+    return f"""[[radius.client]]
+name = "{name}"
+source = ["{source}/32"]
 secret_file = "{secret}"
-""")
+"""
+
+
+def secret_file(path: Path, secret: bytes) -> Path:
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def router(bpffs, tmp_path_factory) -> Iterator[dict]:
+    """A config with [radius] on 0.0.0.0 (inside the test's namespace) and a pinned
+    instance holding FILE, loaded by the CLI."""
+    tmp = tmp_path_factory.mktemp("radius-cli")
+    (tmp / "subscribers.csv").write_text(FILE)
+    secret = secret_file(tmp / "bras1.secret", SECRET)
+    cfg = write_config(tmp, 'listen = "0.0.0.0:1813"\ncoa_listen = "0.0.0.0:3799"\n'
+                       + client("bras1", BRAS1, secret))
     pin = os.path.join(bpffs, f"radius-{secrets.token_hex(3)}")
     r = {"cfg": str(cfg), "pin": pin, "tmp": tmp}
     try:
@@ -173,3 +196,144 @@ def test_radius_command_then_the_daemon(router: dict, netns: str) -> None:  # no
     finally:
         assert stopped(p) == 0
     assert len(SessionTable.restore(str(router["tmp"] / "radius.msgpack"), 3600)) == 1
+
+
+def said(p: subprocess.Popen, text: str, timeout: float = 30) -> str:
+    """The next line of ``p``'s stderr holding ``text`` (a thread reads them: a wait has
+    an end even if the process says nothing)."""
+    if not hasattr(p, "lines"):
+        p.lines = queue.Queue()
+        p.reader = threading.Thread(target=lambda: [p.lines.put(x) for x in p.stderr])
+        p.reader.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        line = p.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        if text in line:
+            return line
+
+
+def rotated(p: subprocess.Popen, secret: Path, value: bytes, mode: int) -> str:
+    """Write ``value`` into the secret file (mode ``mode``), SIGHUP, and the line saying
+    how the reload went."""
+    secret.write_bytes(value + b"\n")
+    secret.chmod(mode)
+    p.send_signal(signal.SIGHUP)
+    return said(p, "radius: reload")
+
+
+NEW_SECRET = b"n3w-s3cret-bras1"
+
+
+def closed(host: str, port: int) -> bool:
+    """Whether nothing serves UDP ``host:port`` (in this thread's namespace): a datagram
+    there is refused at once (ICMP port unreachable); a listener drops it unanswered."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.connect((host, port))
+        s.send(b"\0")
+        try:
+            s.recv(64)
+        except ConnectionRefusedError:
+            return True
+        except TimeoutError:
+            pass
+    return False
+
+
+@needs_radclient
+def test_radius_sighup_takes_a_rotated_secret_and_keeps_the_sessions(
+        router: dict, netns: str, tmp_path: Path) -> None:  # noqa: F811
+    secret = secret_file(tmp_path / "bras1.secret", SECRET)
+    r = dict(router, cfg=str(write_config(router["tmp"], 'listen = "0.0.0.0:1813"\n' +
+                                          client("bras1", BRAS1, secret), tmp_path)))
+    p = serving(r, netns, ("radius",), "serving")
+    try:
+        rc, out = radclient(netns, BRAS1, "acct", SECRET, RC_START)
+        assert rc == 0 and "Accounting-Response" in out, out
+        line = rotated(p, secret, NEW_SECRET, 0o600)
+        assert line.strip() == "xdpzoot: radius: reloaded: client bras1 secret changed"
+        # the old secret gets no answer now, the new one does
+        interim = dict(RC_START, **{"Acct-Status-Type": "Interim-Update"})
+        rc, out = radclient(netns, BRAS1, "acct", SECRET, interim, timeout=1)
+        assert rc != 0 and "Received" not in out, out
+        rc, out = radclient(netns, BRAS1, "acct", NEW_SECRET, dict(
+            RC_START, **{"Acct-Session-Id": q("s2"), "Framed-IP-Address": "100.64.0.6"}))
+        assert rc == 0 and "Accounting-Response" in out, out
+        # the session from before the SIGHUP is still in the maps
+        e, _ = session_entry(r, "100.64.0.5")
+        assert e is not None and e.sub_id == 2001
+        # a new secret file others may read: refused, the listener goes on as it was
+        line = rotated(p, secret, b"th1rd-s3cret", 0o644)
+        assert "reload failed, keeping the old config" in line and "(chmod 600)" in line
+        assert b"th1rd" not in line.encode() and b"n3w" not in line.encode()
+        rc, out = radclient(netns, BRAS1, "acct", NEW_SECRET, interim)
+        assert rc == 0 and "Accounting-Response" in out, out
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+        p.reader.join(10)
+        p.stderr.close()
+    assert session_entry(r, "100.64.0.5")[0] is not None
+    shown = json.loads(xz(r, "sessions", "show", USER, "--json").stdout)
+    assert sorted(s["addresses"] for s in shown["sessions"]) == [["100.64.0.5/32"],
+                                                                  ["100.64.0.6/32"]]
+
+
+@needs_radclient
+def test_run_sighup_moves_stops_and_starts_the_listener(
+        router: dict, netns: str, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """Daemon.reload (what `xdpzoot run` does on SIGHUP), in the namespace: a new address
+    and client taken while serving, nothing removed from the maps; an address in use
+    refused; [radius] off stops the listener, on starts it from the snapshot."""
+    s1 = secret_file(tmp_path / "bras1.secret", SECRET)
+    s2 = secret_file(tmp_path / "bras2.secret", OTHER_SECRET)
+    bras1 = client("bras1", BRAS1, s1)
+    both = bras1 + client("bras2", BRAS2, s2)
+
+    def reload(radius: str) -> str:
+        write_config(router["tmp"], radius, tmp_path)
+        d.reload()
+        return capsys.readouterr().err
+
+    with in_netns(netns):
+        d = Daemon(str(write_config(router["tmp"], 'listen = "0.0.0.0:1813"\n' + bras1,
+                                    tmp_path)), router["pin"])
+        d.start()
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # no SO_REUSEADDR
+        busy.bind(("0.0.0.0", 3800))
+        try:
+            rc, out = radclient(netns, BRAS1, "acct", SECRET, RC_START)
+            assert rc == 0 and "Accounting-Response" in out, out
+            removed = []
+            apply = d.radius.inst.apply_sessions
+            d.radius.inst.apply_sessions = lambda c, u: removed.extend(c.remove) or apply(c, u)
+            err = reload(f'listen = "{BRAS2}:1813"\n' + both)
+            assert f"radius: reloaded: listen 0.0.0.0:1813 -> {BRAS2}:1813, client bras2 " \
+                   "added\n" in err
+            assert closed(BRAS1, 1813)
+            at_bras2 = dict(RC_START, **{"NAS-IP-Address": BRAS2,
+                                         "Framed-IP-Address": "100.64.0.7"})
+            rc, out = radclient(netns, BRAS2, "acct", OTHER_SECRET, at_bras2)
+            assert rc == 0 and "Accounting-Response" in out, out
+            err = reload(f'listen = "{BRAS2}:1813"\ncoa_listen = "0.0.0.0:3800"\n' + both)
+            assert ("radius: reload failed, the listener keeps its config: [Errno 98] "
+                    "0.0.0.0:3800: Address already in use") in err
+            rc, out = radclient(netns, BRAS2, "acct", OTHER_SECRET,
+                                dict(at_bras2, **{"Acct-Status-Type": "Interim-Update"}))
+            assert rc == 0 and "Accounting-Response" in out, out
+            assert removed == []
+            assert "radius: stopped" in reload(both) and d.radius is None
+            assert closed(BRAS2, 1813)
+            assert len(SessionTable.restore(str(tmp_path / "radius.msgpack"), 60)) == 2
+            assert "radius: started, 2 sessions restored" in reload(
+                'listen = "0.0.0.0:1813"\n' + bras1)
+            for addr in ("100.64.0.5", "100.64.0.7"):
+                assert session_entry(router, addr)[0].sub_id == 2001
+            rc, out = radclient(netns, BRAS1, "acct", SECRET,
+                                dict(RC_START, **{"Acct-Status-Type": "Stop"}))
+            assert rc == 0 and session_entry(router, "100.64.0.5")[0] is None
+        finally:
+            busy.close()
+            if d.radius is not None:
+                d.radius.stop()
+            d.inst.close()

@@ -6,7 +6,9 @@ rates in force into the maps, expires throttles set by hand, switches congestion
 ``auto``, re-syncs the source files when they change, writes the audit log, and snapshots
 its state atomically (every ``snapshot_seconds``, and after any tick that decided
 something) so that a restart (or a crash) resumes windows and throttles. SIGTERM stops it
-cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules.
+cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules, and
+the RADIUS listener takes its new [radius] section (started or stopped if it turned on
+or off).
 
 Time and sleep are parameters: the tests run a month in milliseconds.
 """
@@ -150,11 +152,36 @@ class Daemon:
         self.inst.adopt_throttles()
 
     def reload(self) -> None:
-        """SIGHUP: reread the config and the rules; windows and throttles are kept."""
+        """SIGHUP: reread the config and the rules; windows and throttles are kept. Then
+        the RADIUS listener's part (:meth:`_reload_radius`)."""
         self.cfg = load_config(self.config_path)
         self.inst.configure(self.cfg)
         self._load_rules(resume=False)
         log("config and rules reloaded")
+        self._reload_radius()
+
+    def _reload_radius(self) -> None:
+        """Start the listener if [radius] listen or coa_listen turned on, stop it (its
+        session snapshot written) if both turned off, else let it take the new section and
+        secret files while serving. If that fails the listener goes on as it was."""
+        from xdpzoot.radius_service import RadiusService
+
+        r = self.cfg.radius
+        try:
+            if self.radius is None and (r.listen or r.coa_listen):
+                self.radius = RadiusService(self.cfg, self.pin_dir).start_thread()
+                log(f"radius: started, {len(self.radius.listener.table)} sessions restored")
+            elif self.radius is not None and not (r.listen or r.coa_listen):
+                self.radius.stop()
+                self.radius = None
+                log("radius: stopped, its session entries stay in the maps")
+            elif self.radius is not None:
+                what = self.radius.reload(self.cfg)
+                if what:
+                    log(f"radius: reloaded: {what}")
+        except (SourceError, OSError, kernel.KernelError, RuntimeError) as e:
+            log(f"radius: not started: {e}" if self.radius is None else
+                f"radius: reload failed, the listener keeps its config: {e}")
 
     # -- the tick ---------------------------------------------------------------------------
     def tick(self) -> list:

@@ -13,7 +13,8 @@ the file has just gained enters the maps once its contract is loaded.
 ``xdpzoot radius`` runs it on the main thread (:meth:`run`); ``xdpzoot run`` on a thread of
 its own (:meth:`start_thread`), with an Instance of its own: the flock is per open file, so
 the daemon's instance and this one exclude each other, and neither object is shared
-between threads.
+between threads. A new config (SIGHUP) is taken while serving (:meth:`reload`): sessions
+and map entries are not touched.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.dataplane.instance import Instance
@@ -35,6 +38,11 @@ from xdpzoot.sources.subscribers import read_columns
 
 log = logging.getLogger("xdpzoot.radius")
 WATCH_S = 2.0   # how often the subscriber file's stamp is looked at
+
+
+def say(msg: str) -> None:
+    """One line to stderr, as the daemon writes them."""
+    print(f"xdpzoot: {msg}", file=sys.stderr, flush=True)
 
 
 class RadiusService:
@@ -151,14 +159,49 @@ class RadiusService:
             stop.set()
             await watch
 
-    def run(self) -> None:
-        """On the main thread until SIGTERM or SIGINT."""
+    async def _reload(self, cfg) -> str:
+        what = await self.listener.reconfigure(self.cfg.radius, cfg.radius)
+        self.cfg = cfg   # the subscriber file's path too: _watch reads it if it changed
+        b = cfg.bandwidth
+        self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
+        return what
+
+    def reload(self, cfg) -> str:
+        """Serving on its thread (:meth:`start_thread`), take the [radius] section of
+        ``cfg`` and its secret files as they are now, between two requests: sessions, map
+        entries and the sockets of unchanged addresses stay. Returns what changed ("" if
+        nothing); raises SourceError or OSError, and nothing changes, when a secret file
+        is bad or an address cannot be bound."""
+        return asyncio.run_coroutine_threadsafe(self._reload(cfg), self._loop).result()
+
+    async def _hup(self, reread: Callable[[], object]) -> None:
+        """SIGHUP of ``xdpzoot radius``: the config read again and taken, or kept."""
+        try:
+            cfg = reread()
+            if not cfg.radius.listen and not cfg.radius.coa_listen:
+                raise ValueError("[radius] listen and coa_listen are both off")
+            what = await self._reload(cfg)
+        except (SourceError, OSError, ValueError) as e:
+            say(f"radius: reload failed, keeping the old config: {e}")
+            return
+        say(f"radius: reloaded: {what}" if what else "radius: reloaded: nothing changed")
+
+    def run(self, reread: Callable[[], object] | None = None) -> None:
+        """On the main thread until SIGTERM or SIGINT; on SIGHUP, the config that
+        ``reread`` returns is taken (:meth:`reload`). Says "serving" once the signals are
+        handled."""
 
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            if reread is not None:
+                loop.add_signal_handler(signal.SIGHUP,
+                                        lambda: loop.create_task(self._hup(reread)))
+            r = self.cfg.radius
+            say(f"radius: serving {', '.join(x for x in (r.listen, r.coa_listen) if x)} for "
+                f"{self.inst.pin_dir}, {len(self.listener.table)} sessions restored")
             await self.serve(stop)
 
         try:

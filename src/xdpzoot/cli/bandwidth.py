@@ -143,7 +143,9 @@ Examples:
 def run(o: Ctx) -> None:
     """The controller: accounting, volume rules, congestion mode, source sync.
 
-    SIGTERM stops it (the data plane keeps enforcing); SIGHUP reloads."""
+    SIGTERM stops it (the data plane keeps enforcing); SIGHUP rereads the config and the
+    rules, and the RADIUS listener takes a changed [radius] section or secret file while
+    serving (sessions kept; one that fails is logged and the old one stays)."""
     from xdpzoot.daemon import Daemon
 
     def go():

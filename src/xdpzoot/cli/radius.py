@@ -23,18 +23,17 @@ def radius(o: Ctx) -> None:
     (which serves it itself when [radius] listen or coa_listen is set).
 
     Sessions become entries of their contracts in the maps. SIGTERM or SIGINT stops it
-    after writing the session snapshot ([radius] state)."""
+    after writing the session snapshot ([radius] state). SIGHUP rereads the config: a
+    changed [radius] section or secret file is taken while serving, sessions kept; one
+    that fails (a bad secret file, an address in use) is logged and the old one stays."""
+    from xdpzoot.config import load_config
     from xdpzoot.radius_service import RadiusService
 
     def go():
         r = o.cfg.radius
         if not r.listen and not r.coa_listen:
             _fail("[radius] listen and coa_listen are both off: nothing to serve")
-        service = RadiusService(o.cfg, o.pin_dir)
-        click.echo(f"xdpzoot: radius: serving {', '.join(x for x in (r.listen, r.coa_listen) if x)}"
-                   f" for {o.pin_dir}, {len(service.listener.table)} sessions restored",
-                   err=True)
-        service.run()
+        RadiusService(o.cfg, o.pin_dir).run(lambda: load_config(o.config_path))
 
     _run(go)
 

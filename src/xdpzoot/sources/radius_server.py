@@ -23,7 +23,7 @@ import stat
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from pyrad import packet as rp
 
@@ -41,6 +41,7 @@ MAX_SECRET = 256
 DUPLICATE_S = 30.0   # how long an answer is kept for a retransmitted request
 DUPLICATE_MAX = 65536
 CLIENT_CACHE = 4096   # sources remembered with their client (or none)
+PORTS = (("acct", "listen"), ("coa", "coa_listen"))   # the sockets, by their [radius] key
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,29 @@ def _bind(spec: str) -> socket.socket:
     host, port = listen_address(spec)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise OSError(e.errno, f"{spec}: {e.strerror}") from None
     s.setblocking(False)
     return s
+
+
+def _bind_all(specs: dict[str, str]) -> dict[str, socket.socket | None]:
+    """A socket per kind bound to its "HOST:PORT" (None for ""): all of them, or none (a
+    failure closes those already bound)."""
+    out: dict[str, socket.socket | None] = {}
+    try:
+        for kind, spec in specs.items():
+            out[kind] = _bind(spec) if spec else None
+    except OSError:
+        for s in out.values():
+            if s is not None:
+                s.close()
+        raise
+    return out
 
 
 class Listener:
@@ -127,8 +147,10 @@ class Listener:
         self.drops: Counter[str] = Counter()
         self.answers: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()   # not about one request: the snapshot
+        self.snapshot = ""   # where serve() writes the table
         self._client_cache: dict[str, Client | None] = {}
         self._answered: OrderedDict[tuple, tuple[float, bytes]] = OrderedDict()
+        self._ports: dict[str, asyncio.DatagramTransport] = {}   # "acct", "coa" served
 
     def stats(self) -> dict[str, object]:
         """Counters and the table's size, as plain values."""
@@ -280,23 +302,33 @@ class Listener:
 
     # --- serving -----------------------------------------------------------------------------
 
+    async def listen(self, **socks: socket.socket | None) -> None:
+        """From now on serve each kind named ("acct", "coa") on its bound socket (None: not
+        at all); the others as they are. The new port opens before the one it replaces
+        closes."""
+        loop = asyncio.get_running_loop()
+        for kind, sock in socks.items():
+            old = self._ports.pop(kind, None)
+            if sock is not None:
+                self._ports[kind], _ = await loop.create_datagram_endpoint(
+                    lambda kind=kind: _Protocol(self, kind), sock=sock)
+            if old is not None:
+                old.close()
+
     async def serve(self, acct: socket.socket | None, coa: socket.socket | None,
                     stop: asyncio.Event, snapshot: str = "", every: float = 5.0,
                     save_after: float = 1.0) -> None:
         """Answer on the given (bound) sockets until ``stop`` is set; expire sessions every
-        ``every`` seconds; write the snapshot (if a path is given) soon after the table
-        changed: ``save_after`` seconds, or ten times as long as the last write took if
-        that is longer, and once more at the end. The table keeps its records packed
-        (SessionTable.frozen): the loop copies the list of them (a millisecond at 100k
-        sessions), a worker thread joins and writes them, so answers go on meanwhile."""
+        ``every`` seconds; write the snapshot (if a path is given; ``self.snapshot`` from
+        then on) soon after the table changed: ``save_after`` seconds, or ten times as long
+        as the last write took if that is longer, and once more at the end. The table
+        keeps its records packed (SessionTable.frozen): the loop copies the list of them (a
+        millisecond at 100k sessions), a worker thread joins and writes them, so answers go
+        on meanwhile."""
         loop = asyncio.get_running_loop()
-        transports = []
-        for sock, kind in ((acct, "acct"), (coa, "coa")):
-            if sock is not None:
-                t, _ = await loop.create_datagram_endpoint(
-                    lambda kind=kind: _Protocol(self, kind), sock=sock)
-                transports.append(t)
-        saved = -1   # the version written; -1: not written by this listener yet
+        self.snapshot = snapshot
+        await self.listen(acct=acct, coa=coa)
+        saved = ("", -1)   # the path and version written; none by this listener yet
         expiry = loop.time() + every
         wait = save_after   # until the next write may be made
         last = loop.time()
@@ -314,19 +346,48 @@ class Listener:
                 if now >= expiry:
                     self.expire()
                     expiry = now + every
-                if now - last >= wait and self.table.version != saved:
-                    saved = await self._save_aside(snapshot, saved)
+                if now - last >= wait and (self.snapshot, self.table.version) != saved:
+                    saved = await self._save_aside(saved)
                     last = loop.time()
                     wait = max(save_after, 10 * (last - now))
         finally:
-            for t in transports:
+            for t in self._ports.values():
                 t.close()
-            self._save(snapshot, saved)
+            self._ports.clear()
+            self._save(saved)
 
-    async def _save_aside(self, path: str, saved: int) -> int:
+    async def reconfigure(self, old: Radius, new: Radius) -> str:
+        """Serving with config ``old``, take ``new`` between two requests, the session
+        table and the counters kept: the clients with their secrets read again (a rotated
+        secret file counts), the rules, the snapshot path, and a new socket for each
+        address that changed (the others stay open: nothing queued on them is lost).
+        Returns what changed, in words ("" if nothing; a secret never appears). A bad
+        secret file or an address that cannot be bound raises SourceError or OSError, and
+        nothing changes."""
+        clients = clients_of(new)
+        was = {c.name: c for c in self.clients}
+        what = [f"{f.name} {_shown(getattr(old, f.name))} -> {_shown(getattr(new, f.name))}"
+                for f in fields(Radius)
+                if f.name != "client" and getattr(old, f.name) != getattr(new, f.name)]
+        what += [f"client {n} removed" for n in was if n not in {c.name for c in clients}]
+        for c in clients:
+            what += ([f"client {c.name} added"] if c.name not in was else
+                     [f"client {c.name} {x} changed" for x in ("source", "secret")
+                      if getattr(c, x) != getattr(was[c.name], x)])
+        await self.listen(**_bind_all({k: getattr(new, f) for k, f in PORTS
+                                       if getattr(new, f) != getattr(old, f)}))
+        self.clients = clients
+        self._client_cache.clear()
+        self.require_ma = new.require_message_authenticator
+        self.disconnect = new.disconnect
+        self.table.timeout = new.session_timeout
+        self.snapshot = new.state
+        return ", ".join(what)
+
+    async def _save_aside(self, saved: tuple[str, int]) -> tuple[str, int]:
         """:meth:`_save` with the join and the write on a worker thread."""
-        version = self.table.version
-        if not path or version == saved:
+        path, version = self.snapshot, self.table.version
+        if not path or (path, version) == saved:
             return saved
         frozen = self.table.frozen()
         try:
@@ -336,13 +397,14 @@ class Listener:
             self.errors["snapshot"] += 1
             log.error("radius: cannot write the session snapshot %s: %s", path, e)
             return saved
-        return version
+        return path, version
 
-    def _save(self, path: str, saved: int) -> int:
-        """Write the table if it changed since version ``saved``; the version written (or
-        ``saved`` if the write failed: it is tried again)."""
-        version = self.table.version
-        if not path or version == saved:
+    def _save(self, saved: tuple[str, int]) -> tuple[str, int]:
+        """Write the table to ``self.snapshot`` if it is not what ``saved`` says was
+        written (path, table version); what is written now (``saved`` if the write failed:
+        it is tried again)."""
+        path, version = self.snapshot, self.table.version
+        if not path or (path, version) == saved:
             return saved
         try:
             self.table.save(path)
@@ -350,7 +412,7 @@ class Listener:
             self.errors["snapshot"] += 1
             log.error("radius: cannot write the session snapshot %s: %s", path, e)
             return saved
-        return version
+        return path, version
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -384,11 +446,9 @@ def open_listener(cfg: Radius, apply: Callable[[Change], None],
     listener = Listener(clients, table, apply, act,
                         require_message_authenticator=cfg.require_message_authenticator,
                         disconnect=cfg.disconnect)
-    acct = _bind(cfg.listen) if cfg.listen else None
-    try:
-        coa = _bind(cfg.coa_listen) if cfg.coa_listen else None
-    except OSError:
-        if acct is not None:
-            acct.close()
-        raise
-    return listener, acct, coa
+    socks = _bind_all({k: getattr(cfg, f) for k, f in PORTS})
+    return listener, socks["acct"], socks["coa"]
+
+
+def _shown(value: object) -> str:
+    return "off" if value == "" else str(value)
