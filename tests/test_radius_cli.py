@@ -264,7 +264,7 @@ def test_radius_sighup_takes_a_rotated_secret_and_keeps_the_sessions(
         assert e is not None and e.sub_id == 2001
         # a new secret file others may read: refused, the listener goes on as it was
         line = rotated(p, secret, b"th1rd-s3cret", 0o644)
-        assert "reload failed, keeping the old config" in line and "(chmod 600)" in line
+        assert "radius: reload failed, keeping the old config: " in line and "(chmod 600)" in line
         assert b"th1rd" not in line.encode() and b"n3w" not in line.encode()
         rc, out = radclient(netns, BRAS1, "acct", NEW_SECRET, interim)
         assert rc == 0 and "Accounting-Response" in out, out
@@ -316,7 +316,7 @@ def test_run_sighup_moves_stops_and_starts_the_listener(
             rc, out = radclient(netns, BRAS2, "acct", OTHER_SECRET, at_bras2)
             assert rc == 0 and "Accounting-Response" in out, out
             err = reload(f'listen = "{BRAS2}:1813"\ncoa_listen = "0.0.0.0:3800"\n' + both)
-            assert ("radius: reload failed, the listener keeps its config: [Errno 98] "
+            assert ("radius: reload failed, keeping the old config: [Errno 98] "
                     "0.0.0.0:3800: Address already in use") in err
             rc, out = radclient(netns, BRAS2, "acct", OTHER_SECRET,
                                 dict(at_bras2, **{"Acct-Status-Type": "Interim-Update"}))

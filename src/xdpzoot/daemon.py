@@ -161,12 +161,15 @@ class Daemon:
         self._reload_radius()
 
     def _reload_radius(self) -> None:
-        """Start the listener if [radius] listen or coa_listen turned on, stop it (its
-        session snapshot written) if both turned off, else let it take the new section and
-        secret files while serving. If that fails the listener goes on as it was."""
+        """Start the listener if [radius] listen or coa_listen turned on (or it had
+        stopped on an error), stop it (its session snapshot written) if both turned off,
+        else let it take the new section and secret files while serving. If that fails
+        the listener goes on as it was."""
         from xdpzoot.radius_service import RadiusService
 
         r = self.cfg.radius
+        if self.radius is not None and not self.radius.serving():
+            self.radius = None   # stopped on an error (logged then): started anew
         try:
             if self.radius is None and (r.listen or r.coa_listen):
                 self.radius = RadiusService(self.cfg, self.pin_dir).start_thread()
@@ -181,7 +184,7 @@ class Daemon:
                     log(f"radius: reloaded: {what}")
         except (SourceError, OSError, kernel.KernelError, RuntimeError) as e:
             log(f"radius: not started: {e}" if self.radius is None else
-                f"radius: reload failed, the listener keeps its config: {e}")
+                f"radius: reload failed, keeping the old config: {e}")
 
     # -- the tick ---------------------------------------------------------------------------
     def tick(self) -> list:

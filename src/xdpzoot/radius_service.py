@@ -166,24 +166,31 @@ class RadiusService:
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         return what
 
-    def reload(self, cfg) -> str:
+    def reload(self, cfg, timeout: float = 60.0) -> str:
         """Serving on its thread (:meth:`start_thread`), take the [radius] section of
         ``cfg`` and its secret files as they are now, between two requests: sessions, map
         entries and the sockets of unchanged addresses stay. Returns what changed ("" if
         nothing); raises SourceError or OSError, and nothing changes, when a secret file
-        is bad or an address cannot be bound."""
-        return asyncio.run_coroutine_threadsafe(self._reload(cfg), self._loop).result()
-
-    async def _hup(self, reread: Callable[[], object]) -> None:
-        """SIGHUP of ``xdpzoot radius``: the config read again and taken, or kept."""
+        is bad or an address cannot be bound; TimeoutError if the loop has not done it
+        within ``timeout`` seconds (it is cancelled), RuntimeError if the loop has ended."""
+        done = asyncio.run_coroutine_threadsafe(self._reload(cfg), self._loop)
         try:
-            cfg = reread()
-            if not cfg.radius.listen and not cfg.radius.coa_listen:
-                raise ValueError("[radius] listen and coa_listen are both off")
-            what = await self._reload(cfg)
-        except (SourceError, OSError, ValueError) as e:
-            say(f"radius: reload failed, keeping the old config: {e}")
-            return
+            return done.result(timeout)
+        finally:
+            done.cancel()
+
+    async def _hup(self, reread: Callable[[], object], one: asyncio.Lock) -> None:
+        """SIGHUP of ``xdpzoot radius``: the config read again and taken, or kept; ``one``
+        makes a second SIGHUP wait for the first."""
+        async with one:
+            try:
+                cfg = reread()
+                if not cfg.radius.listen and not cfg.radius.coa_listen:
+                    raise ValueError("[radius] listen and coa_listen are both off")
+                what = await self._reload(cfg)
+            except (SourceError, OSError, ValueError) as e:
+                say(f"radius: reload failed, keeping the old config: {e}")
+                return
         say(f"radius: reloaded: {what}" if what else "radius: reloaded: nothing changed")
 
     def run(self, reread: Callable[[], object] | None = None) -> None:
@@ -197,8 +204,14 @@ class RadiusService:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             if reread is not None:
-                loop.add_signal_handler(signal.SIGHUP,
-                                        lambda: loop.create_task(self._hup(reread)))
+                one, hups = asyncio.Lock(), set()   # the loop holds tasks weakly: kept here
+
+                def hup() -> None:
+                    task = loop.create_task(self._hup(reread, one))
+                    hups.add(task)
+                    task.add_done_callback(hups.discard)
+
+                loop.add_signal_handler(signal.SIGHUP, hup)
             r = self.cfg.radius
             say(f"radius: serving {', '.join(x for x in (r.listen, r.coa_listen) if x)} for "
                 f"{self.inst.pin_dir}, {len(self.listener.table)} sessions restored")
@@ -229,6 +242,10 @@ class RadiusService:
         self._thread.start()
         ready.wait()
         return self
+
+    def serving(self) -> bool:
+        """Whether its thread (:meth:`start_thread`) serves still."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the thread (the snapshot written first)."""
