@@ -134,6 +134,8 @@ def serving(r: dict, ns: str, args: tuple[str, ...], ready: str) -> subprocess.P
 def stopped(p: subprocess.Popen) -> int:
     p.send_signal(signal.SIGTERM)
     rc = p.wait(30)
+    if hasattr(p, "reader"):   # said()'s: at the end of the stream now
+        p.reader.join(10)
     p.stderr.close()
     return rc
 
@@ -269,10 +271,7 @@ def test_radius_sighup_takes_a_rotated_secret_and_keeps_the_sessions(
         rc, out = radclient(netns, BRAS1, "acct", NEW_SECRET, interim)
         assert rc == 0 and "Accounting-Response" in out, out
     finally:
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(30) == 0
-        p.reader.join(10)
-        p.stderr.close()
+        assert stopped(p) == 0
     assert session_entry(r, "100.64.0.5")[0] is not None
     shown = json.loads(xz(r, "sessions", "show", USER, "--json").stdout)
     assert sorted(s["addresses"] for s in shown["sessions"]) == [["100.64.0.5/32"],
