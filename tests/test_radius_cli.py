@@ -1,6 +1,6 @@
 """`xdpzoot radius` and `xdpzoot run` with [radius], as processes in a namespace, answering
 FreeRADIUS's radclient and writing sessions into a pinned instance; `xdpzoot sessions`
-reading what they saved."""
+reading what they saved; a new [radius] section or secret taken on SIGHUP."""
 
 from __future__ import annotations
 
