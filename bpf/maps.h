@@ -86,4 +86,21 @@ struct xz_fast_ifs_table_t xz_fast_ifs = { .max_entries = XZ_MAX_IFINDEX };
 /* Fast path outcomes, per CPU, by XZ_FAST_REASONS. dp writes. */
 XZ_MAP("percpu_array", __u32, struct xz_counter, xz_fast, XZ_NR_FAST, 0);
 
+/*
+ * Drop events (trace.h), read by `xdpzoot trace`. Spelled out like the devmap: bcc
+ * has no pinned ring buffer; ``leaf`` gives bcc (and the layout tests) the event type.
+ */
+struct xz_trace_ring_table_t {
+	int key;
+	struct xz_trace_event leaf;
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_submit)(void *, __u64);
+	void (*ringbuf_discard)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" XZ_PIN_DIR "/xz_trace_ring")))
+struct xz_trace_ring_table_t xz_trace_ring = { .max_entries = XZ_TRACE_RING_BYTES };
+/* The events' rate limiter and lost count, one entry. dp writes, cp reads. */
+XZ_MAP("array", __u32, struct xz_trace_state, xz_trace_state, 1, 0);
+
 #endif /* XDPZOOT_MAPS_H */

@@ -51,6 +51,7 @@ struct xz_pkt {
 	__u32 ip_len;                /* IP bytes according to the IP header */
 	__u32 l4_len;                /* L4 bytes according to the IP header */
 	__u16 segs;                  /* packets on the wire: >1 for a GSO/GRO aggregate (TC) */
+	__u8 hook;                   /* XZ_HOOK_*: set by the entry point (drop events) */
 	__u8 l4_hlen;                /* TCP/UDP header length, options included */
 	__u8 family;                 /* 4 or 6; 0 before L3 parsed */
 	__u8 proto;                  /* L4 protocol number */

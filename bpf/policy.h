@@ -15,6 +15,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "reply.h"
+#include "trace.h"
 
 /*
  * The 2-bit state of the /24 of IPv4 address ``a`` in directory ``d`` (XZ_DIR_BYTES
@@ -374,6 +375,7 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	struct xz_class *cls = NULL;
 	struct xz_control *ctl;
 	__u32 key = 0, flags, csam;
+	__u64 ts;
 
 	/* No control entry means no rule is on: fail open. */
 	ctl = xz_control.lookup(&key);
@@ -410,6 +412,13 @@ out:
 	if (verdict != XZ_V_PASS && (flags & XZ_C_MONITOR))
 		verdict = XZ_V_MONITOR;
 	xz_count(role, verdict, reason, p->len);
+	/* A sample of the drops for `xdpzoot trace` (trace.h). Never one that says who tried
+	 * to reach the CSAM list: none for a CSAM drop, nor for a packet from or to a listed
+	 * address that another rule stopped first. */
+	if (verdict != XZ_V_PASS && (flags & XZ_C_TRACE) && ctl && reason != XZ_R_CSAM &&
+	    (ts = xz_trace_take(ctl, reason)) && !xz_csam_listed(&p->src, p->family, csam) &&
+	    !xz_csam_listed(&p->dst, p->family, csam))
+		xz_trace_emit(p, ts, flags, role, verdict, reason, cls);
 	return verdict;
 }
 

@@ -25,6 +25,7 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 	p.end = (void *)(long)ctx->data_end;
 	p.len = p.end - p.data;
 	p.segs = 1;
+	p.hook = XZ_HOOK_XDP;
 	switch (xz_pipeline(&p, role)) {
 	case XZ_V_DROP:
 		return XDP_DROP;
@@ -46,6 +47,7 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 	p.end = (void *)(long)skb->data_end;
 	p.len = skb->len;
 	p.segs = skb->gso_segs > 1 && skb->gso_segs < 0xffff ? skb->gso_segs : 1;
+	p.hook = XZ_HOOK_TC;
 	switch (xz_pipeline(&p, role)) {
 	case XZ_V_DROP:
 		return TC_ACT_SHOT;

@@ -191,6 +191,10 @@ struct xz_control {
 	__u32 bulk_floor_kbps; /* bulk share of subscribers without a rate; 0 = unlimited */
 	__u32 congestion;  /* cp only: congestion mode, XZ_CONGESTION_* */
 	__u32 tick_ns;     /* ns per jiffy (timed by the cp); 0: unknown, the fine clock only */
+	__u32 trace_until; /* XZ_C_TRACE's lease: seconds of bpf_ktime_get_ns(), renewed by
+			    * the running trace; past it no event is made */
+	__u32 trace_rate;  /* drop events a second at most (trace.h) */
+	__u32 trace_reasons; /* bit (1 << XZ_R_*) of each reason whose drops are traced */
 };
 
 #define XZ_CONGESTION_OFF 0
@@ -290,5 +294,43 @@ struct xz_counter {
 #define XZ_ENUM(name, label) XZ_FP_##name,
 enum xz_fast_reason { XZ_FAST_REASONS(XZ_ENUM) XZ_NR_FAST };
 #undef XZ_ENUM
+
+/*
+ * Drop events for `xdpzoot trace` (trace.h): while XZ_C_TRACE is on and its lease
+ * (xz_control.trace_until) runs, a sample of the drops, at most trace_rate a second,
+ * goes into the xz_trace_ring ring buffer. Never one for a CSAM drop, nor for any
+ * packet from or to an address on the list.
+ */
+#define XZ_C_TRACE (1 << 14)        /* a trace runs: drop events */
+#define XZ_C_TRACE_ADDRS (1 << 15)  /* ... with the packet's addresses (else zeros) */
+#ifndef XZ_TRACE_RING_BYTES
+#define XZ_TRACE_RING_BYTES (256 * 1024)  /* a power of 2 pages: 4,095 events */
+#endif
+
+/* The hook that ran the pipeline (xz_pkt.hook, xz_trace_event.hook). */
+#define XZ_HOOK_XDP 0
+#define XZ_HOOK_TC 1
+
+struct xz_trace_event {
+	__u64 ts;          /* bpf_ktime_get_ns() */
+	__u32 sub_id;      /* the subscriber's id (a pool address: the pool's); 0: none */
+	__u8 reason;       /* XZ_R_* */
+	__u8 verdict;      /* XZ_V_*: drop, reject or monitor */
+	__u8 role;         /* XZ_ROLE_* */
+	__u8 hook;         /* XZ_HOOK_* */
+	__u8 family;       /* 4 or 6 */
+	__u8 proto;        /* L4 protocol number */
+	__u16 sport;       /* host order; 0 without a TCP/UDP header */
+	__u16 dport;
+	__u8 _pad[2];
+	struct xz_addr src;   /* zeros unless XZ_C_TRACE_ADDRS */
+	struct xz_addr dst;
+};
+
+/* The events' rate limiter and what a full ring buffer cost (one entry, every CPU). */
+struct xz_trace_state {
+	__u64 tat;         /* GCRA: ns when the bucket is empty again */
+	__u64 lost;        /* events the ring buffer had no room for (the packet was dropped) */
+};
 
 #endif /* XDPZOOT_H */

@@ -455,9 +455,10 @@ def test_control_layout(compiled):
     assert [n for n, *_ in leaf._fields_] == list(layout.Control._fields)
     assert flat_fields(leaf) == fields_of(layout.CONTROL)
     assert ct.sizeof(leaf) == layout.CONTROL.size
-    v = leaf(*range(1, 10))
-    assert layout.Control.unpack(bytes(v)) == layout.Control(*range(1, 10))
-    assert layout.Control(*range(1, 10)).pack() == bytes(v)
+    n = len(layout.Control._fields)
+    v = leaf(*range(1, n + 1))
+    assert layout.Control.unpack(bytes(v)) == layout.Control(*range(1, n + 1))
+    assert layout.Control(*range(1, n + 1)).pack() == bytes(v)
 
 
 # Map -> (key layout, value layout) as kernel.Maps packs them; None: a 16-byte address.
@@ -468,6 +469,7 @@ MAP_LAYOUTS = {
     "xz_throttle": (layout.U32, layout.THROTTLE), "xz_manual": (layout.U32, layout.MANUAL),
     "xz_state": (layout.U32, layout.STATE), "xz_pool_addrs": (layout.U32, layout.STATE),
     "xz_pool_state": (None, layout.STATE), "xz_csam_meta": (layout.U32, layout.META),
+    "xz_trace_state": (layout.U32, layout.TRACE_STATE),
 }
 
 
@@ -490,6 +492,24 @@ def test_map_layouts(compiled, name):
     with kernel.Maps(pin) as m:
         pinned = m.map(name)
         assert (pinned.key_size, pinned.value_size) == (key.size if key else 16, value.size)
+
+
+def test_trace_event_layout(compiled):
+    """layout.EVENT and layout.Event are struct xz_trace_event, the ring buffer's records:
+    names, offsets, size; the pinned ring is XZ_TRACE_RING_BYTES."""
+    bpf, pin = compiled
+    leaf = bpf[b"xz_trace_ring"].Leaf
+    assert ct.sizeof(leaf) == layout.EVENT.size
+    assert flat_fields(leaf) == fields_of(layout.EVENT)
+    assert [n for n, *_ in leaf._fields_ if n != "_pad"] == list(layout.Event._fields)
+    v = leaf(ts=7, sub_id=9, reason=schema.REASONS.index("op25b"), verdict=1, role=1, hook=1,
+             family=6, proto=17, sport=1234, dport=53)
+    v.src.addr[15], v.dst.addr[0] = 1, 0x20
+    assert layout.Event.unpack(bytes(v)) == layout.Event(
+        7, 9, "op25b", "drop", "core", "tc", 6, 17, 1234, 53, bytes(15) + b"\1",
+        b"\x20" + bytes(15))
+    with kernel.Maps(pin) as m:
+        assert m.trace_ring.max_entries == C["XZ_TRACE_RING_BYTES"]
 
 
 def test_devmap_layout(compiled):

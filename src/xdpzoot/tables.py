@@ -216,5 +216,5 @@ def control_names(flags: int) -> dict[str, bool]:
     """The switches by name, for status output."""
     names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
              "ip53b_v6", "csam_reject", "csam_core", "rates", "congestion", "throttles",
-             "fast_path")
+             "fast_path", "trace")
     return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}

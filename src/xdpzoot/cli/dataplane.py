@@ -10,6 +10,7 @@ import click
 
 from xdpzoot import tables
 from xdpzoot.dataplane import schema
+from xdpzoot.dataplane.instance import TRACE_MAX_RATE
 from xdpzoot.sources import csam
 
 from . import Ctx, _change_text, _emit, _run, json_opt, main
@@ -234,5 +235,95 @@ def stats(o: Ctx, interval, count, as_json) -> None:
                 return
             prev = (now, rows, fast)
             time.sleep(interval)
+
+    _run(go)
+
+
+# ---- trace: sampled drop events -----------------------------------------------------------
+
+PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+
+
+def _trace_reasons(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
+    if "csam" in value:
+        raise click.BadParameter("CSAM drops are never traced (no record of who tried to "
+                                 "reach the list)")
+    bad = [r for r in value if r not in schema.TRACE_REASONS]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}: not a drop reason (one of "
+                                 f"{', '.join(schema.TRACE_REASONS)})")
+    return value or schema.TRACE_REASONS
+
+
+def _event_json(e, addresses: bool) -> dict:
+    """An event as `trace --json` prints it: wall time, names, the addresses if asked."""
+    out = {"time": round(time.time() - (time.monotonic_ns() - e.ts) / 1e9, 6),
+           "role": e.role, "hook": e.hook, "verdict": e.verdict, "reason": e.reason,
+           "subscriber": e.sub_id or None, "family": e.family,
+           "proto": PROTOS.get(e.proto, str(e.proto)), "sport": e.sport, "dport": e.dport}
+    if addresses:
+        out |= {"src": str(tables.ip_of(e.src)), "dst": str(tables.ip_of(e.dst))}
+    return out
+
+
+def _event_line(d: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(d["time"])) + f"{d['time'] % 1:.3f}"[1:]
+    line = (f"{stamp:<12} {d['role']:<6} {d['hook']:<3} {d['verdict']:<7} {d['reason']:<10} "
+            f"{d['subscriber'] or '-':>10} {d['proto']:<6} {d['sport']:>5} {d['dport']:>5}")
+    return line + (f" {d['src']} > {d['dst']}" if "src" in d else "")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends a trace as Ctrl-C does: the flag is cleared on the way out."""
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+@main.command(epilog="""\b
+Examples:
+  xdpzoot trace                         # until Ctrl-C
+  xdpzoot trace --reason op25b --count 10
+  xdpzoot trace --seconds 30 --rate 100 --json
+  xdpzoot trace --addresses --count 1""")
+@click.option("--reason", "reasons", multiple=True, metavar="R", callback=_trace_reasons,
+              help=f"Only drops for this reason (again for more): "
+                   f"{', '.join(schema.TRACE_REASONS)}.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N events.")
+@click.option("--seconds", type=click.FloatRange(0, 86400 * 365, min_open=True),
+              help="Stop after S seconds.")
+@click.option("--rate", type=click.IntRange(1, TRACE_MAX_RATE), default=1000,
+              show_default=True, help="Events a second at most (held in the data plane).")
+@click.option("--addresses", is_flag=True, help="Show the packets' addresses too.")
+@json_opt
+@click.pass_obj
+def trace(o: Ctx, reasons, count, seconds, rate, addresses, as_json) -> None:
+    """Sampled drop events as they happen: reason, role, hook, protocol, ports and
+    subscriber. Off unless a trace runs; never for the CSAM list."""
+
+    def go():
+        inst = o.instance(config=True)
+        _stop_on_sigterm()
+        n, started = 0, time.monotonic()
+        end = started + seconds if seconds else None
+        with inst.trace(rate, reasons, addresses) as t:
+            click.echo(f"xdpzoot: tracing drops ({', '.join(reasons)}), at most {rate} a "
+                       "second; Ctrl-C stops", err=True)
+            try:
+                while (count is None or n < count) and (end is None or time.monotonic() < end):
+                    left = 1.0 if end is None else end - time.monotonic()
+                    for e in t.poll(min(left, 1.0))[: None if count is None else count - n]:
+                        d = _event_json(e, addresses)
+                        click.echo(json.dumps(d) if as_json else _event_line(d))
+                        n += 1
+            except KeyboardInterrupt:
+                pass
+            lost = t.lost
+        summary = {"events": n, "lost": lost, "seconds": round(time.monotonic() - started, 3)}
+        _emit(as_json, {"summary": summary}, lambda: click.echo(
+            f"{n} events in {summary['seconds']:.1f} s; {lost} lost (ring buffer full)"))
 
     _run(go)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from xdpzoot import sync, tables
 from xdpzoot.dataplane import blocklist, dirs, kernel, loader, schema
-from xdpzoot.dataplane.layout import LPM_KEY, Entry, Volume
+from xdpzoot.dataplane.layout import LPM_KEY, Entry, Event, Volume
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import CsamList
 
@@ -340,6 +341,49 @@ class Instance:
             self.maps.set_switch(bit, on)
             return True
 
+    # ---- drop events ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def trace(self, rate: int, reasons: Iterable[str], addresses: bool = False,
+              clock: Callable[[], float] = time.monotonic) -> Iterator[Trace]:
+        """Drop events on for the block (XZ_C_TRACE, ``rate`` a second at most, of
+        ``reasons``, with the addresses if ``addresses``) and off again however it ends.
+        One trace at a time: refused while another's lease runs (KernelError). The flag
+        carries a lease that :meth:`Trace.poll` renews every second: if this process
+        dies, the data plane stops making events TRACE_LEASE_S seconds later."""
+        reasons = list(reasons)
+        bad = [r for r in reasons if r not in schema.TRACE_REASONS]
+        if bad or not reasons:
+            raise kernel.KernelError(f"not a reason that can be traced: {', '.join(bad)} "
+                                     f"(one of {', '.join(schema.TRACE_REASONS)})")
+        if not 0 < rate <= TRACE_MAX_RATE:
+            raise kernel.KernelError(f"trace rate {rate}: from 1 to {TRACE_MAX_RATE} a second")
+        bits = C["XZ_C_TRACE"] | (C["XZ_C_TRACE_ADDRS"] if addresses else 0)
+        mask = sum(1 << schema.REASONS.index(r) for r in set(reasons))
+        with kernel.RingBuffer(self.maps.trace_ring) as ring:
+            with self.locked():
+                c = self.maps.control_value()
+                if c.flags & C["XZ_C_TRACE"] and c.trace_until > clock():
+                    raise kernel.KernelError(
+                        f"{self.pin_dir}: a trace runs already (one at a time; the lease of "
+                        f"one that died runs out within {TRACE_LEASE_S} s)")
+                ring.drain()   # what a trace that died left: not this one's
+                t = Trace(self, ring, bits, clock)
+                self.maps.write_control(c._replace(
+                    flags=(c.flags & ~TRACE_BITS) | bits, trace_until=t.until,
+                    trace_rate=rate, trace_reasons=mask))
+            try:
+                yield t
+            finally:
+                with self.locked():
+                    c = self.maps.control_value()
+                    if c.trace_until == t.until:   # still ours
+                        self.maps.write_control(c._replace(flags=c.flags & ~TRACE_BITS,
+                                                           trace_until=0))
+
+    def trace_lost(self) -> int:
+        """Drop events lost to a full ring buffer, since the maps were made."""
+        return self.maps.trace_lost()
+
     # ---- throttles ----------------------------------------------------------------------
     def throttle(self, slot: int, kbps: int, until: int) -> None:
         """A throttle set by hand, in force at once (the lower of it and a rule's)."""
@@ -457,6 +501,52 @@ class Instance:
                 "suspended": sum(1 for e in contracts if e.flags & sync.SUSPENDED),
                 "session_entries": sum(len(sync.split_sessions(t)[1]) for t in (
                     self.maps.host_table(), self.maps.prefix_table()))}
+
+
+TRACE_LEASE_S = 5        # a trace's lease: the data plane's events stop this long after ...
+TRACE_RENEW_S = 1.0      # ... its last renewal, made this often
+TRACE_MAX_RATE = 100_000
+TRACE_BITS = C["XZ_C_TRACE"] | C["XZ_C_TRACE_ADDRS"]
+
+
+class Trace:
+    """A running trace (Instance.trace): its events as they come, its lease renewed."""
+
+    def __init__(self, inst: Instance, ring: kernel.RingBuffer, bits: int,
+                 clock: Callable[[], float]):
+        self._inst, self._ring, self._bits, self._clock = inst, ring, bits, clock
+        self._lost0 = inst.maps.trace_lost()
+        self.until = 0
+        self._renew_at = 0.0
+        self._next_lease()
+
+    def _next_lease(self) -> None:
+        now = self._clock()
+        self.until = int(now) + TRACE_LEASE_S
+        self._renew_at = now + TRACE_RENEW_S
+
+    def poll(self, timeout: float) -> list[Event]:
+        """The events that arrive within ``timeout`` seconds (at most until the lease's
+        next renewal, which this makes when due), oldest first."""
+        if self._clock() >= self._renew_at:
+            self._renew()
+        wait = max(0.0, min(timeout, self._renew_at - self._clock()))
+        return [Event.unpack(r) for r in self._ring.poll(int(wait * 1000))]
+
+    def _renew(self) -> None:
+        with self._inst.locked():
+            c = self._inst.maps.control_value()
+            if c.trace_until != self.until:
+                raise kernel.KernelError("the trace's lease ran out (this process stood "
+                                         f"still for over {TRACE_LEASE_S} s?): stopped")
+            self._next_lease()
+            self._inst.maps.write_control(c._replace(flags=c.flags | self._bits,
+                                                     trace_until=self.until))
+
+    @property
+    def lost(self) -> int:
+        """Events lost to a full ring buffer since this trace began."""
+        return self._inst.maps.trace_lost() - self._lost0
 
 
 def _map_key(net: tables.IPNetwork) -> bytes:

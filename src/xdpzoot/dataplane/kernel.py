@@ -33,6 +33,7 @@ from xdpzoot.dataplane.layout import (
     POOL_BITS_WORD,
     STATE,
     THROTTLE,
+    TRACE_STATE,
     U32,
     WORDS,
     ZERO_KEY,
@@ -541,6 +542,60 @@ def _memlock(fd: int) -> int:
     return 0
 
 
+# ---- ring buffers ------------------------------------------------------------------------
+
+_RingSample = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_libbpf.ring_buffer__new.restype = ct.c_void_p
+_libbpf.ring_buffer__new.argtypes = [ct.c_int, _RingSample, ct.c_void_p, ct.c_void_p]
+_libbpf.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+_libbpf.ring_buffer__consume.argtypes = [ct.c_void_p]
+_libbpf.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+class RingBuffer:
+    """The records of a BPF ring buffer map (libbpf's ring_buffer__*: it maps the ring
+    into this process and waits on it with epoll), as bytes, oldest first."""
+
+    def __init__(self, m: PinnedMap):
+        self._got: list[bytes] = []
+
+        def sample(_ctx, data, size) -> int:
+            self._got.append(ct.string_at(data, size))
+            return 0
+
+        self._cb = _RingSample(sample)   # kept: libbpf calls it until free
+        self._rb = _libbpf.ring_buffer__new(m.fd, self._cb, None, None)
+        if not self._rb:
+            raise KernelError(f"ring buffer {m.path}: {os.strerror(ct.get_errno())}")
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """What arrives within ``timeout_ms`` (whatever is there already: at once)."""
+        rc = _libbpf.ring_buffer__poll(self._rb, timeout_ms)
+        if rc < 0 and -rc != errno.EINTR:   # a signal: the caller sees it on return
+            raise KernelError(f"ring buffer poll: {os.strerror(-rc)}")
+        return self._take()
+
+    def drain(self) -> list[bytes]:
+        """Whatever is there now, without waiting."""
+        _check(_libbpf.ring_buffer__consume(self._rb), "ring buffer consume")
+        return self._take()
+
+    def _take(self) -> list[bytes]:
+        got, self._got = self._got, []
+        return got
+
+    def close(self) -> None:
+        if self._rb:
+            _libbpf.ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ---- BPF filesystem -----------------------------------------------------------------------
 
 
@@ -834,6 +889,8 @@ class Maps:
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
     csam_dirs = property(lambda self: (self.map("xz_csam_d0"), self.map("xz_csam_d1")))
+    trace_ring = property(lambda self: self.map("xz_trace_ring"))
+    trace_state = property(lambda self: self.map("xz_trace_state"))
 
     @property
     def slots(self) -> int:
@@ -1219,6 +1276,13 @@ class Maps:
                 raw = self.hits.lookup(U32.pack(gen * 2 + fam)) or b""
                 out[f"gen{gen}_{name}"] = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
         return out
+
+
+    # ---- drop events: the ring buffer's state ----------------------------------------------
+    def trace_lost(self) -> int:
+        """Drop events the ring buffer had no room for, since the maps were made."""
+        raw = self.trace_state.lookup(ZERO_KEY)
+        return TRACE_STATE.unpack(raw)[1] if raw is not None else 0
 
 
 def _volume(raw: bytes, off: int) -> Volume:

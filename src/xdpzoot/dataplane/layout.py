@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from xdpzoot.dataplane import schema
+
 
 class Entry(NamedTuple):
     """Value of the subscriber maps (struct xz_class), one at a time (bulk: ClassTable)."""
@@ -149,6 +151,9 @@ class Control(NamedTuple):
     bulk_floor_kbps: int = 0
     congestion: int = 0        # XZ_CONGESTION_*, the control plane's own
     tick_ns: int = 0
+    trace_until: int = 0       # XZ_C_TRACE's lease: monotonic seconds
+    trace_rate: int = 0        # drop events a second at most
+    trace_reasons: int = 0     # bit (1 << reason index) of each reason traced
 
     def pack(self) -> bytes:
         return CONTROL.pack(*self)
@@ -159,3 +164,38 @@ class Control(NamedTuple):
 
 
 CONTROL = struct.Struct("=" + "I" * len(Control._fields))   # struct xz_control, whole
+
+
+# struct xz_trace_event: ts, sub_id, reason, verdict, role, hook, family, proto, sport, dport,
+# _pad, src, dst (checked against bcc's type of the ring buffer in tests/test_csam.py).
+EVENT = struct.Struct("=QIBBBBBBHH2s16s16s")
+TRACE_STATE = struct.Struct("=QQ")    # struct xz_trace_state: tat, lost
+
+
+class Event(NamedTuple):
+    """A drop event of the ring buffer (struct xz_trace_event), names from the header."""
+
+    ts: int                    # ns of the monotonic clock (bpf_ktime_get_ns)
+    sub_id: int                # 0: no subscriber
+    reason: str
+    verdict: str
+    role: str
+    hook: str
+    family: int
+    proto: int
+    sport: int
+    dport: int
+    src: bytes                 # 16 bytes, IPv4 mapped; zeros unless asked for
+    dst: bytes
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Event:
+        ts, sub, reason, verdict, role, hook, fam, proto, sport, dport, _, src, dst = \
+            EVENT.unpack_from(raw)
+        return cls(ts, sub, _name(schema.REASONS, reason), _name(schema.VERDICTS, verdict),
+                   _name(schema.ROLES, role), _name(schema.HOOKS, hook), fam, proto, sport,
+                   dport, src, dst)
+
+
+def _name(names: tuple[str, ...], i: int) -> str:
+    return names[i] if i < len(names) else str(i)

@@ -69,7 +69,9 @@ def configure(maps: kernel.Maps, cfg) -> None:
                             congestion=tables.CONGESTION[cfg.bandwidth.congestion])
     if not maps.control_params()["tick_ns"]:   # once per instance: it takes 0.1 s
         maps.set_control_params(tick_ns=kernel.tick_ns())
-    flags = tables.control_flags(cfg) | (maps.control_flags() & schema.C["XZ_C_THROTTLES"])
+    # Kept: the daemon's throttle switch, a running trace's (`xdpzoot trace`).
+    keep = schema.C["XZ_C_THROTTLES"] | schema.C["XZ_C_TRACE"] | schema.C["XZ_C_TRACE_ADDRS"]
+    flags = tables.control_flags(cfg) | (maps.control_flags() & keep)
     if cfg.bandwidth.congestion == "auto":   # the daemon decides: keep what is in force
         flags |= maps.control_flags() & schema.C["XZ_C_CONGESTION"]
     maps.set_control_flags(flags)

@@ -38,6 +38,7 @@ FAST_REASONS: tuple[str, ...] = _xmacro(_TEXT, "XZ_FAST_REASONS")
 C: dict[str, int] = _defines(_TEXT)
 
 ROLES = ("access", "core")
+HOOKS = tuple(sorted(("xdp", "tc"), key=lambda h: C["XZ_HOOK_" + h.upper()]))   # by XZ_HOOK_*
 TYPES = {"dynamic": C["XZ_TYPE_DYNAMIC"], "static": C["XZ_TYPE_STATIC"]}
 FLAGS = {
     "suspended": C["XZ_F_SUSPENDED"],
@@ -51,6 +52,12 @@ def counter_index(role: str, verdict: str, reason: str) -> int:
     """Slot of the per-CPU counter array, as XZ_COUNTER() computes it in C."""
     r, v, x = ROLES.index(role), VERDICTS.index(verdict), REASONS.index(reason)
     return (r * len(VERDICTS) + v) * REASON_SLOTS + x
+
+
+# Reasons that only ever pass a packet; every other one but csam can be traced (a reason
+# appended to the header is traceable unless it is added here).
+PASS_REASONS = ("ok", "unknown", "unparsed", "bypass", "fragment", "allowlist", "exempt")
+TRACE_REASONS = tuple(r for r in REASONS if r not in PASS_REASONS and r != "csam")
 
 
 def flag_names(bits: int) -> list[str]:
