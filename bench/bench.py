@@ -9,7 +9,10 @@ at each size:
 * a static subscriber's upstream TCP :443 (host entry; and classified by prefix);
 * OP25B: a dynamic subscriber's TCP :25 (drop);
 * IP53B: UDP from the Internet to a dynamic subscriber's :53 (core role, drop);
-* the static pass path inside QinQ + PPPoE.
+* the static pass path inside QinQ + PPPoE;
+
+and, at the largest size, the OP25B drop flood with `xdpzoot trace` running (events read,
+or the ring full) against no trace, in the same rounds.
 
 Every figure is the median of ``--runs`` BPF_PROG_TEST_RUN calls of ``--repeat``
 iterations each (the kernel's mean ns per iteration), the process pinned to one CPU,
@@ -520,6 +523,8 @@ def report(doc: dict) -> str:
         out.append(f"static host pass path = {med(bd['static_host']):.0f} ns, made of:")
         for what, d in steps:
             out.append(f"  {what:<44}{d:>+6.0f} ns  ({d / fl:+.2f} x floor)")
+    if doc.get("trace"):
+        out += trace_report(doc["trace"])
     mem = doc["memory"]
     hosts = doc["memory_hosts"]
     out += ["", f"kernel map memory at {size_label(hosts)} hosts (fdinfo memlock = bpftool "
@@ -623,11 +628,94 @@ def bench(args: argparse.Namespace) -> dict:
         doc["fill_s"] = fill_s
         log("where the time goes ...")
         doc["breakdown"], doc["breakdown_labels"] = run_breakdown(dp, repeat, args.runs)
+        log("a running trace under a flood of drops ...")
+        doc["trace"] = run_trace(dp, repeat, args.runs)
         doc["memory"] = map_memory(dp)
         doc["memory_hosts"] = sizes[-1]
     doc["goals"] = goals(doc["runs"])
     doc["elapsed_s"] = time.monotonic() - t_start
     return doc
+
+
+TRACE_MODES = {
+    "off": "no trace",
+    "on": "trace running, 1,000 events/s, read",
+    "full": "trace running, 100,000 events/s, not read",
+}
+
+
+def run_trace(dp: Dataplane, repeat: int, runs: int) -> dict:
+    """The cost of a running `xdpzoot trace` under a flood of drops (the OP25B packet
+    repeated), against no trace, in the same rounds; and the static pass path with the
+    trace on. The limiter's clock is the jiffies counter as attach sets it. "on": the
+    ring is read after each call (as the trace reads it); "full": nobody reads it during
+    the call, so it fills (4,095 events) and the drops that get a token after that find it
+    full. Returns the runs, the events of each mode, the events lost and the packets
+    dropped."""
+    op25b, static = main_cases()[3], main_cases()[0]
+    base = dp.maps.control_value()._replace(flags=FLAGS_ON, tick_ns=kernel.tick_ns())
+    lease = int(time.monotonic()) + 3600
+    traced = base._replace(flags=FLAGS_ON | C["XZ_C_TRACE"], trace_until=lease,
+                           trace_reasons=sum(1 << schema.REASONS.index(r)
+                                             for r in schema.TRACE_REASONS))
+    control = {"off": base, "on": traced._replace(trace_rate=1000),
+               "full": traced._replace(trace_rate=100_000)}
+    got = {"on": 0, "full": 0}
+    ring = kernel.RingBuffer(dp.maps.trace_ring)
+    lost0 = dp.maps.trace_lost()
+
+    def timed(mode: str, case: Case) -> Callable[[], int]:
+        def fn() -> int:
+            dp.maps.write_control(control[mode])
+            if mode == "on":   # what is there is the last "full" call's
+                got["full"] += len(ring.drain())
+            r = kernel.test_run(dp.fds[case.role], case.frame, repeat)
+            if mode == "on":
+                got["on"] += len(ring.drain())
+            if XDP_RET.get(r.retval) != case.expect[0]:
+                raise RuntimeError(f"trace {mode}: {case.key} returned {r.retval}")
+            return r.duration_ns
+        return fn
+
+    try:
+        check(dp, op25b)
+        before = counted(dp).get(("access", "drop", "op25b"), 0)
+        fns = {f"drop_{m}": timed(m, op25b) for m in TRACE_MODES}
+        fns |= {f"pass_{m}": timed(m, static) for m in ("off", "on")}
+        res = measure(fns, runs)
+        got["full"] += len(ring.drain())
+    finally:
+        ring.close()
+        dp.maps.write_control(base)
+    dropped = counted(dp).get(("access", "drop", "op25b"), 0) - before
+    return {"runs": res, "events": got, "lost": dp.maps.trace_lost() - lost0, "calls": runs,
+            "packets": len(TRACE_MODES) * runs * repeat, "dropped": dropped}
+
+
+def trace_report(tr: dict) -> list[str]:
+    """The trace's cost: ns/packet per mode, and the per-round ratio to no trace."""
+    res = tr["runs"]
+    out = ["", "drop events (`xdpzoot trace`) under a flood of OP25B drops, ns/packet "
+               "(x no trace: median, per-round range):"]
+    for path, modes in (("drop", TRACE_MODES), ("pass", ("off", "on"))):
+        ref = res[f"{path}_off"]
+        for m in modes:
+            xs = res[f"{path}_{m}"]
+            ratios = [a / b for a, b in zip(xs, ref, strict=True)]
+            label = f"{'OP25B drop' if path == 'drop' else 'static pass'}, {TRACE_MODES[m]}"
+            out.append(f"  {label:<54}{med(xs):>6.0f}  x{statistics.median(ratios):.3f} "
+                       f"({min(ratios):.3f}..{max(ratios):.3f})")
+    worst = max(statistics.median([a / b for a, b in zip(res[f"drop_{m}"], res["drop_off"],
+                                                          strict=True)])
+                for m in ("on", "full"))
+    ev, n = tr["events"], tr["calls"]
+    out += [f"  events per call: {ev['on'] / n:,.0f} at 1,000/s; {ev['full'] / n:,.0f} kept and "
+            f"{tr['lost'] / n:,.0f} lost (ring full) at 100,000/s; packets dropped "
+            f"{tr['dropped']:,} of {tr['packets']:,} sent",
+            f"  goal: a running trace slows the drop path by <= 5%: "
+            f"{'yes' if worst <= 1.05 else 'no'} (x{worst:.3f}); events lost rather than "
+            f"packets: {'yes' if tr['lost'] and tr['dropped'] == tr['packets'] else 'no'}"]
+    return out
 
 
 def run_breakdown(dp: Dataplane, repeat: int, runs: int

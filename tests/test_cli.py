@@ -66,6 +66,18 @@ def test_usage_error_exit_2():
     assert r.returncode == 2 and "sideways" in r.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--reason", "csam"], "never traced"),
+    (["--reason", "ok"], "not a drop reason"),
+    (["--rate", "0"], "--rate"),
+    (["--seconds", "0"], "--seconds"),
+])
+def test_trace_usage_errors(args, says, bpffs):
+    """Refused before anything is opened or switched on: exit 2, one line naming it."""
+    r = run("--pin-dir", os.path.join(bpffs, "nothing-here"), "trace", *args)
+    assert r.returncode == 2 and says in r.stderr and not r.stdout
+
+
 def test_not_loaded_is_an_operational_error(tmp_path, bpffs):
     r = run("--config", str(tmp_path / "none.toml"), "--pin-dir",
             os.path.join(bpffs, "nothing-here"), "status")

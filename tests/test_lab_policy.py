@@ -6,6 +6,8 @@ One lab per module; the router's programs are replaced (not rebuilt) between hoo
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import uuid
 
@@ -127,3 +129,41 @@ def test_status_and_explain(lab, router, hook):
     ex = router.json("explain", "--in", "access", "--src", lab.addr["dyn4"], "--dst",
                      lab.addr["inet4"], "--proto", "tcp", "--dport", "25")
     assert (ex["verdict"], ex["reason"]) == ("drop", "op25b")
+
+
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.3).close()
+    print("connected")
+except OSError:
+    print("no answer")
+"""
+
+
+def test_trace_sees_an_smtp_attempt(lab, router, hook):
+    """`xdpzoot trace --count 1 --json` in the router's namespace, while a dynamic
+    subscriber tries SMTP: the event names the hook, the reason and the subscriber (the
+    pool's id), no address; the trace's flag is off once it exits."""
+    argv = ["ip", "netns", "exec", lab.router,
+            *router.argv("trace", "--count", "1", "--seconds", "20", "--json")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()   # once the flag is on; EOF (and the error) if not
+        assert "tracing drops" in banner, banner + proc.stderr.read()
+        assert netns_run(lab.dyn, sys.executable, "-c", CONNECT, lab.addr["inet4"], "25",
+                         timeout=10).stdout.strip() == "no answer"
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    event, summary = (json.loads(line) for line in out.splitlines())
+    assert {k: event[k] for k in ("role", "hook", "verdict", "reason", "subscriber", "proto",
+                                  "dport", "family")} == {
+        "role": "access", "hook": hook, "verdict": "drop", "reason": "op25b",
+        "subscriber": 100, "proto": "tcp", "dport": 25, "family": 4}
+    assert "src" not in event and "dst" not in event
+    assert summary["summary"]["events"] == 1
+    assert not router.json("status")["switches"]["trace"]
