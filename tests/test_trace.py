@@ -9,8 +9,12 @@ buffer loses events (counted), never packets.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import packets
 import pytest
@@ -36,6 +40,7 @@ from bpfcases import (
 
 from xdpzoot import tables
 from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.dataplane.instance import TRACE_LEASE_S, Instance
 from xdpzoot.dataplane.layout import Event
 from xdpzoot.sources import csam
 
@@ -177,3 +182,51 @@ def test_full_ring_loses_events_not_packets(dp, ring):
     assert dp.counters() == {(A, "drop", "op25b"): n}
     assert len(events(ring)) == RING_EVENTS
     assert lost(dp) == n - RING_EVENTS
+
+
+# ---- the command: the switch and its lease ----------------------------------------------------
+
+XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
+
+
+def start_trace(pin_dir: str) -> subprocess.Popen:
+    """`xdpzoot trace` on the session's data plane, once it says the switch is on."""
+    p = subprocess.Popen([XDPZOOT, "--pin-dir", pin_dir, "trace", "--seconds", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    banner = p.stderr.readline()
+    if "tracing drops" not in banner:
+        p.kill()
+        pytest.fail(banner + p.communicate()[1])
+    return p
+
+
+def test_sigterm_switches_it_off(dp):
+    p = start_trace(dp.pin_dir)
+    try:
+        c = dp.maps.control_value()
+        assert c.flags & TRACE and not c.flags & ADDRS
+        assert c.trace_rate == 1000 and c.trace_until > time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert "0 events" in out
+    assert not dp.maps.control_flags() & TRACE
+
+
+def test_a_killed_trace_lets_go_when_its_lease_runs_out(dp):
+    p = start_trace(dp.pin_dir)
+    p.kill()
+    p.wait()
+    c = dp.maps.control_value()
+    assert c.flags & TRACE and time.monotonic() < c.trace_until <= time.monotonic() + TRACE_LEASE_S
+    r = subprocess.run([XDPZOOT, "--pin-dir", dp.pin_dir, "trace", "--seconds", "1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "a trace runs already" in r.stderr
+    later = c.trace_until + 0.5   # the lease has run out: the data plane makes no event
+    with Instance(dp.pin_dir) as inst:
+        with inst.trace(10, ["ip53b"], clock=lambda: later):
+            c = dp.maps.control_value()
+            assert c.trace_until == int(later) + TRACE_LEASE_S and c.trace_rate == 10
+        assert not dp.maps.control_flags() & TRACE

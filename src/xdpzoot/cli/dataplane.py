@@ -266,21 +266,26 @@ def _event_json(e, addresses: bool) -> dict:
     return out
 
 
+EVENT_HEAD = (f"{'TIME':<12} {'ROLE':<6} {'HOOK':<4} {'VERDICT':<7} {'REASON':<10} "
+              f"{'SUBSCRIBER':>10} {'PROTO':<6} {'SPORT':>5} {'DPORT':>5}")
+
+
 def _event_line(d: dict) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(d["time"])) + f"{d['time'] % 1:.3f}"[1:]
-    line = (f"{stamp:<12} {d['role']:<6} {d['hook']:<3} {d['verdict']:<7} {d['reason']:<10} "
+    line = (f"{stamp:<12} {d['role']:<6} {d['hook']:<4} {d['verdict']:<7} {d['reason']:<10} "
             f"{d['subscriber'] or '-':>10} {d['proto']:<6} {d['sport']:>5} {d['dport']:>5}")
     return line + (f" {d['src']} > {d['dst']}" if "src" in d else "")
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends a trace as Ctrl-C does: the flag is cleared on the way out."""
+def _stop_on_signals() -> list[int]:
+    """Ctrl-C and SIGTERM end a trace between two polls (a poll returns at once on a
+    signal), never half way through switching it on or off: the list they append to."""
     import signal
 
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    got: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: got.append(signum))
+    return got
 
 
 @main.command(epilog="""\b
@@ -305,22 +310,22 @@ def trace(o: Ctx, reasons, count, seconds, rate, addresses, as_json) -> None:
     subscriber. Off unless a trace runs; never for the CSAM list."""
 
     def go():
-        inst = o.instance(config=True)
-        _stop_on_sigterm()
+        inst = o.instance()   # the config is not needed: the maps say what they are
+        stopped = _stop_on_signals()
         n, started = 0, time.monotonic()
         end = started + seconds if seconds else None
         with inst.trace(rate, reasons, addresses) as t:
             click.echo(f"xdpzoot: tracing drops ({', '.join(reasons)}), at most {rate} a "
                        "second; Ctrl-C stops", err=True)
-            try:
-                while (count is None or n < count) and (end is None or time.monotonic() < end):
-                    left = 1.0 if end is None else end - time.monotonic()
-                    for e in t.poll(min(left, 1.0))[: None if count is None else count - n]:
-                        d = _event_json(e, addresses)
-                        click.echo(json.dumps(d) if as_json else _event_line(d))
-                        n += 1
-            except KeyboardInterrupt:
-                pass
+            if not as_json:
+                click.echo(EVENT_HEAD + (" SRC > DST" if addresses else ""))
+            while not stopped and (count is None or n < count) and \
+                    (end is None or time.monotonic() < end):
+                left = 1.0 if end is None else end - time.monotonic()
+                for e in t.poll(min(left, 1.0))[: None if count is None else count - n]:
+                    d = _event_json(e, addresses)
+                    click.echo(json.dumps(d) if as_json else _event_line(d))
+                    n += 1
             lost = t.lost
         summary = {"events": n, "lost": lost, "seconds": round(time.monotonic() - started, 3)}
         _emit(as_json, {"summary": summary}, lambda: click.echo(
