@@ -301,8 +301,8 @@ enum xz_fast_reason { XZ_FAST_REASONS(XZ_ENUM) XZ_NR_FAST };
  * goes into the xz_trace_ring ring buffer. Never one for a CSAM drop, nor for any
  * packet from or to an address on the list.
  */
-#define XZ_C_TRACE (1 << 14)        /* a trace runs: drop events */
-#define XZ_C_TRACE_ADDRS (1 << 15)  /* ... with the packet's addresses (else zeros) */
+#define XZ_C_TRACE (1 << 16)        /* a trace runs: drop events */
+#define XZ_C_TRACE_ADDRS (1 << 17)  /* ... with the packet's addresses (else zeros) */
 #ifndef XZ_TRACE_RING_BYTES
 #define XZ_TRACE_RING_BYTES (256 * 1024)  /* a power of 2 pages: 4,095 events */
 #endif

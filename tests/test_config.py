@@ -407,3 +407,13 @@ def test_fast_path_is_a_control_switch() -> None:
     assert schema.FAST_REASONS[0] == "forwarded"
     assert {"ttl", "no_neigh", "mtu", "local", "egress", "frame", "redirect"} <= set(
         schema.FAST_REASONS)
+
+
+def test_control_switches_are_distinct_bits() -> None:
+    """Every XZ_C_* switch of the header is one bit of its own (two features adding a
+    switch each at once must not pick the same one)."""
+    from xdpzoot.dataplane import schema
+
+    bits = {n: v for n, v in schema.C.items() if n.startswith("XZ_C_")}
+    assert all(v and v & (v - 1) == 0 for v in bits.values()), bits
+    assert len(set(bits.values())) == len(bits), bits
