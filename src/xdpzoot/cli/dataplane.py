@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -315,17 +317,23 @@ def trace(o: Ctx, reasons, count, seconds, rate, addresses, as_json) -> None:
         n, started = 0, time.monotonic()
         end = started + seconds if seconds else None
         with inst.trace(rate, reasons, addresses) as t:
-            click.echo(f"xdpzoot: tracing drops ({', '.join(reasons)}), at most {rate} a "
-                       "second; Ctrl-C stops", err=True)
+            which = ("all reasons" if set(reasons) == set(schema.TRACE_REASONS)
+                     else ", ".join(reasons))
+            click.echo(f"xdpzoot: tracing drops ({which}), at most {rate} a second; "
+                       "Ctrl-C stops", err=True)
             if not as_json:
                 click.echo(EVENT_HEAD + (" SRC > DST" if addresses else ""))
-            while not stopped and (count is None or n < count) and \
-                    (end is None or time.monotonic() < end):
-                left = 1.0 if end is None else end - time.monotonic()
-                for e in t.poll(min(left, 1.0))[: None if count is None else count - n]:
-                    d = _event_json(e, addresses)
-                    click.echo(json.dumps(d) if as_json else _event_line(d))
-                    n += 1
+            try:
+                while not stopped and (count is None or n < count) and \
+                        (end is None or time.monotonic() < end):
+                    left = 1.0 if end is None else end - time.monotonic()
+                    for e in t.poll(min(left, 1.0))[: None if count is None else count - n]:
+                        d = _event_json(e, addresses)
+                        click.echo(json.dumps(d) if as_json else _event_line(d))
+                        n += 1
+            except BrokenPipeError:   # the reader went away (`| head`): that ends it
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return
             lost = t.lost
         summary = {"events": n, "lost": lost, "seconds": round(time.monotonic() - started, 3)}
         _emit(as_json, {"summary": summary}, lambda: click.echo(
