@@ -705,16 +705,16 @@ def trace_report(tr: dict) -> list[str]:
             label = f"{'OP25B drop' if path == 'drop' else 'static pass'}, {TRACE_MODES[m]}"
             out.append(f"  {label:<54}{med(xs):>6.0f}  x{statistics.median(ratios):.3f} "
                        f"({min(ratios):.3f}..{max(ratios):.3f})")
-    worst = max(statistics.median([a / b for a, b in zip(res[f"drop_{m}"], res["drop_off"],
-                                                          strict=True)])
-                for m in ("on", "full"))
+    cost = {m: statistics.median([a / b for a, b in zip(res[f"drop_{m}"], res["drop_off"],
+                                                         strict=True)]) for m in ("on", "full")}
     ev, n = tr["events"], tr["calls"]
     out += [f"  events per call: {ev['on'] / n:,.0f} at 1,000/s; {ev['full'] / n:,.0f} kept and "
             f"{tr['lost'] / n:,.0f} lost (ring full) at 100,000/s; packets dropped "
             f"{tr['dropped']:,} of {tr['packets']:,} sent",
-            f"  goal: a running trace slows the drop path by <= 5%: "
-            f"{'yes' if worst <= 1.05 else 'no'} (x{worst:.3f}); events lost rather than "
-            f"packets: {'yes' if tr['lost'] and tr['dropped'] == tr['packets'] else 'no'}"]
+            f"  goal: a running trace (the default rate) slows the drop path by <= 5%: "
+            f"{'yes' if cost['on'] <= 1.05 else 'no'} (x{cost['on']:.3f}; at 100,000 events/s "
+            f"x{cost['full']:.3f}); events lost rather than packets: "
+            f"{'yes' if tr['lost'] and tr['dropped'] == tr['packets'] else 'no'}"]
     return out
 
 
