@@ -65,7 +65,9 @@ def csv_texts(draw) -> str:
     """Subscriber files near the plain ones the bulk parser takes: mostly valid rows, with
     comments, blank lines, CRLF, odd fields, wrong field counts, blanks and quotes. Half
     of the files with a user column are mostly well formed: each row of a good id has
-    an address of its own (or none, if the id has a user), the id's user and no pool."""
+    an address of its own (or none, if the id has a user), the id's user and no pool;
+    now and then a row breaks one rule of the users (another user, a bad one, an empty
+    address without a user, a pool of a user or of a user's id)."""
     columns = ["subscriber", "address", "type"] + draw(st.lists(
         st.sampled_from(OPTIONAL), unique=True))
     columns = draw(st.permutations(columns))
@@ -93,6 +95,13 @@ def csv_texts(draw) -> str:
                      f"2001:db8:{i:x}::/48"] + [""] * (sub in with_user)))
                 if sub in with_user and "/" in row["address"]:
                     row["type"] = "static"
+                twist = draw(st.sampled_from(["user", "address", "type"] + [""] * 12))
+                if twist == "user":
+                    row["user"] = draw(st.sampled_from(USERS + list(USER_OF.values())))
+                elif twist == "address":
+                    row["address"] = draw(st.sampled_from(["", f"10.{i}.0.0/16"]))
+                elif twist == "type":
+                    row["type"] = "dynamic"
                 fields = [row[c] for c in columns]
             if kind == "odd":
                 fields = draw(st.sampled_from([fields[:-1], fields + [""], [f" {fields[0]}",
@@ -160,6 +169,36 @@ def test_users_take_the_bulk_path() -> None:
     contracts = tables.contract_entries(bulk.contracts)
     assert {u: (e.sub_id, e.up_kbps, e.flags) for u, e in contracts.items()} == {
         "a@x": (1, 100, 0), "b@x": (2, 400, SUSPENDED), "c@x": (3, 500, 0)}
+
+
+USERS_TEXT = ("subscriber,address,type,user\n1,192.0.2.1,static,a@x\n"
+              "1,2001:db8::/56,static,a@x\n2,,dynamic,b@x\n3,100.64.0.0/10,dynamic,\n"
+              "4,192.0.2.4,static,\n")
+
+
+@pytest.mark.parametrize("row", [
+    "5,192.0.2.5,static,a@x",              # a user on two ids
+    "1,192.0.2.5,static,b@x",              # an id of two users (as many users as ids)
+    "2,,static,b@x",                       # two rows without an address for one user
+    "5,,static," + "u" * 254,              # a user too long
+    "5,,static,e\x7f@x",                   # not printable
+    '5,,static,"e,f@x"',                   # a comma
+    "5,,static,",                          # an empty address without a user
+    "6,100.65.0.0/16,dynamic,f@x",         # a pool's user
+    "3,,static,f@x",                       # a user of a pool's id
+], ids=["two ids", "two users", "two without address", "long", "unprintable", "comma",
+        "no address, no user", "pool's user", "pool's id"])
+def test_user_problems_leave_the_bulk_path(row: str) -> None:
+    """A plain file with users broken by one row: the bulk parser gives up, and the
+    answer is the row-by-row parser's, every problem with its line."""
+    assert subscribers._bulk(USERS_TEXT, False) is not None
+    text = USERS_TEXT + row + "\n"
+    assert subscribers._bulk(text, False) is None
+    with pytest.raises(SourceError) as want:
+        subscribers.parse_subscribers_text(text, "u.csv")
+    with pytest.raises(SourceError) as got:
+        subscribers.parse_columns(text, "u.csv")
+    assert got.value.problems == want.value.problems and want.value.problems[-1][0] == 7
 
 
 # ---- 2. the plan on columns against the dict model it replaced ---------------------------------

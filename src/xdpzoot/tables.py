@@ -118,7 +118,8 @@ def read_subscribers(path: str, strict: bool = False, limit: int = SOURCE_BYTES)
 
 def contract_entries(contracts: Columns) -> dict[str, Entry]:
     """The entry each user's sessions get: its contract's id, type, flags and rates
-    (``contracts``: Parsed.contracts, keyed by user)."""
+    (``contracts``: Parsed.contracts, where a user's last row is its contract, the one
+    the dict keeps)."""
     flags = {f: sum(schema.FLAGS[x] for x in f) for f in set(contracts.flags)}
     return dict(zip(contracts.keys, map(Entry, contracts.ids,
                                         map(schema.TYPES.__getitem__, contracts.types),

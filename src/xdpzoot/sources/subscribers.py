@@ -12,10 +12,11 @@ addresses are parsed by inet_pton and built without ``ipaddress`` re-validating 
 cyclic garbage collector is paused during the parse, and overlaps are found by one sort and a
 sweep.
 
-Loading takes columns (:func:`parse_columns`): a plain file (ASCII, no quotes, no blanks
-around fields) is validated a column at a time, a 1,000,000-row file in well under a second;
-any other file, and any file with a problem, goes through the row-by-row parser, whose
-answer (rows, or every problem) is the one that counts.
+Loading takes columns (:func:`parse_columns`): a plain file (printable ASCII, no quotes,
+no blanks), with a ``user`` column or without, is validated a column at a time, a
+1,000,000-row file in about a second; any other file, and any file with a problem, goes
+through the row-by-row parser, whose answer (rows, or every problem) is the one that
+counts.
 """
 
 from __future__ import annotations
@@ -675,25 +676,19 @@ def _bulk(text: str, strict: bool) -> Parsed | None:
 def _contracts(named: Columns, bare: Columns, pools: set[int]) -> Columns | None:
     """Parsed.contracts from the rows with a user, those with an address (``named``) and
     those without (``bare``), each in file order, and the ids of the pools; checked as
-    _parse and _user_problems check them (their text is printable ASCII already), None
-    at the first doubt."""
+    _parse and _user_problems check them (each user is printable ASCII, not too long
+    already), None at the first doubt."""
     if len(set(bare.keys)) != len(bare.keys):
         return None   # two rows without an address for one user
     contracts = _contract_rows(named, bare)
     users, ids = contracts.keys, contracts.ids
-    if not users:
-        return contracts
-    if max(map(len, users)) > USER_MAX:
+    # An id has one user if every row has the user of its id's last row; then a user has
+    # one id if there are as many users as ids. (Ints are cheaper keys than the users.)
+    user_of = dict(zip(ids, users, strict=True))
+    if len(user_of) < len(ids) and list(map(user_of.__getitem__, ids)) != users:
         return None
-    numbers = set(ids)
-    if len(set(users)) != len(numbers) or not pools.isdisjoint(numbers):
-        return None   # a user of two ids, an id of two users, or a user's id a pool's
-    if len(numbers) < len(ids):
-        # Ids on several rows: each row has the user of the last row of its id (so an
-        # id has one user; with as many users as ids, a user has one id).
-        user_of = dict(zip(ids, users, strict=True))
-        if list(map(user_of.__getitem__, ids)) != users:
-            return None
+    if len(set(users)) != len(user_of) or not pools.isdisjoint(user_of):
+        return None   # a user of two ids, or a user's id a pool's
     return contracts
 
 
@@ -731,6 +726,8 @@ def _bulk_chunk(chunk: str, columns: dict[str, int], width: int
         return None
     named, bare, pools = _no_rows(), _no_rows(), set()
     if users is not None:
+        if max(map(len, users)) > USER_MAX:   # (ASCII: a character is a byte)
+            return None
         if "" in addrs:  # type: ignore[operator]
             rows, without = _partition([not a for a in addrs], rows)  # type: ignore
             if "" in without[6]:
@@ -750,9 +747,7 @@ def _bulk_chunk(chunk: str, columns: dict[str, int], width: int
     if users is not None:   # pools: dynamic rows of a prefix (a /32 or /128 is a host)
         pool = [k[0] < 128 and t == "dynamic"
                 for k, t in zip(prefixes.keys, prefixes.types, strict=True)]
-        if any(compress(prefixes4[6] + rest[6], pool)):
-            return None   # a user on a pool row
-        pools.update(compress(prefixes.ids, pool))
+        pools.update(compress(prefixes.ids, pool))   # (a pool's user: its id, a pool's)
     return hosts, prefixes, named, bare, pools
 
 
