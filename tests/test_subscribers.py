@@ -112,7 +112,7 @@ def csv_texts(draw) -> str:
     return newline.join(lines) + draw(st.sampled_from(["", newline]))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1300, deadline=None)
 @given(csv_texts(), st.booleans())
 def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
     """Whatever the bulk parser accepts, the row-by-row parser gives the same rows for; what
