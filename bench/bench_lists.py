@@ -22,7 +22,13 @@ our own, one after another on the same machine):
   between them, so both sizes are timed round-robin in the same runs; goal: 1M within
   1.5x of 1k;
 * kernel memory (fdinfo memlock) of the CSAM maps at 1M (with the text of both
-  generations' lists), and of the subscriber maps.
+  generations' lists), and of the subscriber maps;
+* parsing the 1,000,000-row subscriber file (``sources.read_columns``, where `subscribers
+  load` and the RADIUS listener's user table begin), each run timed in a fresh process,
+  round-robin: as it is, and with a ``user`` column (a user on every row but the pools',
+  which may have none); goal: with users within 1.5x of without. ``--tree PATH`` times
+  another checkout's parser in the same rounds (before a change); ``--only parse``
+  runs this part alone, without root.
 
 Where the time goes: the full loads and a further change are run again step by step in
 this process (parse, tables, map reads, writes, each timed), and one more change as the
@@ -30,6 +36,7 @@ CLI under ``python -m cProfile``.
 
 Usage: bench_lists.py [--json] [--entries N] [--rows N] [--seed N] [--runs N]
                       [--repeat N] [--cold N] [--no-profile] [--only PART]
+                      [--parse-runs N] [--tree PATH]
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ LIMITS = {"hosts": 1_100_000, "prefixes": 200_000, "csam_hosts": 1_100_000,
 DP_DEFINES = ["-DXZ_MAX_HOSTS=65536", "-DXZ_MAX_PREFIXES=1024",
               f"-DXZ_MAX_CSAM_HOSTS={LIMITS['csam_hosts']}",
               f"-DXZ_MAX_CSAM_PREFIXES={LIMITS['csam_prefixes']}"]
-GOAL_RATIO, GOAL_CHANGE_S, GOAL_PER_PACKET = 1.0, 0.5, 1.5
+GOAL_RATIO, GOAL_CHANGE_S, GOAL_PER_PACKET, GOAL_USERS = 1.0, 0.5, 1.5, 1.5
 GOAL_PATHS = ("unlisted", "host", "prefix")   # the issue's: not listed (pass), listed (drop)
 C = schema.C
 FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP53B"]
@@ -294,6 +301,17 @@ def gen_subscribers(n: int, rng: random.Random) -> SubscriberSet:
                           "static IPv6 /56": v6})
 
 
+def with_users(rows: list[str]) -> list[str]:
+    """gen_subscribers' rows with a ``user`` column: each subscriber's RADIUS User-Name on
+    its rows, but on the pools' (a pool has no user)."""
+    out = [rows[0] + ",user"]
+    for row in rows[1:]:
+        sub_id, address, kind = row.split(",")
+        pool = kind == "dynamic" and "/" in address
+        out.append(f"{row},{'' if pool else f'u{sub_id}@zoot.example'}")
+    return out
+
+
 def changed(cur: list[str], rng: random.Random, spare_prefixes: list[str],
             host_pool: Callable[[], str]) -> list[str]:
     """``cur`` with CHANGE entries replaced: CHANGE - CHANGE_PREFIXES hosts by new hosts,
@@ -461,7 +479,7 @@ def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, f
     sync.apply_subscribers."""
     st = Steps()
     with paused_gc():
-        hosts, prefixes = st("read, parse and validate", read_columns, str(path))
+        hosts, prefixes, _ = st("read, parse and validate", read_columns, str(path))
         hosts, prefixes = st("build the tables", tables.class_tables, hosts, prefixes)
         inst = st("open the instance (maps from their pins, no compile)", Instance, pin)
         with inst:
@@ -469,6 +487,72 @@ def subscriber_steps(cfg: Path, pin: str, path: Path) -> tuple[list[tuple[str, f
             change = st("Instance.load_subscribers: lock, plan, write", inst.load_subscribers,
                         hosts, prefixes)
     return st.times, change
+
+
+# ---- parsing the subscriber file --------------------------------------------------------
+
+# Run by each tree's Python path in a process of its own: CPU and wall seconds, rows,
+# users. The CPU time is the figure: on a shared machine it moves less than the wall's.
+PARSE_TIMER = """
+import sys, time
+from xdpzoot.sources.subscribers import read_columns
+t0, c0 = time.perf_counter(), time.process_time()
+hosts, prefixes, contracts = read_columns(sys.argv[1])
+cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+users = len(contracts) if isinstance(contracts, dict) else len(set(contracts.keys))
+print(cpu, wall, len(hosts.keys) + len(prefixes.keys), users)
+"""
+
+
+def parse_part(args: argparse.Namespace, doc: Doc, tmp: Path) -> None:
+    """The subscriber file parsed without and with a user column, in this checkout and
+    each --tree, round-robin, each run in a fresh process (no heap of an earlier run);
+    every tree must read the same rows and users."""
+    log(f"parse: generating a {size_label(args.rows)}-row subscriber file, "
+        "without and with users ...")
+    sub = gen_subscribers(args.rows, random.Random(args.seed))
+    files = {"plain": tmp / "parse-plain.csv", "user": tmp / "parse-user.csv"}
+    files["plain"].write_text("\n".join(sub.rows) + "\n")
+    files["user"].write_text("\n".join(with_users(sub.rows)) + "\n")
+    del sub
+    trees = [str(ROOT), *args.tree]
+    runs: dict[str, dict[str, list[float]]] = {
+        t: {k + wall: [] for k in files for wall in ("", "_wall")} for t in trees}
+    read: dict[str, list[str]] = {}
+    for i in range(args.parse_runs):
+        log(f"  round {i + 1}/{args.parse_runs}")
+        for tree in trees:
+            for kind, path in files.items():
+                r = subprocess.run([sys.executable, "-c", PARSE_TIMER, str(path)],
+                                   capture_output=True, text=True,
+                                   env=dict(os.environ, PYTHONPATH=str(Path(tree) / "src")))
+                if r.returncode != 0:
+                    raise RuntimeError(f"parse ({tree}, {kind}): {r.stderr[-2000:]}")
+                cpu, wall, *what = r.stdout.split()
+                if read.setdefault(kind, what) != what:
+                    raise RuntimeError(f"{tree} read {what} (rows, users) of the {kind} "
+                                       f"file, another tree {read[kind]}")
+                runs[tree][kind].append(float(cpu))
+                runs[tree][kind + "_wall"].append(float(wall))
+    doc.figures["parse"] = {"runs": runs, "rows": int(read["user"][0]),
+                            "users": int(read["user"][1])}
+
+
+def parse_lines(parse: dict) -> list[tuple[str, str, str, bool | None]]:
+    """The report's rows of parse_part: (label, value, goal, met); medians of CPU time."""
+    out: list[tuple[str, str, str, bool | None]] = []
+    for i, (tree, t) in enumerate(parse["runs"].items()):
+        plain, user = med(t["plain"]), med(t["user"])
+        name = "" if i == 0 else f" ({tree})"
+        out.append((f"parse {size_label(parse['rows'])} subscriber rows{name}, CPU (wall "
+                    f"{med(t['plain_wall']):.2f} s)", f"{plain:.2f} s", "", None))
+        out.append((f"  with a user column ({parse['users']:,} users; wall "
+                    f"{med(t['user_wall']):.2f} s)", f"{user:.2f} s", "", None))
+        out.append((f"  with users / without (runs {min(t['user']):.2f}..{max(t['user']):.2f}"
+                    f" / {min(t['plain']):.2f}..{max(t['plain']):.2f} s)", f"{user / plain:.2f}",
+                    f"<= {GOAL_USERS}" if i == 0 else "",
+                    user / plain <= GOAL_USERS if i == 0 else None))
+    return out
 
 
 # ---- per packet ---------------------------------------------------------------------------
@@ -655,6 +739,8 @@ def bench(args: argparse.Namespace) -> Doc:
             subscribers_part(args, doc, run, cfg, pin, tmp, rng, tiny, lst_a)
         if want("packets"):
             packets_part(args, doc, root, pin, s, entries)
+        if want("parse"):
+            parse_part(args, doc, tmp)
     finally:
         if netns:
             subprocess.run(["ip", "netns", "delete", ns], check=False)
@@ -845,6 +931,9 @@ def goals(doc: Doc) -> dict:
     g["per_packet_all_ok"] = all(v["ratio"] <= GOAL_PER_PACKET for v in per.values())
     c = pp["cold"]
     g["cold_ratio"] = c["big"]["median"] / c["small"]["median"]
+    t = f["parse"]["runs"][str(ROOT)]
+    g["users_ratio"] = med(t["user"]) / med(t["plain"])
+    g["users_ok"] = g["users_ratio"] <= GOAL_USERS
     return g
 
 
@@ -888,6 +977,8 @@ def report(doc: Doc) -> str:
     row(f"subscribers {size_label(rows)}: nft -f", f"{f['subs_nft_s']:.2f} s")
     row("  ratio xdpzoot / ipset", f"{g['subs_vs_ipset']:.2f}", "<= 1.0", g["subs_ok"])
     row("  ratio xdpzoot / nft", f"{f['subs_xdpzoot_s'] / f['subs_nft_s']:.2f}")
+    for line in parse_lines(f["parse"]):
+        row(*line)
     for i, st in enumerate(f["change_steps"], 1):
         last = i == len(f["change_steps"])
         what = "second load, 1k change" if i == 1 else "diff to the list in force"
@@ -978,8 +1069,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=200_000, help="per-packet iterations")
     p.add_argument("--cold", type=int, default=2_000, help="destinations in the cold sweep")
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
-    p.add_argument("--only", choices=("csam", "subscribers", "packets"),
-                   help="run one part only (csam: full load and changes)")
+    p.add_argument("--only", choices=("csam", "subscribers", "packets", "parse"),
+                   help="run one part only (csam: full load and changes; parse: no root)")
+    p.add_argument("--parse-runs", type=int, default=5, help="rounds of the parse figures")
+    p.add_argument("--tree", action="append", default=[],
+                   help="another checkout whose parser is timed too (parse figures)")
     p.add_argument("--steps", choices=("csam", "subscribers"), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--pin-dir", help=argparse.SUPPRESS)
@@ -995,6 +1089,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             times, res = subscriber_steps(Path(args.config), args.pin_dir, Path(args.file))
         print(json.dumps({"steps": times, "added": res.added, "removed": res.removed}))
+        return 0
+    if args.only == "parse":   # the parser alone: no root, no namespace
+        doc = Doc({"rows": args.rows, "seed": args.seed})
+        with tempfile.TemporaryDirectory(prefix="xdpzoot-bench-parse-") as tmp:
+            parse_part(args, doc, Path(tmp))
+        for label, value, goal, ok in parse_lines(doc.figures["parse"]):
+            print(f"{label:<66}{value:>8}  {goal:<6}{'' if ok is None else yn(ok):>4}")
+        if args.json:
+            print(json.dumps(doc.figures["parse"], indent=2))
         return 0
     if os.geteuid() != 0:
         log("bench_lists.py needs root (BPF, mount, network namespaces)")

@@ -48,7 +48,9 @@ RATES = ["", "0", "100", "4294967295", "4294967296", "1.5", "x"]
 FLAG_TEXT = ["", "suspended", "op25b_exempt;suspended", "ip53b_exempt", ";", "vip"]
 PLANS = ["", "gold", "a/b", "x:y", "#1"]
 USERS = ["", "", "a@x", "b@x", "abc12345@zoot.example", "\u00e9t\u00e9@x", '"c,d@x"',
-         "u" * 254, "\u200bzw@x"]
+         "u" * 254, "\u200bzw@x", "e\x7f@x", "u" * 253]
+# In a file of consistent users, the user of each good id (7 and 007 are one subscriber).
+USER_OF = {1: "a@x", 7: "b@x", 42: "abc12345@zoot.example", 4294967295: "u" * 253}
 OPTIONAL = ["up_kbps", "down_kbps", "flags", "plan", "user"]
 FIELDS = {"subscriber": IDS, "address": ADDRESSES, "type": TYPE_TEXT, "up_kbps": RATES,
           "down_kbps": RATES, "flags": FLAG_TEXT, "plan": PLANS, "user": USERS}
@@ -61,21 +63,46 @@ GOOD = {"subscriber": IDS[:5], "address": ADDRESSES[:9] + ADDRESSES[14:19] + [""
 @st.composite
 def csv_texts(draw) -> str:
     """Subscriber files near the plain ones the bulk parser takes: mostly valid rows, with
-    comments, blank lines, CRLF, odd fields, wrong field counts, blanks and quotes."""
+    comments, blank lines, CRLF, odd fields, wrong field counts, blanks and quotes. Half
+    of the files with a user column are mostly well formed: each row of a good id has
+    an address of its own (or none, if the id has a user), the id's user and no pool;
+    now and then a row breaks one rule of the users (another user, a bad one, an empty
+    address without a user, a pool of a user or of a user's id)."""
     columns = ["subscriber", "address", "type"] + draw(st.lists(
         st.sampled_from(OPTIONAL), unique=True))
     columns = draw(st.permutations(columns))
+    consistent = "user" in columns and draw(st.booleans())
+    with_user = draw(st.sets(st.sampled_from(sorted(USER_OF)))) if consistent else set()
+    odds = 39 if consistent else 9   # one field in odds + 1 is drawn from all values
     lines = draw(st.lists(st.sampled_from(["# a comment, with commas", ""]), max_size=2))
     lines.append(",".join(columns))
-    for _ in range(draw(st.integers(0, 12))):
+    for i in range(draw(st.integers(0, 12))):
         kind = draw(st.sampled_from(["row"] * 8 + ["comment", "blank", "odd"]))
         if kind == "comment":
             lines.append("# " + draw(st.sampled_from(ADDRESSES)))
         elif kind == "blank":
             lines.append(draw(st.sampled_from(["", " ", "\t"])))
         else:
-            fields = [draw(st.sampled_from(GOOD[c] if draw(st.integers(0, 9)) else FIELDS[c]))
+            fields = [draw(st.sampled_from(GOOD[c] if draw(st.integers(0, odds)) else FIELDS[c]))
                       for c in columns]
+            row = dict(zip(columns, fields, strict=True))
+            if consistent and row["subscriber"] in GOOD["subscriber"] and draw(
+                    st.integers(0, odds)):
+                sub = int(row["subscriber"])
+                row["user"] = USER_OF[sub] if sub in with_user else ""
+                row["address"] = draw(st.sampled_from(
+                    [f"198.51.{i}.1", f"198.51.{i}.0/24", f"2001:db8:{i:x}::1",
+                     f"2001:db8:{i:x}::/48"] + [""] * (sub in with_user)))
+                if sub in with_user and "/" in row["address"]:
+                    row["type"] = "static"
+                twist = draw(st.sampled_from(["user", "address", "type"] + [""] * 12))
+                if twist == "user":
+                    row["user"] = draw(st.sampled_from(USERS + list(USER_OF.values())))
+                elif twist == "address":
+                    row["address"] = draw(st.sampled_from(["", f"10.{i}.0.0/16"]))
+                elif twist == "type":
+                    row["type"] = "dynamic"
+                fields = [row[c] for c in columns]
             if kind == "odd":
                 fields = draw(st.sampled_from([fields[:-1], fields + [""], [f" {fields[0]}",
                                                                           *fields[1:]],
@@ -85,7 +112,7 @@ def csv_texts(draw) -> str:
     return newline.join(lines) + draw(st.sampled_from(["", newline]))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1300, deadline=None)
 @given(csv_texts(), st.booleans())
 def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
     """Whatever the bulk parser accepts, the row-by-row parser gives the same rows for; what
@@ -100,7 +127,7 @@ def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
         return
     bulk = subscribers._bulk(text, strict)
     if bulk is not None:
-        assert rows_of(bulk) == rows_of(want) and not want.contracts
+        assert rows_of(bulk) == rows_of(want) and bulk.contracts == want.contracts
     got = subscribers.parse_columns(text, "t.csv", strict)
     assert rows_of(got) == rows_of(want) and got.contracts == want.contracts
 
@@ -117,11 +144,61 @@ def test_plain_files_take_the_bulk_path() -> None:
     assert bulk is not None
     rows = subscribers.parse_subscribers_text(text)
     assert rows_of(bulk) == rows_of(subscribers.columns_of(rows))
-    hosts, prefixes = bulk
-    assert len(hosts.keys) == 4 and len(prefixes.keys) == 2
+    hosts, prefixes, contracts = bulk
+    assert len(hosts.keys) == 4 and len(prefixes.keys) == 2 and not contracts.keys
     assert subscribers._bulk(text, True) == bulk   # --strict: nothing overlaps
     inside = text + "6,100.64.1.1,static,,,,\r\n"
     assert subscribers._bulk(inside, False) is not None and subscribers._bulk(inside, True) is None
+
+
+def test_users_take_the_bulk_path() -> None:
+    """Users on rows with an address and without, a user on several rows, rows without a
+    user: the contract of each user is its row without an address, else its first row."""
+    text = ("subscriber,address,type,up_kbps,down_kbps,flags,user\n"
+            "1,192.0.2.1,static,100,,,a@x\n"
+            "1,2001:db8::/56,static,200,,,a@x\n"
+            "2,192.0.2.2,static,300,,,b@x\n"
+            "2,,dynamic,400,,suspended,b@x\n"
+            "3,,dynamic,500,,,c@x\n"
+            "4,192.0.2.3,static,,,,\n"
+            "5,100.64.0.0/10,dynamic,,,,\n")
+    bulk = subscribers._bulk(text, True)
+    assert bulk is not None
+    want = subscribers.columns_of(subscribers.parse_subscribers_text(text))
+    assert rows_of(bulk) == rows_of(want) and bulk.contracts == want.contracts
+    contracts = tables.contract_entries(bulk.contracts)
+    assert {u: (e.sub_id, e.up_kbps, e.flags) for u, e in contracts.items()} == {
+        "a@x": (1, 100, 0), "b@x": (2, 400, SUSPENDED), "c@x": (3, 500, 0)}
+
+
+USERS_TEXT = ("subscriber,address,type,user\n1,192.0.2.1,static,a@x\n"
+              "1,2001:db8::/56,static,a@x\n2,,dynamic,b@x\n3,100.64.0.0/10,dynamic,\n"
+              "4,192.0.2.4,static,\n")
+
+
+@pytest.mark.parametrize("row", [
+    "5,192.0.2.5,static,a@x",              # a user on two ids
+    "1,192.0.2.5,static,b@x",              # an id of two users (as many users as ids)
+    "2,,static,b@x",                       # two rows without an address for one user
+    "5,,static," + "u" * 254,              # a user too long
+    "5,,static,e\x7f@x",                   # not printable
+    '5,,static,"e,f@x"',                   # a comma
+    "5,,static,",                          # an empty address without a user
+    "6,100.65.0.0/16,dynamic,f@x",         # a pool's user
+    "3,,static,f@x",                       # a user of a pool's id
+], ids=["two ids", "two users", "two without address", "long", "unprintable", "comma",
+        "no address, no user", "pool's user", "pool's id"])
+def test_user_problems_leave_the_bulk_path(row: str) -> None:
+    """A plain file with users broken by one row: the bulk parser gives up, and the
+    answer is the row-by-row parser's, every problem with its line."""
+    assert subscribers._bulk(USERS_TEXT, False) is not None
+    text = USERS_TEXT + row + "\n"
+    assert subscribers._bulk(text, False) is None
+    with pytest.raises(SourceError) as want:
+        subscribers.parse_subscribers_text(text, "u.csv")
+    with pytest.raises(SourceError) as got:
+        subscribers.parse_columns(text, "u.csv")
+    assert got.value.problems == want.value.problems and want.value.problems[-1][0] == 7
 
 
 # ---- 2. the plan on columns against the dict model it replaced ---------------------------------

@@ -121,7 +121,7 @@ class RadiusService:
         except (SourceError, OSError) as e:
             log.error("radius: users not read: %s", e)
             return False
-        self.users = {u: r.sub_id for u, r in contracts.items()}
+        self.users = dict(zip(contracts.keys, contracts.ids, strict=True))
         return True
 
     def converge(self) -> None:

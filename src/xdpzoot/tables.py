@@ -18,7 +18,7 @@ from typing import NamedTuple
 from xdpzoot.dataplane import schema
 from xdpzoot.dataplane.layout import CLASS, LPM_KEY, WORDS, ClassTable, Entry, class_word
 from xdpzoot.sources.files import SOURCE_BYTES
-from xdpzoot.sources.subscribers import Columns, Subscriber, read_columns
+from xdpzoot.sources.subscribers import Columns, read_columns
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -116,10 +116,15 @@ def read_subscribers(path: str, strict: bool = False, limit: int = SOURCE_BYTES)
                   contract_entries(contracts))
 
 
-def contract_entries(contracts: dict[str, Subscriber]) -> dict[str, Entry]:
-    """The entry each user's sessions get: its contract's id, type, flags and rates."""
-    return {u: Entry(r.sub_id, schema.TYPES[r.type], sum(schema.FLAGS[f] for f in r.flags),
-                     r.up_kbps, r.down_kbps) for u, r in contracts.items()}
+def contract_entries(contracts: Columns) -> dict[str, Entry]:
+    """The entry each user's sessions get: its contract's id, type, flags and rates
+    (``contracts``: Parsed.contracts, where a user's last row is its contract, the one
+    the dict keeps)."""
+    flags = {f: sum(schema.FLAGS[x] for x in f) for f in set(contracts.flags)}
+    return dict(zip(contracts.keys, map(Entry, contracts.ids,
+                                        map(schema.TYPES.__getitem__, contracts.types),
+                                        map(flags.__getitem__, contracts.flags),
+                                        contracts.up, contracts.down), strict=True))
 
 
 def class_tables(hosts: Columns, prefixes: Columns) -> tuple[ClassTable, ClassTable]:

@@ -12,10 +12,11 @@ addresses are parsed by inet_pton and built without ``ipaddress`` re-validating 
 cyclic garbage collector is paused during the parse, and overlaps are found by one sort and a
 sweep.
 
-Loading takes columns (:func:`parse_columns`): a plain file (ASCII, no quotes, no blanks
-around fields) is validated a column at a time, a 1,000,000-row file in well under a second;
-any other file, and any file with a problem, goes through the row-by-row parser, whose
-answer (rows, or every problem) is the one that counts.
+Loading takes columns (:func:`parse_columns`): a plain file (printable ASCII, no quotes,
+no blanks), with a ``user`` column or without, is validated a column at a time, a
+1,000,000-row file in about a second; any other file, and any file with a problem, goes
+through the row-by-row parser, whose answer (rows, or every problem) is the one that
+counts.
 """
 
 from __future__ import annotations
@@ -87,13 +88,16 @@ class Columns(NamedTuple):
 
 
 class Parsed(NamedTuple):
-    """A subscriber file: its rows with an address as columns, and its contracts: user ->
-    the row whose treatment the user's RADIUS sessions get (the user's row without an
-    address, else its first row)."""
+    """A subscriber file: its rows with an address as columns (hosts, prefixes), and the
+    rows of its RADIUS contracts (the user as the key). A user's sessions get the
+    treatment of its last row in ``contracts``, as ``dict(zip(contracts.keys, ...))``
+    keeps it: that is the user's row without an address, else its first row (the rows
+    with an address come in reverse file order, then the rows without one). No row per
+    user alone: that would cost a million-user file a second pass over all of them."""
 
     hosts: Columns
     prefixes: Columns
-    contracts: dict[str, Subscriber]
+    contracts: Columns
 
 
 def parse_subscribers(path: str, strict: bool = False,
@@ -549,8 +553,9 @@ _V4MAPPED_BYTES = bytes(10) + b"\xff\xff"   # the first 12 bytes of ::ffff:0:0/9
 _CHUNK = 1 << 20   # characters of rows parsed at a time: their objects stay in the caches
 _TYPE = {t: t for t in TYPES}
 _HOST_BITS4 = [(1 << (32 - plen)) - 1 for plen in range(33)]   # by prefix length
-# What str.strip() removes in ASCII text, "\n" aside (the fast path has no fields to strip).
-_SPACES = " \t\r\x0b\x0c\x1c\x1d\x1e\x1f"
+# Not in a plain file's rows: ASCII control characters but "\n" (among them all that
+# str.strip() removes but " ": no field is stripped), blanks, quotes, scoped addresses.
+_NOT_PLAIN = "".join(map(chr, (*range(10), *range(11, 32), 127))) + ' "%'
 
 
 def read_columns(path: str, strict: bool = False, limit: int = SOURCE_BYTES) -> Parsed:
@@ -561,26 +566,31 @@ def read_columns(path: str, strict: bool = False, limit: int = SOURCE_BYTES) -> 
 
 def parse_columns(text: str, path: str = "<subscribers>", strict: bool = False) -> Parsed:
     """Validate a subscriber CSV like :func:`parse_subscribers_text` and return its rows as
-    columns: (rows of one address, prefix rows, contracts by user).
+    columns: (rows of one address, prefix rows, contracts).
 
-    A plain file without a ``user`` column is validated a column at a time; at the first
-    doubt the row-by-row parser takes over, and its verdict stands: the same rows, or every
-    problem with its line. A file with a ``user`` column goes to the row-by-row parser.
+    A plain file is validated a column at a time; at the first doubt the row-by-row parser
+    takes over, and its verdict stands: the same rows, or every problem with its line.
     """
     with paused_gc():
         bulk = _bulk(text, strict)
-        return Parsed(*bulk, {}) if bulk else columns_of(_parse(text, path, strict))
+        return bulk or columns_of(_parse(text, path, strict))
+
+
+def _no_rows() -> Columns:
+    return Columns([], [], [], [], [], [])
 
 
 def columns_of(rows: Iterable[Subscriber]) -> Parsed:
-    """Parsed rows as (rows of one address, prefix rows) columns, and the contracts: each
-    user's row without an address, else its first row."""
-    hosts, prefixes = Columns([], [], [], [], [], []), Columns([], [], [], [], [], [])
-    contracts: dict[str, Subscriber] = {}
+    """Parsed rows (in file order) as (rows of one address, prefix rows, contracts)
+    columns."""
+    hosts, prefixes = _no_rows(), _no_rows()
+    named, bare = _no_rows(), _no_rows()
     for r in rows:
         net = r.network
-        if r.user and (net is None or r.user not in contracts):
-            contracts[r.user] = r
+        if r.user:
+            for column, value in zip(named if net else bare, (r.user, r.sub_id, r.type,
+                                     r.up_kbps, r.down_kbps, r.flags), strict=True):
+                column.append(value)
         if net is None:
             continue
         addr = net.network_address.packed
@@ -593,18 +603,32 @@ def columns_of(rows: Iterable[Subscriber]) -> Parsed:
         for column, value in zip(cols, (key, r.sub_id, r.type, r.up_kbps, r.down_kbps, r.flags),
                                  strict=True):
             column.append(value)
-    return Parsed(hosts, prefixes, contracts)
+    return Parsed(hosts, prefixes, _contract_rows(named, bare))
 
 
-def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
+def _contract_rows(named: Columns, bare: Columns) -> Columns:
+    """Parsed.contracts from the rows with a user, those with an address (``named``) and
+    those without (``bare``), each in file order (``named`` is reversed in place)."""
+    for column, more in zip(named, bare, strict=True):
+        column.reverse()
+        column += more
+    return named
+
+
+# Fields of a row in the order the bulk parser keeps them (Columns', the key's text first).
+_FIELDS = ("address", "subscriber", "type", "up_kbps", "down_kbps", "flags", "user")
+
+
+def _bulk(text: str, strict: bool) -> Parsed | None:
     """A plain file's columns, validated a column at a time; None at the first doubt.
 
-    Plain: rows in ASCII, without quotes or blanks (comment lines and empty lines are
-    fine). The rows are taken _CHUNK characters at a time, in three groups: IPv4
+    Plain: rows in printable ASCII, without quotes or blanks (comment lines and empty
+    lines are fine). The rows are taken _CHUNK characters at a time, in three groups: IPv4
     addresses, IPv4 prefixes (each parsed a column at a time), and rows with a ":" (IPv6,
     few as a rule: parsed one by one by _parse_network, as the row-by-row parser does).
-    With ``strict``, a file with a row inside another row's prefix is left to that
-    parser (which names them).
+    The rows with a user are also kept in file order, for _contracts. With ``strict``, a
+    file with a row inside another row's prefix is left to that parser (which names
+    them).
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n")
@@ -617,18 +641,22 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
         if text[start:end] and text[start] != "#":
             break
     columns, width, problems = _header(1, text[start:end])
-    if problems or "user" in columns:
+    if problems:
         return None
     hosts: list[list] = [[] for _ in Columns._fields]
     prefixes: list[list] = [[] for _ in Columns._fields]
+    named, bare = _no_rows(), _no_rows()   # rows with a user, with and without address
+    pools: set[int] = set()
     while end < len(text):
         start, end = end + 1, text.find("\n", end + 1 + _CHUNK)
         end = len(text) if end < 0 else end
         got = _bulk_chunk(text[start:end], columns, width)
         if got is None:
             return None
-        for whole, part in zip((*hosts, *prefixes), (*got[0], *got[1]), strict=True):
+        for whole, part in zip((*hosts, *prefixes, *named, *bare),
+                               (*got[0], *got[1], *got[2], *got[3]), strict=True):
             whole += part
+        pools.update(got[4])
     # Rows of one address written as a.b.c.d/32, and IPv6 ones, go with the hosts.
     prefixes, full = _partition([k[0] == 128 for k in prefixes[0]], prefixes)
     if full[0]:
@@ -639,7 +667,29 @@ def _bulk(text: str, strict: bool) -> tuple[Columns, Columns] | None:
         return None   # duplicates
     if strict and prefixes[0] and _overlapping(hosts[0], prefixes[0]):
         return None
-    return Columns(*hosts), Columns(*prefixes)
+    contracts = _contracts(named, bare, pools)
+    if contracts is None:
+        return None
+    return Parsed(Columns(*hosts), Columns(*prefixes), contracts)
+
+
+def _contracts(named: Columns, bare: Columns, pools: set[int]) -> Columns | None:
+    """Parsed.contracts from the rows with a user, those with an address (``named``) and
+    those without (``bare``), each in file order, and the ids of the pools; checked as
+    _parse and _user_problems check them (each user is printable ASCII, not too long
+    already), None at the first doubt."""
+    if len(set(bare.keys)) != len(bare.keys):
+        return None   # two rows without an address for one user
+    contracts = _contract_rows(named, bare)
+    users, ids = contracts.keys, contracts.ids
+    # An id has one user if every row has the user of its id's last row; then a user has
+    # one id if there are as many users as ids. (Ints are cheaper keys than the users.)
+    user_of = dict(zip(ids, users, strict=True))
+    if len(user_of) < len(ids) and list(map(user_of.__getitem__, ids)) != users:
+        return None
+    if len(set(users)) != len(user_of) or not pools.isdisjoint(user_of):
+        return None   # a user of two ids, or a user's id a pool's
+    return contracts
 
 
 def _overlapping(hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> bool:
@@ -650,15 +700,17 @@ def _overlapping(hosts: list[bytes], prefixes: list[tuple[int, bytes]]) -> bool:
     return next(_nested(keys, 128), None) is not None
 
 
-def _bulk_chunk(chunk: str, columns: dict[str, int],
-                width: int) -> tuple[Columns, Columns] | None:
-    """The rows of one chunk of a plain file: (IPv4 addresses, all others)."""
+def _bulk_chunk(chunk: str, columns: dict[str, int], width: int
+                ) -> tuple[Columns, Columns, Columns, Columns, set[int]] | None:
+    """The rows of one chunk of a plain file: (IPv4 addresses, all others with an
+    address, the rows with an address and a user in file order and those without an
+    address, both keyed by user, the ids of the pools when the file has a user column)."""
     if "#" in chunk or "\n\n" in chunk:
         chunk = "\n".join(line for line in chunk.split("\n") if line and line[0] != "#")
     chunk = chunk.strip("\n")
     if not chunk:
-        return Columns([], [], [], [], [], []), Columns([], [], [], [], [], [])
-    if not chunk.isascii() or any(c in chunk for c in _SPACES + '"%'):
+        return _no_rows(), _no_rows(), _no_rows(), _no_rows(), set()
+    if not chunk.isascii() or any(c in chunk for c in _NOT_PLAIN):
         return None
     # Fields, each row's followed by a "\n" of its own: they sit every width + 1 fields
     # exactly when every row has width fields.
@@ -666,31 +718,51 @@ def _bulk_chunk(chunk: str, columns: dict[str, int],
     flat = chunk.replace("\n", ",\n,").split(",")
     if len(flat) != n * (width + 1) - 1 or flat[width::width + 1].count("\n") != n - 1:
         return None
-    fields = [flat[columns[name]::width + 1] if name in columns else None
-              for name in ("address", "subscriber", "type", "up_kbps", "down_kbps", "flags")]
-    plain, other = _partition(["/" in a or ":" in a for a in fields[0]], fields)
+    addrs, ids, types, up, down, flags, users = (
+        flat[columns[name]::width + 1] if name in columns else None for name in _FIELDS)
+    rows = [addrs, _ids(ids), _types(types), _rates(up, n),  # type: ignore[arg-type]
+            _rates(down, n), _flag_column(flags, n), users]
+    if any(c is None for c in rows[1:6]):
+        return None
+    named, bare, pools = _no_rows(), _no_rows(), set()
+    if users is not None:
+        if max(map(len, users)) > USER_MAX:   # (ASCII: a character is a byte)
+            return None
+        if "" in addrs:  # type: ignore[operator]
+            rows, without = _partition([not a for a in addrs], rows)  # type: ignore
+            if "" in without[6]:
+                return None   # an empty address without a user
+            bare = Columns(without[6], *without[1:6])
+            users = rows[6]
+        named = Columns(users, *rows[1:6])
+        if "" in users:
+            named = Columns(*(list(compress(c, users)) for c in named))
+    plain, other = _partition(["/" in a or ":" in a for a in rows[0]], rows)
     prefixes4, rest = _partition([":" in a for a in other[0]], other)
-    hosts = _bulk_columns(plain, _ipv4_keys)
-    groups = [_bulk_columns(prefixes4, _ipv4_prefix_keys), _bulk_columns(rest, _network_keys)]
-    if hosts is None or None in groups:
+    hosts = _keyed(plain, _ipv4_keys)
+    groups = [_keyed(prefixes4, _ipv4_prefix_keys), _keyed(rest, _network_keys)]
+    if hosts is None or groups[0] is None or groups[1] is None:
         return None
-    return hosts, Columns(*(a + b for a, b in zip(*groups, strict=True)))  # type: ignore[misc]
+    prefixes = Columns(*(a + b for a, b in zip(*groups, strict=True)))
+    if users is not None:   # pools: dynamic rows of a prefix (a /32 or /128 is a host)
+        pool = [k[0] < 128 and t == "dynamic"
+                for k, t in zip(prefixes.keys, prefixes.types, strict=True)]
+        pools.update(compress(prefixes.ids, pool))   # (a pool's user: its id, a pool's)
+    return hosts, prefixes, named, bare, pools
 
 
-def _bulk_columns(fields: list[list[str] | None],
-                  keys_of: Callable[[list[str]], list | None]) -> Columns | None:
-    """Columns from the texts of the fields (address, subscriber, type, up_kbps, down_kbps,
-    flags; None for a column the file has not), keys by ``keys_of``."""
-    addrs, ids, types, up, down, flags = fields
-    if not addrs:
-        return Columns([], [], [], [], [], [])
-    if not set(types) <= set(TYPES):  # type: ignore[arg-type]
+def _keyed(rows: list[list], keys_of: Callable[[list[str]], list | None]) -> Columns | None:
+    """Columns of rows (fields as _FIELDS) with the keys ``keys_of`` reads from their
+    addresses, or None if it cannot."""
+    keys = keys_of(rows[0]) if rows[0] else []
+    return None if keys is None else Columns(keys, *rows[1:6])
+
+
+def _types(texts: list[str]) -> list[str] | None:
+    """The type column as our own strings (not the file's million copies), or None."""
+    if not set(texts) <= set(TYPES):
         return None
-    types = list(map(_TYPE.__getitem__, types))   # ours, not the file's million copies
-    n = len(addrs)
-    got = (keys_of(addrs), _ids(ids), types, _rates(up, n), _rates(down, n),  # type: ignore
-           _flag_column(flags, n))
-    return None if any(c is None for c in got) else Columns(*got)
+    return list(map(_TYPE.__getitem__, texts))
 
 
 def _ipv4_keys(addrs: list[str]) -> list[bytes] | None:
