@@ -827,6 +827,7 @@ class Maps:
     counters = property(lambda self: self.map("xz_counters"))
     manual = property(lambda self: self.map("xz_manual"))
     pool_state = property(lambda self: self.map("xz_pool_state"))
+    flows = property(lambda self: self.map("xz_flows"))
     fast = property(lambda self: self.map("xz_fast"))
     devmap = property(lambda self: self.map("xz_fast_ifs"))
     meta = property(lambda self: self.map("xz_csam_meta"))
@@ -876,15 +877,23 @@ class Maps:
         if dirs.subscriber_added(d, hosts, prefixes):
             self.write_dir(d)
 
-    def owner_ids(self) -> np.ndarray:
+    def class_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every value of the host map and of the prefix map, one row of WORDS uint32 per
+        entry (struct xz_class: sub_id, class_word, up, down, slot), read in batches
+        straight into one buffer each: a tick of the daemon reads a million entries."""
+        import numpy as np
+
+        return tuple(np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+                     for m in (self.host_map, self.prefix_map))
+
+    def owner_ids(self, columns: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Subscriber id per state slot (0: no owner), from the host and prefix entries (a
-        pool's addresses, indexed or not, have no owner; slot 0 is theirs). Columns of the
-        maps' raw values: a tick of the daemon reads a million entries."""
+        pool's addresses, indexed or not, have no owner; slot 0 is theirs), as
+        :meth:`class_columns` has them (read now when not given)."""
         import numpy as np
 
         out = np.zeros(self.slots, dtype=np.uint32)
-        for m in (self.host_map, self.prefix_map):
-            v = np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+        for v in columns or self.class_columns():
             v = v[(v[:, 1] & POOL_BITS_WORD) == 0]
             out[v[:, 4]] = v[:, 0]
         out[0] = 0
@@ -1159,9 +1168,13 @@ class Maps:
         for i in range(m.max_entries):
             m.update(U32.pack(i), zero)
 
+    def counter_slots(self) -> list[tuple[int, int]]:
+        """(packets, bytes) of every counter slot (XZ_COUNTER order), summed over CPUs."""
+        return self._per_cpu_sums(self.counters)
+
     def counters_sum(self) -> dict[int, tuple[int, int]]:
         """Counter slot -> (packets, bytes) summed over CPUs, non-zero slots only."""
-        return {i: c for i, c in enumerate(self._per_cpu_sums(self.counters)) if c[0]}
+        return {i: c for i, c in enumerate(self.counter_slots()) if c[0]}
 
     def clear_counters(self) -> None:
         self._zero_per_cpu(self.counters)
