@@ -12,16 +12,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xdpzoot import metrics
+from xdpzoot import metrics, tables
+from xdpzoot.config import load_config
 from xdpzoot.daemon import Daemon
 from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane.instance import Instance
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib" / "grafana" / "xdpzoot.json"
@@ -48,13 +49,6 @@ CSAM = """\
 2001:db8:bad::1
 2001:db8:bad:1::/64
 """
-
-
-def xz(cfg: Path, pin: str, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir",
-                        pin, *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 class Clock:
@@ -92,10 +86,14 @@ pool_addresses = 1024
 [metrics]
 listen = ""
 """)
-    xz(cfg, pin, "subscribers", "load", str(tmp / "subs.csv"))
-    xz(cfg, pin, "blocklist", "load", str(lst))
-    xz(cfg, pin, "suspend", "198.51.100.20")
-    xz(cfg, pin, "throttle", "202", "--rate", "1000")
+    limits = load_config(str(cfg)).defines()
+    with Instance(pin, limits) as inst:   # as the commands do it, in this process
+        inst.create(limits)
+        subs = tables.read_subscribers(str(tmp / "subs.csv"))
+        inst.load_subscribers(subs.hosts, subs.prefixes, contracts=subs.contracts)
+        inst.load_csam(CSAM.encode(), str(lst))
+        inst.suspend(tables.addr16(ipaddress.ip_address("198.51.100.20")), True)
+        inst.throttle(inst.subscriber_slot(202, "202")[1], 1000, 0)
     d = Daemon(str(cfg), pin, clock=Clock(1_790_000_000.0))
     d.start()
     d.tick()

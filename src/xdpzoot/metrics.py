@@ -463,6 +463,7 @@ class Server:
         from prometheus_client import start_http_server
 
         from xdpzoot.config import listen_address
+        from xdpzoot.dataplane import netlink  # noqa: F401 (imported now, not at a scrape)
 
         host, port = listen_address(listen)
         self.listen = listen

@@ -10,6 +10,7 @@ import contextlib
 import ctypes as ct
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -239,8 +240,10 @@ BPF_MAP_TYPE_LPM_TRIE = 11
 BATCH_TYPES = (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LPM_TRIE)
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """How many values a per-CPU map returns: one per possible CPU."""
+    """How many values a per-CPU map returns: one per possible CPU (fixed at boot: read
+    once, not at every lookup of a per-CPU map)."""
     with open("/sys/devices/system/cpu/possible") as f:
         n = 0
         for part in f.read().strip().split(","):
