@@ -357,8 +357,11 @@ class PinnedMap:
 
     def values(self) -> bytearray:
         """Every value joined, without the keys, read in batches straight into one buffer
-        (a map of BATCH_TYPES; an array's come in index order)."""
+        (a map of BATCH_TYPES or a per-CPU array; an array's come in index order, a per-CPU
+        value as every CPU's, each rounded up to 8 bytes, as :meth:`lookup` gives it)."""
         ks, vs = self.key_size, self.value_size
+        if self.type in PERCPU_TYPES:
+            vs = (vs + 7) // 8 * 8 * possible_cpus()
         out = bytearray(vs * self.max_entries)
         buf = (ct.c_char * len(out)).from_buffer(out)
         keys = ct.create_string_buffer(ks * BATCH)
@@ -1156,15 +1159,14 @@ class Maps:
             self.indexed_pool_volumes()
 
     def _per_cpu_sums(self, m: PinnedMap) -> list[tuple[int, int]]:
-        """(packets, bytes) of every index of a per-CPU array of struct xz_counter."""
-        out = []
-        for i in range(m.max_entries):
-            raw = m.lookup(U32.pack(i)) or b""
-            pk = by = 0
-            for p, b in COUNTER.iter_unpack(raw):
-                pk, by = pk + p, by + b
-            out.append((pk, by))
-        return out
+        """(packets, bytes) of every index of a per-CPU array of struct xz_counter, the
+        array read in one batch (one system call, not one per index: a metrics scrape
+        reads it while the daemon's tick runs, and each call gives the other thread the
+        interpreter lock)."""
+        cpus = possible_cpus()
+        per_cpu = list(COUNTER.iter_unpack(m.values()))
+        return [(sum(p for p, _ in per_cpu[i:i + cpus]), sum(b for _, b in per_cpu[i:i + cpus]))
+                for i in range(0, len(per_cpu), cpus)]
 
     def _zero_per_cpu(self, m: PinnedMap) -> None:
         zero = bytes((m.value_size + 7) // 8 * 8 * possible_cpus())
@@ -1228,13 +1230,13 @@ class Maps:
         self._zero_per_cpu(self.hits)
 
     def hit_counts(self) -> dict[str, int]:
-        """Hits per generation and family, summed over CPUs."""
-        out = {}
-        for gen in (0, 1):
-            for fam, name in ((0, "ipv4"), (1, "ipv6")):
-                raw = self.hits.lookup(U32.pack(gen * 2 + fam)) or b""
-                out[f"gen{gen}_{name}"] = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
-        return out
+        """Hits per generation and family, summed over CPUs (the array read in one
+        batch)."""
+        raw = self.hits.values()
+        cpus = possible_cpus()
+        hits = struct.unpack(f"={len(raw) // 8}Q", raw)
+        return {f"gen{gen}_{name}": sum(hits[(gen * 2 + fam) * cpus:(gen * 2 + fam + 1) * cpus])
+                for gen in (0, 1) for fam, name in ((0, "ipv4"), (1, "ipv6"))}
 
 
 def _volume(raw: bytes, off: int) -> Volume:
