@@ -362,3 +362,14 @@ def test_metrics_under_prometheus(lab, router, prometheus):
              30, "Prometheus to count the RADIUS Start")
     assert query(lab, "xdpzoot_radius_sessions") >= 1
     radclient(lab, session("Stop", "m1", NEW_ADDR))
+
+    # Our program taken off an interface behind xdpzoot's back: what the alert watches.
+    gone = lab.access[1]
+    expr = f'xdpzoot_interface_attached{{interface="{gone}"}}'
+    netns_run(lab.router, "ip", "link", "set", "dev", gone, "xdpgeneric", "off")
+    try:
+        wait_for(lambda: query(lab, expr) == 0, 30, f"Prometheus to see {gone} without XDP")
+    finally:   # the pinned program back on it
+        netns_run(lab.router, "ip", "link", "set", "dev", gone, "xdpgeneric", "pinned",
+                  f"{router.pin_dir}/prog_xdp_access")
+    wait_for(lambda: query(lab, expr) == 1, 30, f"Prometheus to see {gone} with XDP again")

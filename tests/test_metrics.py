@@ -280,3 +280,53 @@ def test_alert_rules_pass_promtool_and_use_exposed_metrics(scraped):
     used = set().union(*map(metric_names, exprs))
     have = exposition_names(fams)
     assert used <= have, sorted(used - have)
+
+
+def alert_cases() -> str:
+    """promtool rule tests of three alerts (their annotations, as promtool compares them
+    too, from the rules file)."""
+    import yaml
+
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"]
+             for r in g["rules"]}
+
+    def expect(name: str, labels: dict, summary: str) -> dict:
+        return {"exp_labels": {"severity": rules[name]["labels"]["severity"], "instance": "r1",
+                               **labels},
+                "exp_annotations": {"summary": summary,
+                                    "description": rules[name]["annotations"]["description"]}}
+
+    series = {
+        'xdpzoot_interface_attached{instance="r1",interface="eth1",role="access"}':
+            "1 1 0 0 0 0",
+        'xdpzoot_table_entries{instance="r1",table="hosts"}': "950+0x40",
+        'xdpzoot_table_capacity{instance="r1",table="hosts"}': "1000+0x40",
+        'xdpzoot_last_tick_timestamp_seconds{instance="r1"}': "0+60x5 300+0x20",
+        'xdpzoot_tick_interval_seconds{instance="r1"}': "10+0x25",
+    }
+    checks = [
+        (1, "XdpzootProgramGone", []),
+        (4, "XdpzootProgramGone", [expect(
+            "XdpzootProgramGone", {"interface": "eth1", "role": "access"},
+            "xdpzoot r1: no xdpzoot program on eth1 (access)")]),
+        (20, "XdpzootTableAlmostFull", [expect(
+            "XdpzootTableAlmostFull", {"table": "hosts"}, "xdpzoot r1: table hosts is 95% full")]),
+        (5, "XdpzootTickStalled", []),
+        (10, "XdpzootTickStalled", [expect(
+            "XdpzootTickStalled", {}, "xdpzoot r1: no daemon tick for 5m 0s")]),
+    ]
+    return yaml.safe_dump({
+        "rule_files": [str(RULES)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m",
+                   "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                   "alert_rule_test": [{"eval_time": f"{t}m", "alertname": a, "exp_alerts": e}
+                                       for t, a, e in checks]}]})
+
+
+def test_alerts_fire_when_they_should(tmp_path):
+    """promtool's own rule tests: a program gone, a table past 90 %, ticks that stopped."""
+    cases = tmp_path / "cases.yml"
+    cases.write_text(alert_cases())
+    r = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(cases)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
