@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xdpzoot import tables
+from xdpzoot import __version__, tables
 from xdpzoot.dataplane import kernel, schema
 from xdpzoot.dataplane.layout import class_word
 
@@ -153,15 +153,6 @@ class Census:
 # ---- the collector -------------------------------------------------------------------------
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("xdpzoot")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class Collector:
     """The metrics of one daemon (xdpzoot.daemon.Daemon), read at each scrape. Scrapes
     run one at a time (an HTTP server thread each): the collector's Instance is its own,
@@ -172,7 +163,6 @@ class Collector:
         self._lock = threading.Lock()
         self._inst: Instance | None = None
         self._failed: str | None = None   # the last map read's error, logged once
-        self.version = _version()
 
     def describe(self) -> list:
         return []   # no collect() at registration: that would read the maps
@@ -281,7 +271,7 @@ class Collector:
         yield from fams.values()
         yield _info("xdpzoot_build", "Version, the hook and mode the programs run at on "
                     "the configured interfaces, and the kernel.",
-                    {"version": self.version, "hook": ",".join(sorted(hooks)) or "none",
+                    {"version": __version__, "hook": ",".join(sorted(hooks)) or "none",
                      "mode": ",".join(sorted(modes)) or "none",
                      "kernel": os.uname().release})
 
