@@ -6,8 +6,9 @@ which the daemon's tick takes from the columns it reads anyway: a million-entry 
 never walked for a scrape. What a scrape reads, through an :class:`Instance` of its own
 (no lock: each map value is read whole):
 
-- the per-CPU counters (xz_counters, xz_fast, xz_csam_hits: some 270 lookups), the control
-  value, the CSAM list's meta (its counts, digest and load time, written with the list);
+- the per-CPU counters (xz_counters, xz_fast, xz_csam_hits: one batch read each), the
+  control value, the CSAM list's meta (its counts, digest and load time, written with the
+  list);
 - the maps' capacities (their info, taken when they are opened);
 - the configured interfaces only, from the kernel (netlink): our program there, their
   counters.
@@ -140,7 +141,7 @@ class Census:
 
     def take(self, inst: Instance, columns: tuple[np.ndarray, np.ndarray],
              owners: np.ndarray, now: float) -> None:
-        loads = inst.maps.dir_writes()
+        loads = inst.subscriber_loads()
         if self._contracts is None or self._contracts[0] != loads:
             self._contracts = (loads, inst.contract_columns())
         counts = census(*columns, owners, self._contracts[1])
@@ -223,21 +224,21 @@ class Collector:
         yield fp
         yield fb
 
-        control = inst.maps.control_value()
+        control = inst.control_params()
         sw = _gauge("xdpzoot_switch_enabled", "The data plane's global switches, 1 when "
                     "on (bypass: everything passes; monitor: nothing is dropped).",
                     ["switch"])
-        for name, on in tables.control_names(control.flags).items():
+        for name, on in tables.control_names(control["flags"]).items():
             sw.add_metric([name], int(on))
         yield sw
         mode = _gauge("xdpzoot_congestion_mode", "1 for the congestion mode set (off, on, "
                       "auto).", ["mode"])
         for value, name in CONGESTION.items():
-            mode.add_metric([name], int(control.congestion == value))
+            mode.add_metric([name], int(control["congestion"] == value))
         yield mode
         yield _gauge("xdpzoot_congestion_active", "1 while congestion mode is in force "
                      "(bulk flows get a share of their subscriber's rate).",
-                     value=int(bool(control.flags & C["XZ_C_CONGESTION"])))
+                     value=int(bool(control["flags"] & C["XZ_C_CONGESTION"])))
 
         csam = inst.csam_status()
         yield from self._interfaces(inst, cfg)
@@ -247,7 +248,12 @@ class Collector:
     def _interfaces(self, inst: Instance, cfg) -> Iterator:
         roles = {n: "access" for n in cfg.interfaces.access} | \
             {n: "core" for n in cfg.interfaces.core}
-        found = inst.interfaces(list(roles))
+        try:
+            found = inst.interfaces(list(roles))
+        except (kernel.KernelError, OSError) as e:   # the maps' metrics still go out
+            log.warning("metrics: interfaces not read: %s", e)
+            found = {}
+            roles = {}
         att = _gauge("xdpzoot_interface_attached", "1 when this instance's program (XDP or "
                      "TC) is attached to the configured interface.", ["interface", "role"])
         names = {"rx_packets": ("receive_packets", "Packets the interface received (the "

@@ -465,6 +465,11 @@ class Instance:
         raw = self.maps.contract_map.values()
         return np.frombuffer(raw, dtype=np.uint32).reshape(-1, WORDS)
 
+    def subscriber_loads(self) -> int:
+        """How many whole loads have written the subscriber maps (each counts its write
+        of the subscriber directory: kernel.Maps.dir_writes)."""
+        return self.maps.dir_writes()
+
     def entries(self, table: str) -> int:
         """How many entries a map holds, counted by reading it whole in batches (no
         count is kept for it): ``allow``, and the data plane's LRU tables ``flows`` and

@@ -93,15 +93,18 @@ def link_reports(names: list[str]) -> dict[str, LinkReport]:
     """A LinkReport for each of ``names`` that exists, over one netlink socket, asking for
     those interfaces only (a router may have thousands of others)."""
     out = {}
-    with IPRoute() as ipr:
-        for name in names:
-            idx = ipr.link_lookup(ifname=name)
-            if not idx:
-                continue
-            link = ipr.get_links(idx[0])[0]
-            st = link.get_attr("IFLA_STATS64") or {}
-            out[name] = LinkReport(_xdp_of(link), _tc_filter(ipr, idx[0]),
-                                   {k: int(st.get(k, 0)) for k in STAT_KEYS})
+    try:
+        with IPRoute() as ipr:
+            for name in names:
+                idx = ipr.link_lookup(ifname=name)
+                if not idx:
+                    continue
+                link = ipr.get_links(idx[0])[0]
+                st = link.get_attr("IFLA_STATS64") or {}
+                out[name] = LinkReport(_xdp_of(link), _tc_filter(ipr, idx[0]),
+                                       {k: int(st.get(k, 0)) for k in STAT_KEYS})
+    except NetlinkError as e:   # an interface gone between two questions, say
+        raise KernelError(f"netlink: {e}") from e
     return out
 
 
