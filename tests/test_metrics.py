@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 from prometheus_client import generate_latest
@@ -23,6 +24,7 @@ from xdpzoot.config import load_config
 from xdpzoot.daemon import Daemon
 from xdpzoot.dataplane import kernel, schema
 from xdpzoot.dataplane.instance import Instance
+from xdpzoot.lab import in_netns
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "contrib" / "grafana" / "xdpzoot.json"
@@ -133,6 +135,35 @@ def test_every_metric_has_help_type_and_follows_the_naming(scraped):
         if line and not line.startswith("#"):
             name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group()
             assert name in described and name in typed, line
+
+
+@pytest.fixture
+def netns():
+    """A namespace of the test's own with its loopback up (the HTTP server binds there)."""
+    name = f"xzmet{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_served_over_http_and_an_address_in_use_is_one_line(scraped, netns):
+    d, _, _ = scraped
+    with in_netns(netns):
+        server = metrics.Server(d, "127.0.0.1:9386")
+        try:
+            with urlopen("http://127.0.0.1:9386/metrics", timeout=10) as r:
+                text = r.read().decode()
+                assert r.headers["Content-Type"].startswith("text/plain")
+            with pytest.raises(OSError) as e:
+                metrics.Server(d, "127.0.0.1:9386")
+        finally:
+            server.close()
+    assert str(e.value) == "metrics.listen 127.0.0.1:9386: Address already in use"
+    fams = {f.name for f in text_string_to_metric_families(text)}
+    assert {"xdpzoot_packets", "xdpzoot_table_entries", "process_cpu_seconds"} <= fams
 
 
 def forms(net: str) -> set[str]:
