@@ -16,8 +16,17 @@ tick; the time to write the whole snapshot at the end (as at a stop) and its siz
 ``--tree PATH`` runs the driver against another checkout's src/ (the same Daemon API) for a
 before/after figure in one run.
 
+The metrics (a tree that has xdpzoot/metrics.py): the instance also holds a CSAM list of
+``--csam`` addresses (1M, loaded with the CLI) and a full flow table (xz_flows, written in
+batches: the largest LRU table the tick's census walks, once a minute). The driver runs in
+a network namespace of its own and serves the metrics there on 127.0.0.1, as `xdpzoot run`
+does; reported: the cost of one scrape in the daemon's process (the exposition built, wall
+and CPU time of the serving thread, median of ``--scrapes``), then ``--ticks`` ticks again
+while another process scrapes every 0.25 s over HTTP (the tick's median with scrapes next
+to the one without, and the scrapes' latency).
+
     sudo .venv/bin/python bench/bench_daemon.py                 # 1M subscribers, 8 ticks
-    sudo .venv/bin/python bench/bench_daemon.py --subscribers 100000 --json
+    sudo .venv/bin/python bench/bench_daemon.py --subscribers 100000 --csam 100000 --json
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -84,14 +94,24 @@ def subscriber_file(path: Path, n: int) -> None:
             f.write(f"{i + 1},{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255},static\n")
 
 
-def config(path: Path, tmp: Path, n: int) -> None:
+def csam_file(path: Path, n: int) -> None:
+    """``n`` IPv4 addresses from 100.96.0.0/11 upwards (no subscriber's)."""
+    base = (100 << 24) | (96 << 16)
+    with path.open("w") as f:
+        for i in range(n):
+            a = base + i
+            f.write(f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}\n")
+    path.chmod(0o600)
+
+
+def config(path: Path, tmp: Path, n: int, csam: int = 0, metrics: bool = True) -> None:
     room = max(n + n // 10, 4096)
     path.write_text(f"""\
 [limits]
 hosts = {room}
 subscribers = {room}
 prefixes = 1024
-csam_hosts = 4096
+csam_hosts = {max(csam + csam // 10, 4096)}
 csam_prefixes = 1024
 
 [bandwidth]
@@ -99,7 +119,10 @@ rules = "{tmp}/rules.toml"
 state = "{tmp}/state/state.msgpack"
 audit = "{tmp}/state/audit.jsonl"
 tick_seconds = 10
-""")
+""" + ("""
+[metrics]
+listen = ""   # served by the driver, in its namespace
+""" if metrics else ""))
 
 
 # ---- the driver: runs in a process of its own, against the tree under test -----------------
@@ -170,8 +193,15 @@ def driver(args: argparse.Namespace) -> None:
     d.start()
     start_s = time.perf_counter() - t0
     inst = getattr(d, "inst", None) or getattr(d, "maps", None)
+    metrics = None
+    with contextlib.suppress(ImportError):
+        from xdpzoot import metrics
+    if metrics is not None:
+        fill_flows(lib, args.pin)
     for obj, name, label in ((inst, "owners", "owners (map columns)"),
+                             (inst, "class_columns", "owners (map columns)"),
                              (inst, "owner_ids", "owners (map columns)"),
+                             (getattr(d, "census", None), "take", "census (metrics)"),
                              (inst, "volumes", "counters (state array)"),
                              (inst, "byte_counters", "counters (state array)"),
                              (d, "_counters", "counters that moved (all)"),
@@ -186,13 +216,20 @@ def driver(args: argparse.Namespace) -> None:
     d.tick()
     first = time.perf_counter() - t0
     phases.clear()
-    ticks = []
-    for _ in range(args.ticks):
-        traffic()
-        now[0] += 10   # the config's tick_seconds
-        t0 = time.perf_counter()
-        d.tick()
-        ticks.append(time.perf_counter() - t0)
+
+    def ticking() -> list[float]:
+        out = []
+        for _ in range(args.ticks):
+            traffic()
+            now[0] += 10   # the config's tick_seconds
+            t0 = time.perf_counter()
+            d.tick()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    ticks = ticking()
+    phase_medians = {k: statistics.median(v) for k, v in phases.items()}
+    phase_max = {k: max(v) for k, v in phases.items()}
     snap = Path(d.cfg.bandwidth.state)
     from xdpzoot.bandwidth import store
 
@@ -202,9 +239,100 @@ def driver(args: argparse.Namespace) -> None:
     print(json.dumps({
         "start_s": start_s, "first_tick_s": first, "ticks_s": ticks,
         "tick_median_s": statistics.median(ticks), "snapshot_s": snapshot_s,
-        "phases_median_s": {k: statistics.median(v) for k, v in phases.items()},
+        "phases_median_s": phase_medians, "phases_max_s": phase_max,
         "snapshot_bytes": snap.stat().st_size if snap.exists() else None,
+        "metrics": scrapes(args, d, metrics, ticking) if metrics is not None else None,
     }))
+
+
+# ---- the metrics: a scrape's cost in the daemon's process, and the ticks meanwhile ----------
+
+# Another process scraping every EVERY seconds until it is terminated (by its pid).
+SCRAPER = """
+import sys, time, urllib.request
+url, every = sys.argv[1], float(sys.argv[2])
+while True:
+    t0 = time.monotonic()
+    with urllib.request.urlopen(url, timeout=10) as r:
+        r.read()
+    time.sleep(max(0.0, every - (time.monotonic() - t0)))
+"""
+
+
+def fill_flows(lib, pin: str) -> None:
+    """xz_flows full (its max_entries of distinct flows), written in batches as the data
+    plane would insert them: the census's LRU walk at its largest."""
+    import ctypes as ct
+    import struct
+
+    class Opts(ct.Structure):
+        _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+    class Info(ct.Structure):
+        _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                    ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                    ("rest", ct.c_uint8 * 128)]
+
+    fd = lib.bpf_obj_get(os.path.join(pin, "xz_flows").encode())
+    info, size = Info(), ct.c_uint32(ct.sizeof(Info))
+    if fd < 0 or lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)):
+        raise SystemExit(f"open {pin}/xz_flows: {os.strerror(ct.get_errno())}")
+    n, batch = info.max_entries, 65536
+    for start in range(0, n, batch):
+        part = range(start, min(n, start + batch))
+        keys = b"".join(struct.pack("=I", i).rjust(info.key_size, b"\0") for i in part)
+        count = ct.c_uint32(len(part))
+        opts = Opts(sz=ct.sizeof(Opts))
+        if lib.bpf_map_update_batch(fd, keys, bytes(info.value_size * len(part)),
+                                    ct.byref(count), ct.byref(opts)):
+            raise SystemExit(f"update xz_flows: {os.strerror(ct.get_errno())}")
+    os.close(fd)
+
+
+def scrapes(args: argparse.Namespace, d, metrics, ticking) -> dict:
+    """One scrape's cost in this process (the daemon's), as its HTTP server thread pays it,
+    then the ticks again while another process scrapes over HTTP."""
+    server = metrics.Server(d, "127.0.0.1:9386")
+    cost: list[tuple[float, float]] = []   # (wall, CPU of the serving thread)
+    collect = server.registry.collect
+
+    def timed_collect():
+        t0, c0 = time.perf_counter(), time.thread_time()
+        yield from collect()
+        cost.append((time.perf_counter() - t0, time.thread_time() - c0))
+
+    server.registry.collect = timed_collect
+    url = "http://127.0.0.1:9386/metrics"
+    import urllib.request
+
+    def fetch() -> int:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return len(r.read())
+
+    size = 0
+    for _ in range(args.scrapes):   # one at a time, nothing else running
+        size = fetch()
+    alone = list(cost)
+    cost.clear()
+    scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, "0.25"])
+    try:
+        time.sleep(0.5)
+        ticks = ticking()
+    finally:
+        scraper.terminate()
+    scraper.wait(30)
+    server.close()
+    during = list(cost)
+    wall = sorted(w for w, _ in alone)
+    return {"exposition_bytes": size, "alone_wall_s": wall,
+            "alone_wall_median_s": statistics.median(wall),
+            "alone_cpu_median_s": statistics.median(c for _, c in alone),
+            "during_ticks_wall_s": sorted(w for w, _ in during),
+            "during_ticks_cpu_median_s": statistics.median(c for _, c in during)
+            if during else None,
+            "scrapes_during_ticks": len(during),
+            "ticks_with_scrapes_s": ticks,
+            "tick_median_with_scrapes_s": statistics.median(ticks)}
 
 
 # ---- the set-up and the report --------------------------------------------------------------
@@ -212,10 +340,18 @@ def driver(args: argparse.Namespace) -> None:
 
 def run_tree(tree: Path, args: argparse.Namespace, cfg: Path, pin: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree / "src"))
-    r = subprocess.run([sys.executable, __file__, "--driver", "--config", str(cfg),
-                        "--pin", pin, "--subscribers", str(args.subscribers),
-                        "--ticks", str(args.ticks), "--seed", str(args.seed)],
-                       env=env, capture_output=True, text=True, timeout=3600)
+    # In a namespace of its own: the driver serves the metrics on its loopback.
+    ns = "xzbd" + secrets.token_hex(3)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--driver",
+                            "--config", str(cfg), "--pin", pin, "--subscribers",
+                            str(args.subscribers), "--ticks", str(args.ticks), "--seed",
+                            str(args.seed), "--scrapes", str(args.scrapes)],
+                           env=env, capture_output=True, text=True, timeout=3600)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
     if r.returncode != 0:
         raise SystemExit(f"driver ({tree}) failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -226,7 +362,8 @@ def prepare(tree: Path, args: argparse.Namespace, tmp: Path, pin: str) -> Path:
     (tmp / "state").mkdir(exist_ok=True)
     (tmp / "rules.toml").write_text(RULES)
     cfg = tmp / "xdpzoot.toml"
-    config(cfg, tmp, args.subscribers)
+    config(cfg, tmp, args.subscribers, args.csam,
+           metrics=(tree / "src" / "xdpzoot" / "metrics.py").exists())
     subs = tmp / "subscribers.csv"
     if not subs.exists():
         subscriber_file(subs, args.subscribers)
@@ -238,6 +375,15 @@ def prepare(tree: Path, args: argparse.Namespace, tmp: Path, pin: str) -> Path:
     if r.returncode != 0:
         raise SystemExit(f"subscribers load ({tree}) failed:\n{r.stderr}")
     log(f"  {args.subscribers:,} subscribers loaded in {time.perf_counter() - t0:.1f} s")
+    if args.csam:
+        lst = tmp / "csam.txt"
+        if not lst.exists():
+            csam_file(lst, args.csam)
+        r = subprocess.run([*CLI, "--config", str(cfg), "--pin-dir", pin, "blocklist", "load",
+                            str(lst)], env=env, capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise SystemExit(f"blocklist load ({tree}) failed:\n{r.stderr}")
+        log(f"  a CSAM list of {args.csam:,} addresses loaded")
     return cfg
 
 
@@ -255,7 +401,20 @@ def report(name: str, r: dict) -> None:
         f"snapshot written in {r['snapshot_s'] * 1000:.0f} ms, "
         f"{(r['snapshot_bytes'] or 0) / 1e6:.1f} MB)")
     for k, v in r["phases_median_s"].items():
-        log(f"    {k:28s} {v * 1000:8.1f} ms")
+        top = r.get("phases_max_s", {}).get(k, v)
+        log(f"    {k:28s} {v * 1000:8.1f} ms (slowest {top * 1000:.1f})")
+    m = r.get("metrics")
+    if m:
+        log(f"  metrics: one scrape, {m['exposition_bytes'] / 1000:.0f} kB: "
+            f"{m['alone_wall_median_s'] * 1000:.1f} ms (CPU "
+            f"{m['alone_cpu_median_s'] * 1000:.1f} ms) in the daemon's process, median of "
+            f"{len(m['alone_wall_s'])}, slowest {max(m['alone_wall_s']) * 1000:.1f} ms")
+        during = m["during_ticks_wall_s"]
+        if during:
+            log(f"  while ticking: {m['scrapes_during_ticks']} scrapes, median "
+                f"{statistics.median(during) * 1000:.1f} ms, slowest {max(during) * 1000:.1f}"
+                f" ms; tick median {m['tick_median_with_scrapes_s'] * 1000:.0f} ms with "
+                f"scrapes every 0.25 s, {r['tick_median_s'] * 1000:.0f} ms without")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--subscribers", type=int, default=1_000_000)
     ap.add_argument("--ticks", type=int, default=8)
+    ap.add_argument("--csam", type=int, default=1_000_000,
+                    help="CSAM list addresses loaded (0: none)")
+    ap.add_argument("--scrapes", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tree", action="append", default=[],
                     help="another checkout to time too (its src/), e.g. before a change")

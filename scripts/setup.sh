@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc libbpf1 python3-venv python3-pip iproute2 dnsmasq-base
       iperf3 ipset iptables nftables tcpdump iputils-ping ethtool bpftool
-      freeradius-utils)
+      freeradius-utils prometheus)
 # Headers bcc compiles against: the running kernel's own package when it exists,
 # otherwise the distribution's generic headers (linked below).
 KVER=$(uname -r)
@@ -40,6 +40,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     pkgs=()
     for p in "${missing[@]}"; do [ "$p" != "__headers__" ] && pkgs+=("$p"); done
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" "${hdr[@]}" >/dev/null
+    # prometheus is there for its binaries (promtool, and the server the metrics lab test
+    # starts in a namespace of its own): the service the package starts is not needed.
+    if [[ " ${pkgs[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # A kernel without its own headers package: give bcc a build tree made of
@@ -67,5 +72,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
-.venv/bin/python -c 'import bcc, pyroute2, click, msgpack, numpy, pyrad'
+.venv/bin/python -c 'import bcc, pyroute2, click, msgpack, numpy, pyrad, prometheus_client'
 echo "setup: ok"

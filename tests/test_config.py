@@ -17,6 +17,7 @@ from xdpzoot.config import (
     Interfaces,
     Ip53b,
     Limits,
+    Metrics,
     Op25b,
     Sources,
     Suspend,
@@ -49,6 +50,7 @@ def test_defaults() -> None:
     assert c.sources == Sources(subscribers="")
     assert c.limits == Limits(hosts=262144, prefixes=65536, allow=4096)
     assert c.dataplane == Dataplane(bypass=False, monitor=False, fast_path=False)
+    assert c.metrics == Metrics(listen="127.0.0.1:9386")
 
 
 def test_empty_sections_are_defaults() -> None:
@@ -112,6 +114,9 @@ def test_frozen_and_replace() -> None:
                      Interfaces(access=("abcdefghijklmno",)), id="interface-15-chars"),
         pytest.param('[interfaces]\nhook = "tc"\nmode = "generic"', "interfaces",
                      Interfaces(hook="tc", mode="generic"), id="hook-mode"),
+        pytest.param('[metrics]\nlisten = "[::1]:9100"', "metrics", Metrics("[::1]:9100"),
+                     id="metrics-listen"),
+        pytest.param('[metrics]\nlisten = ""', "metrics", Metrics(""), id="metrics-off"),
         pytest.param('[op25b]\nenabled = false\naction = "reject"\nipv6 = false\n'
                      'allow = ["192.0.2.25", "2001:db8::/32", " 198.51.100.0/24 "]', "op25b",
                      Op25b(False, "reject", False, (
@@ -245,11 +250,19 @@ SIZE = "must be an integer 1..16777216, got "
         pytest.param("[nocsam]\nlist = 'x'",
                      ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "bandwidth, "
-                      "sources, limits, dataplane, radius)"], id="unknown-section"),
+                      "sources, limits, dataplane, radius, metrics)"], id="unknown-section"),
+        pytest.param('[metrics]\nlisten = "localhost:9386"',
+                     ['metrics.listen: must be "ADDRESS:PORT" or "[IPV6]:PORT", got '
+                      "'localhost:9386'"], id="metrics-listen-name"),
+        pytest.param('[metrics]\nlisten = "127.0.0.1:0"',
+                     ['metrics.listen: must be "ADDRESS:PORT" or "[IPV6]:PORT", got '
+                      "'127.0.0.1:0'"], id="metrics-listen-port"),
+        pytest.param("[metrics]\nport = 9386",
+                     ["metrics.port: unknown key (known: listen)"], id="metrics-unknown-key"),
         pytest.param("bypass = true",
                      ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
                       "bandwidth, "
-                      "sources, limits, dataplane, radius)"], id="top-level-key"),
+                      "sources, limits, dataplane, radius, metrics)"], id="top-level-key"),
         pytest.param("op25b = true", ["op25b: must be a table ([op25b]), got true"],
                      id="section-not-a-table"),
         pytest.param("[[op25b]]\nenabled = true",
@@ -285,7 +298,7 @@ hosts = 0
         "op25b.colour: unknown key (known: enabled, action, ipv6, allow)",
         "limits.hosts: must be an integer 1..16777216, got 0",
         "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
-        "sources, limits, dataplane, radius)",
+        "sources, limits, dataplane, radius, metrics)",
         # Cross-checked although access has a problem of its own: one round of fixes.
         "interfaces.core: 'eth0' is also an access interface",
     ]

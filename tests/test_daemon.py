@@ -66,6 +66,8 @@ prefixes = 1024
 subscribers = 1024
 csam_hosts = 1024
 csam_prefixes = 1024
+[metrics]
+listen = ""   # `run` runs in the host's namespace here: no port of the host's
 """)
     r = subprocess.run([sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir",
                         pin, "subscribers", "load", str(tmp_path / "subs.csv")],

@@ -304,6 +304,8 @@ class Daemon:
         (tmp_path / "subs.csv").write_text(SUBS)
         self.cfg = tmp_path / "xdpzoot.toml"
         self.cfg.write_text(LIMITS + f"""
+[metrics]
+listen = ""   # the daemon runs in the host's namespace here: no port of the host's
 [bandwidth]
 rules = "{tmp_path}/rules.toml"
 state = "{state_dir}/state.msgpack"

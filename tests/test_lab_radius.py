@@ -4,22 +4,33 @@ subscriber. The subscriber reconnects on a new address (Stop, then Start) in the
 its uploads: its volume continues in the same contract (one volume rule counts both
 sessions), the throttle that rule set holds on the new address at once (the contract's
 state slot is the same), OP25B still applies, and the old address is the pool's again.
+
+Then the metrics endpoint under a real Prometheus (in this lab: the daemon serving RADIUS
+too): a Prometheus server the test starts in the router's namespace scrapes `xdpzoot run`
+every second, and the test asks its HTTP API for the OP25B drop counter after real SMTP
+attempts, for the CSAM generation and digest after a second list is loaded, and for the
+RADIUS listener's counters after a radclient Start. The scrape itself, fetched over HTTP,
+parses with prometheus-client's parser and holds no list entry and no subscriber address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 import uuid
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from xdpzoot.dataplane.instance import Instance
-from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run, wait_for
+from xdpzoot.lab import Lab, LabRouter, in_netns, lab_config, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -32,6 +43,10 @@ NEW_ADDR = "100.64.1.77"       # the address of the second session (the first: l
 SECRET = "lab-bras-secret"
 PORT = 5301
 PACE = "30M"                   # iperf3 --fq-rate: the sender is paced, as in test_lab_bandwidth
+METRICS = "127.0.0.1:9386"     # inside the router's namespace: its own loopback
+PROMETHEUS = "127.0.0.1:9390"
+LIST_A = "# list A\n192.0.2.99\n203.0.113.200/29\n2001:db8:bad::/48\n"
+LIST_B = LIST_A + "192.0.2.98\n"
 
 SUBSCRIBERS = f"""\
 subscriber,address,type,up_kbps,down_kbps,flags,plan,user
@@ -66,7 +81,12 @@ class Router(LabRouter):
         with os.fdopen(fd, "w") as f:
             f.write(SECRET + "\n")
         (d / "rules.toml").write_text(RULES)
+        for name, text in (("a.txt", LIST_A), ("b.txt", LIST_B)):   # CSAM lists
+            (d / name).write_text(text)
+            (d / name).chmod(0o600)
         cfg = lab_config(self.lab, d, extra=f"""\
+[metrics]
+listen = "{METRICS}"
 [radius]
 listen = "127.0.0.1:1813"
 session_timeout = 600
@@ -219,3 +239,137 @@ def test_reconnect_keeps_the_contract(lab, router, tmp_path):
         netns_run(lab.dyn, "ip", "route", "replace", "default", "via", lab.addr["rtr_dyn4"],
                   check=False)
         router.cli("unthrottle", str(CONTRACT), check=False)
+
+
+# ---- the metrics endpoint under a real Prometheus ------------------------------------------
+
+SMTP_SHORT = """
+import smtplib, socket, sys
+try:
+    with smtplib.SMTP(sys.argv[1], 25, local_hostname="client.lab.test", timeout=1.5) as s:
+        s.sendmail("a@example.test", ["b@example.test"], "Subject: x\\r\\n\\r\\nx\\r\\n")
+    print("sent")
+except (socket.timeout, TimeoutError):
+    print("timeout")
+"""
+
+
+def get(url: str, ns: str, timeout: float = 5) -> bytes:
+    """An HTTP GET from inside ``ns`` (this thread enters it for the request)."""
+    with in_netns(ns), urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def query(lab: Lab, expr: str) -> float | None:
+    """The value of an instant query against the test's Prometheus that has one series."""
+    url = f"http://{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = json.loads(get(url, lab.router))
+    assert body["status"] == "success", body
+    res = body["data"]["result"]
+    return float(res[0]["value"][1]) if len(res) == 1 else None
+
+
+@pytest.fixture
+def prometheus(lab, router, tmp_path):
+    """Prometheus scraping the router's `xdpzoot run` every second, and the daemon, in the
+    router's namespace, list A in force; both killed by pid at the end. Prometheus starts
+    first: it sees a new target only some 5 s after it started (its discovery's pace)."""
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus missing: make setup installs the prometheus package"
+    (tmp_path / "prometheus.yml").write_text(f"""\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: xdpzoot
+    static_configs:
+      - targets: ["{METRICS}"]
+""")
+    procs = {}
+    try:
+        for name, argv in (("prometheus", [exe, f"--config.file={tmp_path}/prometheus.yml",
+                                           f"--storage.tsdb.path={tmp_path}/data",
+                                           f"--web.listen-address={PROMETHEUS}",
+                                           "--log.level=warn"]),
+                           ("daemon", router.argv("run"))):
+            if name == "daemon":
+                router.cli("blocklist", "load", str(router.workdir / "a.txt"))
+            with open(tmp_path / f"{name}.log", "w") as log:
+                procs[name] = subprocess.Popen(["ip", "netns", "exec", lab.router, *argv],
+                                               stdin=subprocess.DEVNULL, stdout=log,
+                                               stderr=log)
+
+        def up() -> bool:
+            for name, p in procs.items():
+                assert p.poll() is None, (tmp_path / f"{name}.log").read_text()
+            try:
+                return query(lab, 'up{job="xdpzoot"}') == 1
+            except OSError:   # not listening yet
+                return False
+
+        wait_for(up, 60, "Prometheus scraping the daemon")
+        yield tmp_path
+        procs["daemon"].send_signal(signal.SIGTERM)
+        assert procs["daemon"].wait(30) == 0, (tmp_path / "daemon.log").read_text()
+    finally:
+        for p in procs.values():   # ours, by pid
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_metrics_under_prometheus(lab, router, prometheus):
+    # The scrape as Prometheus gets it: it parses, every family has HELP and TYPE, our
+    # programs are on the three interfaces, no list entry or subscriber address is in it.
+    text = get(f"http://{METRICS}/metrics", lab.router).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert all(f.documentation and f.type != "unknown" for f in fams.values())
+    attached = {s.labels["interface"]: s.value
+                for s in fams["xdpzoot_interface_attached"].samples}
+    assert attached == {name: 1 for name in (*lab.access, *lab.core)}
+    build = fams["xdpzoot_build_info"].samples[0].labels
+    assert (build["hook"], build["mode"]) == ("xdp", "generic")
+    entries = [x for x in LIST_B.splitlines() if x and not x.startswith("#")]
+    rows = [row.split(",")[1] for row in SUBSCRIBERS.splitlines()[1:]]
+    for net in [*entries, *filter(None, rows), lab.addr["dyn4"], NEW_ADDR]:
+        assert net.split("/")[0] not in text, f"{net} appears in the exposition"
+
+    # OP25B: real SMTP attempts from the dynamic subscriber; Prometheus gets the count
+    # that `xdpzoot stats` reads.
+    for _ in range(2):
+        got = netns_run(lab.dyn, sys.executable, "-c", SMTP_SHORT, lab.addr["inet4"],
+                        timeout=20).stdout.strip()
+        assert got == "timeout", got
+    drops = sum(r["packets"] for r in router.json("stats")["counters"]
+                if (r["role"], r["verdict"], r["reason"]) == ("access", "drop", "op25b"))
+    assert drops >= 2
+    expr = 'xdpzoot_packets_total{role="access",verdict="drop",reason="op25b"}'
+    wait_for(lambda: query(lab, expr) == drops, 30, f"Prometheus to have {drops} OP25B drops")
+
+    # The CSAM list swapped: the other generation, list B's digest, its counts.
+    gen = query(lab, "xdpzoot_csam_generation")
+    router.cli("blocklist", "load", str(router.workdir / "b.txt"))
+    wait_for(lambda: query(lab, "xdpzoot_csam_generation") == 1 - gen, 30,
+             "Prometheus to have the new CSAM generation")
+    sha = hashlib.sha256(LIST_B.encode()).hexdigest()[:16]
+    assert query(lab, f'xdpzoot_csam_list_info{{sha256="{sha}"}}') == 1
+    assert query(lab, 'xdpzoot_csam_entries{kind="host",family="ipv4"}') == 2
+
+    # RADIUS: a Start is counted and its session held.
+    starts = query(lab, 'xdpzoot_radius_requests_total{kind="start"}') or 0
+    radclient(lab, session("Start", "m1", NEW_ADDR))
+    wait_for(lambda: query(lab, 'xdpzoot_radius_requests_total{kind="start"}') == starts + 1,
+             30, "Prometheus to count the RADIUS Start")
+    assert query(lab, "xdpzoot_radius_sessions") >= 1
+    radclient(lab, session("Stop", "m1", NEW_ADDR))
+
+    # Our program taken off an interface behind xdpzoot's back: what the alert watches.
+    gone = lab.access[1]
+    expr = f'xdpzoot_interface_attached{{interface="{gone}"}}'
+    netns_run(lab.router, "ip", "link", "set", "dev", gone, "xdpgeneric", "off")
+    try:
+        wait_for(lambda: query(lab, expr) == 0, 30, f"Prometheus to see {gone} without XDP")
+    finally:   # the pinned program back on it
+        netns_run(lab.router, "ip", "link", "set", "dev", gone, "xdpgeneric", "pinned",
+                  f"{router.pin_dir}/prog_xdp_access")
+    wait_for(lambda: query(lab, expr) == 1, 30, f"Prometheus to see {gone} with XDP again")

@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_radius import (  # noqa: F401 (netns, radclient_installed: fixtures)
     BRAS1,
     BRAS2,
@@ -191,6 +193,16 @@ def test_radius_command_then_the_daemon(router: dict, netns: str) -> None:  # no
     p = serving(router, netns, ("run",), "running:")
     try:
         assert session_entry(router, "100.64.0.5")[0] is not None
+        # a CoA sets the contract's rates: the metrics count it by cause, and the request
+        rc, out = radclient(netns, BRAS1, "coa", SECRET, {
+            "User-Name": q(USER), "Mikrotik-Rate-Limit": q("10M/50M")})
+        assert rc == 0 and "Received CoA-ACK" in out, out
+        with in_netns(netns), urlopen("http://127.0.0.1:9386/metrics", timeout=10) as resp:
+            got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in
+                   text_string_to_metric_families(resp.read().decode()) for s in f.samples}
+        assert got[("xdpzoot_subscribers_throttled", (("cause", "coa"),))] == 1
+        assert got[("xdpzoot_radius_requests_total", (("kind", "coa"),))] == 1
+        assert got[("xdpzoot_radius_sessions", ())] == 2   # both restored from the snapshot
         rc, out = radclient(netns, BRAS1, "acct", SECRET,
                             dict(RC_START, **{"Acct-Status-Type": "Stop"}))
         assert rc == 0 and "Accounting-Response" in out, out

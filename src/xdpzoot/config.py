@@ -26,6 +26,7 @@ __all__ = [
     "Interfaces",
     "Ip53b",
     "Limits",
+    "Metrics",
     "Op25b",
     "Radius",
     "RadiusClient",
@@ -168,6 +169,13 @@ class Radius:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """The Prometheus endpoint of ``xdpzoot run`` (README.md, "Metrics")."""
+
+    listen: str = "127.0.0.1:9386"  # "HOST:PORT" of the HTTP exposition; "" = off
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``Config()`` holds the defaults."""
 
@@ -181,6 +189,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     dataplane: Dataplane = field(default_factory=Dataplane)
     radius: Radius = field(default_factory=Radius)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def defines(self) -> list[str]:
         """The bcc cflags that size the maps (see XZ_MAX_* in bpf/xdpzoot.h)."""
@@ -467,6 +476,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
         "require_message_authenticator": _boolean,
         "disconnect": _choice("suspend", "session"), "state": _path, "client": _clients,
     },
+    "metrics": {"listen": _listen},
 }
 _SECTIONS: dict[str, type[Any]] = {
     "interfaces": Interfaces,
@@ -479,6 +489,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": Limits,
     "dataplane": Dataplane,
     "radius": Radius,
+    "metrics": Metrics,
 }
 
 

@@ -8,7 +8,8 @@ its state atomically (every ``snapshot_seconds``, and after any tick that decide
 something) so that a restart (or a crash) resumes windows and throttles. SIGTERM stops it
 cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules, and
 the RADIUS listener takes its new [radius] section (started or stopped if it turned on
-or off).
+or off). It serves Prometheus metrics on ``[metrics] listen`` (metrics.py), read at each
+scrape on a thread of the HTTP server's.
 
 Time and sleep are parameters: the tests run a month in milliseconds.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xdpzoot import tables
+from xdpzoot import metrics, tables
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.bandwidth import rules as volume_rules
 from xdpzoot.config import load_config
@@ -55,6 +56,7 @@ class Congestion:
     active: bool = False
     _last: tuple[float, int] | None = None
     _since: float | None = None   # since when the level is on the other side
+    utilisation: float | None = None   # the last measure, a share of capacity_kbps
 
     def feed(self, now: float, total_bytes: int) -> bool:
         """Take the interfaces' byte counter; returns whether congestion mode is on."""
@@ -62,7 +64,8 @@ class Congestion:
         if last is None or now <= last[0] or self.capacity_kbps <= 0:
             return self.active
         kbps = max(0, total_bytes - last[1]) * 8 / 1000 / (now - last[0])
-        pct = 100 * kbps / self.capacity_kbps
+        self.utilisation = kbps / self.capacity_kbps
+        pct = 100 * self.utilisation
         crossing = pct < self.share - self.hysteresis if self.active else pct > self.share
         if not crossing:
             self._since = None
@@ -101,6 +104,9 @@ class Daemon:
     _throttled: set[int] | None = None   # slots with a throttle after the last tick
     _saved: tuple[float, int] = (0.0, -1)   # the last snapshot: when, acct.decisions then
     radius: object = None   # radius_service.RadiusService, on a thread of its own
+    stats: metrics.Stats = field(default_factory=metrics.Stats)   # for the metrics
+    census: metrics.Census = field(default_factory=metrics.Census)
+    server: metrics.Server | None = None   # the metrics endpoint, while run() runs
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,12 +159,18 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: reread the config and the rules; windows and throttles are kept. Then
-        the RADIUS listener's part (:meth:`_reload_radius`)."""
+        the RADIUS listener's part (:meth:`_reload_radius`); the metrics endpoint moves
+        when ``[metrics] listen`` changed."""
         self.cfg = load_config(self.config_path)
         self.inst.configure(self.cfg)
         self._load_rules(resume=False)
         log("config and rules reloaded")
         self._reload_radius()
+        if (self.server.listen if self.server else "") != self.cfg.metrics.listen:
+            try:
+                self._serve_metrics()
+            except OSError as e:
+                log(f"metrics not served: {e}")
 
     def _reload_radius(self) -> None:
         """Start the listener if [radius] listen or coa_listen turned on (or it had
@@ -186,6 +198,14 @@ class Daemon:
             log(f"radius: not started: {e}" if self.radius is None else
                 f"radius: reload failed, keeping the old config: {e}")
 
+    def _serve_metrics(self) -> None:
+        """Serve ``[metrics] listen`` (none when it is ""), closing what was served."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.cfg.metrics.listen:
+            self.server = metrics.Server(self, self.cfg.metrics.listen)
+
     # -- the tick ---------------------------------------------------------------------------
     def tick(self) -> list:
         """One round: count, decide, enforce, persist. Returns the actions taken.
@@ -195,18 +215,26 @@ class Daemon:
         they are made (two thirds of a first tick at 1M). What the tick made is walked once
         at its end; the whole heap hourly (_persist)."""
         gc.disable()
+        t0, ok = time.perf_counter(), False
         try:
-            return self._tick()
+            actions = self._tick()
+            ok = True
+            return actions
         finally:
             gc.collect(1)
             gc.enable()
+            self.stats.ticked(ok, time.perf_counter() - t0, self.clock())
 
     def _tick(self) -> list:
         now = self.clock()
-        counters = self._counters()
+        columns = self.inst.class_columns()
+        counters = self._counters(columns)
+        self.census.take(self.inst, columns, self._owners, now)
+        del columns
         plans, self.plans_changed = (self.plans if self.plans_changed else None), False
         actions = self.acct.observe(now, counters, plans)
         for a in actions:
+            self.stats.decisions[(a.rule, a.action)] += 1
             if a.action in ("suspend", "unsuspend"):
                 # Another rule may still hold the subscriber suspended.
                 on = a.values.get("suspended", a.action == "suspend")
@@ -218,12 +246,13 @@ class Daemon:
         self._persist(now)
         return actions
 
-    def _counters(self) -> dict[int, tuple[int, int]]:
+    def _counters(self, columns) -> dict[int, tuple[int, int]]:
         """Subscriber -> (bytes up, bytes down) so far, for the slots whose counters moved
         since the last tick; for every owned slot when the owners changed (a load, a slot
         given to another subscriber), so that a new subscriber's first counter, its
-        baseline, is seen at once."""
-        owners, counts = self.inst.owner_ids(), self.inst.byte_counters()
+        baseline, is seen at once. ``columns``: the subscriber maps' values
+        (Instance.class_columns), which say who owns each slot."""
+        owners, counts = self.inst.owner_ids(columns), self.inst.byte_counters()
         if self._owners is None or not np.array_equal(owners, self._owners):
             moved = owners != 0
             slots = np.flatnonzero(moved)
@@ -243,9 +272,11 @@ class Daemon:
         (store.py). What cannot be written (a full disk, a read-only directory) is retried
         on the next tick: the actions stay queued, and each snapshot holds the whole state."""
         b = self.cfg.bandwidth
-        if self.unaudited and self._write("audit log", b.audit,
-                                          lambda: self.audit.write(self.unaudited)):
-            self.unaudited = []
+        if self.unaudited:
+            if self._write("audit log", b.audit, lambda: self.audit.write(self.unaudited)):
+                self.unaudited = []
+            else:
+                self.stats.audit_failures += 1
         if now - self._last_purge >= 3600:
             self._write("audit log", b.audit, lambda: self.audit.purge(now))
             self._last_purge = now
@@ -257,6 +288,10 @@ class Daemon:
             if self._write("snapshot", b.state,
                            lambda: store.save_snapshot(b.state, self.acct.snapshot())):
                 self._saved = (now, decisions)
+                self.stats.snapshots += 1
+                self.stats.last_snapshot = now
+            else:
+                self.stats.snapshot_failures += 1
 
     def _write(self, what: str, path: str, write: Callable[[], object]) -> bool:
         """One write to the state directory. A failure is logged once per condition (not
@@ -283,7 +318,8 @@ class Daemon:
         if self._throttled is None:   # the first tick: whatever is in force, from anyone
             held = self.inst.throttle_rates().any(axis=1) & (self._owners != 0)
             self._throttled = set(np.flatnonzero(held).tolist())
-        expired, self._throttled = self.inst.enforce_rates(now, want, self._throttled)
+        expired, self._throttled, by_hand = self.inst.enforce_rates(now, want, self._throttled)
+        self.census.throttled = {"rule": len(want), "hand": by_hand}
         for slot in expired:
             log(f"throttle set by hand on slot {slot} expired")
 
@@ -297,6 +333,7 @@ class Daemon:
             log(f"congestion mode {'on' if on else 'off'} (auto)")
             self.unaudited.append(accounting.Action(now, 0, "congestion", "congestion",
                                                     None, {"on": on}))
+            self.stats.decisions[("congestion", "on" if on else "off")] += 1
 
     # -- source files -----------------------------------------------------------------------
     def _sources(self) -> list[str]:
@@ -320,6 +357,7 @@ class Daemon:
             if self.watched.get(path) == stamp:
                 continue
             self.watched[path] = stamp
+            source = "subscribers" if path == self.cfg.sources.subscribers else "csam"
             try:
                 with self.inst.locked():
                     if path == self.cfg.sources.subscribers:
@@ -341,8 +379,10 @@ class Daemon:
                         data, _ = csam.read_list(path, False, limit)
                         r = self.inst.load_csam(data, path, max_shrink=self.cfg.csam.max_shrink)
                         log(f"CSAM list reloaded: generation {r['generation']}")
+                self.stats.syncs[source] += 1
             except (SourceError, kernel.KernelError, OSError) as e:
                 log(f"not applied: {e}")   # the maps keep what they had
+                self.stats.sync_failures[source] += 1
 
     # -- loop -------------------------------------------------------------------------------
     def run(self, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -350,7 +390,10 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_wanted", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop_wanted", True))
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload_wanted", True))
-        log(f"running: {self.pin_dir}, tick {self.cfg.bandwidth.tick_seconds} s")
+        self._serve_metrics()
+        log(f"running: {self.pin_dir}, tick {self.cfg.bandwidth.tick_seconds} s, "
+            + (f"metrics on http://{self.cfg.metrics.listen}/metrics" if self.server
+               else "no metrics endpoint"))
         while not self.stop_wanted:
             if self.reload_wanted:
                 self.reload_wanted = False
@@ -368,4 +411,6 @@ class Daemon:
         self._persist(self.clock(), snapshot=True)
         if self.radius is not None:
             self.radius.stop()
+        if self.server is not None:
+            self.server.close()
         log("stopped; the data plane keeps enforcing")

@@ -56,6 +56,7 @@ class RadiusService:
         self.inst = Instance(pin_dir, cfg.defines())
         self.users: dict[str, int] = {}
         self.counts: Counter[str] = Counter()   # apply_sessions': unknown, conflict, ...
+        self.rated: set[int] = set()   # contracts whose rates a CoA set, until a load
         self._stamp: tuple[int, int] | None = None
         self._loads = -1   # the instance's count of whole directory writes (loads) seen
         self.listener, self.acct, self.coa = open_listener(cfg.radius, self.apply, self.act)
@@ -86,6 +87,8 @@ class RadiusService:
         """Suspend or rate the contracts, then audit it (a failed audit write is logged:
         the action stands)."""
         sids = self.inst.act(action, self.users)
+        if action.kind == "rate":
+            self.rated.update(sids)
         rate = action.down_kbps if action.kind == "rate" else None
         values = ({"suspended": True} if action.kind == "suspend" else
                   {"up_kbps": action.up_kbps, "down_kbps": action.down_kbps})
@@ -145,7 +148,10 @@ class RadiusService:
             # parsed on a thread: answers go on meanwhile (the GIL allowing)
             read = self._file_stamp() != self._stamp and \
                 await loop.run_in_executor(None, self.read_users)
-            if read or self.inst.maps.dir_writes() != self._loads:
+            loaded = self.inst.maps.dir_writes() != self._loads
+            if loaded:
+                self.rated.clear()   # a load gives every contract the file's rates again
+            if read or loaded:
                 self.converge()
 
     # --- serving ---------------------------------------------------------------------------

@@ -138,14 +138,17 @@ def top(o: Ctx, key, count, as_json) -> None:
 @main.command(epilog="""\b
 Examples:
   xdpzoot run                  # under systemd: systemd/xdpzoot.service
-  xdpzoot --config /etc/xdpzoot/xdpzoot.toml run""")
+  xdpzoot --config /etc/xdpzoot/xdpzoot.toml run
+  curl -s http://127.0.0.1:9386/metrics | grep xdpzoot_packets_total""")
 @click.pass_obj
 def run(o: Ctx) -> None:
     """The controller: accounting, volume rules, congestion mode, source sync.
 
-    SIGTERM stops it (the data plane keeps enforcing); SIGHUP rereads the config and the
-    rules, and the RADIUS listener takes a changed [radius] section or secret file while
-    serving (sessions kept; one that fails is logged and the old one stays)."""
+    Serves Prometheus metrics on [metrics] listen (default http://127.0.0.1:9386/metrics;
+    "" = off), and RADIUS when [radius] listen or coa_listen is set. SIGTERM stops it
+    (the data plane keeps enforcing); SIGHUP rereads the config and the rules, and the
+    RADIUS listener takes a changed [radius] section or secret file while serving
+    (sessions kept; one that fails is logged and the old one stays)."""
     from xdpzoot.daemon import Daemon
 
     def go():

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from xdpzoot import sync, tables
 from xdpzoot.dataplane import blocklist, dirs, kernel, loader, schema
-from xdpzoot.dataplane.layout import LPM_KEY, Entry, Event, Volume
+from xdpzoot.dataplane.layout import LPM_KEY, WORDS, Entry, Event, Volume
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import CsamList
 
@@ -413,15 +413,15 @@ class Instance:
                     self.maps.set_manual(slot, min(x for x in (up, down) if x), 0)
 
     def enforce_rates(self, now: float, rule_rates: dict[int, int], slots: Iterable[int]
-                      ) -> tuple[list[int], set[int]]:
+                      ) -> tuple[list[int], set[int], int]:
         """The daemon's throttles: expire those set by hand whose time is up, then make
         every slot's throttle the lowest of the rules' (``rule_rates``, slot -> kbps) and
         the hand-set one, for those slots, the hand-set ones' and ``slots`` (owned slots
         that may hold a throttle: those in force at the last call, or every slot with one
         found by :meth:`throttle_rates`); the switch on while any is in force.
         One critical section: a `throttle` cannot come between the read of the hand-set
-        ones and the switch. Returns the slots whose hand-set throttle expired, and those
-        with a throttle in force now."""
+        ones and the switch. Returns the slots whose hand-set throttle expired, those
+        with a throttle in force now, and how many of them have one set by hand."""
         with self.locked():
             manual = self.maps.manual_throttles()
             expired = [s for s, (_, until) in manual.items() if until and until <= now]
@@ -436,7 +436,7 @@ class Instance:
                 if self.maps.get_throttle(slot) != (rate, rate):
                     self.maps.set_throttle(slot, rate, rate)
             self.maps.set_throttles_switch(bool(want))
-        return expired, set(want)
+        return expired, set(want), len(manual)
 
     # ---- what the daemon and `top` read -------------------------------------------------
     def owners(self) -> dict[int, int]:
@@ -447,9 +447,15 @@ class Instance:
             out.setdefault(e.slot, e.sub_id)
         return out
 
-    def owner_ids(self) -> np.ndarray:
-        """Subscriber id per state slot, 0 where none (kernel.Maps.owner_ids)."""
-        return self.maps.owner_ids()
+    def class_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """The host and the prefix map's values as rows of struct xz_class
+        (kernel.Maps.class_columns)."""
+        return self.maps.class_columns()
+
+    def owner_ids(self, columns: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Subscriber id per state slot, 0 where none (kernel.Maps.owner_ids), from
+        ``columns`` (class_columns) when given."""
+        return self.maps.owner_ids(columns)
 
     def byte_counters(self) -> np.ndarray:
         """Bytes up and down so far per state slot (kernel.Maps.byte_counters)."""
@@ -493,6 +499,48 @@ class Instance:
     def table_sizes(self) -> dict[str, int]:
         return {"hosts": len(self.maps.host_table()), "prefixes": len(self.maps.prefix_table()),
                 "allow": len(self.maps.allow_items())}
+
+    # ---- what the metrics read (xdpzoot/metrics.py) -------------------------------------
+    def contract_columns(self) -> np.ndarray:
+        """xz_contracts' values as rows of struct xz_class, read in batches (the row of
+        the directory's count, key 0, included: its type is 0)."""
+        import numpy as np
+
+        raw = self.maps.contract_map.values()
+        return np.frombuffer(raw, dtype=np.uint32).reshape(-1, WORDS)
+
+    def subscriber_loads(self) -> int:
+        """How many whole loads have written the subscriber maps (each counts its write
+        of the subscriber directory: kernel.Maps.dir_writes)."""
+        return self.maps.dir_writes()
+
+    def entries(self, table: str) -> int:
+        """How many entries a map holds, counted by reading it whole in batches (no
+        count is kept for it): ``allow``, and the data plane's LRU tables ``flows`` and
+        ``pool_lru``, whose reads take each hash bucket's lock for one copy."""
+        m = {"allow": self.maps.allow, "flows": self.maps.flows,
+             "pool_lru": self.maps.pool_state}[table]
+        return len(m.values()) // m.value_size
+
+    def capacities(self) -> dict[str, int]:
+        """Entries each table can hold (the maps' max_entries; a CSAM table's per
+        generation, the state slots without slot 0, which is the pools')."""
+        m = self.maps
+        return {"hosts": m.host_map.max_entries, "prefixes": m.prefix_map.max_entries,
+                "allow": m.allow.max_entries, "contracts": m.contract_map.max_entries,
+                "subscriber_slots": m.slots - 1, "pool_addresses": m.pool_map.max_entries,
+                "pool_lru": m.pool_state.max_entries, "flows": m.flows.max_entries,
+                "manual_throttles": m.manual.max_entries,
+                "csam_hosts": m.csam_hosts[0].max_entries,
+                "csam_prefixes": m.csam_prefixes[0].max_entries}
+
+    def counter_slots(self) -> list[tuple[int, int]]:
+        """(packets, bytes) of every counter slot, summed over CPUs (XZ_COUNTER order)."""
+        return self.maps.counter_slots()
+
+    def interfaces(self, names: list[str]) -> dict[str, tuple[loader.Attachment | None, dict]]:
+        """Our program on each named interface, and its counters (loader.interfaces)."""
+        return loader.interfaces(self.pin_dir, names)
 
     def contract_sizes(self) -> dict[str, int]:
         """RADIUS contracts, those suspended, and the session entries in the maps."""

@@ -10,6 +10,7 @@ import contextlib
 import ctypes as ct
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -240,8 +241,10 @@ BPF_MAP_TYPE_LPM_TRIE = 11
 BATCH_TYPES = (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_LPM_TRIE)
 
 
+@functools.cache
 def possible_cpus() -> int:
-    """How many values a per-CPU map returns: one per possible CPU."""
+    """How many values a per-CPU map returns: one per possible CPU (fixed at boot: read
+    once, not at every lookup of a per-CPU map)."""
     with open("/sys/devices/system/cpu/possible") as f:
         n = 0
         for part in f.read().strip().split(","):
@@ -355,8 +358,11 @@ class PinnedMap:
 
     def values(self) -> bytearray:
         """Every value joined, without the keys, read in batches straight into one buffer
-        (a map of BATCH_TYPES; an array's come in index order)."""
+        (a map of BATCH_TYPES or a per-CPU array; an array's come in index order, a per-CPU
+        value as every CPU's, each rounded up to 8 bytes, as :meth:`lookup` gives it)."""
         ks, vs = self.key_size, self.value_size
+        if self.type in PERCPU_TYPES:
+            vs = (vs + 7) // 8 * 8 * possible_cpus()
         out = bytearray(vs * self.max_entries)
         buf = (ct.c_char * len(out)).from_buffer(out)
         keys = ct.create_string_buffer(ks * BATCH)
@@ -882,6 +888,7 @@ class Maps:
     counters = property(lambda self: self.map("xz_counters"))
     manual = property(lambda self: self.map("xz_manual"))
     pool_state = property(lambda self: self.map("xz_pool_state"))
+    flows = property(lambda self: self.map("xz_flows"))
     fast = property(lambda self: self.map("xz_fast"))
     devmap = property(lambda self: self.map("xz_fast_ifs"))
     meta = property(lambda self: self.map("xz_csam_meta"))
@@ -933,15 +940,23 @@ class Maps:
         if dirs.subscriber_added(d, hosts, prefixes):
             self.write_dir(d)
 
-    def owner_ids(self) -> np.ndarray:
+    def class_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every value of the host map and of the prefix map, one row of WORDS uint32 per
+        entry (struct xz_class: sub_id, class_word, up, down, slot), read in batches
+        straight into one buffer each: a tick of the daemon reads a million entries."""
+        import numpy as np
+
+        return tuple(np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+                     for m in (self.host_map, self.prefix_map))
+
+    def owner_ids(self, columns: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Subscriber id per state slot (0: no owner), from the host and prefix entries (a
-        pool's addresses, indexed or not, have no owner; slot 0 is theirs). Columns of the
-        maps' raw values: a tick of the daemon reads a million entries."""
+        pool's addresses, indexed or not, have no owner; slot 0 is theirs), as
+        :meth:`class_columns` has them (read now when not given)."""
         import numpy as np
 
         out = np.zeros(self.slots, dtype=np.uint32)
-        for m in (self.host_map, self.prefix_map):
-            v = np.frombuffer(m.values(), dtype=np.uint32).reshape(-1, WORDS)
+        for v in columns or self.class_columns():
             v = v[(v[:, 1] & POOL_BITS_WORD) == 0]
             out[v[:, 4]] = v[:, 0]
         out[0] = 0
@@ -1201,24 +1216,27 @@ class Maps:
             self.indexed_pool_volumes()
 
     def _per_cpu_sums(self, m: PinnedMap) -> list[tuple[int, int]]:
-        """(packets, bytes) of every index of a per-CPU array of struct xz_counter."""
-        out = []
-        for i in range(m.max_entries):
-            raw = m.lookup(U32.pack(i)) or b""
-            pk = by = 0
-            for p, b in COUNTER.iter_unpack(raw):
-                pk, by = pk + p, by + b
-            out.append((pk, by))
-        return out
+        """(packets, bytes) of every index of a per-CPU array of struct xz_counter, the
+        array read in one batch (one system call, not one per index: a metrics scrape
+        reads it while the daemon's tick runs, and each call gives the other thread the
+        interpreter lock)."""
+        cpus = possible_cpus()
+        per_cpu = list(COUNTER.iter_unpack(m.values()))
+        return [(sum(p for p, _ in per_cpu[i:i + cpus]), sum(b for _, b in per_cpu[i:i + cpus]))
+                for i in range(0, len(per_cpu), cpus)]
 
     def _zero_per_cpu(self, m: PinnedMap) -> None:
         zero = bytes((m.value_size + 7) // 8 * 8 * possible_cpus())
         for i in range(m.max_entries):
             m.update(U32.pack(i), zero)
 
+    def counter_slots(self) -> list[tuple[int, int]]:
+        """(packets, bytes) of every counter slot (XZ_COUNTER order), summed over CPUs."""
+        return self._per_cpu_sums(self.counters)
+
     def counters_sum(self) -> dict[int, tuple[int, int]]:
         """Counter slot -> (packets, bytes) summed over CPUs, non-zero slots only."""
-        return {i: c for i, c in enumerate(self._per_cpu_sums(self.counters)) if c[0]}
+        return {i: c for i, c in enumerate(self.counter_slots()) if c[0]}
 
     def clear_counters(self) -> None:
         self._zero_per_cpu(self.counters)
@@ -1269,13 +1287,13 @@ class Maps:
         self._zero_per_cpu(self.hits)
 
     def hit_counts(self) -> dict[str, int]:
-        """Hits per generation and family, summed over CPUs."""
-        out = {}
-        for gen in (0, 1):
-            for fam, name in ((0, "ipv4"), (1, "ipv6")):
-                raw = self.hits.lookup(U32.pack(gen * 2 + fam)) or b""
-                out[f"gen{gen}_{name}"] = sum(struct.unpack(f"={len(raw) // 8}Q", raw))
-        return out
+        """Hits per generation and family, summed over CPUs (the array read in one
+        batch)."""
+        raw = self.hits.values()
+        cpus = possible_cpus()
+        hits = struct.unpack(f"={len(raw) // 8}Q", raw)
+        return {f"gen{gen}_{name}": sum(hits[(gen * 2 + fam) * cpus:(gen * 2 + fam + 1) * cpus])
+                for gen in (0, 1) for fam, name in ((0, "ipv4"), (1, "ipv6"))}
 
 
     # ---- drop events: the ring buffer's state ----------------------------------------------

@@ -61,6 +61,25 @@ def attachments(pin_dir: str) -> list[Attachment]:
     return out
 
 
+def interfaces(pin_dir: str, names: list[str]) -> dict[str, tuple[Attachment | None, dict]]:
+    """For each of ``names`` that exists: this instance's program on it (None: none of
+    ours) and the interface's own counters (netlink.LinkReport.stats). Asks the kernel
+    about these interfaces only (the metrics ask at every scrape)."""
+    from xdpzoot.dataplane import netlink
+
+    xdp_ids = _our_xdp_ids(pin_dir)
+    tags = {tc_tag(pin_dir, r): r for r in ("access", "core")}
+    out = {}
+    for name, r in netlink.link_reports(names).items():
+        att = None
+        if r.xdp.prog_id in xdp_ids:
+            att = Attachment(name, xdp_ids[r.xdp.prog_id], "xdp", r.xdp.mode or "?")
+        elif r.tc_filter in tags:
+            att = Attachment(name, tags[r.tc_filter], "tc", "clsact")
+        out[name] = (att, r.stats)
+    return out
+
+
 def configure(maps: kernel.Maps, cfg) -> None:
     """Write the config's switches and allow-lists into the maps (under the instance's
     lock: the control value is read, changed and written back)."""

@@ -62,6 +62,10 @@ def xdp_state(name: str) -> XdpState:
     """Which XDP program is attached to ``name``, and in which mode."""
     with IPRoute() as ipr:
         link = ipr.get_links(_index(ipr, name))[0]
+    return _xdp_of(link)
+
+
+def _xdp_of(link) -> XdpState:
     xdp = link.get_attr("IFLA_XDP")
     if not xdp:
         return XdpState(None, None)
@@ -70,6 +74,38 @@ def xdp_state(name: str) -> XdpState:
     if not mode:
         return XdpState(None, None)
     return XdpState(xdp.get_attr("IFLA_XDP_PROG_ID"), ATTACHED_MODE.get(mode, str(mode)))
+
+
+@dataclass(frozen=True)
+class LinkReport:
+    """What the kernel says of one interface: its XDP program, the BPF filter in our TC
+    slot, and its own counters (IFLA_STATS64)."""
+
+    xdp: XdpState
+    tc_filter: str | None
+    stats: dict[str, int]   # rx_packets, rx_bytes, tx_packets, tx_bytes
+
+
+STAT_KEYS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+
+
+def link_reports(names: list[str]) -> dict[str, LinkReport]:
+    """A LinkReport for each of ``names`` that exists, over one netlink socket, asking for
+    those interfaces only (a router may have thousands of others)."""
+    out = {}
+    try:
+        with IPRoute() as ipr:
+            for name in names:
+                idx = ipr.link_lookup(ifname=name)
+                if not idx:
+                    continue
+                link = ipr.get_links(idx[0])[0]
+                st = link.get_attr("IFLA_STATS64") or {}
+                out[name] = LinkReport(_xdp_of(link), _tc_filter(ipr, idx[0]),
+                                       {k: int(st.get(k, 0)) for k in STAT_KEYS})
+    except NetlinkError as e:   # an interface gone between two questions, say
+        raise KernelError(f"netlink: {e}") from e
+    return out
 
 
 def _set_xdp(ipr: IPRoute, idx: int, fd: int, flags: int) -> None:
@@ -130,11 +166,14 @@ def attach_tc(name: str, fd: int, tag: str) -> None:
 def tc_filter(name: str) -> str | None:
     """Name of the BPF filter in our slot at TC ingress of ``name``, if any."""
     with IPRoute() as ipr:
-        idx = _index(ipr, name)
-        try:
-            filters = ipr.get_filters(idx, parent=TC_INGRESS)
-        except NetlinkError:
-            return None
+        return _tc_filter(ipr, _index(ipr, name))
+
+
+def _tc_filter(ipr: IPRoute, idx: int) -> str | None:
+    try:
+        filters = ipr.get_filters(idx, parent=TC_INGRESS)
+    except NetlinkError:
+        return None
     for f in filters:
         opts = f.get_attr("TCA_OPTIONS")
         if f.get_attr("TCA_KIND") == "bpf" and opts and (f["info"] >> 16) == TC_PRIO:

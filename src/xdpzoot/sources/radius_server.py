@@ -152,11 +152,18 @@ class Listener:
         self._answered: OrderedDict[tuple, tuple[float, bytes]] = OrderedDict()
         self._ports: dict[str, asyncio.DatagramTransport] = {}   # "acct", "coa" served
 
-    def stats(self) -> dict[str, object]:
-        """Counters and the table's size, as plain values."""
-        return {"sessions": len(self.table), **self.table.counts(),
+    def counters(self) -> dict[str, object]:
+        """The request counters, and how many sessions and addresses the table holds, as
+        plain values: cheap, and safe from another thread (the metrics'), since each is
+        one step under the interpreter lock (a dict copied, a len)."""
+        return {"sessions": len(self.table), "addresses_held": len(self.table.owner),
                 "requests": dict(self.requests), "drops": dict(self.drops),
                 "answers": dict(self.answers), "errors": dict(self.errors)}
+
+    def stats(self) -> dict[str, object]:
+        """The counters, and the table's sessions by NAS and addresses by kind (a walk of
+        the table: on the listener's thread)."""
+        return {**self.counters(), **self.table.counts()}
 
     def client_of(self, host: str) -> Client | None:
         """The client whose source prefixes hold ``host`` (remembered per source: the NAS
