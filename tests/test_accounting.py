@@ -1073,6 +1073,7 @@ def test_every_truncation_and_byte_flip_is_detected() -> None:
                 Accounting.restore(bytes(data), [], TZ)
 
 
+@settings(deadline=None)   # no timing in a pass/fail test: a busy machine is not a failure
 @given(st.binary(max_size=300))
 def test_garbage_raises_only_snapshot_error(data: bytes) -> None:
     with pytest.raises(SnapshotError):
@@ -1092,8 +1093,11 @@ def test_load_snapshot_absent_and_atomic_save(tmp_path: Path) -> None:
 # --- scale ------------------------------------------------------------------------------------
 
 
-def test_a_month_and_a_half_in_seconds() -> None:
-    """45 days of 5-minute ticks for 100 subscribers, with the example rules."""
+def test_a_month_and_a_half_of_ticks() -> None:
+    """45 days of 5-minute ticks for 100 subscribers, with the example rules: the notices,
+    throttles and schedules they must give, and a snapshot that stays small. (How long it
+    takes is the daemon benchmark's business, bench/bench_daemon.py: a wall-time bound here
+    failed on slow machines without saying anything wrong.)"""
     rules = load_rules(str(MAPS / "bandwidth.toml"))
     eng = Accounting(rules, TZ)
     rng = random.Random(7)
@@ -1105,17 +1109,13 @@ def test_a_month_and_a_half_in_seconds() -> None:
     step = 300.0
     ticks = int(45 * DAY / step)
     actions: list[Action] = []
-    started = time.perf_counter()
     for i in range(ticks):
         for sid, (up, down) in rates.items():
             tot = totals[sid]
             tot[0] += up
             tot[1] += down
         actions += eng.observe(t0 + i * step, {sid: (u, d) for sid, (u, d) in totals.items()})
-    elapsed = time.perf_counter() - started
     assert ticks == 12960
-    print(f"45 days x 288 ticks x 100 subscribers: {elapsed:.2f}s")
-    assert elapsed < 8.0, f"{elapsed:.1f}s"
     got = {(a.subscriber, a.rule, a.action) for a in actions}
     assert (0, "monthly-800gb-notice", "notify") in got
     assert (0, "monthly-800gb-notice", "notify") in got
