@@ -577,6 +577,7 @@ def parse_columns(text: str, path: str = "<subscribers>", strict: bool = False) 
 
 
 def _no_rows() -> Columns:
+    """Columns of no rows, to fill."""
     return Columns([], [], [], [], [], [])
 
 
