@@ -96,6 +96,10 @@ def cases(files: dict[str, str]) -> dict[tuple[str, ...], list[list[str]]]:
         ("unthrottle",): [["unthrottle", s] for s in ("x", "99999999999999999999",
                                                       "192.0.2.250")],
         ("congestion",): [["congestion", "x"], ["congestion", ""]],
+        ("trace",): [["trace", "--reason", r] for r in ("x", "csam", "")]
+        + [["trace", "--count", c] for c in ("0", "-1", "x")]
+        + [["trace", "--seconds", t] for t in ("0", "nan", "1e999")]
+        + [["trace", "--rate", r] for r in ("0", "100001", "x")] + [["trace", "x"]],
         ("run",): [["run", "x"]],
         ("radius",): [["radius", "x"], ["radius"]],   # the config has no [radius] listen
         ("sessions", "show"): [["sessions", "show"], ["sessions", "show", "a", "b"]],

@@ -290,6 +290,13 @@ def _stop_on_signals() -> list[int]:
     return got
 
 
+def _not_nan(v: float | None) -> float | None:
+    """click's FloatRange lets NaN through (no comparison with it is false)."""
+    if v is not None and v != v:
+        raise click.BadParameter("not a number")
+    return v
+
+
 @main.command(epilog="""\b
 Examples:
   xdpzoot trace                         # until Ctrl-C
@@ -301,7 +308,7 @@ Examples:
                    f"{', '.join(schema.TRACE_REASONS)}.")
 @click.option("--count", type=click.IntRange(min=1), help="Stop after N events.")
 @click.option("--seconds", type=click.FloatRange(0, 86400 * 365, min_open=True),
-              help="Stop after S seconds.")
+              callback=lambda _c, _p, v: _not_nan(v), help="Stop after S seconds.")
 @click.option("--rate", type=click.IntRange(1, TRACE_MAX_RATE), default=1000,
               show_default=True, help="Events a second at most (held in the data plane).")
 @click.option("--addresses", is_flag=True, help="Show the packets' addresses too.")
