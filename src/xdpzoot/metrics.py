@@ -245,6 +245,9 @@ class Collector:
         yield _gauge("xdpzoot_congestion_active", "1 while congestion mode is in force "
                      "(bulk flows get a share of their subscriber's rate).",
                      value=int(bool(control["flags"] & C["XZ_C_CONGESTION"])))
+        yield _counter("xdpzoot_trace_events_lost", "Drop events of `xdpzoot trace` the "
+                       "ring buffer had no room for (the packets were dropped all the same).",
+                       value=inst.trace_lost())
 
         csam = inst.csam_status()
         yield from self._interfaces(inst, cfg)
