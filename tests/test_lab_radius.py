@@ -22,9 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -269,14 +272,33 @@ def query(lab: Lab, expr: str) -> float | None:
     return float(res[0]["value"][1]) if len(res) == 1 else None
 
 
-@pytest.fixture
-def prometheus(lab, router, tmp_path):
-    """Prometheus scraping the router's `xdpzoot run` every second, and the daemon, in the
-    router's namespace, list A in force; both killed by pid at the end. Prometheus starts
-    first: it sees a new target only some 5 s after it started (its discovery's pace)."""
+def started(argv: list[str], ns: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
+                                stdout=f, stderr=f)
+
+
+def stopped(p: subprocess.Popen, log: Path) -> None:
+    """SIGTERM (the daemon must stop cleanly), then SIGKILL: by pid, ours only."""
+    try:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0, log.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prometheus(lab, tmp_path_factory) -> Iterator[Path]:
+    """Prometheus in the router's namespace, scraping `xdpzoot run` there every second,
+    from the module's start: it takes a new target on only some 5 s after it started (the
+    pace of its discovery), which the test before the metrics' covers."""
     exe = shutil.which("prometheus")
     assert exe, "prometheus missing: make setup installs the prometheus package"
-    (tmp_path / "prometheus.yml").write_text(f"""\
+    d = tmp_path_factory.mktemp("prometheus")
+    (d / "prometheus.yml").write_text(f"""\
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
@@ -285,40 +307,40 @@ scrape_configs:
     static_configs:
       - targets: ["{METRICS}"]
 """)
-    procs = {}
+    p = started([exe, f"--config.file={d}/prometheus.yml", f"--storage.tsdb.path={d}/data",
+                 f"--web.listen-address={PROMETHEUS}", "--log.level=warn"], lab.router,
+                d / "prometheus.log")
     try:
-        for name, argv in (("prometheus", [exe, f"--config.file={tmp_path}/prometheus.yml",
-                                           f"--storage.tsdb.path={tmp_path}/data",
-                                           f"--web.listen-address={PROMETHEUS}",
-                                           "--log.level=warn"]),
-                           ("daemon", router.argv("run"))):
-            if name == "daemon":
-                router.cli("blocklist", "load", str(router.workdir / "a.txt"))
-            with open(tmp_path / f"{name}.log", "w") as log:
-                procs[name] = subprocess.Popen(["ip", "netns", "exec", lab.router, *argv],
-                                               stdin=subprocess.DEVNULL, stdout=log,
-                                               stderr=log)
+        yield d
+    finally:
+        p.kill()
+        p.wait()
 
+
+@pytest.fixture
+def scraped_daemon(lab, router, prometheus, tmp_path):
+    """`xdpzoot run` in the router's namespace, list A in force, once Prometheus has
+    scraped this process (not the daemon of a test before)."""
+    router.cli("blocklist", "load", str(router.workdir / "a.txt"))
+    since = int(time.time()) - 1
+    log = tmp_path / "daemon.log"
+    daemon = started(router.argv("run"), lab.router, log)
+    try:
         def up() -> bool:
-            for name, p in procs.items():
-                assert p.poll() is None, (tmp_path / f"{name}.log").read_text()
+            assert daemon.poll() is None, log.read_text()
             try:
-                return query(lab, 'up{job="xdpzoot"}') == 1
-            except OSError:   # not listening yet
+                return query(lab, f'process_start_time_seconds{{job="xdpzoot"}} >= {since} '
+                             'and on () up{job="xdpzoot"} == 1') is not None
+            except OSError:   # Prometheus not listening yet
                 return False
 
         wait_for(up, 60, "Prometheus scraping the daemon")
-        yield tmp_path
-        procs["daemon"].send_signal(signal.SIGTERM)
-        assert procs["daemon"].wait(30) == 0, (tmp_path / "daemon.log").read_text()
+        yield
     finally:
-        for p in procs.values():   # ours, by pid
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stopped(daemon, log)
 
 
-def test_metrics_under_prometheus(lab, router, prometheus):
+def test_metrics_under_prometheus(lab, router, scraped_daemon):
     # The scrape as Prometheus gets it: it parses, every family has HELP and TYPE, our
     # programs are on the three interfaces, no list entry or subscriber address is in it.
     text = get(f"http://{METRICS}/metrics", lab.router).decode()

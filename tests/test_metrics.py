@@ -208,6 +208,8 @@ def test_the_counts_are_those_of_the_maps(scraped):
     assert value(fams, "xdpzoot_subscribers_throttled", cause="hand") == 1
     assert value(fams, "xdpzoot_subscribers_throttled", cause="rule") == 0
     assert value(fams, "xdpzoot_table_entries", table="manual_throttles") == 1
+    assert value(fams, "xdpzoot_table_entries", table="flows") == 0   # no congestion yet
+    assert value(fams, "xdpzoot_table_capacity", table="flows") == 262144
     assert value(fams, "xdpzoot_csam_entries", kind="host", family="ipv4") == 2
     assert value(fams, "xdpzoot_csam_entries", kind="prefix", family="ipv6") == 1
     assert value(fams, "xdpzoot_table_entries", table="csam_hosts") == 3

@@ -130,14 +130,16 @@ class Census:
     subscriber maps' from the columns the tick reads anyway (census()), the contracts'
     when a load has written the maps (their count moves only then), the allow-list's at
     every tick (a few entries), and the data plane's LRU tables (flows, pool addresses
-    without an owner) every LRU_EVERY_S (a walk of up to their size). ``counts`` is
-    replaced whole: the scrape's thread reads one tick's counts."""
+    without an owner) every LRU_EVERY_S (a walk of up to their size; the flow table's only
+    when congestion mode was on since the last count: no packet adds a flow otherwise).
+    ``counts`` is replaced whole: the scrape's thread reads one tick's counts."""
 
     def __init__(self) -> None:
         self.counts: dict = {}
         self.throttled: dict[str, int] = {}   # by cause: rule, hand (the tick's)
         self._contracts: tuple[int, np.ndarray] | None = None   # (loads seen, values)
         self._lru: tuple[float, dict[str, int]] | None = None   # (when, counts)
+        self._congested = True   # congestion mode was on since the flows were counted
 
     def take(self, inst: Instance, columns: tuple[np.ndarray, np.ndarray],
              owners: np.ndarray, now: float) -> None:
@@ -146,8 +148,12 @@ class Census:
             self._contracts = (loads, inst.contract_columns())
         counts = census(*columns, owners, self._contracts[1])
         counts["allow"] = inst.entries("allow")
+        self._congested |= bool(inst.control_flags() & C["XZ_C_CONGESTION"])
         if self._lru is None or not 0 <= now - self._lru[0] < LRU_EVERY_S:
-            self._lru = (now, {t: inst.entries(t) for t in ("flows", "pool_lru")})
+            lru = {"pool_lru": inst.entries("pool_lru")}
+            lru["flows"] = inst.entries("flows") if self._congested else \
+                self._lru[1]["flows"]
+            self._lru, self._congested = (now, lru), False
         self.counts = {**counts, **self._lru[1]}
 
 
@@ -239,6 +245,9 @@ class Collector:
         yield _gauge("xdpzoot_congestion_active", "1 while congestion mode is in force "
                      "(bulk flows get a share of their subscriber's rate).",
                      value=int(bool(control["flags"] & C["XZ_C_CONGESTION"])))
+        yield _counter("xdpzoot_trace_events_lost", "Drop events of `xdpzoot trace` the "
+                       "ring buffer had no room for (the packets were dropped all the same).",
+                       value=inst.trace_lost())
 
         csam = inst.csam_status()
         yield from self._interfaces(inst, cfg)
