@@ -151,7 +151,12 @@ def test_two_instances_side_by_side(routers):
 
 def test_reattach_replaces_and_keeps_maps(routers):
     a = routers[0]
-    xz(a, "attach", "--mode", "generic")
+    # After the side-by-side test this is a change of XDP mode (generic -> native: a detach
+    # and an attach, the TC program holding the policy in between); alone, an attach.
+    native = xz(a, "attach", "--mode", "native")
+    assert {(x["hook"], x["mode"]) for x in native["attached"]} == {("xdp", "native")}
+    assert {(i["hook"], i["mode"]) for i in xz(a, "status")["interfaces"]} == {
+        ("xdp", "native")}
     assert xz(a, "suspend", "100.64.7.9")["suspended"]
     again = xz(a, "attach", "--hook", "tc")   # switch hook: maps and suspension stay
     assert again["subscribers"] == {"added": 0, "changed": 0, "removed": 0}
