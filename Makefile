@@ -24,7 +24,7 @@ fuzz:
 	XZ_FUZZ=1 $(PY) -m pytest -q -s tests/test_differential.py
 
 lint:
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check src tests bench scripts
 
 bench:
 	$(PY) bench/bench.py

@@ -264,6 +264,10 @@ def boot(args, kver: str) -> int:
              "--kmods", str(kroot / "lib" / "modules" / kver), "--accel", accel]
     if args.tests:
         inner += ["--tests", args.tests]
+    if args.parts:
+        inner += ["--parts", args.parts]
+    sample = args.sample if args.sample is not None else (0 if kvm else 40)
+    inner += ["--sample", str(sample)]
     # The guest's console carries the kernel's messages; the tests write to out/pytest.log.
     console = open(out / "console.log", "w")
     t0 = time.monotonic()
@@ -324,6 +328,8 @@ def report(out: Path, kver: str, accel: str, total: float) -> int:
         for name, p in res["parts"].items())
     t = res["totals"]
     todo = f" | NOT RUN: {', '.join(res['todo'])}" if res.get("todo") else ""
+    if res.get("sample"):
+        todo += f" | table rows sampled: {res['sample']} per test function"
     log(f"RESULT {res['kernel']} ({accel}, {res['cpus']} CPUs): {t['passed']} passed, "
         f"{t['failed']} failed, {t['skipped']} skipped; {fmt_s(total)} in all "
         f"(tests {fmt_s(res['pytest_s'])}) | {parts}{todo}")
@@ -343,8 +349,10 @@ def guest(args) -> int:
         if not link.exists():
             link.symlink_to(args.kmods)
     parts = read_matrix()
-    runs = ([("tests", args.tests.split())] if args.tests else list(parts.items()))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), XZ_VMTEST=args.accel)
+    runs = ([("tests", args.tests.split())] if args.tests else
+            [(n, sel) for n, sel in parts.items() if not args.parts or n in args.parts])
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), XZ_VMTEST=args.accel,
+               XZ_VMTEST_SAMPLE=str(args.sample))
     rc, took, junits = 0, {}, []
     for name, selection in runs:
         junit = out / f"junit-{name}.xml"
@@ -364,7 +372,7 @@ def guest(args) -> int:
             if part in summary["parts"]:
                 summary["parts"][part]["seconds"] = secs
         summary.update(kernel=kver, rc=rc, pytest_s=round(sum(took.values()), 1),
-                       cpus=os.cpu_count(), accel=args.accel,
+                       cpus=os.cpu_count(), accel=args.accel, sample=args.sample,
                        done=list(took), todo=[n for n, _ in runs if n not in took])
         (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
     return rc
@@ -413,8 +421,9 @@ def running(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log(f"{kver}: the running kernel, no VM; output in {out}")
     t0 = time.monotonic()
-    gargs = argparse.Namespace(out=str(out), python=args.python, kmods=None, accel="none",
-                               tests=args.tests)
+    gargs = argparse.Namespace(out=str(out), python=args.python, kmods=None, accel="",
+                               tests=args.tests, sample=args.sample or 0,
+                               parts=args.parts.split(",") if args.parts else None)
     proc_rc = {}
 
     import threading
@@ -441,6 +450,8 @@ def main() -> int:
     g.add_argument("--kmods")
     g.add_argument("--accel", default="")
     g.add_argument("--tests")
+    g.add_argument("--parts", type=lambda v: v.split(","))
+    g.add_argument("--sample", type=int, default=0)
     ap.add_argument("--kernel", default="6.1",
                     help="6.1, 6.12, 6.12-trixie, running, or an image version (6.1.0-57-amd64)")
     ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
@@ -448,6 +459,9 @@ def main() -> int:
     ap.add_argument("--guest-python", help=argparse.SUPPRESS)
     ap.add_argument("--tests", help="pytest arguments instead of tests/kernel_matrix.txt "
                     "(e.g. 'tests' for the whole suite)")
+    ap.add_argument("--parts", help="matrix parts to run, comma-separated (default: all)")
+    ap.add_argument("--sample", type=int, help="table rows kept per test function "
+                    "(XZ_VMTEST_SAMPLE; default 40 under TCG, every row with KVM or no VM)")
     ap.add_argument("--out", help="output directory (default /tmp/xdpzoot-vmtest/KVER-TIME)")
     ap.add_argument("--tcg", action="store_true", help="do not try KVM")
     ap.add_argument("--cpus", type=int, default=CPUS)
