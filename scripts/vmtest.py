@@ -25,11 +25,13 @@ The same file runs inside the guest (`guest`): it runs pytest and writes the sum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -274,8 +276,10 @@ def boot(args, kver: str) -> int:
     proc = subprocess.Popen(vng_cmd(vbin, kroot, kver, out, kvm, shlex.join(inner),
                                     cpus=args.cpus),
                             stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=dict(os.environ, PATH=f"{vbin}:{os.environ['PATH']}"))
-    log(f"qemu under pid {proc.pid}; the tests' output: {out / 'pytest.log'}")
+                            env=dict(os.environ, PATH=f"{vbin}:{os.environ['PATH']}"),
+                            start_new_session=True)   # vng, virtme-run and qemu: one group
+    log(f"VM (vng) under pid {proc.pid}, its process group {proc.pid}; "
+        f"the tests' output: {out / 'pytest.log'}")
     pos = 0
     try:
         while True:
@@ -285,14 +289,21 @@ def boot(args, kver: str) -> int:
             except subprocess.TimeoutExpired:
                 pass
             if time.monotonic() - t0 > args.timeout:
-                log(f"timed out after {fmt_s(args.timeout)}: stopping the VM (pid {proc.pid})")
-                proc.terminate()
-                proc.wait(timeout=30)
+                log(f"timed out after {fmt_s(args.timeout)}: stopping the VM (process group "
+                    f"{proc.pid})")
                 break
             pos = _follow(out / "pytest.log", pos, args.quiet)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        # The group we made for vng: qemu is in it, not only vng (which would leave qemu
+        # running). Nothing else is in it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         console.close()
     _follow(out / "pytest.log", pos, args.quiet)
     total = time.monotonic() - t0
