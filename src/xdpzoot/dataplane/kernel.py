@@ -230,24 +230,27 @@ def tick_ns(window_s: float = 0.1, tries: int = 5) -> int:
 MIN_KERNEL = "6.1"
 BPF_PROG_TYPE_SCHED_CLS = 3
 _MAP_TYPES = {"hash": 1, "array": 2, "prog_array": 3, "percpu_array": 6, "lru_hash": 9,
-              "lpm_trie": 11, "devmap": 14}
+              "lpm_trie": 11, "devmap": 14, "ringbuf": 27}
 # Helper ids (enum bpf_func_id) the programs call, per hook.
 _HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "ktime_get_ns": 5, "tail_call": 12,
             "redirect": 23, "csum_diff": 28, "skb_change_tail": 38, "skb_pull_data": 39,
             "xdp_adjust_head": 44, "redirect_map": 51, "xdp_adjust_tail": 65,
-            "fib_lookup": 69, "jiffies64": 118}
+            "fib_lookup": 69, "jiffies64": 118, "ringbuf_reserve": 131,
+            "ringbuf_submit": 132}
 _XDP_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call",
                 "csum_diff", "xdp_adjust_head", "redirect_map", "xdp_adjust_tail",
-                "fib_lookup", "jiffies64")
+                "fib_lookup", "jiffies64", "ringbuf_reserve", "ringbuf_submit")
 _TC_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call", "redirect",
-               "csum_diff", "skb_change_tail", "skb_pull_data", "jiffies64")
+               "csum_diff", "skb_change_tail", "skb_pull_data", "jiffies64", "ringbuf_reserve",
+               "ringbuf_submit")
 _SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
           "map:percpu_array": "4.6", "map:lru_hash": "4.10", "map:lpm_trie": "4.11",
-          "map:devmap": "4.14", "helper:tail_call": "4.2", "helper:redirect": "4.4",
-          "helper:csum_diff": "4.6", "helper:skb_change_tail": "4.9",
+          "map:devmap": "4.14", "map:ringbuf": "5.8", "helper:tail_call": "4.2",
+          "helper:redirect": "4.4", "helper:csum_diff": "4.6", "helper:skb_change_tail": "4.9",
           "helper:skb_pull_data": "4.9", "helper:xdp_adjust_head": "4.10",
           "helper:redirect_map": "4.14", "helper:xdp_adjust_tail": "4.18",
-          "helper:fib_lookup": "4.18", "helper:jiffies64": "5.5", "batch:hash": "5.6",
+          "helper:fib_lookup": "4.18", "helper:jiffies64": "5.5",
+          "helper:ringbuf_reserve": "5.8", "helper:ringbuf_submit": "5.8", "batch:hash": "5.6",
           "batch:array": "5.6", "atomic:cmpxchg": "5.12", "batch:lpm_trie": "5.13"}
 
 
