@@ -49,7 +49,7 @@ def test_matrix_parts_cover_the_kernel_sensitive_files():
     assert "tests/test_variants.py" in parts["variants"]
     assert set(parts["test_run"]) == {str(p.relative_to(ROOT)) for p in
                                       (ROOT / "tests").glob("test_*_bpf.py")} | {
-        "tests/test_bpf.py"}
+        "tests/test_bpf.py", "tests/test_trace.py"}
     assert parts["lab"] == ["tests/test_lab_policy.py"]
     lab = (ROOT / "tests" / "test_lab_policy.py").read_text()
     assert "def test_op25b" in lab and "def test_ip53b" in lab
