@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 
 XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
+# Seconds a command may take: an attach compiles (10-20 s here, minutes under emulation in
+# `make vmtest`).
+CLI_TIMEOUT = 1200 if os.environ.get("XZ_VMTEST") else 120
 
 def run(*args: str, ns: str | None = None, check: bool = False,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [XDPZOOT, *args]
     if ns:
         argv = ["ip", "netns", "exec", ns, *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=check,
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=check,
                           env={**os.environ, **env} if env else None)
 
 

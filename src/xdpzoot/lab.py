@@ -729,7 +729,9 @@ class LabRouter:
                 "xdpzoot", "--config", str(config or self.config), "--pin-dir", self.pin_dir,
                 *args]
 
-    timeout = 60   # seconds a command may take
+    # Seconds a command may take (an attach compiles: 10-20 s here); ten times that under
+    # `make vmtest`, where a bcc compile under emulation takes minutes.
+    timeout = 600 if os.environ.get("XZ_VMTEST") else 60
 
     def cli(self, *args: str, check: bool = True, config: Path | None = None
             ) -> subprocess.CompletedProcess[str]:
