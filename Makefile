@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: setup test fuzz lint bench bench-cold bench-daemon bench-fwd bench-radius lab-up lab-down clean
+.PHONY: setup test vmtest fuzz lint bench bench-cold bench-daemon bench-fwd bench-radius lab-up lab-down clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,13 +10,21 @@ setup:
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The kernel matrix in a VM (README "Kernel matrix"), apart from setup and test: boots a
+# Debian kernel with virtme-ng and runs tests/kernel_matrix.txt inside. As root.
+# KERNEL=6.1 (default) | 6.12 | 6.12-trixie | running | an image version (6.1.0-57-amd64);
+# VMTEST_ARGS="--tests 'tests'" runs the whole suite instead (hours under TCG).
+KERNEL ?= 6.1
+vmtest:
+	python3 scripts/vmtest.py --kernel $(KERNEL) $(VMTEST_ARGS)
+
 # The long differential run: 2,000 worlds of 50 packets, BPF verdicts against model.py
 # (XZ_FUZZ_WORLDS, XZ_FUZZ_PACKETS change it; `make test` runs 300 packets).
 fuzz:
 	XZ_FUZZ=1 $(PY) -m pytest -q -s tests/test_differential.py
 
 lint:
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check src tests bench scripts
 
 bench:
 	$(PY) bench/bench.py

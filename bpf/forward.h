@@ -18,10 +18,10 @@
 #ifndef XDPZOOT_FORWARD_H
 #define XDPZOOT_FORWARD_H
 
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include "xdpzoot.h"
 #include "maps.h"
 

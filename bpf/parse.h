@@ -8,12 +8,12 @@
 #ifndef XDPZOOT_PARSE_H
 #define XDPZOOT_PARSE_H
 
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
 #include "xdpzoot.h"
 
 #define XZ_ETH_P_PPPOE_SES 0x8864

@@ -25,6 +25,12 @@ static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
 {
 	__u32 i = ((__u32)a->addr[12] << 16) | ((__u32)a->addr[13] << 8) | a->addr[14];
 
+	/* Verifier workaround: 6.1's verifier loses the bounds of an OR of two known ranges
+	 * (the index becomes "scalar()", an unbounded access into the 4 MiB value), so
+	 * bound it with an AND it tracks. The empty asm keeps clang from dropping the AND,
+	 * which it knows changes nothing. */
+	asm volatile("" : "+r"(i));
+	i &= 0xFFFFFF;
 	return d ? (d->b[i >> 2] >> ((i & 3) << 1)) & 3 : 0;
 }
 

@@ -10,8 +10,8 @@
 #ifndef XDPZOOT_REPLY_H
 #define XDPZOOT_REPLY_H
 
-#include <linux/icmp.h>
-#include <linux/icmpv6.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
 #include "xdpzoot.h"
 #include "parse.h"
 

@@ -6,7 +6,7 @@
  * XDP a passed packet then takes the fast path (forward.h) when it is on.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/pkt_cls.h>
+#include <uapi/linux/pkt_cls.h>
 #include "xdpzoot.h"
 #include "maps.h"
 #include "parse.h"

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(python3-bpfcc libbpf1 python3-venv python3-pip iproute2 dnsmasq-base
+PKGS=(make python3-bpfcc libbpf1 python3-venv python3-pip iproute2 dnsmasq-base
       iperf3 ipset iptables nftables tcpdump iputils-ping ethtool bpftool
       freeradius-utils prometheus)
 # Headers bcc compiles against: the running kernel's own package when it exists,

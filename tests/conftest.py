@@ -21,6 +21,28 @@ from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.lab import Lab, LabRouter, lab_running, router_running
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under `make vmtest` with XZ_VMTEST_SAMPLE=N (an emulated kernel, where each table row
+    costs seconds): of a test function with more than N rows, a deterministic sample of
+    about N, taken in adjacent pairs so that a row kept at XDP is kept at TC too (the hook is
+    the innermost parameter of the tables). The rest is deselected, and pytest says how
+    many; never set outside the VM, so `make test` runs every row."""
+    n = int(os.environ.get("XZ_VMTEST_SAMPLE") or 0)
+    if n <= 0:
+        return
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(item.nodeid.split("[", 1)[0], []).append(item)
+    drop = set()
+    for group in groups.values():
+        if len(group) > n:
+            stride = -(-len(group) // n)   # ceil
+            drop.update(id(it) for i, it in enumerate(group) if (i // 2) % stride)
+    if drop:
+        config.hook.pytest_deselected(items=[it for it in items if id(it) in drop])
+        items[:] = [it for it in items if id(it) not in drop]
+
+
 @pytest.fixture(scope="session")
 def bpffs():
     """A bpffs mounted in the host mount namespace (outside /sys, so that

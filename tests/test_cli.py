@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 
 XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
+# Seconds a command may take: an attach compiles (10-20 s here, minutes under emulation in
+# `make vmtest`).
+CLI_TIMEOUT = 1200 if os.environ.get("XZ_VMTEST") else 120
 
-def run(*args: str, ns: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+def run(*args: str, ns: str | None = None, check: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [XDPZOOT, *args]
     if ns:
         argv = ["ip", "netns", "exec", ns, *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=check)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=check,
+                          env={**os.environ, **env} if env else None)
 
 
 def _commands(group=None, path=()) -> Iterator[tuple[str, ...]]:
@@ -142,6 +147,8 @@ def test_two_instances_side_by_side(routers):
     assert ra["subscribers"]["added"] == 2
     assert {(x["ifname"], x["hook"]) for x in rb["attached"]} == {("a0", "tc"), ("c0", "tc")}
     sa, sb = xz(a, "status"), xz(b, "status")
+    assert sa["kernel"] == {"release": os.uname().release, "minimum": "6.1", "missing": [],
+                            "notes": []}
     assert {i["hook"] for i in sa["interfaces"]} == {"xdp"}
     assert {i["hook"] for i in sb["interfaces"]} == {"tc"}
     assert xz(a, "subscribers", "show", "198.51.100.9")["subscriber"] == 8
@@ -151,7 +158,12 @@ def test_two_instances_side_by_side(routers):
 
 def test_reattach_replaces_and_keeps_maps(routers):
     a = routers[0]
-    xz(a, "attach", "--mode", "generic")
+    # After the side-by-side test this is a change of XDP mode (generic -> native: a detach
+    # and an attach, the TC program holding the policy in between); alone, an attach.
+    native = xz(a, "attach", "--mode", "native")
+    assert {(x["hook"], x["mode"]) for x in native["attached"]} == {("xdp", "native")}
+    assert {(i["hook"], i["mode"]) for i in xz(a, "status")["interfaces"]} == {
+        ("xdp", "native")}
     assert xz(a, "suspend", "100.64.7.9")["suspended"]
     again = xz(a, "attach", "--hook", "tc")   # switch hook: maps and suspension stay
     assert again["subscribers"] == {"added": 0, "changed": 0, "removed": 0}
@@ -175,7 +187,9 @@ def test_subscribers_load_errors_change_nothing(routers):
 
 def test_detach_removes_everything(routers):
     b = routers[1]
-    xz(b, "attach", "--hook", "tc")
+    if run("--config", b["cfg"], "--pin-dir", b["pin"], "status", ns=b["ns"]).returncode:
+        xz(b, "attach", "--hook", "tc")   # alone; after the side-by-side test it is there
+    assert {i["hook"] for i in xz(b, "status")["interfaces"]} == {"tc"}
     gone = xz(b, "detach")["detached"]
     assert {g["ifname"] for g in gone} == {"a0", "c0"}
     assert not os.path.exists(b["pin"])
@@ -199,4 +213,63 @@ def test_subscribers_diff_writes_nothing(routers):
     assert xz(a, "subscribers", "load", str(new))["added"] == 1
     assert xz(a, "subscribers", "show", "100.64.7.5")["flags"] == ["op25b_exempt"]
     assert xz(a, "subscribers", "diff", str(new))["added"] == 0
+    xz(a, "subscribers", "load", str(a["subs"]))
+
+
+def _kernel_view(ns: str) -> str:
+    """What the kernel says of the namespace's interfaces: XDP programs, qdiscs, filters."""
+    out = []
+    for cmd in (["ip", "-d", "link", "show"], ["tc", "qdisc", "show"],
+                ["tc", "filter", "show", "dev", "a0", "ingress"],
+                ["tc", "filter", "show", "dev", "c0", "ingress"]):
+        out.append(subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True,
+                                  text=True).stdout)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["fresh", "running"])
+def test_attach_refused_by_a_kernel_without_a_feature(routers, attached):
+    """A kernel without something the programs need (reported missing through the probe's
+    test hook): one line naming it and the minimum version, and nothing touched, neither
+    the interfaces nor the pins (a fresh instance), nor a running instance's programs."""
+    r = routers[0] if attached else routers[1]   # the first is attached by the tests above
+    if attached:
+        if run("--config", r["cfg"], "--pin-dir", r["pin"], "status", ns=r["ns"]).returncode:
+            xz(r, "attach", "--mode", "generic")
+        pin = r["pin"]
+    else:
+        pin = r["pin"] + "-refused"
+    before = _kernel_view(r["ns"])
+    res = run("--config", r["cfg"], "--pin-dir", pin, "attach", "--mode", "native", ns=r["ns"],
+              env={"XZ_TEST_MISSING_FEATURES": "atomic:cmpxchg"})
+    assert res.returncode == 1 and not res.stdout
+    assert res.stderr.count("\n") == 1
+    assert res.stderr.startswith(f"xdpzoot: error: kernel {os.uname().release} lacks BPF "
+                                 "atomic compare-and-exchange (Linux 5.12); xdpzoot needs "
+                                 "Linux 6.1 or later")
+    assert _kernel_view(r["ns"]) == before
+    assert os.path.exists(pin) == attached
+
+
+def test_status_notes_a_degraded_feature(routers):
+    """A kernel without an optional feature (LPM trie batches): status says what is done
+    without it, and a subscriber load writes the prefixes one by one, the same."""
+    a = routers[0]
+    if run("--config", a["cfg"], "--pin-dir", a["pin"], "status", ns=a["ns"]).returncode:
+        xz(a, "attach", "--mode", "generic")
+    env = {"XZ_TEST_MISSING_FEATURES": "batch:lpm_trie"}
+    res = run("--config", a["cfg"], "--pin-dir", a["pin"], "status", "--json", ns=a["ns"],
+              env=env)
+    k = json.loads(res.stdout)["kernel"]
+    assert k["missing"] == [] and k["notes"] == [
+        "no LPM trie batch operations (Linux 5.13): prefixes written one by one"]
+    text = run("--config", a["cfg"], "--pin-dir", a["pin"], "status", ns=a["ns"], env=env)
+    assert "  note: no LPM trie batch operations" in text.stdout
+    new = a["subs"].with_name("degraded.csv")
+    new.write_text("subscriber,address,type\n7,100.64.7.0/24,dynamic\n"
+                   "11,100.64.11.0/24,dynamic\n")
+    res = run("--config", a["cfg"], "--pin-dir", a["pin"], "subscribers", "load", str(new),
+              "--json", ns=a["ns"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert xz(a, "subscribers", "show", "100.64.11.5")["match"] == "100.64.11.0/24"
     xz(a, "subscribers", "load", str(a["subs"]))

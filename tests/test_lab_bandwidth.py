@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,10 +209,29 @@ def down(lab: Lab, **kw) -> dict:
     return iperf(lab, lab.inet, lab.static, lab.addr["sta4"], **kw)
 
 
+@pytest.fixture(scope="module")
+def capacity(lab) -> float | None:
+    """Under `make vmtest` only (XZ_VMTEST set): Mbit/s the lab carries for the dynamic
+    subscriber, who has no rate, before xdpzoot is attached: what the (emulated) machine can
+    do at all. None elsewhere: nothing is measured, nothing skipped."""
+    if not os.environ.get("XZ_VMTEST"):
+        return None
+    return goodput(up(lab, lab.dyn, pace=None))
+
+
+def needs_rate(capacity: float | None) -> None:
+    """Tell "could not measure" from "wrong": in the kernel matrix's VM only, a machine that
+    cannot carry the subscriber's rate unlimited cannot show it limited; skip, saying so."""
+    if capacity is not None and capacity < RATE:
+        pytest.skip(f"this machine carries {capacity:.1f} Mbit/s without a limit, below the "
+                    f"{RATE:.0f} Mbit/s rate under test (make vmtest under emulation)")
+
+
 # ---- the tests ------------------------------------------------------------------------------
 
 
-def test_rate_limit(lab, router, hook):
+def test_rate_limit(lab, router, hook, capacity):
+    needs_rate(capacity)
     before = router.volume()
     u, d = up(lab), down(lab)
     after = router.volume()
@@ -237,7 +257,8 @@ def test_volume_counts_every_packet(lab, router, hook):
     assert ratio > 1.03, f"counted / payload = {ratio:.4f}"
 
 
-def test_throttle_live_transfer(lab, router, hook):
+def test_throttle_live_transfer(lab, router, hook, capacity):
+    needs_rate(capacity)
     drops = router.drops("throttle")
     with iperf_server(lab.inet):
         t0 = time.monotonic()
@@ -374,7 +395,7 @@ def bulk_transfer(lab: Lab, seconds: int, during=None):
     return receiver_intervals(doc), got
 
 
-def test_congestion_mode(lab, router, hook):
+def test_congestion_mode(lab, router, hook, capacity):
     drops = router.drops("bulk")
     assert router.json("congestion", "on")["active"]
 
@@ -393,6 +414,7 @@ def test_congestion_mode(lab, router, hook):
         assert router.drops("bulk") > drops, iv
     finally:
         assert not router.json("congestion", "off")["active"]
+    needs_rate(capacity)   # the verdicts above are checked; the rate back needs the rate
     assert goodput(up(lab)) > 10
 
 

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,9 +27,12 @@ ALWAYS = "192.0.2.66"      # on every version of the list
 SOMETIMES = "192.0.2.67"   # on OLD only
 PORT = 9999
 SWAPS = 10
-STREAM_MAX_PACKETS = 20_000
-STREAM_MAX_SECONDS = 10.0
-STREAM_PPS = 2_000         # 20,000 packets in 10 s: whichever bound comes first
+# The swap test's stream runs until the test says stop (a file), after its last swap: these
+# bounds are the safety net, generous enough for an emulated machine, where ten list loads
+# take minutes (a stream bounded at 10 s ended before the last swap there).
+STREAM_PPS = 2_000
+STREAM_MAX_SECONDS = 300.0
+STREAM_MAX_PACKETS = int(STREAM_PPS * STREAM_MAX_SECONDS)   # whichever bound comes first
 BURST = 200
 
 LIST_OLD = f"# test list OLD\n{ALWAYS}\n{SOMETIMES}/32\n"
@@ -327,17 +329,25 @@ def test_swap_under_traffic(lab, router, hook, lists, receiver, tmp_path):
     sender = stream(lab, [ALWAYS, SOMETIMES], str(stop_file))
     try:
         # OLD in force: the stream is dropped, and so are the datagrams after the last swap.
-        wait_for(lambda: router.csam_drops() > drops0, 5, "the stream's drops")
+        wait_for(lambda: router.csam_drops() > drops0, 60, "the stream's drops")
         loads = []
         for i in range(SWAPS):
             which = "new" if i % 2 == 0 else "old"
             r = router.json("blocklist", "load", lists[which])
             assert r["switched"], r
             loads.append(r["generation"])
-            time.sleep(0.15)   # not a wait for an event: the stream runs under each list
+            # The stream runs under each list: under NEW until a datagram to the address
+            # only OLD lists got through, under OLD until the stream is dropped again.
+            if which == "new":
+                seen = receiver.counts().get(SOMETIMES, 0)
+                wait_for(lambda seen=seen: receiver.counts().get(SOMETIMES, 0) > seen, 60,
+                         "a datagram through under NEW")
+            else:
+                d = router.csam_drops()
+                wait_for(lambda d=d: router.csam_drops() > d, 60, "drops under OLD")
         assert sender.poll() is None, "the stream ended before the last swap: raise its bounds"
         last = router.csam_drops()
-        wait_for(lambda: router.csam_drops() > last, 5, "drops after the last swap")
+        wait_for(lambda: router.csam_drops() > last, 60, "drops after the last swap")
     finally:
         stop_file.touch()
         sent = finish(sender)

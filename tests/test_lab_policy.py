@@ -7,6 +7,7 @@ One lab per module; the router's programs are replaced (not rebuilt) between hoo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -21,9 +22,10 @@ pytestmark = pytest.mark.lab
 SMTP = """
 import smtplib, socket, sys
 host, port, src, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+wait = float(sys.argv[5])
 msg = f"Subject: {token}\\r\\n\\r\\n{token}\\r\\n"
 try:
-    with smtplib.SMTP(host, port, local_hostname="client.lab.test", timeout=3,
+    with smtplib.SMTP(host, port, local_hostname="client.lab.test", timeout=wait,
                       source_address=(src, 0) if src else None) as s:
         s.sendmail("a@example.test", ["b@example.test"], msg)
     print("sent")
@@ -36,12 +38,19 @@ except (socket.timeout, TimeoutError):
 DNS = """
 import sys, dns.exception, dns.message, dns.query
 try:
-    r = dns.query.udp(dns.message.make_query("example.test", "A"), sys.argv[1], timeout=2)
+    r = dns.query.udp(dns.message.make_query("example.test", "A"), sys.argv[1],
+                      timeout=float(sys.argv[2]))
     print("answer" if r.answer else "empty")
 except dns.exception.Timeout:
     print("timeout")
 """
 
+
+# How long a client waits before it calls a connection or a query unanswered ("timeout"):
+# 3 s and 2 s, or 5x that under `make vmtest`, where a Python server under emulation takes
+# seconds to answer what it answers at once here (a late answer must not read as blocked).
+SLOW = 5 if os.environ.get("XZ_VMTEST") else 1
+SMTP_TIMEOUT, DNS_TIMEOUT = 3 * SLOW, 2 * SLOW
 
 LAB_TAG = "xzp"
 ROUTER = {"xdp_peers": True}   # the conftest's router fixture: attached by its hook fixture
@@ -56,7 +65,8 @@ class Router(LabRouter):
 
 def smtp(lab: Lab, ns: str, dst: str, port: int, src: str = "") -> str:
     token = uuid.uuid4().hex
-    res = netns_run(ns, sys.executable, "-c", SMTP, dst, str(port), src, token, timeout=20)
+    res = netns_run(ns, sys.executable, "-c", SMTP, dst, str(port), src, token,
+                    str(SMTP_TIMEOUT), timeout=20 * SLOW)
     result = res.stdout.strip()
     if result == "sent":
         assert any(token in m["data"] for m in read_maildir(lab)), "sent but not delivered"
@@ -64,7 +74,8 @@ def smtp(lab: Lab, ns: str, dst: str, port: int, src: str = "") -> str:
 
 
 def dns(ns: str, server: str) -> str:
-    return netns_run(ns, sys.executable, "-c", DNS, server, timeout=20).stdout.strip()
+    return netns_run(ns, sys.executable, "-c", DNS, server, str(DNS_TIMEOUT),
+                     timeout=20 * SLOW).stdout.strip()
 
 
 @pytest.mark.parametrize("fam", ["4", "6"])

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import click
 
 from xdpzoot import tables
-from xdpzoot.dataplane import schema
+from xdpzoot.dataplane import loader, schema
 from xdpzoot.dataplane.instance import TRACE_MAX_RATE
 from xdpzoot.sources import csam
 
@@ -36,6 +36,7 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
     """Load the programs and attach them; again to replace them in place."""
 
     def go():
+        loader.check_kernel()   # before the instance (its pin directory) is made
         cfg = o.cfg
         acc = list(access) or list(cfg.interfaces.access)
         cor = list(core) or list(cfg.interfaces.core)
@@ -128,12 +129,17 @@ def status(o: Ctx, as_json) -> None:
             "contracts": inst.contract_sizes(),
             "counters": _totals(inst.counters_sum()),
             "fast_path": inst.fast_path(),
+            "kernel": inst.kernel(),
         }
 
         def text():
             click.echo(f"Data plane: {o.pin_dir}")
             on = [k for k, v in data["switches"].items() if v]
             click.echo(f"  switches: {', '.join(on) or 'none'}")
+            k = data["kernel"]
+            click.echo(f"  kernel: {k['release']} (minimum {k['minimum']})")
+            for note in k["notes"]:
+                click.echo(f"  note: {note}")
             click.echo("\nInterfaces:")
             for a in att:
                 click.echo(f"  {a.ifname:<15} {a.role:<7} {a.hook:<4} {a.mode}")

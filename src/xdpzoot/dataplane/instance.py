@@ -493,6 +493,10 @@ class Instance:
     def fast_path(self) -> dict:
         return loader.fast_path(self.maps)
 
+    def kernel(self) -> dict:
+        """The running kernel: release, declared minimum, what it lacks, what is degraded."""
+        return kernel.kernel_report()
+
     def allow_bits(self, addr: bytes) -> int:
         return self.maps.allow_bits(addr)
 

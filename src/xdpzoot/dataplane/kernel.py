@@ -174,42 +174,235 @@ _JIFFIES_PROG = struct.pack("=BBhi", 0x85, 0, 0, 118) + struct.pack("=BBhi", 0x9
 KNOWN_HZ = (100, 250, 300, 1000)
 
 
-def tick_ns(window_s: float = 0.1) -> int:
+def tick_ns(window_s: float = 0.1, tries: int = 5) -> int:
     """Nanoseconds per jiffy of the running kernel: timed against the monotonic clock
     between two jiffy edges (neither the kernel's CONFIG_HZ nor, for sure, the headers
     bcc compiles with are known to us) and snapped to the tick of a known HZ; 0 (use
-    the fine clock) when the measure is not within 5% of one."""
+    the fine clock) when no measure is within 5% of one.
+
+    Each edge is known only to within the time between the two test runs that saw the
+    jiffy before and after it; a measure whose edges are that uncertain by more than 2% of
+    the window (a busy or emulated machine, a preemption) is taken again, with a window
+    long enough for the uncertainty seen, up to ``tries`` times."""
     fd = _libbpf.bpf_prog_load(BPF_PROG_TYPE_XDP, b"xz_jiffies", b"GPL", _JIFFIES_PROG, 2,
                                None)
     if fd < 0:
         return 0
     frame = bytes(64)
 
-    def edge(deadline: float) -> tuple[int, int]:
-        """The first jiffy after now, and when it began (within a test run's time)."""
+    def edge(deadline: float) -> tuple[int, int, int]:
+        """The first jiffy after now, when it began (the end of the test run that saw
+        it), and how long before that the previous test run still saw the one before."""
         j0 = test_run(fd, frame).retval
+        before = time.monotonic_ns()
         while time.monotonic() < deadline:
             j = test_run(fd, frame).retval
+            now = time.monotonic_ns()
             if j != j0:
-                return j, time.monotonic_ns()
+                return j, now, now - before
+            before = now
         raise TimeoutError
 
     try:
-        j1, t1 = edge(time.monotonic() + 1.0)
-        time.sleep(window_s)
-        j2, t2 = edge(time.monotonic() + 1.0)
+        for _ in range(tries):
+            j1, t1, u1 = edge(time.monotonic() + 1.0)
+            time.sleep(window_s)
+            j2, t2, u2 = edge(time.monotonic() + 1.0)
+            ticks = (j2 - j1) & 0xFFFFFFFF   # retval: the low 32 bits
+            if ticks and u1 + u2 <= 0.02 * (t2 - t1):
+                measured = (t2 - t1) / ticks
+                for hz in KNOWN_HZ:   # 20% apart at least: 5% cannot mistake one for another
+                    if abs(measured * hz / 1e9 - 1) < 0.05:
+                        return 1_000_000_000 // hz
+            window_s = min(2.0, max(window_s, 100 * (u1 + u2) / 1e9))
     except (KernelError, TimeoutError):
         return 0
     finally:
         os.close(fd)
-    ticks = (j2 - j1) & 0xFFFFFFFF   # retval: the low 32 bits
-    if not ticks:
-        return 0
-    measured = (t2 - t1) / ticks
-    for hz in KNOWN_HZ:   # 20% apart at least: 5% cannot mistake one for another
-        if abs(measured * hz / 1e9 - 1) < 0.05:
-            return 1_000_000_000 // hz
     return 0
+
+
+# ---- what the kernel can do: probed once per process, before anything is attached ---------
+
+# The oldest kernel the kernel matrix runs (`make vmtest`, README "Kernel matrix"): Debian
+# 12's. Each feature below says the version that brought it; a kernel older than this one
+# with every feature may work, but nothing says it does.
+MIN_KERNEL = "6.1"
+BPF_PROG_TYPE_SCHED_CLS = 3
+_MAP_TYPES = {"hash": 1, "array": 2, "prog_array": 3, "percpu_array": 6, "lru_hash": 9,
+              "lpm_trie": 11, "devmap": 14, "ringbuf": 27}
+# Helper ids (enum bpf_func_id) the programs call, per hook.
+_HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "ktime_get_ns": 5, "tail_call": 12,
+            "redirect": 23, "csum_diff": 28, "skb_change_tail": 38, "skb_pull_data": 39,
+            "xdp_adjust_head": 44, "redirect_map": 51, "xdp_adjust_tail": 65,
+            "fib_lookup": 69, "jiffies64": 118, "ringbuf_reserve": 131,
+            "ringbuf_submit": 132}
+_XDP_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call",
+                "csum_diff", "xdp_adjust_head", "redirect_map", "xdp_adjust_tail",
+                "fib_lookup", "jiffies64", "ringbuf_reserve", "ringbuf_submit")
+_TC_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call", "redirect",
+               "csum_diff", "skb_change_tail", "skb_pull_data", "jiffies64", "ringbuf_reserve",
+               "ringbuf_submit")
+_SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
+          "map:percpu_array": "4.6", "map:lru_hash": "4.10", "map:lpm_trie": "4.11",
+          "map:devmap": "4.14", "map:ringbuf": "5.8", "helper:tail_call": "4.2",
+          "helper:redirect": "4.4", "helper:csum_diff": "4.6", "helper:skb_change_tail": "4.9",
+          "helper:skb_pull_data": "4.9", "helper:xdp_adjust_head": "4.10",
+          "helper:redirect_map": "4.14", "helper:xdp_adjust_tail": "4.18",
+          "helper:fib_lookup": "4.18", "helper:jiffies64": "5.5",
+          "helper:ringbuf_reserve": "5.8", "helper:ringbuf_submit": "5.8", "batch:hash": "5.6",
+          "batch:array": "5.6", "atomic:cmpxchg": "5.12", "batch:lpm_trie": "5.13"}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """Something of the kernel's that xdpzoot uses: required, or (with ``degrade``) used
+    where the kernel has it."""
+
+    key: str       # map:TYPE, helper:NAME (at one hook or both), batch:TYPE, atomic:cmpxchg
+    what: str
+    since: str     # the Linux version that brought it
+    degrade: str = ""   # what xdpzoot does without it; empty: it cannot run without it
+
+
+def _features() -> list[Feature]:
+    out = [Feature(f"map:{t}", f"BPF map type {t}", _SINCE[f"map:{t}"]) for t in _MAP_TYPES]
+    out += [Feature(f"helper:{h}", f"BPF helper bpf_{h}", _SINCE.get(f"helper:{h}", "4.1"))
+            for h in _HELPERS]
+    out += [Feature("batch:hash", "batch operations on hash maps", _SINCE["batch:hash"]),
+            Feature("batch:array", "batch operations on array maps", _SINCE["batch:array"]),
+            Feature("atomic:cmpxchg", "BPF atomic compare-and-exchange",
+                    _SINCE["atomic:cmpxchg"]),
+            Feature("batch:lpm_trie", "LPM trie batch operations",
+                    _SINCE["batch:lpm_trie"],
+                    degrade="prefixes written one by one")]
+    return out
+
+
+FEATURES = _features()
+# Test hook: these feature keys (comma-separated) are reported missing whatever the kernel
+# has, so that the refusal and the degraded paths can be tested on any kernel.
+MISSING_ENV = "XZ_TEST_MISSING_FEATURES"
+
+
+class _MapCreateOpts(ct.Structure):
+    """struct bpf_map_create_opts of libbpf 1.x."""
+
+    _fields_ = [("sz", ct.c_size_t), ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32),
+                ("btf_vmlinux_value_type_id", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("map_extra", ct.c_uint64),
+                ("numa_node", ct.c_uint32), ("map_ifindex", ct.c_uint32)]
+
+
+_libbpf.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
+_libbpf.libbpf_probe_bpf_helper.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+BPF_F_NO_PREALLOC = 1
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One struct bpf_insn."""
+    return struct.pack("=BBhi", code, dst | (src << 4), off, imm)
+
+
+# *(u64 *)(r10 - 8) = 0; r0 = 0; r2 = 1; r0 = cmpxchg(r10 - 8, r0, r2); r0 = XDP_PASS; exit.
+_CMPXCHG_PROG = (_insn(0xB7, 1) + _insn(0x7B, 10, 1, -8) + _insn(0xB7, 0) + _insn(0xB7, 2, imm=1)
+                 + _insn(0xDB, 10, 2, -8, 0xF1) + _insn(0xB7, 0, imm=2) + _insn(0x95))
+
+
+def _probe_batch(map_type: int) -> bool:
+    """Whether a map of ``map_type`` takes a batch update and a batch lookup."""
+    lpm = map_type == _MAP_TYPES["lpm_trie"]
+    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts),
+                          map_flags=BPF_F_NO_PREALLOC if lpm else 0)
+    key = struct.pack("=I4s", 32, bytes(4)) if lpm else bytes(4)
+    fd = _libbpf.bpf_map_create(map_type, b"xz_probe", len(key), 4, 4, ct.byref(opts))
+    if fd < 0:
+        return False
+    try:
+        bopts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+        count = ct.c_uint32(1)
+        if _libbpf.bpf_map_update_batch(fd, key, bytes(4), ct.byref(count),
+                                        ct.byref(bopts)) != 0:
+            return False
+        keys, vals = ct.create_string_buffer(len(key) * 4), ct.create_string_buffer(16)
+        token = ct.create_string_buffer(len(key))
+        count = ct.c_uint32(4)
+        rc = _libbpf.bpf_map_lookup_batch(fd, None, token, keys, vals, ct.byref(count),
+                                          ct.byref(bopts))
+        return rc == 0 or ct.get_errno() == errno.ENOENT   # ENOENT: the last batch
+    finally:
+        os.close(fd)
+
+
+def _probe_prog(insns: bytes) -> bool:
+    fd = _libbpf.bpf_prog_load(BPF_PROG_TYPE_XDP, b"xz_probe", b"GPL", insns,
+                               len(insns) // 8, None)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+_probed: dict[str, bool] = {}
+
+
+def probe_features() -> dict[str, bool]:
+    """Feature key -> whether this kernel has it, asked of the kernel itself (a map of each
+    type created, each helper offered to each hook's verifier, batch calls made, an atomic
+    loaded): some thirty system calls, once per process."""
+    if not _probed:
+        got: dict[str, bool] = {}
+        for name, t in _MAP_TYPES.items():
+            got[f"map:{name}"] = _libbpf.libbpf_probe_bpf_map_type(t, None) == 1
+        for name, hid in _HELPERS.items():
+            ok = True
+            for ptype, names in ((BPF_PROG_TYPE_XDP, _XDP_HELPERS),
+                                 (BPF_PROG_TYPE_SCHED_CLS, _TC_HELPERS)):
+                if name in names:
+                    ok &= _libbpf.libbpf_probe_bpf_helper(ptype, hid, None) == 1
+            got[f"helper:{name}"] = ok
+        for name in ("hash", "array", "lpm_trie"):
+            got[f"batch:{name}"] = _probe_batch(_MAP_TYPES[name])
+        got["atomic:cmpxchg"] = _probe_prog(_CMPXCHG_PROG)
+        _probed.update(got)
+    out = dict(_probed)
+    for key in filter(None, os.environ.get(MISSING_ENV, "").split(",")):
+        out[key.strip()] = False
+    return out
+
+
+def missing_features() -> tuple[list[Feature], list[Feature]]:
+    """What this kernel lacks: (required, optional)."""
+    have = probe_features()
+    lacking = [f for f in FEATURES if not have.get(f.key, False)]
+    return [f for f in lacking if not f.degrade], [f for f in lacking if f.degrade]
+
+
+def require_kernel() -> None:
+    """Raise, in one line naming what is missing, when this kernel lacks a feature that
+    xdpzoot cannot run without: before anything is compiled or attached."""
+    required, _ = missing_features()
+    if required:
+        lacks = ", ".join(f"{f.what} (Linux {f.since})" for f in required)
+        raise KernelError(f"kernel {os.uname().release} lacks {lacks}; xdpzoot needs Linux "
+                          f"{MIN_KERNEL} or later")
+
+
+def kernel_report() -> dict:
+    """The kernel for `status`: its release, the declared minimum, what it lacks, and a
+    note for each feature xdpzoot does without."""
+    required, optional = missing_features()
+    return {"release": os.uname().release, "minimum": MIN_KERNEL,
+            "missing": [f.key for f in required],
+            "notes": [f"no {f.what} (Linux {f.since}): {f.degrade}" for f in optional]}
+
+
+def _batched(map_type: int) -> bool:
+    """Whether maps of ``map_type`` are read and written in batches here."""
+    if map_type == BPF_MAP_TYPE_LPM_TRIE:
+        return probe_features()["batch:lpm_trie"]
+    return map_type in BATCH_TYPES
 
 
 # ---- pinned maps without bcc: raw keys and values, batch operations -----------------------
@@ -351,7 +544,7 @@ class PinnedMap:
     def items(self) -> tuple[list[bytes], bytes]:
         """Every key, and the values in the same order joined (``value_size`` bytes each;
         not for per-CPU maps): batch lookups where the map type has them."""
-        if self.type in BATCH_TYPES:
+        if _batched(self.type):
             return self._lookup_batch()
         keys = self.keys()
         return keys, b"".join(self.lookup(k) or bytes(self.value_size) for k in keys)
@@ -390,11 +583,12 @@ class PinnedMap:
         batches where the map type has them."""
         vs = self.value_size
         what = f"update {self.path}"
+        batched = _batched(self.type)
 
         def write(i: int) -> int:
             chunk = keys[i:i + BATCH]
             vals = values[i * vs:(i + len(chunk)) * vs]
-            if self.type in BATCH_TYPES:
+            if batched:
                 count = ct.c_uint32(len(chunk))
                 opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
                 _check(_libbpf.bpf_map_update_batch(self.fd, b"".join(chunk), vals,
@@ -434,7 +628,8 @@ class PinnedMap:
         what = f"{'update' if value is not None else 'delete'} {self.path}"
         # An LPM trie takes batches too (one lock for the whole trie: no gain from
         # threads there, but no system call per entry).
-        batch = self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_LPM_TRIE)
+        batch = self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH) or (
+            self.type == BPF_MAP_TYPE_LPM_TRIE and _batched(self.type))
 
         def write(i: int) -> int:
             chunk = keys[i:i + BATCH]
@@ -776,9 +971,19 @@ def maps_source() -> str:
     return "#include <uapi/linux/bpf.h>\n" + _inline(schema.BPF_DIR / "maps.h", set())
 
 
+# Warnings of the kernel's own headers, not of ours, under the clang of Debian 12's bcc
+# (LLVM 14) with 6.12's headers: x86 per-CPU address spaces written twice
+# (asm/percpu.h, reached through bcc's helpers.h) and IBT's nocf_check without
+# -fcf-protection (asm/ibt.h). bcc includes those headers itself, so no pragma of ours
+# can reach them; every other warning stays an error.
+KERNEL_HEADER_WARNINGS = ("-Wno-duplicate-decl-specifier", "-Wno-ignored-attributes")
+
+
 def cflags(pin_dir: str, defines: Iterable[str] = ()) -> list[str]:
-    """Compiler flags: warnings are errors, sizes and the pin directory as -D."""
-    return ["-Werror", "-Wall", f'-DXZ_PIN_DIR="{pin_dir}"', *defines]
+    """Compiler flags: warnings are errors (but KERNEL_HEADER_WARNINGS), sizes and the pin
+    directory as -D."""
+    return ["-Werror", "-Wall", *KERNEL_HEADER_WARNINGS, f'-DXZ_PIN_DIR="{pin_dir}"',
+            *defines]
 
 
 def compile_bpf(pin_dir: str, defines: Iterable[str] = (), maps_only: bool = False):

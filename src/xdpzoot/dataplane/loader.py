@@ -96,6 +96,13 @@ def configure(maps: kernel.Maps, cfg) -> None:
     maps.set_control_flags(flags)
 
 
+def check_kernel() -> None:
+    """Refuse, in one line naming what is missing and the minimum version, a kernel without
+    a map type, helper or operation the programs need: before anything is compiled, pinned
+    or attached (the CLI asks before it even opens the instance)."""
+    kernel.require_kernel()
+
+
 def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str = "xdp",
            mode: str = "auto") -> list[Attachment]:
     """Compile, load and attach; replaces a running instance atomically per interface,
@@ -109,6 +116,7 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
     overlap = set(access) & set(core)
     if overlap:
         raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
+    check_kernel()   # not a verifier dump on a kernel without what the programs need
     pin_dir = maps.pin_dir
     missing = sorted(set(access + core) - set(netlink.link_indexes()))
     if missing:   # before anything changes: the maps stay as they are
