@@ -61,15 +61,20 @@ static __always_inline __u64 xz_mix64(__u64 x)
 	return x;
 }
 
-/* The destination's hash: the 16-byte address (native-endian words), then port and
- * protocol, each mixed in after the last. */
-static __always_inline __u64 xz_scan_hash(struct xz_pkt *p)
+/* The destination's hash in window ``epoch``: its 16-byte address (native-endian words a,
+ * b), port and protocol. For IPv4, a is 0 and b holds the address above 24 bits that are
+ * 0x00ff0000 in every mapped address, so b ^ (port, protocol) is one-to-one and no two IPv4
+ * destinations share a hash; an IPv6 /64 prefix (a) is scrambled by a multiply. The window
+ * salts it: the estimate's error for a set of destinations is drawn anew in every window
+ * instead of sticking to a subscriber. */
+static __always_inline __u64 xz_scan_hash(struct xz_pkt *p, __u32 epoch)
 {
 	__u64 a, b;
 
 	__builtin_memcpy(&a, &p->dst.addr[0], 8);
 	__builtin_memcpy(&b, &p->dst.addr[8], 8);
-	return xz_mix64(xz_mix64(xz_mix64(a) ^ b) ^ ((__u64)p->dport << 8 | p->proto));
+	return xz_mix64((a ^ epoch) * 0x9e3779b97f4a7c15ULL ^ b ^
+			((__u64)p->dport << 8 | p->proto));
 }
 
 /* A new destination's chance to raise the registers of one word, x 2^XZ_SCAN_RMAX x 16:
@@ -89,17 +94,11 @@ static __always_inline __u32 xz_scan_weight(__u64 w)
 	return q;
 }
 
-/* Count the destination of packet ``p`` in sketch ``s`` for window ``epoch``. */
-static __always_inline void xz_scan_count(struct xz_pkt *p, struct xz_scan *s, __u32 epoch)
+/* 1 + the leading zeros of ``low``, at most XZ_SCAN_RMAX: a binary search. */
+static __always_inline __u32 xz_scan_rank(__u32 low)
 {
-	__u64 h = xz_scan_hash(p), old, seen;
-	__u32 idx = ((h >> 32) * XZ_SCAN_REGS) >> 32, low = (__u32)h, rank, shift, q, r;
-	__u32 wi = idx >> 4;
+	__u32 rank = 1;
 
-	if (wi >= XZ_SCAN_WORDS)
-		return;   /* cannot be (idx < XZ_SCAN_REGS); for the verifier */
-	/* 1 + leading zeros of the low half, at most XZ_SCAN_RMAX: a binary search */
-	rank = 1;
 	if (!(low >> 24)) {
 		rank += 8;
 		low <<= 8;
@@ -114,10 +113,19 @@ static __always_inline void xz_scan_count(struct xz_pkt *p, struct xz_scan *s, _
 	}
 	if (!(low >> 31))
 		rank += 1;
-	if (rank > XZ_SCAN_RMAX)
-		rank = XZ_SCAN_RMAX;
-	shift = (idx & 15) * 4;
-	seen = s->count;
+	return rank < XZ_SCAN_RMAX ? rank : XZ_SCAN_RMAX;
+}
+
+/* Count the destination of packet ``p`` in sketch ``s`` for window ``epoch``. */
+static __always_inline void xz_scan_count(struct xz_pkt *p, struct xz_scan *s, __u32 epoch)
+{
+	__u64 h = xz_scan_hash(p, epoch), old, seen = s->count;
+	/* The high half picks the register, the low half's leading zeros make the rank. */
+	__u32 idx = ((h >> 32) * XZ_SCAN_REGS) >> 32, low = (__u32)h, rank, q, r;
+	__u32 wi = idx >> 4, shift = (idx & 15) * 4;
+
+	if (wi >= XZ_SCAN_WORDS)
+		return;   /* cannot be (idx < XZ_SCAN_REGS); for the verifier */
 	if ((__u32)seen != epoch && __sync_val_compare_and_swap(&s->count, seen, epoch) == seen) {
 		/* The first update of a new window: the old one's count is gone. */
 #pragma unroll
@@ -128,8 +136,11 @@ static __always_inline void xz_scan_count(struct xz_pkt *p, struct xz_scan *s, _
 	for (int t = 0; t < XZ_SCAN_TRIES; t++) {
 		old = *(volatile __u64 *)&s->reg[wi];
 		r = (old >> shift) & 15;
-		if (rank <= r)
-			return;   /* seen before (or a destination as rare): nothing new */
+		/* Not higher than the register (rank <= r, the rank not computed: a one among
+		 * the top r bits): seen before, or a destination as rare. The common case. */
+		if (r == XZ_SCAN_RMAX || (r && low >> (32 - r)))
+			return;
+		rank = xz_scan_rank(low);
 		/* The chance of a raise as the registers are now (one changed meanwhile: the
 		 * compare-and-swap below fails). */
 		q = 0;

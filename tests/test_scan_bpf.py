@@ -50,7 +50,7 @@ def sweep(dp, n: int) -> ScanSketch:
     """SYNs to ``n`` distinct destinations at XDP, each frame the template with the address
     and port written in (plain Ethernet + IPv4: bytes 30-33, 36-37); the model fed the same."""
     f = bytearray(frame())
-    fd, model = dp.fds[("xdp", "access")], ScanSketch()
+    fd, model = dp.fds[("xdp", "access")], ScanSketch(dp.maps.control_value().scan_epoch)
     for j in range(n):
         addr, port = dest(j)
         f[30:34], f[36:38] = addr[12:], port.to_bytes(2, "big")
@@ -59,19 +59,33 @@ def sweep(dp, n: int) -> ScanSketch:
     return model
 
 
-@pytest.mark.parametrize("n", [10, 1_000, 100_000])
-def test_distinct_destinations_are_estimated_within_10_percent(dp, n):
+def count(dp, slot=1) -> int:
+    """struct xz_scan.count of a slot: the window (low half) and the estimate."""
+    return layout.STATE.unpack(dp.maps.state_map.lookup(layout.U32.pack(slot)))[
+        layout.SCAN_COUNT]
+
+
+@pytest.mark.parametrize("n, windows", [(10, 100), (1_000, 20), (100_000, 1)])
+def test_distinct_destinations_are_estimated_within_10_percent(dp, n, windows):
+    """The same ``n`` destinations in ``windows`` windows. The hash is salted by the window,
+    so each window's error is a new draw: the sketch's error is a distribution (a relative
+    standard error of ~6-8 %, bench.py measures it over many windows), and the RMS error
+    over the windows is held to 10 %. A single window can be further off: 100,000 (one
+    window; 100k test runs take 1.5 s) is held to 3 standard errors. In every window the
+    kernel's count is model.ScanSketch's, to the 1/64th."""
     setup(dp)
-    model = sweep(dp, n)
-    raw = layout.STATE.unpack(dp.maps.state_map.lookup(layout.U32.pack(1)))
-    count = raw[layout.SCAN_COUNT]
-    assert count & 0xFFFF_FFFF == EPOCH
-    assert count >> C["XZ_SCAN_EST_SHIFT"] == model.count   # the model, to the 1/64th
-    assert abs(scans(dp) - n) <= 0.1 * n
+    errors = []
+    for w in range(windows):
+        dp.maps.set_control_params(scan_epoch=EPOCH + 60 * w)
+        model = sweep(dp, n)
+        assert count(dp) == model.count << C["XZ_SCAN_EST_SHIFT"] | EPOCH + 60 * w
+        errors.append(layout.scan_estimate(count(dp), EPOCH + 60 * w) / n - 1)
+    rms = (sum(e * e for e in errors) / windows) ** 0.5
+    assert rms <= (0.1 if windows > 1 else 0.25), errors
     if n == 1_000:   # the same destinations again: nothing new
+        before = count(dp)
         sweep(dp, n)
-        assert layout.STATE.unpack(dp.maps.state_map.lookup(layout.U32.pack(1)))[
-            layout.SCAN_COUNT] == count
+        assert count(dp) == before
 
 
 def test_only_new_conversations_of_the_subscriber_count(dp):
@@ -107,9 +121,10 @@ def test_blocked_attempts_stay_out_of_the_sketch(dp):
 
 def test_a_new_window_starts_afresh(dp):
     setup(dp)
-    sweep(dp, 300)
-    assert 270 <= scans(dp) <= 330
+    model = sweep(dp, 300)
+    assert count(dp) == model.count << C["XZ_SCAN_EST_SHIFT"] | EPOCH and scans(dp) > 200
     dp.maps.set_control_params(scan_epoch=EPOCH + 60)
     assert scans(dp) == 0          # the sketch counts another window: stale
-    sweep(dp, 10)                  # destinations of the old window are new in this one
-    assert 9 <= scans(dp) <= 11
+    model = sweep(dp, 10)          # destinations of the old window are new in this one
+    assert count(dp) == model.count << C["XZ_SCAN_EST_SHIFT"] | EPOCH + 60
+    assert 8 <= scans(dp) <= 12

@@ -192,7 +192,8 @@ class ScanSketch:
     check the kernel's count against it, and the benchmark measures the sketch's error
     over many sets of destinations with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch   # the window, which salts the hash
         self.reg = [0] * SCAN_REGS
         self.count = 0   # the estimate, in 1/2^SCAN_FRAC destinations
 
@@ -200,7 +201,7 @@ class ScanSketch:
         """A conversation opened to the 16-byte address ``dst``, port, protocol."""
         a = int.from_bytes(dst[:8], sys.byteorder)
         b = int.from_bytes(dst[8:], sys.byteorder)
-        h = _mix64(_mix64(_mix64(a) ^ b) ^ (dport << 8 | proto))
+        h = _mix64(((a ^ self.epoch) * 0x9E3779B97F4A7C15 & _M64) ^ b ^ (dport << 8 | proto))
         i, low = (h >> 32) * SCAN_REGS >> 32, h & 0xFFFF_FFFF
         rank = min(33 - low.bit_length(), SCAN_RMAX)
         if rank <= self.reg[i]:

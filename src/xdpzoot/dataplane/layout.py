@@ -128,13 +128,17 @@ class Volume:
     scans: int = 0
 
 
-def scans(count: int, epoch: int) -> int:
-    """The estimate in struct xz_scan.count ``count``, rounded, if it counts window
-    ``epoch`` (xz_control.scan_epoch); 0 for a sketch of another window."""
+def scan_estimate(count: int, epoch: int) -> float:
+    """The estimate in struct xz_scan.count ``count`` if it counts window ``epoch``
+    (xz_control.scan_epoch); 0 for a sketch of another window."""
     if count & 0xFFFF_FFFF != epoch:
-        return 0
-    frac = schema.C["XZ_SCAN_FRAC"]
-    return ((count >> schema.C["XZ_SCAN_EST_SHIFT"]) + (1 << frac - 1)) >> frac
+        return 0.0
+    return (count >> schema.C["XZ_SCAN_EST_SHIFT"]) / (1 << schema.C["XZ_SCAN_FRAC"])
+
+
+def scans(count: int, epoch: int) -> int:
+    """scan_estimate, rounded (half up): what `top` shows and the rules compare."""
+    return int(scan_estimate(count, epoch) + 0.5)
 
 
 def volume(v: tuple[int, ...], epoch: int) -> Volume:
