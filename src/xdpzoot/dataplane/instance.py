@@ -457,9 +457,25 @@ class Instance:
         ``columns`` (class_columns) when given."""
         return self.maps.owner_ids(columns)
 
-    def byte_counters(self) -> np.ndarray:
+    def state_words(self) -> np.ndarray:
+        """The state array, a row per slot (kernel.Maps.state_words)."""
+        return self.maps.state_words()
+
+    def byte_counters(self, words: np.ndarray | None = None) -> np.ndarray:
         """Bytes up and down so far per state slot (kernel.Maps.byte_counters)."""
-        return self.maps.byte_counters()
+        return self.maps.byte_counters(words)
+
+    def next_scan_window(self, now: float, length: int) -> tuple[int, int] | None:
+        """Start a new window of the abuse signals when the one in force is ``length``
+        seconds old (or from the future: the clock was set back); returns the window that
+        ended, (start, end) in unix seconds, or None. The data plane zeroes a sketch of an
+        older window at its next update (bpf/scan.h)."""
+        with self.locked():
+            start, end = self.maps.control_params()["scan_epoch"], int(now)
+            if 0 <= end - start < length:
+                return None
+            self.maps.set_control_params(scan_epoch=end)
+        return start, end
 
     def throttle_rates(self) -> np.ndarray:
         """Every slot's throttle, kbps up and down (kernel.Maps.throttle_rates)."""

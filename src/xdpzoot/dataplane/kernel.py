@@ -1006,13 +1006,19 @@ class Maps:
         epoch = self.control_value().scan_epoch
         return {s: volume(STATE.unpack_from(values, s * STATE.size), epoch) for s in slots}
 
-    def byte_counters(self) -> np.ndarray:
-        """Per state slot, the bytes its subscriber sent and received so far (up, down),
-        the state array read whole, in batches."""
+    def state_words(self) -> np.ndarray:
+        """The state array read whole, in batches: a row of STATE's fields (uint64) per
+        slot."""
         import numpy as np
 
-        raw = np.frombuffer(self.state_map.values(), dtype=np.uint64)
-        return raw.reshape(-1, STATE.size // 8)[:, [2, 6]]   # up.bytes, down.bytes
+        return np.frombuffer(self.state_map.values(), dtype=np.uint64).reshape(
+            -1, STATE.size // 8)
+
+    def byte_counters(self, words: np.ndarray | None = None) -> np.ndarray:
+        """Per state slot, the bytes its subscriber sent and received so far (up, down),
+        from ``words`` (state_words) or the array read now."""
+        words = self.state_words() if words is None else words
+        return words[:, [2, 6]]   # up.bytes, down.bytes
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""

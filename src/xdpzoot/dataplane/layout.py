@@ -141,6 +141,18 @@ def scans(count: int, epoch: int) -> int:
     return int(scan_estimate(count, epoch) + 0.5)
 
 
+def state_scans(words, epoch: int):
+    """scans() of every row of ``words``, a numpy array of struct xz_state rows (STATE's
+    fields as uint64 columns)."""
+    import numpy as np
+
+    c = words[:, SCAN_COUNT]
+    frac = schema.C["XZ_SCAN_FRAC"]
+    est = ((c >> np.uint64(schema.C["XZ_SCAN_EST_SHIFT"])) + np.uint64(1 << frac - 1)) \
+        >> np.uint64(frac)
+    return np.where(c & np.uint64(0xFFFF_FFFF) == np.uint64(epoch), est, np.uint64(0))
+
+
 def volume(v: tuple[int, ...], epoch: int) -> Volume:
     """The Volume of an unpacked struct xz_state (STATE) in scan window ``epoch``."""
     return Volume(v[2], v[6], v[3], v[7], v[OP25B], scans(v[SCAN_COUNT], epoch))
