@@ -268,8 +268,9 @@ class Instance:
 
     def subscriber_state(self, sid: int) -> dict | None:
         """What the maps hold for subscriber ``sid`` now (no volume rule needed): its class
-        (a RADIUS contract's, else its first entry's), the counters of its state slot and
-        the throttle in force there; None when it has no slot of its own (a pool)."""
+        (a RADIUS contract's, else its first entry's), the counters of its state slot (the
+        abuse signals too) and the throttle in force there; None when it has no slot of its
+        own (a pool)."""
         try:
             _, slot = self.subscriber_slot(sid, str(sid))
         except kernel.KernelError:
@@ -281,6 +282,7 @@ class Instance:
         up, down = self.get_throttle(slot)
         hand = self.manual_throttles().get(slot)
         return {"slot": slot, "up_bytes": v.up_bytes, "down_bytes": v.down_bytes,
+                "op25b": v.op25b, "scans": v.scans,
                 "up_kbps": e.up_kbps if e else 0, "down_kbps": e.down_kbps if e else 0,
                 "suspended": bool(e and e.flags & schema.C["XZ_F_SUSPENDED"]),
                 "throttle_up_kbps": up, "throttle_down_kbps": down,
