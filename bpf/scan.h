@@ -46,8 +46,8 @@ static __always_inline int xz_scan_opens(struct xz_pkt *p)
 		return (p->tcp_flags & (XZ_TCP_SYN | XZ_TCP_ACK | XZ_TCP_RST)) == XZ_TCP_SYN;
 	if (p->proto == IPPROTO_UDP)
 		return 1;
-	return (p->proto == IPPROTO_ICMP && p->icmp_type == 8) ||
-	       (p->proto == IPPROTO_ICMPV6 && p->icmp_type == 128);
+	return (p->proto == IPPROTO_ICMP && p->icmp_type == ICMP_ECHO) ||
+	       (p->proto == IPPROTO_ICMPV6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
 }
 
 /* murmur3's 64-bit finaliser: a bijection that spreads every input bit. */
