@@ -151,10 +151,7 @@ class Daemon:
         elif old is not None:
             self.acct = accounting.Accounting.restore(old.snapshot(), rules)
         self.plans_changed = True
-        counts = self.abuse.actions if self.abuse else None
         self.abuse = abuse_rules.Abuse(self.cfg.abuse)   # runs start afresh with new rules
-        if counts:
-            self.abuse.actions.update(counts)   # a counter: never goes back
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
                                      b.congestion_seconds, b.hysteresis,

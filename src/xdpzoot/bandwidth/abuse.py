@@ -11,7 +11,7 @@ window for at least ``for`` (the windows' span, from the start of the first over
 run of windows over: again only after a window not over. Plain Python, no clock, no kernel:
 the daemon gives :meth:`Abuse.observe` each window's values and applies the actions it
 returns (the same :class:`~xdpzoot.bandwidth.accounting.Action` records the volume rules
-make, into the same audit log).
+make, into the same audit log and the same metric, ``xdpzoot_decisions_total``).
 
 A suspension lasts until an operator's ``xdpzoot resume``: the signals are headers only and
 an estimate; a person looks before the customer is back. What the engine keeps (runs of
@@ -22,7 +22,6 @@ run starts again, so a rule fires up to ``for`` later.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -116,15 +115,13 @@ def parse_abuse(value: Any) -> tuple[tuple[AbuseRule, ...], list[str]]:
 
 class Abuse:
     """The abuse rules' state: per rule and subscriber, the start of its run of windows
-    over the threshold and whether the rule fired in it; counts of what it did."""
+    over the threshold and whether the rule fired in it."""
 
     def __init__(self, rules: tuple[AbuseRule, ...] | list[AbuseRule]) -> None:
         self.rules = tuple(rules)
         self._since: dict[tuple[str, int], float] = {}   # (rule, subscriber) -> run start
         self._fired: set[tuple[str, int]] = set()
         self._end: float | None = None   # the end of the last window observed
-        # (rule, action) -> how many: what a metrics exporter reads (a counter).
-        self.actions: Counter[tuple[str, str]] = Counter()
 
     def observe(self, start: float, end: float, values: Mapping[int, tuple[int, int]]
                 ) -> list[Action]:
@@ -149,7 +146,6 @@ class Abuse:
                 if key in self._fired or end - since < rule.for_s:
                     continue
                 self._fired.add(key)
-                self.actions[(rule.name, rule.action)] += 1
                 info = {"signal": rule.signal, "value": value, "threshold": rule.threshold,
                         "window_seconds": round(end - start),
                         "over_since": datetime.fromtimestamp(since).astimezone().isoformat()}
