@@ -5,7 +5,8 @@ move them.
 
 Set-up (not timed): a BPF filesystem under /run, a subscriber file of N static /32 hosts
 (one subscriber each, 100.64.0.0/10 and 198.18.0.0/15 addresses), the two volume rules of
-maps/bandwidth.toml plus a rolling one, loaded with the CLI. Then in a fresh process (the
+maps/bandwidth.toml plus a rolling one, and (a tree that has them) an ``[[abuse]]`` rule
+judged at the end of each 60 s window, loaded with the CLI. Then in a fresh process (the
 ``--driver`` half): Daemon.start (the snapshot, empty at first), one tick (first sight of
 the counters), and ``--ticks`` ticks, before each of which a tenth of the subscribers' upload
 and download counters grow by a random amount (written into the state array in batches, as
@@ -104,7 +105,8 @@ def csam_file(path: Path, n: int) -> None:
     path.chmod(0o600)
 
 
-def config(path: Path, tmp: Path, n: int, csam: int = 0, metrics: bool = True) -> None:
+def config(path: Path, tmp: Path, n: int, csam: int = 0, metrics: bool = True,
+           abuse: bool = True) -> None:
     room = max(n + n // 10, 4096)
     path.write_text(f"""\
 [limits]
@@ -122,7 +124,14 @@ tick_seconds = 10
 """ + ("""
 [metrics]
 listen = ""   # served by the driver, in its namespace
-""" if metrics else ""))
+""" if metrics else "") + ("""
+[[abuse]]     # judged every 60 s (the default window): at the sixth tick
+name = "scan"
+signal = "scans"
+threshold = 500
+for = "10m"
+action = "suspend"
+""" if abuse else ""))
 
 
 # ---- the driver: runs in a process of its own, against the tree under test -----------------
@@ -139,7 +148,11 @@ def driver(args: argparse.Namespace) -> None:
     fd = lib.bpf_obj_get(os.path.join(args.pin, "xz_state").encode())
     if fd < 0:
         raise SystemExit(f"open {args.pin}/xz_state: {os.strerror(ct.get_errno())}")
-    state_size = 9 * 8   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
+    try:   # struct xz_state as the tree under test has it
+        from xdpzoot.dataplane.layout import STATE
+        state_size = STATE.size
+    except ImportError:
+        state_size = 9 * 8   # up, down (tat, bulk_tat, bytes, packets); op25b
     slots = args.subscribers + 1   # slot 0 is the pool addresses'
 
     def read_state() -> bytearray:
@@ -204,12 +217,14 @@ def driver(args: argparse.Namespace) -> None:
                              (getattr(d, "census", None), "take", "census (metrics)"),
                              (inst, "volumes", "counters (state array)"),
                              (inst, "byte_counters", "counters (state array)"),
+                             (inst, "state_words", "counters (state array)"),
                              (d, "_counters", "counters that moved (all)"),
                              (d.acct, "observe", "volume rules (accounting)"),
                              (d, "_enforce_rates", "throttles in force"),
                              (d, "_congestion", "congestion"),
                              (d, "_watch_sources", "source sync check"),
-                             (d, "_persist", "audit log and snapshot")):
+                             (d, "_persist", "audit log and snapshot"),
+                             (d, "_abuse", "abuse rules (a window's end)")):
         if obj is not None and hasattr(obj, name):
             timed(obj, name, label)
     t0 = time.perf_counter()
@@ -363,7 +378,8 @@ def prepare(tree: Path, args: argparse.Namespace, tmp: Path, pin: str) -> Path:
     (tmp / "rules.toml").write_text(RULES)
     cfg = tmp / "xdpzoot.toml"
     config(cfg, tmp, args.subscribers, args.csam,
-           metrics=(tree / "src" / "xdpzoot" / "metrics.py").exists())
+           metrics=(tree / "src" / "xdpzoot" / "metrics.py").exists(),
+           abuse=(tree / "src" / "xdpzoot" / "bandwidth" / "abuse.py").exists())
     subs = tmp / "subscribers.csv"
     if not subs.exists():
         subscriber_file(subs, args.subscribers)

@@ -289,8 +289,13 @@ class Daemon:
         scans = layout.state_scans(words, start)
         smtp = np.zeros_like(op25b) if base is None or len(base) != len(op25b) else \
             np.where(op25b >= base, op25b - base, op25b)   # a slot cleared: counts anew
+        over = np.zeros(len(op25b), dtype=bool)   # the rules see only who is over one
+        for name, value in (("scans", scans), ("smtp_blocked", smtp)):
+            low = self.abuse.lowest(name)
+            if low is not None:
+                over |= value > low
         owners = self._owners
-        slots = np.flatnonzero(((scans > 0) | (smtp > 0)) & (owners != 0))
+        slots = np.flatnonzero(over & (owners != 0))
         values = dict(zip(owners[slots].tolist(),
                           zip(scans[slots].tolist(), smtp[slots].tolist(), strict=True),
                           strict=True))

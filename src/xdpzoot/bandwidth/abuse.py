@@ -123,10 +123,16 @@ class Abuse:
         self._fired: set[tuple[str, int]] = set()
         self._end: float | None = None   # the end of the last window observed
 
+    def lowest(self, signal: str) -> int | None:
+        """The lowest threshold of the rules on ``signal`` (None: no rule): a subscriber at
+        or below it in a window is over no rule of that signal."""
+        return min((r.threshold for r in self.rules if r.signal == signal), default=None)
+
     def observe(self, start: float, end: float, values: Mapping[int, tuple[int, int]]
                 ) -> list[Action]:
         """One window [start, end): ``values`` maps subscriber id to (scans, smtp_blocked)
-        in it (those missing: 0). A window that does not follow the last one observed
+        in it, for every subscriber over some rule's threshold (the others may be left out:
+        see :meth:`lowest`). A window that does not follow the last one observed
         (the daemon was stopped, a window was not judged) starts every run afresh.
         Returns the actions, dated ``end``."""
         if self._end != start:
