@@ -148,11 +148,11 @@ def driver(args: argparse.Namespace) -> None:
     fd = lib.bpf_obj_get(os.path.join(args.pin, "xz_state").encode())
     if fd < 0:
         raise SystemExit(f"open {args.pin}/xz_state: {os.strerror(ct.get_errno())}")
-    try:   # struct xz_state as the tree under test has it
-        from xdpzoot.dataplane.layout import STATE
+    try:   # struct xz_state as the tree under test has it, and its scan sketch's count
+        from xdpzoot.dataplane.layout import SCAN_COUNT, STATE
         state_size = STATE.size
     except ImportError:
-        state_size = 9 * 8   # up, down (tat, bulk_tat, bytes, packets); op25b
+        state_size, SCAN_COUNT = 9 * 8, None   # up, down (tat, bulk_tat, bytes, packets); op25b
     slots = args.subscribers + 1   # slot 0 is the pool addresses'
 
     def read_state() -> bytearray:
@@ -170,14 +170,21 @@ def driver(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
 
     def traffic() -> None:
-        """A tenth of the slots count more bytes up and down, written in batches."""
+        """A tenth of the slots count more bytes up and down, written in batches; and (a
+        tree with the scan sketch) opened conversations to 1-50 destinations in the window
+        in force, one in a thousand of them to 1,000."""
         chosen = sorted(rng.sample(range(1, slots), max(1, (slots - 1) // 10)))
+        epoch = d.inst.control_params().get("scan_epoch", 0) if d.inst else 0
         for s in chosen:
             off = s * state_size
             for field in (2, 6):   # up.bytes, down.bytes
                 o = off + field * 8
                 v = int.from_bytes(raw[o:o + 8], "little") + rng.randrange(1, 50_000_000)
                 raw[o:o + 8] = v.to_bytes(8, "little")
+            if SCAN_COUNT is not None:   # the estimate in 1/64ths above the window
+                n = 1000 if rng.random() < 0.001 else rng.randrange(1, 51)
+                o = off + SCAN_COUNT * 8
+                raw[o:o + 8] = (n << 38 | epoch).to_bytes(8, "little")
         for i in range(0, len(chosen), 65536):
             part = chosen[i:i + 65536]
             keys = b"".join(struct.pack("=I", s) for s in part)

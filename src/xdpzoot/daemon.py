@@ -243,12 +243,14 @@ class Daemon:
         actions = self.acct.observe(now, counters, plans)
         if window:
             actions += self._abuse(window, words)
+        suspend: dict[int, bool] = {}   # in time order: the last action per subscriber
         for a in actions:
             self.stats.decisions[(a.rule, a.action)] += 1
             if a.action in ("suspend", "unsuspend"):
                 # Another rule may still hold the subscriber suspended.
-                on = a.values.get("suspended", a.action == "suspend")
-                self.inst.suspend(a.subscriber, bool(on))
+                suspend[a.subscriber] = bool(a.values.get("suspended", a.action == "suspend"))
+        if suspend:
+            self.inst.suspend_ids(suspend)
         self._enforce_rates(now)
         self._congestion(now)
         self._watch_sources()

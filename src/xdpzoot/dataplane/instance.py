@@ -249,6 +249,12 @@ class Instance:
         with self.locked():
             return sync.set_suspended(self.maps, target, on)
 
+    def suspend_ids(self, want: dict[int, bool]) -> list[str]:
+        """Suspend (True) or resume (False) subscribers by id, all in one pass over the
+        maps (a tick's decisions); what changed."""
+        with self.locked():
+            return sync.set_suspended_ids(self.maps, want)
+
     def subscriber_slot(self, target: int | bytes, name: str) -> tuple[int, int]:
         """(subscriber id, state slot) of a subscriber id or an address (``name``: as
         the operator wrote it, for the error)."""
