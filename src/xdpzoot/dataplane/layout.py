@@ -36,7 +36,7 @@ WORDS = CLASS.size // 4
 LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
 ZERO_KEY = bytes(4)
 # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b; scan (count, registers)
-STATE = struct.Struct("=16Q")
+STATE = struct.Struct(f"={10 + schema.C['XZ_SCAN_WORDS']}Q")
 SCAN_COUNT = 9   # the field of struct xz_scan.count in STATE.unpack
 OP25B = 8        # and of xz_state.op25b
 _TYPE_FLAGS = struct.Struct("=BBBx")
