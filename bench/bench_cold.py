@@ -6,7 +6,7 @@ a real link. Each of two instances of the data plane (own pin directory, same co
 sizes) is loaded through the CLI itself (``xdpzoot subscribers load`` and ``xdpzoot
 blocklist load``, run as processes: the benchmark never writes a subscriber or list map
 layout of its own, so it keeps working when the layout changes), and configured with
-``loader.configure`` from ``maps/xdpzoot.toml`` (OP25B, IP53B, rates on):
+``loader.configure`` from ``maps/xdpzoot.toml`` (OP25B, IP53B, rates, the scan sketch on):
 
 * 1M scale: 1,024 dynamic IPv4 pools /22 in 100.64.0.0/10 (1,048,576 addresses), 100,000
   static IPv4 hosts in 198.18.0.0/15, 1,000 dynamic IPv6 pools /56 and 10,000 static IPv6
@@ -589,6 +589,8 @@ def breakdown_controls(inst: Instance) -> dict[str, tuple[int, int]]:
     if "XZ_CSAM_HOSTS" in C and "XZ_CSAM_PREFIXES" in C:
         out["bd_csam_hash"] = (bare | (f & rules), cw & ~C["XZ_CSAM_PREFIXES"])
         out["bd_csam_trie"] = (bare | (f & rules), cw & ~C["XZ_CSAM_HOSTS"])
+    if f & C.get("XZ_C_SCANS", 0):   # the scan sketch last: every packet here is a SYN
+        out["bd_rates"] = (f & ~C["XZ_C_SCANS"], cw)
     return out
 
 
@@ -599,7 +601,9 @@ BREAKDOWN = [   # key, label, what the row adds
     ("bd_class", "pipeline: OP25B/IP53B/rates off, no list", "source class (hash, trie)"),
     ("bd_rules", "pipeline: + OP25B/IP53B switches", "OP25B gate (+allow on :25)"),
     ("bd_csam", "pipeline: + CSAM list in force", "CSAM hash + trie lookups"),
-    ("full_big", "pipeline: + rates (config as is)", "rate state + GCRA + volume"),
+    ("bd_rates", "pipeline: + rates", "rate state + GCRA + volume"),
+    ("full_big", "pipeline: + scan sketch (config as is)",
+     "the sketch (each a SYN to a new destination)"),
 ]
 BREAKDOWN_ASIDE = [
     ("bd_bypass", "pipeline, bypass on: control + counter, no parse"),
@@ -754,7 +758,8 @@ def report(doc: dict) -> str:
         "state (loaded by the CLI): " + "; ".join(
             f"{doc['labels'][n]}: " + ", ".join(f"{v:,} {k}" for k, v in s.items())
             for n, s in doc["state"].items()),
-        f"config {cfg['config_file']} (OP25B, IP53B, rates on; limits.pool_addresses sized "
+        f"config {cfg['config_file']} (OP25B, IP53B, rates, scan sketch on; "
+        "limits.pool_addresses sized "
         f"to the pools); programs interleaved in blocks of {cfg['block']} calls, rotated "
         "offsets",
         "",
@@ -807,6 +812,8 @@ def report(doc: dict) -> str:
             f"{'':<52}{'cold med':>9}{'step':>7}{'mean':>7}{'HOT':>7}{'step':>7}"]
     prev = prev_h = 0.0
     for key, label, adds in BREAKDOWN:
+        if key not in pr:
+            continue
         cls = "all" if key == "floor" else "up_pass"
         if key == "floor":
             out.append(f"{label:<52}{fl['cold']['median']:>9.0f}{'':>7}"

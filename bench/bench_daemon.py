@@ -5,7 +5,8 @@ move them.
 
 Set-up (not timed): a BPF filesystem under /run, a subscriber file of N static /32 hosts
 (one subscriber each, 100.64.0.0/10 and 198.18.0.0/15 addresses), the two volume rules of
-maps/bandwidth.toml plus a rolling one, loaded with the CLI. Then in a fresh process (the
+maps/bandwidth.toml plus a rolling one, and (a tree that has them) an ``[[abuse]]`` rule
+judged at the end of each 60 s window, loaded with the CLI. Then in a fresh process (the
 ``--driver`` half): Daemon.start (the snapshot, empty at first), one tick (first sight of
 the counters), and ``--ticks`` ticks, before each of which a tenth of the subscribers' upload
 and download counters grow by a random amount (written into the state array in batches, as
@@ -105,7 +106,8 @@ def csam_file(path: Path, n: int) -> None:
     path.chmod(0o600)
 
 
-def config(path: Path, tmp: Path, n: int, csam: int = 0, metrics: bool = True) -> None:
+def config(path: Path, tmp: Path, n: int, csam: int = 0, metrics: bool = True,
+           abuse: bool = True) -> None:
     room = max(n + n // 10, 4096)
     path.write_text(f"""\
 [limits]
@@ -123,7 +125,14 @@ tick_seconds = 10
 """ + ("""
 [metrics]
 listen = ""   # served by the driver, in its namespace
-""" if metrics else ""))
+""" if metrics else "") + ("""
+[[abuse]]     # judged every 60 s (the default window): at the sixth tick
+name = "scan"
+signal = "scans"
+threshold = 500
+for = "10m"
+action = "suspend"
+""" if abuse else ""))
 
 
 # ---- the driver: runs in a process of its own, against the tree under test -----------------
@@ -140,7 +149,11 @@ def driver(args: argparse.Namespace) -> None:
     fd = lib.bpf_obj_get(os.path.join(args.pin, "xz_state").encode())
     if fd < 0:
         raise SystemExit(f"open {args.pin}/xz_state: {os.strerror(ct.get_errno())}")
-    state_size = 9 * 8   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
+    try:   # struct xz_state as the tree under test has it, and its scan sketch's count
+        from xdpzoot.dataplane.layout import SCAN_COUNT, STATE
+        state_size = STATE.size
+    except ImportError:
+        state_size, SCAN_COUNT = 9 * 8, None   # up, down (tat, bulk_tat, bytes, packets); op25b
     slots = args.subscribers + 1   # slot 0 is the pool addresses'
 
     def read_state() -> bytearray:
@@ -158,14 +171,21 @@ def driver(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
 
     def traffic() -> None:
-        """A tenth of the slots count more bytes up and down, written in batches."""
+        """A tenth of the slots count more bytes up and down, written in batches; and (a
+        tree with the scan sketch) opened conversations to 1-50 destinations in the window
+        in force, one in a thousand of them to 1,000."""
         chosen = sorted(rng.sample(range(1, slots), max(1, (slots - 1) // 10)))
+        epoch = d.inst.control_params().get("scan_epoch", 0) if d.inst else 0
         for s in chosen:
             off = s * state_size
             for field in (2, 6):   # up.bytes, down.bytes
                 o = off + field * 8
                 v = int.from_bytes(raw[o:o + 8], "little") + rng.randrange(1, 50_000_000)
                 raw[o:o + 8] = v.to_bytes(8, "little")
+            if SCAN_COUNT is not None:   # the estimate in 1/64ths above the window
+                n = 1000 if rng.random() < 0.001 else rng.randrange(1, 51)
+                o = off + SCAN_COUNT * 8
+                raw[o:o + 8] = (n << 38 | epoch).to_bytes(8, "little")
         for i in range(0, len(chosen), 65536):
             part = chosen[i:i + 65536]
             keys = b"".join(struct.pack("=I", s) for s in part)
@@ -205,12 +225,14 @@ def driver(args: argparse.Namespace) -> None:
                              (getattr(d, "census", None), "take", "census (metrics)"),
                              (inst, "volumes", "counters (state array)"),
                              (inst, "byte_counters", "counters (state array)"),
+                             (inst, "state_words", "counters (state array)"),
                              (d, "_counters", "counters that moved (all)"),
                              (d.acct, "observe", "volume rules (accounting)"),
                              (d, "_enforce_rates", "throttles in force"),
                              (d, "_congestion", "congestion"),
                              (d, "_watch_sources", "source sync check"),
-                             (d, "_persist", "audit log and snapshot")):
+                             (d, "_persist", "audit log and snapshot"),
+                             (d, "_abuse", "abuse rules (a window's end)")):
         if obj is not None and hasattr(obj, name):
             timed(obj, name, label)
     t0 = time.perf_counter()
@@ -364,7 +386,8 @@ def prepare(tree: Path, args: argparse.Namespace, tmp: Path, pin: str) -> Path:
     (tmp / "rules.toml").write_text(RULES)
     cfg = tmp / "xdpzoot.toml"
     config(cfg, tmp, args.subscribers, args.csam,
-           metrics=(tree / "src" / "xdpzoot" / "metrics.py").exists())
+           metrics=(tree / "src" / "xdpzoot" / "metrics.py").exists(),
+           abuse=(tree / "src" / "xdpzoot" / "bandwidth" / "abuse.py").exists())
     subs = tmp / "subscribers.csv"
     if not subs.exists():
         subscriber_file(subs, args.subscribers)

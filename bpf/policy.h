@@ -5,6 +5,7 @@
  * return code. Every verdict leaves through one exit that counts it.
  *
  *  upstream   (access ingress): classify source -> suspended? -> OP25B -> CSAM
+ *                               (-> the scan sketch, for a new conversation)
  *  downstream (core ingress):   classify destination -> suspended? -> IP53B
  *                               (-> CSAM source, when switched on)
  */
@@ -16,6 +17,7 @@
 #include "parse.h"
 #include "reply.h"
 #include "trace.h"
+#include "scan.h"
 
 /*
  * The 2-bit state of the /24 of IPv4 address ``a`` in directory ``d`` (XZ_DIR_BYTES
@@ -405,6 +407,15 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 		reason = XZ_R_CSAM;
 		verdict = role == XZ_ROLE_ACCESS && (flags & XZ_C_CSAM_REJECT) && xz_can_reply(p) &&
 			  p->frag != XZ_FRAG_LATER ? XZ_V_REJECT : XZ_V_DROP;
+	}
+	/* A conversation the rules let the subscriber open: its destination into the scan
+	 * sketch (before the rate limiter: an attempt held back by it is an attempt). */
+	if (verdict == XZ_V_PASS && role == XZ_ROLE_ACCESS && cls && ctl && (flags & XZ_C_SCANS) &&
+	    xz_scan_opens(p)) {
+		struct xz_state *st = xz_state_of(p, cls, role);
+
+		if (st)
+			xz_scan_count(p, &st->scan, ctl->scan_epoch);
 	}
 	if (verdict == XZ_V_PASS && cls && ctl && (flags & XZ_C_RATES))
 		verdict = xz_bandwidth(p, cls, role, ctl, &reason);

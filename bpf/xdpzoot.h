@@ -121,9 +121,33 @@ struct xz_dir_state {
 	__u64 packets;
 };
 
+/*
+ * The scan signal (scan.h): how many distinct destinations (address, port,
+ * protocol) a subscriber opens conversations to in the current window, as a
+ * HyperLogLog sketch of 4-bit registers read with the martingale estimator:
+ * every change of a register adds 1 / (the chance that a new destination
+ * changes one). No destination is kept; a sketch of another window is stale
+ * and starts afresh at its next update.
+ */
+#define XZ_SCAN_WORDS 6                       /* 64-bit words of registers */
+#define XZ_SCAN_REGS (XZ_SCAN_WORDS * 16)     /* 4-bit registers: 96 */
+#define XZ_SCAN_RMAX 15                       /* the highest rank a register holds */
+#define XZ_SCAN_FRAC 6                        /* the estimate counts 1/64ths of a destination */
+
+#define XZ_SCAN_EST_SHIFT 32                  /* where xz_scan.count holds the estimate */
+
+/* One word for the window and its count: a new window zeroes the count with the same
+ * compare-and-swap (and the programs have 64-bit atomics only). */
+struct xz_scan {
+	__u64 count;       /* bits 0-31: the window counted (xz_control.scan_epoch), another
+			    * is stale; bits 32-63: distinct destinations in it, in 1/64ths */
+	__u64 reg[XZ_SCAN_WORDS];   /* register i: bits 4*(i%16).. of word i/16 */
+};
+
 struct xz_state {
 	struct xz_dir_state dir[2];
 	__u64 op25b;       /* SMTP attempts blocked: the classic sign of a spam bot */
+	struct xz_scan scan;   /* destinations of new conversations, this window (upstream) */
 };
 
 /* A throttle set by hand (`xdpzoot throttle`), by slot; the daemon merges it. */
@@ -173,6 +197,7 @@ struct xz_flow {
 #define XZ_C_RATES (1 << 10)        /* enforce rates and count volume per subscriber */
 #define XZ_C_CONGESTION (1 << 11)   /* congestion mode: bulk flows get a share only */
 #define XZ_C_THROTTLES (1 << 12)    /* some throttle may be in force: look them up */
+#define XZ_C_SCANS (1 << 14)        /* count new conversations' destinations (scan.h) */
 #define XZ_C_LOADED (1 << 31)       /* written by the control plane */
 
 /* xz_control.csam: the CSAM generation in force and what it holds, in one word
@@ -195,6 +220,7 @@ struct xz_control {
 			    * the running trace; past it no event is made */
 	__u32 trace_rate;  /* drop events a second at most (trace.h) */
 	__u32 trace_reasons; /* bit (1 << XZ_R_*) of each reason whose drops are traced */
+	__u32 scan_epoch;  /* the scan window in force: unix time of its start (cp) */
 };
 
 #define XZ_CONGESTION_OFF 0

@@ -249,8 +249,8 @@ SIZE = "must be an integer 1..16777216, got "
                      id="subtable"),
         pytest.param("[nocsam]\nlist = 'x'",
                      ["nocsam: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
-                      "bandwidth, "
-                      "sources, limits, dataplane, radius, metrics)"], id="unknown-section"),
+                      "bandwidth, sources, limits, dataplane, radius, metrics, signals, abuse)"],
+                     id="unknown-section"),
         pytest.param('[metrics]\nlisten = "localhost:9386"',
                      ['metrics.listen: must be "ADDRESS:PORT" or "[IPV6]:PORT", got '
                       "'localhost:9386'"], id="metrics-listen-name"),
@@ -261,10 +261,33 @@ SIZE = "must be an integer 1..16777216, got "
                      ["metrics.port: unknown key (known: listen)"], id="metrics-unknown-key"),
         pytest.param("bypass = true",
                      ["bypass: unknown section (known: interfaces, op25b, ip53b, suspend, csam, "
-                      "bandwidth, "
-                      "sources, limits, dataplane, radius, metrics)"], id="top-level-key"),
+                      "bandwidth, sources, limits, dataplane, radius, metrics, signals, abuse)"],
+                     id="top-level-key"),
         pytest.param("op25b = true", ["op25b: must be a table ([op25b]), got true"],
                      id="section-not-a-table"),
+        pytest.param("abuse = 1", ["abuse: must be tables ([[abuse]]), got 1"],
+                     id="abuse-not-tables"),
+        pytest.param('[[abuse]]\nname = "scan"\nsignal = "syn"\nthreshold = 500\n'
+                     'action = "block"\nfor = "10"',
+                     ["abuse[1] (scan).signal: must be 'scans' (distinct destinations of new "
+                      "conversations) or 'smtp_blocked' (SMTP attempts OP25B stopped), got "
+                      "'syn'", "abuse[1] (scan).action: must be 'notify' or 'suspend', got "
+                      "'block'", "abuse[1] (scan).for: must be a duration like '30d', '12h' or "
+                      "'1d12h', got '10'"], id="abuse-bad-values"),
+        pytest.param('[[abuse]]\nname = "a"\nsignal = "scans"\nthreshold = 1\naction = "notify"'
+                     '\n[[abuse]]\nname = "a"\nsignal = "scans"\nthreshold = "many"\n'
+                     'action = "notify"\nfor = "8d"\nlimit = 2',
+                     ["abuse[2] (a).limit: unknown key (known: name, signal, threshold, for, "
+                      "action)", "abuse[2] (a).name: used twice", "abuse[2] (a).threshold: "
+                      "must be an integer 0..4294967295 (per window), got 'many'",
+                      "abuse[2] (a).for: must be at most 7d, got '8d'"], id="abuse-second"),
+        pytest.param("[[abuse]]\nthreshold = 5", ["abuse[1].name: missing",
+                                                 "abuse[1].signal: missing",
+                                                 "abuse[1].action: missing"],
+                     id="abuse-missing"),
+        pytest.param("[signals]\nwindow_seconds = 30\n[bandwidth]\ntick_seconds = 60",
+                     ["signals.window_seconds: 30 is shorter than bandwidth.tick_seconds (60):"
+                      " the daemon moves the window on its tick"], id="window-below-tick"),
         pytest.param("[[op25b]]\nenabled = true",
                      ["op25b: must be a table ([op25b]), got [{'enabled': True}]"],
                      id="array-of-tables"),
@@ -298,7 +321,7 @@ hosts = 0
         "op25b.colour: unknown key (known: enabled, action, ipv6, allow)",
         "limits.hosts: must be an integer 1..16777216, got 0",
         "nonsense: unknown section (known: interfaces, op25b, ip53b, suspend, csam, bandwidth, "
-        "sources, limits, dataplane, radius, metrics)",
+        "sources, limits, dataplane, radius, metrics, signals, abuse)",
         # Cross-checked although access has a problem of its own: one round of fixes.
         "interfaces.core: 'eth0' is also an access interface",
     ]
@@ -344,8 +367,9 @@ def test_example_file() -> None:
         c, interfaces=Config().interfaces, op25b=dataclasses.replace(c.op25b, allow=()),
         suspend=Suspend(), sources=Sources(),
         bandwidth=dataclasses.replace(c.bandwidth, rules=""),
-        radius=dataclasses.replace(c.radius, client=()),
+        radius=dataclasses.replace(c.radius, client=()), abuse=(),
     ) == Config()
+    assert [r.name for r in c.abuse] == ["scan"] and c.abuse[0].for_s == 600
 
 
 def test_example_and_readme_cover_every_key() -> None:

@@ -229,6 +229,79 @@ def test_source_file_change_is_synced_and_a_bad_one_is_not(setup, capsys):
     assert 300 not in d.acct.subscribers() and 200 in d.acct.subscribers()
 
 
+ABUSE = """
+[signals]
+window_seconds = 60
+[[abuse]]
+name = "scan-notice"
+signal = "scans"
+threshold = 50
+action = "notify"
+[[abuse]]
+name = "scan"
+signal = "scans"
+threshold = 500
+for = "2m"
+action = "suspend"
+[[abuse]]
+name = "spam-notice"
+signal = "smtp_blocked"
+threshold = 10
+action = "notify"
+"""
+
+
+def add_signals(d: Daemon, slot: int, scans: int, smtp: int = 0) -> None:
+    """What the data plane would count in the window in force: ``scans`` distinct
+    destinations (the sketch's estimate), ``smtp`` more blocked SMTP attempts."""
+    m = d.inst.maps.state_map
+    v = list(layout.STATE.unpack(m.lookup(layout.U32.pack(slot))))
+    epoch = d.inst.control_params()["scan_epoch"]
+    v[layout.SCAN_COUNT] = scans << C["XZ_SCAN_FRAC"] << C["XZ_SCAN_EST_SHIFT"] | epoch
+    v[layout.OP25B] += smtp
+    m.update(layout.U32.pack(slot), layout.STATE.pack(*v))
+
+
+def test_abuse_rules_notify_and_suspend(setup):
+    """A scan over the notice's threshold is audited and counted, nothing more; over the
+    suspension's for two windows (for = 2m) the subscriber is suspended; blocked SMTP
+    attempts count per window; `top --by scans` shows the window's estimate."""
+    cfg, pin, tmp = setup
+    cfg.write_text(cfg.read_text() + ABUSE)
+    clock = Clock(T0)
+    d = daemon(cfg, pin, clock)
+    slot = next(iter(d.inst.owners()))
+    assert d.tick() == []                       # the first window starts (none judged)
+    assert d.inst.control_params()["scan_epoch"] == int(T0)
+    add_signals(d, slot, 100, smtp=20)
+    clock.t += 30
+    assert d.tick() == []                       # the window is not over yet
+    clock.t += 30
+    acts = d.tick()
+    assert sorted((a.rule, a.action, a.values["value"]) for a in acts) == [
+        ("scan-notice", "notify", 100), ("spam-notice", "notify", 20)]
+    assert not d.inst.subscriber_state(200)["suspended"]
+    add_signals(d, slot, 1000)                  # the next window: a scan, no more SMTP
+    top = subprocess.run([sys.executable, "-m", "xdpzoot", "--config", str(cfg), "--pin-dir",
+                          pin, "top", "--by", "scans", "--json"], capture_output=True,
+                         text=True, check=True)
+    assert [(r["subscriber"], r["scans"]) for r in json.loads(top.stdout)] == [(200, 1000)]
+    clock.t += 60
+    assert d.tick() == []                       # notice given in this run; 1 window of 2
+    add_signals(d, slot, 1000)
+    clock.t += 60
+    acts = d.tick()
+    assert [(a.rule, a.action) for a in acts] == [("scan", "suspend")]
+    assert d.inst.subscriber_state(200)["suspended"]
+    assert {k: n for k, n in d.stats.decisions.items() if k[0] != "up-20mb"} == {
+        ("scan-notice", "notify"): 1, ("spam-notice", "notify"): 1, ("scan", "suspend"): 1}
+    lines = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
+    assert [(x["rule"], x["action"], x["subscriber"]) for x in lines] == [
+        ("scan-notice", "notify", 200), ("spam-notice", "notify", 200),
+        ("scan", "suspend", 200)]
+    assert lines[-1]["values"]["until"] == "resume"
+
+
 def test_congestion_auto_with_hysteresis():
     c = Congestion(capacity_kbps=1000, share=80, seconds=10, hysteresis=10)
     total, t = 0, 0.0

@@ -132,11 +132,34 @@ def test_reject_fails_fast(lab, router, hook):
         router.cli("attach", "--hook", hook)
 
 
+SCAN = """
+import socket, sys
+dst, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for port in range(first, first + n):   # one SYN each: a port scan, bounded
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((dst, port))
+    s.close()
+"""
+
+
+def test_a_port_scan_shows_in_top(lab, router, hook):
+    """200 SYNs to 200 ports of one host: `top --by scans` estimates ~200 destinations for
+    the subscriber (the window never moves without a daemon: what the module's other tests
+    opened counts too, a handful; the sketch counts a destination once, so the second hook's
+    run adds nothing)."""
+    netns_run(lab.static, sys.executable, "-c", SCAN, lab.addr["inet4"], "20000", "200",
+              timeout=20)
+    row = next(r for r in router.json("top", "--by", "scans") if r["subscriber"] == 200)
+    assert 150 <= row["scans"] <= 280, row
+
+
 def test_status_and_explain(lab, router, hook):
     st = router.json("status")
     assert {(i["ifname"], i["role"], i["hook"]) for i in st["interfaces"]} == {
         ("acc-dyn", "access", hook), ("acc-sta", "access", hook), ("core0", "core", hook)}
     assert st["tables"]["prefixes"] == 4
+    assert st["switches"]["scans"]   # the default config counts them
     ex = router.json("explain", "--in", "access", "--src", lab.addr["dyn4"], "--dst",
                      lab.addr["inet4"], "--proto", "tcp", "--dport", "25")
     assert (ex["verdict"], ex["reason"]) == ("drop", "op25b")

@@ -354,7 +354,13 @@ def test_state_layout(compiled) -> None:
     v.dir[0].tat, v.dir[0].bulk_tat, v.dir[0].bytes, v.dir[0].packets = 1, 2, 3, 4
     v.dir[1].tat, v.dir[1].bulk_tat, v.dir[1].bytes, v.dir[1].packets = 5, 6, 7, 8
     v.op25b = 9
-    assert layout.STATE.unpack(bytes(v)) == tuple(range(1, 10))
+    v.scan.count = 10
+    words = schema.C["XZ_SCAN_WORDS"]
+    for i in range(words):
+        v.scan.reg[i] = 11 + i
+    assert layout.STATE.unpack(bytes(v)) == tuple(range(1, 11 + words))
+    assert layout.STATE.unpack(bytes(v))[layout.SCAN_COUNT] == 10
+    assert layout.STATE.unpack(bytes(v))[layout.OP25B] == 9
 
 
 # ---- 4. loads into real maps, read back --------------------------------------------------------

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from xdpzoot.bandwidth.abuse import AbuseRule, parse_abuse
 from xdpzoot.sources.files import SOURCE_BYTES, SourceError, parse_toml, read_source
 from xdpzoot.sources.subscribers import check_network
 
@@ -30,6 +31,7 @@ __all__ = [
     "Op25b",
     "Radius",
     "RadiusClient",
+    "Signals",
     "SourceError",
     "Sources",
     "Suspend",
@@ -137,6 +139,14 @@ class Bandwidth:
 
 
 @dataclass(frozen=True)
+class Signals:
+    """The abuse signals per subscriber: the scan sketch, and the window they count in."""
+
+    scans: bool = True  # count distinct destinations of new conversations (bpf/scan.h)
+    window_seconds: int = 60  # the window of the scan and blocked-SMTP signals
+
+
+@dataclass(frozen=True)
 class Dataplane:
     """Global switches of the data plane."""
 
@@ -190,6 +200,8 @@ class Config:
     dataplane: Dataplane = field(default_factory=Dataplane)
     radius: Radius = field(default_factory=Radius)
     metrics: Metrics = field(default_factory=Metrics)
+    signals: Signals = field(default_factory=Signals)
+    abuse: tuple[AbuseRule, ...] = ()  # [[abuse]]: signal over a threshold -> notify, suspend
 
     def defines(self) -> list[str]:
         """The bcc cflags that size the maps (see XZ_MAX_* in bpf/xdpzoot.h)."""
@@ -235,9 +247,12 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             sections[name] = cls()
             continue
         sections[name] = _section(name, cls, table, problems)
+    sections["abuse"], bad = parse_abuse(doc.get("abuse", []))
+    problems.extend((None, p) for p in bad)
     for name in doc:
-        if name not in _SECTIONS:
-            problems.append((None, f"{name}: unknown section (known: {', '.join(_SECTIONS)})"))
+        if name not in _SECTIONS and name != "abuse":
+            problems.append((None, f"{name}: unknown section (known: "
+                             f"{', '.join(_SECTIONS)}, abuse)"))
 
     config = Config(**sections)
     problems.extend((None, p) for p in _cross_checks(doc, config))
@@ -471,6 +486,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
                "csam_prefixes": _size, "subscribers": _size, "flows": _size,
                "pool_addresses": _size, "source_bytes": _int(1, 1 << 40)},
     "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
+    "signals": {"scans": _boolean, "window_seconds": _int(10, 86400)},
     "radius": {
         "listen": _listen, "coa_listen": _listen, "session_timeout": _int(10, 86400 * 7),
         "require_message_authenticator": _boolean,
@@ -490,6 +506,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "dataplane": Dataplane,
     "radius": Radius,
     "metrics": Metrics,
+    "signals": Signals,
 }
 
 
@@ -544,6 +561,12 @@ def _cross_checks(doc: dict[str, Any], config: Config) -> list[str]:
             f"limits.allow: {config.limits.allow} is less than the {allow} prefixes in "
             "op25b.allow and suspend.allow, which share one map"
         )
+    window = raw("signals", "window_seconds", config.signals.window_seconds)
+    tick = raw("bandwidth", "tick_seconds", config.bandwidth.tick_seconds)
+    if isinstance(window, int) and isinstance(tick, int) and window < tick:
+        problems.append(f"signals.window_seconds: {window} is shorter than "
+                        f"bandwidth.tick_seconds ({tick}): the daemon moves the window on "
+                        "its tick")
     radius = doc.get("radius")
     if isinstance(radius, dict) and (radius.get("listen") or radius.get("coa_listen")) \
             and not radius.get("client"):

@@ -5,11 +5,13 @@ On a tick it reads the per-subscriber volume counters, lets the accounting decid
 rates in force into the maps, expires throttles set by hand, switches congestion mode in
 ``auto``, re-syncs the source files when they change, writes the audit log, and snapshots
 its state atomically (every ``snapshot_seconds``, and after any tick that decided
-something) so that a restart (or a crash) resumes windows and throttles. SIGTERM stops it
-cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules, and
-the RADIUS listener takes its new [radius] section (started or stopped if it turned on
-or off). It serves Prometheus metrics on ``[metrics] listen`` (metrics.py), read at each
-scrape on a thread of the HTTP server's.
+something) so that a restart (or a crash) resumes windows and throttles. Every
+``[signals] window_seconds`` it starts a new window of the abuse signals (scan sketch,
+blocked SMTP) and lets the ``[[abuse]]`` rules judge the one that ended. SIGTERM stops
+it cleanly (the data plane keeps enforcing); SIGHUP rereads the config and the rules,
+and the RADIUS listener takes its new [radius] section (started or stopped if it turned
+on or off). It serves Prometheus metrics on ``[metrics] listen`` (metrics.py), read at
+each scrape on a thread of the HTTP server's.
 
 Time and sleep are parameters: the tests run a month in milliseconds.
 """
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdpzoot import metrics, tables
+from xdpzoot.bandwidth import abuse as abuse_rules
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.bandwidth import rules as volume_rules
 from xdpzoot.config import load_config
-from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources import csam
 from xdpzoot.sources.files import SourceError
@@ -107,6 +110,8 @@ class Daemon:
     stats: metrics.Stats = field(default_factory=metrics.Stats)   # for the metrics
     census: metrics.Census = field(default_factory=metrics.Census)
     server: metrics.Server | None = None   # the metrics endpoint, while run() runs
+    abuse: abuse_rules.Abuse | None = None   # the [[abuse]] rules' runs
+    _op25b: np.ndarray | None = None   # blocked SMTP attempts per slot at the window's start
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +151,7 @@ class Daemon:
         elif old is not None:
             self.acct = accounting.Accounting.restore(old.snapshot(), rules)
         self.plans_changed = True
+        self.abuse = abuse_rules.Abuse(self.cfg.abuse)   # runs start afresh with new rules
         self.audit = store.AuditLog(b.audit, b.audit_retention_days * 86400)
         self.congestion = Congestion(b.capacity_kbps, b.congestion_share,
                                      b.congestion_seconds, b.hysteresis,
@@ -227,18 +233,24 @@ class Daemon:
 
     def _tick(self) -> list:
         now = self.clock()
+        words = self.inst.state_words()
+        window = self.inst.next_scan_window(now, self.cfg.signals.window_seconds)
         columns = self.inst.class_columns()
-        counters = self._counters(columns)
+        counters = self._counters(columns, words)
         self.census.take(self.inst, columns, self._owners, now)
         del columns
         plans, self.plans_changed = (self.plans if self.plans_changed else None), False
         actions = self.acct.observe(now, counters, plans)
+        if window:
+            actions += self._abuse(window, words)
+        suspend: dict[int, bool] = {}   # in time order: the last action per subscriber
         for a in actions:
             self.stats.decisions[(a.rule, a.action)] += 1
             if a.action in ("suspend", "unsuspend"):
                 # Another rule may still hold the subscriber suspended.
-                on = a.values.get("suspended", a.action == "suspend")
-                self.inst.suspend(a.subscriber, bool(on))
+                suspend[a.subscriber] = bool(a.values.get("suspended", a.action == "suspend"))
+        if suspend:
+            self.inst.suspend_ids(suspend)
         self._enforce_rates(now)
         self._congestion(now)
         self._watch_sources()
@@ -246,13 +258,14 @@ class Daemon:
         self._persist(now)
         return actions
 
-    def _counters(self, columns) -> dict[int, tuple[int, int]]:
+    def _counters(self, columns, words: np.ndarray) -> dict[int, tuple[int, int]]:
         """Subscriber -> (bytes up, bytes down) so far, for the slots whose counters moved
         since the last tick; for every owned slot when the owners changed (a load, a slot
         given to another subscriber), so that a new subscriber's first counter, its
         baseline, is seen at once. ``columns``: the subscriber maps' values
-        (Instance.class_columns), which say who owns each slot."""
-        owners, counts = self.inst.owner_ids(columns), self.inst.byte_counters()
+        (Instance.class_columns), which say who owns each slot; ``words``: the state array
+        as read at the tick's start."""
+        owners, counts = self.inst.owner_ids(columns), self.inst.byte_counters(words)
         if self._owners is None or not np.array_equal(owners, self._owners):
             moved = owners != 0
             slots = np.flatnonzero(moved)
@@ -264,6 +277,31 @@ class Daemon:
         slots = np.flatnonzero(moved)
         return dict(zip(owners[slots].tolist(), map(tuple, counts[slots].tolist()),
                         strict=True))
+
+    def _abuse(self, window: tuple[int, int], words: np.ndarray) -> list:
+        """The [[abuse]] rules on the window that ended, from the state array read just
+        before it did (what came between the read and the new window is lost to both: at
+        most the read's time, ~0.3 s at 1M slots). A window much longer than configured
+        (the daemon was stopped) is not judged."""
+        start, end = window
+        op25b = words[:, layout.OP25B].copy()
+        base, self._op25b = self._op25b, op25b
+        if not self.abuse.rules or end - start > 2 * self.cfg.signals.window_seconds:
+            return []
+        scans = layout.state_scans(words, start)
+        smtp = np.zeros_like(op25b) if base is None or len(base) != len(op25b) else \
+            np.where(op25b >= base, op25b - base, op25b)   # a slot cleared: counts anew
+        over = np.zeros(len(op25b), dtype=bool)   # the rules see only who is over one
+        for name, value in (("scans", scans), ("smtp_blocked", smtp)):
+            low = self.abuse.lowest(name)
+            if low is not None:
+                over |= value > low
+        owners = self._owners
+        slots = np.flatnonzero(over & (owners != 0))
+        values = dict(zip(owners[slots].tolist(),
+                          zip(scans[slots].tolist(), smtp[slots].tolist(), strict=True),
+                          strict=True))
+        return self.abuse.observe(start, end, values)
 
     def _persist(self, now: float, snapshot: bool = False) -> None:
         """The audit log, and the snapshot when ``snapshot_seconds`` have passed since the

@@ -380,8 +380,8 @@ class Collector:
             fails.add_metric([source], failed.get(source, 0))
         yield syncs
         yield fails
-        dec = _counter("xdpzoot_decisions", "Decisions of the volume rules (and of "
-                       "congestion auto), by rule and action.", ["rule", "action"])
+        dec = _counter("xdpzoot_decisions", "Decisions of the volume and abuse rules (and "
+                       "of congestion auto), by rule and action.", ["rule", "action"])
         for (rule, action), n in sorted(dict(s.decisions).items()):
             dec.add_metric([rule, action], n)
         yield dec

@@ -7,6 +7,7 @@ mirrors bpf/policy.h step by step; a change to one is a change to both.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,3 +159,57 @@ def _pipeline(p: Packet, flags: int, look: Lookup) -> tuple[str, str, Entry | No
         return "pass", "ok", cls
     reason, hit = _port_rule(p, cls, 53, c["XZ_F_IP53B_EXEMPT"], None, look, "ip53b")
     return ("drop" if hit else "pass"), reason, cls
+
+
+# --- the scan sketch (bpf/scan.h) -----------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+SCAN_REGS, SCAN_RMAX = schema.C["XZ_SCAN_REGS"], schema.C["XZ_SCAN_RMAX"]
+SCAN_FRAC = schema.C["XZ_SCAN_FRAC"]
+
+
+def _mix64(x: int) -> int:
+    """bpf/scan.h xz_mix64 (murmur3's finaliser)."""
+    x ^= x >> 33
+    x = x * 0xFF51AFD7ED558CCD & _M64
+    x ^= x >> 33
+    x = x * 0xC4CEB9FE1A85EC53 & _M64
+    return x ^ x >> 33
+
+
+def scan_opens(p: Packet) -> bool:
+    """bpf/scan.h xz_scan_opens: a TCP SYN without ACK (or RST), any UDP datagram, an
+    ICMP / ICMPv6 echo request."""
+    if not p.l4ok:
+        return False
+    if p.proto == TCP:
+        return p.tcp_flags & (TCP_SYN | 0x10 | TCP_RST) == TCP_SYN
+    return p.proto == UDP or (p.proto, p.icmp_type) in ((ICMP, 8), (ICMPV6, 128))
+
+
+class ScanSketch:
+    """bpf/scan.h in Python, register for register and sixteenth for sixteenth: the tests
+    check the kernel's count against it, and the benchmark measures the sketch's error
+    over many sets of destinations with it."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch   # the window, which salts the hash
+        self.reg = [0] * SCAN_REGS
+        self.count = 0   # the estimate, in 1/2^SCAN_FRAC destinations
+
+    def add(self, dst: bytes, dport: int, proto: int) -> None:
+        """A conversation opened to the 16-byte address ``dst``, port, protocol."""
+        a = int.from_bytes(dst[:8], sys.byteorder)
+        b = int.from_bytes(dst[8:], sys.byteorder)
+        h = _mix64(((a ^ self.epoch) * 0x9E3779B97F4A7C15 & _M64) ^ b ^ (dport << 8 | proto))
+        i, low = (h >> 32) * SCAN_REGS >> 32, h & 0xFFFF_FFFF
+        rank = min(33 - low.bit_length(), SCAN_RMAX)
+        if rank <= self.reg[i]:
+            return
+        q = sum(1 << (SCAN_RMAX - r) for r in self.reg if r < SCAN_RMAX)
+        self.reg[i] = rank
+        self.count += ((SCAN_REGS << (SCAN_RMAX + SCAN_FRAC)) + q // 2) // q
+
+    @property
+    def estimate(self) -> float:
+        return self.count / (1 << SCAN_FRAC)

@@ -419,7 +419,6 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
     """
     from xdpzoot.tables import ip_of, net_of
 
-    done: list[str] = []
     if isinstance(target, bytes):
         host = maps.get_host(target)
         match = maps.match_prefix(target)
@@ -436,18 +435,36 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
                 maps.set_host(target, e)
             return [f"{ip_of(target)} (pool {net_of(match[0])})"]
         target = owner.sub_id
-    contract = maps.get_contract(target)
-    if contract is not None:   # sticky for its sessions to come, too
-        maps.set_contract(target, _flag(contract, on))
-        done.append(f"contract {target}")
-    for a, e in list(maps.host_items()):
-        if e.sub_id == target:
-            maps.set_host(a, _flag(e, on))
-            done.append(str(ip_of(a)))
-    for k, e in list(maps.prefix_items()):
-        if e.sub_id == target:
-            maps.set_prefix(k, _flag(e, on))
-            done.append(str(net_of(k)))
+    return set_suspended_ids(maps, {target: on})
+
+
+def set_suspended_ids(maps: Maps, want: dict[int, bool]) -> list[str]:
+    """Suspend (True) or resume (False) subscribers by id: each one's contract and every
+    host and prefix entry of it, found in one pass over each map's values (a daemon's
+    tick may suspend many of a million at once). Returns what changed, as descriptions."""
+    import numpy as np
+
+    from xdpzoot.tables import ip_of, net_of
+
+    done: list[str] = []
+    for sid, on in want.items():
+        contract = maps.get_contract(sid)
+        if contract is not None:   # sticky for its sessions to come, too
+            maps.set_contract(sid, _flag(contract, on))
+            done.append(f"contract {sid}")
+    ids = np.array(sorted(want), dtype=np.uint32)
+    for host, m in ((True, maps.host_map), (False, maps.prefix_map)):
+        t = maps.read(m)
+        owners = np.frombuffer(t.values, dtype=np.uint32)[0::WORDS]
+        for i in np.flatnonzero(np.isin(owners, ids)).tolist():
+            e = t.entry(i)
+            if host:
+                maps.set_host(t.keys[i], _flag(e, want[e.sub_id]))
+                done.append(str(ip_of(t.keys[i])))
+            else:
+                key = LPM_KEY.unpack(t.keys[i])
+                maps.set_prefix(key, _flag(e, want[e.sub_id]))
+                done.append(str(net_of(key)))
     return done
 
 

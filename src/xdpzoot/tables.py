@@ -198,6 +198,7 @@ def control_flags(cfg) -> int:
         (cfg.bandwidth.enabled, "XZ_C_RATES"),
         (cfg.bandwidth.congestion == "on", "XZ_C_CONGESTION"),
         (cfg.dataplane.fast_path, "XZ_C_FAST_PATH"),
+        (cfg.signals.scans, "XZ_C_SCANS"),
     ]
     for cond, name in on:
         if cond:
@@ -221,5 +222,5 @@ def control_names(flags: int) -> dict[str, bool]:
     """The switches by name, for status output."""
     names = ("bypass", "monitor", "op25b", "op25b_v6", "op25b_reject", "ip53b", "ip53b_tcp",
              "ip53b_v6", "csam_reject", "csam_core", "rates", "congestion", "throttles",
-             "fast_path", "trace")
+             "fast_path", "trace", "scans")
     return {n: bool(flags & schema.C["XZ_C_" + n.upper()]) for n in names}

@@ -102,15 +102,17 @@ def congestion(o: Ctx, mode, as_json) -> None:
 Examples:
   xdpzoot top
   xdpzoot top --by op25b -n 20
+  xdpzoot top --by scans --json
   xdpzoot top --by up --json""")
-@click.option("--by", "key", type=click.Choice(["down", "up", "op25b"]), default="down",
-              show_default=True)
+@click.option("--by", "key", type=click.Choice(["down", "up", "op25b", "scans"]),
+              default="down", show_default=True)
 @click.option("-n", "count", type=click.IntRange(1), default=10, show_default=True)
 @json_opt
 @click.pass_obj
 def top(o: Ctx, key, count, as_json) -> None:
-    """Subscribers by volume since the counters started, or by blocked SMTP
-    attempts."""
+    """Subscribers by volume since the counters started, by blocked SMTP attempts, or by
+    scans: distinct destinations (address, port) of the conversations they opened in the
+    current window of the abuse signals (an estimate, ~7% error)."""
 
     def go():
         inst = o.instance(config=True)
@@ -118,17 +120,23 @@ def top(o: Ctx, key, count, as_json) -> None:
         rows = [{"subscriber": owner[s], **asdict(v)} for s, v in inst.volumes(owner).items()]
         rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}
                  for a, v in inst.pool_volumes().items()]
-        field = {"down": "down_bytes", "up": "up_bytes", "op25b": "op25b"}[key]
+        field = {"down": "down_bytes", "up": "up_bytes", "op25b": "op25b", "scans": "scans"}[key]
         rows = sorted((r for r in rows if r[field]), key=lambda r: -r[field])[:count]
 
         def text():
+            if key == "scans":
+                since = inst.control_params()["scan_epoch"]
+                click.echo("scans: distinct destinations in the window since " + (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since
+                    else "the sketch started (no daemon has moved the window)"))
             if not rows:
                 click.echo("No entries found.")
                 return
-            click.echo(f"{'SUBSCRIBER':<26} {'DOWN BYTES':>14} {'UP BYTES':>14} {'OP25B':>8}")
+            click.echo(f"{'SUBSCRIBER':<26} {'DOWN BYTES':>14} {'UP BYTES':>14} {'OP25B':>8}"
+                       f" {'SCANS':>8}")
             for r in rows:
                 click.echo(f"{str(r['subscriber']):<26} {r['down_bytes']:>14} "
-                           f"{r['up_bytes']:>14} {r['op25b']:>8}")
+                           f"{r['up_bytes']:>14} {r['op25b']:>8} {r['scans']:>8}")
 
         _emit(as_json, rows, text)
 

@@ -249,6 +249,12 @@ class Instance:
         with self.locked():
             return sync.set_suspended(self.maps, target, on)
 
+    def suspend_ids(self, want: dict[int, bool]) -> list[str]:
+        """Suspend (True) or resume (False) subscribers by id, all in one pass over the
+        maps (a tick's decisions); what changed."""
+        with self.locked():
+            return sync.set_suspended_ids(self.maps, want)
+
     def subscriber_slot(self, target: int | bytes, name: str) -> tuple[int, int]:
         """(subscriber id, state slot) of a subscriber id or an address (``name``: as
         the operator wrote it, for the error)."""
@@ -268,8 +274,9 @@ class Instance:
 
     def subscriber_state(self, sid: int) -> dict | None:
         """What the maps hold for subscriber ``sid`` now (no volume rule needed): its class
-        (a RADIUS contract's, else its first entry's), the counters of its state slot and
-        the throttle in force there; None when it has no slot of its own (a pool)."""
+        (a RADIUS contract's, else its first entry's), the counters of its state slot (the
+        abuse signals too) and the throttle in force there; None when it has no slot of its
+        own (a pool)."""
         try:
             _, slot = self.subscriber_slot(sid, str(sid))
         except kernel.KernelError:
@@ -281,6 +288,7 @@ class Instance:
         up, down = self.get_throttle(slot)
         hand = self.manual_throttles().get(slot)
         return {"slot": slot, "up_bytes": v.up_bytes, "down_bytes": v.down_bytes,
+                "op25b": v.op25b, "scans": v.scans,
                 "up_kbps": e.up_kbps if e else 0, "down_kbps": e.down_kbps if e else 0,
                 "suspended": bool(e and e.flags & schema.C["XZ_F_SUSPENDED"]),
                 "throttle_up_kbps": up, "throttle_down_kbps": down,
@@ -457,9 +465,25 @@ class Instance:
         ``columns`` (class_columns) when given."""
         return self.maps.owner_ids(columns)
 
-    def byte_counters(self) -> np.ndarray:
+    def state_words(self) -> np.ndarray:
+        """The state array, a row per slot (kernel.Maps.state_words)."""
+        return self.maps.state_words()
+
+    def byte_counters(self, words: np.ndarray | None = None) -> np.ndarray:
         """Bytes up and down so far per state slot (kernel.Maps.byte_counters)."""
-        return self.maps.byte_counters()
+        return self.maps.byte_counters(words)
+
+    def next_scan_window(self, now: float, length: int) -> tuple[int, int] | None:
+        """Start a new window of the abuse signals when the one in force is ``length``
+        seconds old (or from the future: the clock was set back); returns the window that
+        ended, (start, end) in unix seconds, or None. The data plane zeroes a sketch of an
+        older window at its next update (bpf/scan.h)."""
+        with self.locked():
+            start, end = self.maps.control_params()["scan_epoch"], int(now)
+            if 0 <= end - start < length:
+                return None
+            self.maps.set_control_params(scan_epoch=end)
+        return start, end
 
     def throttle_rates(self) -> np.ndarray:
         """Every slot's throttle, kbps up and down (kernel.Maps.throttle_rates)."""

@@ -45,6 +45,7 @@ from xdpzoot.dataplane.layout import (
     _entry,
     masked,
     pack_class,
+    volume,
 )
 
 if TYPE_CHECKING:
@@ -1192,12 +1193,14 @@ class Maps:
             return {}
         _, raw = self.pool_map.items()
         n, zero, out = STATE.size, bytes(STATE.size), {}
+        epoch = self.control_value().scan_epoch
         for addr, e in pools:
             first = int.from_bytes(addr, "big")
             for i in range(1 << e.pool_bits):
                 off = (e.slot + i) * n
                 if raw[off:off + n] != zero:
-                    out[(first + i).to_bytes(16, "big")] = _volume(raw, off)
+                    out[(first + i).to_bytes(16, "big")] = volume(
+                        STATE.unpack_from(raw, off), epoch)
         return out
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
@@ -1205,15 +1208,22 @@ class Maps:
         whole, in batches (an array's batch comes in index order): a tick of the daemon
         wants every slot."""
         _, values = self.state_map.items()
-        return {s: _volume(values, s * STATE.size) for s in slots}
+        epoch = self.control_value().scan_epoch
+        return {s: volume(STATE.unpack_from(values, s * STATE.size), epoch) for s in slots}
 
-    def byte_counters(self) -> np.ndarray:
-        """Per state slot, the bytes its subscriber sent and received so far (up, down),
-        the state array read whole, in batches."""
+    def state_words(self) -> np.ndarray:
+        """The state array read whole, in batches: a row of STATE's fields (uint64) per
+        slot."""
         import numpy as np
 
-        raw = np.frombuffer(self.state_map.values(), dtype=np.uint64)
-        return raw.reshape(-1, STATE.size // 8)[:, [2, 6]]   # up.bytes, down.bytes
+        return np.frombuffer(self.state_map.values(), dtype=np.uint64).reshape(
+            -1, STATE.size // 8)
+
+    def byte_counters(self, words: np.ndarray | None = None) -> np.ndarray:
+        """Per state slot, the bytes its subscriber sent and received so far (up, down),
+        from ``words`` (state_words) or the array read now."""
+        words = self.state_words() if words is None else words
+        return words[:, [2, 6]]   # up.bytes, down.bytes
 
     def clear_state(self, slots: Iterable[int]) -> None:
         """Forget slots' counters, buckets and throttles (they are given to someone else)."""
@@ -1417,8 +1427,9 @@ class Maps:
     def pool_volumes(self) -> dict[bytes, Volume]:
         """Pool address -> volume, for addresses of pools without an owner."""
         keys, values = self.pool_state.items()
-        return {k: _volume(values, i * STATE.size) for i, k in enumerate(keys)} | \
-            self.indexed_pool_volumes()
+        epoch = self.control_value().scan_epoch
+        return {k: volume(v, epoch) for k, v in zip(keys, STATE.iter_unpack(values),
+                                                    strict=True)} | self.indexed_pool_volumes()
 
     def _per_cpu_sums(self, m: PinnedMap) -> list[tuple[int, int]]:
         """(packets, bytes) of every index of a per-CPU array of struct xz_counter, the
@@ -1507,8 +1518,3 @@ class Maps:
         raw = self.trace_state.lookup(ZERO_KEY)
         return TRACE_STATE.unpack(raw)[1] if raw is not None else 0
 
-
-def _volume(raw: bytes, off: int) -> Volume:
-    """The Volume of the struct xz_state at ``raw[off:]``."""
-    v = STATE.unpack_from(raw, off)
-    return Volume(v[2], v[6], v[3], v[7], v[8])

@@ -35,7 +35,10 @@ CLASS = struct.Struct("=IBBBBIII")
 WORDS = CLASS.size // 4
 LPM_KEY = struct.Struct("=I16s")   # struct xz_lpm_key: prefix length over 128 bits, address
 ZERO_KEY = bytes(4)
-STATE = struct.Struct("=9Q")   # struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b
+# struct xz_state: up, down (tat, bulk_tat, bytes, packets); op25b; scan (count, registers)
+STATE = struct.Struct(f"={10 + schema.C['XZ_SCAN_WORDS']}Q")
+SCAN_COUNT = 9   # the field of struct xz_scan.count in STATE.unpack
+OP25B = 8        # and of xz_state.op25b
 _TYPE_FLAGS = struct.Struct("=BBBx")
 if array("I").itemsize != 4:
     raise ImportError("array('I') is not 32 bits wide here")
@@ -114,13 +117,45 @@ class ClassTable:
 
 @dataclass(frozen=True)
 class Volume:
-    """What the data plane admitted for a subscriber, and the SMTP attempts it blocked."""
+    """What the data plane admitted for a subscriber, the SMTP attempts it blocked, and how
+    many distinct destinations it opened conversations to in the current scan window."""
 
     up_bytes: int
     down_bytes: int
     up_packets: int
     down_packets: int
     op25b: int
+    scans: int = 0
+
+
+def scan_estimate(count: int, epoch: int) -> float:
+    """The estimate in struct xz_scan.count ``count`` if it counts window ``epoch``
+    (xz_control.scan_epoch); 0 for a sketch of another window."""
+    if count & 0xFFFF_FFFF != epoch:
+        return 0.0
+    return (count >> schema.C["XZ_SCAN_EST_SHIFT"]) / (1 << schema.C["XZ_SCAN_FRAC"])
+
+
+def scans(count: int, epoch: int) -> int:
+    """scan_estimate, rounded (half up): what `top` shows and the rules compare."""
+    return int(scan_estimate(count, epoch) + 0.5)
+
+
+def state_scans(words, epoch: int):
+    """scans() of every row of ``words``, a numpy array of struct xz_state rows (STATE's
+    fields as uint64 columns)."""
+    import numpy as np
+
+    c = words[:, SCAN_COUNT]
+    frac = schema.C["XZ_SCAN_FRAC"]
+    est = ((c >> np.uint64(schema.C["XZ_SCAN_EST_SHIFT"])) + np.uint64(1 << frac - 1)) \
+        >> np.uint64(frac)
+    return np.where(c & np.uint64(0xFFFF_FFFF) == np.uint64(epoch), est, np.uint64(0))
+
+
+def volume(v: tuple[int, ...], epoch: int) -> Volume:
+    """The Volume of an unpacked struct xz_state (STATE) in scan window ``epoch``."""
+    return Volume(v[2], v[6], v[3], v[7], v[OP25B], scans(v[SCAN_COUNT], epoch))
 
 
 
@@ -154,6 +189,7 @@ class Control(NamedTuple):
     trace_until: int = 0       # XZ_C_TRACE's lease: monotonic seconds
     trace_rate: int = 0        # drop events a second at most
     trace_reasons: int = 0     # bit (1 << reason index) of each reason traced
+    scan_epoch: int = 0        # the scan window in force: unix time of its start
 
     def pack(self) -> bytes:
         return CONTROL.pack(*self)
