@@ -161,6 +161,7 @@ def test_the_daemon_never_forces(inst, capsys):
     inst.ok("blocklist", "load", str(inst.csam))
     d = Daemon(str(inst.cfg), inst.pin, clock=lambda: 1_790_000_000.0)
     d.start()
+    d.tick()                                       # its own first tick moves the scan window
     before = inst.state()
     inst.csam.write_text("")                       # emptied, as by a failed download
     inst.subs.write_text(subs_file(2))             # cut short

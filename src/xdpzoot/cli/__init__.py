@@ -119,6 +119,17 @@ def _address(value: str) -> bytes:
     except ValueError as e:
         raise click.BadParameter(f"not an IP address: {value}") from e
 
+
+def _target(value: str) -> int | bytes:
+    """A SUBSCRIBER argument: a subscriber id (an entry's 32-bit sub_id) or an address."""
+    try:
+        sid = int(value)
+    except ValueError:
+        return _address(value)
+    if not 0 <= sid <= 0xFFFFFFFF:
+        raise click.BadParameter(f"subscriber id {value} is out of range (0-4294967295)")
+    return sid
+
 def _entry_json(e: layout.Entry) -> dict:
     t = {v: k for k, v in schema.TYPES.items()}.get(e.type, str(e.type))
     return {"subscriber": e.sub_id, "type": t, "flags": schema.flag_names(e.flags),

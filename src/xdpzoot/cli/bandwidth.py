@@ -11,17 +11,14 @@ from xdpzoot import tables
 from xdpzoot.dataplane import kernel
 from xdpzoot.sources.files import SourceError
 
-from . import Ctx, _address, _audit, _emit, _fail, _run, json_opt, main
+from . import Ctx, _audit, _emit, _fail, _run, _target, json_opt, main
 
 # ---- bandwidth -------------------------------------------------------------------------------
 
 
 def _slots(o: Ctx, target: str) -> tuple[int, int]:
     """(subscriber id, state slot) of SUBSCRIBER given as id or address."""
-    try:
-        key: int | bytes = int(target)
-    except ValueError:
-        key = _address(target)
+    key = _target(target)
     return o.instance().subscriber_slot(key, target)
 
 

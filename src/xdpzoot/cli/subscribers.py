@@ -21,6 +21,7 @@ from . import (
     _fail,
     _progress,
     _run,
+    _target,
     json_opt,
     main,
 )
@@ -150,10 +151,7 @@ def subscribers_show(o: Ctx, address, as_json) -> None:
 
 
 def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
-    try:
-        key: int | bytes = int(target)
-    except ValueError:
-        key = _address(target)
+    key = _target(target)
 
     def go():
         done = o.instance().suspend(key, on)
