@@ -6,6 +6,7 @@ files are re-synced when they change; and the real process stops cleanly on SIGT
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.bandwidth import rules as volume_rules
-from xdpzoot.daemon import Congestion, Daemon
+from xdpzoot.daemon import Congestion, Daemon, log_to_stderr
 from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.lab import wait_for
 
@@ -336,3 +337,16 @@ def test_run_stops_cleanly_on_sigterm_and_reloads_on_sighup(setup):
     assert "stopped; the data plane keeps enforcing" in err
     assert store.load_snapshot(str(tmp / "state.msgpack"))
     assert kernel.pinned(pin)
+
+
+def test_the_listeners_lines_go_to_stderr_as_the_daemons(capsys):
+    """`run` and `radius` send the RADIUS listener's and the metrics endpoint's warnings
+    to stderr with the daemon's own "xdpzoot: " (Python printed them bare), once."""
+    h = log_to_stderr()
+    try:
+        logging.getLogger("xdpzoot.radius").error("radius: users not read: %s", "gone")
+        logging.getLogger("xdpzoot.metrics").info("not a warning: not printed")
+        assert capsys.readouterr().err == "xdpzoot: radius: users not read: gone\n"
+        assert log_to_stderr() is h
+    finally:
+        logging.getLogger("xdpzoot").removeHandler(h)

@@ -19,6 +19,7 @@ Time and sleep are parameters: the tests run a month in milliseconds.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import sys
@@ -45,6 +46,22 @@ C = schema.C
 def log(msg: str) -> None:
     """One line to stderr (the journal, under systemd)."""
     print(f"xdpzoot: {msg}", file=sys.stderr, flush=True)
+
+
+def log_to_stderr() -> logging.Handler:
+    """The lines of the RADIUS listener and the metrics endpoint (loggers under "xdpzoot",
+    warnings and errors) to stderr as log() writes its own: "xdpzoot: " first. Without it
+    Python printed them bare. Returns the handler (once per process)."""
+    lg = logging.getLogger("xdpzoot")
+    for h in lg.handlers:
+        if getattr(h, "xdpzoot", False):
+            return h
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("xdpzoot: %(message)s"))
+    h.xdpzoot = True
+    lg.addHandler(h)
+    lg.setLevel(logging.WARNING)
+    return h
 
 
 @dataclass

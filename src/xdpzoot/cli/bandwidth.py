@@ -154,9 +154,10 @@ def run(o: Ctx) -> None:
     (the data plane keeps enforcing); SIGHUP rereads the config and the rules, and the
     RADIUS listener takes a changed [radius] section or secret file while serving
     (sessions kept; one that fails is logged and the old one stays)."""
-    from xdpzoot.daemon import Daemon
+    from xdpzoot.daemon import Daemon, log_to_stderr
 
     def go():
+        log_to_stderr()
         d = Daemon(o.config_path, o.pin_dir)
         d.start()
         d.run()

@@ -30,6 +30,9 @@ def radius(o: Ctx) -> None:
     from xdpzoot.radius_service import RadiusService
 
     def go():
+        from xdpzoot.daemon import log_to_stderr
+
+        log_to_stderr()
         r = o.cfg.radius
         if not r.listen and not r.coa_listen:
             _fail("[radius] listen and coa_listen are both off: nothing to serve")
