@@ -299,21 +299,27 @@ class XdpMd(ct.Structure):
                 ("egress_ifindex", ct.c_uint32)]
 
 
-def template_frame(t: Topo) -> bytes:
-    """Eth/IPv4/TCP SYN to the router's MAC, 64 bytes; gen rewrites addresses and ports."""
+TCP_FLAGS = {"syn": 0x02, "ack": 0x10}
+
+
+def template_frame(t: Topo, tcp_flags: str = "syn") -> bytes:
+    """Eth/IPv4/TCP to the router's MAC, 64 bytes; gen rewrites addresses and ports. A SYN
+    (every frame opens a conversation to a new destination: the scan sketch counts each)
+    or an ACK (a segment of an established connection: the sketch is not touched)."""
     eth = (bytes.fromhex(t.macs[t.rin].replace(":", ""))
            + bytes.fromhex(t.macs[t.gen_dev].replace(":", "")) + struct.pack("!H", 0x0800))
     payload = FRAME_LEN - 14 - 20 - 20
     ip4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 20 + payload, 0, 0x4000, 64, 6, 0,
                       socket.inet_aton(GEN_ADDR), socket.inet_aton(SNK_ADDR))
-    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, TCP_FLAGS[tcp_flags], 65535, 0,
+                      0)
     return eth + ip4 + tcp + bytes(payload)
 
 
 class Traffic:
     """fwd_gen.c compiled and loaded: the generator, the sink and the pass stub."""
 
-    def __init__(self, ds: DataSet, t: Topo, pin_dir: str):
+    def __init__(self, ds: DataSet, t: Topo, pin_dir: str, tcp_flags: str = "syn"):
         from bcc import BPF
 
         self.topo, self.ds = t, ds
@@ -332,7 +338,7 @@ class Traffic:
             st[st.Key(i)] = st.Leaf(struct.unpack("=I", socket.inet_aton(a))[0])
         fill_array(self.bpf[b"gen_listed"],
                    [struct.unpack("=I", struct.pack("!I", a))[0] for a in ds.listed])
-        self.frame = template_frame(t)
+        self.frame = template_frame(t, tcp_flags)
         tm = self.bpf[b"gen_tmpl"]
         leaf = tm.Leaf()
         ct.memmove(ct.byref(leaf), self.frame, ct.sizeof(leaf))
@@ -779,7 +785,8 @@ def run(args: argparse.Namespace) -> dict:
                             "csam": len(ds.csam), "rates": list(rates), "seconds": seconds,
                             "frame_bytes": FRAME_LEN, "generator_cpu": GEN_CPU,
                             "router_cpu": ROUTER_CPU, "realtime": not args.no_rt,
-                            "xdpzoot_extra": args.xdpzoot_extra},
+                            "xdpzoot_extra": args.xdpzoot_extra,
+                            "tcp_flags": args.tcp_flags},
                  "routers": []}
     tag = "xzfb" + secrets.token_hex(2)
     topo: Topo | None = None
@@ -792,7 +799,7 @@ def run(args: argparse.Namespace) -> dict:
             topo = topo_up(tag)
             subs, csam = write_sources(ds, workdir)
             log("compiling the generator and the sink ...")
-            traffic = Traffic(ds, topo, pin_root)
+            traffic = Traffic(ds, topo, pin_root, args.tcp_flags)
             attach_pinned_xdp(topo.snk, topo.snk_dev, traffic.pins["sink"])
             # The sink's NAPI stays a softirq, raised (and so run) on the router's CPU by the
             # router's kthread: on the generator's CPU it would wait for each whole test_run
@@ -880,6 +887,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no SCHED_FIFO for the generator and the router's NAPI kthread")
     p.add_argument("--xdpzoot-extra", default="", metavar="TOML",
                    help="appended to xdpzoot's config, e.g. '[bandwidth]\\nenabled = false'")
+    p.add_argument("--tcp-flags", choices=sorted(TCP_FLAGS), default="syn",
+                   help="the frames' TCP flags: syn (the published runs; each frame a new "
+                        "conversation, counted by the scan sketch) or ack (established)")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast")
