@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bpfcases import TC_VERDICT, XDP_VERDICT  # noqa: E402
+from termination import pytest_configure  # noqa: E402, F401  (SIGTERM tears down)
 
 from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.lab import Lab, LabRouter, lab_running, router_running
