@@ -10,8 +10,9 @@ Topology, in namespaces of our own (``xzfb<hex>-gen/-rtr/-snk``, deleted at the 
   BPF_F_TEST_XDP_LIVE_FRAMES, ingress ifindex = gen's veth, returning XDP_TX: every frame
   (64 bytes, Eth/IPv4/TCP) gets a random source from the dynamic pools (or a static host) and
   a random unicast destination. Mix "forward": TCP to 443, destinations not on the list (a
-  random destination lands in a listed prefix for ~0.02% of frames). Mix "drop": half TCP to
-  25 from the pools, half to addresses on the CSAM list.
+  random destination lands in a listed prefix for ~0.02% of frames), ``--syn-percent`` of
+  them SYNs (100 by default), the rest ACKs. Mix "drop": half TCP SYNs to 25 from the pools,
+  half to addresses on the CSAM list.
 - rtr: the router under test, its default route towards snk (static neighbours everywhere).
 - snk: an XDP program counting and dropping (a per-CPU counter: the sink count).
 
@@ -43,8 +44,9 @@ move with whatever else the machine runs.
 
 Usage: bench_fwd.py [--json] [--quick] [--csam N] [--pools N] [--statics N]
                     [--seconds S] [--rates 250k,500k,...,0] [--only NAME,...] [--no-rt]
-                    [--xdpzoot-extra TOML]
-Example: make bench-fwd BENCH_ARGS="--quick --only plain,xdpzoot-xdp"
+                    [--syn-percent P] [--rounds N] [--xdpzoot-extra TOML]
+Examples: make bench-fwd BENCH_ARGS="--quick --only plain,xdpzoot-xdp"
+          make bench-fwd BENCH_ARGS="--rounds 3 --syn-percent 2 --only plain,xdpzoot-xdp"
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import random
 import secrets
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -299,30 +302,28 @@ class XdpMd(ct.Structure):
                 ("egress_ifindex", ct.c_uint32)]
 
 
-TCP_FLAGS = {"syn": 0x02, "ack": 0x10}
-
-
-def template_frame(t: Topo, tcp_flags: str = "syn") -> bytes:
-    """Eth/IPv4/TCP to the router's MAC, 64 bytes; gen rewrites addresses and ports. A SYN
-    (every frame opens a conversation to a new destination: the scan sketch counts each)
-    or an ACK (a segment of an established connection: the sketch is not touched)."""
+def template_frame(t: Topo) -> bytes:
+    """Eth/IPv4/TCP SYN to the router's MAC, 64 bytes; gen rewrites addresses, ports and, in
+    the forward mix, the flags (Traffic.syn_per_1024)."""
     eth = (bytes.fromhex(t.macs[t.rin].replace(":", ""))
            + bytes.fromhex(t.macs[t.gen_dev].replace(":", "")) + struct.pack("!H", 0x0800))
     payload = FRAME_LEN - 14 - 20 - 20
     ip4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 20 + payload, 0, 0x4000, 64, 6, 0,
                       socket.inet_aton(GEN_ADDR), socket.inet_aton(SNK_ADDR))
-    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, TCP_FLAGS[tcp_flags], 65535, 0,
-                      0)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
     return eth + ip4 + tcp + bytes(payload)
 
 
 class Traffic:
     """fwd_gen.c compiled and loaded: the generator, the sink and the pass stub."""
 
-    def __init__(self, ds: DataSet, t: Topo, pin_dir: str, tcp_flags: str = "syn"):
+    def __init__(self, ds: DataSet, t: Topo, pin_dir: str, syn_percent: float = 100):
         from bcc import BPF
 
         self.topo, self.ds = t, ds
+        # The forward mix's SYNs (each opens a conversation to a new destination: the scan
+        # sketch counts it) among ACKs (segments of established connections).
+        self.syn_per_1024 = round(syn_percent * 1024 / 100)
         n_listed = max(1, len(ds.listed))
         self.bpf = BPF(src_file=str(HERE / "fwd_gen.c").encode(),
                        cflags=[f"-DGEN_STATICS={max(1, len(ds.statics))}",
@@ -338,7 +339,7 @@ class Traffic:
             st[st.Key(i)] = st.Leaf(struct.unpack("=I", socket.inet_aton(a))[0])
         fill_array(self.bpf[b"gen_listed"],
                    [struct.unpack("=I", struct.pack("!I", a))[0] for a in ds.listed])
-        self.frame = template_frame(t, tcp_flags)
+        self.frame = template_frame(t)
         tm = self.bpf[b"gen_tmpl"]
         leaf = tm.Leaf()
         ct.memmove(ct.byref(leaf), self.frame, ct.sizeof(leaf))
@@ -350,6 +351,7 @@ class Traffic:
         leaf = cfg.Leaf()
         leaf.mix, leaf.pool_base, leaf.pool_span = MIX_IDS[mix], POOL_BASE, self.ds.pool_span
         leaf.n_static, leaf.n_listed = len(self.ds.statics), len(self.ds.listed)
+        leaf.syn_per_1024 = self.syn_per_1024
         cfg[cfg.Key(0)] = leaf
 
     def set_rate(self, rate: int) -> None:
@@ -786,7 +788,7 @@ def run(args: argparse.Namespace) -> dict:
                             "frame_bytes": FRAME_LEN, "generator_cpu": GEN_CPU,
                             "router_cpu": ROUTER_CPU, "realtime": not args.no_rt,
                             "xdpzoot_extra": args.xdpzoot_extra,
-                            "tcp_flags": args.tcp_flags},
+                            "syn_percent": args.syn_percent, "rounds": args.rounds},
                  "routers": []}
     tag = "xzfb" + secrets.token_hex(2)
     topo: Topo | None = None
@@ -799,7 +801,7 @@ def run(args: argparse.Namespace) -> dict:
             topo = topo_up(tag)
             subs, csam = write_sources(ds, workdir)
             log("compiling the generator and the sink ...")
-            traffic = Traffic(ds, topo, pin_root, args.tcp_flags)
+            traffic = Traffic(ds, topo, pin_root, args.syn_percent)
             attach_pinned_xdp(topo.snk, topo.snk_dev, traffic.pins["sink"])
             # The sink's NAPI stays a softirq, raised (and so run) on the router's CPU by the
             # router's kthread: on the generator's CPU it would wait for each whole test_run
@@ -808,11 +810,15 @@ def run(args: argparse.Namespace) -> dict:
             extra = args.xdpzoot_extra.replace("\\n", "\n")
             extra = f"\n{extra}\n" if extra else ""
             env = Env(topo, ds, traffic, workdir, pin_root, subs, csam, extra)
-            for router in make_routers(env):
-                if args.only and router.name not in args.only:
-                    continue
-                doc["routers"].append(run_router(router, traffic, rates, seconds,
-                                                 not args.no_rt))
+            routers = [r for r in make_routers(env) if not args.only or r.name in args.only]
+            # Rounds: every router in turn, then again, so that what the machine does
+            # meanwhile falls on all of them alike; ratios are taken within a round.
+            for k in range(args.rounds):
+                for router in routers:
+                    if args.rounds > 1:
+                        log(f"round {k + 1} of {args.rounds}")
+                    doc["routers"].append(run_router(router, traffic, rates, seconds,
+                                                     not args.no_rt) | {"round": k + 1})
         finally:
             if topo is not None:
                 topo_down(topo)
@@ -854,23 +860,80 @@ def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds
 
 
 def table(doc: dict) -> str:
-    """The figures as a Markdown table."""
-    rows = ["| router | forward mix, pps | drop mix, pps | ns/packet (BPF stats) fwd / drop |",
-            "|---|---|---|---|"]
+    """The figures as a Markdown table: a router's figures of every round (round 1 / 2 /
+    ...), then its ratio to plain forwarding within each round and their median."""
+    rows = ["| router | forward mix, kpps | drop mix, kpps | ns/packet (BPF stats) fwd / drop "
+            "| forward / plain | drop / plain |", "|---|---|---|---|---|---|"]
+    by_name: dict[str, list[dict]] = {}
     for r in doc["routers"]:
-        if r.get("status") != "ok":
-            rows.append(f"| {r['label']} | {r['status']} | | |")
+        by_name.setdefault(r["name"], []).append(r)
+    rel = ratios(doc)
+    for name, runs in by_name.items():
+        ok = [r for r in runs if r.get("status") == "ok"]
+        if not ok:
+            rows.append(f"| {runs[0]['label']} | {runs[0]['status']} | | | | |")
             continue
-        m = r["mixes"]
 
-        def ns(mix: str, m=m) -> str:
-            v = m[mix]["ns_per_packet"]
-            return "-" if v is None else f"{v:.0f}"
+        def kpps(mix: str, ok=ok) -> str:
+            return " / ".join(f"{r['mixes'][mix]['best']['processed_pps'] / 1000:,.0f}"
+                              for r in ok)
 
-        cost = "-" if not r["mixes"]["forward"]["bpf_runs"] else f"{ns('forward')} / {ns('drop')}"
-        rows.append(f"| {r['label']} | {m['forward']['best']['processed_pps']:,} "
-                    f"| {m['drop']['best']['processed_pps']:,} | {cost} |")
+        def ns(mix: str, ok=ok) -> str:
+            v = [r["mixes"][mix]["ns_per_packet"] for r in ok]
+            return "-" if None in v else " / ".join(f"{x:.0f}" for x in v)
+
+        def ratio(mix: str, name=name) -> str:
+            v = rel.get(name, {}).get(mix)
+            if not v:
+                return ""
+            return " / ".join(f"{x:.2f}" for x in v["rounds"]) + \
+                (f" (median {v['median']:.2f})" if len(v["rounds"]) > 1 else "")
+
+        cost = "-" if ns("forward") == "-" else f"{ns('forward')} ; {ns('drop')}"
+        rows.append(f"| {runs[0]['label']} | {kpps('forward')} | {kpps('drop')} | {cost} "
+                    f"| {ratio('forward')} | {ratio('drop')} |")
     return "\n".join(rows)
+
+
+def ratios(doc: dict, base: str = "plain") -> dict:
+    """Each router's processed rate over router ``base``'s in the same round, per mix:
+    {name: {mix: {"rounds": [...], "median": x}}}; nothing where ``base`` did not run."""
+    best: dict[tuple[str, int], dict] = {
+        (r["name"], r.get("round", 1)): {m: v["best"]["processed_pps"]
+                                         for m, v in r["mixes"].items()}
+        for r in doc["routers"] if r.get("status") == "ok"}
+    out: dict = {}
+    for (name, k), pps in best.items():
+        ref = best.get((base, k))
+        if name == base or not ref:
+            continue
+        for mix, v in pps.items():
+            if ref.get(mix):
+                out.setdefault(name, {}).setdefault(mix, {"rounds": []})["rounds"].append(
+                    round(v / ref[mix], 3))
+    for mixes in out.values():
+        for v in mixes.values():
+            v["median"] = statistics.median(v["rounds"])
+    return out
+
+
+# Issue 8's goals: (router, mix, against, at least).
+GOALS = (("xdpzoot-xdp", "forward", "plain", 0.8), ("xdpzoot-fast", "forward", "plain", 1.5),
+         ("xdpzoot-xdp", "drop", "iptables", 3.0), ("xdpzoot-xdp", "drop", "nft", 4.0),
+         ("xdpzoot-xdp", "drop", "ref-xdp", 1.0))
+
+
+def goals(doc: dict) -> list[dict]:
+    """The goals the routers that ran can say something about, with the ratio of every
+    round, the median and whether the median meets the goal."""
+    out = []
+    for name, mix, base, least in GOALS:
+        v = ratios(doc, base).get(name, {}).get(mix)
+        if v:
+            out.append({"router": name, "mix": mix, "against": base, "goal": least,
+                        "rounds": v["rounds"], "median": v["median"],
+                        "met": v["median"] >= least})
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -887,9 +950,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no SCHED_FIFO for the generator and the router's NAPI kthread")
     p.add_argument("--xdpzoot-extra", default="", metavar="TOML",
                    help="appended to xdpzoot's config, e.g. '[bandwidth]\\nenabled = false'")
-    p.add_argument("--tcp-flags", choices=sorted(TCP_FLAGS), default="syn",
-                   help="the frames' TCP flags: syn (the published runs; each frame a new "
-                        "conversation, counted by the scan sketch) or ack (established)")
+    p.add_argument("--syn-percent", type=float, default=100, metavar="P",
+                   help="forward mix: P%% of the frames are SYNs, each a new conversation the "
+                        "scan sketch counts (100, the default: the published runs), the rest "
+                        "ACKs of established connections (0: all)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the routers in turn this many times; ratios to plain "
+                        "forwarding per round and their median")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast")
@@ -898,6 +965,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.csam = 10_000 if args.quick else 100_000
     if not 1 <= args.csam <= 2_000_000:
         p.error("--csam: 1..2000000")
+    if not 0 <= args.syn_percent <= 100:
+        p.error("--syn-percent: 0..100")
+    if not 1 <= args.rounds <= 10:
+        p.error("--rounds: 1..10")
     if args.seconds is not None and not 0 < args.seconds <= 2:
         p.error("--seconds: more than 0, at most 2")
     return args
@@ -912,10 +983,17 @@ def main(argv: list[str] | None = None) -> int:
         log("bench_fwd.py needs 2 CPUs (generator and router apart)")
         return 2
     doc = run(args)
+    doc["ratios"], doc["goals"] = ratios(doc), goals(doc)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(table(doc))
+        for g in doc["goals"]:
+            print(f"\n{g['router']} / {g['against']}, {g['mix']} mix: "
+                  + " / ".join(f"{x:.2f}" for x in g["rounds"])
+                  + f" (median {g['median']:.2f}; goal >= {g['goal']}: "
+                  + ("met)" if g["met"] else "not met)"), end="")
+        print()
         for r in doc["routers"]:
             if r.get("status") != "ok":
                 print(f"\n{r['label']}: {r['status']}: {r.get('error', '')}")

@@ -13,6 +13,8 @@
 #include <linux/ip.h>
 #include <linux/tcp.h>
 
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 #ifndef GEN_STATICS
 #define GEN_STATICS 1024
 #endif
@@ -20,7 +22,8 @@
 #define GEN_LISTED 100000
 #endif
 
-#define MIX_FORWARD 0     /* TCP to 443, sources from pools and static hosts, unlisted dst */
+#define MIX_FORWARD 0     /* TCP to 443, sources from pools and static hosts, unlisted dst,
+			   * SYNs and ACKs as gen_cfg says */
 #define MIX_DROP 1        /* half TCP to 25 from pools, half to addresses on the CSAM list */
 
 struct gen_cfg {
@@ -29,6 +32,7 @@ struct gen_cfg {
 	u32 pool_span;        /* addresses in the pools (pools x 1024) */
 	u32 n_static;         /* entries used in gen_static */
 	u32 n_listed;         /* entries used in gen_listed */
+	u32 syn_per_1024;     /* forward mix: frames in 1,024 that are SYNs (the rest ACKs) */
 };
 
 /* The generator paces itself: a test_run call costs tens of ms to set up, so calls are long
@@ -44,8 +48,9 @@ struct gen_pace {
 
 /* One entry, written by bench_fwd.py before each ladder. */
 BPF_ARRAY(gen_cfg, struct gen_cfg, 1);
-/* The first 56 bytes of the frame (Eth + IPv4 + TCP and 2 of padding), written by
- * bench_fwd.py; gen copies them into every frame before it sets addresses and ports. */
+/* The first 56 bytes of the frame (Eth + IPv4 + TCP SYN and 2 of padding), written by
+ * bench_fwd.py; gen copies them into every frame before it sets addresses, ports and (in
+ * the forward mix) the TCP flags. */
 #define TMPL_WORDS 7
 struct gen_tmpl {
 	u64 w[TMPL_WORDS];
@@ -123,6 +128,10 @@ int gen(struct xdp_md *ctx)
 				src = *v;
 		}
 		dst = bpf_htonl(random_dst());
+		/* A SYN opens a conversation (the scan sketch counts it), an ACK is a segment
+		 * of an established one. */
+		((u8 *)tcp)[13] = (bpf_get_prandom_u32() & 1023) < c->syn_per_1024 ?
+				  TCP_FLAG_SYN : TCP_FLAG_ACK;
 	}
 	ip->saddr = src;
 	ip->daddr = dst;

@@ -104,3 +104,35 @@ def test_reference_program_drops_port_25_and_listed(lab):
     assert sink <= sent * 0.01
     assert op25b > sent * 0.4 and csam > sent * 0.4
     assert fsink + fdrops == fsent and fdrops <= fsent * 0.01
+
+
+def _run(name: str, k: int, forward: int, drop: int) -> dict:
+    """A router's entry in the document: round ``k``, best steps in kpps."""
+    return {"name": name, "label": name, "round": k, "status": "ok",
+            "mixes": {m: {"best": {"processed_pps": v * 1000}, "ns_per_packet": None,
+                          "bpf_runs": 0}
+                      for m, v in (("forward", forward), ("drop", drop))}}
+
+
+def test_ratios_are_taken_within_a_round():
+    doc = {"routers": [_run("plain", 1, 600, 700), _run("xdpzoot-xdp", 1, 540, 1400),
+                       _run("iptables", 1, 300, 500), _run("plain", 2, 400, 700),
+                       _run("xdpzoot-xdp", 2, 280, 1300), _run("iptables", 2, 280, 400),
+                       _run("plain", 3, 500, 700), _run("xdpzoot-xdp", 3, 410, 1200)]}
+    rel = bf.ratios(doc)["xdpzoot-xdp"]["forward"]
+    assert rel["rounds"] == [0.9, 0.7, 0.82] and rel["median"] == 0.82
+    goals = {(g["mix"], g["against"]): g for g in bf.goals(doc)}
+    assert goals["forward", "plain"]["met"]
+    # Against iptables only in the rounds where it ran: 2.8 and 3.25.
+    assert goals["drop", "iptables"]["rounds"] == [2.8, 3.25] and goals["drop", "iptables"]["met"]
+    assert ("drop", "nft") not in goals   # nft did not run
+    assert "| xdpzoot-xdp | 540 / 280 / 410 | 1,400 / 1,300 / 1,200 | - | 0.90 / 0.70 / 0.82 " \
+           "(median 0.82) |" in bf.table(doc)
+
+
+def test_arguments_are_checked():
+    a = bf.parse_args(["--rounds", "3", "--syn-percent", "2.5"])
+    assert (a.rounds, a.syn_percent) == (3, 2.5)
+    for bad in (["--rounds", "0"], ["--syn-percent", "101"]):
+        with pytest.raises(SystemExit):
+            bf.parse_args(bad)
