@@ -78,21 +78,19 @@ static __always_inline __u64 xz_scan_hash(struct xz_pkt *p, __u32 epoch)
 }
 
 /* A new destination's chance to raise the registers of one word, x 2^XZ_SCAN_RMAX x 16:
- * 2^(RMAX - r) for each register r below RMAX (one at RMAX cannot be raised). */
+ * 2^(RMAX - r) for each register r below RMAX (one at RMAX cannot be raised). With RMAX =
+ * 15 that is 0x8000 >> r with the lowest bit cleared: 1 for r = 15 becomes 0, every other
+ * weight is even. */
 static __always_inline __u32 xz_scan_weight(__u64 w)
 {
 	__u32 q = 0;
 
 #pragma unroll
-	for (int j = 0; j < 16; j++, w >>= 4) {
-		__u32 r = w & 15;
-
-		/* 0 for r = XZ_SCAN_RMAX = 15: (r + 1) >> 4 is 1 there and 0 below. (Written
-		 * with a compare instead, clang overflowed the stack.) */
-		q += ((1U << XZ_SCAN_RMAX) >> r) & (((r + 1) >> 4) - 1);
-	}
+	for (int j = 0; j < 16; j++, w >>= 4)
+		q += ((1U << XZ_SCAN_RMAX) >> (w & 15)) & ~1U;
 	return q;
 }
+_Static_assert(XZ_SCAN_RMAX == 15, "xz_scan_weight: 4-bit registers, 15 the highest rank");
 
 /* 1 + the leading zeros of ``low``, at most XZ_SCAN_RMAX: a binary search. */
 static __always_inline __u32 xz_scan_rank(__u32 low)
