@@ -273,3 +273,26 @@ def test_status_notes_a_degraded_feature(routers):
     assert res.returncode == 0, res.stderr
     assert xz(a, "subscribers", "show", "100.64.11.5")["match"] == "100.64.11.0/24"
     xz(a, "subscribers", "load", str(a["subs"]))
+
+
+def test_long_loads_show_progress_on_a_terminal(routers, tmp_path):
+    """A load that writes 20,000 entries or more draws a bar on stderr when stderr is a
+    terminal (`script` gives the command one); the other tests read a pipe: no bar there."""
+    a = routers[0]
+    if run("--config", a["cfg"], "--pin-dir", a["pin"], "status", ns=a["ns"]).returncode:
+        xz(a, "attach", "--mode", "generic")
+    subs, listed = tmp_path / "many.csv", tmp_path / "csam.txt"
+    subs.write_text("subscriber,address,type\n7,100.64.7.0/24,dynamic\n" + "".join(
+        f"{20 + i},100.65.{i >> 8}.{i & 255},static\n" for i in range(20_000)))
+    listed.write_text("".join(f"2001:db8:c5a::{i:x}\n" for i in range(20_000)))
+    os.chmod(listed, 0o600)
+    for args, label in ((["subscribers", "load", str(subs)], "writing subscribers"),
+                        (["blocklist", "load", str(listed)], "writing CSAM list")):
+        cmd = [XDPZOOT, "--config", a["cfg"], "--pin-dir", a["pin"], *args]
+        res = subprocess.run(["ip", "netns", "exec", a["ns"], "script", "-qec",
+                              " ".join(cmd), "/dev/null"], capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT)
+        assert res.returncode == 0 and label in res.stdout, res.stdout[-2000:]
+    assert xz(a, "subscribers", "show", "100.65.78.31")["subscriber"] == 20 + 19_999
+    assert xz(a, "blocklist", "status")["hosts6"] == 20_000
+    xz(a, "subscribers", "load", str(a["subs"]), "--force")

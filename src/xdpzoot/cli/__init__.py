@@ -3,6 +3,7 @@ that reports. Exit codes: 0 ok, 1 operational error, 2 usage error."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -145,6 +146,30 @@ def _progress(total: int, label: str):
         return None, None
     bar = click.progressbar(length=total, label=label, file=sys.stderr)
     return bar, bar.update
+
+
+@contextlib.contextmanager
+def _writing(o: Ctx, label: str):
+    """For a command that loads a source into the maps: the instance, locked (and created
+    if it was not yet: attach finds the maps), and a progress callback for the write, whose
+    bar is finished however the write ends."""
+    kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
+    inst = o.instance()
+    bars = []
+
+    def progress(total: int):
+        bar, step = _progress(total, label)
+        bars.extend([bar] if bar else [])
+        return step
+
+    with inst.locked():
+        if not inst.loaded():
+            inst.create(o.cfg.defines())
+        try:
+            yield inst, progress
+        finally:
+            for bar in bars:
+                bar.render_finish()
 
 
 # Each command group registers itself on ``main``.

@@ -6,10 +6,9 @@ import time
 
 import click
 
-from xdpzoot.dataplane import kernel
 from xdpzoot.sources import csam
 
-from . import Ctx, _address, _emit, _progress, _run, json_opt, main
+from . import Ctx, _address, _emit, _run, _writing, json_opt, main
 
 # ---- CSAM list ---------------------------------------------------------------------------
 
@@ -29,24 +28,9 @@ def load_csam(o: Ctx, path: str, strict: bool = False, force: bool = False) -> d
     data, warnings = csam.read_list(path, strict, o.cfg.limits.source_bytes)
     for w in warnings:
         click.echo(f"xdpzoot: warning: {w}", err=True)
-    kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
-    inst = o.instance()
-    bars = []
-
-    def progress(total: int):
-        bar, step = _progress(total, "writing CSAM list")
-        bars.extend([bar] if bar else [])
-        return step
-
-    with inst.locked():
-        if not inst.loaded():
-            inst.create(o.cfg.defines())
-        try:
-            return inst.load_csam(data, path, progress=progress,
-                                  max_shrink=None if force else o.cfg.csam.max_shrink)
-        finally:
-            for bar in bars:
-                bar.render_finish()
+    with _writing(o, "writing CSAM list") as (inst, progress):
+        return inst.load_csam(data, path, progress=progress,
+                              max_shrink=None if force else o.cfg.csam.max_shrink)
 
 
 @blocklist.command("load", epilog="""\b

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from xdpzoot import sync, tables
-from xdpzoot.dataplane import kernel, layout
+from xdpzoot.dataplane import layout
 from xdpzoot.dataplane.instance import Instance
 from xdpzoot.sources.files import paused_gc
 
@@ -19,9 +19,9 @@ from . import (
     _emit,
     _entry_json,
     _fail,
-    _progress,
     _run,
     _target,
+    _writing,
     json_opt,
     main,
 )
@@ -58,25 +58,10 @@ def subscribers_load(o: Ctx, file, strict, force, as_json) -> None:
         with paused_gc():   # a million rows: see sources.paused_gc
             rows, hosts, prefixes, contracts = tables.read_subscribers(
                 file, strict, o.cfg.limits.source_bytes)
-            kernel.check_layout(o.pin_dir, o.cfg.defines())   # limits too: it writes
-            inst = o.instance()
-            bars = []
-
-            def progress(total: int):
-                bar, step = _progress(total, "writing subscribers")
-                bars.extend([bar] if bar else [])
-                return step
-
-            with inst.locked():
-                if not inst.loaded():
-                    inst.create(o.cfg.defines())
-                try:
-                    change = inst.load_subscribers(
-                        hosts, prefixes, progress,
-                        None if force else o.cfg.sources.max_shrink, file, contracts)
-                finally:
-                    for bar in bars:
-                        bar.render_finish()
+            with _writing(o, "writing subscribers") as (inst, progress):
+                change = inst.load_subscribers(
+                    hosts, prefixes, progress,
+                    None if force else o.cfg.sources.max_shrink, file, contracts)
         _emit(as_json, {"rows": rows, **asdict(change)},
               lambda: click.echo(f"{rows} rows: {_change_text(change)}"))
 
