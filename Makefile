@@ -44,7 +44,8 @@ bench-cold:
 bench-radius:
 	$(PY) bench/bench_radius.py $(BENCH_ARGS)
 
-# Routers side by side in a lab of namespaces (plain, nft, iptables+ipset, XDP, xdpzoot).
+# Routers side by side in a lab of namespaces (plain, nft, iptables+ipset, XDP, xdpzoot), in
+# turn three times (~15 min; BENCH_ARGS="--quick": one short round).
 bench-fwd:
 	$(PY) bench/bench_fwd.py $(BENCH_ARGS)
 

@@ -954,9 +954,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="forward mix: P%% of the frames are SYNs, each a new conversation the "
                         "scan sketch counts (100, the default: the published runs), the rest "
                         "ACKs of established connections (0: all)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the routers in turn this many times; ratios to plain "
-                        "forwarding per round and their median")
+    p.add_argument("--rounds", type=int,
+                   help="run the routers in turn this many times (default 3, --quick 1); "
+                        "ratios to plain forwarding per round and their median")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast")
@@ -967,6 +967,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--csam: 1..2000000")
     if not 0 <= args.syn_percent <= 100:
         p.error("--syn-percent: 0..100")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if not 1 <= args.rounds <= 10:
         p.error("--rounds: 1..10")
     if args.seconds is not None and not 0 < args.seconds <= 2:

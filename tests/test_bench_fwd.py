@@ -133,6 +133,7 @@ def test_ratios_are_taken_within_a_round():
 def test_arguments_are_checked():
     a = bf.parse_args(["--rounds", "3", "--syn-percent", "2.5"])
     assert (a.rounds, a.syn_percent) == (3, 2.5)
+    assert (bf.parse_args([]).rounds, bf.parse_args(["--quick"]).rounds) == (3, 1)
     for bad in (["--rounds", "0"], ["--syn-percent", "101"]):
         with pytest.raises(SystemExit):
             bf.parse_args(bad)
