@@ -582,12 +582,14 @@ pool_addresses = {pool_addrs}   # every pool address may send to port 25 (the dr
 class Xdpzoot(Router):
     """xdpzoot through this checkout's CLI, as an operator runs it."""
 
-    def __init__(self, env: Env, hook: str, fast_path: bool = False):
+    def __init__(self, env: Env, hook: str, fast_path: bool = False, with_list: bool = True):
         super().__init__(env)
-        self.hook, self.fast_path = hook, fast_path
-        self.name = "xdpzoot-fast" if fast_path else f"xdpzoot-{hook}"
+        self.hook, self.fast_path, self.with_list = hook, fast_path, with_list
+        self.name = ("xdpzoot-fast" if fast_path else f"xdpzoot-{hook}") + \
+            ("" if with_list else "-nolist")
         self.label = ("xdpzoot, XDP fast path" if fast_path
-                      else f"xdpzoot at {'XDP (native)' if hook == 'xdp' else 'TC'}")
+                      else f"xdpzoot at {'XDP (native)' if hook == 'xdp' else 'TC'}") + \
+            ("" if with_list else ", no CSAM list (what the list costs)")
         self.pin_dir = os.path.join(env.pin_root, self.name)
         self.config = env.workdir / f"{self.name}.toml"
         extra = ("\n[dataplane]\nfast_path = true\n" if fast_path else "") + env.xdpzoot_extra
@@ -609,7 +611,8 @@ class Xdpzoot(Router):
         self.attached = True
         self.cli("attach", "--hook", self.hook)
         self.cli("subscribers", "load", str(self.env.subs_file))
-        self.cli("blocklist", "load", str(self.env.csam_file))
+        if self.with_list:
+            self.cli("blocklist", "load", str(self.env.csam_file))
 
     def teardown(self) -> None:
         if self.attached:
@@ -634,8 +637,20 @@ def xdpzoot_argv() -> list[str]:
 
 
 def make_routers(env: Env) -> list[Router]:
+    """Every router; the ones in EXTRA_ROUTERS run only when --only names them."""
     return [Plain(env), Nft(env), Ipt(env), Ref(env), Xdpzoot(env, "xdp"),
-            Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True)]
+            Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True),
+            Xdpzoot(env, "xdp", with_list=False)]
+
+
+# Parts of a breakdown, not routers an operator compares: xdpzoot at XDP without a CSAM list
+# loaded (its programs then look nothing up for the list: the difference is the list's cost).
+EXTRA_ROUTERS = {"xdpzoot-xdp-nolist"}
+
+
+def selected(routers: list[Router], only: set[str] | None) -> list[Router]:
+    """The routers --only names, or all but EXTRA_ROUTERS."""
+    return [r for r in routers if (r.name in only if only else r.name not in EXTRA_ROUTERS)]
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -810,7 +825,7 @@ def run(args: argparse.Namespace) -> dict:
             extra = args.xdpzoot_extra.replace("\\n", "\n")
             extra = f"\n{extra}\n" if extra else ""
             env = Env(topo, ds, traffic, workdir, pin_root, subs, csam, extra)
-            routers = [r for r in make_routers(env) if not args.only or r.name in args.only]
+            routers = selected(make_routers(env), args.only)
             # Rounds: every router in turn, then again, so that what the machine does
             # meanwhile falls on all of them alike; ratios are taken within a round.
             for k in range(args.rounds):
@@ -959,7 +974,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "ratios to plain forwarding per round and their median")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
-                        "xdpzoot-fast")
+                        "xdpzoot-fast (all of these by default), xdpzoot-xdp-nolist (no CSAM "
+                        "list: what the list costs)")
     args = p.parse_args(argv)
     if args.csam is None:
         args.csam = 10_000 if args.quick else 100_000

@@ -137,3 +137,15 @@ def test_arguments_are_checked():
     for bad in (["--rounds", "0"], ["--syn-percent", "101"]):
         with pytest.raises(SystemExit):
             bf.parse_args(bad)
+
+
+def test_routers_by_default_and_by_name(tmp_path):
+    """Every router an operator compares runs by default; the breakdown's extra (xdpzoot
+    without a list) only when named, and then it loads no list."""
+    env = bf.Env(bf.Topo("t", "g", "r", "s", "a", "b", "c", "d"), bf.make_dataset(2, 2, 10),
+                 None, tmp_path, str(tmp_path), tmp_path / "s.csv", tmp_path / "c.txt")
+    routers = bf.make_routers(env)
+    assert [r.name for r in bf.selected(routers, None)] == [
+        "plain", "nft", "iptables", "ref-xdp", "xdpzoot-xdp", "xdpzoot-tc", "xdpzoot-fast"]
+    (nolist,) = bf.selected(routers, {"xdpzoot-xdp-nolist"})
+    assert (nolist.hook, nolist.fast_path, nolist.with_list) == ("xdp", False, False)
