@@ -829,9 +829,9 @@ def run(args: argparse.Namespace) -> dict:
             # Rounds: every router in turn, then again, so that what the machine does
             # meanwhile falls on all of them alike; ratios are taken within a round.
             for k in range(args.rounds):
+                if args.rounds > 1:
+                    log(f"round {k + 1} of {args.rounds}")
                 for router in routers:
-                    if args.rounds > 1:
-                        log(f"round {k + 1} of {args.rounds}")
                     doc["routers"].append(run_router(router, traffic, rates, seconds,
                                                      not args.no_rt) | {"round": k + 1})
         finally:
@@ -877,7 +877,7 @@ def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds
 def table(doc: dict) -> str:
     """The figures as a Markdown table: a router's figures of every round (round 1 / 2 /
     ...), then its ratio to plain forwarding within each round and their median."""
-    rows = ["| router | forward mix, kpps | drop mix, kpps | ns/packet (BPF stats) fwd / drop "
+    rows = ["| router | forward mix, kpps | drop mix, kpps | ns/packet (BPF stats) fwd ; drop "
             "| forward / plain | drop / plain |", "|---|---|---|---|---|---|"]
     by_name: dict[str, list[dict]] = {}
     for r in doc["routers"]:
@@ -1006,12 +1006,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(table(doc))
+        print()
         for g in doc["goals"]:
-            print(f"\n{g['router']} / {g['against']}, {g['mix']} mix: "
+            print(f"{g['router']} / {g['against']}, {g['mix']} mix: "
                   + " / ".join(f"{x:.2f}" for x in g["rounds"])
                   + f" (median {g['median']:.2f}; goal >= {g['goal']}: "
-                  + ("met)" if g["met"] else "not met)"), end="")
-        print()
+                  + ("met)" if g["met"] else "not met)"))
         for r in doc["routers"]:
             if r.get("status") != "ok":
                 print(f"\n{r['label']}: {r['status']}: {r.get('error', '')}")
