@@ -579,7 +579,7 @@ def breakdown_controls(inst: Instance) -> dict[str, tuple[int, int]]:
     f, cw = inst.control["flags"], inst.control["csam"]
     rules = (C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_OP25B_REJECT"] | C["XZ_C_IP53B"]
              | C["XZ_C_IP53B_V6"] | C["XZ_C_IP53B_TCP"])
-    bare = f & ~rules & ~C["XZ_C_RATES"]
+    bare = f & ~rules & ~C["XZ_C_RATES"] & ~C.get("XZ_C_SCANS", 0)
     out = {"bd_bypass": (C["XZ_C_LOADED"] | C["XZ_C_BYPASS"], cw),
            "bd_class": (bare, 0),
            "bd_rules": (bare | (f & rules), 0),
@@ -609,6 +609,8 @@ BREAKDOWN_ASIDE = [
     ("bd_bypass", "pipeline, bypass on: control + counter, no parse"),
     ("xzb_parse_hash", "probe: parse + host hash lookup of the source"),
     ("xzb_parse_lpm", "probe: parse + subscriber trie lookup of the source"),
+    ("xzb_parse_dir", "probe: parse + subscriber directory of the source"),
+    ("xzb_parse_class", "probe: parse + source class (directory, then hash or trie)"),
     ("bd_csam_hash", "pipeline: + OP25B/IP53B + list's host hash only"),
     ("bd_csam_trie", "pipeline: + OP25B/IP53B + list's prefix trie only"),
 ]

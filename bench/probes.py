@@ -52,6 +52,27 @@ int xzb_parse_lpm(struct xdp_md *ctx)
 	return xz_prefixes.lookup(&key) ? XDP_PASS : XDP_DROP;
 }
 
+/* Parse + the subscriber directory's state of the source. */
+int xzb_parse_dir(struct xdp_md *ctx)
+{
+	struct xz_pkt p = {};
+	__u32 zero = 0;
+
+	if (xzb_start(ctx, &p) < 0)
+		return XDP_ABORTED;
+	return xz_dir_state(xz_sub_dir.lookup(&zero), &p.src) == 1 ? XDP_PASS : XDP_DROP;
+}
+
+/* Parse + the source's class as the pipeline finds it (directory, hash or trie). */
+int xzb_parse_class(struct xdp_md *ctx)
+{
+	struct xz_pkt p = {};
+
+	if (xzb_start(ctx, &p) < 0)
+		return XDP_ABORTED;
+	return xz_classify(&p.src, p.family) ? XDP_PASS : XDP_DROP;
+}
+
 /* Parse + control lookup + counter update: the pipeline without classification. */
 int xzb_parse_count(struct xdp_md *ctx)
 {
@@ -75,6 +96,8 @@ PROBES = {
     "xzb_parse_count": "parse + control + counter",
     "xzb_parse_hash": "parse + host hash lookup",
     "xzb_parse_lpm": "parse + prefix trie lookup",
+    "xzb_parse_dir": "parse + subscriber directory",
+    "xzb_parse_class": "parse + source class",
 }
 
 

@@ -47,6 +47,25 @@ def test_generated_state_and_packets():
     assert all(_dst4(p.frame) >> 10 in pools for p in by["ip53b"])
 
 
+def test_breakdown_adds_one_feature_a_row():
+    """Each row of the breakdown switches on what the row above had plus its own feature
+    (the scan sketch once stayed on from the first row: every step priced it again)."""
+    C = bc.C
+    feats = {"bd_rules": C["XZ_C_OP25B"] | C["XZ_C_IP53B"], "bd_rates": C["XZ_C_RATES"],
+             "full_big": C["XZ_C_SCANS"]}
+    flags = C["XZ_C_LOADED"] | C["XZ_C_RATES"] | C["XZ_C_SCANS"] | feats["bd_rules"]
+    inst = type("Inst", (), {"control": {"flags": flags, "csam": C["XZ_CSAM_HOSTS"]}})()
+    rows = bc.breakdown_controls(inst) | {"full_big": (flags, C["XZ_CSAM_HOSTS"])}
+    keys = [k for k, *_ in bc.BREAKDOWN if k in rows]
+    assert keys == ["bd_class", "bd_rules", "bd_csam", "bd_rates", "full_big"]
+    assert rows["bd_class"] == (C["XZ_C_LOADED"], 0)
+    for above, row in zip(keys, keys[1:]):
+        (f0, w0), (f1, w1) = rows[above], rows[row]
+        assert f0 & ~f1 == 0 and w0 & ~w1 == 0, (above, row)   # nothing switched off
+        assert f1 & ~f0 == feats.get(row, 0), row                # only the row's feature on
+    assert rows["bd_csam"][1] != rows["bd_rules"][1]             # ... or the list
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (BPF)")
 def test_every_packet_takes_its_path(bpffs, tmp_path):
     rng = random.Random(8)
