@@ -5,6 +5,7 @@ codes), as the benchmark checks before it times anything."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import random
 import sys
@@ -59,7 +60,7 @@ def test_breakdown_adds_one_feature_a_row():
     keys = [k for k, *_ in bc.BREAKDOWN if k in rows]
     assert keys == ["bd_class", "bd_rules", "bd_csam", "bd_rates", "full_big"]
     assert rows["bd_class"] == (C["XZ_C_LOADED"], 0)
-    for above, row in zip(keys, keys[1:]):
+    for above, row in itertools.pairwise(keys):
         (f0, w0), (f1, w1) = rows[above], rows[row]
         assert f0 & ~f1 == 0 and w0 & ~w1 == 0, (above, row)   # nothing switched off
         assert f1 & ~f0 == feats.get(row, 0), row                # only the row's feature on
