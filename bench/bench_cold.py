@@ -605,6 +605,16 @@ BREAKDOWN = [   # key, label, what the row adds
     ("full_big", "pipeline: + scan sketch (config as is)",
      "the sketch (each a SYN to a new destination)"),
 ]
+# The rows timed at the small scale too (the probes and asides only at the big one).
+SMALL_ROWS = ("bd_class_small", "bd_rules_small", "bd_csam_small", "bd_rates_small",
+              "full_small")
+
+
+def small_key(key: str) -> str:
+    """The small scale's program of a breakdown row."""
+    return "full_small" if key == "full_big" else f"{key}_small"
+
+
 BREAKDOWN_ASIDE = [
     ("bd_bypass", "pipeline, bypass on: control + counter, no parse"),
     ("xzb_parse_hash", "probe: parse + host hash lookup of the source"),
@@ -652,11 +662,17 @@ def bench(args: argparse.Namespace) -> dict:
                 check_instance(inst, pkts[name])
                 check_ref(inst, [p for p in pkts[name] if p.cls in REF_CLASSES])
             big = insts[BIG]
+            small = insts[SMALL]
             up = [p for p in pkts[BIG] if p.cls == "up_pass"]
+            up_small = [p for p in pkts[SMALL] if p.cls == "up_pass"]
             bdc = breakdown_controls(big)
-            for key, (fl, cw) in bdc.items():
-                reason = "bypass" if key == "bd_bypass" else "ok"
-                check_instance(big, up, fl, cw, lambda c, r=reason: ("access", "pass", r))
+            # the breakdown's rows at the small scale too: what the big one adds, step by step
+            bdc_small = {k: v for k, v in breakdown_controls(small).items()
+                         if small_key(k) in SMALL_ROWS}
+            for inst, ups, rows in ((big, up, bdc), (small, up_small, bdc_small)):
+                for key, (fl, cw) in rows.items():
+                    reason = "bypass" if key == "bd_bypass" else "ok"
+                    check_instance(inst, ups, fl, cw, lambda c, r=reason: ("access", "pass", r))
             for name, fd in big.probes.items():
                 if any(kernel.test_run(fd, p.frame, 1).retval not in (XDP_DROP, XDP_PASS)
                        for p in up[:256]):
@@ -679,6 +695,8 @@ def bench(args: argparse.Namespace) -> dict:
                                   [p for p in pkts[name] if p.cls in REF_CLASSES]))
             for key, ctl in bdc.items():
                 progs.append(Prog(key, big, by_role(big), up, ctl))
+            for key, ctl in bdc_small.items():
+                progs.append(Prog(small_key(key), small, by_role(small), up_small, ctl))
             for name, fd in big.probes.items():
                 progs.append(Prog(name, big, fixed(fd), up))
             total = sum(len(p.pkts) for p in progs)
@@ -810,9 +828,11 @@ def report(doc: dict) -> str:
     g = doc["goals"]
     out += ["", f"where the cold time goes: {big} state, the upstream pass packets "
             f"({pr['full_big']['up_pass']['cold']['n'] // cfg['rounds']:,}), features on "
-            "one at a time (ns minus floor; step = this row - the row above)",
-            f"{'':<52}{'cold med':>9}{'step':>7}{'mean':>7}{'HOT':>7}{'step':>7}"]
-    prev = prev_h = 0.0
+            f"one at a time (ns minus floor; step = this row - the row above; {small}: the "
+            "same rows at the small scale)",
+            f"{'':<52}{'cold med':>9}{'step':>7}{'mean':>7}{'HOT':>7}{'step':>7}"
+            f"{small + ' med':>10}{'step':>7}"]
+    prev = prev_h = prev_s = 0.0
     for key, label, adds in BREAKDOWN:
         if key not in pr:
             continue
@@ -822,9 +842,12 @@ def report(doc: dict) -> str:
                        f"{fl['cold']['mean']:>7.0f}{fl['hot']:>7.1f}   (raw)")
             continue
         cm, h = net(doc, key, cls), net_hot(doc, key, cls)
+        sk = small_key(key)
+        cs = net(doc, sk, cls) if sk in pr and key.startswith(("bd_", "full_")) else None
+        small_cells = f"{cs:>10.0f}{cs - prev_s:>+7.0f}" if cs is not None else f"{'':>17}"
         out.append(f"{label:<52}{cm:>9.0f}{cm - prev:>+7.0f}{net(doc, key, cls, 'mean'):>7.0f}"
-                   f"{h:>7.1f}{h - prev_h:>+7.1f}  {adds}")
-        prev, prev_h = cm, h
+                   f"{h:>7.1f}{h - prev_h:>+7.1f}{small_cells}  {adds}")
+        prev, prev_h, prev_s = cm, h, cs if cs is not None else prev_s
     out.append("  aside:")
     for key, label in BREAKDOWN_ASIDE:
         if key not in pr:

@@ -67,10 +67,11 @@ int xzb_parse_dir(struct xdp_md *ctx)
 int xzb_parse_class(struct xdp_md *ctx)
 {
 	struct xz_pkt p = {};
+	struct xz_class buf;
 
 	if (xzb_start(ctx, &p) < 0)
 		return XDP_ABORTED;
-	return xz_classify(&p.src, p.family) ? XDP_PASS : XDP_DROP;
+	return xz_classify(&p.src, p.family, &buf) ? XDP_PASS : XDP_DROP;
 }
 
 /* Parse + control lookup + counter update: the pipeline without classification. */

@@ -19,11 +19,8 @@
 #include "trace.h"
 #include "scan.h"
 
-/*
- * The 2-bit state of the /24 of IPv4 address ``a`` in directory ``d`` (XZ_DIR_BYTES
- * says how it is laid out); 0, "look everything up", without a directory.
- */
-static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
+/* The /24 number of IPv4 address ``a`` (its top 24 bits). */
+static __always_inline __u32 xz_slash24(struct xz_addr *a)
 {
 	__u32 i = ((__u32)a->addr[12] << 16) | ((__u32)a->addr[13] << 8) | a->addr[14];
 
@@ -32,28 +29,64 @@ static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
 	 * bound it with an AND it tracks. The empty asm keeps clang from dropping the AND,
 	 * which it knows changes nothing. */
 	asm volatile("" : "+r"(i));
-	i &= 0xFFFFFF;
+	return i & 0xFFFFFF;
+}
+
+/*
+ * The 2-bit state of the /24 of IPv4 address ``a`` in directory ``d`` (XZ_DIR_BYTES
+ * says how it is laid out); 0, "look everything up", without a directory.
+ */
+static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
+{
+	__u32 i = xz_slash24(a);
+
 	return d ? (d->b[i >> 2] >> ((i & 3) << 1)) & 3 : 0;
 }
 
-/* Most specific entry wins: a host entry, else the longest prefix. For IPv4 the
- * directory says which of the two can hold anything for the address's /24: a pool
- * address costs no miss in the host hash, a static host no trie walk. */
-static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 family)
+/* The class index's lane for IPv4 address ``a`` (struct xz_sub_idx): 0, or the index in
+ * xz_uniform of the class that answers for every address of its /24. */
+static __always_inline __u32 xz_uniform_index(struct xz_addr *a)
+{
+	__u32 i = xz_slash24(a), row = i / XZ_IDX_LANES;
+	struct xz_sub_idx *x = xz_sub_idx.lookup(&row);
+
+	return x ? x->e[i & (XZ_IDX_LANES - 1)] : 0;
+}
+
+/*
+ * Most specific entry wins: a host entry, else the longest prefix. For IPv4, first the
+ * class index: a /24 that one pool or block covers whole (no host entry, no longer
+ * prefix in it) has its class in two small arrays that stay in the cache, where the
+ * trie's walk misses it at every level. Else the directory says which of the two maps
+ * can hold anything for the address's /24: a pool address costs no miss in the host
+ * hash, a static host no trie walk. The class is copied to ``out`` (returned; NULL:
+ * none): one kind of pointer after three maps' lookups keeps the verifier's paths few.
+ */
+static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 family,
+						    struct xz_class *out)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
-	__u32 zero = 0, skip = family == 4 ? xz_dir_state(xz_sub_dir.lookup(&zero), a) : 0;
-	struct xz_class *cls;
+	__u32 zero = 0, skip = 0;
+	struct xz_class *cls = NULL;
 
-	if (!(skip & XZ_SUB_DIR_NO_HOST)) {
-		cls = xz_hosts.lookup(a);
-		if (cls)
-			return cls;
+	if (family == 4) {
+		__u32 idx = xz_uniform_index(a);
+
+		if (idx)
+			cls = xz_uniform.lookup(&idx);
+		if (!cls)
+			skip = xz_dir_state(xz_sub_dir.lookup(&zero), a);
 	}
-	if (skip & XZ_SUB_DIR_NO_PREFIX)
+	if (!cls && !(skip & XZ_SUB_DIR_NO_HOST))
+		cls = xz_hosts.lookup(a);
+	if (!cls && !(skip & XZ_SUB_DIR_NO_PREFIX)) {
+		__builtin_memcpy(key.addr, a->addr, 16);
+		cls = xz_prefixes.lookup(&key);
+	}
+	if (!cls)
 		return NULL;
-	__builtin_memcpy(key.addr, a->addr, 16);
-	return xz_prefixes.lookup(&key);
+	__builtin_memcpy(out, cls, sizeof(*out));
+	return out;
 }
 
 static __always_inline __u32 xz_allowed(struct xz_addr *a, __u32 bit)
@@ -148,17 +181,18 @@ static __always_inline void xz_csam_count(__u32 csam, __u8 family)
 
 /* The rules that depend on who the subscriber is; returns XZ_V_*, sets *reason. */
 static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role, __u32 flags,
-					       int *reason, struct xz_class **clsp)
+					       int *reason, struct xz_class **clsp,
+					       struct xz_class *buf)
 {
 	struct xz_class *cls;
 	struct xz_addr *peer;
 	int hit = 0;
 
 	if (role == XZ_ROLE_ACCESS) {
-		cls = xz_classify(&p->src, p->family);
+		cls = xz_classify(&p->src, p->family, buf);
 		peer = &p->dst;
 	} else {
-		cls = xz_classify(&p->dst, p->family);
+		cls = xz_classify(&p->dst, p->family, buf);
 		peer = &p->src;
 	}
 	if (!cls) {
@@ -319,6 +353,35 @@ static __always_inline __u32 xz_ip_bytes(struct xz_pkt *p)
 	return bytes;
 }
 
+/* Whether the rate limiter works on the state of this subscriber or pool address: a
+ * pool address without an owner and without a rate has nothing to enforce (no throttle,
+ * no volume rule: those bind subscribers, by slot) unless congestion mode may hold its
+ * bulk flows to a floor. */
+static __always_inline int xz_rated(struct xz_class *cls, const int role, struct xz_control *ctl)
+{
+	__u32 kbps = role == XZ_ROLE_ACCESS ? cls->up_kbps : cls->down_kbps;
+
+	return (cls->slot && !cls->pool_bits) || kbps ||
+	       ((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps);
+}
+
+/* Load a word of each cache line of the state that the packet will use, and nothing
+ * more: with many subscribers the state misses the cache, and the miss then runs while
+ * the packet's other lookups do. */
+static __always_inline void xz_state_prefetch(struct xz_state *st, const int role, int scan)
+{
+	__u64 v;
+
+	if (!st)
+		return;
+	v = *(volatile __u64 *)&st->dir[role == XZ_ROLE_ACCESS ? XZ_UP : XZ_DOWN].tat;
+	asm volatile("" : : "r"(v));
+	if (scan) {
+		v = *(volatile __u64 *)&st->scan.count;
+		asm volatile("" : : "r"(v));
+	}
+}
+
 /*
  * Bandwidth control of a passing packet: the subscriber's rate in force
  * (contract, or a lower throttle), then in congestion mode the share of its
@@ -335,13 +398,8 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	__u64 now, burst = (__u64)ctl->burst_us * 1000;
 
 	kbps = d == XZ_UP ? cls->up_kbps : cls->down_kbps;
-	/* A pool address without an owner and without a rate has nothing to enforce (no
-	 * throttle, no volume rule: those bind subscribers, by slot) unless congestion mode
-	 * may hold its bulk flows to a floor: then its state is not touched (no cold load,
-	 * no LRU insert). */
-	if ((!slot || cls->pool_bits) && !kbps &&
-	    !((ctl->flags & XZ_C_CONGESTION) && ctl->bulk_floor_kbps))
-		return XZ_V_PASS;
+	if (!xz_rated(cls, role, ctl))
+		return XZ_V_PASS;   /* its state is not touched: no cold load, no LRU insert */
 	st = xz_state_of(p, cls, role);
 	if (slot && !cls->pool_bits && (ctl->flags & XZ_C_THROTTLES))   /* mostly none */
 		th = xz_throttle.lookup(&slot);
@@ -380,7 +438,7 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 {
 	int verdict = XZ_V_PASS, reason = XZ_R_OK;
-	struct xz_class *cls = NULL;
+	struct xz_class *cls = NULL, buf;
 	struct xz_control *ctl;
 	__u32 key = 0, flags, csam;
 	__u64 ts;
@@ -398,7 +456,18 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 		reason = XZ_R_UNPARSED;
 		goto out;
 	}
-	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls);
+	verdict = xz_subscriber_rules(p, role, flags, &reason, &cls, &buf);
+	/* The state the scan sketch and the rates will use, loaded now so that its miss (with
+	 * many subscribers) overlaps the CSAM directory's instead of following it. Indexed
+	 * state only: no LRU entry is inserted before the list has been checked. (Whether the
+	 * packet opens a conversation is asked again below: a flag kept across the CSAM
+	 * lookups doubles the paths the verifier walks.) */
+	if (verdict == XZ_V_PASS && cls && ctl && (cls->pool_bits || cls->slot)) {
+		int opens = role == XZ_ROLE_ACCESS && (flags & XZ_C_SCANS) && xz_scan_opens(p);
+
+		if (opens || ((flags & XZ_C_RATES) && xz_rated(cls, role, ctl)))
+			xz_state_prefetch(xz_state_of(p, cls, role), role, opens);
+	}
 	/* The CSAM list applies to every packet from the access side, subscriber or not;
 	 * one stopped already needs no lookup. */
 	if (verdict == XZ_V_PASS && (role == XZ_ROLE_ACCESS || (flags & XZ_C_CSAM_CORE)) &&

@@ -71,6 +71,20 @@ struct xz_addr {
 struct xz_dir {
 	__u8 b[XZ_DIR_BYTES];
 };
+/*
+ * The subscriber directory's class index: for each IPv4 /24, 0 ("look it up"), or the
+ * index in xz_uniform of the class of the one prefix that covers the /24 whole where no
+ * host entry and no longer prefix lies in it. A pool address's class is then two loads of
+ * small, hot arrays instead of a walk of the trie. Eight /24s to an array entry (16 bytes:
+ * an array's value is a multiple of 8 bytes), 2^21 entries, 32 MiB.
+ */
+#define XZ_IDX_LANES 8
+struct xz_sub_idx {
+	__u16 e[XZ_IDX_LANES];
+};
+#ifndef XZ_MAX_UNIFORM
+#define XZ_MAX_UNIFORM 16384       /* classes a /24 can point at (index 0 unused) */
+#endif
 /* CSAM list directory states (one directory per generation). */
 #define XZ_CSAM_DIR_LOOK 0         /* hosts and prefixes: hash, then trie */
 #define XZ_CSAM_DIR_HOSTS 1        /* only exact addresses here: the hash alone */

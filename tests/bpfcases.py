@@ -110,6 +110,7 @@ def load(dp, t: tables.Tables, flags: int) -> None:
     for k, e in t.prefixes.items():
         dp.maps.set_prefix(k, e)
     dp.maps.write_dir(dirs.subscribers(t.hosts, t.prefixes))
+    dp.maps.sync_uniform()
     for k, bits in t.allow.items():
         dp.maps.set_allow(k, bits)
     dp.maps.set_control_flags(flags)

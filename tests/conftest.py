@@ -86,7 +86,8 @@ class Dataplane:
     def reset(self) -> None:
         """Empty every map (counters included) and switch everything off."""
         m = self.maps
-        for t in (m.host_map, m.prefix_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
+        m.delete(m.prefix_map, m.prefix_map.keys())   # and the class index's lanes
+        for t in (m.host_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
                   *m.csam_prefixes):
             t.delete_many(t.keys())
         for t in (m.dir_map, *m.csam_dirs):   # zeros: look all up

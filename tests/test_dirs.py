@@ -133,6 +133,37 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
                     assert not state & dirs.NO_PREFIX
 
 
+@settings(max_examples=150, deadline=None)
+@given(lst=lists(), more=lists())
+def test_class_index_answers_only_for_whole_uniform_slash24s(lst, more):
+    """A lane that names a prefix promises, for every address of its /24: no host entry
+    (by the directory) and that prefix as the longest match; whole /24s only."""
+    hosts, prefixes = lst
+    prefixes = sorted(prefixes | more[1])
+    d = bytearray(dirs.subscribers(hosts, prefixes))
+    dirs.subscriber_added(d, more[0], [])   # hosts added since: the directory opened
+    slash, lanes, owners = dirs.uniform(prefixes, d, 1 << 14)
+    assert len(set(lanes.tolist())) == len(owners) and (lanes > 0).all()
+    for i, v in zip(slash.tolist(), lanes.tolist(), strict=True):
+        plen, net = prefixes[owners[v - 1]]
+        assert 96 + dirs.UNIFORM_MIN <= plen <= 96 + 24
+        for last in range(0, 256, 17):
+            a = V4 + ((i << 8) | last).to_bytes(4, "big")
+            assert a not in hosts | more[0]
+            matches = [pl for pl, n in prefixes if layout.masked(a, pl) == n]
+            assert max(matches) == plen and layout.masked(a, plen) == net
+        assert not any(dirs.slash24(n) == i and pl > 96 + 24 for pl, n in prefixes)
+    # every /24 a /24-or-shorter prefix covers alone (nothing longer in it, no host) has one
+    alone = {i for pl, n in prefixes if 96 + dirs.UNIFORM_MIN <= pl <= 96 + 24
+             for i in range(dirs.slash24(n), dirs.slash24(n) + (1 << (120 - pl)))
+             if dirs.get(d, i) & dirs.NO_HOST
+             and not any(dirs.slash24(m) == i and q > 120 for q, m in prefixes)}
+    assert alone == set(slash.tolist())
+    # and no more indexes than asked for: the rest look up
+    _, lanes1, owners1 = dirs.uniform(prefixes, d, 2)
+    assert len(owners1) <= 1 and set(lanes1.tolist()) <= {1}
+
+
 # ---- in the kernel, fed by the real loads -----------------------------------------------------
 
 
@@ -204,3 +235,54 @@ def test_data_plane_classifies_through_a_subscriber_load(dp, seed):
         p = Packet("access", str(tables.ip_of(a)), "203.0.113.9", TCP, 40000, 25)
         want = model.decide(p, flags_of(("op25b",)), t)
         check(dp, p, want.verdict, want.reason)
+
+
+def _flip(e: Entry) -> Entry:
+    """The other type: OP25B then stops or starts applying."""
+    return e._replace(type=3 - e.type)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_class_index_follows_changes_entry_by_entry(dp, seed):
+    """After a subscriber load has set the class index, entries written one at a time
+    (hosts into a pool's /24, longer and shorter prefixes, a prefix's new class, deletes,
+    as suspend, sessions and rates write them) are seen at once, and a sync restores the
+    index: the verdict for addresses in and around them is always the model's."""
+    rng = random.Random(seed)
+    nets = ("100.64.0", "100.64.1", "100.64.3", "100.64.7")
+    hosts, prefixes = ClassTable(), ClassTable()
+    for i, n in enumerate(rng.sample((16, 22, 22, 24, 24), rng.randint(1, 4))):
+        a = addr16(f"{rng.choice(nets)}.{rng.randint(0, 255)}")
+        prefixes.append(layout.LPM_KEY.pack(96 + n, layout.masked(a, 96 + n)),
+                        Entry(2000 + i, rng.choice((1, 2))))
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b",)))   # switches only
+    sync.apply_subscribers(dp.maps, hosts, prefixes)
+    m = dp.maps
+    assert any(r for r in map(m.idx_map.lookup, map(layout.U32.pack, range(
+        (100 << 13) + (64 << 5), (100 << 13) + (65 << 5)))) if r != bytes(16))
+    for step in range(5):
+        t = tables.Tables(hosts=dict(m.host_items()), prefixes=dict(m.prefix_items()))
+        op = rng.choice(("host", "host", "prefix", "retype", "del_prefix", "del_host", "sync"))
+        a = addr16(f"{rng.choice(nets)}.{rng.randint(0, 255)}")
+        if op == "host":
+            m.set_host(a, Entry(3000 + step, rng.choice((1, 2))))
+        elif op == "prefix":
+            n = rng.choice((20, 23, 24, 26, 30))
+            m.set_prefix((96 + n, layout.masked(a, 96 + n)), Entry(4000 + step, 1))
+        elif op == "retype" and t.prefixes:
+            k, e = rng.choice(sorted(t.prefixes.items()))
+            m.put_class(m.prefix_map, layout.LPM_KEY.pack(*k), _flip(e))
+        elif op == "del_prefix" and t.prefixes:
+            m.del_prefix(rng.choice(sorted(t.prefixes)))
+        elif op == "del_host" and t.hosts:
+            m.del_host(rng.choice(sorted(t.hosts)))
+        elif op == "sync":
+            m.sync_uniform()
+        t = tables.Tables(hosts=dict(m.host_items()), prefixes=dict(m.prefix_items()))
+        for p_ in probes(set(t.hosts), set(t.prefixes)):
+            p = Packet("access", str(tables.ip_of(p_)), "203.0.113.9", TCP, 40000, 25)
+            want = model.decide(p, flags_of(("op25b",)), t)
+            check(dp, p, want.verdict, want.reason)

@@ -397,6 +397,7 @@ def apply_plan(maps: Maps, p: Plan,
         maps.delete(maps.contract_map, p.contracts.remove)
     maps.write_dir(p.dir)
     maps.count_dir_write()
+    maps.sync_uniform()   # exact, with the exact directory
     maps.clear_state(p.freed)
     return p.change
 
@@ -447,6 +448,7 @@ def set_suspended_ids(maps: Maps, want: dict[int, bool]) -> list[str]:
     from xdpzoot.tables import ip_of, net_of
 
     done: list[str] = []
+    prefixes = False
     for sid, on in want.items():
         contract = maps.get_contract(sid)
         if contract is not None:   # sticky for its sessions to come, too
@@ -465,6 +467,9 @@ def set_suspended_ids(maps: Maps, want: dict[int, bool]) -> list[str]:
                 key = LPM_KEY.unpack(t.keys[i])
                 maps.set_prefix(key, _flag(e, want[e.sub_id]))
                 done.append(str(net_of(key)))
+                prefixes = True
+    if prefixes:   # the class index answers for their /24s again
+        maps.sync_uniform()
     return done
 
 
@@ -482,9 +487,11 @@ def set_rates(maps: Maps, sub_id: int, up: int | None, down: int | None) -> None
     for a, e in list(maps.host_items()):
         if e.sub_id == sub_id and rated(e) != e:
             maps.put_class(maps.host_map, a, rated(e))
-    for k, e in list(maps.prefix_items()):
-        if e.sub_id == sub_id and rated(e) != e:
-            maps.put_class(maps.prefix_map, LPM_KEY.pack(*k), rated(e))
+    prefixes = [(k, e) for k, e in maps.prefix_items() if e.sub_id == sub_id and rated(e) != e]
+    for k, e in prefixes:
+        maps.put_class(maps.prefix_map, LPM_KEY.pack(*k), rated(e))
+    if prefixes:   # the class index answers for their /24s again
+        maps.sync_uniform()
 
 
 def _derived(host: Entry, pool: Entry) -> bool:

@@ -176,6 +176,74 @@ def subscriber_added(d: bytearray, hosts: Iterable[bytes],
     return changed
 
 
+# ---- the class index (struct xz_sub_idx, xz_uniform) ---------------------------------------
+# For each IPv4 /24 a 16-bit lane: 0, "look it up", or the index in xz_uniform of the class
+# of the one prefix that answers for every address of the /24: the longest IPv4 prefix of
+# /8../24 covering it whole, where no longer prefix lies and the directory says no host
+# entry does. A pool address's class is then two loads of small, hot arrays, not a walk of
+# the trie. Writers keep it true: every write of a host or prefix first zeroes the lanes
+# of the /24s the key touches (zero_rows), and a sync (Maps.sync_uniform) sets them again.
+
+LANES = C["XZ_IDX_LANES"]
+UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)
+
+
+def v4_span(plen: int, addr: bytes) -> tuple[int, int] | None:
+    """(first /24, how many) an IPv4 prefix of /8 or longer touches; None for others (IPv6,
+    or shorter: never the owner of a lane, so that writing them changes none)."""
+    s = span(plen, addr)
+    if s is None or plen - 96 < UNIFORM_MIN:
+        return None
+    return s[0], s[1]
+
+
+def index_rows(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
+    """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
+    ``hosts`` and ``prefixes`` (``(len/128, address)``) lie."""
+    rows = {i >> 3 for i in map(slash24, hosts) if i is not None}
+    for plen, addr in prefixes:
+        s = v4_span(plen, addr)
+        if s is not None:
+            rows.update(range(s[0] // LANES, (s[0] + s[1] - 1) // LANES + 1))
+    return sorted(rows)
+
+
+def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray,
+            cap: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The lanes the prefix map's ``prefixes`` (``(len/128, address)``) make with the
+    subscriber directory ``d``: (/24 numbers, their lane values, the prefix of each index:
+    ``owners[i - 1]`` is the position in ``prefixes`` of index i). At most ``cap - 1``
+    indexes (index 0 means none): the prefixes past them own no lanes."""
+    import numpy as np
+
+    spans = [(n, s) for n, (plen, addr) in enumerate(prefixes)
+             for s in [v4_span(plen, addr)] if s is not None]
+    if not spans:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), []
+    rows = np.array([n for n, _ in spans], dtype=np.int64)
+    first = np.array([s[0] for _, s in spans], dtype=np.int64)
+    count = np.array([s[1] for _, s in spans], dtype=np.int64)
+    plen = np.array([prefixes[n][0] for n in rows.tolist()], dtype=np.int64)
+    whole = np.flatnonzero(plen <= 96 + 24)
+    partial = first[plen > 96 + 24]
+    whole = whole[np.argsort(-plen[whole], kind="stable")]   # longest first
+    counts = count[whole]
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    slash = np.repeat(first[whole], counts) + offsets
+    owner = np.repeat(rows[whole], counts)
+    slash, at = np.unique(slash, return_index=True)   # each /24's longest
+    owner = owner[at]
+    b = np.frombuffer(d, dtype=np.uint8)
+    no_host = (b[slash >> 2] >> ((slash & 3) << 1)) & NO_HOST
+    keep = ~np.isin(slash, partial) & (no_host != 0)
+    slash, owner = slash[keep], owner[keep]
+    owners = sorted(set(owner.tolist()))[:cap - 1]
+    index = np.zeros(len(prefixes), dtype=np.int64)
+    index[owners] = np.arange(1, len(owners) + 1)
+    lanes = index[owner].astype(np.uint16)
+    return slash[lanes != 0], lanes[lanes != 0], owners
+
+
 def states(d: bytes | bytearray) -> np.ndarray:
     """Every /24's state (tests, status)."""
     return _unpack(d)

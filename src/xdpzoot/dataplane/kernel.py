@@ -28,6 +28,8 @@ from xdpzoot.dataplane.layout import (
     CLASS,
     CONTROL,
     COUNTER,
+    IDX_LANE,
+    IDX_ROW,
     LPM_KEY,
     MANUAL,
     META,
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
+UNIFORM_PAUSE_S = 0.01   # between unhooking a class index and reusing it: > any program run
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
 MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
         "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta", "xz_csam_hits")
@@ -1087,6 +1090,8 @@ class Maps:
     state_map = property(lambda self: self.map("xz_state"))
     throttle_map = property(lambda self: self.map("xz_throttle"))
     dir_map = property(lambda self: self.map("xz_sub_dir"))
+    idx_map = property(lambda self: self.map("xz_sub_idx"))
+    uniform_map = property(lambda self: self.map("xz_uniform"))
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     allow = property(lambda self: self.map("xz_allow"))
@@ -1125,12 +1130,74 @@ class Maps:
     def write(self, m: PinnedMap, t: ClassTable,
               progress: Callable[[int], None] | None = None) -> None:
         self.check_writer()
+        self._unshare(m, t.keys)
         m.update_items(t.keys, t.values.tobytes(), progress)
 
     def delete(self, m: PinnedMap, keys: list[bytes],
                progress: Callable[[int], None] | None = None) -> None:
         self.check_writer()
+        if m is self.prefix_map:
+            self._unshare(m, keys)
         m.delete_many(keys, progress)
+
+    # ---- the class index (dirs.py): IPv4 /24 -> the class of the prefix that covers it --
+    def _unshare(self, m: PinnedMap, keys: list[bytes]) -> None:
+        """Before ``keys`` (packed) of the host or prefix map are written (or a prefix
+        deleted): the class index stops answering for the /24s where they lie, so that a
+        new host entry or longer prefix, or a prefix's new class, is looked up at once.
+        Whole entries of eight /24s are zeroed: never wrong, only slower until
+        sync_uniform."""
+        if m is self.host_map:
+            rows = dirs.index_rows(keys, [])
+        elif m is self.prefix_map:
+            rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in keys])
+        else:
+            return
+        if rows:
+            im = self.idx_map
+            im.update_items([U32.pack(r) for r in rows], bytes(im.value_size * len(rows)))
+
+    def sync_uniform(self) -> None:
+        """Bring the class index to what the prefix map and the directory say
+        (dirs.uniform). Lanes that change are zeroed first, then the classes written,
+        then the lanes set: a program finds an index only with its own class (after a
+        pause when an index changes hands, longer than any program runs)."""
+        self.check_writer()
+        keys, values = self.prefix_map.items()
+        prefixes = [LPM_KEY.unpack(k) for k in keys]
+        im, um = self.idx_map, self.uniform_map
+        slash, lanes, owners = dirs.uniform(prefixes, self.read_dir(), um.max_entries)
+        rows = dirs.index_rows([], prefixes)   # no lane is set outside these
+        have = {r: im.lookup(U32.pack(r)) for r in rows}
+        want = {r: bytearray(im.value_size) for r in rows}
+        for i, v in zip(slash.tolist(), lanes.tolist(), strict=True):
+            IDX_LANE.pack_into(want[i // dirs.LANES], i % dirs.LANES * IDX_LANE.size, v)
+        vs = CLASS.size
+        new = {i + 1: values[o * vs:(o + 1) * vs] for i, o in enumerate(owners)}
+        cur = um.values()
+        moved = {i for i, v in new.items() if cur[i * vs:(i + 1) * vs] != v}
+        # 1: zero every lane that changes, or points at a class that does
+        stage, pause = {}, False
+        for r in rows:
+            h = list(IDX_ROW.unpack(have[r])) if have[r] else [0] * dirs.LANES
+            w = IDX_ROW.unpack(want[r])
+            keep = [a if a == b and a not in moved else 0 for a, b in zip(h, w, strict=True)]
+            pause |= any(a in moved and a != k for a, k in zip(h, keep, strict=True))
+            if keep != h:
+                stage[r] = IDX_ROW.pack(*keep)
+        self._write_rows(stage)
+        if pause:
+            time.sleep(UNIFORM_PAUSE_S)
+        # 2: the classes; 3: the lanes
+        if moved:
+            um.update_items([U32.pack(i) for i in sorted(moved)],
+                            b"".join(new[i] for i in sorted(moved)))
+        self._write_rows({r: bytes(w) for r, w in want.items()
+                          if bytes(w) != stage.get(r, have[r] or bytes(len(w)))})
+
+    def _write_rows(self, rows: dict[int, bytes]) -> None:
+        if rows:
+            self.idx_map.update_items([U32.pack(r) for r in rows], b"".join(rows.values()))
 
     def read_dir(self) -> bytearray:
         """The IPv4 /24 directory of the subscriber maps (dirs.py)."""
@@ -1267,17 +1334,21 @@ class Maps:
     def put_class(self, m: PinnedMap, key: bytes, e: Entry) -> None:
         """Write one entry; the caller has seen to the directory (set_host does that)."""
         self.check_writer()
+        self._unshare(m, [key])
         m.update(key, pack_class(e))
 
     def add_new(self, m: PinnedMap, key: bytes, e: Entry) -> bool:
         """Write ``e`` under ``key`` unless the map holds exactly that key (an LPM trie
         too, where a lookup would answer with a shorter prefix); whether it was written."""
         self.check_writer()
+        self._unshare(m, [key])
         return not m.add_new([key], pack_class(e))
 
     def delete_if_there(self, m: PinnedMap, key: bytes) -> None:
         """Delete ``key``; a key the map does not hold is no error."""
         self.check_writer()
+        if m is self.prefix_map:
+            self._unshare(m, [key])
         if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
             _check(-1, f"delete {m.path}")
 
@@ -1301,6 +1372,7 @@ class Maps:
     def set_host(self, addr: bytes, e: Entry) -> None:
         self.check_writer()
         self._adding([addr], [])
+        self._unshare(self.host_map, [addr])
         self.host_map.update(addr, pack_class(e))
 
     def del_host(self, addr: bytes) -> None:
@@ -1310,10 +1382,12 @@ class Maps:
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
         self.check_writer()
         self._adding([], [key])
+        self._unshare(self.prefix_map, [LPM_KEY.pack(*key)])
         self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
 
     def del_prefix(self, key: tuple[int, bytes]) -> None:
         self.check_writer()
+        self._unshare(self.prefix_map, [LPM_KEY.pack(*key)])
         self.prefix_map.delete_many([LPM_KEY.pack(*key)])
 
     def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:

@@ -172,6 +172,8 @@ U32 = struct.Struct("=I")                 # array indexes, allow-list bits, devm
 THROTTLE = struct.Struct("=2I")           # struct xz_throttle: kbps up, down
 MANUAL = struct.Struct("=IIQ")            # struct xz_manual: kbps, _pad, until
 COUNTER = struct.Struct("=QQ")            # struct xz_counter: packets, bytes
+IDX_ROW = struct.Struct(f"={schema.C['XZ_IDX_LANES']}H")   # struct xz_sub_idx: lanes
+IDX_LANE = struct.Struct("=H")            # one of them
 
 
 class Control(NamedTuple):
