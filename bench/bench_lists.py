@@ -93,7 +93,7 @@ FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP
 XDP_RET = {1: "drop", 2: "pass", 3: "reject"}
 CSAM_MAPS = ("xz_csam_h0", "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta",
              "xz_csam_hits", "xz_csam_t0", "xz_csam_t1")
-SUB_MAPS = ("xz_hosts", "xz_prefixes")
+SUB_MAPS = ("xz_hosts", "xz_prefixes", "xz_sub_dir", "xz_sub_idx", "xz_uniform")
 
 # ---- the address plan ---------------------------------------------------------------------
 # CSAM hosts and prefixes come from disjoint regions (no prefix may contain a listed host:
@@ -1026,8 +1026,10 @@ def report(doc: Doc) -> str:
             f"{m['csam_ipset_bytes'] / 2**20:.1f} MiB")
     sm = m["subs"]
     stot = sum(v["memlock"] for v in sm.values())
+    per = sum(v["memlock"] for k, v in sm.items() if k in ("xz_hosts", "xz_prefixes"))
     row(f"subscriber maps memlock at {size_label(rows)} rows", f"{stot / 2**20:.1f} MiB")
-    row("  bytes per row", f"{stot / rows:.0f} B")
+    row("  bytes per row (hosts and prefixes; the directory and the class index are fixed)",
+        f"{per / rows:.0f} B")
     for k, v in sm.items():
         row(f"  {k} (max {v['max_entries']:,})", f"{v['memlock'] / 2**20:.1f} MiB")
     if m.get("subs_ipset_bytes"):
