@@ -376,28 +376,31 @@ def apply_plan(maps: Maps, p: Plan,
 
     A map that cannot hold its old and new entries at once (plan_subscribers checked that
     it holds the new ones) has its deletes first: an address whose entry goes may then be
-    without it for a moment, until the entry that replaces it is written."""
+    without it for a moment, until the entry that replaces it is written. The class index
+    (dirs.py) answers for nothing during the writes and is exact after them."""
     first_h = p.held[0] + p.hosts.change.added > maps.host_map.max_entries
     first_p = p.held[1] + p.prefixes.change.added > maps.prefix_map.max_entries
-    maps.write_dir(dirs.union(maps.read_dir(), p.dir))
-    maps.clear_pool_blocks(p.pool_clear)
-    if p.contracts is not None and len(p.contracts.write):
-        maps.write(maps.contract_map, p.contracts.write)
-    if first_p:
-        maps.delete(maps.prefix_map, p.prefixes.remove, progress)
-    maps.write(maps.prefix_map, p.prefixes.write, progress)
-    if first_h:
-        maps.delete(maps.host_map, p.hosts.remove, progress)
-    maps.write(maps.host_map, p.hosts.write, progress)
-    if not first_h:
-        maps.delete(maps.host_map, p.hosts.remove, progress)
-    if not first_p:
-        maps.delete(maps.prefix_map, p.prefixes.remove, progress)
-    if p.contracts is not None and p.contracts.remove:
-        maps.delete(maps.contract_map, p.contracts.remove)
-    maps.write_dir(p.dir)
-    maps.count_dir_write()
-    maps.sync_uniform()   # exact, with the exact directory
+    # the class index off while the maps change; set again from them (and the exact
+    # directory) at the end
+    with maps.uniform_off():
+        maps.write_dir(dirs.union(maps.read_dir(), p.dir))
+        maps.clear_pool_blocks(p.pool_clear)
+        if p.contracts is not None and len(p.contracts.write):
+            maps.write(maps.contract_map, p.contracts.write)
+        if first_p:
+            maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+        maps.write(maps.prefix_map, p.prefixes.write, progress)
+        if first_h:
+            maps.delete(maps.host_map, p.hosts.remove, progress)
+        maps.write(maps.host_map, p.hosts.write, progress)
+        if not first_h:
+            maps.delete(maps.host_map, p.hosts.remove, progress)
+        if not first_p:
+            maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+        if p.contracts is not None and p.contracts.remove:
+            maps.delete(maps.contract_map, p.contracts.remove)
+        maps.write_dir(p.dir)
+        maps.count_dir_write()
     maps.clear_state(p.freed)
     return p.change
 

@@ -199,8 +199,8 @@ def v4_span(plen: int, addr: bytes) -> tuple[int, int] | None:
 
 def index_rows(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
     """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
-    ``hosts`` and ``prefixes`` (``(len/128, address)``) lie."""
-    rows = {i >> 3 for i in map(slash24, hosts) if i is not None}
+    ``hosts`` and ``prefixes`` (``(len/128, address)``) lie, in order."""
+    rows = {i // LANES for i in map(slash24, hosts) if i is not None}
     for plen, addr in prefixes:
         s = v4_span(plen, addr)
         if s is not None:

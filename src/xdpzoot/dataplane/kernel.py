@@ -1055,6 +1055,7 @@ class Maps:
         self.defines = None if defines is None else list(defines)   # the config's limits
         self.guard: Callable[[], None] | None = None
         self._open: dict[str, PinnedMap] = {}
+        self._uniform_off = False   # inside uniform_off: writes leave the class index be
 
     def map(self, name: str) -> PinnedMap:
         """The map pinned as ``name``, opened on first use."""
@@ -1146,7 +1147,9 @@ class Maps:
         deleted): the class index stops answering for the /24s where they lie, so that a
         new host entry or longer prefix, or a prefix's new class, is looked up at once.
         Whole entries of eight /24s are zeroed: never wrong, only slower until
-        sync_uniform."""
+        sync_uniform. Nothing to do inside uniform_off."""
+        if self._uniform_off:
+            return
         if m is self.host_map:
             rows = dirs.index_rows(keys, [])
         elif m is self.prefix_map:
@@ -1156,6 +1159,21 @@ class Maps:
         if rows:
             im = self.idx_map
             im.update_items([U32.pack(r) for r in rows], bytes(im.value_size * len(rows)))
+
+    @contextlib.contextmanager
+    def uniform_off(self) -> Iterator[None]:
+        """Around a whole load: the class index answers for nothing while the maps change
+        (so that a million writes need not zero lanes one by one), and is set from the
+        maps again at the end (not after an error: it then stays off, which is safe)."""
+        self.check_writer()
+        rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in self.prefix_map.keys()])
+        self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
+        self._uniform_off = True
+        try:
+            yield
+        finally:
+            self._uniform_off = False
+        self.sync_uniform()
 
     def sync_uniform(self) -> None:
         """Bring the class index to what the prefix map and the directory say
