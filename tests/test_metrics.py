@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from xdpzoot import metrics, tables
 from xdpzoot.config import load_config
 from xdpzoot.daemon import Daemon
-from xdpzoot.dataplane import kernel, schema
+from xdpzoot.dataplane import dirs, kernel, schema
 from xdpzoot.dataplane.instance import Instance
 from xdpzoot.lab import in_netns
 
@@ -210,6 +210,11 @@ def test_the_counts_are_those_of_the_maps(scraped):
     assert value(fams, "xdpzoot_table_entries", table="manual_throttles") == 1
     assert value(fams, "xdpzoot_table_entries", table="flows") == 0   # no congestion yet
     assert value(fams, "xdpzoot_table_capacity", table="flows") == 262144
+    # the class index: the pools and blocks of /8../24 alone in their /24s (no host there)
+    d_ = d.inst.maps.read_dir()
+    want = len(dirs.uniform(list(prefixes), d_, 1 << 14)[2])
+    assert value(fams, "xdpzoot_table_entries", table="uniform_classes") == want >= 1
+    assert value(fams, "xdpzoot_table_capacity", table="uniform_classes") == 16383
     assert value(fams, "xdpzoot_csam_entries", kind="host", family="ipv4") == 2
     assert value(fams, "xdpzoot_csam_entries", kind="prefix", family="ipv6") == 1
     assert value(fams, "xdpzoot_table_entries", table="csam_hosts") == 3

@@ -322,7 +322,8 @@ class Collector:
                      f"{LRU_EVERY_S:g} s; the CSAM tables' as loaded).", ["table"])
         held = {**counts, "csam_hosts": st["hosts4"] + st["hosts6"],
                 "csam_prefixes": st["prefixes4"] + st["prefixes6"],
-                "manual_throttles": self.d.census.throttled.get("hand")}
+                "manual_throttles": self.d.census.throttled.get("hand"),
+                "uniform_classes": inst.uniform_classes()}
         for table, n in inst.capacities().items():
             cap.add_metric([table], n)
             if held.get(table) is not None:

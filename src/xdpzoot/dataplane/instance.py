@@ -550,6 +550,11 @@ class Instance:
              "pool_lru": self.maps.pool_state}[table]
         return len(m.values()) // m.value_size
 
+    def uniform_classes(self) -> int:
+        """Pools and blocks whose /24s the class index answers for (kernel.Maps
+        .sync_uniform; the rest take the trie)."""
+        return self.maps.uniform_counts()[0]
+
     def capacities(self) -> dict[str, int]:
         """Entries each table can hold (the maps' max_entries; a CSAM table's per
         generation, the state slots without slot 0, which is the pools')."""
@@ -559,6 +564,7 @@ class Instance:
                 "subscriber_slots": m.slots - 1, "pool_addresses": m.pool_map.max_entries,
                 "pool_lru": m.pool_state.max_entries, "flows": m.flows.max_entries,
                 "manual_throttles": m.manual.max_entries,
+                "uniform_classes": m.uniform_map.max_entries - 1,
                 "csam_hosts": m.csam_hosts[0].max_entries,
                 "csam_prefixes": m.csam_prefixes[0].max_entries}
 

@@ -1168,6 +1168,7 @@ class Maps:
         self.check_writer()
         rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in self.prefix_map.keys()])
         self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
+        self.uniform_map.update(ZERO_KEY, bytes(CLASS.size))   # its counts: none
         self._uniform_off = True
         try:
             yield
@@ -1212,6 +1213,13 @@ class Maps:
                             b"".join(new[i] for i in sorted(moved)))
         self._write_rows({r: bytes(w) for r, w in want.items()
                           if bytes(w) != stage.get(r, have[r] or bytes(len(w)))})
+        # index 0 names no class: it keeps the counts (classes in sub_id, /24s in slot)
+        um.update(ZERO_KEY, pack_class(Entry(len(owners), 0, slot=len(slash))))
+
+    def uniform_counts(self) -> tuple[int, int]:
+        """(classes, /24s) the class index held at its last sync (0, 0 while off)."""
+        e = _entry(CLASS.unpack(self.uniform_map.lookup(ZERO_KEY)))
+        return e.sub_id, e.slot
 
     def _write_rows(self, rows: dict[int, bytes]) -> None:
         if rows:
