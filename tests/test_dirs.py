@@ -133,7 +133,7 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
                     assert not state & dirs.NO_PREFIX
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(lst=lists(), more=lists())
 def test_class_index_answers_only_for_whole_uniform_slash24s(lst, more):
     """A lane that names a prefix promises, for every address of its /24: no host entry
@@ -242,7 +242,7 @@ def _flip(e: Entry) -> Entry:
     return e._replace(type=3 - e.type)
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_class_index_follows_changes_entry_by_entry(dp, seed):

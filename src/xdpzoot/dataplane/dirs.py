@@ -182,7 +182,8 @@ def subscriber_added(d: bytearray, hosts: Iterable[bytes],
 # /8../24 covering it whole, where no longer prefix lies and the directory says no host
 # entry does. A pool address's class is then two loads of small, hot arrays, not a walk of
 # the trie. Writers keep it true: every write of a host or prefix first zeroes the lanes
-# of the /24s the key touches (zero_rows), and a sync (Maps.sync_uniform) sets them again.
+# of the /24s the key touches (Maps._unshare), and a sync (Maps.sync_uniform) sets them
+# again.
 
 LANES = C["XZ_IDX_LANES"]
 UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)

@@ -1191,10 +1191,9 @@ class Maps:
         want = {r: bytearray(im.value_size) for r in rows}
         for i, v in zip(slash.tolist(), lanes.tolist(), strict=True):
             IDX_LANE.pack_into(want[i // dirs.LANES], i % dirs.LANES * IDX_LANE.size, v)
-        vs = CLASS.size
+        vs = CLASS.size   # a class in xz_uniform as in the trie
         new = {i + 1: values[o * vs:(o + 1) * vs] for i, o in enumerate(owners)}
-        cur = um.values()
-        moved = {i for i, v in new.items() if cur[i * vs:(i + 1) * vs] != v}
+        moved = {i for i, v in new.items() if um.lookup(U32.pack(i)) != v}
         # 1: zero every lane that changes, or points at a class that does
         stage, pause = {}, False
         for r in rows:
