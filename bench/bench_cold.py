@@ -30,7 +30,7 @@ about a whole set of other calls: the entries a packet needs are out of the cach
 production. Programs timed together: the floor (``xz_xdp_empty``), the data plane at both
 scales, the minimal reference program (``bench/ref_cold.c``: two IPv4 LPM lookups) at
 both scales, and for the breakdown the probes of ``bench/probes.py`` and the data plane
-with switches off (control word written by ``Maps.set_control_flags`` /
+(at both scales) with switches off (control word written by ``Maps.set_control_flags`` /
 ``set_control_params`` before each block that needs it). The HOT column: a few packets
 per class, each repeated 1,000 times in one call (the kernel's mean).
 
