@@ -72,11 +72,12 @@ struct xz_dir {
 	__u8 b[XZ_DIR_BYTES];
 };
 /*
- * The subscriber directory's class index: for each IPv4 /24, 0 ("look it up"), or the
- * index in xz_uniform of the class of the one prefix that covers the /24 whole where no
- * host entry and no longer prefix lies in it. A pool address's class is then two loads of
- * small, hot arrays instead of a walk of the trie. Eight /24s to an array entry (16 bytes:
- * an array's value is a multiple of 8 bytes), 2^21 entries, 32 MiB.
+ * The subscribers' class index: for each IPv4 /24 a lane, 0 ("look it up"), or the index
+ * in xz_uniform of the class of the IPv4 prefix of /8../24 that covers the /24 whole with
+ * no host entry and no longer prefix in it. A pool address's class is then two loads of
+ * small, hot arrays instead of a walk of the trie. Eight lanes to an array entry (16
+ * bytes: an array's value is a multiple of 8 bytes), 2^21 entries, 32 MiB. Index 0 names
+ * no class: the control plane keeps its counts there (dirs.py says how it is kept true).
  */
 #define XZ_IDX_LANES 8
 struct xz_sub_idx {
