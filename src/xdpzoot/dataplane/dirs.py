@@ -221,17 +221,17 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray,
              for s in [v4_span(plen, addr)] if s is not None]
     if not spans:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), []
-    rows = np.array([n for n, _ in spans], dtype=np.int64)
+    pos = np.array([n for n, _ in spans], dtype=np.int64)   # in ``prefixes``
     first = np.array([s[0] for _, s in spans], dtype=np.int64)
     count = np.array([s[1] for _, s in spans], dtype=np.int64)
-    plen = np.array([prefixes[n][0] for n in rows.tolist()], dtype=np.int64)
+    plen = np.array([prefixes[n][0] for n in pos.tolist()], dtype=np.int64)
     whole = np.flatnonzero(plen <= 96 + 24)
     partial = first[plen > 96 + 24]
     whole = whole[np.argsort(-plen[whole], kind="stable")]   # longest first
     counts = count[whole]
     offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     slash = np.repeat(first[whole], counts) + offsets
-    owner = np.repeat(rows[whole], counts)
+    owner = np.repeat(pos[whole], counts)
     slash, at = np.unique(slash, return_index=True)   # each /24's longest
     owner = owner[at]
     b = np.frombuffer(d, dtype=np.uint8)
