@@ -605,9 +605,8 @@ BREAKDOWN = [   # key, label, what the row adds
     ("full_big", "pipeline: + scan sketch (config as is)",
      "the sketch (each a SYN to a new destination)"),
 ]
-# The rows timed at the small scale too (the probes and asides only at the big one).
-SMALL_ROWS = ("bd_class_small", "bd_rules_small", "bd_csam_small", "bd_rates_small",
-              "full_small")
+# The pipeline rows timed at the small scale too (the probes and asides at the big one only).
+SMALL_ROWS = ("bd_class", "bd_rules", "bd_csam", "bd_rates")
 
 
 def small_key(key: str) -> str:
@@ -667,8 +666,7 @@ def bench(args: argparse.Namespace) -> dict:
             up_small = [p for p in pkts[SMALL] if p.cls == "up_pass"]
             bdc = breakdown_controls(big)
             # the breakdown's rows at the small scale too: what the big one adds, step by step
-            bdc_small = {k: v for k, v in breakdown_controls(small).items()
-                         if small_key(k) in SMALL_ROWS}
+            bdc_small = {k: v for k, v in breakdown_controls(small).items() if k in SMALL_ROWS}
             for inst, ups, rows in ((big, up, bdc), (small, up_small, bdc_small)):
                 for key, (fl, cw) in rows.items():
                     reason = "bypass" if key == "bd_bypass" else "ok"
@@ -843,7 +841,7 @@ def report(doc: dict) -> str:
             continue
         cm, h = net(doc, key, cls), net_hot(doc, key, cls)
         sk = small_key(key)
-        cs = net(doc, sk, cls) if sk in pr and key.startswith(("bd_", "full_")) else None
+        cs = net(doc, sk, cls) if sk in pr else None
         small_cells = f"{cs:>10.0f}{cs - prev_s:>+7.0f}" if cs is not None else f"{'':>17}"
         out.append(f"{label:<52}{cm:>9.0f}{cm - prev:>+7.0f}{net(doc, key, cls, 'mean'):>7.0f}"
                    f"{h:>7.1f}{h - prev_h:>+7.1f}{small_cells}  {adds}")

@@ -84,7 +84,7 @@ struct xz_sub_idx {
 	__u16 e[XZ_IDX_LANES];
 };
 #ifndef XZ_MAX_UNIFORM
-#define XZ_MAX_UNIFORM 16384       /* classes a /24 can point at (index 0 unused) */
+#define XZ_MAX_UNIFORM 16384       /* classes a /24 can point at (index 0: the counts) */
 #endif
 /* CSAM list directory states (one directory per generation). */
 #define XZ_CSAM_DIR_LOOK 0         /* hosts and prefixes: hash, then trie */

@@ -1197,7 +1197,7 @@ class Maps:
         # 1: zero every lane that changes, or points at a class that does
         stage, pause = {}, False
         for r in rows:
-            h = list(IDX_ROW.unpack(have[r])) if have[r] else [0] * dirs.LANES
+            h = list(IDX_ROW.unpack(have[r]))
             w = IDX_ROW.unpack(want[r])
             keep = [a if a == b and a not in moved else 0 for a, b in zip(h, w, strict=True)]
             pause |= any(a in moved and a != k for a, k in zip(h, keep, strict=True))
@@ -1211,7 +1211,7 @@ class Maps:
             um.update_items([U32.pack(i) for i in sorted(moved)],
                             b"".join(new[i] for i in sorted(moved)))
         self._write_rows({r: bytes(w) for r, w in want.items()
-                          if bytes(w) != stage.get(r, have[r] or bytes(len(w)))})
+                          if bytes(w) != stage.get(r, have[r])})
         # index 0 names no class: it keeps the counts (classes in sub_id, /24s in slot)
         um.update(ZERO_KEY, pack_class(Entry(len(owners), 0, slot=len(slash))))
 
