@@ -43,14 +43,25 @@ static __always_inline __u32 xz_dir_state(struct xz_dir *d, struct xz_addr *a)
 	return d ? (d->b[i >> 2] >> ((i & 3) << 1)) & 3 : 0;
 }
 
-/* The class index's lane for IPv4 address ``a`` (struct xz_sub_idx): 0, or the index in
- * xz_uniform of the class that answers for every address of its /24. */
+/* The class index's answer for IPv4 address ``a`` (struct xz_sub_idx): 0, "look it up",
+ * or the index in xz_uniform of the class that answers for it: its /24's lane, or for a
+ * /24 with a few host entries (XZ_IDX_HOSTED), the class of its addresses that are not. */
 static __always_inline __u32 xz_uniform_index(struct xz_addr *a)
 {
-	__u32 i = xz_slash24(a), row = i / XZ_IDX_LANES;
+	__u32 i = xz_slash24(a), row = i / XZ_IDX_LANES, n, b = a->addr[15];
 	struct xz_sub_idx *x = xz_sub_idx.lookup(&row);
+	struct xz_sub_hosted *h;
 
-	return x ? x->e[i & (XZ_IDX_LANES - 1)] : 0;
+	n = x ? x->e[i & (XZ_IDX_LANES - 1)] : 0;
+	if (!(n & XZ_IDX_HOSTED))
+		return n;
+	/* The row's key slot again: a new slot made 6.18's verifier walk twice the paths of
+	 * xz_tc_access, past its limit. */
+	row = n & (XZ_IDX_HOSTED - 1);
+	h = xz_sub_hosted.lookup(&row);
+	if (!h || h->slash != i || (h->bits[(b >> 6) & 3] >> (b & 63)) & 1)
+		return 0;
+	return h->idx;
 }
 
 /*

@@ -86,6 +86,23 @@ struct xz_sub_idx {
 #ifndef XZ_MAX_UNIFORM
 #define XZ_MAX_UNIFORM 16384       /* classes a /24 can point at (index 0: the counts) */
 #endif
+/*
+ * A /24 that its prefix covers whole but for a few host entries (static hosts in a pool,
+ * RADIUS sessions): its lane is XZ_IDX_HOSTED | n, and entry n of xz_sub_hosted, one
+ * cache line, says which /24 it is for, the class's index in xz_uniform, and which of its
+ * addresses have a host entry (those are looked up; the others have the class). Index 0
+ * names no /24: the control plane keeps its counts there.
+ */
+#define XZ_IDX_HOSTED 0x8000
+#ifndef XZ_MAX_HOSTED
+#define XZ_MAX_HOSTED 32768        /* /24s with hosts the index answers for (2 MiB) */
+#endif
+struct xz_sub_hosted {
+	__u64 bits[4];     /* bit b of word w: address w * 64 + b of the /24 is a host entry */
+	__u32 slash;       /* the /24 (an address's top 24 bits) */
+	__u32 idx;         /* the class of the others, in xz_uniform */
+	__u64 _pad[3];     /* one cache line */
+};
 /* CSAM list directory states (one directory per generation). */
 #define XZ_CSAM_DIR_LOOK 0         /* hosts and prefixes: hash, then trie */
 #define XZ_CSAM_DIR_HOSTS 1        /* only exact addresses here: the hash alone */

@@ -471,6 +471,7 @@ MAP_LAYOUTS = {
     "xz_pool_state": (None, layout.STATE), "xz_csam_meta": (layout.U32, layout.META),
     "xz_trace_state": (layout.U32, layout.TRACE_STATE),
     "xz_sub_idx": (layout.U32, layout.IDX_ROW), "xz_uniform": (layout.U32, layout.CLASS),
+    "xz_sub_hosted": (layout.U32, layout.HOSTED),
 }
 
 

@@ -136,32 +136,37 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
 @settings(max_examples=80, deadline=None)
 @given(lst=lists(), more=lists())
 def test_class_index_answers_only_for_whole_uniform_slash24s(lst, more):
-    """A lane that names a prefix promises, for every address of its /24: no host entry
-    (by the directory) and that prefix as the longest match; whole /24s only."""
+    """A lane that names a prefix promises, for every address of its /24 but those it
+    marks as host entries (exactly the host entries there): that prefix as the longest
+    match; whole /24s only."""
     hosts, prefixes = lst
     prefixes = sorted(prefixes | more[1])
+    every = hosts | more[0]
     d = bytearray(dirs.subscribers(hosts, prefixes))
     dirs.subscriber_added(d, more[0], [])   # hosts added since: the directory opened
-    slash, lanes, owners = dirs.uniform(prefixes, d, 1 << 14)
+    slash, lanes, owners, bits = dirs.uniform(prefixes, d, 1 << 14, lambda: every, 1 << 15)
     assert len(set(lanes.tolist())) == len(owners) and (lanes > 0).all()
+    assert set(bits) <= set(slash.tolist()) and all(bits.values())
     for i, v in zip(slash.tolist(), lanes.tolist(), strict=True):
         plen, net = prefixes[owners[v - 1]]
         assert 96 + dirs.UNIFORM_MIN <= plen <= 96 + 24
-        for last in range(0, 256, 17):
+        for last in [*range(0, 256, 17), *(a[15] for a in every if dirs.slash24(a) == i)]:
             a = V4 + ((i << 8) | last).to_bytes(4, "big")
-            assert a not in hosts | more[0]
+            assert (a in every) == bool(bits.get(i, 0) >> last & 1)
             matches = [pl for pl, n in prefixes if layout.masked(a, pl) == n]
             assert max(matches) == plen and layout.masked(a, plen) == net
         assert not any(dirs.slash24(n) == i and pl > 96 + 24 for pl, n in prefixes)
-    # every /24 a /24-or-shorter prefix covers alone (nothing longer in it, no host) has one
+    # every /24 a /24-or-shorter prefix covers alone (nothing longer in it) has one
     alone = {i for pl, n in prefixes if 96 + dirs.UNIFORM_MIN <= pl <= 96 + 24
              for i in range(dirs.slash24(n), dirs.slash24(n) + (1 << (120 - pl)))
-             if dirs.get(d, i) & dirs.NO_HOST
-             and not any(dirs.slash24(m) == i and q > 120 for q, m in prefixes)}
+             if not any(dirs.slash24(m) == i and q > 120 for q, m in prefixes)}
     assert alone == set(slash.tolist())
-    # and no more indexes than asked for: the rest look up
-    _, lanes1, owners1 = dirs.uniform(prefixes, d, 2)
+    # and no more indexes or /24s with hosts than asked for: the rest look up
+    _, lanes1, owners1, _ = dirs.uniform(prefixes, d, 2, lambda: every, 1 << 15)
     assert len(owners1) <= 1 and set(lanes1.tolist()) <= {1}
+    slash2, _, _, bits2 = dirs.uniform(prefixes, d, 1 << 14, lambda: every, 2)
+    assert len(bits2) <= 1 and bits2.items() <= bits.items()
+    assert set(slash2.tolist()) == set(slash.tolist()) - (set(bits) - set(bits2))
 
 
 # ---- in the kernel, fed by the real loads -----------------------------------------------------

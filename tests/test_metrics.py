@@ -212,9 +212,12 @@ def test_the_counts_are_those_of_the_maps(scraped):
     assert value(fams, "xdpzoot_table_capacity", table="flows") == 262144
     # the class index: the pools and blocks of /8../24 alone in their /24s (no host there)
     d_ = d.inst.maps.read_dir()
-    want = len(dirs.uniform(list(prefixes), d_, 1 << 14)[2])
-    assert value(fams, "xdpzoot_table_entries", table="uniform_classes") == want >= 1
+    _, _, owners, bits = dirs.uniform(list(prefixes), d_, 1 << 14, lambda: list(hosts), 1 << 15)
+    assert value(fams, "xdpzoot_table_entries", table="uniform_classes") == len(owners) >= 1
     assert value(fams, "xdpzoot_table_capacity", table="uniform_classes") == 16383
+    # and the /24s of those with host entries in them (the others' class, in one line)
+    assert value(fams, "xdpzoot_table_entries", table="hosted_slash24s") == len(bits)
+    assert value(fams, "xdpzoot_table_capacity", table="hosted_slash24s") == 32767
     assert value(fams, "xdpzoot_csam_entries", kind="host", family="ipv4") == 2
     assert value(fams, "xdpzoot_csam_entries", kind="prefix", family="ipv6") == 1
     assert value(fams, "xdpzoot_table_entries", table="csam_hosts") == 3

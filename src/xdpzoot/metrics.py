@@ -323,7 +323,8 @@ class Collector:
         held = {**counts, "csam_hosts": st["hosts4"] + st["hosts6"],
                 "csam_prefixes": st["prefixes4"] + st["prefixes6"],
                 "manual_throttles": self.d.census.throttled.get("hand"),
-                "uniform_classes": inst.uniform_classes()}
+                "uniform_classes": inst.uniform_classes(),
+                "hosted_slash24s": inst.hosted_slash24s()}
         for table, n in inst.capacities().items():
             cap.add_metric([table], n)
             if held.get(table) is not None:

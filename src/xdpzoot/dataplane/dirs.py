@@ -17,7 +17,7 @@ Addresses are 16 bytes (IPv4 mapped into ::ffff:0:0/96), prefixes ``(len/128, ad
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from xdpzoot.dataplane import schema
@@ -176,14 +176,17 @@ def subscriber_added(d: bytearray, hosts: Iterable[bytes],
     return changed
 
 
-# ---- the class index (struct xz_sub_idx, xz_uniform) ---------------------------------------
+# ---- the class index (struct xz_sub_idx, xz_uniform, xz_sub_hosted) -----------------------
 # For each IPv4 /24 a 16-bit lane: 0, "look it up", or the index in xz_uniform of the class
 # of the one prefix that answers for every address of the /24: the longest IPv4 prefix of
-# /8../24 covering it whole, where no longer prefix lies and the directory says no host
-# entry does. A pool address's class is then two loads of small, hot arrays, not a walk of
-# the trie. Writers keep it true: every write of a host or prefix first zeroes the lanes
-# of the /24s the key touches (Maps._unshare), and a sync (Maps.sync_uniform) sets them
-# again.
+# /8../24 covering it whole, where no longer prefix lies and no host entry does. A pool
+# address's class is then two loads of small, hot arrays, not a walk of the trie. A /24
+# where host entries lie (static hosts in a pool, RADIUS sessions) has instead a lane of
+# HOSTED | n, entry n of xz_sub_hosted naming the /24, the class and which addresses are
+# host entries (those look up; the rest have the class). Writers keep it true: every write
+# of a prefix first zeroes the lanes of the /24s the key touches, a host entry's write
+# first marks its address (Maps._unshare), a host entry's delete unmarks it afterwards, and
+# a sync (Maps.sync_uniform) sets everything from the maps again.
 
 LANES = C["XZ_IDX_LANES"]
 UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)
@@ -209,18 +212,22 @@ def index_rows(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) ->
     return sorted(rows)
 
 
-def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray,
-            cap: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
+            hosts: Callable[[], Iterable[bytes]] = list, hosted_cap: int = 1,
+            ) -> tuple[np.ndarray, np.ndarray, list[int], dict[int, int]]:
     """The lanes the prefix map's ``prefixes`` (``(len/128, address)``) make with the
-    subscriber directory ``d``: (/24 numbers, their lane values, the prefix of each index:
-    ``owners[i - 1]`` is the position in ``prefixes`` of index i). At most ``cap - 1``
-    indexes (index 0 means none): the prefixes past them own no lanes."""
+    subscriber directory ``d`` and the host entries (``hosts()``, read only when the
+    directory says a /24 that a prefix covers whole may hold one): (/24 numbers, their
+    class's index, the prefix of each index: ``owners[i - 1]`` is the position in
+    ``prefixes`` of index i, {/24: a 256-bit mask of the addresses that are host entries}
+    for the /24s of the first array that hold any). At most ``cap - 1`` indexes (index 0
+    means none) and ``hosted_cap - 1`` /24s with hosts: those past them get no lane."""
     import numpy as np
 
     spans = [(n, s) for n, (plen, addr) in enumerate(prefixes)
              for s in [v4_span(plen, addr)] if s is not None]
     if not spans:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), []
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), [], {}
     pos = np.array([n for n, _ in spans], dtype=np.int64)   # in ``prefixes``
     first = np.array([s[0] for _, s in spans], dtype=np.int64)
     count = np.array([s[1] for _, s in spans], dtype=np.int64)
@@ -234,15 +241,32 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray,
     owner = np.repeat(pos[whole], counts)
     slash, at = np.unique(slash, return_index=True)   # each /24's longest
     owner = owner[at]
-    b = np.frombuffer(d, dtype=np.uint8)
-    no_host = (b[slash >> 2] >> ((slash & 3) << 1)) & NO_HOST
-    keep = ~np.isin(slash, partial) & (no_host != 0)
+    keep = ~np.isin(slash, partial)
     slash, owner = slash[keep], owner[keep]
+    b = np.frombuffer(d, dtype=np.uint8)
+    maybe = ((b[slash >> 2] >> ((slash & 3) << 1)) & NO_HOST) == 0
+    bits: dict[int, int] = {}
+    if maybe.any():   # which of them hold a host entry, and where
+        keys = np.frombuffer(b"".join(hosts()), dtype=np.uint8).reshape(-1, 16)
+        keys = keys[(keys[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)]
+        at24 = (keys[:, 12].astype(np.int64) << 16) | (keys[:, 13].astype(np.int64) << 8) \
+            | keys[:, 14]
+        there = np.isin(at24, slash[maybe])
+        for i, last in zip(at24[there].tolist(), keys[there, 15].tolist(), strict=True):
+            bits[i] = bits.get(i, 0) | 1 << last
+        over = sorted(bits)[max(hosted_cap - 1, 0):]   # no room: these /24s look up
+        for i in over:
+            del bits[i]
+        if over:
+            held = ~np.isin(slash, over)
+            slash, owner = slash[held], owner[held]
     owners = sorted(set(owner.tolist()))[:cap - 1]
     index = np.zeros(len(prefixes), dtype=np.int64)
     index[owners] = np.arange(1, len(owners) + 1)
     lanes = index[owner].astype(np.uint16)
-    return slash[lanes != 0], lanes[lanes != 0], owners
+    got = lanes != 0
+    slash = slash[got]
+    return slash, lanes[got], owners, {i: bits[i] for i in slash.tolist() if i in bits}
 
 
 def states(d: bytes | bytearray) -> np.ndarray:

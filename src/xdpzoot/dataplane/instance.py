@@ -555,6 +555,11 @@ class Instance:
         .sync_uniform; the rest take the trie)."""
         return self.maps.uniform_counts()[0]
 
+    def hosted_slash24s(self) -> int:
+        """/24s with host entries that the class index answers for (their other
+        addresses: the prefix's class; kernel.Maps._mark_hosts)."""
+        return self.maps.hosted_in_use()
+
     def capacities(self) -> dict[str, int]:
         """Entries each table can hold (the maps' max_entries; a CSAM table's per
         generation, the state slots without slot 0, which is the pools')."""
@@ -565,6 +570,7 @@ class Instance:
                 "pool_lru": m.pool_state.max_entries, "flows": m.flows.max_entries,
                 "manual_throttles": m.manual.max_entries,
                 "uniform_classes": m.uniform_map.max_entries - 1,
+                "hosted_slash24s": m.hosted_map.max_entries - 1,
                 "csam_hosts": m.csam_hosts[0].max_entries,
                 "csam_prefixes": m.csam_prefixes[0].max_entries}
 

@@ -28,6 +28,7 @@ from xdpzoot.dataplane.layout import (
     CLASS,
     CONTROL,
     COUNTER,
+    HOSTED,
     IDX_LANE,
     IDX_ROW,
     LPM_KEY,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
+HOSTED_LANE = schema.C["XZ_IDX_HOSTED"]   # a lane that names an entry of xz_sub_hosted
 UNIFORM_PAUSE_S = 0.01   # between unhooking a class index and reusing it: > any program run
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
 MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
@@ -110,6 +112,19 @@ _libbpf.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_char_p, ct.POINTER(ct.c_
                                          ct.c_void_p]
 _libbpf.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
                                     ct.c_void_p]
+
+
+def _hosted(bits: int, slash: int, idx: int) -> bytes:
+    """struct xz_sub_hosted: a 256-bit mask (bit b: address b of the /24), the /24, the
+    class's index."""
+    m = (1 << 64) - 1
+    return HOSTED.pack(*(bits >> (64 * k) & m for k in range(4)), slash, idx, 0, 0, 0)
+
+
+def _unhosted(raw: bytes) -> tuple[int, int, int]:
+    """(bits, slash, idx) of a struct xz_sub_hosted (_hosted's inverse)."""
+    v = HOSTED.unpack(raw)
+    return sum(x << (64 * k) for k, x in enumerate(v[:4])), v[4], v[5]
 
 
 def _check(rc: int, what: str) -> int:
@@ -1093,6 +1108,7 @@ class Maps:
     dir_map = property(lambda self: self.map("xz_sub_dir"))
     idx_map = property(lambda self: self.map("xz_sub_idx"))
     uniform_map = property(lambda self: self.map("xz_uniform"))
+    hosted_map = property(lambda self: self.map("xz_sub_hosted"))
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     allow = property(lambda self: self.map("xz_allow"))
@@ -1140,25 +1156,74 @@ class Maps:
         if m is self.prefix_map:
             self._unshare(m, keys)
         m.delete_many(keys, progress)
+        if m is self.host_map:
+            self._mark_hosts(keys, False)
 
     # ---- the class index (dirs.py): IPv4 /24 -> the class of the prefix that covers it --
     def _unshare(self, m: PinnedMap, keys: list[bytes]) -> None:
         """Before ``keys`` (packed) of the host or prefix map are written (or a prefix
-        deleted): the class index stops answering for the /24s where they lie, so that a
-        new host entry or longer prefix, or a prefix's new class, is looked up at once.
-        Whole entries of eight /24s are zeroed: never wrong, only slower until
-        sync_uniform. Nothing to do inside uniform_off."""
+        deleted): the class index stops answering for what they change, so that a new
+        host entry or longer prefix, or a prefix's new class, is looked up at once. A
+        prefix zeroes whole entries of eight /24s (never wrong, only slower until
+        sync_uniform); a host entry marks its address (_mark_hosts). Nothing to do inside
+        uniform_off."""
         if self._uniform_off:
             return
         if m is self.host_map:
-            rows = dirs.index_rows(keys, [])
+            self._mark_hosts(keys, True)
         elif m is self.prefix_map:
             rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in keys])
-        else:
+            self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
+
+    def _mark_hosts(self, keys: list[bytes], on: bool) -> None:
+        """Mark the IPv4 ``keys`` as host entries in the class index (before they are
+        written), or unmark them (after they are deleted). A /24 whose lane names a class
+        gets an entry of xz_sub_hosted with that class and the address marked (a number
+        above every one in use: none a program can still hold); without room, its lane is
+        zeroed. Marks and unmarks only change a bit, so a program reading the entry as it
+        is written finds either answer, and both are right at that moment."""
+        if self._uniform_off or not keys:
             return
-        if rows:
-            im = self.idx_map
-            im.update_items([U32.pack(r) for r in rows], bytes(im.value_size * len(rows)))
+        by24: dict[int, list[int]] = {}
+        for k in keys:
+            i = dirs.slash24(k)
+            if i is not None:
+                by24.setdefault(i, []).append(k[15])
+        if not by24:
+            return
+        im, hm = self.idx_map, self.hosted_map
+        rows = {r: bytearray(im.lookup(U32.pack(r))) for r in {i // dirs.LANES for i in by24}}
+        top = None
+        new_rows = {}
+        for i, last in sorted(by24.items()):
+            r, j = divmod(i, dirs.LANES)
+            v = IDX_LANE.unpack_from(rows[r], j * IDX_LANE.size)[0]
+            if not v:
+                continue
+            mask = sum(1 << b for b in set(last))
+            if v & HOSTED_LANE:
+                bits, at, idx = _unhosted(hm.lookup(U32.pack(v & ~HOSTED_LANE)))
+                if at != i:   # not this /24's (never so between syncs): look it up
+                    v = 0
+                else:
+                    bits = bits | mask if on else bits & ~mask
+                    hm.update(U32.pack(v & ~HOSTED_LANE), _hosted(bits, i, idx))
+                    continue
+            elif on:
+                top = _unhosted(hm.lookup(ZERO_KEY))[1] if top is None else top
+                if top + 1 < hm.max_entries:
+                    top += 1
+                    hm.update(U32.pack(top), _hosted(mask, i, v))
+                    v = HOSTED_LANE | top
+                else:
+                    v = 0
+            else:
+                continue
+            IDX_LANE.pack_into(rows[r], j * IDX_LANE.size, v)
+            new_rows[r] = bytes(rows[r])
+        if top is not None:
+            hm.update(ZERO_KEY, _hosted(0, top, _unhosted(hm.lookup(ZERO_KEY))[2]))
+        self._write_rows(new_rows)
 
     @contextlib.contextmanager
     def uniform_off(self) -> Iterator[None]:
@@ -1177,48 +1242,77 @@ class Maps:
         self.sync_uniform()
 
     def sync_uniform(self) -> None:
-        """Bring the class index to what the prefix map and the directory say
-        (dirs.uniform). Lanes that change are zeroed first, then the classes written,
-        then the lanes set: a program finds an index only with its own class (after a
-        pause when an index changes hands, longer than any program runs)."""
+        """Bring the class index to what the prefix map, the directory and the host
+        entries say (dirs.uniform). Lanes that change are zeroed first, then the classes
+        and the entries of /24s with hosts written, then the lanes set: a program finds an
+        index only with its own class (after a pause when an index or entry changes
+        hands, longer than any program runs)."""
         self.check_writer()
         keys, values = self.prefix_map.items()
         prefixes = [LPM_KEY.unpack(k) for k in keys]
-        im, um = self.idx_map, self.uniform_map
-        slash, lanes, owners = dirs.uniform(prefixes, self.read_dir(), um.max_entries)
+        im, um, hm = self.idx_map, self.uniform_map, self.hosted_map
+        slash, lanes, owners, bits = dirs.uniform(prefixes, self.read_dir(), um.max_entries,
+                                                  self.host_map.keys, hm.max_entries)
         rows = dirs.index_rows([], prefixes)   # no lane is set outside these
         have = {r: im.lookup(U32.pack(r)) for r in rows}
+        lane_of = dict(zip(slash.tolist(), lanes.tolist(), strict=True))
+        # a /24 with hosts keeps its entry of xz_sub_hosted; the others take free ones
+        held = {r * dirs.LANES + j: v & ~HOSTED_LANE for r, raw in have.items()
+                for j, v in enumerate(IDX_ROW.unpack(raw)) if v & HOSTED_LANE}
+        kept = {i: held[i] for i in bits if i in held}
+        free = (n for n in range(1, hm.max_entries) if n not in set(kept.values()))
+        number = {i: kept[i] if i in kept else next(free) for i in sorted(bits)}
         want = {r: bytearray(im.value_size) for r in rows}
-        for i, v in zip(slash.tolist(), lanes.tolist(), strict=True):
+        for i, v in lane_of.items():
+            v = HOSTED_LANE | number[i] if i in number else v
             IDX_LANE.pack_into(want[i // dirs.LANES], i % dirs.LANES * IDX_LANE.size, v)
         vs = CLASS.size   # a class in xz_uniform as in the trie
         new = {i + 1: values[o * vs:(o + 1) * vs] for i, o in enumerate(owners)}
         moved = {i for i, v in new.items() if um.lookup(U32.pack(i)) != v}
-        # 1: zero every lane that changes, or points at a class that does
+        entries = {n: _hosted(bits[i], i, lane_of[i]) for i, n in number.items()}
+        was = {n: hm.lookup(U32.pack(n)) for n in set(held.values()) | set(entries)}
+        moved_h = {n for n, v in entries.items() if was[n] != v}
+
+        def changing(v: int) -> bool:   # what a program that read lane v finds changes
+            if v & HOSTED_LANE:
+                n = v & ~HOSTED_LANE
+                return n in moved_h or _unhosted(was[n])[2] in moved
+            return v in moved
+        # 1: zero every lane that changes, or points at a class or entry that does
         stage, pause = {}, False
         for r in rows:
-            h = list(IDX_ROW.unpack(have[r]))
+            h = IDX_ROW.unpack(have[r])
             w = IDX_ROW.unpack(want[r])
-            keep = [a if a == b and a not in moved else 0 for a, b in zip(h, w, strict=True)]
-            pause |= any(a in moved and a != k for a, k in zip(h, keep, strict=True))
-            if keep != h:
+            keep = [a if a == b and not changing(a) else 0 for a, b in zip(h, w, strict=True)]
+            pause |= any(a and not k and changing(a) for a, k in zip(h, keep, strict=True))
+            if keep != list(h):
                 stage[r] = IDX_ROW.pack(*keep)
         self._write_rows(stage)
         if pause:
             time.sleep(UNIFORM_PAUSE_S)
-        # 2: the classes; 3: the lanes
+        # 2: the classes and the entries of /24s with hosts; 3: the lanes
         if moved:
             um.update_items([U32.pack(i) for i in sorted(moved)],
                             b"".join(new[i] for i in sorted(moved)))
+        if moved_h:
+            hm.update_items([U32.pack(n) for n in sorted(moved_h)],
+                            b"".join(entries[n] for n in sorted(moved_h)))
         self._write_rows({r: bytes(w) for r, w in want.items()
                           if bytes(w) != stage.get(r, have[r])})
-        # index 0 names no class: it keeps the counts (classes in sub_id, /24s in slot)
+        # index 0 names no class nor /24: it keeps the counts (classes in sub_id, /24s in
+        # slot; entries of /24s with hosts: the highest number in use, and how many)
         um.update(ZERO_KEY, pack_class(Entry(len(owners), 0, slot=len(slash))))
+        hm.update(ZERO_KEY, _hosted(0, max(number.values(), default=0), len(number)))
 
     def uniform_counts(self) -> tuple[int, int]:
         """(classes, /24s) the class index held at its last sync (0, 0 while off)."""
         e = _entry(CLASS.unpack(self.uniform_map.lookup(ZERO_KEY)))
         return e.sub_id, e.slot
+
+    def hosted_in_use(self) -> int:
+        """Entries of xz_sub_hosted in use (numbers given out since the last sync
+        included: a number is taken again at a sync only)."""
+        return _unhosted(self.hosted_map.lookup(ZERO_KEY))[1]
 
     def _write_rows(self, rows: dict[int, bytes]) -> None:
         if rows:
@@ -1376,6 +1470,8 @@ class Maps:
             self._unshare(m, [key])
         if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
             _check(-1, f"delete {m.path}")
+        if m is self.host_map:
+            self._mark_hosts([key], False)
 
     def count_dir_write(self) -> None:
         self.check_writer()
@@ -1403,6 +1499,7 @@ class Maps:
     def del_host(self, addr: bytes) -> None:
         self.check_writer()
         self.host_map.delete_many([addr])
+        self._mark_hosts([addr], False)
 
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
         self.check_writer()

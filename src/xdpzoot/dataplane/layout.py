@@ -174,6 +174,7 @@ MANUAL = struct.Struct("=IIQ")            # struct xz_manual: kbps, _pad, until
 COUNTER = struct.Struct("=QQ")            # struct xz_counter: packets, bytes
 IDX_ROW = struct.Struct(f"={schema.C['XZ_IDX_LANES']}H")   # struct xz_sub_idx: lanes
 IDX_LANE = struct.Struct("=H")            # one of them
+HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, idx, _pad
 
 
 class Control(NamedTuple):
