@@ -242,6 +242,45 @@ def test_data_plane_classifies_through_a_subscriber_load(dp, seed):
         check(dp, p, want.verdict, want.reason)
 
 
+def test_host_entries_keep_their_slash24_on_the_index(dp):
+    """A host entry in a pool's /24 (a static host, a session) marks its own address only:
+    the /24 keeps the pool's class for the others, through one entry that a delete
+    unmarks and a sync keeps; the verdicts are the host's and the pool's throughout."""
+    pool, host = addr16("100.64.4.0"), addr16("100.64.5.7")
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b",)))
+    prefixes = ClassTable()
+    prefixes.append(layout.LPM_KEY.pack(96 + 22, pool), Entry(1, 1))   # a dynamic /22
+    sync.apply_subscribers(dp.maps, ClassTable(), prefixes)
+    m, lane_at = dp.maps, (100 << 16 | 64 << 8 | 5)
+
+    def lane() -> int:
+        row = m.idx_map.lookup(layout.U32.pack(lane_at // dirs.LANES))
+        return layout.IDX_LANE.unpack_from(row, lane_at % dirs.LANES * 2)[0]
+
+    def verdicts(static_host: bool) -> None:
+        for ip, static in (("100.64.5.7", static_host), ("100.64.5.8", False),
+                           ("100.64.5.6", False), ("100.64.4.7", False)):
+            p = Packet("access", ip, "203.0.113.9", TCP, 40000, 25)
+            check(dp, p, "pass" if static else "drop", "ok" if static else "op25b")
+
+    assert 0 < lane() < kernel.HOSTED_LANE
+    verdicts(False)
+    m.set_host(host, Entry(7, 2))   # static: may send to :25
+    n = lane() & ~kernel.HOSTED_LANE
+    assert lane() & kernel.HOSTED_LANE and m.hosted_in_use() == n == 1
+    verdicts(True)
+    m.sync_uniform()
+    assert lane() == kernel.HOSTED_LANE | n
+    verdicts(True)
+    m.del_host(host)
+    assert kernel._unhosted(m.hosted_map.lookup(layout.U32.pack(n)))[0] == 0
+    verdicts(False)
+    m.sync_uniform()   # no host left: the plain lane again
+    assert 0 < lane() < kernel.HOSTED_LANE
+    verdicts(False)
+
+
 def _flip(e: Entry) -> Entry:
     """The other type: OP25B then stops or starts applying."""
     return e._replace(type=3 - e.type)

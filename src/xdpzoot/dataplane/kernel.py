@@ -1260,7 +1260,8 @@ class Maps:
         held = {r * dirs.LANES + j: v & ~HOSTED_LANE for r, raw in have.items()
                 for j, v in enumerate(IDX_ROW.unpack(raw)) if v & HOSTED_LANE}
         kept = {i: held[i] for i in bits if i in held}
-        free = (n for n in range(1, hm.max_entries) if n not in set(kept.values()))
+        taken = set(kept.values())
+        free = (n for n in range(1, hm.max_entries) if n not in taken)
         number = {i: kept[i] if i in kept else next(free) for i in sorted(bits)}
         want = {r: bytearray(im.value_size) for r in rows}
         for i, v in lane_of.items():
