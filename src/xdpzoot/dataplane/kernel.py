@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 BPF_FS_MAGIC = 0xCAFE4A11
 HOSTED_LANE = schema.C["XZ_IDX_HOSTED"]   # a lane that names an entry of xz_sub_hosted
+HOSTED_AT = 32   # where struct xz_sub_hosted's /24 is, after the mask's four words
+U64 = struct.Struct("=Q")
 UNIFORM_PAUSE_S = 0.01   # between unhooking a class index and reusing it: > any program run
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
 MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
@@ -1184,39 +1186,37 @@ class Maps:
         is written finds either answer, and both are right at that moment."""
         if self._uniform_off or not keys:
             return
-        by24: dict[int, list[int]] = {}
+        im, hm = self.idx_map, self.hosted_map
+        rows: dict[int, bytearray] = {}
+        new_rows = {}
+        top = None
         for k in keys:
             i = dirs.slash24(k)
-            if i is not None:
-                by24.setdefault(i, []).append(k[15])
-        if not by24:
-            return
-        im, hm = self.idx_map, self.hosted_map
-        rows = {r: bytearray(im.lookup(U32.pack(r))) for r in {i // dirs.LANES for i in by24}}
-        top = None
-        new_rows = {}
-        for i, last in sorted(by24.items()):
-            r, j = divmod(i, dirs.LANES)
-            v = IDX_LANE.unpack_from(rows[r], j * IDX_LANE.size)[0]
-            if not v:
+            if i is None:
                 continue
-            mask = sum(1 << b for b in set(last))
-            if v & HOSTED_LANE:
-                bits, at, idx = _unhosted(hm.lookup(U32.pack(v & ~HOSTED_LANE)))
-                if at != i:   # not this /24's (never so between syncs): look it up
-                    v = 0
-                else:
-                    bits = bits | mask if on else bits & ~mask
-                    hm.update(U32.pack(v & ~HOSTED_LANE), _hosted(bits, i, idx))
+            r, j = divmod(i, dirs.LANES)
+            if r not in rows:
+                rows[r] = bytearray(im.lookup(U32.pack(r)))
+            v = IDX_LANE.unpack_from(rows[r], j * IDX_LANE.size)[0]
+            if v & HOSTED_LANE:   # the address's bit, in place (one word of four)
+                n = U32.pack(v & ~HOSTED_LANE)
+                h = bytearray(hm.lookup(n))
+                if U32.unpack_from(h, HOSTED_AT)[0] == i:
+                    at, bit = k[15] >> 6 << 3, 1 << (k[15] & 63)
+                    w = U64.unpack_from(h, at)[0]
+                    if (w | bit if on else w & ~bit) != w:
+                        U64.pack_into(h, at, w ^ bit)
+                        hm.update(n, h)
                     continue
-            elif on:
+                v = 0   # not this /24's (never so between syncs): look it up
+            elif v and on:   # a new entry, numbered above every one in use
                 top = _unhosted(hm.lookup(ZERO_KEY))[1] if top is None else top
                 if top + 1 < hm.max_entries:
                     top += 1
-                    hm.update(U32.pack(top), _hosted(mask, i, v))
+                    hm.update(U32.pack(top), _hosted(1 << k[15], i, v))
                     v = HOSTED_LANE | top
                 else:
-                    v = 0
+                    v = 0   # no room: look it up
             else:
                 continue
             IDX_LANE.pack_into(rows[r], j * IDX_LANE.size, v)
