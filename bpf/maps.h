@@ -27,12 +27,13 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, struct xz_class, xz_prefixes, XZ_MAX_PREFI
 XZ_MAP("hash", __u32, struct xz_class, xz_contracts, XZ_MAX_SUBSCRIBERS, BPF_F_NO_PREALLOC);
 /* Which /24s have host entries or prefixes (XZ_SUB_DIR_* bits). cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_sub_dir, 1, 0);
-/* IPv4 /24 -> index of its prefix's class in xz_uniform (struct xz_sub_idx). cp writes. */
-XZ_MAP("array", __u32, struct xz_sub_idx, xz_sub_idx, (1 << 24) / XZ_IDX_LANES, 0);
+/* IPv4 /24 -> index of its prefix's class in xz_uniform (struct xz_sub_idx). cp writes
+ * (and reads and marks hosts through a mapping of its memory: no system call a session). */
+XZ_MAP("array", __u32, struct xz_sub_idx, xz_sub_idx, (1 << 24) / XZ_IDX_LANES, BPF_F_MMAPABLE);
 /* Classes of the prefixes xz_sub_idx points at, the same values as the trie's. cp writes. */
 XZ_MAP("array", __u32, struct xz_class, xz_uniform, XZ_MAX_UNIFORM, 0);
 /* /24s with a few host entries that xz_sub_idx points at (struct xz_sub_hosted). cp writes. */
-XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, 0);
+XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, BPF_F_MMAPABLE);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
 /*

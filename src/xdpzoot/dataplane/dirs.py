@@ -183,10 +183,10 @@ def subscriber_added(d: bytearray, hosts: Iterable[bytes],
 # address's class is then two loads of small, hot arrays, not a walk of the trie. A /24
 # where host entries lie (static hosts in a pool, RADIUS sessions) has instead a lane of
 # HOSTED | n, entry n of xz_sub_hosted naming the /24, the class and which addresses are
-# host entries (those look up; the rest have the class). Writers keep it true: every write
-# of a prefix first zeroes the lanes of the /24s the key touches, a host entry's write
-# first marks its address (Maps._unshare), a host entry's delete unmarks it afterwards, and
-# a sync (Maps.sync_uniform) sets everything from the maps again.
+# host entries (those look up; the rest have the class; a mark without a host entry only
+# costs a lookup). Writers keep it true: every write of a prefix first zeroes the lanes of
+# the /24s the key touches, a host entry's write first marks its address (Maps._unshare),
+# and a sync (Maps.sync_uniform) sets everything from the maps again.
 
 LANES = C["XZ_IDX_LANES"]
 UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import mmap
 import os
 import re
 import struct
@@ -56,8 +57,8 @@ if TYPE_CHECKING:
 
 BPF_FS_MAGIC = 0xCAFE4A11
 HOSTED_LANE = schema.C["XZ_IDX_HOSTED"]   # a lane that names an entry of xz_sub_hosted
-HOSTED_AT = 32   # where struct xz_sub_hosted's /24 is, after the mask's four words
-U64 = struct.Struct("=Q")
+HOSTED_WORDS = HOSTED.size // 8   # struct xz_sub_hosted in 64-bit words:
+HOSTED_AT = 4                     # the one of the /24 (low half) and the class (high)
 UNIFORM_PAUSE_S = 0.01   # between unhooking a class index and reusing it: > any program run
 DEFAULT_PIN_DIR = "/sys/fs/bpf/xdpzoot"
 MAPS = ("xz_hosts", "xz_prefixes", "xz_allow", "xz_control", "xz_counters", "xz_csam_h0",
@@ -494,6 +495,14 @@ class PinnedMap:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def view(self, fmt: str) -> memoryview:
+        """The values of an array made with BPF_F_MMAPABLE, mapped into this process, as
+        ``fmt`` items: read and written without a system call."""
+        size = self.max_entries * ((self.value_size + 7) // 8 * 8)
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        return memoryview(mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)).cast(fmt)
 
     def __enter__(self) -> PinnedMap:
         return self
@@ -1090,6 +1099,8 @@ class Maps:
         for m in self._open.values():
             m.close()
         self._open.clear()
+        self.__dict__.pop("lanes", None)
+        self.__dict__.pop("hosted_words", None)
 
     def __enter__(self) -> Maps:
         return self
@@ -1111,6 +1122,16 @@ class Maps:
     idx_map = property(lambda self: self.map("xz_sub_idx"))
     uniform_map = property(lambda self: self.map("xz_uniform"))
     hosted_map = property(lambda self: self.map("xz_sub_hosted"))
+
+    @functools.cached_property
+    def lanes(self) -> memoryview:
+        """The class index's lanes, mapped: item i is IPv4 /24 number i's."""
+        return self.idx_map.view("H")
+
+    @functools.cached_property
+    def hosted_words(self) -> memoryview:
+        """xz_sub_hosted, mapped: entry n is words n * 8 .. n * 8 + 7 (HOSTED)."""
+        return self.hosted_map.view("Q")
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     allow = property(lambda self: self.map("xz_allow"))
@@ -1158,8 +1179,6 @@ class Maps:
         if m is self.prefix_map:
             self._unshare(m, keys)
         m.delete_many(keys, progress)
-        if m is self.host_map:
-            self._mark_hosts(keys, False)
 
     # ---- the class index (dirs.py): IPv4 /24 -> the class of the prefix that covers it --
     def _unshare(self, m: PinnedMap, keys: list[bytes]) -> None:
@@ -1172,58 +1191,49 @@ class Maps:
         if self._uniform_off:
             return
         if m is self.host_map:
-            self._mark_hosts(keys, True)
+            self._mark_hosts(keys)
         elif m is self.prefix_map:
             rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in keys])
             self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
 
-    def _mark_hosts(self, keys: list[bytes], on: bool) -> None:
-        """Mark the IPv4 ``keys`` as host entries in the class index (before they are
-        written), or unmark them (after they are deleted). A /24 whose lane names a class
-        gets an entry of xz_sub_hosted with that class and the address marked (a number
-        above every one in use: none a program can still hold); without room, its lane is
-        zeroed. Marks and unmarks only change a bit, so a program reading the entry as it
-        is written finds either answer, and both are right at that moment."""
+    def _mark_hosts(self, keys: list[bytes]) -> None:
+        """Mark the IPv4 ``keys`` as host entries in the class index, before they are
+        written. A /24 whose lane names a class gets an entry of xz_sub_hosted with that
+        class and the address marked (a number above every one in use: none a program can
+        still hold); without room, its lane is zeroed. A mark changes one bit, so a program
+        reading the entry as it is written finds it either way, and both answers are right
+        until the entry is written. A delete leaves the mark (an address without a host
+        entry that is marked is looked up: slower, not wrong) until sync_uniform: where
+        sessions come and go, the addresses without one carry little traffic, and a Stop
+        then costs no more than before."""
         if self._uniform_off or not keys:
             return
-        im, hm = self.idx_map, self.hosted_map
-        rows: dict[int, bytearray] = {}
-        new_rows = {}
+        lanes, q, hm = self.lanes, self.hosted_words, self.hosted_map
+        publish: dict[int, int] = {}   # /24 -> its new lane, written as rows at the end
         top = None
         for k in keys:
             i = dirs.slash24(k)
             if i is None:
                 continue
-            r, j = divmod(i, dirs.LANES)
-            if r not in rows:
-                rows[r] = bytearray(im.lookup(U32.pack(r)))
-            v = IDX_LANE.unpack_from(rows[r], j * IDX_LANE.size)[0]
-            if v & HOSTED_LANE:   # the address's bit, in place (one word of four)
-                n = U32.pack(v & ~HOSTED_LANE)
-                h = bytearray(hm.lookup(n))
-                if U32.unpack_from(h, HOSTED_AT)[0] == i:
-                    at, bit = k[15] >> 6 << 3, 1 << (k[15] & 63)
-                    w = U64.unpack_from(h, at)[0]
-                    if (w | bit if on else w & ~bit) != w:
-                        U64.pack_into(h, at, w ^ bit)
-                        hm.update(n, h)
+            v = publish.get(i, lanes[i])
+            if v & HOSTED_LANE:
+                e = (v & ~HOSTED_LANE) * HOSTED_WORDS
+                if q[e + HOSTED_AT] & 0xFFFF_FFFF == i:   # the bit, set in place
+                    q[e + (k[15] >> 6)] |= 1 << (k[15] & 63)
                     continue
-                v = 0   # not this /24's (never so between syncs): look it up
-            elif v and on:   # a new entry, numbered above every one in use
+                publish[i] = 0   # not this /24's (never so between syncs): look it up
+            elif v:   # a new entry, numbered above every one in use
                 top = _unhosted(hm.lookup(ZERO_KEY))[1] if top is None else top
+                publish[i] = 0   # no room: look it up
                 if top + 1 < hm.max_entries:
                     top += 1
                     hm.update(U32.pack(top), _hosted(1 << k[15], i, v))
-                    v = HOSTED_LANE | top
-                else:
-                    v = 0   # no room: look it up
-            else:
-                continue
-            IDX_LANE.pack_into(rows[r], j * IDX_LANE.size, v)
-            new_rows[r] = bytes(rows[r])
+                    publish[i] = HOSTED_LANE | top
         if top is not None:
             hm.update(ZERO_KEY, _hosted(0, top, _unhosted(hm.lookup(ZERO_KEY))[2]))
-        self._write_rows(new_rows)
+        rows = {i // dirs.LANES for i in publish}
+        self._write_rows({r: IDX_ROW.pack(*(publish.get(r * dirs.LANES + j, lanes[
+            r * dirs.LANES + j]) for j in range(dirs.LANES))) for r in sorted(rows)})
 
     @contextlib.contextmanager
     def uniform_off(self) -> Iterator[None]:
@@ -1471,8 +1481,6 @@ class Maps:
             self._unshare(m, [key])
         if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
             _check(-1, f"delete {m.path}")
-        if m is self.host_map:
-            self._mark_hosts([key], False)
 
     def count_dir_write(self) -> None:
         self.check_writer()
@@ -1500,7 +1508,6 @@ class Maps:
     def del_host(self, addr: bytes) -> None:
         self.check_writer()
         self.host_map.delete_many([addr])
-        self._mark_hosts([addr], False)
 
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
         self.check_writer()
