@@ -82,7 +82,7 @@ def assert_promises(d: bytes, hosts, prefixes) -> None:
                 assert listed(hosts, prefixes, a) == (a in hosts)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(lst=lists())
 def test_csam_directory_is_exact(lst):
     hosts, prefixes = lst
@@ -100,7 +100,7 @@ def test_csam_directory_is_exact(lst):
             assert dirs.get(d, i) == dirs.ALL
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(old=lists(), new=lists())
 def test_csam_directory_changed_entry_by_entry_tells_the_truth(old, new):
     entries = lambda h, p: {(128, a) for a in h} | set(p)  # noqa: E731
@@ -116,7 +116,7 @@ def test_csam_directory_ignores_ipv6_and_starts_looking_everywhere():
     assert dirs.get(bytes(dirs.BYTES), 12345) == dirs.LOOK   # zeros: look everything up
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(lst=lists(), more=lists())
 def test_subscriber_directory_says_absent_only_what_is(lst, more):
     hosts, prefixes = lst
@@ -133,7 +133,7 @@ def test_subscriber_directory_says_absent_only_what_is(lst, more):
                     assert not state & dirs.NO_PREFIX
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(lst=lists(), more=lists())
 def test_class_index_answers_only_for_whole_uniform_slash24s(lst, more):
     """A lane that names a prefix promises, for every address of its /24 but those it

@@ -112,7 +112,7 @@ def csv_texts(draw) -> str:
     return newline.join(lines) + draw(st.sampled_from(["", newline]))
 
 
-@settings(max_examples=1300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(csv_texts(), st.booleans())
 def test_bulk_parser_agrees_with_row_by_row(text: str, strict: bool) -> None:
     """Whatever the bulk parser accepts, the row-by-row parser gives the same rows for; what
@@ -273,7 +273,7 @@ entries = st.builds(Entry, st.integers(1, 8), st.sampled_from((DYNAMIC, STATIC))
 kernel_entries = st.builds(lambda e, slot: e._replace(slot=slot), entries, st.integers(0, 12))
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.dictionaries(addresses, kernel_entries, max_size=12),
        st.dictionaries(prefix_keys, kernel_entries, max_size=5),
        st.dictionaries(addresses, entries, max_size=12),

@@ -252,8 +252,13 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
         at24 = (keys[:, 12].astype(np.int64) << 16) | (keys[:, 13].astype(np.int64) << 8) \
             | keys[:, 14]
         there = np.isin(at24, slash[maybe])
-        for i, last in zip(at24[there].tolist(), keys[there, 15].tolist(), strict=True):
-            bits[i] = bits.get(i, 0) | 1 << last
+        held, row = np.unique(at24[there], return_inverse=True)
+        last = keys[there, 15].astype(np.uint64)
+        words = np.zeros((len(held), 4), dtype=np.uint64)   # the mask's four words a /24
+        np.bitwise_or.at(words, (row, (last >> np.uint64(6)).astype(np.int64)),
+                         np.uint64(1) << (last & np.uint64(63)))
+        bits = {i: sum(w << (64 * k) for k, w in enumerate(ws))
+                for i, ws in zip(held.tolist(), words.tolist(), strict=True)}
         over = sorted(bits)[max(hosted_cap - 1, 0):]   # no room: these /24s look up
         for i in over:
             del bits[i]
