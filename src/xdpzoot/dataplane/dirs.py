@@ -201,10 +201,10 @@ def v4_span(plen: int, addr: bytes) -> tuple[int, int] | None:
     return s[0], s[1]
 
 
-def index_rows(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
+def index_rows(prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
     """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
-    ``hosts`` and ``prefixes`` (``(len/128, address)``) lie, in order."""
-    rows = {i // LANES for i in map(slash24, hosts) if i is not None}
+    ``prefixes`` (``(len/128, address)``) lie, in order."""
+    rows: set[int] = set()
     for plen, addr in prefixes:
         s = v4_span(plen, addr)
         if s is not None:
@@ -213,7 +213,7 @@ def index_rows(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) ->
 
 
 def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
-            hosts: Callable[[], Iterable[bytes]] = list, hosted_cap: int = 1,
+            hosts: Callable[[], Iterable[bytes]], hosted_cap: int,
             ) -> tuple[np.ndarray, np.ndarray, list[int], dict[int, int]]:
     """The lanes the prefix map's ``prefixes`` (``(len/128, address)``) make with the
     subscriber directory ``d`` and the host entries (``hosts()``, read only when the
@@ -263,8 +263,8 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
         for i in over:
             del bits[i]
         if over:
-            held = ~np.isin(slash, over)
-            slash, owner = slash[held], owner[held]
+            room = ~np.isin(slash, over)
+            slash, owner = slash[room], owner[room]
     owners = sorted(set(owner.tolist()))[:cap - 1]
     index = np.zeros(len(prefixes), dtype=np.int64)
     index[owners] = np.arange(1, len(owners) + 1)

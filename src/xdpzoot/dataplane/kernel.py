@@ -1193,7 +1193,7 @@ class Maps:
         if m is self.host_map:
             self._mark_hosts(keys)
         elif m is self.prefix_map:
-            rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in keys])
+            rows = dirs.index_rows([LPM_KEY.unpack(k) for k in keys])
             self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
 
     def _mark_hosts(self, keys: list[bytes]) -> None:
@@ -1206,7 +1206,7 @@ class Maps:
         entry that is marked is looked up: slower, not wrong) until sync_uniform: where
         sessions come and go, the addresses without one carry little traffic, and a Stop
         then costs no more than before."""
-        if self._uniform_off or not keys:
+        if not keys:
             return
         lanes, q, hm = self.lanes, self.hosted_words, self.hosted_map
         publish: dict[int, int] = {}   # /24 -> its new lane, written as rows at the end
@@ -1241,7 +1241,7 @@ class Maps:
         (so that a million writes need not zero lanes one by one), and is set from the
         maps again at the end (not after an error: it then stays off, which is safe)."""
         self.check_writer()
-        rows = dirs.index_rows([], [LPM_KEY.unpack(k) for k in self.prefix_map.keys()])
+        rows = dirs.index_rows([LPM_KEY.unpack(k) for k in self.prefix_map.keys()])
         self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
         self.uniform_map.update(ZERO_KEY, bytes(CLASS.size))   # its counts: none
         self._uniform_off = True
@@ -1263,7 +1263,7 @@ class Maps:
         im, um, hm = self.idx_map, self.uniform_map, self.hosted_map
         slash, lanes, owners, bits = dirs.uniform(prefixes, self.read_dir(), um.max_entries,
                                                   self.host_map.keys, hm.max_entries)
-        rows = dirs.index_rows([], prefixes)   # no lane is set outside these
+        rows = dirs.index_rows(prefixes)   # no lane is set outside these
         have = {r: im.lookup(U32.pack(r)) for r in rows}
         lane_of = dict(zip(slash.tolist(), lanes.tolist(), strict=True))
         # a /24 with hosts keeps its entry of xz_sub_hosted; the others take free ones
