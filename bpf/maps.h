@@ -48,6 +48,12 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
+/* Per generation: the IPv4 exact addresses again, in lines (struct xz_csam_line). cp
+ * writes (through a mapping of its memory), dp reads. */
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l0, 1 << XZ_CSAM_LINE_BITS,
+       BPF_F_MMAPABLE);
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l1, 1 << XZ_CSAM_LINE_BITS,
+       BPF_F_MMAPABLE);
 /* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);

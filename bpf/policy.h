@@ -154,9 +154,43 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
 	}
 }
 
+/* Whether IPv4 address ``a`` is one of the list's exact addresses, from its line of
+ * generation ``gen`` (struct xz_csam_line): 1 yes, 0 no, -1 ask the hash. ``i``: the
+ * caller's key slot for the lookup, given back as it was (holding 0): a new slot, or one
+ * left holding something else, doubled the paths 6.18's verifier walks through the rest
+ * of the pipeline, past its limit. */
+static __always_inline int xz_csam_line_has(struct xz_addr *a, int gen, __u32 *i)
+{
+	__u32 ip = *(__u32 *)&a->addr[12];
+	struct xz_csam_line *l;
+	__u64 hit = 0, more;
+
+	*i = (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+	l = gen ? xz_csam_l1.lookup(i) : xz_csam_l0.lookup(i);
+	*(volatile __u32 *)i = 0;
+	if (!l)
+		return -1;
+	/* Without a branch (a compare is one in BPF, and each multiplied the paths the
+	 * verifier walks through the rest of the pipeline): x - 1 borrows into bit 63 only
+	 * when x is 0. 0.0.0.0 matches a free slot: never a hit (the control plane counts it
+	 * in ``more``). */
+#pragma unroll
+	for (int k = 0; k < XZ_CSAM_LINE_KEYS; k++) {
+		__u64 x = (__u64)(l->a[k] ^ ip) - 1;
+
+		asm volatile("" : "+r"(x));   /* else clang makes it a compare again */
+		hit |= x >> 63;
+	}
+	hit &= ((__u64)ip + 0xFFFFFFFFULL) >> 32;          /* ip != 0 */
+	more = ((__u64)l->more + 0xFFFFFFFFULL) >> 32;     /* more != 0 */
+	asm volatile("" : "+r"(hit), "+r"(more));
+	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask the hash */
+}
+
 /* Is the address on the CSAM list in force? For IPv4 the generation's directory
  * answers for most /24s on its own (nothing listed, or all of it); else the exact
- * host, then the prefix. A kind of entry the list does not have is not looked up. */
+ * host (for IPv4 its line, and the hash only where the line says so), then the
+ * prefix. A kind of entry the list does not have is not looked up. */
 static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
@@ -173,7 +207,13 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 			return 1;
 	}
 	if (csam & XZ_CSAM_HOSTS) {
-		if (gen ? !!xz_csam_h1.lookup(a) : !!xz_csam_h0.lookup(a))
+		int has = -1;
+
+		if (family == 4 && (csam & XZ_CSAM_LINED))
+			has = xz_csam_line_has(a, gen, &zero);
+		if (has < 0)
+			has = gen ? !!xz_csam_h1.lookup(a) : !!xz_csam_h0.lookup(a);
+		if (has)
 			return 1;
 	}
 	if (look == XZ_CSAM_DIR_HOSTS || !(csam & XZ_CSAM_PREFIXES))

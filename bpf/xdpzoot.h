@@ -108,6 +108,24 @@ struct xz_sub_hosted {
 #define XZ_CSAM_DIR_HOSTS 1        /* only exact addresses here: the hash alone */
 #define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
 #define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
+/*
+ * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
+ * address a (its four bytes as a native word, network order in memory) lies in line
+ * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_LINE_BITS): one miss where the hash takes
+ * two (its bucket, then its element). The hash stays whole: a line's ``more`` counts the
+ * addresses that belong to it but did not fit (and 0.0.0.0, which a free slot would
+ * match), so that only that line's lookups go on to the hash. The control word says
+ * whether the generation in force has its lines (XZ_CSAM_LINED).
+ */
+#ifndef XZ_CSAM_LINE_BITS
+#define XZ_CSAM_LINE_BITS 17       /* 2^17 lines (8 MiB) per generation: XZ_MAX_CSAM_HOSTS / 8 */
+#endif
+#define XZ_CSAM_LINE_KEYS 15
+#define XZ_CSAM_HASH 2654435761U  /* Knuth's multiplicative hash, 2^32 / the golden ratio */
+struct xz_csam_line {
+	__u32 a[XZ_CSAM_LINE_KEYS];  /* addresses; 0: a free slot */
+	__u32 more;                   /* addresses of this line only in the hash */
+};
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */
 #define XZ_SUB_DIR_NO_HOST 2       /* no host entry lies in it */
@@ -237,6 +255,7 @@ struct xz_flow {
 #define XZ_CSAM_GEN (1 << 0)        /* generation 0 or 1 */
 #define XZ_CSAM_HOSTS (1 << 1)      /* it has exact addresses: look in the hash */
 #define XZ_CSAM_PREFIXES (1 << 2)   /* it has prefixes: look in the trie */
+#define XZ_CSAM_LINED (1 << 3)      /* its IPv4 addresses are in its lines (xz_csam_line) */
 
 struct xz_control {
 	__u32 flags;

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from xdpzoot import tables
-from xdpzoot.dataplane import blocklist, kernel, layout, schema
+from xdpzoot.dataplane import blocklist, dirs, kernel, layout, schema
 from xdpzoot.sources import csam
 from xdpzoot.sources.files import MAX_SHOWN, SourceError
 
@@ -472,6 +472,8 @@ MAP_LAYOUTS = {
     "xz_trace_state": (layout.U32, layout.TRACE_STATE),
     "xz_sub_idx": (layout.U32, layout.IDX_ROW), "xz_uniform": (layout.U32, layout.CLASS),
     "xz_sub_hosted": (layout.U32, layout.HOSTED),
+    "xz_csam_l0": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_l1": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
 }
 
 
@@ -585,6 +587,8 @@ def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.K
     """The generation in force is exactly this list; check() and status() say so."""
     gen, word, h, p = in_force(m)
     assert (h, p) == (hosts, prefixes)
+    assert word & C["XZ_CSAM_LINED"]
+    lines_hold(m.csam_lines(gen), hosts)
     assert bool(word & C["XZ_CSAM_HOSTS"]) == bool(hosts)
     assert bool(word & C["XZ_CSAM_PREFIXES"]) == bool(prefixes)
     model = tables.Tables(csam_hosts=set(hosts), csam_prefixes=set(prefixes))
@@ -598,6 +602,18 @@ def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.K
     assert {k: st_[k] for k in ("hosts4", "hosts6", "prefixes4", "prefixes6")} == \
         counts_of(hosts, prefixes)
     assert blocklist.in_force(m, data)
+
+
+def lines_hold(t, hosts: set[bytes]) -> None:
+    """The lines hold the IPv4 ``hosts``: each in a slot of its line or counted in its
+    ``more``, and nothing else."""
+    words = dirs.v4_words(hosts)
+    per_line = Counter(dirs.line_of(words, len(t)).tolist())
+    slots = t[:, :dirs.LINE_KEYS]
+    assert {int(w) for w in slots[slots != 0]} <= set(words.tolist())
+    assert (slots != 0).sum() + t[:, dirs.LINE_KEYS].sum() == len(words)
+    for i, n in per_line.items():
+        assert (slots[i] != 0).sum() + t[i, dirs.LINE_KEYS] == n
 
 
 def load(m: kernel.Maps, data: bytes) -> blocklist.LoadResult:
@@ -664,7 +680,7 @@ def test_load_switch_steps(maps):
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
     assert r == blocklist.LoadResult(0, n_b, 1 - gen0, True)
     agree(maps, b"# empty\n", set(), set(), former)
-    assert maps.word()[1] == 1 - gen0
+    assert maps.word()[1] == (1 - gen0) | C["XZ_CSAM_LINED"]
     for a in former:
         assert blocklist.check(maps, a) is None
 

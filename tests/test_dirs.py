@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import sys
 
+import numpy as np
 import packets
 import pytest
 from bpfcases import flags_of, load, run_one
@@ -210,6 +212,42 @@ def test_data_plane_agrees_through_full_and_changed_loads(dp, cmaps, steps):
                            else ("pass", "unknown")))
 
 
+def crowd(n: int, nlines: int) -> list[str]:
+    """``n`` addresses of 100.64.0.0/10 (shared space) that share one line of a table of
+    ``nlines`` (the one most of them share)."""
+    first = int(ipaddress.ip_address("100.64.0.0"))
+    ips = np.arange(first, first + (1 << 22), dtype=np.uint32)
+    words = ips.astype(">u4").view(np.uint32) if sys.byteorder == "little" else ips
+    li = dirs.line_of(words, nlines)
+    return [str(ipaddress.ip_address(int(a))) for a in ips[li == np.bincount(li).argmax()][:n]]
+
+
+def test_a_full_line_leaves_the_rest_to_the_hash(dp, cmaps):
+    """Twenty listed addresses that share one line: fifteen fill its slots, the others are
+    counted in its ``more`` and found in the hash; unlisted addresses of the line pass.
+    0.0.0.0, which a free slot would match, is always the hash's. Through a whole load, a
+    load by difference (some out of the slots, some out of ``more``, some new), and back."""
+    dp.reset()
+    cmaps.set_word(0)
+    for g in (0, 1):   # nothing trusted: the first load is a whole one
+        cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
+    nlines = len(cmaps.csam_lines(0))
+    addrs = crowd(26, nlines)
+    first, second = addrs[:20] + ["0.0.0.0"], addrs[3:17] + addrs[20:23]
+    line = dirs.line_of(dirs.v4_words([tables.addr16(addrs[0])]), nlines)[0]
+    for on in (first, second, first):
+        blocklist.load(cmaps, ("\n".join(on) + "\n").encode())
+        _, word = cmaps.word()
+        assert word & dirs.C["XZ_CSAM_LINED"]
+        t = cmaps.csam_lines(word & dirs.C["XZ_CSAM_GEN"])
+        used = int((t[line, :dirs.LINE_KEYS] != 0).sum())
+        n = len(on) - ("0.0.0.0" in on)
+        assert used + t[line, dirs.LINE_KEYS] == n and used >= min(n, dirs.LINE_KEYS) - 6
+        for a in [*addrs, "0.0.0.0", "0.0.0.1"]:
+            p = Packet("access", "100.64.0.5", a, TCP, 40000, 443)
+            check(dp, p, *(("drop", "csam") if a in on else ("pass", "unknown")))
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))
@@ -331,3 +369,57 @@ def test_class_index_follows_changes_entry_by_entry(dp, seed):
             p = Packet("access", str(tables.ip_of(p_)), "203.0.113.9", TCP, 40000, 25)
             want = model.decide(p, flags_of(("op25b",)), t)
             check(dp, p, want.verdict, want.reason)
+
+
+# ---- the CSAM list's IPv4 addresses in lines ------------------------------------------------
+
+
+def line_holds(t: np.ndarray, words: set[int]) -> None:
+    """``t`` holds exactly ``words``: each in a slot of its line or counted in its ``more``,
+    nothing else in a slot, and each line's ``more`` the count of the others."""
+    want = np.zeros(len(t), dtype=np.int64)
+    for w in words:
+        want[dirs.line_of(np.array([w], dtype=np.uint32), len(t))[0]] += 1
+    slots = t[:, :dirs.LINE_KEYS]
+    held = {int(w) for w in slots[slots != 0]}
+    assert held <= words and 0 not in held
+    assert len(held) == int((slots != 0).sum())   # no address twice
+    for w in held:
+        assert w in slots[dirs.line_of(np.array([w], dtype=np.uint32), len(t))[0]]
+    assert ((slots != 0).sum(axis=1) + t[:, dirs.LINE_KEYS] == want).all()
+
+
+# A few lines (4 or 8) and words that crowd them, 0 (0.0.0.0) among them.
+@settings(max_examples=100, deadline=None)
+@given(bits=st.sampled_from([2, 3]),
+       steps=st.lists(st.tuples(st.booleans(), st.sets(st.integers(0, 200), max_size=40)),
+                      max_size=6))
+def test_lines_hold_the_list_and_keep_what_stays(bits, steps):
+    """Any run of additions and removals leaves every address in its line or counted in
+    its ``more``, and never moves an address that stays (a program reading the line while
+    it is written finds it)."""
+    t = np.zeros((1 << bits, dirs.LINE_WORDS), dtype=np.uint32)
+    have: set[int] = set()
+    for add, ws in steps:
+        ws = {w * 0x01010101 % (1 << 32) for w in ws}   # spread over the bytes, 0 kept
+        before = t.copy()
+        if add:
+            dirs.lines_add(t, np.array(sorted(ws - have), dtype=np.uint32))
+            have |= ws
+        else:
+            dirs.lines_remove(t, np.array(sorted(ws & have), dtype=np.uint32))
+            have -= ws
+        line_holds(t, have)
+        kept = (before[:, :dirs.LINE_KEYS] != 0) & np.isin(before[:, :dirs.LINE_KEYS],
+                                                          np.array(sorted(have), np.uint32))
+        assert (t[:, :dirs.LINE_KEYS][kept] == before[:, :dirs.LINE_KEYS][kept]).all()
+    line_holds(dirs.lines_of(np.array(sorted(have), dtype=np.uint32), len(t)), have)
+
+
+def test_line_of_is_the_programs_hash():
+    """The line is the top bits of the word times XZ_CSAM_HASH mod 2^32, as policy.h has it;
+    the word is the address's four bytes as the CPU loads them."""
+    words = dirs.v4_words([V4 + bytes([192, 0, 2, 66]), bytes(15) + b"\x01"])
+    assert words.tolist() == [int.from_bytes(bytes([192, 0, 2, 66]), sys.byteorder)]
+    w = int(words[0])
+    assert dirs.line_of(words, 1 << 17).tolist() == [(w * 2654435761 % (1 << 32)) >> 15]

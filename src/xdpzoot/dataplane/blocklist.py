@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xdpzoot.dataplane import dirs, kernel, schema
 from xdpzoot.dataplane.kernel import Maps
@@ -32,6 +33,9 @@ from xdpzoot.dataplane.layout import LPM_KEY, META
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import HOST, LISTED, CsamList
 from xdpzoot.sources.files import check_room, check_shrink
+
+if TYPE_CHECKING:
+    import numpy as np
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 C = schema.C
@@ -91,7 +95,8 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
                                               memo=memo)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
-    maps.set_word(idle | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
+    maps.set_word(idle | C["XZ_CSAM_LINED"]
+                  | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
     # The generation that was in force is idle now. (A packet that read the control word
     # before the switch may still look it up for a few microseconds: it finds a mix of the
@@ -134,14 +139,21 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
                    "limits.csam_prefixes")
     # Until it is written whole, the generation holds no list that anything may trust.
     maps.meta.update(struct.pack("=I", gen), bytes(META.size))
+    # Its lines hold its hash's IPv4 addresses when it held a list (the same writes change
+    # both); else they are made anew from the hash, once it is written.
+    lines = maps.csam_lines(gen) if old else None
     if delta is not None:
-        added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress)
+        added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines)
         dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
                          map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
         maps.write_csam_dir(gen, old_dir)
     else:
-        added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo)
+        added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,
+                                     lines)
         counts, dups = lst.counts(), lst.dups
+    if lines is None:
+        lines = maps.csam_lines(gen)
+        lines[:] = dirs.lines_of(dirs.v4_words(maps.csam_hosts[gen].keys()), len(lines))
     if text:
         kernel.repin(text, maps.text_path(gen))
     else:
@@ -168,9 +180,10 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
-                memo: dict) -> tuple[int, int]:
-    """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back;
-    (added, removed). ``memo["dir"]``: the list's directory, computed on first use."""
+                memo: dict, lines: np.ndarray | None) -> tuple[int, int]:
+    """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
+    and its ``lines`` (when they hold its keys) with them; (added, removed).
+    ``memo["dir"]``: the list's directory, computed on first use."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     have_h = set(maps.csam_hosts[gen].keys())
@@ -183,6 +196,9 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     maps.csam_prefixes[gen].delete_many(del_p, step)
     maps.csam_hosts[gen].update_many(add_h, LISTED, step)
     maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
+    if lines is not None:
+        dirs.lines_remove(lines, dirs.v4_words(del_h))
+        dirs.lines_add(lines, dirs.v4_words(add_h))
     if "dir" not in memo:
         memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
@@ -190,10 +206,11 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
-                 progress: Progress | None
+                 progress: Progress | None, lines: np.ndarray
                  ) -> tuple[int, int, dict[str, int], dict[bytes, int]]:
     """Apply ``delta`` (per entry: lines that write it, added less removed) to generation
-    ``gen``, which holds ``old``; (added, removed, counts, entries on more than one line).
+    ``gen``, which holds ``old``, and to its ``lines``; (added, removed, counts, entries on
+    more than one line).
 
     An entry goes when no line writes it any more: on one line unless ``old.dups`` says
     more. An entry some added line writes is written unless the generation has it (then
@@ -203,9 +220,14 @@ def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
     new = [k for k, d in delta.items() if d > 0]
     step = progress(len(gone) + len(new)) if progress else None
     hosts, prefixes = maps.csam_hosts[gen], maps.csam_prefixes[gen]
-    hosts.delete_many([k[4:] for k in gone if k[:4] == HOST], step)
+    gone_h = [k[4:] for k in gone if k[:4] == HOST]
+    hosts.delete_many(gone_h, step)
     prefixes.delete_many([k for k in gone if k[:4] != HOST], step)
-    had = {HOST + a for a in hosts.add_new([k[4:] for k in new if k[:4] == HOST], LISTED)}
+    new_h = [k[4:] for k in new if k[:4] == HOST]
+    had_h = hosts.add_new(new_h, LISTED)
+    dirs.lines_remove(lines, dirs.v4_words(gone_h))
+    dirs.lines_add(lines, dirs.v4_words(set(new_h) - set(had_h)))
+    had = {HOST + a for a in had_h}
     had.update(prefixes.add_new([k for k in new if k[:4] != HOST], LISTED))
     if step:
         step(len(new))

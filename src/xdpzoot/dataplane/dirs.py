@@ -277,3 +277,73 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
 def states(d: bytes | bytearray) -> np.ndarray:
     """Every /24's state (tests, status)."""
     return _unpack(d)
+
+
+# ---- the CSAM list's IPv4 exact addresses in lines (struct xz_csam_line) -------------------
+# Not a directory but the same kind of help: a generation's IPv4 addresses, in the line their
+# hash names, so that the programs find one in one cache line instead of the hash's bucket
+# and element. The hash keeps every address; ``more`` counts a line's addresses that are only
+# there (the line was full, or the address is 0.0.0.0). Every change keeps the addresses that
+# stay where they are: a program that reads a line while it is written finds each of them.
+LINE_KEYS = C["XZ_CSAM_LINE_KEYS"]
+LINE_WORDS = LINE_KEYS + 1            # the addresses, then ``more``
+LINE_HASH = C["XZ_CSAM_HASH"]
+
+
+def v4_words(addrs: Iterable[bytes]) -> np.ndarray:
+    """The IPv4 ones of the 16-byte ``addrs`` as the programs load them: the four bytes
+    as a native word."""
+    import numpy as np
+
+    return np.frombuffer(b"".join(a[12:] for a in addrs if a[:12] == V4MAPPED),
+                         dtype=np.uint32)
+
+
+def line_of(words: np.ndarray, nlines: int) -> np.ndarray:
+    """The line of each address word, in a table of ``nlines`` (a power of two) lines."""
+    import numpy as np
+
+    shift = 32 - (nlines.bit_length() - 1)
+    return ((words.astype(np.uint64) * LINE_HASH & 0xFFFF_FFFF) >> shift).astype(np.intp)
+
+
+def lines_remove(t: np.ndarray, words: np.ndarray) -> None:
+    """Take the addresses ``words`` (each in the table) out of the lines ``t`` (an
+    ``(nlines, LINE_WORDS)`` uint32 array): a slot freed, or one less in ``more``."""
+    import numpy as np
+
+    if not len(words):
+        return
+    li = line_of(words, len(t))
+    hit = (t[li, :LINE_KEYS] == words[:, None]) & (words[:, None] != 0)
+    found = hit.any(axis=1)
+    t[li[found], hit[found].argmax(axis=1)] = 0
+    np.subtract.at(t[:, LINE_KEYS], li[~found], 1)
+
+
+def lines_add(t: np.ndarray, words: np.ndarray) -> None:
+    """Put the addresses ``words`` (distinct, none in the table) into the lines ``t``:
+    each into a free slot of its line, or counted in its line's ``more``."""
+    import numpy as np
+
+    if not len(words):
+        return
+    li = line_of(words, len(t))
+    order = np.argsort(li, kind="stable")
+    li, words = li[order], words[order]
+    rank = np.arange(len(li)) - np.searchsorted(li, li)   # among the new ones of its line
+    free = t[li, :LINE_KEYS] == 0
+    nth = np.cumsum(free, axis=1, dtype=np.uint8)         # free slots up to each slot
+    ok = (nth[:, -1] > rank) & (words != 0)
+    slot = np.argmax(free & (nth == (rank + 1)[:, None]), axis=1)
+    t[li[ok], slot[ok]] = words[ok]
+    np.add.at(t[:, LINE_KEYS], li[~ok], 1)
+
+
+def lines_of(words: np.ndarray, nlines: int) -> np.ndarray:
+    """The lines of a table of ``nlines`` that holds exactly the addresses ``words``."""
+    import numpy as np
+
+    t = np.zeros((nlines, LINE_WORDS), dtype=np.uint32)
+    lines_add(t, words)
+    return t

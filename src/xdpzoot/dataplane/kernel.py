@@ -1694,6 +1694,15 @@ class Maps:
     def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
         self.csam_dirs[gen].update(ZERO_KEY, d)
 
+    def csam_lines(self, gen: int) -> np.ndarray:
+        """Generation ``gen``'s lines (xz_csam_l0/1, dirs.lines_*), mapped: row i is line i,
+        read and written in place."""
+        import numpy as np
+
+        m = self.map(f"xz_csam_l{gen}")
+        return np.frombuffer(m.view("I"), dtype=np.uint32)[:m.max_entries * dirs.LINE_WORDS
+                                                            ].reshape(-1, dirs.LINE_WORDS)
+
     def text_path(self, gen: int) -> str:
         """Where the text of generation ``gen``'s list is pinned."""
         return os.path.join(self.pin_dir, f"xz_csam_t{gen}")

@@ -22,10 +22,11 @@ def _xmacro(text: str, name: str) -> tuple[str, ...]:
 
 
 def _defines(text: str) -> dict[str, int]:
-    """Numeric ``#define XZ_NAME value`` constants (value: ints, <<, |, names)."""
+    """Numeric ``#define XZ_NAME value`` constants (value: ints, 123U, <<, |, names)."""
     out: dict[str, int] = {}
     for name, expr in re.findall(r"^#define (XZ_\w+) ([^\n/]+?)\s*(?:/\*.*)?$", text, re.M):
         expr = re.sub(r"\b(XZ_\w+)\b", lambda m: str(out.get(m.group(1), "None")), expr)
+        expr = re.sub(r"\b(\d+)U\b", r"\1", expr)   # unsigned constants
         if re.fullmatch(r"[\d\s()<|+*x]+", expr):
             out[name] = int(eval(expr, {"__builtins__": {}}))  # digits and operators only
     return out
