@@ -6,9 +6,13 @@ word (``xz_control.csam``) switches every packet from the whole old list to the 
 one, and the generation that was in force, idle now, is brought to the new list too.
 Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
 without the hash or the trie: written whole with a whole list, changed entry by entry with
-a difference. The maps are :class:`kernel.Maps`, without bcc, so that a small change is
-applied in well under a second. The caller holds the instance's lock for the whole load
-(:meth:`Instance.load_csam`): the switch is a read, a change and a write of xz_control.
+a difference; and its IPv4 exact addresses again in lines of one cache line (dirs.lines_*,
+written through a mapping of the array), which the programs read instead of the hash once
+the control word says so (``XZ_CSAM_LINED``): changed with the hash, or made anew with a
+whole list when the generation held nothing trusted. The maps are :class:`kernel.Maps`,
+without bcc, so that a small change is applied in well under a second. The caller holds
+the instance's lock for the whole load (:meth:`Instance.load_csam`): the switch is a
+read, a change and a write of xz_control.
 
 Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
 root only), the text of the file it was loaded from. A load compares the new file with the
@@ -140,7 +144,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     # Until it is written whole, the generation holds no list that anything may trust.
     maps.meta.update(struct.pack("=I", gen), bytes(META.size))
     # Its lines hold its hash's IPv4 addresses when it held a list (the same writes change
-    # both); else they are made anew from the hash, once it is written.
+    # both); else they are made anew (_write_list).
     lines = maps.csam_lines(gen) if old else None
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines)
@@ -151,9 +155,6 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,
                                      lines)
         counts, dups = lst.counts(), lst.dups
-    if lines is None:
-        lines = maps.csam_lines(gen)
-        lines[:] = dirs.lines_of(dirs.v4_words(maps.csam_hosts[gen].keys()), len(lines))
     if text:
         kernel.repin(text, maps.text_path(gen))
     else:
@@ -182,8 +183,8 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
 def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
                 memo: dict, lines: np.ndarray | None) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
-    and its ``lines`` (when they hold its keys) with them; (added, removed).
-    ``memo["dir"]``: the list's directory, computed on first use."""
+    and its ``lines`` with them (None: they may not hold its keys, and are made anew);
+    (added, removed). ``memo["dir"]``: the list's directory, computed on first use."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     have_h = set(maps.csam_hosts[gen].keys())
@@ -199,6 +200,9 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     if lines is not None:
         dirs.lines_remove(lines, dirs.v4_words(del_h))
         dirs.lines_add(lines, dirs.v4_words(add_h))
+    else:
+        lines = maps.csam_lines(gen)
+        lines[:] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
     if "dir" not in memo:
         memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
