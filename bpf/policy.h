@@ -286,17 +286,28 @@ static __always_inline int xz_subscriber_rules(struct xz_pkt *p, const int role,
 	return hit ? XZ_V_DROP : XZ_V_PASS;
 }
 
+/* The index in xz_pool_addrs of the subscriber's address, for a class with pool_bits: its
+ * pool's first index plus the address's host bits. */
+static __always_inline __u32 xz_pool_index(struct xz_pkt *p, struct xz_class *cls,
+					   const int role)
+{
+	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
+
+	return cls->slot + (bpf_ntohl(*(__be32 *)&a->addr[12]) &
+			    ((1U << (cls->pool_bits & 31)) - 1));
+}
+
 /* The subscriber's state: its slot, or (pool address without owner) its address's:
  * indexed for IPv4 pools that have a block of xz_pool_addrs, else in the LRU. */
 static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_class *cls,
 						    const int role)
 {
 	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
-	__u32 slot = cls->slot, bits = cls->pool_bits;
+	__u32 slot = cls->slot;
 	struct xz_state *st;
 
-	if (bits) {   /* an indexed pool: its first index plus the address's host bits */
-		slot += bpf_ntohl(*(__be32 *)&a->addr[12]) & ((1U << (bits & 31)) - 1);
+	if (cls->pool_bits) {
+		slot = xz_pool_index(p, cls, role);
 		return xz_pool_addrs.lookup(&slot);
 	}
 	if (slot)
@@ -542,7 +553,14 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	}
 	if (verdict == XZ_V_PASS && cls && ctl && (flags & XZ_C_RATES))
 		verdict = xz_bandwidth(p, cls, role, ctl, &reason);
-	if (reason == XZ_R_OP25B && cls) {
+	/* The attempt, counted for the abuse rules and `top`: for an indexed pool address in
+	 * an array of its own, 4 bytes an address, not in its state's cold line. */
+	if (reason == XZ_R_OP25B && cls && cls->pool_bits) {
+		__u32 i = xz_pool_index(p, cls, role), *n = xz_pool_op25b.lookup(&i);
+
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	} else if (reason == XZ_R_OP25B && cls) {
 		struct xz_state *st = xz_state_of(p, cls, role);
 
 		if (st)

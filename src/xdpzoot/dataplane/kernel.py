@@ -35,6 +35,7 @@ from xdpzoot.dataplane.layout import (
     LPM_KEY,
     MANUAL,
     META,
+    OP25B,
     POOL_BITS_WORD,
     STATE,
     THROTTLE,
@@ -1134,6 +1135,7 @@ class Maps:
         return self.hosted_map.view("Q")
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
+    pool_op25b = property(lambda self: self.map("xz_pool_op25b"))
     allow = property(lambda self: self.map("xz_allow"))
     control = property(lambda self: self.map("xz_control"))
     counters = property(lambda self: self.map("xz_counters"))
@@ -1374,12 +1376,13 @@ class Maps:
         return dict(zip(slots.tolist(), ids[slots].tolist(), strict=True))
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
-        """Zero the pool-address state of ``(first index, count)`` blocks."""
+        """Zero the pool-address state (and SMTP attempts) of ``(first index, count)``
+        blocks."""
         self.check_writer()
-        zero = bytes(self.pool_map.value_size)
         for first, n in blocks:
             keys = [struct.pack("=I", i) for i in range(first, first + n)]
-            self.pool_map.update_items(keys, zero * n)
+            for m in (self.pool_map, self.pool_op25b):
+                m.update_items(keys, bytes(m.value_size) * n)
 
     def indexed_pool_volumes(self) -> dict[bytes, Volume]:
         """Address -> volume, for the addresses of indexed pools that sent or received
@@ -1389,15 +1392,18 @@ class Maps:
         if not pools:
             return {}
         _, raw = self.pool_map.items()
+        _, op = self.pool_op25b.items()
+        smtp = memoryview(op).cast("I")   # the SMTP attempts, in an array of their own
         n, zero, out = STATE.size, bytes(STATE.size), {}
         epoch = self.control_value().scan_epoch
         for addr, e in pools:
             first = int.from_bytes(addr, "big")
             for i in range(1 << e.pool_bits):
                 off = (e.slot + i) * n
-                if raw[off:off + n] != zero:
-                    out[(first + i).to_bytes(16, "big")] = volume(
-                        STATE.unpack_from(raw, off), epoch)
+                if raw[off:off + n] != zero or smtp[e.slot + i]:
+                    v = list(STATE.unpack_from(raw, off))
+                    v[OP25B] = smtp[e.slot + i]
+                    out[(first + i).to_bytes(16, "big")] = volume(v, epoch)
         return out
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
