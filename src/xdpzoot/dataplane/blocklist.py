@@ -184,7 +184,8 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
                 memo: dict, lines: np.ndarray | None) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
     and its ``lines`` with them (None: they may not hold its keys, and are made anew);
-    (added, removed). ``memo["dir"]``: the list's directory, computed on first use."""
+    (added, removed). ``memo["dir"]``, ``memo["lines"]``: the list's directory and
+    lines, computed on first use."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     have_h = set(maps.csam_hosts[gen].keys())
@@ -202,7 +203,9 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         dirs.lines_add(lines, dirs.v4_words(add_h))
     else:
         lines = maps.csam_lines(gen)
-        lines[:] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
+        if "lines" not in memo:
+            memo["lines"] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
+        lines[:] = memo["lines"]
     if "dir" not in memo:
         memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])

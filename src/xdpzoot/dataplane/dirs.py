@@ -295,8 +295,9 @@ def v4_words(addrs: Iterable[bytes]) -> np.ndarray:
     as a native word."""
     import numpy as np
 
-    return np.frombuffer(b"".join(a[12:] for a in addrs if a[:12] == V4MAPPED),
-                         dtype=np.uint32)
+    a = np.frombuffer(b"".join(addrs), dtype=np.uint8).reshape(-1, 16)
+    v4 = (a[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
+    return np.ascontiguousarray(a[v4, 12:]).view(np.uint32).ravel()
 
 
 def line_of(words: np.ndarray, nlines: int) -> np.ndarray:
