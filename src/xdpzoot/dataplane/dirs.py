@@ -346,5 +346,11 @@ def lines_of(words: np.ndarray, nlines: int) -> np.ndarray:
     import numpy as np
 
     t = np.zeros((nlines, LINE_WORDS), dtype=np.uint32)
-    lines_add(t, words)
+    li = line_of(words, nlines)
+    order = np.argsort(li)
+    li, words = li[order], words[order]
+    rank = np.arange(len(li)) - np.searchsorted(li, li)   # all slots are free: slot = rank
+    ok = (rank < LINE_KEYS) & (words != 0)
+    t[li[ok], rank[ok]] = words[ok]
+    np.add.at(t[:, LINE_KEYS], li[~ok], 1)
     return t
