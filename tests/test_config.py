@@ -59,23 +59,27 @@ def test_empty_sections_are_defaults() -> None:
 
 
 def test_defines() -> None:
+    """The limits as the header's names; the CSAM lines: one per 8 addresses, a power of 2."""
     assert Config().defines() == [
         "-DXZ_MAX_HOSTS=262144",
         "-DXZ_MAX_PREFIXES=65536",
         "-DXZ_MAX_ALLOW=4096",
         "-DXZ_MAX_CSAM_HOSTS=1048576",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
+        "-DXZ_CSAM_LINE_BITS=17",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",
     ]
-    c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n")
+    c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n"
+                     "csam_hosts = 100\n")
     assert c.defines() == [
         "-DXZ_MAX_HOSTS=1024",
         "-DXZ_MAX_PREFIXES=16777216",
         "-DXZ_MAX_ALLOW=1",
-        "-DXZ_MAX_CSAM_HOSTS=1048576",
+        "-DXZ_MAX_CSAM_HOSTS=100",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
+        "-DXZ_CSAM_LINE_BITS=4",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",
