@@ -555,16 +555,18 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 		verdict = xz_bandwidth(p, cls, role, ctl, &reason);
 	/* The attempt, counted for the abuse rules and `top`: for an indexed pool address in
 	 * an array of its own, 4 bytes an address, not in its state's cold line. */
-	if (reason == XZ_R_OP25B && cls && cls->pool_bits) {
-		__u32 i = xz_pool_index(p, cls, role), *n = xz_pool_op25b.lookup(&i);
+	if (reason == XZ_R_OP25B && cls) {
+		if (cls->pool_bits) {
+			__u32 i = xz_pool_index(p, cls, role), *n = xz_pool_op25b.lookup(&i);
 
-		if (n)
-			__sync_fetch_and_add(n, 1);
-	} else if (reason == XZ_R_OP25B && cls) {
-		struct xz_state *st = xz_state_of(p, cls, role);
+			if (n)
+				__sync_fetch_and_add(n, 1);
+		} else {
+			struct xz_state *st = xz_state_of(p, cls, role);
 
-		if (st)
-			__sync_fetch_and_add(&st->op25b, 1);
+			if (st)
+				__sync_fetch_and_add(&st->op25b, 1);
+		}
 	}
 out:
 	if (verdict != XZ_V_PASS && (flags & XZ_C_MONITOR))

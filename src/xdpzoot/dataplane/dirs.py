@@ -322,35 +322,43 @@ def lines_remove(t: np.ndarray, words: np.ndarray) -> None:
     np.subtract.at(t[:, LINE_KEYS], li[~found], 1)
 
 
+def _ranked(t: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The new addresses ``words`` of the lines ``t`` by line: (line, word, rank among the
+    new ones of its line). 0.0.0.0 (a free slot would match it) is counted in its line's
+    ``more`` here and left out."""
+    import numpy as np
+
+    zero = words == 0
+    np.add.at(t[:, LINE_KEYS], line_of(words[zero], len(t)), 1)
+    words = words[~zero]
+    li = line_of(words, len(t))
+    order = np.argsort(li)
+    li, words = li[order], words[order]
+    return li, words, np.arange(len(li)) - np.searchsorted(li, li)
+
+
 def lines_add(t: np.ndarray, words: np.ndarray) -> None:
     """Put the addresses ``words`` (distinct, none in the table) into the lines ``t``:
     each into a free slot of its line, or counted in its line's ``more``."""
     import numpy as np
 
-    if not len(words):
-        return
-    li = line_of(words, len(t))
-    order = np.argsort(li, kind="stable")
-    li, words = li[order], words[order]
-    rank = np.arange(len(li)) - np.searchsorted(li, li)   # among the new ones of its line
+    li, words, rank = _ranked(t, words)
     free = t[li, :LINE_KEYS] == 0
     nth = np.cumsum(free, axis=1, dtype=np.uint8)         # free slots up to each slot
-    ok = (nth[:, -1] > rank) & (words != 0)
+    ok = nth[:, -1] > rank
     slot = np.argmax(free & (nth == (rank + 1)[:, None]), axis=1)
     t[li[ok], slot[ok]] = words[ok]
     np.add.at(t[:, LINE_KEYS], li[~ok], 1)
 
 
 def lines_of(words: np.ndarray, nlines: int) -> np.ndarray:
-    """The lines of a table of ``nlines`` that holds exactly the addresses ``words``."""
+    """The lines of a table of ``nlines`` that holds exactly the addresses ``words``
+    (lines_add into an empty table, where an address's slot is its rank)."""
     import numpy as np
 
     t = np.zeros((nlines, LINE_WORDS), dtype=np.uint32)
-    li = line_of(words, nlines)
-    order = np.argsort(li)
-    li, words = li[order], words[order]
-    rank = np.arange(len(li)) - np.searchsorted(li, li)   # all slots are free: slot = rank
-    ok = (rank < LINE_KEYS) & (words != 0)
+    li, words, rank = _ranked(t, words)
+    ok = rank < LINE_KEYS
     t[li[ok], rank[ok]] = words[ok]
     np.add.at(t[:, LINE_KEYS], li[~ok], 1)
     return t
