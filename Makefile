@@ -1,6 +1,6 @@
 # xdpzoot: `make setup` once (as root), then `make test`.
 PY := .venv/bin/python
-PYTEST_ARGS ?= --durations=25
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
 
 .PHONY: setup test vmtest fuzz lint bench bench-cold bench-daemon bench-fwd bench-radius lab-up lab-down clean
 

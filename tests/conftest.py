@@ -23,11 +23,18 @@ from xdpzoot.lab import Lab, LabRouter, lab_running, router_running
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under `make vmtest` with XZ_VMTEST_SAMPLE=N (an emulated kernel, where each table row
+    """The lab tests in one xdist group (`make test` runs two workers, --dist loadgroup):
+    one worker takes them in turn, module by module, while the other runs the rest; no two
+    labs share the machine's second core.
+
+    Under `make vmtest` with XZ_VMTEST_SAMPLE=N (an emulated kernel, where each table row
     costs seconds): of a test function with more than N rows, a deterministic sample of
     about N, taken in adjacent pairs so that a row kept at XDP is kept at TC too (the hook is
     the innermost parameter of the tables). The rest is deselected, and pytest says how
     many; never set outside the VM, so `make test` runs every row."""
+    for item in items:
+        if item.get_closest_marker("lab"):
+            item.add_marker(pytest.mark.xdist_group("lab"))
     n = int(os.environ.get("XZ_VMTEST_SAMPLE") or 0)
     if n <= 0:
         return

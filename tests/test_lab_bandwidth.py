@@ -291,7 +291,11 @@ def test_throttle_live_transfer(lab, router, hook, capacity):
         assert router.drops("throttle") > drops
     finally:
         router.cli("unthrottle", str(SUB))
-    assert goodput(up(lab)) > 10
+    # Unthrottled, the same subscriber's next transfer meets no throttle: a verdict, not a
+    # rate (how fast TCP climbs back after the drops is the benchmark's business).
+    drops = router.drops("throttle")
+    assert received(up(lab, seconds=1)) > 0
+    assert router.drops("throttle") == drops
 
 
 def test_volume_rule_throttles(lab, router, hook, tmp_path):
@@ -395,7 +399,7 @@ def bulk_transfer(lab: Lab, seconds: int, during=None):
     return receiver_intervals(doc), got
 
 
-def test_congestion_mode(lab, router, hook, capacity):
+def test_congestion_mode(lab, router, hook):
     drops = router.drops("bulk")
     assert router.json("congestion", "on")["active"]
 
@@ -414,8 +418,11 @@ def test_congestion_mode(lab, router, hook, capacity):
         assert router.drops("bulk") > drops, iv
     finally:
         assert not router.json("congestion", "off")["active"]
-    needs_rate(capacity)   # the verdicts above are checked; the rate back needs the rate
-    assert goodput(up(lab)) > 10
+    # Congestion mode off, a long transfer is no longer held to the bulk share: no drop for
+    # "bulk" (a verdict; CI once saw 5 Mbit/s here where TCP had not yet climbed back).
+    drops = router.drops("bulk")
+    iv, _ = bulk_transfer(lab, 3)
+    assert iv and router.drops("bulk") == drops, iv
 
 
 def test_bulk_flow_stays_held(lab, router, hook):
