@@ -64,8 +64,15 @@ XZ_MAP("percpu_array", __u32, __u64, xz_csam_hits, XZ_NR_CSAM_HITS, 0);
 /* Reply program per hook (slot 0), tail-called for rejected packets. cp writes. */
 XZ_MAP("prog", __u32, __u32, xz_tail_xdp, 1, 0);
 XZ_MAP("prog", __u32, __u32, xz_tail_tc, 1, 0);
-/* Per-subscriber rate limiter and volume, by xz_class.slot. dp writes, cp reads. */
-XZ_MAP("array", __u32, struct xz_state, xz_state, XZ_MAX_SUBSCRIBERS, 0);
+/*
+ * Per-subscriber rate limiter and volume, by xz_class.slot. dp writes, cp reads.
+ * BPF_F_MMAPABLE for where the values lie, not to be mapped: such an array's values
+ * start on a page, so that entry i is bytes 128 i.. of it, two whole cache lines (an
+ * upstream packet reads the first for its direction and the second for the scan sketch).
+ * A plain array's values start 312 bytes into its header's page (6.x): each entry then
+ * straddles three lines, and an upstream SYN read all three.
+ */
+XZ_MAP("array", __u32, struct xz_state, xz_state, XZ_MAX_SUBSCRIBERS, BPF_F_MMAPABLE);
 /* Throttles in force, by slot. cp writes. */
 XZ_MAP("array", __u32, struct xz_throttle, xz_throttle, XZ_MAX_SUBSCRIBERS, 0);
 /* Throttles set by hand, by slot: cp writes, the daemon reads. */
@@ -74,7 +81,7 @@ XZ_MAP("hash", __u32, struct xz_manual, xz_manual, 65536, BPF_F_NO_PREALLOC);
 XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_LRU, 0);
 /* State of IPv4 pool addresses, by pool (xz_class.slot) and host bits: no hash, no insert.
  * dp writes, cp reads and clears a block before giving it to another pool. */
-XZ_MAP("array", __u32, struct xz_state, xz_pool_addrs, XZ_MAX_POOL_ADDRS, 0);
+XZ_MAP("array", __u32, struct xz_state, xz_pool_addrs, XZ_MAX_POOL_ADDRS, BPF_F_MMAPABLE);
 /* SMTP attempts OP25B blocked, per IPv4 pool address (by xz_pool_addrs' index), apart from
  * the state: 4 bytes, where the state takes 128, so that a spam bot's drop touches an array
  * the cache can hold (4 MiB for 1M addresses). dp writes, cp reads and clears a block with

@@ -499,6 +499,22 @@ def test_map_layouts(compiled, name):
         assert (pinned.key_size, pinned.value_size) == (key.size if key else 16, value.size)
 
 
+@pytest.mark.parametrize("name", ["xz_state", "xz_pool_addrs"])
+def test_state_entries_lie_on_whole_lines(compiled, name):
+    """The per-address state's arrays are made mappable (BPF_F_MMAPABLE) for where their
+    values lie: from the start of a page, entry i at byte 128 i, two whole cache lines. The
+    mapping is that memory: an entry written by slot is found at its offset there."""
+    bpf, pin = compiled
+    assert layout.STATE.size == 128
+    with kernel.Maps(pin) as m:
+        t = m.map(name)
+        mem = t.view("B")   # refused for an array made without the flag
+        value = bytes(range(1, 129))
+        t.update(struct.pack("=I", 3), value)
+        assert bytes(mem[3 * 128:4 * 128]) == value
+        t.update(struct.pack("=I", 3), bytes(128))
+
+
 def test_trace_event_layout(compiled):
     """layout.EVENT and layout.Event are struct xz_trace_event, the ring buffer's records:
     names, offsets, size; the pinned ring is XZ_TRACE_RING_BYTES."""
