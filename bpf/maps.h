@@ -57,6 +57,9 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l1, 1 << XZ_CSAM_LINE_BITS,
 /* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);
+/* Per generation: its IPv6 filter (struct xz_csam_v6), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_csam_v6, xz_csam_f0, 1, 0);
+XZ_MAP("array", __u32, struct xz_csam_v6, xz_csam_f1, 1, 0);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

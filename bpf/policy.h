@@ -187,25 +187,42 @@ static __always_inline int xz_csam_line_has(struct xz_addr *a, int gen, __u32 *i
 	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask the hash */
 }
 
-/* Is the address on the CSAM list in force? For IPv4 the generation's directory
- * answers for most /24s on its own (nothing listed, or all of it); else the exact
- * host (for IPv4 its line, and the hash only where the line says so), then the
- * prefix. A kind of entry the list does not have is not looked up. */
+/* The IPv6 filter's answer for address ``a`` (struct xz_csam_v6): XZ_CSAM_DIR_NONE where
+ * its bit is clear, else (or with no exact filter) XZ_CSAM_DIR_LOOK. Without a branch. */
+_Static_assert(XZ_CSAM_DIR_LOOK == 0, "xz_csam_v6_state: LOOK is 0");
+static __always_inline __u32 xz_csam_v6_state(struct xz_csam_v6 *f, struct xz_addr *a)
+{
+	__u64 w, h, bit;
+
+	if (!f)
+		return XZ_CSAM_DIR_LOOK;
+	__builtin_memcpy(&w, a->addr, 8);
+	h = ((w & f->mask) * XZ_CSAM_V6_MUL) >> (64 - XZ_CSAM_V6_BITS);
+	bit = ((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1);
+	return XZ_CSAM_DIR_NONE - XZ_CSAM_DIR_NONE * (__u32)bit;
+}
+
+/* Is the address on the CSAM list in force? The generation's directory (IPv4: its /24's
+ * state; IPv6: its filter) answers for most addresses on its own (nothing listed, or for
+ * IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
+ * line says so), then the prefix. A kind of entry the list does not have is not looked
+ * up. */
 static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	int gen = csam & XZ_CSAM_GEN;
-	__u32 zero = 0, look = XZ_CSAM_DIR_LOOK;
+	__u32 zero = 0, look;
 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
 		return 0;   /* no list in force (or an empty one): nothing to look up */
-	if (family == 4) {
+	if (family == 4)
 		look = xz_dir_state(gen ? xz_csam_d1.lookup(&zero) : xz_csam_d0.lookup(&zero), a);
-		if (look == XZ_CSAM_DIR_NONE)
-			return 0;
-		if (look == XZ_CSAM_DIR_ALL)
-			return 1;
-	}
+	else
+		look = xz_csam_v6_state(gen ? xz_csam_f1.lookup(&zero) : xz_csam_f0.lookup(&zero), a);
+	if (look == XZ_CSAM_DIR_NONE)
+		return 0;
+	if (look == XZ_CSAM_DIR_ALL)
+		return 1;
 	if (csam & XZ_CSAM_HOSTS) {
 		int has = -1;
 

@@ -109,6 +109,23 @@ struct xz_sub_hosted {
 #define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
 #define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
 /*
+ * The CSAM list's IPv6 filter, per generation: bit h of ``bits`` is set where an IPv6 entry
+ * lies whose first ``plen`` bits hash to h, ``plen`` being the shortest IPv6 entry's length,
+ * at most 64 (an address counts by its /64). An entry covering an address has the same first
+ * ``plen`` bits, so a clear bit says that nothing listed covers it: no hash, no trie. The
+ * hash: the address's first 8 bytes as a native word, AND ``mask`` (the first ``plen`` bits
+ * set, in memory order), times XZ_CSAM_V6_MUL, the top XZ_CSAM_V6_BITS bits. on = 0: not
+ * exact (never written, or a change it could not follow): look everything up.
+ */
+#define XZ_CSAM_V6_BITS 20         /* 2^20 bits, 128 KiB per generation */
+#define XZ_CSAM_V6_MUL 0x9e3779b97f4a7c15ULL
+struct xz_csam_v6 {
+	__u32 on;
+	__u32 plen;
+	__u64 mask;
+	__u64 bits[1 << (XZ_CSAM_V6_BITS - 6)];
+};
+/*
  * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
  * address a (its four bytes as a native word, network order in memory) lies in line
  * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_LINE_BITS): one miss where the hash takes

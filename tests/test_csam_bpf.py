@@ -263,6 +263,7 @@ def wipe(m: kernel.Maps) -> None:
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
         m.write_csam_dir(g, bytes(dirs.BYTES))
+        m.write_csam_v6(g, bytes(dirs.V6_BYTES))
     m.set_word(0)
 
 
@@ -274,10 +275,12 @@ def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
         m.write_csam_dir(gen, dirs.csam(LIST_HOSTS, LIST_PREFIXES))   # as a load writes it
+        m.write_csam_v6(gen, dirs.csam_v6(LIST_HOSTS, LIST_PREFIXES))
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
         m.write_csam_dir(gen, bytes(dirs.BYTES))
+        m.write_csam_v6(gen, bytes(dirs.V6_BYTES))
 
 
 def _has(trie, key: bytes) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import packets
@@ -198,16 +199,26 @@ def check(dp, p: Packet, verdict: str, reason: str) -> None:
 def test_data_plane_agrees_through_full_and_changed_loads(dp, cmaps, steps):
     """Loads in a row (the first two whole, later ones by difference from the idle
     generation's text): packets to every probe address are dropped exactly when listed."""
+    agree_through_loads(dp, cmaps, steps, probes, "100.64.0.5")
+
+
+def agree_through_loads(dp, cmaps, steps, probe: Callable, source: str) -> None:
+    """Load the lists of ``steps`` in a row, from nothing trusted (the first loads are whole
+    ones); after each, packets from ``source`` to every ``probe`` address of it are dropped
+    exactly when listed, and the generation in force has its IPv6 filter on."""
     dp.reset()
-    for g in (0, 1):   # nothing trusted: the first loads are whole ones
+    for g in (0, 1):
         cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
         for t in (cmaps.csam_hosts[g], cmaps.csam_prefixes[g]):
             t.delete_many(t.keys())
     cmaps.set_word(0)
     for hosts, prefixes in steps:
         blocklist.load(cmaps, text_of(hosts, prefixes) + b"# " + str(len(steps)).encode())
-        for a in probes(hosts, prefixes):
-            p = Packet("access", "100.64.0.5", str(tables.ip_of(a)), TCP, 40000, 443)
+        _, word = cmaps.word()
+        f = bytes(cmaps.read_csam_v6(word & dirs.C["XZ_CSAM_GEN"]))
+        assert dirs.V6_HEAD.unpack_from(f)[0] == 1   # on: the lookups it spares are spared
+        for a in probe(hosts, prefixes):
+            p = Packet("access", source, str(tables.ip_of(a)), TCP, 40000, 443)
             check(dp, p, *(("drop", "csam") if listed(hosts, prefixes, a)
                            else ("pass", "unknown")))
 
@@ -423,3 +434,109 @@ def test_line_of_is_the_programs_hash():
     assert words.tolist() == [int.from_bytes(bytes([192, 0, 2, 66]), sys.byteorder)]
     w = int(words[0])
     assert dirs.line_of(words, 1 << 17).tolist() == [(w * 2654435761 % (1 << 32)) >> 15]
+
+
+# ---- the CSAM list's IPv6 filter (struct xz_csam_v6) ---------------------------------------
+
+BASES6 = ("2001:db8::", "2001:db8:ff00::", "2001:db8:1:2::")
+SOURCE6 = "2001:db8:eeee::5"   # the packets' source: no subscriber
+
+
+def near6(base: str, i: int) -> bytes:
+    return addr16(str(ipaddress.ip_address(base) + i))
+
+
+@st.composite
+def lists6(draw) -> tuple[set[bytes], set[tuple[int, bytes]]]:
+    """A small IPv6 list: hosts and prefixes from /32 to /127 around a few bases."""
+    hosts, prefixes = set(), set()
+    for _ in range(draw(st.integers(0, 5))):
+        hosts.add(near6(draw(st.sampled_from(BASES6)), draw(st.integers(0, 1 << 72))))
+    for _ in range(draw(st.integers(0, 3))):
+        n = draw(st.sampled_from((32, 40, 48, 56, 63, 64, 65, 96, 127)))
+        a = near6(draw(st.sampled_from(BASES6)), draw(st.integers(0, 1 << 72)))
+        prefixes.add((n, layout.masked(a, n)))
+    return hosts, prefixes
+
+
+def probes6(hosts, prefixes) -> list[bytes]:
+    """Each entry, its ends and neighbours, another host of its /64, the next /64."""
+    out = []
+    for a in hosts:
+        n = int.from_bytes(a, "big")
+        out += [n, n - 1, n + 1, n ^ 0xFFFF, n + (1 << 64)]
+    for p, a in prefixes:
+        n, size = int.from_bytes(a, "big"), 1 << (128 - p)
+        out += [n, n - 1, n + size - 1, n + size, n + (1 << 64)]
+    return [(x % (1 << 128)).to_bytes(16, "big") for x in out]
+
+
+def filter_passes(f: bytes, a: bytes) -> bool:
+    """Whether the filter lets the lookups of ``a`` happen (a set bit, or off)."""
+    on, _, mask = dirs.V6_HEAD.unpack_from(f)
+    h = dirs.v6_bit(a, mask)
+    word = int.from_bytes(f[dirs.V6_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
+    return not on or bool(word >> (h & 63) & 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lst=lists6(), v4=lists())
+def test_csam_v6_filter_passes_every_listed_address(lst, v4):
+    hosts, prefixes = lst
+    f = dirs.csam_v6(hosts | v4[0], prefixes | v4[1])   # IPv4 entries play no part
+    assert len(f) == dirs.V6_BYTES
+    on, plen, _ = dirs.V6_HEAD.unpack_from(f)
+    assert (on, plen) == (1, min([64, *(p for p, _ in prefixes)]))
+    assert f == dirs.csam_v6(hosts, prefixes)
+    for a in probes6(hosts, prefixes):
+        if listed(hosts, prefixes, a):
+            assert filter_passes(f, a)
+    # a filter of zeros is off: everything is looked up
+    assert filter_passes(bytes(dirs.V6_BYTES), near6(BASES6[0], 1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(old=lists6(), new=lists6())
+def test_csam_v6_filter_follows_additions_or_says_it_cannot(old, new):
+    f = bytearray(dirs.csam_v6(*old))
+    before = bytes(f)
+    added = {(128, a) for a in new[0]} | new[1]
+    shortest = min([64, *(p for p, _ in new[1])])
+    holds = old[0] or old[1]
+    if dirs.csam_v6_add(f, added):
+        assert not (holds and shortest < dirs.V6_HEAD.unpack_from(before)[1])
+        hosts, prefixes = old[0] | new[0], old[1] | new[1]
+        for a in probes6(hosts, prefixes):
+            if listed(hosts, prefixes, a):
+                assert filter_passes(bytes(f), a)
+    else:
+        assert holds and bytes(f) == before
+    assert not dirs.csam_v6_add(bytearray(dirs.V6_BYTES), added)   # off stays off
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(lists6(), min_size=2, max_size=4))
+def test_data_plane_agrees_through_full_and_changed_ipv6_loads(dp, cmaps, steps):
+    """The IPv6 filter through loads in a row (whole, then by difference, where an entry
+    shorter than all before makes it anew): a packet is dropped exactly when listed."""
+    agree_through_loads(dp, cmaps, steps, probes6, SOURCE6)
+
+
+def test_the_ipv6_filter_answers_for_what_it_does_not_hold(dp, cmaps):
+    """An address the hash holds but the filter does not (written behind the load's back)
+    passes: the filter answered, no lookup was made. With the filter off, it is found."""
+    dp.reset()
+    cmaps.set_word(0)
+    listed6, other = addr16("2001:db8:ff00::66"), addr16("2001:db8:1:2::99")
+    blocklist.load(cmaps, b"2001:db8:ff00::66\n")
+    _, word = cmaps.word()
+    gen = word & dirs.C["XZ_CSAM_GEN"]
+    f = bytes(cmaps.read_csam_v6(gen))
+    assert filter_passes(f, listed6) and not filter_passes(f, other)
+    cmaps.csam_hosts[gen].update(other, b"\x01")
+    p = Packet("access", SOURCE6, "2001:db8:1:2::99", TCP, 40000, 443)
+    check(dp, p, "pass", "unknown")
+    cmaps.write_csam_v6(gen, bytes(dirs.V6_BYTES))
+    check(dp, p, "drop", "csam")
+    dp.reset()

@@ -32,7 +32,7 @@ from xdpzoot import tables
 from xdpzoot.bandwidth import accounting
 from xdpzoot.bandwidth import rules as volume_rules
 from xdpzoot.config import load_config
-from xdpzoot.dataplane import blocklist, kernel, layout, schema
+from xdpzoot.dataplane import blocklist, dirs, kernel, layout, schema
 
 C = schema.C
 XDPZOOT = str(Path(sys.executable).with_name("xdpzoot"))
@@ -127,6 +127,7 @@ def reset_csam(pin: str) -> None:
         for g in (0, 1):
             m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
             m.write_csam_dir(g, bytes(m.csam_dirs[g].value_size))
+            m.write_csam_v6(g, bytes(dirs.V6_BYTES))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(m.text_path(g))
         m.set_word(0)

@@ -4,15 +4,16 @@ Kernel side (bpf/maps.h): two generations of an exact-address hash and a prefix 
 the idle generation is brought to the new list by diff, then one write of the control
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
 one, and the generation that was in force, idle now, is brought to the new list too.
-Each generation also has an IPv4 /24 directory (dirs.py) that answers most packets
-without the hash or the trie: written whole with a whole list, changed entry by entry with
-a difference; and its IPv4 exact addresses again in lines of one cache line (dirs.lines_*,
-written through a mapping of the array), which the programs read instead of the hash once
-the control word says so (``XZ_CSAM_LINED``): changed with the hash, or made anew with a
-whole list when the generation held nothing trusted. The maps are :class:`kernel.Maps`,
-without bcc, so that a small change is applied in well under a second. The caller holds
-the instance's lock for the whole load (:meth:`Instance.load_csam`): the switch is a
-read, a change and a write of xz_control.
+Each generation also has an IPv4 /24 directory and an IPv6 filter (dirs.py) that answer
+most packets without the hash or the trie: written whole with a whole list, changed entry
+by entry with a difference (the filter made anew from the generation's keys when an entry
+shorter than all before it comes); and its IPv4 exact addresses again in lines of one
+cache line (dirs.lines_*, written through a mapping of the array), which the programs
+read instead of the hash once the control word says so (``XZ_CSAM_LINED``): changed with
+the hash, or made anew with a whole list when the generation held nothing trusted. The
+maps are :class:`kernel.Maps`, without bcc, so that a small change is applied in well
+under a second. The caller holds the instance's lock for the whole load
+(:meth:`Instance.load_csam`): the switch is a read, a change and a write of xz_control.
 
 Each generation also keeps, in a map of its own that no program uses (``xz_csam_t0/1``,
 root only), the text of the file it was loaded from. A load compares the new file with the
@@ -148,9 +149,15 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     lines = maps.csam_lines(gen) if old else None
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines)
+        new = [LPM_KEY.unpack(k) for k, d in delta.items() if d > 0]
         dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
-                         map(LPM_KEY.unpack, (k for k, d in delta.items() if d > 0)))
+                         new)
         maps.write_csam_dir(gen, old_dir)
+        v6 = maps.read_csam_v6(gen)
+        if not dirs.csam_v6_add(v6, new):   # made anew from what the generation holds
+            v6 = dirs.csam_v6(maps.csam_hosts[gen].keys(),
+                              map(LPM_KEY.unpack, maps.csam_prefixes[gen].keys()))
+        maps.write_csam_v6(gen, v6)
     else:
         added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,
                                      lines)
@@ -208,7 +215,9 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         lines[:] = memo["lines"]
     if "dir" not in memo:
         memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
+        memo["v6"] = dirs.csam_v6(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
+    maps.write_csam_v6(gen, memo["v6"])
     return len(add_h) + len(add_p), len(del_h) + len(del_p)
 
 

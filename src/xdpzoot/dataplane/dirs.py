@@ -1,5 +1,6 @@
 """IPv4 /24 directories (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for every IPv4 /24
-that tell the data plane which lookups can find anything for an address there.
+that tell the data plane which lookups can find anything for an address there; and the
+CSAM list's IPv6 filter (``struct xz_csam_v6``), a bit per hash of a /64 (or shorter).
 
 Production traffic goes to a different, random address on nearly every packet, and every
 step of a hash or trie walk then misses the CPU cache. A directory answers most packets
@@ -17,6 +18,8 @@ Addresses are 16 bytes (IPv4 mapped into ::ffff:0:0/96), prefixes ``(len/128, ad
 
 from __future__ import annotations
 
+import struct
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -141,6 +144,69 @@ def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
                 put(d, i, HOSTS if old == NONE else old)
             elif old in (NONE, HOSTS):
                 put(d, i, LOOK)
+
+
+# ---- the CSAM list's IPv6 filter (struct xz_csam_v6) ---------------------------------------
+# One bit for each hash of an address's first ``plen`` bits, ``plen`` the shortest IPv6
+# entry's length (at most /64): a clear bit, nothing listed covers the address. As the
+# programs compute it: the first 8 bytes as a native word, AND the mask, times the
+# multiplier, the top XZ_CSAM_V6_BITS bits; bit h is bit h % 64 of native word h // 64.
+
+V6_BITS, V6_MUL = C["XZ_CSAM_V6_BITS"], C["XZ_CSAM_V6_MUL"]
+V6_HEAD = struct.Struct("=IIQ")            # on, plen, mask
+V6_WORDS = 1 << (V6_BITS - 6)
+V6_BYTES = V6_HEAD.size + 8 * V6_WORDS
+V6_MAX_PLEN = 64                           # an address counts by its /64
+
+
+def v6_mask(plen: int) -> int:
+    """The mask of the first ``plen`` (<= 64) bits of an address's first 8 bytes, native."""
+    return int.from_bytes((((1 << plen) - 1) << (64 - plen)).to_bytes(8, "big"), sys.byteorder)
+
+
+def v6_bit(addr: bytes, mask: int) -> int:
+    """The filter's bit for a 16-byte address, under ``mask``."""
+    w = int.from_bytes(addr[:8], sys.byteorder) & mask
+    return (w * V6_MUL) % (1 << 64) >> (64 - V6_BITS)
+
+
+def v6_entries(entries: Iterable[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The IPv6 ones of ``(len/128, address)`` entries."""
+    return [(p, a) for p, a in entries if a[:12] != V4MAPPED]
+
+
+def csam_v6(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
+    """The exact IPv6 filter of a CSAM list (its IPv4 entries play no part)."""
+    import numpy as np
+
+    v6 = v6_entries([(128, a) for a in hosts] + list(prefixes))
+    plen = min([V6_MAX_PLEN, *(p for p, _ in v6)])
+    words = np.zeros(V6_WORDS, dtype=np.uint64)
+    if v6:
+        w = np.frombuffer(b"".join(a[:8] for _, a in v6), dtype=np.uint64)
+        h = ((w & np.uint64(v6_mask(plen))) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
+        np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
+    return V6_HEAD.pack(1, plen, v6_mask(plen)) + words.tobytes()
+
+
+def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
+    """Set the bits of ``added`` entries in filter ``f``; False (``f`` unchanged) when it
+    cannot follow: it is off, or an IPv6 entry is shorter than its length while it holds
+    any (an empty filter takes the new length). A removed entry leaves its bit, which may
+    be another's too: a stale bit costs a lookup, never a miss."""
+    on, plen, mask = V6_HEAD.unpack_from(f)
+    words = memoryview(f)[V6_HEAD.size:].cast("Q")
+    v6 = v6_entries(added)
+    shortest = min([V6_MAX_PLEN, *(p for p, _ in v6)])
+    if not on or (shortest < plen and any(words)):
+        return False
+    if shortest < plen:
+        plen, mask = shortest, v6_mask(shortest)
+        V6_HEAD.pack_into(f, 0, on, plen, mask)
+    for _, a in v6:
+        h = v6_bit(a, mask)
+        words[h >> 6] |= 1 << (h & 63)
+    return True
 
 
 def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:

@@ -1149,6 +1149,7 @@ class Maps:
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
     csam_dirs = property(lambda self: (self.map("xz_csam_d0"), self.map("xz_csam_d1")))
+    csam_v6 = property(lambda self: (self.map("xz_csam_f0"), self.map("xz_csam_f1")))
     trace_ring = property(lambda self: self.map("xz_trace_ring"))
     trace_state = property(lambda self: self.map("xz_trace_state"))
 
@@ -1699,6 +1700,13 @@ class Maps:
 
     def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
         self.csam_dirs[gen].update(ZERO_KEY, d)
+
+    def read_csam_v6(self, gen: int) -> bytearray:
+        """Generation ``gen``'s IPv6 filter (dirs.csam_v6)."""
+        return self.csam_v6[gen].lookup_into(ZERO_KEY)
+
+    def write_csam_v6(self, gen: int, f: bytes | bytearray) -> None:
+        self.csam_v6[gen].update(ZERO_KEY, f)
 
     def csam_lines(self, gen: int) -> np.ndarray:
         """Generation ``gen``'s lines (xz_csam_l0/1, dirs.lines_*), mapped: row i is line i,

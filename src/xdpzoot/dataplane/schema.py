@@ -26,8 +26,8 @@ def _defines(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, expr in re.findall(r"^#define (XZ_\w+) ([^\n/]+?)\s*(?:/\*.*)?$", text, re.M):
         expr = re.sub(r"\b(XZ_\w+)\b", lambda m: str(out.get(m.group(1), "None")), expr)
-        expr = re.sub(r"\b(\d+)U\b", r"\1", expr)   # unsigned constants
-        if re.fullmatch(r"[\d\s()<|+*x]+", expr):
+        expr = re.sub(r"\b(0x[\da-fA-F]+|\d+)U?L{0,2}\b", r"\1", expr)   # 123U, 0x..ULL
+        if re.fullmatch(r"[\da-fA-F\s()<|+*x]+", expr):
             out[name] = int(eval(expr, {"__builtins__": {}}))  # digits and operators only
     return out
 
