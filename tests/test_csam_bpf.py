@@ -274,8 +274,9 @@ def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
     if present:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
-        m.write_csam_dir(gen, dirs.csam(LIST_HOSTS, LIST_PREFIXES))   # as a load writes it
-        m.write_csam_v6(gen, dirs.csam_v6(LIST_HOSTS, LIST_PREFIXES))
+        d, v6 = dirs.csam(LIST_HOSTS, LIST_PREFIXES)   # as a load writes them
+        m.write_csam_dir(gen, d)
+        m.write_csam_v6(gen, v6)
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])

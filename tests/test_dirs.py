@@ -89,7 +89,7 @@ def assert_promises(d: bytes, hosts, prefixes) -> None:
 @given(lst=lists())
 def test_csam_directory_is_exact(lst):
     hosts, prefixes = lst
-    d = dirs.csam(hosts, prefixes)
+    d, _ = dirs.csam(hosts, prefixes)
     assert len(d) == dirs.BYTES
     assert_promises(d, hosts, prefixes)
     # exact: a /24 with nothing is NONE, one covered whole ALL
@@ -108,13 +108,13 @@ def test_csam_directory_is_exact(lst):
 def test_csam_directory_changed_entry_by_entry_tells_the_truth(old, new):
     entries = lambda h, p: {(128, a) for a in h} | set(p)  # noqa: E731
     before, after = entries(*old), entries(*new)
-    d = bytearray(dirs.csam(*old))
+    d = bytearray(dirs.csam(*old)[0])
     dirs.csam_change(d, before - after, after - before)
     assert_promises(bytes(d), *new)
 
 
 def test_csam_directory_ignores_ipv6_and_starts_looking_everywhere():
-    d = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})
+    d, _ = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})
     assert set(dirs.states(d).tolist()) == {dirs.NONE}
     assert dirs.get(bytes(dirs.BYTES), 12345) == dirs.LOOK   # zeros: look everything up
 
@@ -483,11 +483,11 @@ def filter_passes(f: bytes, a: bytes) -> bool:
 @given(lst=lists6(), v4=lists())
 def test_csam_v6_filter_passes_every_listed_address(lst, v4):
     hosts, prefixes = lst
-    f = dirs.csam_v6(hosts | v4[0], prefixes | v4[1])   # IPv4 entries play no part
+    _, f = dirs.csam(hosts | v4[0], prefixes | v4[1])   # IPv4 entries play no part
     assert len(f) == dirs.V6_BYTES
     on, plen, _ = dirs.V6_HEAD.unpack_from(f)
     assert (on, plen) == (1, min([64, *(p for p, _ in prefixes)]))
-    assert f == dirs.csam_v6(hosts, prefixes)
+    assert f == dirs.csam(hosts, prefixes)[1]
     for a in probes6(hosts, prefixes):
         if listed(hosts, prefixes, a):
             assert filter_passes(f, a)
@@ -498,7 +498,7 @@ def test_csam_v6_filter_passes_every_listed_address(lst, v4):
 @settings(max_examples=100, deadline=None)
 @given(old=lists6(), new=lists6())
 def test_csam_v6_filter_follows_additions_or_says_it_cannot(old, new):
-    f = bytearray(dirs.csam_v6(*old))
+    f = bytearray(dirs.csam(*old)[1])
     before = bytes(f)
     added = {(128, a) for a in new[0]} | new[1]
     shortest = min([64, *(p for p, _ in new[1])])

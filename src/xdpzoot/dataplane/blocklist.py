@@ -155,7 +155,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         maps.write_csam_dir(gen, old_dir)
         v6 = maps.read_csam_v6(gen)
         if not dirs.csam_v6_add(v6, new):   # made anew from what the generation holds
-            v6 = dirs.csam_v6(maps.csam_hosts[gen].keys(),
+            _, v6 = dirs.csam(maps.csam_hosts[gen].keys(),
                               map(LPM_KEY.unpack, maps.csam_prefixes[gen].keys()))
         maps.write_csam_v6(gen, v6)
     else:
@@ -214,8 +214,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
             memo["lines"] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
         lines[:] = memo["lines"]
     if "dir" not in memo:
-        memo["dir"] = dirs.csam(lst.hosts, lst.prefixes)
-        memo["v6"] = dirs.csam_v6(lst.hosts, lst.prefixes)
+        memo["dir"], memo["v6"] = dirs.csam(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
     maps.write_csam_v6(gen, memo["v6"])
     return len(add_h) + len(add_p), len(del_h) + len(del_p)

@@ -78,47 +78,51 @@ def _unpack(d: bytes | bytearray) -> np.ndarray:
     return np.stack([b & 3, b >> 2 & 3, b >> 4 & 3, b >> 6 & 3], axis=1).reshape(-1)
 
 
-def _hosts24(addrs: list[bytes]) -> np.ndarray:
-    """/24 numbers of the IPv4 ones among 16-byte addresses."""
+def _rows(addrs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """16-byte addresses as the rows of an array, and which of them are IPv4."""
     import numpy as np
 
-    if not addrs:
-        return np.zeros(0, dtype=np.int64)
     raw = np.frombuffer(b"".join(addrs), dtype=np.uint8).reshape(-1, 16)
-    r = raw[(raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)]
-    return r[:, 12].astype(np.int64) << 16 | r[:, 13].astype(np.int64) << 8 | r[:, 14]
+    return raw, (raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
 
 
-def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-    """(covered, partial): the /24 numbers that IPv4 prefixes of /24 or shorter cover
-    whole, and those of longer ones."""
+def _slash24s(raw: np.ndarray) -> np.ndarray:
+    """/24 numbers of rows of IPv4 addresses."""
+    import numpy as np
+
+    return raw[:, 12].astype(np.int64) << 16 | raw[:, 13].astype(np.int64) << 8 | raw[:, 14]
+
+
+def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray, np.ndarray]:
+    """(covered, partial, rows, lengths): the /24 numbers that IPv4 prefixes of /24 or
+    shorter cover whole, and those of longer ones; the IPv6 prefixes' rows and lengths."""
     import numpy as np
 
     prefixes = list(prefixes)
-    if not prefixes:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
-    raw = np.frombuffer(b"".join(a for _, a in prefixes), dtype=np.uint8).reshape(-1, 16)
-    v4 = (raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
-    raw, n = raw[v4], plen[v4] - 96
-    first = raw[:, 12].astype(np.int64) << 16 | raw[:, 13].astype(np.int64) << 8 | raw[:, 14]
+    raw, v4 = _rows([a for _, a in prefixes])
+    first, n = _slash24s(raw[v4]), plen[v4] - 96
     whole = n <= 24
     starts, counts = first[whole], 1 << (24 - n[whole])
     # every /24 of every short prefix: each start repeated, plus 0 .. count-1
     offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + offsets, first[~whole]
+    return np.repeat(starts, counts) + offsets, first[~whole], raw[~v4], plen[~v4]
 
 
-def csam(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
-    """The exact directory of a CSAM list."""
+def csam(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    """The exact IPv4 directory and IPv6 filter of a CSAM list (its addresses joined once:
+    at a million entries that is most of the work)."""
     import numpy as np
 
     st = np.full(SLASH24, NONE, dtype=np.uint8)
-    st[_hosts24(list(hosts))] = HOSTS
-    covered, partial = _prefixes24(prefixes)
+    raw, v4 = _rows(list(hosts))
+    st[_slash24s(raw[v4])] = HOSTS
+    covered, partial, raw6, plen6 = _prefixes24(prefixes)
     st[partial] = LOOK
     st[covered] = ALL
-    return _pack(st)
+    return _pack(st), _v6_filter(np.concatenate([raw[~v4], raw6]),
+                                 np.concatenate([np.full(int((~v4).sum()), 128), plen6]))
 
 
 def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
@@ -170,22 +174,15 @@ def v6_bit(addr: bytes, mask: int) -> int:
     return (w * V6_MUL) % (1 << 64) >> (64 - V6_BITS)
 
 
-def v6_entries(entries: Iterable[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """The IPv6 ones of ``(len/128, address)`` entries."""
-    return [(p, a) for p, a in entries if a[:12] != V4MAPPED]
-
-
-def csam_v6(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
-    """The exact IPv6 filter of a CSAM list (its IPv4 entries play no part)."""
+def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
+    """The exact filter of IPv6 entries: their rows and lengths."""
     import numpy as np
 
-    v6 = v6_entries([(128, a) for a in hosts] + list(prefixes))
-    plen = min([V6_MAX_PLEN, *(p for p, _ in v6)])
+    plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
     words = np.zeros(V6_WORDS, dtype=np.uint64)
-    if v6:
-        w = np.frombuffer(b"".join(a[:8] for _, a in v6), dtype=np.uint64)
-        h = ((w & np.uint64(v6_mask(plen))) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
-        np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
+    w = np.ascontiguousarray(raw[:, :8]).view(np.uint64).ravel()
+    h = ((w & np.uint64(v6_mask(plen))) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
+    np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
     return V6_HEAD.pack(1, plen, v6_mask(plen)) + words.tobytes()
 
 
@@ -196,7 +193,7 @@ def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
     be another's too: a stale bit costs a lookup, never a miss."""
     on, plen, mask = V6_HEAD.unpack_from(f)
     words = memoryview(f)[V6_HEAD.size:].cast("Q")
-    v6 = v6_entries(added)
+    v6 = [(p, a) for p, a in added if a[:12] != V4MAPPED]
     shortest = min([V6_MAX_PLEN, *(p for p, _ in v6)])
     if not on or (shortest < plen and any(words)):
         return False
@@ -214,8 +211,9 @@ def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -
     import numpy as np
 
     st = np.full(SLASH24, NO_PREFIX | NO_HOST, dtype=np.uint8)
-    st[_hosts24(list(hosts))] = NO_PREFIX
-    covered, partial = _prefixes24(prefixes)
+    raw, v4 = _rows(list(hosts))
+    st[_slash24s(raw[v4])] = NO_PREFIX
+    covered, partial, _, _ = _prefixes24(prefixes)
     st[np.concatenate([covered, partial])] &= NO_HOST
     return _pack(st)
 
