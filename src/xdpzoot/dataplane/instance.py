@@ -505,14 +505,8 @@ class Instance:
     def counters_sum(self) -> dict[int, tuple[int, int]]:
         return self.maps.counters_sum()
 
-    def clear_counters(self) -> None:
-        self.maps.clear_counters()
-
     def fast_counters(self) -> dict[str, tuple[int, int]]:
         return self.maps.fast_counters()
-
-    def clear_fast_counters(self) -> None:
-        self.maps.clear_fast_counters()
 
     def fast_path(self) -> dict:
         return loader.fast_path(self.maps)
