@@ -34,6 +34,8 @@ XZ_MAP("array", __u32, struct xz_sub_idx, xz_sub_idx, (1 << 24) / XZ_IDX_LANES, 
 XZ_MAP("array", __u32, struct xz_class, xz_uniform, XZ_MAX_UNIFORM, 0);
 /* /24s with a few host entries that xz_sub_idx points at (struct xz_sub_hosted). cp writes. */
 XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, BPF_F_MMAPABLE);
+/* IPv6 host entries by /64 (struct xz_sub_v6). cp writes, through a mapping of its memory. */
+XZ_MAP("array", __u32, struct xz_sub_v6, xz_sub_v6, 1, BPF_F_MMAPABLE);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
 /*

@@ -64,6 +64,20 @@ static __always_inline __u32 xz_uniform_index(struct xz_addr *a)
 	return h->idx;
 }
 
+/* For IPv6 address ``a``: XZ_SUB_DIR_NO_HOST where the host filter (struct xz_sub_v6) says
+ * no host entry lies in its /64, else 0. Without a branch. */
+static __always_inline __u32 xz_sub_v6_skip(struct xz_sub_v6 *f, struct xz_addr *a)
+{
+	__u64 w, h, bit;
+
+	if (!f)
+		return 0;
+	__builtin_memcpy(&w, a->addr, 8);
+	h = (w * XZ_CSAM_V6_MUL) >> (64 - XZ_SUB_V6_BITS);
+	bit = ((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1);
+	return XZ_SUB_DIR_NO_HOST * (__u32)(bit ^ 1);
+}
+
 /*
  * Most specific entry wins: a host entry, else the longest prefix. For IPv4, first the
  * class index: a /24 that one pool or block covers whole (no host entry, no longer
@@ -89,6 +103,8 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 			cls = xz_uniform.lookup(&idx);
 		if (!cls)
 			skip = xz_dir_state(xz_sub_dir.lookup(&zero), a);
+	} else {
+		skip = xz_sub_v6_skip(xz_sub_v6.lookup(&zero), a);
 	}
 	if (!cls && !(skip & XZ_SUB_DIR_NO_HOST))
 		cls = xz_hosts.lookup(a);

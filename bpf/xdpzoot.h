@@ -143,6 +143,18 @@ struct xz_csam_line {
 	__u32 a[XZ_CSAM_LINE_KEYS];  /* addresses; 0: a free slot */
 	__u32 more;                   /* addresses of this line only in the hash */
 };
+/*
+ * The subscribers' IPv6 host filter: bit h is set where a host entry's /64 hashes to h (its
+ * first 8 bytes as a native word times XZ_CSAM_V6_MUL, the top XZ_SUB_V6_BITS bits), set
+ * before the entry is written. A clear bit: no host entry in the address's /64, so no
+ * lookup of the host hash. on = 0: look every address up.
+ */
+#define XZ_SUB_V6_BITS 20          /* 2^20 bits, 128 KiB */
+struct xz_sub_v6 {
+	__u32 on;
+	__u32 _pad;
+	__u64 bits[1 << (XZ_SUB_V6_BITS - 6)];
+};
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */
 #define XZ_SUB_DIR_NO_HOST 2       /* no host entry lies in it */

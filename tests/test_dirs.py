@@ -331,6 +331,45 @@ def test_host_entries_keep_their_slash24_on_the_index(dp):
     verdicts(False)
 
 
+def test_ipv6_host_entries_go_through_the_filter(dp):
+    """An IPv6 host entry in a pool (a session's address): its /64's bit is set before it is
+    written, so it answers at once, and the pool's other /64s skip the host hash; a sync
+    makes the filter exact (a deleted entry's bit cleared). An entry written behind the
+    filter's back is not seen while the filter is on (it is what answers), and is with it
+    off."""
+    host_ip, other_ip = "2001:db8:4:0:1::7", "2001:db8:4:9::7"
+    host, m = addr16(host_ip), dp.maps
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b", "op25b_v6")))
+    prefixes = ClassTable()
+    prefixes.append(layout.LPM_KEY.pack(56, addr16("2001:db8:4::")), Entry(1, 1))
+    sync.apply_subscribers(m, ClassTable(), prefixes)   # a dynamic /56, then a sync
+
+    def verdict(ip: str, static: bool) -> None:
+        p = Packet("access", ip, "2001:db8:ffff::9", TCP, 40000, 25)
+        check(dp, p, "pass" if static else "drop", "ok" if static else "op25b")
+
+    def bit() -> int:
+        h = dirs.sub_v6_bit(host)
+        return m.sub_v6_words[1 + (h >> 6)] >> (h & 63) & 1
+
+    assert m.sub_v6_words[0] == 1 and not bit()
+    verdict(host_ip, False)
+    m.set_host(host, Entry(7, 2))   # static: may send to :25
+    assert bit()
+    verdict(host_ip, True)
+    verdict(other_ip, False)
+    m.del_host(host)
+    assert bit()   # until a sync
+    m.sync_uniform()
+    assert m.sub_v6_words[0] == 1 and not bit()
+    m.host_map.update(host, layout.pack_class(Entry(7, 2)))   # behind the filter's back
+    verdict(host_ip, False)
+    m.sub_v6_words[0] = 0   # off: every address looked up
+    verdict(host_ip, True)
+    dp.reset()
+
+
 def _flip(e: Entry) -> Entry:
     """The other type: OP25B then stops or starts applying."""
     return e._replace(type=3 - e.type)

@@ -161,6 +161,9 @@ V6_HEAD = struct.Struct("=IIQ")            # on, plen, mask
 V6_WORDS = 1 << (V6_BITS - 6)
 V6_BYTES = V6_HEAD.size + 8 * V6_WORDS
 V6_MAX_PLEN = 64                           # an address counts by its /64
+V6_ALL = (1 << 64) - 1                     # the mask of a whole /64
+if C["XZ_SUB_V6_BITS"] != V6_BITS:
+    raise ImportError("the two IPv6 filters are made with one hash: XZ_SUB_V6_BITS differs")
 
 
 def v6_mask(plen: int) -> int:
@@ -174,16 +177,33 @@ def v6_bit(addr: bytes, mask: int) -> int:
     return (w * V6_MUL) % (1 << 64) >> (64 - V6_BITS)
 
 
-def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
-    """The exact filter of IPv6 entries: their rows and lengths."""
+def _v6_words(raw: np.ndarray, mask: int) -> np.ndarray:
+    """The bits of a filter (as its native words) for rows of IPv6 addresses."""
     import numpy as np
 
-    plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
     words = np.zeros(V6_WORDS, dtype=np.uint64)
     w = np.ascontiguousarray(raw[:, :8]).view(np.uint64).ravel()
-    h = ((w & np.uint64(v6_mask(plen))) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
+    h = ((w & np.uint64(mask)) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
     np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
-    return V6_HEAD.pack(1, plen, v6_mask(plen)) + words.tobytes()
+    return words
+
+
+def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
+    """The exact filter of IPv6 entries: their rows and lengths."""
+    plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
+    return V6_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
+
+
+def sub_v6(hosts: list[bytes]) -> np.ndarray:
+    """The bits of the subscribers' IPv6 host filter (struct xz_sub_v6, the same hash at
+    /64) for host entries ``hosts``, as its native words."""
+    raw, v4 = _rows(hosts)
+    return _v6_words(raw[~v4], V6_ALL)
+
+
+def sub_v6_bit(addr: bytes) -> int:
+    """The subscribers' IPv6 host filter's bit for a 16-byte address."""
+    return v6_bit(addr, V6_ALL)
 
 
 def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:

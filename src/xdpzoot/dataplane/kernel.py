@@ -1102,6 +1102,7 @@ class Maps:
         self._open.clear()
         self.__dict__.pop("lanes", None)
         self.__dict__.pop("hosted_words", None)
+        self.__dict__.pop("sub_v6_words", None)
 
     def __enter__(self) -> Maps:
         return self
@@ -1123,6 +1124,7 @@ class Maps:
     idx_map = property(lambda self: self.map("xz_sub_idx"))
     uniform_map = property(lambda self: self.map("xz_uniform"))
     hosted_map = property(lambda self: self.map("xz_sub_hosted"))
+    sub_v6_map = property(lambda self: self.map("xz_sub_v6"))
 
     @functools.cached_property
     def lanes(self) -> memoryview:
@@ -1133,6 +1135,11 @@ class Maps:
     def hosted_words(self) -> memoryview:
         """xz_sub_hosted, mapped: entry n is words n * 8 .. n * 8 + 7 (HOSTED)."""
         return self.hosted_map.view("Q")
+
+    @functools.cached_property
+    def sub_v6_words(self) -> memoryview:
+        """xz_sub_v6, mapped: word 0 holds ``on``, words 1.. the bits."""
+        return self.sub_v6_map.view("Q")
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     pool_op25b = property(lambda self: self.map("xz_pool_op25b"))
@@ -1194,10 +1201,29 @@ class Maps:
         if self._uniform_off:
             return
         if m is self.host_map:
+            self._mark_v6(keys)
             self._mark_hosts(keys)
         elif m is self.prefix_map:
             rows = dirs.index_rows([LPM_KEY.unpack(k) for k in keys])
             self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
+
+    def _mark_v6(self, keys: list[bytes]) -> None:
+        """Set the IPv6 host filter's bit of each IPv6 key's /64 (struct xz_sub_v6), before
+        it is written. A delete leaves the bit (a /64 whose bit is set without a host entry
+        is looked up: slower, not wrong) until sync_uniform makes the filter exact."""
+        q = self.sub_v6_words
+        for k in keys:
+            if k[:12] != dirs.V4MAPPED:
+                h = dirs.sub_v6_bit(k)
+                q[1 + (h >> 6)] |= 1 << (h & 63)
+
+    def _sync_v6(self, hosts: list[bytes]) -> None:
+        """Make the IPv6 host filter exact for the host entries ``hosts`` and switch it on.
+        Every bit a host entry needs is set in the old words and in the new ones, so a
+        program reading while they are written finds it either way."""
+        q = self.sub_v6_words
+        q[1:1 + dirs.V6_WORDS] = memoryview(dirs.sub_v6(hosts).tobytes()).cast("Q")
+        q[0] = 1
 
     def _mark_hosts(self, keys: list[bytes]) -> None:
         """Mark the IPv4 ``keys`` as host entries in the class index, before they are
@@ -1247,6 +1273,7 @@ class Maps:
         rows = dirs.index_rows([LPM_KEY.unpack(k) for k in self.prefix_map.keys()])
         self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
         self.uniform_map.update(ZERO_KEY, bytes(CLASS.size))   # its counts: none
+        self.sub_v6_words[0] = 0   # the IPv6 host filter off: every address looked up
         self._uniform_off = True
         try:
             yield
@@ -1255,17 +1282,19 @@ class Maps:
         self.sync_uniform()
 
     def sync_uniform(self) -> None:
-        """Bring the class index to what the prefix map, the directory and the host
-        entries say (dirs.uniform). Lanes that change are zeroed first, then the classes
-        and the entries of /24s with hosts written, then the lanes set: a program finds an
-        index only with its own class (after a pause when an index or entry changes
-        hands, longer than any program runs)."""
+        """Bring the class index to what the prefix map, the directory and the host entries
+        say (dirs.uniform), and the IPv6 host filter to the host entries. Lanes that change
+        are zeroed first, then the classes and the entries of /24s with hosts written, then
+        the lanes set: a program finds an index only with its own class (after a pause when
+        an index or entry changes hands, longer than any program runs)."""
         self.check_writer()
         keys, values = self.prefix_map.items()
         prefixes = [LPM_KEY.unpack(k) for k in keys]
         im, um, hm = self.idx_map, self.uniform_map, self.hosted_map
+        hosts = functools.cache(self.host_map.keys)   # read once, if at all, for both
         slash, lanes, owners, bits = dirs.uniform(prefixes, self.read_dir(), um.max_entries,
-                                                  self.host_map.keys, hm.max_entries)
+                                                  hosts, hm.max_entries)
+        self._sync_v6(hosts())
         rows = dirs.index_rows(prefixes)   # no lane is set outside these
         have = {r: im.lookup(U32.pack(r)) for r in rows}
         lane_of = dict(zip(slash.tolist(), lanes.tolist(), strict=True))
