@@ -109,7 +109,7 @@ def load(dp, t: tables.Tables, flags: int) -> None:
         dp.maps.set_host(a, e)
     for k, e in t.prefixes.items():
         dp.maps.set_prefix(k, e)
-    dp.maps.write_dir(dirs.subscribers(t.hosts, t.prefixes))
+    dp.maps.write_dir(dirs.subscribers(t.hosts, t.prefixes)[0])
     dp.maps.sync_uniform()
     for k, bits in t.allow.items():
         dp.maps.set_allow(k, bits)

@@ -838,7 +838,7 @@ def test_radclient_sessions_in_the_maps(netns: str, dp) -> None:
     static_addr = tables.addr16(ipaddress.ip_address("203.0.113.10"))
     dp.maps.set_prefix(pool_key, pool)
     dp.maps.set_host(static_addr, other)
-    dp.maps.write_dir(dirs.subscribers([static_addr], [pool_key]))
+    dp.maps.write_dir(dirs.subscribers([static_addr], [pool_key])[0])
     dp.maps.set_control_flags(schema.C["XZ_C_LOADED"] | schema.C["XZ_C_OP25B"]
                               | schema.C["XZ_C_OP25B_V6"])
 

@@ -85,6 +85,7 @@ class Plan(NamedTuple):
     # session entries re-resolved (in hosts/prefixes too): changed, removed, and of the
     # removed (in ``added``) those a row of the file takes over
     sessions: Change = Change()
+    v6: bytes | None = None             # the bits of the exact IPv6 host filter
 
     @property
     def change(self) -> Change:
@@ -345,10 +346,10 @@ def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
             t.keys.extend(kept.keys)
             t.values.extend(kept.values)
         _check_room(maps, path, hosts, prefixes)
-        d = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
+        d, v6 = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
         return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
                     pool_clear, (len(cur_h), len(cur_p)), diff_table(cur_c, want_c),
-                    ch + cp)
+                    ch + cp, v6)
 
 
 def _check_room(maps: Maps, path: str, hosts: ClassTable, prefixes: ClassTable) -> None:
@@ -400,6 +401,8 @@ def apply_plan(maps: Maps, p: Plan,
         if p.contracts is not None and p.contracts.remove:
             maps.delete(maps.contract_map, p.contracts.remove)
         maps.write_dir(p.dir)
+        if p.v6 is not None:
+            maps.write_sub_v6(p.v6)
         maps.count_dir_write()
     maps.clear_state(p.freed)
     return p.change

@@ -194,13 +194,6 @@ def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
     return V6_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
 
 
-def sub_v6(hosts: list[bytes]) -> np.ndarray:
-    """The bits of the subscribers' IPv6 host filter (struct xz_sub_v6, the same hash at
-    /64) for host entries ``hosts``, as its native words."""
-    raw, v4 = _rows(hosts)
-    return _v6_words(raw[~v4], V6_ALL)
-
-
 def sub_v6_bit(addr: bytes) -> int:
     """The subscribers' IPv6 host filter's bit for a 16-byte address."""
     return v6_bit(addr, V6_ALL)
@@ -226,8 +219,11 @@ def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
     return True
 
 
-def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> bytes:
-    """The exact directory of the subscriber maps: host addresses and prefixes."""
+def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
+                ) -> tuple[bytes, bytes]:
+    """The exact IPv4 directory of the subscriber maps (host addresses and prefixes), and
+    the bits of their exact IPv6 host filter (struct xz_sub_v6's, as its native words):
+    the host addresses joined once for both."""
     import numpy as np
 
     st = np.full(SLASH24, NO_PREFIX | NO_HOST, dtype=np.uint8)
@@ -235,7 +231,7 @@ def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -
     st[_slash24s(raw[v4])] = NO_PREFIX
     covered, partial, _, _ = _prefixes24(prefixes)
     st[np.concatenate([covered, partial])] &= NO_HOST
-    return _pack(st)
+    return _pack(st), _v6_words(raw[~v4], V6_ALL).tobytes()
 
 
 def union(a: bytes, b: bytes) -> bytes:

@@ -1210,19 +1210,22 @@ class Maps:
     def _mark_v6(self, keys: list[bytes]) -> None:
         """Set the IPv6 host filter's bit of each IPv6 key's /64 (struct xz_sub_v6), before
         it is written. A delete leaves the bit (a /64 whose bit is set without a host entry
-        is looked up: slower, not wrong) until sync_uniform makes the filter exact."""
+        is looked up: slower, not wrong) until a whole load (sync.apply_plan) writes the filter
+        exact (write_sub_v6)."""
         q = self.sub_v6_words
         for k in keys:
             if k[:12] != dirs.V4MAPPED:
                 h = dirs.sub_v6_bit(k)
                 q[1 + (h >> 6)] |= 1 << (h & 63)
 
-    def _sync_v6(self, hosts: list[bytes]) -> None:
-        """Make the IPv6 host filter exact for the host entries ``hosts`` and switch it on.
-        Every bit a host entry needs is set in the old words and in the new ones, so a
-        program reading while they are written finds it either way."""
+    def write_sub_v6(self, bits: bytes) -> None:
+        """The exact IPv6 host filter's bits (dirs.subscribers) for what the host map holds,
+        then the filter on. Every bit a host entry needs is set in the old words (or the
+        filter is off) and in the new ones, so a program reading while they are written
+        finds it either way."""
+        self.check_writer()
         q = self.sub_v6_words
-        q[1:1 + dirs.V6_WORDS] = memoryview(dirs.sub_v6(hosts).tobytes()).cast("Q")
+        q[1:1 + dirs.V6_WORDS] = memoryview(bits).cast("Q")
         q[0] = 1
 
     def _mark_hosts(self, keys: list[bytes]) -> None:
@@ -1283,18 +1286,16 @@ class Maps:
 
     def sync_uniform(self) -> None:
         """Bring the class index to what the prefix map, the directory and the host entries
-        say (dirs.uniform), and the IPv6 host filter to the host entries. Lanes that change
-        are zeroed first, then the classes and the entries of /24s with hosts written, then
-        the lanes set: a program finds an index only with its own class (after a pause when
-        an index or entry changes hands, longer than any program runs)."""
+        say (dirs.uniform). Lanes that change are zeroed first, then the classes and the
+        entries of /24s with hosts written, then the lanes set: a program finds an index
+        only with its own class (after a pause when an index or entry changes hands, longer
+        than any program runs)."""
         self.check_writer()
         keys, values = self.prefix_map.items()
         prefixes = [LPM_KEY.unpack(k) for k in keys]
         im, um, hm = self.idx_map, self.uniform_map, self.hosted_map
-        hosts = functools.cache(self.host_map.keys)   # read once, if at all, for both
         slash, lanes, owners, bits = dirs.uniform(prefixes, self.read_dir(), um.max_entries,
-                                                  hosts, hm.max_entries)
-        self._sync_v6(hosts())
+                                                  self.host_map.keys, hm.max_entries)
         rows = dirs.index_rows(prefixes)   # no lane is set outside these
         have = {r: im.lookup(U32.pack(r)) for r in rows}
         lane_of = dict(zip(slash.tolist(), lanes.tolist(), strict=True))
