@@ -34,8 +34,8 @@ XZ_MAP("array", __u32, struct xz_sub_idx, xz_sub_idx, (1 << 24) / XZ_IDX_LANES, 
 XZ_MAP("array", __u32, struct xz_class, xz_uniform, XZ_MAX_UNIFORM, 0);
 /* /24s with a few host entries that xz_sub_idx points at (struct xz_sub_hosted). cp writes. */
 XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, BPF_F_MMAPABLE);
-/* IPv6 host entries by /64 (struct xz_sub_v6). cp writes, through a mapping of its memory. */
-XZ_MAP("array", __u32, struct xz_sub_v6, xz_sub_v6, 1, BPF_F_MMAPABLE);
+/* IPv6 host entries by /64 (struct xz_v6_filter). cp writes, through a mapping of its memory. */
+XZ_MAP("array", __u32, struct xz_v6_filter, xz_sub_v6, 1, BPF_F_MMAPABLE);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
 /*
@@ -59,9 +59,9 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l1, 1 << XZ_CSAM_LINE_BITS,
 /* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);
-/* Per generation: its IPv6 filter (struct xz_csam_v6), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_csam_v6, xz_csam_f0, 1, 0);
-XZ_MAP("array", __u32, struct xz_csam_v6, xz_csam_f1, 1, 0);
+/* Per generation: its IPv6 filter (struct xz_v6_filter), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f0, 1, 0);
+XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f1, 1, 0);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

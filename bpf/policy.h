@@ -64,18 +64,17 @@ static __always_inline __u32 xz_uniform_index(struct xz_addr *a)
 	return h->idx;
 }
 
-/* For IPv6 address ``a``: XZ_SUB_DIR_NO_HOST where the host filter (struct xz_sub_v6) says
- * no host entry lies in its /64, else 0. Without a branch. */
-static __always_inline __u32 xz_sub_v6_skip(struct xz_sub_v6 *f, struct xz_addr *a)
+/* Whether IPv6 filter ``f`` (struct xz_v6_filter) has address ``a`` looked up: 1 where its
+ * bit is set, or the filter is off or absent; 0 where nothing lies. Without a branch. */
+static __always_inline __u32 xz_v6_filter_passes(struct xz_v6_filter *f, struct xz_addr *a)
 {
-	__u64 w, h, bit;
+	__u64 w, h;
 
 	if (!f)
-		return 0;
+		return 1;
 	__builtin_memcpy(&w, a->addr, 8);
-	h = (w * XZ_CSAM_V6_MUL) >> (64 - XZ_SUB_V6_BITS);
-	bit = ((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1);
-	return XZ_SUB_DIR_NO_HOST * (__u32)(bit ^ 1);
+	h = ((w & f->mask) * XZ_V6_FILTER_MUL) >> (64 - XZ_V6_FILTER_BITS);
+	return (__u32)(((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
 }
 
 /*
@@ -104,7 +103,7 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 		if (!cls)
 			skip = xz_dir_state(xz_sub_dir.lookup(&zero), a);
 	} else {
-		skip = xz_sub_v6_skip(xz_sub_v6.lookup(&zero), a);
+		skip = XZ_SUB_DIR_NO_HOST * (xz_v6_filter_passes(xz_sub_v6.lookup(&zero), a) ^ 1);
 	}
 	if (!cls && !(skip & XZ_SUB_DIR_NO_HOST))
 		cls = xz_hosts.lookup(a);
@@ -203,26 +202,12 @@ static __always_inline int xz_csam_line_has(struct xz_addr *a, int gen, __u32 *i
 	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask the hash */
 }
 
-/* The IPv6 filter's answer for address ``a`` (struct xz_csam_v6): XZ_CSAM_DIR_NONE where
- * its bit is clear, else (or with no exact filter) XZ_CSAM_DIR_LOOK. Without a branch. */
-_Static_assert(XZ_CSAM_DIR_LOOK == 0, "xz_csam_v6_state: LOOK is 0");
-static __always_inline __u32 xz_csam_v6_state(struct xz_csam_v6 *f, struct xz_addr *a)
-{
-	__u64 w, h, bit;
-
-	if (!f)
-		return XZ_CSAM_DIR_LOOK;
-	__builtin_memcpy(&w, a->addr, 8);
-	h = ((w & f->mask) * XZ_CSAM_V6_MUL) >> (64 - XZ_CSAM_V6_BITS);
-	bit = ((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1);
-	return XZ_CSAM_DIR_NONE - XZ_CSAM_DIR_NONE * (__u32)bit;
-}
-
 /* Is the address on the CSAM list in force? The generation's directory (IPv4: its /24's
  * state; IPv6: its filter) answers for most addresses on its own (nothing listed, or for
  * IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
  * line says so), then the prefix. A kind of entry the list does not have is not looked
  * up. */
+_Static_assert(XZ_CSAM_DIR_LOOK == 0, "xz_csam_listed: an IPv6 filter's LOOK is 0");
 static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
@@ -233,8 +218,9 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 		return 0;   /* no list in force (or an empty one): nothing to look up */
 	if (family == 4)
 		look = xz_dir_state(gen ? xz_csam_d1.lookup(&zero) : xz_csam_d0.lookup(&zero), a);
-	else
-		look = xz_csam_v6_state(gen ? xz_csam_f1.lookup(&zero) : xz_csam_f0.lookup(&zero), a);
+	else   /* NONE where nothing lies, else LOOK (0) */
+		look = XZ_CSAM_DIR_NONE * (xz_v6_filter_passes(gen ? xz_csam_f1.lookup(&zero) :
+							       xz_csam_f0.lookup(&zero), a) ^ 1);
 	if (look == XZ_CSAM_DIR_NONE)
 		return 0;
 	if (look == XZ_CSAM_DIR_ALL)

@@ -109,21 +109,22 @@ struct xz_sub_hosted {
 #define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
 #define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
 /*
- * The CSAM list's IPv6 filter, per generation: bit h of ``bits`` is set where an IPv6 entry
- * lies whose first ``plen`` bits hash to h, ``plen`` being the shortest IPv6 entry's length,
- * at most 64 (an address counts by its /64). An entry covering an address has the same first
- * ``plen`` bits, so a clear bit says that nothing listed covers it: no hash, no trie. The
+ * An IPv6 filter: bit h of ``bits`` is set where an entry lies whose first ``plen`` bits
+ * hash to h (plen at most 64: an address counts by its /64). An entry covering an address
+ * has the same first ``plen`` bits, so a clear bit says that nothing there: no lookup. The
  * hash: the address's first 8 bytes as a native word, AND ``mask`` (the first ``plen`` bits
- * set, in memory order), times XZ_CSAM_V6_MUL, the top XZ_CSAM_V6_BITS bits. on = 0: not
- * exact (never written, or a change it could not follow): look everything up.
+ * set, in memory order), times XZ_V6_FILTER_MUL, the top XZ_V6_FILTER_BITS bits. on = 0:
+ * not exact (never written, or a change it could not follow): look everything up.
+ * Two kinds: the CSAM list's, per generation (plen: its shortest IPv6 entry), and the
+ * subscribers' host entries' (plen 64; a bit set before its entry is written).
  */
-#define XZ_CSAM_V6_BITS 20         /* 2^20 bits, 128 KiB per generation */
-#define XZ_CSAM_V6_MUL 0x9e3779b97f4a7c15ULL
-struct xz_csam_v6 {
+#define XZ_V6_FILTER_BITS 20       /* 2^20 bits, 128 KiB */
+#define XZ_V6_FILTER_MUL 0x9e3779b97f4a7c15ULL
+struct xz_v6_filter {
 	__u32 on;
 	__u32 plen;
 	__u64 mask;
-	__u64 bits[1 << (XZ_CSAM_V6_BITS - 6)];
+	__u64 bits[1 << (XZ_V6_FILTER_BITS - 6)];
 };
 /*
  * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
@@ -142,18 +143,6 @@ struct xz_csam_v6 {
 struct xz_csam_line {
 	__u32 a[XZ_CSAM_LINE_KEYS];  /* addresses; 0: a free slot */
 	__u32 more;                   /* addresses of this line only in the hash */
-};
-/*
- * The subscribers' IPv6 host filter: bit h is set where a host entry's /64 hashes to h (its
- * first 8 bytes as a native word times XZ_CSAM_V6_MUL, the top XZ_SUB_V6_BITS bits), set
- * before the entry is written. A clear bit: no host entry in the address's /64, so no
- * lookup of the host hash. on = 0: look every address up.
- */
-#define XZ_SUB_V6_BITS 20          /* 2^20 bits, 128 KiB */
-struct xz_sub_v6 {
-	__u32 on;
-	__u32 _pad;
-	__u64 bits[1 << (XZ_SUB_V6_BITS - 6)];
 };
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */

@@ -351,9 +351,12 @@ def test_ipv6_host_entries_go_through_the_filter(dp):
 
     def bit() -> int:
         h = dirs.sub_v6_bit(host)
-        return m.sub_v6_words[1 + (h >> 6)] >> (h & 63) & 1
+        return m.sub_v6_words[dirs.V6_HEAD_WORDS + (h >> 6)] >> (h & 63) & 1
 
-    assert m.sub_v6_words[0] == 1 and not bit()
+    def on() -> int:
+        return dirs.V6_HEAD.unpack_from(m.sub_v6_map.lookup_into(layout.ZERO_KEY))[0]
+
+    assert on() == 1 and not bit()
     verdict(host_ip, False)
     m.set_host(host, Entry(7, 2))   # static: may send to :25
     assert bit()
@@ -363,10 +366,10 @@ def test_ipv6_host_entries_go_through_the_filter(dp):
     m.sync_uniform()
     assert bit()   # until a whole load
     sync.apply_subscribers(m, ClassTable(), prefixes)
-    assert m.sub_v6_words[0] == 1 and not bit()
+    assert on() == 1 and not bit()
     m.host_map.update(host, layout.pack_class(Entry(7, 2)))   # behind the filter's back
     verdict(host_ip, False)
-    m.sub_v6_words[0] = 0   # off: every address looked up
+    m.sub_v6_words[0] = 0   # on (and plen) 0: off, every address looked up
     verdict(host_ip, True)
     dp.reset()
 
@@ -476,7 +479,7 @@ def test_line_of_is_the_programs_hash():
     assert dirs.line_of(words, 1 << 17).tolist() == [(w * 2654435761 % (1 << 32)) >> 15]
 
 
-# ---- the CSAM list's IPv6 filter (struct xz_csam_v6) ---------------------------------------
+# ---- the CSAM list's IPv6 filter (struct xz_v6_filter) -------------------------------------
 
 BASES6 = ("2001:db8::", "2001:db8:ff00::", "2001:db8:1:2::")
 SOURCE6 = "2001:db8:eeee::5"   # the packets' source: no subscriber

@@ -85,7 +85,7 @@ class Plan(NamedTuple):
     # session entries re-resolved (in hosts/prefixes too): changed, removed, and of the
     # removed (in ``added``) those a row of the file takes over
     sessions: Change = Change()
-    v6: bytes | None = None             # the bits of the exact IPv6 host filter
+    v6: bytes | None = None             # the exact IPv6 filter of the host entries
 
     @property
     def change(self) -> Change:

@@ -1,6 +1,7 @@
 """IPv4 /24 directories (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for every IPv4 /24
-that tell the data plane which lookups can find anything for an address there; and the
-CSAM list's IPv6 filter (``struct xz_csam_v6``), a bit per hash of a /64 (or shorter).
+that tell the data plane which lookups can find anything for an address there; and IPv6
+filters (``struct xz_v6_filter``), a bit per hash of a /64 (or shorter), the CSAM list's
+and the subscriber host entries'.
 
 Production traffic goes to a different, random address on nearly every packet, and every
 step of a hash or trie walk then misses the CPU cache. A directory answers most packets
@@ -150,20 +151,19 @@ def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
                 put(d, i, LOOK)
 
 
-# ---- the CSAM list's IPv6 filter (struct xz_csam_v6) ---------------------------------------
-# One bit for each hash of an address's first ``plen`` bits, ``plen`` the shortest IPv6
-# entry's length (at most /64): a clear bit, nothing listed covers the address. As the
-# programs compute it: the first 8 bytes as a native word, AND the mask, times the
-# multiplier, the top XZ_CSAM_V6_BITS bits; bit h is bit h % 64 of native word h // 64.
+# ---- IPv6 filters (struct xz_v6_filter) ----------------------------------------------------
+# One bit for each hash of an address's first ``plen`` bits (at most /64): a clear bit,
+# no entry covers the address. As the programs compute it: the first 8 bytes as a native
+# word, AND the mask, times the multiplier, the top XZ_V6_FILTER_BITS bits; bit h is bit
+# h % 64 of native word h // 64. The CSAM list's ``plen`` is its shortest IPv6 entry's; the
+# subscriber host entries' is 64.
 
-V6_BITS, V6_MUL = C["XZ_CSAM_V6_BITS"], C["XZ_CSAM_V6_MUL"]
+V6_BITS, V6_MUL = C["XZ_V6_FILTER_BITS"], C["XZ_V6_FILTER_MUL"]
 V6_HEAD = struct.Struct("=IIQ")            # on, plen, mask
+V6_HEAD_WORDS = V6_HEAD.size // 8
 V6_WORDS = 1 << (V6_BITS - 6)
 V6_BYTES = V6_HEAD.size + 8 * V6_WORDS
 V6_MAX_PLEN = 64                           # an address counts by its /64
-V6_ALL = (1 << 64) - 1                     # the mask of a whole /64
-if C["XZ_SUB_V6_BITS"] != V6_BITS:
-    raise ImportError("the two IPv6 filters are made with one hash: XZ_SUB_V6_BITS differs")
 
 
 def v6_mask(plen: int) -> int:
@@ -189,14 +189,15 @@ def _v6_words(raw: np.ndarray, mask: int) -> np.ndarray:
 
 
 def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
-    """The exact filter of IPv6 entries: their rows and lengths."""
+    """The exact filter of IPv6 entries: their rows and lengths (its ``plen``: the
+    shortest, at most 64)."""
     plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
     return V6_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
 
 
 def sub_v6_bit(addr: bytes) -> int:
-    """The subscribers' IPv6 host filter's bit for a 16-byte address."""
-    return v6_bit(addr, V6_ALL)
+    """The subscribers' IPv6 host filter's bit for a 16-byte address (plen 64)."""
+    return v6_bit(addr, v6_mask(V6_MAX_PLEN))
 
 
 def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
@@ -222,8 +223,8 @@ def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
 def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
                 ) -> tuple[bytes, bytes]:
     """The exact IPv4 directory of the subscriber maps (host addresses and prefixes), and
-    the bits of their exact IPv6 host filter (struct xz_sub_v6's, as its native words):
-    the host addresses joined once for both."""
+    the exact IPv6 filter of their host addresses (plen 64): the host addresses joined
+    once for both."""
     import numpy as np
 
     st = np.full(SLASH24, NO_PREFIX | NO_HOST, dtype=np.uint8)
@@ -231,7 +232,7 @@ def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
     st[_slash24s(raw[v4])] = NO_PREFIX
     covered, partial, _, _ = _prefixes24(prefixes)
     st[np.concatenate([covered, partial])] &= NO_HOST
-    return _pack(st), _v6_words(raw[~v4], V6_ALL).tobytes()
+    return _pack(st), _v6_filter(raw[~v4], np.zeros(0, dtype=np.int64))
 
 
 def union(a: bytes, b: bytes) -> bytes:

@@ -1138,7 +1138,8 @@ class Maps:
 
     @functools.cached_property
     def sub_v6_words(self) -> memoryview:
-        """xz_sub_v6, mapped: word 0 holds ``on``, words 1.. the bits."""
+        """xz_sub_v6 (struct xz_v6_filter), mapped: its header (dirs.V6_HEAD_WORDS words:
+        ``on`` in the low half of word 0), then the bits."""
         return self.sub_v6_map.view("Q")
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
@@ -1208,25 +1209,26 @@ class Maps:
             self._write_rows(dict.fromkeys(rows, bytes(self.idx_map.value_size)))
 
     def _mark_v6(self, keys: list[bytes]) -> None:
-        """Set the IPv6 host filter's bit of each IPv6 key's /64 (struct xz_sub_v6), before
+        """Set the IPv6 host filter's bit of each IPv6 key's /64 (xz_sub_v6), before
         it is written. A delete leaves the bit (a /64 whose bit is set without a host entry
         is looked up: slower, not wrong) until a whole load (sync.apply_plan) writes the filter
         exact (write_sub_v6)."""
-        q = self.sub_v6_words
+        q, at = self.sub_v6_words, dirs.V6_HEAD_WORDS
         for k in keys:
             if k[:12] != dirs.V4MAPPED:
                 h = dirs.sub_v6_bit(k)
-                q[1 + (h >> 6)] |= 1 << (h & 63)
+                q[at + (h >> 6)] |= 1 << (h & 63)
 
-    def write_sub_v6(self, bits: bytes) -> None:
-        """The exact IPv6 host filter's bits (dirs.subscribers) for what the host map holds,
-        then the filter on. Every bit a host entry needs is set in the old words (or the
-        filter is off) and in the new ones, so a program reading while they are written
-        finds it either way."""
+    def write_sub_v6(self, f: bytes) -> None:
+        """The exact IPv6 host filter (dirs.subscribers) of what the host map holds: its
+        bits, then its header, which switches it on. Every bit a host entry needs is set in
+        the old words (or the filter is off) and in the new ones, so a program reading
+        while they are written finds it either way."""
         self.check_writer()
-        q = self.sub_v6_words
-        q[1:1 + dirs.V6_WORDS] = memoryview(bits).cast("Q")
-        q[0] = 1
+        q, new, at = self.sub_v6_words, memoryview(f).cast("Q"), dirs.V6_HEAD_WORDS
+        q[at:at + dirs.V6_WORDS] = new[at:]
+        for i in reversed(range(at)):   # the word with ``on`` last
+            q[i] = new[i]
 
     def _mark_hosts(self, keys: list[bytes]) -> None:
         """Mark the IPv4 ``keys`` as host entries in the class index, before they are
@@ -1732,7 +1734,7 @@ class Maps:
         self.csam_dirs[gen].update(ZERO_KEY, d)
 
     def read_csam_v6(self, gen: int) -> bytearray:
-        """Generation ``gen``'s IPv6 filter (dirs.csam_v6)."""
+        """Generation ``gen``'s IPv6 filter (dirs.csam, dirs.csam_v6_add)."""
         return self.csam_v6[gen].lookup_into(ZERO_KEY)
 
     def write_csam_v6(self, gen: int, f: bytes | bytearray) -> None:
