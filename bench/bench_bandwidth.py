@@ -79,7 +79,8 @@ INET_V4 = "198.51.100.10"
 V4MAPPED = bytes(10) + b"\xff\xff"
 LEAF = struct.Struct("=IBBHIII")   # struct xz_class, checked against bcc's Leaf
 MEM_MAPS = ("xz_hosts", "xz_state", "xz_throttle")
-MEM_EXTRA = ("xz_manual", "xz_pool_state", "xz_pool_addrs", "xz_sub_dir", "xz_flows")
+MEM_EXTRA = ("xz_manual", "xz_pool_state", "xz_pool_addrs", "xz_sub_dir", "xz_flows",
+             "xz_prefixes6")
 MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash",
              11: "lpm_trie"}
 GOAL_ACCURACY = 5.0        # percent of the rate

@@ -36,6 +36,12 @@ XZ_MAP("array", __u32, struct xz_class, xz_uniform, XZ_MAX_UNIFORM, 0);
 XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, BPF_F_MMAPABLE);
 /* IPv6 host entries by /64 (struct xz_v6_filter). cp writes, through a mapping of its memory. */
 XZ_MAP("array", __u32, struct xz_v6_filter, xz_sub_v6, 1, BPF_F_MMAPABLE);
+/* The IPv6 entries of xz_prefixes again, by exact key (struct xz_lpm_key, masked). cp
+ * writes (with every write of the trie). */
+XZ_MAP("hash", struct xz_lpm_key, struct xz_class, xz_prefixes6, XZ_MAX_PREFIXES,
+       BPF_F_NO_PREALLOC);
+/* Which lengths xz_prefixes6 holds (struct xz_v6_lens), one entry. cp writes. */
+XZ_MAP("array", __u32, struct xz_v6_lens, xz_sub_v6_lens, 1, 0);
 /* Allow-lists (XZ_ALLOW_* bits, OR-ed down from covering prefixes). cp writes. */
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u32, xz_allow, XZ_MAX_ALLOW, BPF_F_NO_PREALLOC);
 /*

@@ -77,6 +77,36 @@ static __always_inline __u32 xz_v6_filter_passes(struct xz_v6_filter *f, struct 
 	return (__u32)(((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
 }
 
+/* The class of IPv6 address ``a``'s longest prefix in xz_prefixes6, probing the lengths of
+ * ``l`` (struct xz_v6_lens) longest first; NULL: none. */
+static __always_inline struct xz_class *xz_prefix6(struct xz_addr *a, struct xz_v6_lens *l)
+{
+	struct xz_lpm_key key = {};
+	struct xz_class *cls = NULL;
+	__u64 hi, lo, n, mh, ml;
+
+	__builtin_memcpy(&hi, a->addr, 8);
+	__builtin_memcpy(&lo, a->addr + 8, 8);
+#pragma unroll
+	for (int i = 0; i < XZ_V6_LENS; i++) {
+		n = l->len[i];
+		if (!n || n > 128)
+			break;
+		/* the first n bits of the address, in network order */
+		mh = n >= 64 ? ~0ULL : ~0ULL << ((64 - n) & 63);
+		ml = n <= 64 ? 0 : ~0ULL << ((128 - n) & 63);
+		hi &= __builtin_bswap64(mh);
+		lo &= __builtin_bswap64(ml);
+		key.prefixlen = n;
+		__builtin_memcpy(key.addr, &hi, 8);
+		__builtin_memcpy(key.addr + 8, &lo, 8);
+		cls = xz_prefixes6.lookup(&key);
+		if (cls)
+			break;
+	}
+	return cls;
+}
+
 /*
  * Most specific entry wins: a host entry, else the longest prefix. For IPv4, first the
  * class index: a /24 that one pool or block covers whole (no host entry, no longer
@@ -94,6 +124,7 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	__u32 zero = 0, skip = 0;
 	struct xz_class *cls = NULL;
+	struct xz_v6_lens *lens = NULL;
 
 	if (family == 4) {
 		__u32 idx = xz_uniform_index(a);
@@ -104,9 +135,16 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 			skip = xz_dir_state(xz_sub_dir.lookup(&zero), a);
 	} else {
 		skip = XZ_SUB_DIR_NO_HOST * (xz_v6_filter_passes(xz_sub_v6.lookup(&zero), a) ^ 1);
+		lens = xz_sub_v6_lens.lookup(&zero);
+		if (lens && !lens->len[0])
+			lens = NULL;   /* the trie answers */
 	}
 	if (!cls && !(skip & XZ_SUB_DIR_NO_HOST))
 		cls = xz_hosts.lookup(a);
+	if (!cls && lens) {
+		cls = xz_prefix6(a, lens);
+		skip |= XZ_SUB_DIR_NO_PREFIX;
+	}
 	if (!cls && !(skip & XZ_SUB_DIR_NO_PREFIX)) {
 		__builtin_memcpy(key.addr, a->addr, 16);
 		cls = xz_prefixes.lookup(&key);

@@ -127,6 +127,18 @@ struct xz_v6_filter {
 	__u64 bits[1 << (XZ_V6_FILTER_BITS - 6)];
 };
 /*
+ * IPv6 subscriber prefixes, also in a hash by length (xz_prefixes6, the trie's keys and
+ * values): a source is looked up at each length present, longest first, one probe each,
+ * where the trie's walk misses the cache at every level. len[]: the lengths (1..128)
+ * present, longest first, 0 after the last; all 0 (none, or more than XZ_V6_LENS): the
+ * trie answers. A length may stay after its last prefix goes (a probe that finds
+ * nothing), until a whole load writes them exact.
+ */
+#define XZ_V6_LENS 8
+struct xz_v6_lens {
+	__u8 len[XZ_V6_LENS];
+};
+/*
  * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
  * address a (its four bytes as a native word, network order in memory) lies in line
  * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_LINE_BITS): one miss where the hash takes

@@ -94,10 +94,11 @@ class Dataplane:
         """Empty every map (counters included) and switch everything off."""
         m = self.maps
         m.delete(m.prefix_map, m.prefix_map.keys())   # and the class index's lanes
-        for t in (m.host_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
+        for t in (m.host_map, m.prefix6_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
                   *m.csam_prefixes):
             t.delete_many(t.keys())
-        for t in (m.dir_map, m.sub_v6_map, *m.csam_dirs, *m.csam_v6):   # zeros: look all up
+        for t in (m.dir_map, m.sub_v6_map, m.v6_lens_map, *m.csam_dirs,
+                  *m.csam_v6):   # zeros: look all up
             t.update(layout.ZERO_KEY, bytes(t.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()

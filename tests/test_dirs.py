@@ -425,6 +425,109 @@ def test_class_index_follows_changes_entry_by_entry(dp, seed):
             check(dp, p, want.verdict, want.reason)
 
 
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_ipv6_prefixes_are_looked_up_by_length(dp, seed):
+    """IPv6 prefixes are answered from their hash, a probe per length present, longest
+    first: after a load and after entries written one at a time (prefixes of new lengths,
+    more lengths than the program probes, a prefix's new class, deletes, sessions' adds
+    and removes, syncs), the verdict for addresses in and around them is the model's."""
+    rng = random.Random(seed)
+    base = int.from_bytes(addr16("2001:db8:4::"), "big")
+
+    def prefix(n: int) -> tuple[int, bytes]:
+        a = (base + (rng.randrange(4) << 72) + (rng.randrange(4) << 64)
+             + rng.getrandbits(64)).to_bytes(16, "big")
+        return n, layout.masked(a, n)
+
+    lengths = (36, 44, 48, 52, 56, 60, 62, 64, 80, 96, 112, 127)
+    prefixes = ClassTable()
+    for i, n in enumerate(rng.sample(lengths[:8], rng.randint(1, 4))):
+        prefixes.append(layout.LPM_KEY.pack(*prefix(n)), Entry(2000 + i, rng.choice((1, 2))))
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b", "op25b_v6")))
+    m = dp.maps
+    sync.apply_subscribers(m, ClassTable(), prefixes)
+    assert m.v6_lens_map.lookup(layout.ZERO_KEY)[0] != 0   # the hash answers
+    for step in range(6):
+        t = tables.Tables(hosts=dict(m.host_items()), prefixes=dict(m.prefix_items()))
+        op = rng.choice(("prefix", "prefix", "session", "retype", "del_prefix", "unsession",
+                         "sync"))
+        if op == "prefix":
+            m.set_prefix(prefix(rng.choice(lengths)), Entry(4000 + step, rng.choice((1, 2))))
+        elif op == "session":
+            m.add_new(m.prefix_map, layout.LPM_KEY.pack(*prefix(rng.choice(lengths))),
+                      Entry(5000 + step, 2))
+        elif op == "retype" and t.prefixes:
+            k, e = rng.choice(sorted(t.prefixes.items()))
+            m.put_class(m.prefix_map, layout.LPM_KEY.pack(*k), _flip(e))
+        elif op == "del_prefix" and t.prefixes:
+            m.del_prefix(rng.choice(sorted(t.prefixes)))
+        elif op == "unsession" and t.prefixes:
+            m.delete_if_there(m.prefix_map, layout.LPM_KEY.pack(*rng.choice(sorted(t.prefixes))))
+        elif op == "sync":
+            m.sync_uniform()
+        t = tables.Tables(hosts=dict(m.host_items()), prefixes=dict(m.prefix_items()))
+        six = {k: m.get_class(m.prefix_map, layout.LPM_KEY.pack(*k)) for k in t.prefixes}
+        assert {layout.LPM_KEY.unpack(k): layout.CLASS.unpack(v)
+                for k, v in zip(*_items(m.prefix6_map), strict=True)} == {
+            k: layout.CLASS.unpack(layout.pack_class(e)) for k, e in six.items()}
+        for a in probes6(set(), set(t.prefixes)):
+            p = Packet("access", str(ipaddress.ip_address(a)), "2001:db8:ffff::9", TCP,
+                       40000, 25)
+            want = model.decide(p, flags_of(("op25b", "op25b_v6")), t)
+            check(dp, p, want.verdict, want.reason)
+    dp.reset()
+
+
+def _items(m) -> tuple[list[bytes], list[bytes]]:
+    keys, values = m.items()
+    n = m.value_size
+    return keys, [values[i * n:(i + 1) * n] for i in range(len(keys))]
+
+
+def test_ipv6_prefix_hash_is_what_answers(dp):
+    """With lengths in xz_sub_v6_lens the hash answers for IPv6 (a prefix written to the
+    trie alone is not seen), more lengths than it holds switch it off (the trie answers,
+    and a sync keeps it off), and a sync with fewer switches it on again."""
+    m = dp.maps
+    dp.reset()
+    load(dp, tables.Tables(), flags_of(("op25b", "op25b_v6")))
+    pool = (56, addr16("2001:db8:4::"))
+    m.set_prefix(pool, Entry(1, 1))   # dynamic: OP25B applies
+
+    def verdict(want: str) -> None:
+        p = Packet("access", "2001:db8:4:0:1::7", "2001:db8:ffff::9", TCP, 40000, 25)
+        check(dp, p, want, "op25b" if want == "drop" else "ok")
+
+    def lens() -> bytes:
+        return m.v6_lens_map.lookup(layout.ZERO_KEY)
+
+    assert lens() == bytes([56]) + bytes(dirs.V6_LENS - 1)
+    verdict("drop")
+    m.prefix_map.update(layout.LPM_KEY.pack(*pool), layout.pack_class(Entry(1, 2)))
+    verdict("drop")   # the hash's class, not the trie's
+    m.sync_uniform()
+    verdict("pass")   # the hash made exact from the trie
+    for i in range(dirs.V6_LENS):   # one length more than it holds
+        n = 64 + i
+        m.set_prefix((n, layout.masked(addr16(f"2001:db8:5:{i}::"), n)), Entry(10 + i, 1))
+    assert lens() == dirs.LENS_FULL
+    m.sync_uniform()
+    assert lens() == dirs.LENS_FULL
+    verdict("pass")   # the trie answers
+    m.prefix_map.update(layout.LPM_KEY.pack(*pool), layout.pack_class(Entry(1, 1)))
+    verdict("drop")   # ... it does
+    for i in range(2):
+        n = 64 + i
+        m.del_prefix((n, layout.masked(addr16(f"2001:db8:5:{i}::"), n)))
+    m.sync_uniform()
+    assert lens() == dirs.lens_word([56, *range(66, 64 + dirs.V6_LENS)])
+    verdict("drop")
+    dp.reset()
+
+
 # ---- the CSAM list's IPv4 addresses in lines ------------------------------------------------
 
 

@@ -218,6 +218,9 @@ def test_the_counts_are_those_of_the_maps(scraped):
     # and the /24s of those with host entries in them (the others' class, in one line)
     assert value(fams, "xdpzoot_table_entries", table="hosted_slash24s") == len(bits)
     assert value(fams, "xdpzoot_table_capacity", table="hosted_slash24s") == 32767
+    # the IPv6 prefixes' lengths the programs probe (both /64)
+    assert value(fams, "xdpzoot_table_entries", table="ipv6_prefix_lengths") == 1
+    assert value(fams, "xdpzoot_table_capacity", table="ipv6_prefix_lengths") == dirs.V6_LENS
     assert value(fams, "xdpzoot_csam_entries", kind="host", family="ipv4") == 2
     assert value(fams, "xdpzoot_csam_entries", kind="prefix", family="ipv6") == 1
     assert value(fams, "xdpzoot_table_entries", table="csam_hosts") == 3

@@ -324,7 +324,8 @@ class Collector:
                 "csam_prefixes": st["prefixes4"] + st["prefixes6"],
                 "manual_throttles": self.d.census.throttled.get("hand"),
                 "uniform_classes": inst.uniform_classes(),
-                "hosted_slash24s": inst.hosted_slash24s()}
+                "hosted_slash24s": inst.hosted_slash24s(),
+                "ipv6_prefix_lengths": inst.ipv6_prefix_lengths()}
         for table, n in inst.capacities().items():
             cap.add_metric([table], n)
             if held.get(table) is not None:

@@ -235,6 +235,40 @@ def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
     return _pack(st), _v6_filter(raw[~v4], np.zeros(0, dtype=np.int64))
 
 
+V6_LENS = C["XZ_V6_LENS"]
+LENS_FULL = bytes([0, 255]) + bytes(V6_LENS - 2)   # more lengths than it holds: off
+
+
+def v6_prefix_keys(keys: Iterable[bytes]) -> list[tuple[int, bytes]]:
+    """(position, key of xz_prefixes6) of the IPv6 keys among packed LPM keys: the same
+    key, its address masked to its length (as the program builds it)."""
+    from xdpzoot.dataplane.layout import LPM_KEY, masked
+
+    out = []
+    for i, k in enumerate(keys):
+        if k[4:16] != V4MAPPED:
+            plen, addr = LPM_KEY.unpack(k)
+            out.append((i, LPM_KEY.pack(plen, masked(addr, plen))))
+    return out
+
+
+def lens_word(lengths: Iterable[int]) -> bytes:
+    """struct xz_v6_lens of a set of prefix lengths: longest first, zeros after; LENS_FULL
+    for more than it holds (the trie answers)."""
+    ls = sorted(set(lengths), reverse=True)
+    return LENS_FULL if len(ls) > V6_LENS else bytes(ls) + bytes(V6_LENS - len(ls))
+
+
+def lens_of(raw: bytes) -> list[int]:
+    """The lengths a struct xz_v6_lens has the programs probe (none: the trie answers)."""
+    return [] if raw == LENS_FULL else [n for n in raw if n]
+
+
+def lens_add(raw: bytes, lengths: Iterable[int]) -> bytes:
+    """struct xz_v6_lens with ``lengths`` too; LENS_FULL stays (until a whole sync)."""
+    return raw if raw == LENS_FULL else lens_word([*lens_of(raw), *lengths])
+
+
 def union(a: bytes, b: bytes) -> bytes:
     """A subscriber directory right for the entries of both ``a`` and ``b`` (a bit that
     says something is absent stays only where both say so)."""

@@ -554,6 +554,11 @@ class Instance:
         addresses: the prefix's class; kernel.Maps._mark_hosts)."""
         return self.maps.hosted_in_use()
 
+    def ipv6_prefix_lengths(self) -> int:
+        """How many IPv6 prefix lengths the programs probe in xz_prefixes6 (0: the trie
+        answers: no IPv6 prefix, or more lengths than dirs.V6_LENS)."""
+        return len(dirs.lens_of(self.maps.v6_lens_map.lookup(kernel.ZERO_KEY)))
+
     def capacities(self) -> dict[str, int]:
         """Entries each table can hold (the maps' max_entries; a CSAM table's per
         generation, the state slots without slot 0, which is the pools')."""
@@ -565,6 +570,7 @@ class Instance:
                 "manual_throttles": m.manual.max_entries,
                 "uniform_classes": m.uniform_map.max_entries - 1,
                 "hosted_slash24s": m.hosted_map.max_entries - 1,
+                "ipv6_prefix_lengths": dirs.V6_LENS,
                 "csam_hosts": m.csam_hosts[0].max_entries,
                 "csam_prefixes": m.csam_prefixes[0].max_entries}
 

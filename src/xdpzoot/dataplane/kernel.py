@@ -1125,6 +1125,8 @@ class Maps:
     uniform_map = property(lambda self: self.map("xz_uniform"))
     hosted_map = property(lambda self: self.map("xz_sub_hosted"))
     sub_v6_map = property(lambda self: self.map("xz_sub_v6"))
+    prefix6_map = property(lambda self: self.map("xz_prefixes6"))
+    v6_lens_map = property(lambda self: self.map("xz_sub_v6_lens"))
 
     @functools.cached_property
     def lanes(self) -> memoryview:
@@ -1183,6 +1185,7 @@ class Maps:
         self.check_writer()
         self._unshare(m, t.keys)
         m.update_items(t.keys, t.values.tobytes(), progress)
+        self._mirror6(m, t.keys, t.values.tobytes())
 
     def delete(self, m: PinnedMap, keys: list[bytes],
                progress: Callable[[int], None] | None = None) -> None:
@@ -1190,6 +1193,48 @@ class Maps:
         if m is self.prefix_map:
             self._unshare(m, keys)
         m.delete_many(keys, progress)
+        self._mirror6(m, keys, None)
+
+    # ---- IPv6 prefixes by exact key (xz_prefixes6, xz_sub_v6_lens) ------------------------
+    def _mirror6(self, m: PinnedMap, keys: list[bytes], values: bytes | None) -> None:
+        """After a write (``values``: packed classes, one per key) or a delete (None) of
+        the prefix trie: the same for its IPv6 keys in xz_prefixes6, and a written key's
+        length among those the program probes. A length stays after its last prefix goes
+        (a probe that finds nothing) until sync_uniform."""
+        if m is not self.prefix_map:
+            return
+        six = dirs.v6_prefix_keys(keys)
+        if not six:
+            return
+        h = self.prefix6_map
+        if values is None:
+            for _, k in six:
+                if _libbpf.bpf_map_delete_elem(h.fd, k) != 0 and ct.get_errno() != errno.ENOENT:
+                    _check(-1, f"delete {h.path}")
+            return
+        n = CLASS.size
+        h.update_items([k for _, k in six], b"".join(values[i * n:(i + 1) * n] for i, _ in six))
+        raw = self.v6_lens_map.lookup(ZERO_KEY)
+        new = dirs.lens_add(raw, {LPM_KEY.unpack(k)[0] for _, k in six})
+        if new != raw:
+            self.v6_lens_map.update(ZERO_KEY, new)
+
+    def _sync6(self, keys: list[bytes], values: bytes) -> None:
+        """xz_prefixes6 and the lengths made exact from the trie's ``keys`` and ``values``
+        (all of them): what differs written, the lengths, then what is gone deleted."""
+        n, h = CLASS.size, self.prefix6_map
+        want = {k: values[i * n:(i + 1) * n] for i, k in dirs.v6_prefix_keys(keys)}
+        hk, hv = h.items()
+        have = {k: hv[i * n:(i + 1) * n] for i, k in enumerate(hk)}
+        write = [k for k, v in want.items() if have.get(k) != v]
+        if write:
+            h.update_items(write, b"".join(want[k] for k in write))
+        lens = dirs.lens_word(LPM_KEY.unpack(k)[0] for k in want)
+        if self.v6_lens_map.lookup(ZERO_KEY) != lens:
+            self.v6_lens_map.update(ZERO_KEY, lens)
+        gone = [k for k in have if k not in want]
+        if gone:
+            h.delete_many(gone)
 
     # ---- the class index (dirs.py): IPv4 /24 -> the class of the prefix that covers it --
     def _unshare(self, m: PinnedMap, keys: list[bytes]) -> None:
@@ -1288,12 +1333,13 @@ class Maps:
 
     def sync_uniform(self) -> None:
         """Bring the class index to what the prefix map, the directory and the host entries
-        say (dirs.uniform). Lanes that change are zeroed first, then the classes and the
-        entries of /24s with hosts written, then the lanes set: a program finds an index
-        only with its own class (after a pause when an index or entry changes hands, longer
-        than any program runs)."""
+        say (dirs.uniform), and the IPv6 prefixes' hash to the trie (_sync6). Lanes that
+        change are zeroed first, then the classes and the entries of /24s with hosts written,
+        then the lanes set: a program finds an index only with its own class (after a pause
+        when an index or entry changes hands, longer than any program runs)."""
         self.check_writer()
         keys, values = self.prefix_map.items()
+        self._sync6(keys, values)   # the IPv6 prefixes' hash, exact
         prefixes = [LPM_KEY.unpack(k) for k in keys]
         im, um, hm = self.idx_map, self.uniform_map, self.hosted_map
         slash, lanes, owners, bits = dirs.uniform(prefixes, self.read_dir(), um.max_entries,
@@ -1505,13 +1551,17 @@ class Maps:
         self.check_writer()
         self._unshare(m, [key])
         m.update(key, pack_class(e))
+        self._mirror6(m, [key], pack_class(e))
 
     def add_new(self, m: PinnedMap, key: bytes, e: Entry) -> bool:
         """Write ``e`` under ``key`` unless the map holds exactly that key (an LPM trie
         too, where a lookup would answer with a shorter prefix); whether it was written."""
         self.check_writer()
         self._unshare(m, [key])
-        return not m.add_new([key], pack_class(e))
+        if m.add_new([key], pack_class(e)):
+            return False
+        self._mirror6(m, [key], pack_class(e))
+        return True
 
     def delete_if_there(self, m: PinnedMap, key: bytes) -> None:
         """Delete ``key``; a key the map does not hold is no error."""
@@ -1520,6 +1570,7 @@ class Maps:
             self._unshare(m, [key])
         if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
             _check(-1, f"delete {m.path}")
+        self._mirror6(m, [key], None)
 
     def count_dir_write(self) -> None:
         self.check_writer()
@@ -1551,13 +1602,10 @@ class Maps:
     def set_prefix(self, key: tuple[int, bytes], e: Entry) -> None:
         self.check_writer()
         self._adding([], [key])
-        self._unshare(self.prefix_map, [LPM_KEY.pack(*key)])
-        self.prefix_map.update(LPM_KEY.pack(*key), pack_class(e))
+        self.put_class(self.prefix_map, LPM_KEY.pack(*key), e)
 
     def del_prefix(self, key: tuple[int, bytes]) -> None:
-        self.check_writer()
-        self._unshare(self.prefix_map, [LPM_KEY.pack(*key)])
-        self.prefix_map.delete_many([LPM_KEY.pack(*key)])
+        self.delete(self.prefix_map, [LPM_KEY.pack(*key)])
 
     def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
         """Longest-prefix match of ``addr`` with the trie's own lookup, as the data plane
