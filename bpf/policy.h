@@ -77,6 +77,17 @@ static __always_inline __u32 xz_v6_filter_passes(struct xz_v6_filter *f, struct 
 	return (__u32)(((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
 }
 
+/* Whether ``a`` is an IPv4 address mapped into ::ffff:0:0/96 (in an IPv6 header too). */
+static __always_inline int xz_v4mapped(struct xz_addr *a)
+{
+	__u64 w;
+	__u32 m;
+
+	__builtin_memcpy(&w, a->addr, 8);
+	__builtin_memcpy(&m, a->addr + 8, 4);
+	return !w && m == bpf_htonl(0xffff);
+}
+
 /* The class of IPv6 address ``a``'s longest prefix in xz_prefixes6, probing the lengths of
  * ``l`` (struct xz_v6_lens) longest first; NULL: none. */
 static __always_inline struct xz_class *xz_prefix6(struct xz_addr *a, struct xz_v6_lens *l)
@@ -126,7 +137,7 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 	struct xz_class *cls = NULL;
 	struct xz_v6_lens *lens = NULL;
 
-	if (family == 4) {
+	if (family == 4 || xz_v4mapped(a)) {   /* the IPv4 entries of its address */
 		__u32 idx = xz_uniform_index(a);
 
 		if (idx)

@@ -490,7 +490,8 @@ def _items(m) -> tuple[list[bytes], list[bytes]]:
 def test_ipv6_prefix_hash_is_what_answers(dp):
     """With lengths in xz_sub_v6_lens the hash answers for IPv6 (a prefix written to the
     trie alone is not seen), more lengths than it holds switch it off (the trie answers,
-    and a sync keeps it off), and a sync with fewer switches it on again."""
+    and a sync keeps it off), and a sync with fewer switches it on again. An IPv4-mapped
+    address in an IPv6 header is classed by the IPv4 entries."""
     m = dp.maps
     dp.reset()
     load(dp, tables.Tables(), flags_of(("op25b", "op25b_v6")))
@@ -525,6 +526,13 @@ def test_ipv6_prefix_hash_is_what_answers(dp):
     m.sync_uniform()
     assert lens() == dirs.lens_word([56, *range(66, 64 + dirs.V6_LENS)])
     verdict("drop")
+    # an IPv4-mapped address in an IPv6 header: its IPv4 entries, as the model has it
+    m.set_prefix((96 + 24, addr16("100.64.9.0")), Entry(2, 1))
+    t = tables.Tables(hosts={}, prefixes=dict(m.prefix_items()))
+    p = Packet("access", "::ffff:100.64.9.7", "2001:db8:ffff::9", TCP, 40000, 25)
+    want = model.decide(p, flags_of(("op25b", "op25b_v6")), t)
+    assert (want.verdict, want.reason) == ("drop", "op25b")
+    check(dp, p, want.verdict, want.reason)
     dp.reset()
 
 
