@@ -137,19 +137,19 @@ static __always_inline struct xz_class *xz_classify(struct xz_addr *a, __u8 fami
 	struct xz_class *cls = NULL;
 	struct xz_v6_lens *lens = NULL;
 
-	if (family == 4 || xz_v4mapped(a)) {   /* the IPv4 entries of its address */
+	if (family == 4) {
 		__u32 idx = xz_uniform_index(a);
 
 		if (idx)
 			cls = xz_uniform.lookup(&idx);
 		if (!cls)
 			skip = xz_dir_state(xz_sub_dir.lookup(&zero), a);
-	} else {
+	} else if (!xz_v4mapped(a)) {
 		skip = XZ_SUB_DIR_NO_HOST * (xz_v6_filter_passes(xz_sub_v6.lookup(&zero), a) ^ 1);
 		lens = xz_sub_v6_lens.lookup(&zero);
 		if (lens && !lens->len[0])
 			lens = NULL;   /* the trie answers */
-	}
+	}   /* (an IPv4-mapped address in an IPv6 header: the host hash and the trie) */
 	if (!cls && !(skip & XZ_SUB_DIR_NO_HOST))
 		cls = xz_hosts.lookup(a);
 	if (!cls && lens) {
