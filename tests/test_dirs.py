@@ -481,6 +481,24 @@ def test_ipv6_prefixes_are_looked_up_by_length(dp, seed):
     dp.reset()
 
 
+def test_ipv6_prefix_keys_are_masked_alike_one_by_one_and_at_once():
+    """A load's keys (numpy) and a session's (one by one) give xz_prefixes6 the same keys:
+    the IPv6 ones, each address masked to its length; IPv4 keys left out."""
+    rng = random.Random(7)
+    keys = [layout.LPM_KEY.pack(n, rng.getrandbits(128).to_bytes(16, "big"))
+            for n in (0, 1, 7, 8, 56, 63, 64, 65, 127, 128) * 20]
+    keys += [layout.LPM_KEY.pack(96 + n, dirs.V4MAPPED + rng.getrandbits(32).to_bytes(4, "big"))
+             for n in (0, 8, 24, 32)]
+    rng.shuffle(keys)
+    at_once = dirs.v6_prefix_keys(keys)
+    assert len(keys) > 64 and len(at_once) == 200
+    assert at_once == [(i, k) for j in range(0, len(keys), 50)
+                       for i, k in ((j + i, k) for i, k in dirs.v6_prefix_keys(keys[j:j + 50]))]
+    for i, k in at_once:
+        n, a = layout.LPM_KEY.unpack(keys[i])
+        assert k == layout.LPM_KEY.pack(n, layout.masked(a, n))
+
+
 def _items(m) -> tuple[list[bytes], list[bytes]]:
     keys, values = m.items()
     n = m.value_size

@@ -244,12 +244,30 @@ def v6_prefix_keys(keys: Iterable[bytes]) -> list[tuple[int, bytes]]:
     key, its address masked to its length (as the program builds it)."""
     from xdpzoot.dataplane.layout import LPM_KEY, masked
 
+    keys = list(keys)
+    if len(keys) > 64:   # a load: all at once
+        return _v6_prefix_keys(keys)
     out = []
     for i, k in enumerate(keys):
         if k[4:16] != V4MAPPED:
             plen, addr = LPM_KEY.unpack(k)
             out.append((i, LPM_KEY.pack(plen, masked(addr, plen))))
     return out
+
+
+def _v6_prefix_keys(keys: list[bytes]) -> list[tuple[int, bytes]]:
+    """v6_prefix_keys with numpy: the rows of IPv6 keys, each address ANDed with its
+    length's mask."""
+    import numpy as np
+
+    raw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20)
+    six = np.flatnonzero((raw[:, 4:16] != np.frombuffer(V4MAPPED, dtype=np.uint8)).any(axis=1))
+    rows = raw[six].copy()
+    plen = np.minimum(rows[:, :4].copy().view(np.uint32).ravel(), 128)
+    bits = np.arange(128)
+    masks = np.packbits(bits[None, :] < np.arange(129)[:, None], axis=1)   # length -> mask
+    rows[:, 4:] &= masks[plen]
+    return list(zip(six.tolist(), [r.tobytes() for r in rows], strict=True))
 
 
 def lens_word(lengths: Iterable[int]) -> bytes:
