@@ -365,27 +365,46 @@ static __always_inline __u32 xz_pool_index(struct xz_pkt *p, struct xz_class *cl
 			    ((1U << (cls->pool_bits & 31)) - 1));
 }
 
+/* ``a`` made its /64, unless it is IPv4-mapped. Without a branch (one here doubles the
+ * paths the verifier walks through everything after it). */
+static __always_inline void xz_key64(struct xz_addr *a)
+{
+	__u64 w, lo, x;
+	__u32 m;
+
+	__builtin_memcpy(&w, a->addr, 8);
+	__builtin_memcpy(&m, a->addr + 8, 4);
+	__builtin_memcpy(&lo, a->addr + 8, 8);
+	x = w | (__u64)(m ^ bpf_htonl(0xffff));    /* 0: IPv4-mapped */
+	lo &= ((x | -x) >> 63) - 1;                /* all ones when x is 0, else 0 */
+	__builtin_memcpy(a->addr + 8, &lo, 8);
+}
+
 /* The subscriber's state: its slot, or (pool address without owner) its address's:
- * indexed for IPv4 pools that have a block of xz_pool_addrs, else in the LRU. */
+ * indexed for IPv4 pools that have a block of xz_pool_addrs, else in the LRU, where an
+ * IPv6 address counts by its /64 (one customer's: its devices' and privacy addresses
+ * share one budget, one volume and one scan sketch). */
 static __always_inline struct xz_state *xz_state_of(struct xz_pkt *p, struct xz_class *cls,
 						    const int role)
 {
-	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst;
+	struct xz_addr *a = role == XZ_ROLE_ACCESS ? &p->src : &p->dst, key;
 	__u32 slot = cls->slot;
 	struct xz_state *st;
 
+	__builtin_memcpy(&key, a, sizeof(key));   /* on every path: fewer for the verifier */
+	xz_key64(&key);
 	if (cls->pool_bits) {
 		slot = xz_pool_index(p, cls, role);
 		return xz_pool_addrs.lookup(&slot);
 	}
 	if (slot)
 		return xz_state.lookup(&slot);
-	st = xz_pool_state.lookup(a);
+	st = xz_pool_state.lookup(&key);
 	if (!st) {
 		struct xz_state zero = {};
 
-		xz_pool_state.update(a, &zero);
-		st = xz_pool_state.lookup(a);
+		xz_pool_state.update(&key, &zero);
+		st = xz_pool_state.lookup(&key);
 	}
 	return st;
 }

@@ -192,6 +192,24 @@ def test_pool_address_has_state_of_its_own(dp):
     assert vols == {POOL4: 3, "100.64.1.11": 2}
 
 
+def test_ipv6_pool_addresses_count_by_their_64(dp):
+    """An IPv6 pool's addresses without an owner share state by /64 (one customer's
+    devices and privacy addresses): one budget, one volume; another /64 has its own."""
+    setup(dp)
+    dp.maps.set_prefix(tables.key_of(ipaddress.ip_network("2001:db8:4::/48")),
+                       Entry(101, DYN, 0, 1, 1))   # 1 kbit/s, a 1 s burst: 125 bytes
+
+    def up6(src: str) -> bytes:
+        return packets.frame(Packet("access", src, "2001:db8:ffff::9", 6, 40000, 443))
+
+    first = send(dp, up6("2001:db8:4:1::a"), 8)
+    assert "pass" in first and "drop" in first
+    assert set(send(dp, up6("2001:db8:4:1:7:7:7:7"), 4)) == {"drop"}   # the same budget
+    assert send(dp, up6("2001:db8:4:2::a"), 1) == ["pass"]   # another /64: its own
+    vols = {tables.pool_unit(a): v.up_packets for a, v in dp.maps.pool_volumes().items()}
+    assert vols == {"2001:db8:4:1::/64": first.count("pass"), "2001:db8:4:2::/64": 1}
+
+
 @pytest.mark.parametrize("flags", [0, C["XZ_C_CONGESTION"]])
 def test_pool_address_without_a_rate_has_no_state(dp, flags):
     # Nothing to enforce (no rate, no bulk floor): no LRU entry for each pool address.

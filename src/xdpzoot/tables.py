@@ -46,6 +46,12 @@ def ip_of(a: bytes) -> IPAddress:
     return ipaddress.IPv6Address(a)
 
 
+def pool_unit(a: bytes) -> str:
+    """What a pool address's own state (xz_pool_state) counts, as text: an IPv4 address,
+    or an IPv6 address's /64."""
+    return str(ip_of(a)) if a[:12] == _V4MAPPED else f"{ipaddress.IPv6Address(a)}/64"
+
+
 def net_of(key: Key) -> IPNetwork:
     """The network back from its LPM key."""
     plen, a = key

@@ -115,7 +115,7 @@ def top(o: Ctx, key, count, as_json) -> None:
         inst = o.instance(config=True)
         owner = inst.owners()
         rows = [{"subscriber": owner[s], **asdict(v)} for s, v in inst.volumes(owner).items()]
-        rows += [{"subscriber": str(tables.ip_of(a)), **asdict(v)}
+        rows += [{"subscriber": tables.pool_unit(a), **asdict(v)}
                  for a, v in inst.pool_volumes().items()]
         field = {"down": "down_bytes", "up": "up_bytes", "op25b": "op25b", "scans": "scans"}[key]
         rows = sorted((r for r in rows if r[field]), key=lambda r: -r[field])[:count]
