@@ -210,6 +210,28 @@ def test_ipv6_pool_addresses_count_by_their_64(dp):
     assert vols == {"2001:db8:4:1::/64": first.count("pass"), "2001:db8:4:2::/64": 1}
 
 
+def test_suspending_an_ipv6_pool_address_suspends_its_64(dp):
+    """``suspend ADDRESS`` of an IPv6 pool address cuts off its /64 (the customer, whose
+    next privacy address would otherwise pass), and ``resume`` gives it back."""
+    setup(dp)
+    m = dp.maps
+    m.set_prefix(tables.key_of(ipaddress.ip_network("2001:db8:4::/48")), Entry(101, DYN))
+
+    def verdicts() -> list[str]:
+        return [dp.verdict("xdp", "access", packets.frame(
+            Packet("access", src, "2001:db8:ffff::9", 6, 40000, 443)))[0]
+            for src in ("2001:db8:4:1::a", "2001:db8:4:1:7:7:7:7", "2001:db8:4:2::a")]
+
+    assert sync.set_suspended(m, tables.addr16("2001:db8:4:1::a"), True) == [
+        "2001:db8:4:1::/64 (pool 2001:db8:4::/48)"]
+    assert verdicts() == ["drop", "drop", "pass"]
+    assert dp.counters()[("access", "drop", "suspended")] == 2
+    assert sync.set_suspended(m, tables.addr16("2001:db8:4:1:7:7:7:7"), False) == [
+        "2001:db8:4:1::/64 (pool 2001:db8:4::/48)"]
+    assert verdicts() == ["pass"] * 3
+    assert "2001:db8:4:1::/64" not in {str(tables.net_of(k)) for k, _ in m.prefix_items()}
+
+
 @pytest.mark.parametrize("flags", [0, C["XZ_C_CONGESTION"]])
 def test_pool_address_without_a_rate_has_no_state(dp, flags):
     # Nothing to enforce (no rate, no bulk floor): no LRU entry for each pool address.

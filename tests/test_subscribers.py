@@ -470,6 +470,21 @@ def test_suspensions_are_sticky(maps, tmp_path) -> None:
     assert "100.64.7.9" not in in_kernel(maps)
 
 
+def test_suspended_ipv6_pool_64s_are_sticky(maps, tmp_path) -> None:
+    """A /64 suspended in an IPv6 pool (suspend ADDRESS) stays through reloads while its
+    pool is in the file, and goes with it."""
+    text = FILE_A + "10,2001:db8:9::/48,dynamic,,,\n"
+    load(maps, tmp_path, text)
+    a = tables.addr16("2001:db8:9:5::77")
+    assert sync.set_suspended(maps, a, True) == ["2001:db8:9:5::/64 (pool 2001:db8:9::/48)"]
+    assert load(maps, tmp_path, text) == sync.Change()
+    got = in_kernel(maps)
+    assert got["2001:db8:9:5::/64"] == got["2001:db8:9::/48"]._replace(
+        flags=got["2001:db8:9::/48"].flags | SUSPENDED)
+    assert load(maps, tmp_path, FILE_A) == sync.Change(0, 0, 2)
+    assert "2001:db8:9:5::/64" not in in_kernel(maps)
+
+
 def test_too_many_subscribers_change_nothing(maps, tmp_path) -> None:
     load(maps, tmp_path, FILE_A)
     before = in_kernel(maps)

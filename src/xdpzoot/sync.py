@@ -136,9 +136,16 @@ def keep_suspensions(cur_hosts: ClassTable, cur_prefixes: ClassTable,
             e = prefixes.entry(pool)
             hosts.append(a, e._replace(flags=e.flags | SUSPENDED))
     for j in suspended_prefixes:
-        i = prefix_row.get(cur_prefixes.keys[j])
+        k = cur_prefixes.keys[j]
+        i = prefix_row.get(k)
         if i is not None:
             prefixes.values[i * WORDS + 1] |= _SUSPENDED_WORD
+            continue
+        plen, a = LPM_KEY.unpack(k)   # a suspended /64 of an IPv6 pool (suspend ADDRESS)
+        pool = _longest(prefix_row, a, 63) if plen == 64 and a[:12] != _V4MAPPED else None
+        if pool is not None and prefixes.values[pool * WORDS + 1] & _TYPE_MASK == _DYNAMIC_WORD:
+            e = prefixes.entry(pool)
+            prefixes.append(k, e._replace(flags=e.flags | SUSPENDED))
 
 
 def _suspended(t: ClassTable) -> list[int]:
@@ -146,9 +153,10 @@ def _suspended(t: ClassTable) -> list[int]:
     return [i for i, w in enumerate(t.column(1)) if w & _SUSPENDED_WORD]
 
 
-def _longest(prefix_row: dict[bytes, int], a: bytes) -> int | None:
-    """Row of the longest prefix holding address ``a``, as the trie finds it."""
-    for plen in range(128, -1, -1):
+def _longest(prefix_row: dict[bytes, int], a: bytes, longest: int = 128) -> int | None:
+    """Row of the longest prefix holding address ``a`` (of ``longest`` bits or fewer), as
+    the trie finds it."""
+    for plen in range(longest, -1, -1):
         i = prefix_row.get(LPM_KEY.pack(plen, masked(a, plen)))
         if i is not None:
             return i
@@ -431,6 +439,10 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
         match = maps.match_prefix(target)
         if host is None and match is None:
             return []
+        if host is None and target[:12] != _V4MAPPED:
+            done = _suspend64(maps, target, match, on)
+            if done is not None:
+                return done
         owner = host or match[1]
         pool_addr = host is None and owner.type == schema.TYPES["dynamic"]
         if pool_addr or (host and match and _derived(host, match[1])):
@@ -443,6 +455,28 @@ def set_suspended(maps: Maps, target: int | bytes, on: bool) -> list[str]:
             return [f"{ip_of(target)} (pool {net_of(match[0])})"]
         target = owner.sub_id
     return set_suspended_ids(maps, {target: on})
+
+
+def _suspend64(maps: Maps, target: bytes, match, on: bool) -> list[str] | None:
+    """An IPv6 address of a dynamic pool without an owner: its /64, which its state counts
+    by (one customer's addresses), gets (on) or loses (off) a prefix entry of its own, the
+    pool's class suspended. None: not such an address (the /64 is the file's, or the pool
+    is a /64 or longer)."""
+    from xdpzoot.tables import net_of
+
+    key = (64, masked(target, 64))
+    (plen, net), e = match
+    pool = maps.match_prefix(target, 63)
+    if pool is None or pool[1].type != schema.TYPES["dynamic"]:
+        return None
+    mine = (plen, net) == key
+    if (mine and not _derived(e, pool[1])) or (not mine and plen > 64):
+        return None
+    if on:
+        maps.set_prefix(key, _flag(pool[1], True))
+    elif mine:
+        maps.del_prefix(key)
+    return [f"{net_of(key)} (pool {net_of(pool[0])})"]
 
 
 def set_suspended_ids(maps: Maps, want: dict[int, bool]) -> list[str]:

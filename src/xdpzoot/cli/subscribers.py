@@ -153,7 +153,8 @@ def _suspend(o: Ctx, target: str, on: bool, as_json: bool) -> None:
 @main.command(epilog="""\b
 Examples:
   xdpzoot suspend 1042          # subscriber id: all its addresses
-  xdpzoot suspend 100.64.1.77   # an address (alone if in a dynamic pool)""")
+  xdpzoot suspend 100.64.1.77   # an address (alone if in a dynamic pool)
+  xdpzoot suspend 2001:db8:4:1::a   # in an IPv6 dynamic pool: its /64""")
 @click.argument("subscriber")
 @json_opt
 @click.pass_obj

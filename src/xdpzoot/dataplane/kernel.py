@@ -1607,13 +1607,15 @@ class Maps:
     def del_prefix(self, key: tuple[int, bytes]) -> None:
         self.delete(self.prefix_map, [LPM_KEY.pack(*key)])
 
-    def match_prefix(self, addr: bytes) -> tuple[tuple[int, bytes], Entry] | None:
-        """Longest-prefix match of ``addr`` with the trie's own lookup, as the data plane
-        does; the matched length is found by shortening the key until the answer changes."""
-        best = self.prefix_map.lookup(LPM_KEY.pack(128, addr))
+    def match_prefix(self, addr: bytes, longest: int = 128
+                     ) -> tuple[tuple[int, bytes], Entry] | None:
+        """Longest-prefix match of ``addr`` (among prefixes of ``longest`` bits or fewer)
+        with the trie's own lookup, as the data plane does; the matched length is found by
+        shortening the key until the answer changes."""
+        best = self.prefix_map.lookup(LPM_KEY.pack(longest, masked(addr, longest)))
         if best is None:
             return None
-        plen = 128
+        plen = longest
         while plen > 0 and self.prefix_map.lookup(LPM_KEY.pack(plen - 1, addr)) == best:
             plen -= 1
         return (plen, masked(addr, plen)), _entry(CLASS.unpack(best))
