@@ -77,15 +77,17 @@ static __always_inline __u32 xz_v6_filter_passes(struct xz_v6_filter *f, struct 
 	return (__u32)(((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
 }
 
-/* Whether ``a`` is an IPv4 address mapped into ::ffff:0:0/96 (in an IPv6 header too). */
-static __always_inline int xz_v4mapped(struct xz_addr *a)
+/* 1 when ``a`` is an IPv4 address mapped into ::ffff:0:0/96 (in an IPv6 header too), else
+ * 0. Without a branch: one where it is used doubles the paths the verifier walks. */
+static __always_inline __u64 xz_v4mapped(struct xz_addr *a)
 {
-	__u64 w;
+	__u64 w, x;
 	__u32 m;
 
 	__builtin_memcpy(&w, a->addr, 8);
 	__builtin_memcpy(&m, a->addr + 8, 4);
-	return !w && m == bpf_htonl(0xffff);
+	x = w | (__u64)(m ^ bpf_htonl(0xffff));    /* 0: IPv4-mapped */
+	return ((x | -x) >> 63) ^ 1;
 }
 
 /* The class of IPv6 address ``a``'s longest prefix in xz_prefixes6, probing the lengths of
@@ -365,18 +367,13 @@ static __always_inline __u32 xz_pool_index(struct xz_pkt *p, struct xz_class *cl
 			    ((1U << (cls->pool_bits & 31)) - 1));
 }
 
-/* ``a`` made its /64, unless it is IPv4-mapped. Without a branch (one here doubles the
- * paths the verifier walks through everything after it). */
+/* ``a`` made its /64, unless it is IPv4-mapped. */
 static __always_inline void xz_key64(struct xz_addr *a)
 {
-	__u64 w, lo, x;
-	__u32 m;
+	__u64 lo;
 
-	__builtin_memcpy(&w, a->addr, 8);
-	__builtin_memcpy(&m, a->addr + 8, 4);
 	__builtin_memcpy(&lo, a->addr + 8, 8);
-	x = w | (__u64)(m ^ bpf_htonl(0xffff));    /* 0: IPv4-mapped */
-	lo &= ((x | -x) >> 63) - 1;                /* all ones when x is 0, else 0 */
+	lo &= -xz_v4mapped(a);                     /* all ones when mapped, else 0 */
 	__builtin_memcpy(a->addr + 8, &lo, 8);
 }
 

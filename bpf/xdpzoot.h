@@ -132,7 +132,7 @@ struct xz_v6_filter {
  * where the trie's walk misses the cache at every level. len[]: the lengths (1..128)
  * present, longest first, 0 after the last; all 0 (none, or more than XZ_V6_LENS): the
  * trie answers. A length may stay after its last prefix goes (a probe that finds
- * nothing), until a whole load writes them exact.
+ * nothing), until a sync (kernel.Maps.sync_uniform: every load) writes them exact.
  */
 #define XZ_V6_LENS 8
 struct xz_v6_lens {

@@ -654,6 +654,12 @@ class PinnedMap:
         """Delete every key, in batches where the map type has them."""
         self._many(keys, None, progress)
 
+    def discard(self, keys: list[bytes]) -> None:
+        """Delete every key, key by key; a key the map does not hold is no error."""
+        for k in keys:
+            if _libbpf.bpf_map_delete_elem(self.fd, k) != 0 and ct.get_errno() != errno.ENOENT:
+                _check(-1, f"delete {self.path}")
+
     def _many(self, keys: list[bytes], value: bytes | None,
               progress: Callable[[int], None] | None) -> None:
         what = f"{'update' if value is not None else 'delete'} {self.path}"
@@ -1143,6 +1149,7 @@ class Maps:
         """xz_sub_v6 (struct xz_v6_filter), mapped: its header (dirs.V6_HEAD_WORDS words:
         ``on`` in the low half of word 0), then the bits."""
         return self.sub_v6_map.view("Q")
+
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     pool_op25b = property(lambda self: self.map("xz_pool_op25b"))
@@ -1208,9 +1215,7 @@ class Maps:
             return
         h = self.prefix6_map
         if values is None:
-            for _, k in six:
-                if _libbpf.bpf_map_delete_elem(h.fd, k) != 0 and ct.get_errno() != errno.ENOENT:
-                    _check(-1, f"delete {h.path}")
+            h.discard([k for _, k in six])
             return
         n = CLASS.size
         h.update_items([k for _, k in six], b"".join(values[i * n:(i + 1) * n] for i, _ in six))
@@ -1568,8 +1573,7 @@ class Maps:
         self.check_writer()
         if m is self.prefix_map:
             self._unshare(m, [key])
-        if _libbpf.bpf_map_delete_elem(m.fd, key) != 0 and ct.get_errno() != errno.ENOENT:
-            _check(-1, f"delete {m.path}")
+        m.discard([key])
         self._mirror6(m, [key], None)
 
     def count_dir_write(self) -> None:
