@@ -62,6 +62,12 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l0, 1 << XZ_CSAM_LINE_BITS,
        BPF_F_MMAPABLE);
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l1, 1 << XZ_CSAM_LINE_BITS,
        BPF_F_MMAPABLE);
+/* Per generation: the IPv4 prefixes /25../31 again, in lines by their /24 (struct
+ * xz_csam_line). cp writes (through a mapping), dp reads. */
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n0, 1 << XZ_CSAM_NET_BITS,
+       BPF_F_MMAPABLE);
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n1, 1 << XZ_CSAM_NET_BITS,
+       BPF_F_MMAPABLE);
 /* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);

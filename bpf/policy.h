@@ -253,11 +253,43 @@ static __always_inline int xz_csam_line_has(struct xz_addr *a, int gen, __u32 *i
 	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask the hash */
 }
 
+/* Whether IPv4 address ``a`` lies in one of the list's prefixes /25../31, from its /24's
+ * net line of generation ``gen`` (struct xz_csam_line, XZ_CSAM_NETS): 1 yes, 0 no, -1 ask
+ * the trie. ``i`` as for xz_csam_line_has. Branchless alike: a slot's lowest set bit m
+ * marks its length, the address matches where (ip ^ n) & -(2m) is 0; a free slot is 0. */
+static __always_inline int xz_csam_net_has(struct xz_addr *a, int gen, __u32 *i)
+{
+	__u32 ip = bpf_ntohl(*(__be32 *)&a->addr[12]);
+	struct xz_csam_line *l;
+	__u64 hit = 0, more;
+
+	*i = ((ip >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
+	l = gen ? xz_csam_n1.lookup(i) : xz_csam_n0.lookup(i);
+	*(volatile __u32 *)i = 0;
+	if (!l)
+		return -1;
+#pragma unroll
+	for (int k = 0; k < XZ_CSAM_LINE_KEYS; k++) {
+		__u32 n = l->a[k];
+		/* bit 63: in the prefix (less 1 only where n is not 0: a free slot, never) */
+		__u64 x = (__u64)((ip ^ n) & -((n & -n) << 1)) -
+			  (((__u64)n + 0xFFFFFFFFULL) >> 32);
+
+		asm volatile("" : "+r"(x));
+		hit |= x >> 63;
+	}
+	more = ((__u64)l->more + 0xFFFFFFFFULL) >> 32;
+	asm volatile("" : "+r"(hit), "+r"(more));
+	return (int)hit - (int)(more & (hit ^ 1));
+}
+
 /* Is the address on the CSAM list in force? The generation's directory (IPv4: its /24's
  * state; IPv6: its filter) answers for most addresses on its own (nothing listed, or for
  * IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
- * line says so), then the prefix. A kind of entry the list does not have is not looked
- * up. */
+ * line says so), then the prefix (for IPv4 its /24's net line, and the trie only where
+ * that line says so). A kind of entry the list does not have is not looked up. (The net
+ * line before the hosts' made 6.18's verifier walk 675k instructions of xz_xdp_access
+ * against 557k.) */
 _Static_assert(XZ_CSAM_DIR_LOOK == 0, "xz_csam_listed: an IPv6 filter's LOOK is 0");
 static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
@@ -288,6 +320,12 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	}
 	if (look == XZ_CSAM_DIR_HOSTS || !(csam & XZ_CSAM_PREFIXES))
 		return 0;
+	if (family == 4 && (csam & XZ_CSAM_NETS)) {   /* its /24's net line, else the trie */
+		int net = xz_csam_net_has(a, gen, &zero);
+
+		if (net >= 0)
+			return net;
+	}
 	__builtin_memcpy(key.addr, a->addr, 16);
 	return gen ? !!xz_csam_p1.lookup(&key) : !!xz_csam_p0.lookup(&key);
 }

@@ -156,6 +156,21 @@ struct xz_csam_line {
 	__u32 a[XZ_CSAM_LINE_KEYS];  /* addresses; 0: a free slot */
 	__u32 more;                   /* addresses of this line only in the hash */
 };
+/*
+ * Its IPv4 prefixes /25../31 (a /24 or shorter makes its /24s XZ_CSAM_DIR_ALL) in lines of
+ * the same shape, by their /24: prefix n/len in host order with the bit under the prefix
+ * set (n | 1 << (31 - len): its lowest set bit says the length) lies in line
+ * ((n >> 8) * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_NET_BITS). One line for an address of
+ * a /24 with a long prefix, where the trie walks some twenty nodes. ``more`` counts the
+ * prefixes of the line that did not fit, and XZ_CSAM_NET_TRIE marks a line whose /24s a
+ * shorter prefix may still cover (a load by difference took a covering prefix away and
+ * the directory does not know what else covers them): both send the lookup to the trie.
+ * The control word says whether the generation in force has them (XZ_CSAM_NETS).
+ */
+#ifndef XZ_CSAM_NET_BITS
+#define XZ_CSAM_NET_BITS 15        /* 2^15 lines (2 MiB) per generation: XZ_MAX_CSAM_PREFIXES / 8 */
+#endif
+#define XZ_CSAM_NET_TRIE (1U << 31)
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */
 #define XZ_SUB_DIR_NO_HOST 2       /* no host entry lies in it */
@@ -286,6 +301,7 @@ struct xz_flow {
 #define XZ_CSAM_HOSTS (1 << 1)      /* it has exact addresses: look in the hash */
 #define XZ_CSAM_PREFIXES (1 << 2)   /* it has prefixes: look in the trie */
 #define XZ_CSAM_LINED (1 << 3)      /* its IPv4 addresses are in its lines (xz_csam_line) */
+#define XZ_CSAM_NETS (1 << 4)       /* its IPv4 prefixes /25../31 are in its net lines too */
 
 struct xz_control {
 	__u32 flags;

@@ -477,6 +477,8 @@ MAP_LAYOUTS = {
     "xz_sub_v6_lens": (layout.U32, struct.Struct(f"={dirs.V6_LENS}s")),
     "xz_csam_l0": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
     "xz_csam_l1": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_n0": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_n1": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
 }
 
 
@@ -606,8 +608,9 @@ def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.K
     """The generation in force is exactly this list; check() and status() say so."""
     gen, word, h, p = in_force(m)
     assert (h, p) == (hosts, prefixes)
-    assert word & C["XZ_CSAM_LINED"]
+    assert word & C["XZ_CSAM_LINED"] and word & C["XZ_CSAM_NETS"]
     lines_hold(m.csam_lines(gen), hosts)
+    nets_hold(m.csam_lines(gen, "n"), prefixes)
     assert bool(word & C["XZ_CSAM_HOSTS"]) == bool(hosts)
     assert bool(word & C["XZ_CSAM_PREFIXES"]) == bool(prefixes)
     model = tables.Tables(csam_hosts=set(hosts), csam_prefixes=set(prefixes))
@@ -633,6 +636,20 @@ def lines_hold(t, hosts: set[bytes]) -> None:
     assert (slots != 0).sum() + t[:, dirs.LINE_KEYS].sum() == len(words)
     for i, n in per_line.items():
         assert (slots[i] != 0).sum() + t[i, dirs.LINE_KEYS] == n
+
+
+def nets_hold(t, prefixes: set[tables.Key]) -> None:
+    """The net lines hold the IPv4 /25../31 of ``prefixes``: each in a slot of its /24's
+    line or counted in its ``more`` (which may also send the line to the trie), nothing
+    else."""
+    words = dirs.v4_nets(prefixes)
+    assert len(words) == sum(p in dirs.NET_LENS and a[:12] == csam.V4MAPPED for p, a in prefixes)
+    per_line = Counter(dirs.line_of(words, len(t), dirs.NET_BY).tolist())
+    slots, more = t[:, :dirs.LINE_KEYS], t[:, dirs.LINE_KEYS] & (dirs.NET_TRIE - 1)
+    assert {int(w) for w in slots[slots != 0]} <= set(words.tolist())
+    assert (slots != 0).sum() + more.sum() == len(words)
+    for i, n in per_line.items():
+        assert (slots[i] != 0).sum() + more[i] == n
 
 
 def load(m: kernel.Maps, data: bytes) -> blocklist.LoadResult:
@@ -699,7 +716,7 @@ def test_load_switch_steps(maps):
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
     assert r == blocklist.LoadResult(0, n_b, 1 - gen0, True)
     agree(maps, b"# empty\n", set(), set(), former)
-    assert maps.word()[1] == (1 - gen0) | C["XZ_CSAM_LINED"]
+    assert maps.word()[1] == (1 - gen0) | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"]
     for a in former:
         assert blocklist.check(maps, a) is None
 

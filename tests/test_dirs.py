@@ -259,6 +259,78 @@ def test_a_full_line_leaves_the_rest_to_the_hash(dp, cmaps):
             check(dp, p, *(("drop", "csam") if a in on else ("pass", "unknown")))
 
 
+def pfx(text: str) -> tuple[int, bytes]:
+    n = ipaddress.ip_network(text)
+    return 96 + n.prefixlen, addr16(str(n.network_address))
+
+
+def test_long_prefixes_are_answered_by_their_net_line(dp, cmaps):
+    """IPv4 /25../31 are found in their /24's net line: with the trie's entries taken away
+    behind the load's back they still drop (and their neighbours pass); a line marked
+    XZ_CSAM_NET_TRIE sends the lookups it cannot answer to the trie."""
+    dp.reset()
+    cmaps.set_word(0)
+    for g in (0, 1):
+        cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
+    nets = {pfx("198.18.7.32/27"), pfx("198.18.7.200/31"), pfx("203.0.113.128/25")}
+    blocklist.load(cmaps, text_of({addr16("198.18.7.5")}, nets))
+    _, word = cmaps.word()
+    gen = word & dirs.C["XZ_CSAM_GEN"]
+    assert word & dirs.C["XZ_CSAM_NETS"]
+    inside = ("198.18.7.32", "198.18.7.63", "198.18.7.200", "198.18.7.201", "203.0.113.255")
+    outside = ("198.18.7.31", "198.18.7.64", "198.18.7.202", "203.0.113.127", "198.18.7.6")
+    trie = cmaps.csam_prefixes[gen]
+    keys = list(trie.keys())
+    trie.delete_many(keys)
+    try:
+        for a in (*inside, "198.18.7.5"):
+            check(dp, Packet("access", "100.64.0.5", a, TCP, 40000, 443), "drop", "csam")
+        for a in outside:
+            check(dp, Packet("access", "100.64.0.5", a, TCP, 40000, 443), "pass", "unknown")
+        # A /24 behind the load's back, in the trie only: the net line says "no" and
+        # the trie is not asked, until the line is marked.
+        t = cmaps.csam_lines(gen, "n")
+        extra = [layout.LPM_KEY.pack(*pfx("198.18.7.0/24"))]
+        trie.update_many(extra, blocklist.LISTED)
+        check(dp, Packet("access", "100.64.0.5", "198.18.7.64", TCP, 40000, 443), "pass",
+              "unknown")
+        t[:, dirs.LINE_KEYS] |= dirs.NET_TRIE
+        for a in ("198.18.7.64", "198.18.7.32"):
+            check(dp, Packet("access", "100.64.0.5", a, TCP, 40000, 443), "drop", "csam")
+        t[:, dirs.LINE_KEYS] &= dirs.NET_TRIE - 1
+        trie.delete_many(extra)
+    finally:
+        trie.update_many(keys, blocklist.LISTED)
+
+
+def test_a_covering_prefix_taken_away_sends_its_24s_to_the_trie(dp, cmaps):
+    """A /20 inside a listed /15, a /27 inside the /20: the /20's /24s are listed whole.
+    A load by difference takes the /20 away: its /24s become LOOK in the directory, whose
+    change does not know that the /15 still covers them, and their net lines (the /27's
+    among them) hold nothing that does: they send the lookups on to the trie, and every
+    address of the /20 stays listed. A whole load after it makes the lines exact again."""
+    wide, mid, small = pfx("198.18.0.0/15"), pfx("198.18.16.0/20"), pfx("198.18.17.32/27")
+    probe = lambda h, p: [addr16(a) for a in (  # noqa: E731
+        "198.18.16.0", "198.18.17.31", "198.18.17.32", "198.18.17.64", "198.18.31.255",
+        "198.20.0.0", "198.17.255.255")]
+    steps = [(set(), {wide, mid, small})] * 2 + [(set(), {wide, small})] * 2
+    agree_through_loads(dp, cmaps, steps, probe, "100.64.0.5")
+    _, word = cmaps.word()
+    t = cmaps.csam_lines(word & dirs.C["XZ_CSAM_GEN"], "n")
+    assert (t[:, dirs.LINE_KEYS] & dirs.NET_TRIE).any()
+
+
+def test_net_words_say_their_length_and_line():
+    """A prefix's word is its network in host order with the bit under it set; its line is
+    its /24's, hashed as the programs hash it (policy.h, xz_csam_net_has)."""
+    w = dirs.v4_nets([pfx("192.0.2.128/25"), pfx("192.0.2.6/31"), pfx("192.0.2.0/24"),
+                      (128, addr16("192.0.2.9")), (96 + 27, bytes(16))])
+    base = int(ipaddress.ip_address("192.0.2.0"))
+    assert w.tolist() == [base | 0x80 | 0x40, base | 6 | 1]
+    li = dirs.line_of(w, 1 << 15, dirs.NET_BY).tolist()
+    assert li == [((base >> 8) * 2654435761 % (1 << 32)) >> 17] * 2
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))

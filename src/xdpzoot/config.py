@@ -212,16 +212,18 @@ class Config:
             f"-DXZ_MAX_CSAM_HOSTS={self.limits.csam_hosts}",
             f"-DXZ_MAX_CSAM_PREFIXES={self.limits.csam_prefixes}",
             f"-DXZ_CSAM_LINE_BITS={csam_line_bits(self.limits.csam_hosts)}",
+            f"-DXZ_CSAM_NET_BITS={csam_line_bits(self.limits.csam_prefixes)}",
             f"-DXZ_MAX_SUBSCRIBERS={self.limits.subscribers}",
             f"-DXZ_MAX_FLOWS={self.limits.flows}",
             f"-DXZ_MAX_POOL_ADDRS={self.limits.pool_addresses}",
         ]
 
 
-def csam_line_bits(hosts: int) -> int:
-    """log2 of the lines (struct xz_csam_line) a CSAM generation of ``hosts`` exact
-    addresses gets: one per 8 addresses, rounded up to a power of two (about half full)."""
-    return max(1, (-(-hosts // 8) - 1).bit_length())
+def csam_line_bits(n: int) -> int:
+    """log2 of the lines (struct xz_csam_line) a CSAM generation of ``n`` exact addresses
+    (or prefixes, for its net lines) gets: one per 8, rounded up to a power of two (about
+    half full at most)."""
+    return max(1, (-(-n // 8) - 1).bit_length())
 
 
 def load_config(path: str | None) -> Config:

@@ -9,8 +9,10 @@ most packets without the hash or the trie: written whole with a whole list, chan
 by entry with a difference (the filter made anew from the generation's keys when an entry
 shorter than all before it comes); and its IPv4 exact addresses again in lines of one
 cache line (dirs.lines_*, written through a mapping of the array), which the programs
-read instead of the hash once the control word says so (``XZ_CSAM_LINED``): changed with
-the hash, or made anew with a whole list when the generation held nothing trusted. The
+read instead of the hash once the control word says so (``XZ_CSAM_LINED``), and its IPv4
+prefixes /25../31 in net lines by their /24 (``XZ_CSAM_NETS``), read before the trie:
+changed with the hash and the trie, or made anew with a whole list when the generation held
+nothing trusted. The
 maps are :class:`kernel.Maps`, without bcc, so that a small change is applied in well
 under a second. The caller holds the instance's lock for the whole load
 (:meth:`Instance.load_csam`): the switch is a read, a change and a write of xz_control.
@@ -100,7 +102,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
                                               memo=memo)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
-    maps.set_word(idle | C["XZ_CSAM_LINED"]
+    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"]
                   | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
     # The generation that was in force is idle now. (A packet that read the control word
@@ -144,14 +146,17 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
                    "limits.csam_prefixes")
     # Until it is written whole, the generation holds no list that anything may trust.
     maps.meta.update(struct.pack("=I", gen), bytes(META.size))
-    # Its lines hold its hash's IPv4 addresses when it held a list (the same writes change
-    # both); else they are made anew (_write_list).
+    # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 /25../31
+    # when it held a list (the same writes change them); else they are made anew.
     lines = maps.csam_lines(gen) if old else None
+    nets = maps.csam_lines(gen, "n") if old else None
     if delta is not None:
-        added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines)
+        added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
+                                                    nets)
         new = [LPM_KEY.unpack(k) for k, d in delta.items() if d > 0]
-        dirs.csam_change(old_dir, map(LPM_KEY.unpack, (k for k, d in delta.items() if d < 0)),
-                         new)
+        lost = dirs.csam_change(old_dir, map(LPM_KEY.unpack,
+                                             (k for k, d in delta.items() if d < 0)), new)
+        dirs.nets_distrust(nets, lost)
         maps.write_csam_dir(gen, old_dir)
         v6 = maps.read_csam_v6(gen)
         if not dirs.csam_v6_add(v6, new):   # made anew from what the generation holds
@@ -160,7 +165,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         maps.write_csam_v6(gen, v6)
     else:
         added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,
-                                     lines)
+                                     lines, nets)
         counts, dups = lst.counts(), lst.dups
     if text:
         kernel.repin(text, maps.text_path(gen))
@@ -188,11 +193,12 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
-                memo: dict, lines: np.ndarray | None) -> tuple[int, int]:
+                memo: dict, lines: np.ndarray | None, nets: np.ndarray | None
+                ) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
-    and its ``lines`` with them (None: they may not hold its keys, and are made anew);
-    (added, removed). ``memo["dir"]``, ``memo["lines"]``: the list's directory and
-    lines, computed on first use."""
+    and its ``lines`` and ``nets`` with them (None: they may not hold its keys, and are
+    made anew); (added, removed). ``memo["dir"]``, ``memo["lines"]``, ``memo["nets"]``:
+    the list's directory and lines, computed on first use."""
     want_h = lst.hosts
     want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     have_h = set(maps.csam_hosts[gen].keys())
@@ -205,14 +211,19 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     maps.csam_prefixes[gen].delete_many(del_p, step)
     maps.csam_hosts[gen].update_many(add_h, LISTED, step)
     maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
-    if lines is not None:
+    if lines is not None and nets is not None:
         dirs.lines_remove(lines, dirs.v4_words(del_h))
         dirs.lines_add(lines, dirs.v4_words(add_h))
+        dirs.lines_remove(nets, dirs.v4_nets(map(LPM_KEY.unpack, del_p)), dirs.NET_BY)
+        dirs.lines_add(nets, dirs.v4_nets(map(LPM_KEY.unpack, add_p)), dirs.NET_BY)
+        nets[:, dirs.LINE_KEYS] &= ~dirs.NET_TRIE & 0xFFFF_FFFF   # the directory is exact
     else:
-        lines = maps.csam_lines(gen)
+        lines, nets = maps.csam_lines(gen), maps.csam_lines(gen, "n")
         if "lines" not in memo:
             memo["lines"] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
+            memo["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), len(nets), dirs.NET_BY)
         lines[:] = memo["lines"]
+        nets[:] = memo["nets"]
     if "dir" not in memo:
         memo["dir"], memo["v6"] = dirs.csam(lst.hosts, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
@@ -221,11 +232,11 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
-                 progress: Progress | None, lines: np.ndarray
+                 progress: Progress | None, lines: np.ndarray, nets: np.ndarray
                  ) -> tuple[int, int, dict[str, int], dict[bytes, int]]:
     """Apply ``delta`` (per entry: lines that write it, added less removed) to generation
-    ``gen``, which holds ``old``, and to its ``lines``; (added, removed, counts, entries on
-    more than one line).
+    ``gen``, which holds ``old``, and to its ``lines`` and ``nets``; (added, removed,
+    counts, entries on more than one line).
 
     An entry goes when no line writes it any more: on one line unless ``old.dups`` says
     more. An entry some added line writes is written unless the generation has it (then
@@ -237,13 +248,19 @@ def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
     hosts, prefixes = maps.csam_hosts[gen], maps.csam_prefixes[gen]
     gone_h = [k[4:] for k in gone if k[:4] == HOST]
     hosts.delete_many(gone_h, step)
-    prefixes.delete_many([k for k in gone if k[:4] != HOST], step)
+    gone_p = [k for k in gone if k[:4] != HOST]
+    prefixes.delete_many(gone_p, step)
     new_h = [k[4:] for k in new if k[:4] == HOST]
     had_h = hosts.add_new(new_h, LISTED)
     dirs.lines_remove(lines, dirs.v4_words(gone_h))
     dirs.lines_add(lines, dirs.v4_words(set(new_h) - set(had_h)))
     had = {HOST + a for a in had_h}
-    had.update(prefixes.add_new([k for k in new if k[:4] != HOST], LISTED))
+    new_p = [k for k in new if k[:4] != HOST]
+    had_p = prefixes.add_new(new_p, LISTED)
+    had.update(had_p)
+    dirs.lines_remove(nets, dirs.v4_nets(map(LPM_KEY.unpack, gone_p)), dirs.NET_BY)
+    dirs.lines_add(nets, dirs.v4_nets(map(LPM_KEY.unpack, set(new_p) - set(had_p))),
+                   dirs.NET_BY)
     if step:
         step(len(new))
     for k, d in delta.items():

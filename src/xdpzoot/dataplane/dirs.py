@@ -127,15 +127,18 @@ def csam(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> tuple
 
 
 def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
-                added: Iterable[tuple[int, bytes]]) -> None:
+                added: Iterable[tuple[int, bytes]]) -> list[int]:
     """Bring the directory of a list to the list with ``removed`` taken out, then ``added``
     put in (entries as ``(len/128, address)``, exact addresses with length 128). Never
-    wrong, not always exact: a /24 that was listed whole and lost an entry is looked up."""
+    wrong, not always exact: a /24 that was listed whole and lost an entry is looked up
+    (the trie may know another prefix that covers it). Returns those /24s."""
+    lost = []
     for plen, addr in removed:
         s = span(plen, addr)
         for i in range(s[0], s[0] + s[1]) if s else ():
             if get(d, i) == ALL:
                 put(d, i, LOOK)
+                lost.append(i)
     for plen, addr in added:
         s = span(plen, addr)
         if s is None:
@@ -149,6 +152,7 @@ def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
                 put(d, i, HOSTS if old == NONE else old)
             elif old in (NONE, HOSTS):
                 put(d, i, LOOK)
+    return lost
 
 
 # ---- IPv6 filters (struct xz_v6_filter) ----------------------------------------------------
@@ -433,49 +437,53 @@ def v4_words(addrs: Iterable[bytes]) -> np.ndarray:
     return np.ascontiguousarray(a[v4, 12:]).view(np.uint32).ravel()
 
 
-def line_of(words: np.ndarray, nlines: int) -> np.ndarray:
-    """The line of each address word, in a table of ``nlines`` (a power of two) lines."""
+def line_of(words: np.ndarray, nlines: int, by: int = 0) -> np.ndarray:
+    """The line of each address word, in a table of ``nlines`` (a power of two) lines; of
+    each prefix word by its /24 (``by`` NET_BY) in a table of net lines."""
     import numpy as np
 
     shift = 32 - (nlines.bit_length() - 1)
-    return ((words.astype(np.uint64) * LINE_HASH & 0xFFFF_FFFF) >> shift).astype(np.intp)
+    return (((words.astype(np.uint64) >> by) * LINE_HASH & 0xFFFF_FFFF) >> shift
+            ).astype(np.intp)
 
 
-def lines_remove(t: np.ndarray, words: np.ndarray) -> None:
+def lines_remove(t: np.ndarray, words: np.ndarray, by: int = 0) -> None:
     """Take the addresses ``words`` (each in the table) out of the lines ``t`` (an
-    ``(nlines, LINE_WORDS)`` uint32 array): a slot freed, or one less in ``more``."""
+    ``(nlines, LINE_WORDS)`` uint32 array): a slot freed, or one less in ``more``. (``by``:
+    as for line_of, here and below.)"""
     import numpy as np
 
     if not len(words):
         return
-    li = line_of(words, len(t))
+    li = line_of(words, len(t), by)
     hit = (t[li, :LINE_KEYS] == words[:, None]) & (words[:, None] != 0)
     found = hit.any(axis=1)
     t[li[found], hit[found].argmax(axis=1)] = 0
     np.subtract.at(t[:, LINE_KEYS], li[~found], 1)
 
 
-def _ranked(t: np.ndarray, words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ranked(t: np.ndarray, words: np.ndarray, by: int = 0
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The new addresses ``words`` of the lines ``t`` by line: (line, word, rank among the
     new ones of its line). 0.0.0.0 (a free slot would match it) is counted in its line's
     ``more`` here and left out."""
     import numpy as np
 
     zero = words == 0
-    np.add.at(t[:, LINE_KEYS], line_of(words[zero], len(t)), 1)
+    np.add.at(t[:, LINE_KEYS], line_of(words[zero], len(t), by), 1)
     words = words[~zero]
-    li = line_of(words, len(t))
+    li = line_of(words, len(t), by)
     order = np.argsort(li)
     li, words = li[order], words[order]
     return li, words, np.arange(len(li)) - np.searchsorted(li, li)
 
 
-def lines_add(t: np.ndarray, words: np.ndarray) -> None:
+def lines_add(t: np.ndarray, words: np.ndarray, by: int = 0) -> None:
     """Put the addresses ``words`` (distinct, none in the table) into the lines ``t``:
     each into a free slot of its line, or counted in its line's ``more``."""
     import numpy as np
 
-    li, words, rank = _ranked(t, words)
+    li, words, rank = _ranked(t, words, by)
     free = t[li, :LINE_KEYS] == 0
     nth = np.cumsum(free, axis=1, dtype=np.uint8)         # free slots up to each slot
     ok = nth[:, -1] > rank
@@ -484,14 +492,48 @@ def lines_add(t: np.ndarray, words: np.ndarray) -> None:
     np.add.at(t[:, LINE_KEYS], li[~ok], 1)
 
 
-def lines_of(words: np.ndarray, nlines: int) -> np.ndarray:
+def lines_of(words: np.ndarray, nlines: int, by: int = 0) -> np.ndarray:
     """The lines of a table of ``nlines`` that holds exactly the addresses ``words``
     (lines_add into an empty table, where an address's slot is its rank)."""
     import numpy as np
 
     t = np.zeros((nlines, LINE_WORDS), dtype=np.uint32)
-    li, words, rank = _ranked(t, words)
+    li, words, rank = _ranked(t, words, by)
     ok = rank < LINE_KEYS
     t[li[ok], rank[ok]] = words[ok]
     np.add.at(t[:, LINE_KEYS], li[~ok], 1)
     return t
+
+
+# ---- its IPv4 prefixes /25../31 in net lines (struct xz_csam_line, XZ_CSAM_NETS) -----------
+# The same lines, by the prefix's /24: a prefix is its network in host order with the bit
+# under the prefix set (never 0), so that the programs match it without knowing its length
+# beforehand. A line the directory cannot vouch for (csam_change made some /24 of it LOOK
+# from ALL) has XZ_CSAM_NET_TRIE in ``more``: its lookups go on to the trie until a whole
+# load makes the lines anew.
+NET_BY = 8                            # line_of's ``by`` for net lines: hashed by the /24
+NET_TRIE = C["XZ_CSAM_NET_TRIE"]
+NET_LENS = range(96 + 25, 96 + 32)    # the LPM lengths (of 128) that go into net lines
+
+
+def v4_nets(prefixes: Iterable[tuple[int, bytes]]) -> np.ndarray:
+    """The IPv4 /25../31 of ``prefixes`` (``(len/128, 16-byte address)``) as net words."""
+    import numpy as np
+
+    prefixes = [(p, a) for p, a in prefixes if p in NET_LENS]
+    if not prefixes:
+        return np.zeros(0, dtype=np.uint32)
+    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
+    raw, v4 = _rows([a for _, a in prefixes])
+    net = np.ascontiguousarray(raw[v4, 12:]).view(">u4").ravel().astype(np.uint64)
+    return (net | (np.uint64(1) << (127 - plen[v4]).astype(np.uint64))).astype(np.uint32)
+
+
+def nets_distrust(t: np.ndarray, slash24s: Iterable[int]) -> None:
+    """Send the lookups of /24s ``slash24s`` (and of the others of their lines) to the
+    trie: XZ_CSAM_NET_TRIE in their lines' ``more``."""
+    import numpy as np
+
+    s = np.fromiter(slash24s, dtype=np.uint32)
+    if len(s):
+        t[line_of(s, len(t)), LINE_KEYS] |= np.uint32(NET_TRIE)

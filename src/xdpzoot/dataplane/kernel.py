@@ -1794,12 +1794,12 @@ class Maps:
     def write_csam_v6(self, gen: int, f: bytes | bytearray) -> None:
         self.csam_v6[gen].update(ZERO_KEY, f)
 
-    def csam_lines(self, gen: int) -> np.ndarray:
-        """Generation ``gen``'s lines (xz_csam_l0/1, dirs.lines_*), mapped: row i is line i,
-        read and written in place."""
+    def csam_lines(self, gen: int, kind: str = "l") -> np.ndarray:
+        """Generation ``gen``'s lines (xz_csam_l0/1, dirs.lines_*; ``kind`` "n": its net
+        lines, xz_csam_n0/1), mapped: row i is line i, read and written in place."""
         import numpy as np
 
-        m = self.map(f"xz_csam_l{gen}")
+        m = self.map(f"xz_csam_{kind}{gen}")
         return np.frombuffer(m.view("I"), dtype=np.uint32)[:m.max_entries * dirs.LINE_WORDS
                                                             ].reshape(-1, dirs.LINE_WORDS)
 
