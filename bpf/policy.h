@@ -220,67 +220,48 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
 	}
 }
 
-/* Whether IPv4 address ``a`` is one of the list's exact addresses, from its line of
- * generation ``gen`` (struct xz_csam_line): 1 yes, 0 no, -1 ask the hash. ``i``: the
- * caller's key slot for the lookup, given back as it was (holding 0): a new slot, or one
- * left holding something else, doubled the paths 6.18's verifier walks through the rest
- * of the pipeline, past its limit. */
-static __always_inline int xz_csam_line_has(struct xz_addr *a, int gen, __u32 *i)
+/* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
+ * xz_csam_line): ``nets`` 0, one of its exact addresses, from the address's line (-1: ask
+ * the hash); ``nets`` 1, in one of its prefixes /25../31, from its /24's net line (-1: ask
+ * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
+ * was (holding 0): a new slot, or one left holding something else, doubled the paths
+ * 6.18's verifier walks through the rest of the pipeline, past its limit. */
+static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i, const int nets)
 {
-	__u32 ip = *(__u32 *)&a->addr[12];
+	__u32 ip = *(__u32 *)&a->addr[12], h = bpf_ntohl(ip);
 	struct xz_csam_line *l;
 	__u64 hit = 0, more;
 
-	*i = (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
-	l = gen ? xz_csam_l1.lookup(i) : xz_csam_l0.lookup(i);
+	if (nets) {
+		*i = ((h >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
+		l = gen ? xz_csam_n1.lookup(i) : xz_csam_n0.lookup(i);
+	} else {
+		*i = (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+		l = gen ? xz_csam_l1.lookup(i) : xz_csam_l0.lookup(i);
+	}
 	*(volatile __u32 *)i = 0;
 	if (!l)
 		return -1;
 	/* Without a branch (a compare is one in BPF, and each multiplied the paths the
 	 * verifier walks through the rest of the pipeline): x - 1 borrows into bit 63 only
-	 * when x is 0. 0.0.0.0 matches a free slot: never a hit (the control plane counts it
-	 * in ``more``). */
+	 * when x is 0. An address: x is the slot's word xor it; 0.0.0.0 matches a free slot,
+	 * never a hit (the control plane counts it in ``more``). A prefix: the slot's lowest
+	 * set bit m marks its length, x is (h ^ n) & -(2m), and the 1 is taken only where the
+	 * slot is not free (0). */
 #pragma unroll
 	for (int k = 0; k < XZ_CSAM_LINE_KEYS; k++) {
-		__u64 x = (__u64)(l->a[k] ^ ip) - 1;
+		__u32 n = l->a[k];
+		__u64 x = nets ? (__u64)((h ^ n) & -((n & -n) << 1)) -
+				 (((__u64)n + 0xFFFFFFFFULL) >> 32) : (__u64)(n ^ ip) - 1;
 
 		asm volatile("" : "+r"(x));   /* else clang makes it a compare again */
 		hit |= x >> 63;
 	}
-	hit &= ((__u64)ip + 0xFFFFFFFFULL) >> 32;          /* ip != 0 */
+	if (!nets)
+		hit &= ((__u64)ip + 0xFFFFFFFFULL) >> 32;  /* ip != 0 */
 	more = ((__u64)l->more + 0xFFFFFFFFULL) >> 32;     /* more != 0 */
 	asm volatile("" : "+r"(hit), "+r"(more));
-	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask the hash */
-}
-
-/* Whether IPv4 address ``a`` lies in one of the list's prefixes /25../31, from its /24's
- * net line of generation ``gen`` (struct xz_csam_line, XZ_CSAM_NETS): 1 yes, 0 no, -1 ask
- * the trie. ``i`` as for xz_csam_line_has. Branchless alike: a slot's lowest set bit m
- * marks its length, the address matches where (ip ^ n) & -(2m) is 0; a free slot is 0. */
-static __always_inline int xz_csam_net_has(struct xz_addr *a, int gen, __u32 *i)
-{
-	__u32 ip = bpf_ntohl(*(__be32 *)&a->addr[12]);
-	struct xz_csam_line *l;
-	__u64 hit = 0, more;
-
-	*i = ((ip >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
-	l = gen ? xz_csam_n1.lookup(i) : xz_csam_n0.lookup(i);
-	*(volatile __u32 *)i = 0;
-	if (!l)
-		return -1;
-#pragma unroll
-	for (int k = 0; k < XZ_CSAM_LINE_KEYS; k++) {
-		__u32 n = l->a[k];
-		/* bit 63: in the prefix (less 1 only where n is not 0: a free slot, never) */
-		__u64 x = (__u64)((ip ^ n) & -((n & -n) << 1)) -
-			  (((__u64)n + 0xFFFFFFFFULL) >> 32);
-
-		asm volatile("" : "+r"(x));
-		hit |= x >> 63;
-	}
-	more = ((__u64)l->more + 0xFFFFFFFFULL) >> 32;
-	asm volatile("" : "+r"(hit), "+r"(more));
-	return (int)hit - (int)(more & (hit ^ 1));
+	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask further */
 }
 
 /* Is the address on the CSAM list in force? The generation's directory (IPv4: its /24's
@@ -312,7 +293,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 		int has = -1;
 
 		if (family == 4 && (csam & XZ_CSAM_LINED))
-			has = xz_csam_line_has(a, gen, &zero);
+			has = xz_csam_in_line(a, gen, &zero, 0);
 		if (has < 0)
 			has = gen ? !!xz_csam_h1.lookup(a) : !!xz_csam_h0.lookup(a);
 		if (has)
@@ -321,7 +302,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	if (look == XZ_CSAM_DIR_HOSTS || !(csam & XZ_CSAM_PREFIXES))
 		return 0;
 	if (family == 4 && (csam & XZ_CSAM_NETS)) {   /* its /24's net line, else the trie */
-		int net = xz_csam_net_has(a, gen, &zero);
+		int net = xz_csam_in_line(a, gen, &zero, 1);
 
 		if (net >= 0)
 			return net;

@@ -322,7 +322,7 @@ def test_a_covering_prefix_taken_away_sends_its_24s_to_the_trie(dp, cmaps):
 
 def test_net_words_say_their_length_and_line():
     """A prefix's word is its network in host order with the bit under it set; its line is
-    its /24's, hashed as the programs hash it (policy.h, xz_csam_net_has)."""
+    its /24's, hashed as the programs hash it (policy.h, xz_csam_in_line)."""
     w = dirs.v4_nets([pfx("192.0.2.128/25"), pfx("192.0.2.6/31"), pfx("192.0.2.0/24"),
                       (128, addr16("192.0.2.9")), (96 + 27, bytes(16))])
     base = int(ipaddress.ip_address("192.0.2.0"))
