@@ -211,7 +211,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     maps.csam_prefixes[gen].delete_many(del_p, step)
     maps.csam_hosts[gen].update_many(add_h, LISTED, step)
     maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
-    if lines is not None and nets is not None:
+    if lines is not None and nets is not None:   # (both or neither: the generation held)
         dirs.lines_remove(lines, dirs.v4_words(del_h))
         dirs.lines_add(lines, dirs.v4_words(add_h))
         dirs.lines_remove(nets, dirs.v4_nets(map(LPM_KEY.unpack, del_p)), dirs.NET_BY)

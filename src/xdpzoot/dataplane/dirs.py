@@ -535,5 +535,5 @@ def nets_distrust(t: np.ndarray, slash24s: Iterable[int]) -> None:
     import numpy as np
 
     s = np.fromiter(slash24s, dtype=np.uint32)
-    if len(s):
-        t[line_of(s, len(t)), LINE_KEYS] |= np.uint32(NET_TRIE)
+    if len(s):   # the line of any prefix word of the /24
+        t[line_of(s << NET_BY, len(t), NET_BY), LINE_KEYS] |= np.uint32(NET_TRIE)
