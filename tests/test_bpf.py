@@ -13,6 +13,7 @@ their own below.
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass
 
 import packets
@@ -556,3 +557,45 @@ def test_garbage(dp, hook):
             assert out == frame
         seen.add(reason)
     assert "unparsed" in seen and len(seen) > 2, seen
+
+
+def _kallsyms() -> tuple[int, dict[int, str]]:
+    """__bpf_call_base and address -> name of the kernel's symbols."""
+    base, syms = 0, {}
+    with open("/proc/kallsyms") as f:
+        for line in f:
+            addr, _, name = line.split()[:3]
+            syms.setdefault(int(addr, 16), name)
+            if name == "__bpf_call_base":
+                base = int(addr, 16)
+    return base, syms
+
+
+def generic_lookups(fd: int) -> dict[str, int]:
+    """Map name -> calls of the generic bpf_map_lookup_elem helper in the verified program
+    (a lookup the verifier could not inline: its call site saw more than one map), each
+    named by the map the nearest load of r1 before the call puts there."""
+    base, syms = _kallsyms()
+    raw = kernel.prog_xlated(fd)
+    ins = [struct.unpack_from("=BBhi", raw, i) for i in range(0, len(raw), 8)]
+    out: dict[str, int] = {}
+    for i, (code, regs, _, imm) in enumerate(ins):
+        if code != 0x85 or regs >> 4 or syms.get(base + imm) != "bpf_map_lookup_elem":
+            continue
+        loads = (j for j in range(i - 1, -1, -1) if ins[j][0] == 0x18 and ins[j][1] & 15 == 1)
+        name = kernel.map_name_of_id(ins[next(loads)][3])
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc"])
+def test_state_lookups_are_inlined(dp, hook):
+    """The subscriber's and the pool address's state are looked up without the generic
+    helper (XZ_OWN_SITE): an array lookup the verifier writes out in place, where the
+    helper is an indirect call. The CSAM list's generations still share their calls."""
+    for role in ("access", "core"):
+        generic = generic_lookups(dp.fds[(hook, role)])
+        assert generic, "the generic helper's calls were not found: the check would pass"
+        assert not {"xz_state", "xz_pool_addrs"} & set(generic), generic
+        assert set(generic) <= {f"xz_csam_{k}0" for k in "dflhnp"} | {
+            f"xz_csam_{k}1" for k in "dflhnp"}, generic

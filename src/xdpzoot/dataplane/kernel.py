@@ -116,6 +116,7 @@ _libbpf.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_char_p, ct.POINTER(ct.c_
                                          ct.c_void_p]
 _libbpf.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
                                     ct.c_void_p]
+_libbpf.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
 
 
 def _hosted(bits: int, slash: int, idx: int) -> bytes:
@@ -177,6 +178,33 @@ def prog_id(fd: int) -> int:
     size = ct.c_uint32(ct.sizeof(info))
     _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
     return int(info[1])
+
+
+def prog_xlated(fd: int) -> bytes:
+    """The program behind ``fd`` as the verifier left it (struct bpf_insn each; a map's
+    address given back as its id, a helper call's immediate relative to __bpf_call_base).
+    struct bpf_prog_info: type, id, tag[8], jited_prog_len, xlated_prog_len, jited_prog_insns,
+    xlated_prog_insns."""
+    info = (ct.c_uint32 * 10)()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
+    out = ct.create_string_buffer(info[5])
+    info = (ct.c_uint32 * 10)(*[0] * 5, len(out.raw))
+    struct.pack_into("=Q", info, 32, ct.addressof(out))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
+    return out.raw
+
+
+def map_name_of_id(map_id: int) -> str:
+    """The name of the map with kernel id ``map_id``."""
+    fd = _check(_libbpf.bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
+    try:
+        info = _MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        _check(_libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "map info")
+        return info.name.decode()
+    finally:
+        os.close(fd)
 
 
 def pinned_prog_id(path: str) -> int | None:
