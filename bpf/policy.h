@@ -227,7 +227,9 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
  * which also stops the state's early load from running under the list's lookups) that
  * reads the map's header too. With every lookup its own call, the cold upstream pass at 1M
  * went from ~1,050 to ~740 ns and the CSAM drop from ~1,700 to ~930 (bench_cold), and
- * xz_xdp_access's verification from 557k to 689k instructions of its million. */
+ * xz_xdp_access's verification from 557k to 689k instructions of its million. The
+ * generation pairs' if/else blocks are written out: bcc refuses a map's lookup inside a
+ * macro, and a function cannot take a map. */
 #define XZ_OWN_SITE(p) asm volatile("" : "+r"(p))
 
 /* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
