@@ -658,27 +658,6 @@ def selected(routers: list[Router], only: set[str] | None) -> list[Router]:
 # ---- measuring ------------------------------------------------------------------------------
 
 
-class BpfProgInfo(ct.Structure):
-    """The head of struct bpf_prog_info up to run_cnt (UAPI, append-only)."""
-
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
-                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
-                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
-                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64), ("name", ct.c_char * 16),
-                ("ifindex", ct.c_uint32), ("gpl_compatible", ct.c_uint32),
-                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64),
-                ("nr_jited_ksyms", ct.c_uint32), ("nr_jited_func_lens", ct.c_uint32),
-                ("jited_ksyms", ct.c_uint64), ("jited_func_lens", ct.c_uint64),
-                ("btf_id", ct.c_uint32), ("func_info_rec_size", ct.c_uint32),
-                ("func_info", ct.c_uint64), ("nr_func_info", ct.c_uint32),
-                ("nr_line_info", ct.c_uint32), ("line_info", ct.c_uint64),
-                ("jited_line_info", ct.c_uint64), ("nr_jited_line_info", ct.c_uint32),
-                ("line_info_rec_size", ct.c_uint32), ("jited_line_info_rec_size", ct.c_uint32),
-                ("nr_prog_tags", ct.c_uint32), ("prog_tags", ct.c_uint64),
-                ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64)]
-
-
 def prog_stats(ids: list[int]) -> tuple[int, int]:
     """Summed (run_time_ns, run_cnt) of the programs with these ids."""
     lib = kernel._libbpf   # noqa: SLF001
@@ -689,7 +668,7 @@ def prog_stats(ids: list[int]) -> tuple[int, int]:
         if fd < 0:
             continue
         try:
-            info = BpfProgInfo()
+            info = kernel.ProgInfo()
             size = ct.c_uint32(ct.sizeof(info))
             if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0:
                 ns, cnt = ns + info.run_time_ns, cnt + info.run_cnt

@@ -301,6 +301,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	int gen = csam & XZ_CSAM_GEN;
 	__u32 zero = 0, look;
+	__u8 *hit;
 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
 		return 0;   /* no list in force (or an empty one): nothing to look up */
@@ -337,16 +338,14 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 		if (family == 4 && (csam & XZ_CSAM_LINED))
 			has = xz_csam_in_line(a, gen, &zero, 0);
 		if (has < 0) {
-			__u8 *h;
-
 			if (gen) {
-				h = xz_csam_h1.lookup(a);
-				XZ_OWN_SITE(h);
+				hit = xz_csam_h1.lookup(a);
+				XZ_OWN_SITE(hit);
 			} else {
-				h = xz_csam_h0.lookup(a);
-				XZ_OWN_SITE(h);
+				hit = xz_csam_h0.lookup(a);
+				XZ_OWN_SITE(hit);
 			}
-			has = !!h;
+			has = !!hit;
 		}
 		if (has)
 			return 1;
@@ -360,18 +359,14 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 			return net;
 	}
 	__builtin_memcpy(key.addr, a->addr, 16);
-	{
-		__u8 *hit;
-
-		if (gen) {
-			hit = xz_csam_p1.lookup(&key);
-			XZ_OWN_SITE(hit);
-		} else {
-			hit = xz_csam_p0.lookup(&key);
-			XZ_OWN_SITE(hit);
-		}
-		return !!hit;
+	if (gen) {
+		hit = xz_csam_p1.lookup(&key);
+		XZ_OWN_SITE(hit);
+	} else {
+		hit = xz_csam_p0.lookup(&key);
+		XZ_OWN_SITE(hit);
 	}
+	return !!hit;
 }
 
 /* Hits per generation and family only: nothing says who hit which entry. */

@@ -172,26 +172,46 @@ def pin(fd: int, path: str) -> None:
     _check(_libbpf.bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
-def prog_id(fd: int) -> int:
-    """Kernel id of the program behind ``fd`` (struct bpf_prog_info: type, id, ...)."""
-    info = (ct.c_uint32 * 16)()
+class ProgInfo(ct.Structure):
+    """The head of struct bpf_prog_info up to run_cnt (UAPI, append-only)."""
+
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64), ("name", ct.c_char * 16),
+                ("ifindex", ct.c_uint32), ("gpl_compatible", ct.c_uint32),
+                ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64),
+                ("nr_jited_ksyms", ct.c_uint32), ("nr_jited_func_lens", ct.c_uint32),
+                ("jited_ksyms", ct.c_uint64), ("jited_func_lens", ct.c_uint64),
+                ("btf_id", ct.c_uint32), ("func_info_rec_size", ct.c_uint32),
+                ("func_info", ct.c_uint64), ("nr_func_info", ct.c_uint32),
+                ("nr_line_info", ct.c_uint32), ("line_info", ct.c_uint64),
+                ("jited_line_info", ct.c_uint64), ("nr_jited_line_info", ct.c_uint32),
+                ("line_info_rec_size", ct.c_uint32), ("jited_line_info_rec_size", ct.c_uint32),
+                ("nr_prog_tags", ct.c_uint32), ("prog_tags", ct.c_uint64),
+                ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64)]
+
+
+def _prog_info(fd: int, info: ProgInfo | None = None) -> ProgInfo:
+    """struct bpf_prog_info of the program behind ``fd`` (into ``info``: with pointers set,
+    the kernel fills what they point at)."""
+    info = info or ProgInfo()
     size = ct.c_uint32(ct.sizeof(info))
-    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
-    return int(info[1])
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "prog info")
+    return info
+
+
+def prog_id(fd: int) -> int:
+    """Kernel id of the program behind ``fd``."""
+    return _prog_info(fd).id
 
 
 def prog_xlated(fd: int) -> bytes:
     """The program behind ``fd`` as the verifier left it (struct bpf_insn each; a map's
-    address given back as its id, a helper call's immediate relative to __bpf_call_base).
-    struct bpf_prog_info: type, id, tag[8], jited_prog_len, xlated_prog_len, jited_prog_insns,
-    xlated_prog_insns."""
-    info = (ct.c_uint32 * 10)()
-    size = ct.c_uint32(ct.sizeof(info))
-    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
-    out = ct.create_string_buffer(info[5])
-    info = (ct.c_uint32 * 10)(*[0] * 5, len(out.raw))
-    struct.pack_into("=Q", info, 32, ct.addressof(out))
-    _check(_libbpf.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "prog info")
+    address given back as its id, a helper call's immediate relative to __bpf_call_base)."""
+    out = ct.create_string_buffer(_prog_info(fd).xlated_prog_len)
+    _prog_info(fd, ProgInfo(xlated_prog_len=len(out.raw), xlated_prog_insns=ct.addressof(out)))
     return out.raw
 
 
