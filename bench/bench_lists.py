@@ -92,8 +92,8 @@ FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP
             | C["XZ_C_IP53B_V6"])
 XDP_RET = {1: "drop", 2: "pass", 3: "reject"}
 CSAM_MAPS = ("xz_csam_h0", "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta",
-             "xz_csam_hits", "xz_csam_t0", "xz_csam_t1", "xz_csam_d0", "xz_csam_d1",
-             "xz_csam_l0", "xz_csam_l1", "xz_csam_n0", "xz_csam_n1")
+             "xz_csam_hits", "xz_csam_t0", "xz_csam_t1", "xz_csam_d", "xz_csam_l",
+             "xz_csam_n", "xz_csam_f")
 SUB_MAPS = ("xz_hosts", "xz_prefixes", "xz_sub_dir", "xz_sub_idx", "xz_uniform",
             "xz_sub_hosted")
 
@@ -1022,7 +1022,7 @@ def report(doc: Doc) -> str:
     text = cs["xz_csam_t0"]["memlock"] + cs["xz_csam_t1"]["memlock"]
     row("  the list files' text, both generations (for quick changes)",
         f"{text / 2**20:.1f} MiB")
-    fixed = sum(cs[f"xz_csam_{k}{g}"]["memlock"] for k in "dl" for g in (0, 1))
+    fixed = sum(cs[f"xz_csam_{k}"]["memlock"] for k in "dl")
     row("  the IPv4 directories and lines, both generations (fixed by the limits)",
         f"{fixed / 2**20:.1f} MiB")
     row("  all CSAM maps (with meta, hits, the text, directories and lines)",

@@ -56,24 +56,18 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p0, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
 XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
        BPF_F_NO_PREALLOC);
-/* Per generation: the IPv4 exact addresses again, in lines (struct xz_csam_line). cp
- * writes (through a mapping of its memory), dp reads. */
-XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l0, 1 << XZ_CSAM_LINE_BITS,
-       BPF_F_MMAPABLE);
-XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l1, 1 << XZ_CSAM_LINE_BITS,
-       BPF_F_MMAPABLE);
-/* Per generation: the IPv4 prefixes /25../31 again, in lines by their /24 (struct
- * xz_csam_line). cp writes (through a mapping), dp reads. */
-XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n0, 1 << XZ_CSAM_NET_BITS,
-       BPF_F_MMAPABLE);
-XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n1, 1 << XZ_CSAM_NET_BITS,
-       BPF_F_MMAPABLE);
-/* Per generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_dir, xz_csam_d0, 1, 0);
-XZ_MAP("array", __u32, struct xz_dir, xz_csam_d1, 1, 0);
-/* Per generation: its IPv6 filter (struct xz_v6_filter), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f0, 1, 0);
-XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f1, 1, 0);
+/* The IPv4 exact addresses again, in lines (struct xz_csam_line), generation 0's then
+ * generation 1's (index gen << XZ_CSAM_LINE_BITS | line). cp writes (through a mapping of
+ * its memory), dp reads. */
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l, 2 << XZ_CSAM_LINE_BITS, BPF_F_MMAPABLE);
+/* The IPv4 prefixes /25../31 again, in lines by their /24 (struct xz_csam_line), by
+ * generation the same way (gen << XZ_CSAM_NET_BITS | line). cp writes (through a mapping),
+ * dp reads. */
+XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n, 2 << XZ_CSAM_NET_BITS, BPF_F_MMAPABLE);
+/* By generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_dir, xz_csam_d, 2, 0);
+/* By generation: its IPv6 filter (struct xz_v6_filter), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f, 2, 0);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

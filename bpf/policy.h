@@ -227,9 +227,11 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
  * which also stops the state's early load from running under the list's lookups) that
  * reads the map's header too. With every lookup its own call, the cold upstream pass at 1M
  * went from ~1,050 to ~740 ns and the CSAM drop from ~1,700 to ~930 (bench_cold), and
- * xz_xdp_access's verification from 557k to 689k instructions of its million. The
- * generation pairs' if/else blocks are written out: bcc refuses a map's lookup inside a
- * macro, and a function cannot take a map. */
+ * xz_xdp_access's verification from 557k to 689k instructions of its million. The CSAM
+ * list's arrays hold both generations in one map each (indexed by generation); its hash
+ * and trie are a map per generation (a load empties the idle one whole), and their pairs'
+ * if/else blocks are written out: bcc refuses a map's lookup inside a macro, and a
+ * function cannot take a map. */
 #define XZ_OWN_SITE(p) asm volatile("" : "+r"(p))
 
 /* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
@@ -245,24 +247,15 @@ static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i,
 	__u64 hit = 0, more;
 
 	if (nets) {
-		*i = ((h >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
-		if (gen) {
-			l = xz_csam_n1.lookup(i);
-			XZ_OWN_SITE(l);
-		} else {
-			l = xz_csam_n0.lookup(i);
-			XZ_OWN_SITE(l);
-		}
+		*i = (__u32)gen << XZ_CSAM_NET_BITS |
+		     ((h >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
+		l = xz_csam_n.lookup(i);
 	} else {
-		*i = (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
-		if (gen) {
-			l = xz_csam_l1.lookup(i);
-			XZ_OWN_SITE(l);
-		} else {
-			l = xz_csam_l0.lookup(i);
-			XZ_OWN_SITE(l);
-		}
+		*i = (__u32)gen << XZ_CSAM_LINE_BITS |
+		     (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+		l = xz_csam_l.lookup(i);
 	}
+	XZ_OWN_SITE(l);
 	*(volatile __u32 *)i = 0;
 	if (!l)
 		return -1;
@@ -300,7 +293,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	int gen = csam & XZ_CSAM_GEN;
-	__u32 zero = 0, look;
+	__u32 zero = 0, look, g = gen;
 	__u8 *hit;
 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
@@ -308,24 +301,14 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	if (family == 4) {
 		struct xz_dir *d;
 
-		if (gen) {
-			d = xz_csam_d1.lookup(&zero);
-			XZ_OWN_SITE(d);
-		} else {
-			d = xz_csam_d0.lookup(&zero);
-			XZ_OWN_SITE(d);
-		}
+		d = xz_csam_d.lookup(&g);
+		XZ_OWN_SITE(d);
 		look = xz_dir_state(d, a);
 	} else {   /* NONE where nothing lies, else LOOK (0) */
 		struct xz_v6_filter *f;
 
-		if (gen) {
-			f = xz_csam_f1.lookup(&zero);
-			XZ_OWN_SITE(f);
-		} else {
-			f = xz_csam_f0.lookup(&zero);
-			XZ_OWN_SITE(f);
-		}
+		f = xz_csam_f.lookup(&g);
+		XZ_OWN_SITE(f);
 		look = XZ_CSAM_DIR_NONE * (xz_v6_filter_passes(f, a) ^ 1);
 	}
 	if (look == XZ_CSAM_DIR_NONE)

@@ -97,9 +97,11 @@ class Dataplane:
         for t in (m.host_map, m.prefix6_map, m.allow, m.pool_state, m.manual, *m.csam_hosts,
                   *m.csam_prefixes):
             t.delete_many(t.keys())
-        for t in (m.dir_map, m.sub_v6_map, m.v6_lens_map, *m.csam_dirs,
-                  *m.csam_v6):   # zeros: look all up
+        for t in (m.dir_map, m.sub_v6_map, m.v6_lens_map):   # zeros: look all up
             t.update(layout.ZERO_KEY, bytes(t.value_size))
+        for g in (0, 1):
+            m.write_csam_dir(g, bytes(m.csam_dirs.value_size))
+            m.write_csam_v6(g, bytes(m.csam_v6.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()
 

@@ -475,10 +475,8 @@ MAP_LAYOUTS = {
     "xz_pool_op25b": (layout.U32, layout.U32),
     "xz_prefixes6": (layout.LPM_KEY, layout.CLASS),
     "xz_sub_v6_lens": (layout.U32, struct.Struct(f"={dirs.V6_LENS}s")),
-    "xz_csam_l0": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
-    "xz_csam_l1": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
-    "xz_csam_n0": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
-    "xz_csam_n1": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_l": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_n": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
 }
 
 

@@ -1213,8 +1213,8 @@ class Maps:
     hits = property(lambda self: self.map("xz_csam_hits"))
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
-    csam_dirs = property(lambda self: (self.map("xz_csam_d0"), self.map("xz_csam_d1")))
-    csam_v6 = property(lambda self: (self.map("xz_csam_f0"), self.map("xz_csam_f1")))
+    csam_dirs = property(lambda self: self.map("xz_csam_d"))   # by generation
+    csam_v6 = property(lambda self: self.map("xz_csam_f"))     # by generation
     trace_ring = property(lambda self: self.map("xz_trace_ring"))
     trace_state = property(lambda self: self.map("xz_trace_state"))
 
@@ -1830,25 +1830,26 @@ class Maps:
     # ---- CSAM list: two generations, meta, hits -----------------------------------------
     def read_csam_dir(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
-        return self.csam_dirs[gen].lookup_into(ZERO_KEY)
+        return self.csam_dirs.lookup_into(U32.pack(gen))
 
     def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
-        self.csam_dirs[gen].update(ZERO_KEY, d)
+        self.csam_dirs.update(U32.pack(gen), d)
 
     def read_csam_v6(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv6 filter (dirs.csam, dirs.csam_v6_add)."""
-        return self.csam_v6[gen].lookup_into(ZERO_KEY)
+        return self.csam_v6.lookup_into(U32.pack(gen))
 
     def write_csam_v6(self, gen: int, f: bytes | bytearray) -> None:
-        self.csam_v6[gen].update(ZERO_KEY, f)
+        self.csam_v6.update(U32.pack(gen), f)
 
     def csam_lines(self, gen: int, kind: str = "l") -> np.ndarray:
-        """Generation ``gen``'s lines (xz_csam_l0/1, dirs.lines_*; ``kind`` "n": its net
-        lines, xz_csam_n0/1), mapped: row i is line i, read and written in place."""
+        """Generation ``gen``'s lines (its half of xz_csam_l, dirs.lines_*; ``kind`` "n":
+        its net lines, of xz_csam_n), mapped: row i is line i, read and written in place."""
         import numpy as np
 
-        m = self.map(f"xz_csam_{kind}{gen}")
-        return np.frombuffer(m.view("I"), dtype=np.uint32)[:m.max_entries * dirs.LINE_WORDS
+        m = self.map(f"xz_csam_{kind}")
+        n = m.max_entries // 2 * dirs.LINE_WORDS
+        return np.frombuffer(m.view("I"), dtype=np.uint32)[gen * n:(gen + 1) * n
                                                             ].reshape(-1, dirs.LINE_WORDS)
 
     def text_path(self, gen: int) -> str:
