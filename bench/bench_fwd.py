@@ -20,7 +20,10 @@ Routers: plain Linux forwarding; nftables with sets; iptables (legacy xtables) w
 hash:net sets; a minimal two-lookup XDP program (bench/ref_xdp.c); xdpzoot at XDP (native) and
 at TC, attached by this checkout's CLI; xdpzoot with ``[dataplane] fast_path = true`` when
 the config accepts it. Every router gets the same 1,024 /22 pools, static hosts inside them
-(exempt from OP25B) and the same CSAM list (80% addresses, 20% prefixes).
+(exempt from OP25B) and the same CSAM list (80% addresses, 20% prefixes). Named with
+--only only: xdpzoot without a list (what the list costs), and the XDP floor
+(bench/floor_xdp.c: reads the frame, looks nothing up, returns the verdict the mix wants):
+the most any XDP program gets in this lab, printed beside each xdpzoot-xdp goal.
 
 Each router and mix runs a ladder of offered loads (paced test_run batches, each step bounded
 in frames and seconds). Processed = (sink count + the router's own drop counters) per second
@@ -92,6 +95,7 @@ RTR_OUT_ADDR, SNK_ADDR = "198.51.100.1", "198.51.100.2"
 BAD_FIRST = {0, 100, 127, 192, 198, 203}
 FRAME_LEN = 64                    # bytes in memory (the FCS is not there)
 MIX_IDS = {"forward": 0, "drop": 1}
+XDP_DROP, XDP_PASS = 1, 2
 RATES = (250_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000, 0)   # 0: unpaced
 QUICK_RATES = (500_000, 1_000_000, 0)
 GEN_CPU, ROUTER_CPU = 0, 1
@@ -441,6 +445,9 @@ class Router:
         """Kernel ids of the programs doing this router's work (for BPF stats)."""
         return []
 
+    def set_mix(self, mix: str) -> None:
+        """The mix about to run (only the floor needs to know)."""
+
 
 class Plain(Router):
     name, label = "plain", "Linux forwarding, no rules"
@@ -549,6 +556,30 @@ class Ref(Router):
         return [kernel.prog_id(self.fd)]
 
 
+class Floor(Router):
+    name, label = "xdp-floor", "XDP floor: no lookup, the mix's verdict"
+
+    def setup(self) -> None:
+        from bcc import BPF
+
+        self.bpf = BPF(src_file=str(HERE / "floor_xdp.c").encode())
+        self.fd = self.bpf.load_func(b"floor_prog", BPF.XDP).fd
+        pin = os.path.join(self.env.pin_root, "fwd_floor")
+        kernel.pin(self.fd, pin)
+        attach_pinned_xdp(self.t.rtr, self.t.rin, pin)
+
+    def set_mix(self, mix: str) -> None:
+        t = self.bpf[b"floor_verdict"]
+        t[t.Key(0)] = t.Leaf(XDP_DROP if mix == "drop" else XDP_PASS)
+
+    def drops(self) -> int:
+        t = self.bpf[b"floor_drops"]
+        return sum(int(v) for v in t[t.Key(0)])
+
+    def prog_ids(self) -> list[int]:
+        return [kernel.prog_id(self.fd)]
+
+
 def fill_lpm(table, entries: list[tuple[str, int]]) -> None:
     """LPM trie entries (prefix or address, u8 value), in batches where the kernel can."""
     keys = (table.Key * len(entries))()
@@ -642,12 +673,14 @@ def make_routers(env: Env) -> list[Router]:
     """Every router; the ones in EXTRA_ROUTERS run only when --only names them."""
     return [Plain(env), Nft(env), Ipt(env), Ref(env), Xdpzoot(env, "xdp"),
             Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True),
-            Xdpzoot(env, "xdp", with_list=False)]
+            Xdpzoot(env, "xdp", with_list=False), Floor(env)]
 
 
 # Parts of a breakdown, not routers an operator compares: xdpzoot at XDP without a CSAM list
-# loaded (its programs then look nothing up for the list: the difference is the list's cost).
-EXTRA_ROUTERS = {"xdpzoot-xdp-nolist"}
+# loaded (its programs then look nothing up for the list: the difference is the list's cost);
+# the XDP floor (bench/floor_xdp.c: no lookup, the verdict the mix wants), the best any XDP
+# program could do here, so the ceiling of the XDP goals' ratios in this lab.
+EXTRA_ROUTERS = {"xdpzoot-xdp-nolist", "xdp-floor"}
 
 
 def selected(routers: list[Router], only: set[str] | None) -> list[Router]:
@@ -746,6 +779,7 @@ def ladder(router: Router, traffic: Traffic, mix: str, rates: tuple[int, ...],
     """Every step of the rate ladder for one router and mix (BPF stats off); the best step;
     ns/packet from one more step at the best step's load with the stats on."""
     traffic.set_mix(mix)
+    router.set_mix(mix)
     steps = [step_at(router, traffic, mix, rate, seconds, realtime) for rate in rates]
     best = max(steps, key=lambda s: s["processed_pps"])
     out = {"steps": steps, "best": best, "ns_per_packet": None, "bpf_runs": 0}
@@ -934,11 +968,15 @@ def goals(doc: dict) -> list[dict]:
     round, the median and whether the median meets the goal."""
     out = []
     for name, mix, base, least in GOALS:
-        v = ratios(doc, base).get(name, {}).get(mix)
+        r = ratios(doc, base)
+        v = r.get(name, {}).get(mix)
         if v:
             out.append({"router": name, "mix": mix, "against": base, "goal": least,
                         "rounds": v["rounds"], "median": v["median"],
                         "met": v["median"] >= least})
+            floor = r.get("xdp-floor", {}).get(mix) if name == "xdpzoot-xdp" else None
+            if floor:   # the same ratio for the floor: the most any XDP program gets here
+                out[-1]["floor_median"] = floor["median"]
     return out
 
 
@@ -966,7 +1004,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast (all of these by default), xdpzoot-xdp-nolist (no CSAM "
-                        "list: what the list costs)")
+                        "list: what the list costs), xdp-floor (no lookup: the most an XDP "
+                        "program gets here)")
     args = p.parse_args(argv)
     if args.csam is None:
         args.csam = 10_000 if args.quick else 100_000
@@ -1002,7 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{g['router']} / {g['against']}, {g['mix']} mix: "
                   + " / ".join(f"{x:.2f}" for x in g["rounds"])
                   + f" (median {g['median']:.2f}; goal >= {g['goal']}: "
-                  + ("met)" if g["met"] else "not met)"))
+                  + ("met)" if g["met"] else "not met)")
+                  + (f"; the XDP floor: {g['floor_median']:.2f}" if "floor_median" in g
+                     else ""))
         for r in doc["routers"]:
             if r.get("status") != "ok":
                 print(f"\n{r['label']}: {r['status']}: {r.get('error', '')}")

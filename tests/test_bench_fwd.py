@@ -106,6 +106,25 @@ def test_reference_program_drops_port_25_and_listed(lab):
     assert fsink + fdrops == fsent and fdrops <= fsent * 0.01
 
 
+@root
+@pytest.mark.lab
+def test_floor_program_gives_each_mix_its_verdict(lab):
+    """The XDP floor drops every frame of the drop mix (counted as its drops) and passes
+    every frame of the forward mix on to the sink, with no lookup."""
+    router = bf.Floor(lab)
+    router.setup()
+    try:
+        router.set_mix("drop")
+        sent, sink, drops = send(lab, router, "drop")
+        router.set_mix("forward")
+        fsent, fsink, fdrops = send(lab, router, "forward")
+        assert router.prog_ids()
+    finally:
+        router.teardown()
+    assert (sink, drops) == (0, sent) and sent > RATE * SECONDS / 4
+    assert (fsink, fdrops) == (fsent, 0) and fsent > RATE * SECONDS / 4
+
+
 def _run(name: str, k: int, forward: int, drop: int) -> dict:
     """A router's entry in the document: round ``k``, best steps in kpps."""
     return {"name": name, "label": name, "round": k, "status": "ok",
@@ -126,8 +145,20 @@ def test_ratios_are_taken_within_a_round():
     # Against iptables only in the rounds where it ran: 2.8 and 3.25.
     assert goals["drop", "iptables"]["rounds"] == [2.8, 3.25] and goals["drop", "iptables"]["met"]
     assert ("drop", "nft") not in goals   # nft did not run
+    assert "floor_median" not in goals["drop", "iptables"]   # the floor did not run
     assert "| xdpzoot-xdp | 540 / 280 / 410 | 1,400 / 1,300 / 1,200 | - | 0.90 / 0.70 / 0.82 " \
            "(median 0.82) |" in bf.table(doc)
+
+
+def test_goals_say_what_the_floor_gets():
+    """With the XDP floor in the run, each xdpzoot-xdp goal carries the floor's own ratio
+    against the same router (the most an XDP program gets in that lab)."""
+    doc = {"routers": [_run("plain", 1, 600, 700), _run("xdpzoot-xdp", 1, 480, 1400),
+                       _run("iptables", 1, 300, 500), _run("xdp-floor", 1, 570, 1250)]}
+    goals = {(g["mix"], g["against"]): g for g in bf.goals(doc)}
+    assert goals["forward", "plain"]["floor_median"] == 0.95
+    assert goals["drop", "iptables"]["floor_median"] == 2.5
+    assert not goals["drop", "iptables"]["met"]
 
 
 def test_arguments_are_checked():
@@ -148,4 +179,6 @@ def test_routers_by_default_and_by_name(tmp_path):
     assert [r.name for r in bf.selected(routers, None)] == [
         "plain", "nft", "iptables", "ref-xdp", "xdpzoot-xdp", "xdpzoot-tc", "xdpzoot-fast"]
     (nolist,) = bf.selected(routers, {"xdpzoot-xdp-nolist"})
+    assert [r.name for r in bf.selected(routers, {"plain", "xdp-floor"})] == [
+        "plain", "xdp-floor"]
     assert (nolist.hook, nolist.fast_path, nolist.with_list) == ("xdp", False, False)
