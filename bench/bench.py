@@ -47,9 +47,8 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,16 +257,9 @@ def cold_frames(loaded: int, n: int, sets: int, rng: random.Random) -> list[list
 # ---- the data plane -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def bpffs() -> Iterator[str]:
+def bpffs() -> contextlib.AbstractContextManager[str]:
     """A bpffs of our own under /run, unmounted and removed at the end."""
-    root = tempfile.mkdtemp(prefix="xdpzoot-bench-", dir="/run")
-    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", "-l", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    return kernel.scratch_bpffs("xdpzoot-bench-")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import ipaddress
 import json
 import os
@@ -698,11 +699,10 @@ def bench(args: argparse.Namespace) -> Doc:
     ns = "xzb" + secrets.token_hex(3)
     tmp = Path(tempfile.mkdtemp(prefix="xdpzoot-bench-lists-"))
     os.chmod(tmp, 0o700)
-    root = tempfile.mkdtemp(prefix="xdpzoot-bench-lists-", dir="/run")
-    mounted = netns = False
+    bpffs = contextlib.ExitStack()
+    root = bpffs.enter_context(kernel.scratch_bpffs("xdpzoot-bench-lists-"))
+    netns = False
     try:
-        subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
-        mounted = True
         subprocess.run(["ip", "netns", "add", ns], check=True)
         netns = True
         env = dict(os.environ)
@@ -746,9 +746,7 @@ def bench(args: argparse.Namespace) -> Doc:
     finally:
         if netns:
             subprocess.run(["ip", "netns", "delete", ns], check=False)
-        if mounted:
-            subprocess.run(["umount", "-l", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        bpffs.close()
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.only:
         doc.goals = goals(doc)

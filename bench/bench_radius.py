@@ -21,7 +21,6 @@ import ipaddress
 import json
 import os
 import selectors
-import shutil
 import socket
 import struct
 import subprocess
@@ -46,17 +45,6 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"))   # this checkout's xdpzoot
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def bpffs() -> Iterator[str]:
-    root = tempfile.mkdtemp(prefix="xdpzoot-bench-radius-", dir="/run")
-    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", "-l", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -292,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
     doc: dict = {"sessions": n, "window": args.window}
     users = n + m + len(NAS)
-    with bpffs() as root, netns() as ns, tempfile.TemporaryDirectory() as td:
+    with kernel.scratch_bpffs("xdpzoot-bench-radius-") as root, netns() as ns, \
+            tempfile.TemporaryDirectory() as td:
         pin_dir = os.path.join(root, "radius")
         log(f"the instance: a pool and {users:,} contracts ...")
         cfg = setup(Path(td), pin_dir, users)

@@ -4,10 +4,7 @@ once per session, and BPF_PROG_TEST_RUN as a verdict."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,13 +52,8 @@ def pytest_collection_modifyitems(config, items):
 def bpffs():
     """A bpffs mounted in the host mount namespace (outside /sys, so that
     `ip netns exec` sees it too), unmounted at the end."""
-    root = tempfile.mkdtemp(prefix="xdpzoot-test-", dir="/run")
-    subprocess.run(["mount", "-t", "bpf", "bpf", root], check=True)
-    try:
+    with kernel.scratch_bpffs("xdpzoot-test-") as root:
         yield root
-    finally:
-        subprocess.run(["umount", "-l", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

@@ -174,3 +174,14 @@ def test_other_limits_are_refused(router):
     with kernel.PinnedMap(os.path.join(r["pin"], "xz_hosts")) as m:
         assert m.max_entries == 2048
     assert xz(r, "detach").returncode == 0
+
+
+def test_scratch_bpffs_is_mounted_and_gone_afterwards():
+    """The tests' and benchmarks' own bpffs: a BPF filesystem while in use, unmounted and
+    removed at the end, an exception included."""
+    with pytest.raises(RuntimeError), kernel.scratch_bpffs("xdpzoot-test-scratch-") as root:
+        assert kernel._fs_magic(root) == kernel.BPF_FS_MAGIC
+        kernel.pin_blob(os.path.join(root, "x"), b"pinned")
+        raise RuntimeError("the user's code failed")
+    assert not os.path.exists(root)
+    assert root not in open("/proc/self/mounts").read()

@@ -926,6 +926,27 @@ def ensure_bpffs(pin_dir: str) -> None:
             "in the host's namespace outside /sys and use --pin-dir below it.\n")
 
 
+MNT_DETACH = 2
+
+
+@contextlib.contextmanager
+def scratch_bpffs(prefix: str) -> Iterator[str]:
+    """A BPF filesystem of its own for tests and benchmarks: mounted on a new directory
+    under /run (in this mount namespace, outside /sys, so that `ip netns exec` sees it),
+    lazily unmounted and removed at the end, whatever happened."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix=prefix, dir="/run")
+    try:
+        if _libc.mount(b"bpf", root.encode(), b"bpf", 0, None) != 0:
+            raise KernelError(f"cannot mount bpffs at {root}: {os.strerror(ct.get_errno())}")
+        yield root
+    finally:
+        _libc.umount2(root.encode(), MNT_DETACH)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def lock(pin_dir: str) -> Iterator[None]:
     """Serialise writers of one instance: an exclusive flock on its pin directory."""
