@@ -692,22 +692,9 @@ def selected(routers: list[Router], only: set[str] | None) -> list[Router]:
 
 
 def prog_stats(ids: list[int]) -> tuple[int, int]:
-    """Summed (run_time_ns, run_cnt) of the programs with these ids."""
-    lib = kernel._libbpf   # noqa: SLF001
-    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
-    ns = cnt = 0
-    for pid in ids:
-        fd = lib.bpf_prog_get_fd_by_id(pid)
-        if fd < 0:
-            continue
-        try:
-            info = kernel.ProgInfo()
-            size = ct.c_uint32(ct.sizeof(info))
-            if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) == 0:
-                ns, cnt = ns + info.run_time_ns, cnt + info.run_cnt
-        finally:
-            os.close(fd)
-    return ns, cnt
+    """Summed (run_time_ns, run_cnt) of the programs with these ids (still loaded)."""
+    stats = [s for s in map(kernel.prog_run_stats, ids) if s]
+    return sum(s[0] for s in stats), sum(s[1] for s in stats)
 
 
 @contextlib.contextmanager

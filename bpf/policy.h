@@ -293,7 +293,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 {
 	struct xz_lpm_key key = { .prefixlen = 128 };
 	int gen = csam & XZ_CSAM_GEN;
-	__u32 zero = 0, look, g = gen;
+	__u32 zero = 0, look, g = gen;   /* g: the generation, as a key of the by-generation arrays */
 	__u8 *hit;
 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))

@@ -599,3 +599,11 @@ def test_map_lookups_are_inlined(dp, hook):
         calls = helper_calls(dp.fds[(hook, role)])
         assert ("__htab_map_lookup_elem", "xz_csam_h0") in calls   # the check reads calls
         assert [c for c in calls if c[0] == "bpf_map_lookup_elem"] == []
+
+
+def test_prog_run_stats_by_id(dp):
+    """The run counters of a loaded program, found by its kernel id (bench_fwd's ns/packet);
+    None for an id no program has."""
+    stats = kernel.prog_run_stats(kernel.prog_id(dp.fds[("xdp", "access")]))
+    assert stats is not None and all(isinstance(v, int) and v >= 0 for v in stats)
+    assert kernel.prog_run_stats(0x7FFF_FFFF) is None

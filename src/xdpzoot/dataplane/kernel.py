@@ -15,8 +15,10 @@ import hashlib
 import mmap
 import os
 import re
+import shutil
 import struct
 import sys
+import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -223,6 +225,19 @@ def map_name_of_id(map_id: int) -> str:
         size = ct.c_uint32(ct.sizeof(info))
         _check(_libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "map info")
         return info.name.decode()
+    finally:
+        os.close(fd)
+
+
+def prog_run_stats(prog_id: int) -> tuple[int, int] | None:
+    """(run_time_ns, run_cnt) of the program with kernel id ``prog_id`` (the kernel counts
+    them while kernel.bpf_stats_enabled is on); None when no such program is loaded."""
+    fd = _libbpf.bpf_prog_get_fd_by_id(ct.c_uint32(prog_id))
+    if fd < 0:
+        return None
+    try:
+        info = _prog_info(fd)
+        return info.run_time_ns, info.run_cnt
     finally:
         os.close(fd)
 
@@ -934,9 +949,6 @@ def scratch_bpffs(prefix: str) -> Iterator[str]:
     """A BPF filesystem of its own for tests and benchmarks: mounted on a new directory
     under /run (in this mount namespace, outside /sys, so that `ip netns exec` sees it),
     lazily unmounted and removed at the end, whatever happened."""
-    import shutil
-    import tempfile
-
     root = tempfile.mkdtemp(prefix=prefix, dir="/run")
     try:
         if _libc.mount(b"bpf", root.encode(), b"bpf", 0, None) != 0:
