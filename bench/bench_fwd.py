@@ -49,7 +49,8 @@ move with whatever else the machine runs.
 
 Usage: bench_fwd.py [--json] [--quick] [--csam N] [--pools N] [--statics N]
                     [--seconds S] [--rates 250k,500k,...,0] [--only NAME,...] [--no-rt]
-                    [--syn-percent P] [--rounds N] [--xdpzoot-extra TOML]
+                    [--syn-percent P] [--rounds N] [--mixes forward,drop]
+                    [--xdpzoot-extra TOML]
 Examples: make bench-fwd BENCH_ARGS="--quick --only plain,xdpzoot-xdp"
           make bench-fwd BENCH_ARGS="--rounds 3 --syn-percent 2 --only plain,xdpzoot-xdp"
 """
@@ -605,7 +606,7 @@ mode = "native"
 
 [sources]
 subscribers = "{subs}"
-csam = "{csam}"
+{csam}
 
 [limits]
 pool_addresses = {pool_addrs}   # every pool address may send to port 25 (the drop mix)
@@ -628,7 +629,8 @@ class Xdpzoot(Router):
         extra = ("\n[dataplane]\nfast_path = true\n" if fast_path else "") + env.xdpzoot_extra
         self.config.write_text(XDPZOOT_CONFIG.format(
             rin=self.t.rin, rout=self.t.rout, hook=hook, subs=env.subs_file,
-            csam=env.csam_file, pool_addrs=1024 * len(env.ds.pools), extra=extra))
+            csam=f'csam = "{env.csam_file}"' if with_list else "# no list: attach loads one",
+            pool_addrs=1024 * len(env.ds.pools), extra=extra))
         self.attached = False
 
     def cli(self, *args: str, check: bool = True, timeout: float = 300
@@ -815,7 +817,8 @@ def run(args: argparse.Namespace) -> dict:
                             "frame_bytes": FRAME_LEN, "generator_cpu": GEN_CPU,
                             "router_cpu": ROUTER_CPU, "realtime": not args.no_rt,
                             "xdpzoot_extra": args.xdpzoot_extra,
-                            "syn_percent": args.syn_percent, "rounds": args.rounds},
+                            "syn_percent": args.syn_percent, "rounds": args.rounds,
+                            "mixes": list(args.mixes)},
                  "routers": []}
     tag = "xzfb" + secrets.token_hex(2)
     topo: Topo | None = None
@@ -845,7 +848,8 @@ def run(args: argparse.Namespace) -> dict:
                     log(f"round {k + 1} of {args.rounds}")
                 for router in routers:
                     doc["routers"].append(run_router(router, traffic, rates, seconds,
-                                                     not args.no_rt) | {"round": k + 1})
+                                                     not args.no_rt, args.mixes)
+                                          | {"round": k + 1})
         finally:
             if topo is not None:
                 topo_down(topo)
@@ -854,8 +858,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds: float,
-               realtime: bool) -> dict:
-    """Set one router up, run both mixes, tear it down; a router that cannot be set up is
+               realtime: bool, mixes: tuple[str, ...] = tuple(MIX_IDS)) -> dict:
+    """Set one router up, run the mixes, tear it down; a router that cannot be set up is
     reported with the reason (the fast path before that feature exists: config refused)."""
     out: dict = {"name": router.name, "label": router.label}
     log(f"{router.name}: setting up ...")
@@ -880,7 +884,7 @@ def run_router(router: Router, traffic: Traffic, rates: tuple[int, ...], seconds
         log(f"  {out['napi']}")
         out["status"] = "ok"
         out["mixes"] = {mix: ladder(router, traffic, mix, rates, seconds, realtime)
-                        for mix in MIX_IDS}
+                        for mix in mixes}
     finally:
         router.teardown()
     return out
@@ -902,11 +906,13 @@ def table(doc: dict) -> str:
             continue
 
         def kpps(mix: str, ok=ok) -> str:
+            if mix not in ok[0]["mixes"]:
+                return "-"
             return " / ".join(f"{r['mixes'][mix]['best']['processed_pps'] / 1000:,.0f}"
                               for r in ok)
 
         def ns(mix: str, ok=ok) -> str:
-            v = [r["mixes"][mix]["ns_per_packet"] for r in ok]
+            v = [r["mixes"][mix]["ns_per_packet"] if mix in r["mixes"] else None for r in ok]
             return "-" if None in v else " / ".join(f"{x:.0f}" for x in v)
 
         def ratio(mix: str, name=name) -> str:
@@ -988,6 +994,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int,
                    help="run the routers in turn this many times (default 3, --quick 1); "
                         "ratios to plain forwarding per round and their median")
+    p.add_argument("--mixes", type=lambda s: tuple(s.split(",")), default=tuple(MIX_IDS),
+                   help="the mixes to run: forward,drop (both, the default), or one of them")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
                         "xdpzoot-fast (all of these by default), xdpzoot-xdp-nolist (no CSAM "
@@ -1000,6 +1008,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--csam: 1..2000000")
     if not 0 <= args.syn_percent <= 100:
         p.error("--syn-percent: 0..100")
+    if not args.mixes or not set(args.mixes) <= set(MIX_IDS):
+        p.error("--mixes: forward, drop or forward,drop")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if not 1 <= args.rounds <= 10:

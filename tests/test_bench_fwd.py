@@ -165,14 +165,17 @@ def test_arguments_are_checked():
     a = bf.parse_args(["--rounds", "3", "--syn-percent", "2.5"])
     assert (a.rounds, a.syn_percent) == (3, 2.5)
     assert (bf.parse_args([]).rounds, bf.parse_args(["--quick"]).rounds) == (3, 1)
-    for bad in (["--rounds", "0"], ["--syn-percent", "101"]):
+    assert bf.parse_args([]).mixes == ("forward", "drop")
+    assert bf.parse_args(["--mixes", "forward"]).mixes == ("forward",)
+    for bad in (["--rounds", "0"], ["--syn-percent", "101"], ["--mixes", "fwd"]):
         with pytest.raises(SystemExit):
             bf.parse_args(bad)
 
 
 def test_routers_by_default_and_by_name(tmp_path):
     """Every router an operator compares runs by default; the breakdown's extra (xdpzoot
-    without a list) only when named, and then it loads no list."""
+    without a list) only when named, and then it loads no list: its config names none
+    (attach loads the config's list)."""
     env = bf.Env(bf.Topo("t", "g", "r", "s", "a", "b", "c", "d"), bf.make_dataset(2, 2, 10),
                  None, tmp_path, str(tmp_path), tmp_path / "s.csv", tmp_path / "c.txt")
     routers = bf.make_routers(env)
@@ -182,3 +185,6 @@ def test_routers_by_default_and_by_name(tmp_path):
     assert [r.name for r in bf.selected(routers, {"plain", "xdp-floor"})] == [
         "plain", "xdp-floor"]
     assert (nolist.hook, nolist.fast_path, nolist.with_list) == ("xdp", False, False)
+    assert "csam =" not in nolist.config.read_text()
+    (with_list,) = bf.selected(routers, {"xdpzoot-xdp"})
+    assert f'csam = "{tmp_path / "c.txt"}"' in with_list.config.read_text()
