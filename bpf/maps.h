@@ -34,8 +34,8 @@ XZ_MAP("array", __u32, struct xz_sub_idx, xz_sub_idx, (1 << 24) / XZ_IDX_LANES, 
 XZ_MAP("array", __u32, struct xz_class, xz_uniform, XZ_MAX_UNIFORM, 0);
 /* /24s with a few host entries that xz_sub_idx points at (struct xz_sub_hosted). cp writes. */
 XZ_MAP("array", __u32, struct xz_sub_hosted, xz_sub_hosted, XZ_MAX_HOSTED, BPF_F_MMAPABLE);
-/* IPv6 host entries by /64 (struct xz_v6_filter). cp writes, through a mapping of its memory. */
-XZ_MAP("array", __u32, struct xz_v6_filter, xz_sub_v6, 1, BPF_F_MMAPABLE);
+/* IPv6 host entries by /64 (struct xz_filter). cp writes, through a mapping of its memory. */
+XZ_MAP("array", __u32, struct xz_filter, xz_sub_v6, 1, BPF_F_MMAPABLE);
 /* The IPv6 entries of xz_prefixes again, by exact key (struct xz_lpm_key, masked). cp
  * writes (with every write of the trie). */
 XZ_MAP("hash", struct xz_lpm_key, struct xz_class, xz_prefixes6, XZ_MAX_PREFIXES,
@@ -66,8 +66,9 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l, 2 << XZ_CSAM_LINE_BITS, B
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n, 2 << XZ_CSAM_NET_BITS, BPF_F_MMAPABLE);
 /* By generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_dir, xz_csam_d, 2, 0);
-/* By generation: its IPv6 filter (struct xz_v6_filter), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_v6_filter, xz_csam_f, 2, 0);
+/* By generation: its filters (struct xz_filter), IPv6 (index gen) and IPv4 /24s (index
+ * 2 + gen), written with it. cp writes. */
+XZ_MAP("array", __u32, struct xz_filter, xz_csam_f, 4, 0);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

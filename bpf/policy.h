@@ -64,17 +64,25 @@ static __always_inline __u32 xz_uniform_index(struct xz_addr *a)
 	return h->idx;
 }
 
-/* Whether IPv6 filter ``f`` (struct xz_v6_filter) has address ``a`` looked up: 1 where its
- * bit is set, or the filter is off or absent; 0 where nothing lies. Without a branch. */
-static __always_inline __u32 xz_v6_filter_passes(struct xz_v6_filter *f, struct xz_addr *a)
+/* Whether filter ``f`` (struct xz_filter) has key ``w`` looked up: 1 where its bit is set,
+ * or the filter is off or absent; 0 where nothing lies. Without a branch. */
+static __always_inline __u32 xz_filter_passes(struct xz_filter *f, __u64 w)
 {
-	__u64 w, h;
+	__u64 h;
 
 	if (!f)
 		return 1;
-	__builtin_memcpy(&w, a->addr, 8);
-	h = ((w & f->mask) * XZ_V6_FILTER_MUL) >> (64 - XZ_V6_FILTER_BITS);
+	h = ((w & f->mask) * XZ_FILTER_MUL) >> (64 - XZ_FILTER_BITS);
 	return (__u32)(((f->bits[h >> 6] >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
+}
+
+/* The same for an IPv6 filter and address ``a`` (its first 8 bytes, the key). */
+static __always_inline __u32 xz_v6_filter_passes(struct xz_filter *f, struct xz_addr *a)
+{
+	__u64 w;
+
+	__builtin_memcpy(&w, a->addr, 8);
+	return xz_filter_passes(f, w);
 }
 
 /* 1 when ``a`` is an IPv4 address mapped into ::ffff:0:0/96 (in an IPv6 header too), else
@@ -281,9 +289,9 @@ static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i,
 	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask further */
 }
 
-/* Is the address on the CSAM list in force? The generation's directory (IPv4: its /24's
- * state; IPv6: its filter) answers for most addresses on its own (nothing listed, or for
- * IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
+/* Is the address on the CSAM list in force? The generation's filter (IPv4: its /24's bit,
+ * then where that is set the /24's state in the directory; IPv6: its filter) answers for
+ * most addresses on its own (nothing listed, or for IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
  * line says so), then the prefix (for IPv4 its /24's net line, and the trie only where
  * that line says so). A kind of entry the list does not have is not looked up. (The net
  * line before the hosts' made 6.18's verifier walk 675k instructions of xz_xdp_access
@@ -298,14 +306,22 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
 		return 0;   /* no list in force (or an empty one): nothing to look up */
-	if (family == 4) {
+	if (family == 4) {   /* the /24's bit in the filter, then its byte of the directory */
+		struct xz_filter *f4;
 		struct xz_dir *d;
 
-		d = xz_csam_d.lookup(&g);
-		XZ_OWN_SITE(d);
-		look = xz_dir_state(d, a);
+		g = gen + 2;   /* (the same key slot: one of its own cost the verifier 80k more steps) */
+		f4 = xz_csam_f.lookup(&g);
+		XZ_OWN_SITE(f4);
+		g = gen;
+		look = XZ_CSAM_DIR_NONE;
+		if (xz_filter_passes(f4, xz_slash24(a))) {
+			d = xz_csam_d.lookup(&g);
+			XZ_OWN_SITE(d);
+			look = xz_dir_state(d, a);
+		}
 	} else {   /* NONE where nothing lies, else LOOK (0) */
-		struct xz_v6_filter *f;
+		struct xz_filter *f;
 
 		f = xz_csam_f.lookup(&g);
 		XZ_OWN_SITE(f);

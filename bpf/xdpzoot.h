@@ -109,22 +109,26 @@ struct xz_sub_hosted {
 #define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
 #define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
 /*
- * An IPv6 filter: bit h of ``bits`` is set where an entry lies whose first ``plen`` bits
- * hash to h (plen at most 64: an address counts by its /64). An entry covering an address
- * has the same first ``plen`` bits, so a clear bit says that nothing there: no lookup. The
- * hash: the address's first 8 bytes as a native word, AND ``mask`` (the first ``plen`` bits
- * set, in memory order), times XZ_V6_FILTER_MUL, the top XZ_V6_FILTER_BITS bits. on = 0:
- * not exact (never written, or a change it could not follow): look everything up.
- * Two kinds: the CSAM list's, per generation (plen: its shortest IPv6 entry), and the
- * subscribers' host entries' (plen 64; a bit set before its entry is written).
+ * A filter: bit h of ``bits`` is set where an entry may lie whose key hashes to h; a clear
+ * bit says that nothing lies there: no lookup. The hash: the key as a native word, AND
+ * ``mask``, times XZ_FILTER_MUL, the top XZ_FILTER_BITS bits. on = 0: not exact (never
+ * written, or a change it could not follow): look everything up. Three kinds:
+ * - IPv6 (the key: an address's first 8 bytes; ``mask``: its first ``plen`` bits, plen at
+ *   most 64, in memory order; an entry covering an address has the same first ``plen``
+ *   bits): the CSAM list's, per generation (plen: its shortest IPv6 entry), and the
+ *   subscribers' host entries' (plen 64; a bit set before its entry is written);
+ * - IPv4 /24s, the CSAM list's, per generation (the key: the /24 number, an address's top
+ *   24 bits; ``mask`` all ones, plen 24): set for every /24 its directory does not say
+ *   XZ_CSAM_DIR_NONE of, in front of that 4 MiB directory. 128 KiB stay in the CPU's cache
+ *   where a random destination's byte of the directory misses it (and its page's TLB entry).
  */
-#define XZ_V6_FILTER_BITS 20       /* 2^20 bits, 128 KiB */
-#define XZ_V6_FILTER_MUL 0x9e3779b97f4a7c15ULL
-struct xz_v6_filter {
+#define XZ_FILTER_BITS 20          /* 2^20 bits, 128 KiB */
+#define XZ_FILTER_MUL 0x9e3779b97f4a7c15ULL
+struct xz_filter {
 	__u32 on;
 	__u32 plen;
 	__u64 mask;
-	__u64 bits[1 << (XZ_V6_FILTER_BITS - 6)];
+	__u64 bits[1 << (XZ_FILTER_BITS - 6)];
 };
 /*
  * IPv6 subscriber prefixes, also in a hash by length (xz_prefixes6, the trie's keys and

@@ -93,7 +93,7 @@ class Dataplane:
             t.update(layout.ZERO_KEY, bytes(t.value_size))
         for g in (0, 1):
             m.write_csam_dir(g, bytes(m.csam_dirs.value_size))
-            m.write_csam_v6(g, bytes(m.csam_v6.value_size))
+            m.write_csam_v6(g, bytes(m.csam_filters.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()
 

@@ -263,7 +263,7 @@ def wipe(m: kernel.Maps) -> None:
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
         m.write_csam_dir(g, bytes(dirs.BYTES))
-        m.write_csam_v6(g, bytes(dirs.V6_BYTES))
+        m.write_csam_v6(g, bytes(dirs.FILTER_BYTES))
     m.set_word(0)
 
 
@@ -281,7 +281,7 @@ def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
         m.write_csam_dir(gen, bytes(dirs.BYTES))
-        m.write_csam_v6(gen, bytes(dirs.V6_BYTES))
+        m.write_csam_v6(gen, bytes(dirs.FILTER_BYTES))
 
 
 def _has(trie, key: bytes) -> bool:

@@ -216,7 +216,9 @@ def agree_through_loads(dp, cmaps, steps, probe: Callable, source: str) -> None:
         blocklist.load(cmaps, text_of(hosts, prefixes) + b"# " + str(len(steps)).encode())
         _, word = cmaps.word()
         f = bytes(cmaps.read_csam_v6(word & dirs.C["XZ_CSAM_GEN"]))
-        assert dirs.V6_HEAD.unpack_from(f)[0] == 1   # on: the lookups it spares are spared
+        assert dirs.FILTER_HEAD.unpack_from(f)[0] == 1   # on: the lookups it spares are spared
+        f4 = bytes(cmaps.read_csam_v4(word & dirs.C["XZ_CSAM_GEN"]))
+        assert dirs.FILTER_HEAD.unpack_from(f4)[0] == 1   # so is the IPv4 /24 filter
         for a in probe(hosts, prefixes):
             p = Packet("access", source, str(tables.ip_of(a)), TCP, 40000, 443)
             check(dp, p, *(("drop", "csam") if listed(hosts, prefixes, a)
@@ -423,10 +425,10 @@ def test_ipv6_host_entries_go_through_the_filter(dp):
 
     def bit() -> int:
         h = dirs.sub_v6_bit(host)
-        return m.sub_v6_words[dirs.V6_HEAD_WORDS + (h >> 6)] >> (h & 63) & 1
+        return m.sub_v6_words[dirs.FILTER_HEAD_WORDS + (h >> 6)] >> (h & 63) & 1
 
     def on() -> int:
-        return dirs.V6_HEAD.unpack_from(m.sub_v6_map.lookup_into(layout.ZERO_KEY))[0]
+        return dirs.FILTER_HEAD.unpack_from(m.sub_v6_map.lookup_into(layout.ZERO_KEY))[0]
 
     assert on() == 1 and not bit()
     verdict(host_ip, False)
@@ -680,7 +682,76 @@ def test_line_of_is_the_programs_hash():
     assert dirs.line_of(words, 1 << 17).tolist() == [(w * 2654435761 % (1 << 32)) >> 15]
 
 
-# ---- the CSAM list's IPv6 filter (struct xz_v6_filter) -------------------------------------
+# ---- the CSAM list's IPv4 /24 filter (struct xz_filter, made from its directory) -------
+
+
+def v4_filter_passes(f: bytes, i: int) -> bool:
+    """Whether the IPv4 filter lets /24 number ``i`` be looked up in the directory."""
+    on = dirs.FILTER_HEAD.unpack_from(f)[0]
+    h = dirs.v4_bit(i)
+    word = int.from_bytes(f[dirs.FILTER_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
+    return not on or bool(word >> (h & 63) & 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lst=lists())
+def test_csam_v4_filter_passes_every_slash24_the_directory_looks_at(lst):
+    hosts, prefixes = lst
+    d, _ = dirs.csam(hosts, prefixes)
+    f = dirs.csam_v4(d)
+    assert len(f) == dirs.FILTER_BYTES
+    assert dirs.FILTER_HEAD.unpack_from(f) == (1, 24, (1 << 64) - 1)
+    for a in probes(hosts, prefixes):
+        i = dirs.slash24(a)
+        if listed(hosts, prefixes, a):
+            assert dirs.get(d, i) != dirs.NONE
+        if dirs.get(d, i) != dirs.NONE:
+            assert v4_filter_passes(f, i)
+    # and a clear bit for most /24s the directory says nothing of
+    nothing = [i for i in range(0, 1 << 24, 4099) if dirs.get(d, i) == dirs.NONE]
+    assert sum(v4_filter_passes(f, i) for i in nothing) <= len(nothing) // 4
+
+
+def test_csam_v4_filter_is_off_where_it_would_spare_little():
+    """Off (zeros: the directory answers every /24) for a directory never written, and
+    for one with more /24s to look at than the filter has bits."""
+    assert dirs.csam_v4(bytes(dirs.BYTES)) == bytes(dirs.FILTER_BYTES)
+    states = np.full(1 << 24, dirs.NONE, dtype=np.uint8)
+    states[:(1 << dirs.FILTER_BITS) + 1] = dirs.HOSTS
+    assert dirs.csam_v4(dirs._pack(states)) == bytes(dirs.FILTER_BYTES)
+    states[0] = dirs.NONE
+    assert dirs.FILTER_HEAD.unpack_from(dirs.csam_v4(dirs._pack(states)))[0] == 1
+
+
+def test_the_ipv4_filter_answers_before_the_directory(dp, cmaps):
+    """A /24 that the directory sends to the hash but the filter does not (written behind
+    the load's back) passes: the filter answered. Written as loads write it (the directory
+    with its filter), the address is found; so it is with the filter off."""
+    dp.reset()
+    cmaps.set_word(0)
+    blocklist.load(cmaps, b"203.0.113.7\n")
+    _, word = cmaps.word()
+    gen = word & dirs.C["XZ_CSAM_GEN"]
+    other = addr16("198.51.100.99")
+    i = dirs.slash24(other)
+    assert v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), dirs.slash24(addr16("203.0.113.7")))
+    assert not v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), i)
+    d = cmaps.read_csam_dir(gen)
+    dirs.put(d, i, dirs.LOOK)
+    cmaps.csam_dirs.update(gen.to_bytes(4, sys.byteorder), d)   # the directory alone
+    cmaps.csam_hosts[gen].update(other, b"\x01")
+    cmaps.set_word(word & ~dirs.C["XZ_CSAM_LINED"])   # the hash, not the lines, holds it
+    p = Packet("access", "100.64.0.5", "198.51.100.99", TCP, 40000, 443)
+    check(dp, p, "pass", "unknown")
+    cmaps.write_csam_dir(gen, d)   # with its filter, made from it
+    assert v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), i)
+    check(dp, p, "drop", "csam")
+    cmaps.csam_filters.update((2 + gen).to_bytes(4, sys.byteorder), bytes(dirs.FILTER_BYTES))
+    check(dp, p, "drop", "csam")
+    dp.reset()
+
+
+# ---- the CSAM list's IPv6 filter (struct xz_filter) -------------------------------------
 
 BASES6 = ("2001:db8::", "2001:db8:ff00::", "2001:db8:1:2::")
 SOURCE6 = "2001:db8:eeee::5"   # the packets' source: no subscriber
@@ -717,9 +788,9 @@ def probes6(hosts, prefixes) -> list[bytes]:
 
 def filter_passes(f: bytes, a: bytes) -> bool:
     """Whether the filter lets the lookups of ``a`` happen (a set bit, or off)."""
-    on, _, mask = dirs.V6_HEAD.unpack_from(f)
+    on, _, mask = dirs.FILTER_HEAD.unpack_from(f)
     h = dirs.v6_bit(a, mask)
-    word = int.from_bytes(f[dirs.V6_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
+    word = int.from_bytes(f[dirs.FILTER_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
     return not on or bool(word >> (h & 63) & 1)
 
 
@@ -728,15 +799,15 @@ def filter_passes(f: bytes, a: bytes) -> bool:
 def test_csam_v6_filter_passes_every_listed_address(lst, v4):
     hosts, prefixes = lst
     _, f = dirs.csam(hosts | v4[0], prefixes | v4[1])   # IPv4 entries play no part
-    assert len(f) == dirs.V6_BYTES
-    on, plen, _ = dirs.V6_HEAD.unpack_from(f)
+    assert len(f) == dirs.FILTER_BYTES
+    on, plen, _ = dirs.FILTER_HEAD.unpack_from(f)
     assert (on, plen) == (1, min([64, *(p for p, _ in prefixes)]))
     assert f == dirs.csam(hosts, prefixes)[1]
     for a in probes6(hosts, prefixes):
         if listed(hosts, prefixes, a):
             assert filter_passes(f, a)
     # a filter of zeros is off: everything is looked up
-    assert filter_passes(bytes(dirs.V6_BYTES), near6(BASES6[0], 1))
+    assert filter_passes(bytes(dirs.FILTER_BYTES), near6(BASES6[0], 1))
 
 
 @settings(max_examples=100, deadline=None)
@@ -748,14 +819,14 @@ def test_csam_v6_filter_follows_additions_or_says_it_cannot(old, new):
     shortest = min([64, *(p for p, _ in new[1])])
     holds = old[0] or old[1]
     if dirs.csam_v6_add(f, added):
-        assert not (holds and shortest < dirs.V6_HEAD.unpack_from(before)[1])
+        assert not (holds and shortest < dirs.FILTER_HEAD.unpack_from(before)[1])
         hosts, prefixes = old[0] | new[0], old[1] | new[1]
         for a in probes6(hosts, prefixes):
             if listed(hosts, prefixes, a):
                 assert filter_passes(bytes(f), a)
     else:
         assert holds and bytes(f) == before
-    assert not dirs.csam_v6_add(bytearray(dirs.V6_BYTES), added)   # off stays off
+    assert not dirs.csam_v6_add(bytearray(dirs.FILTER_BYTES), added)   # off stays off
 
 
 @settings(max_examples=20, deadline=None,
@@ -781,6 +852,6 @@ def test_the_ipv6_filter_answers_for_what_it_does_not_hold(dp, cmaps):
     cmaps.csam_hosts[gen].update(other, b"\x01")
     p = Packet("access", SOURCE6, "2001:db8:1:2::99", TCP, 40000, 443)
     check(dp, p, "pass", "unknown")
-    cmaps.write_csam_v6(gen, bytes(dirs.V6_BYTES))
+    cmaps.write_csam_v6(gen, bytes(dirs.FILTER_BYTES))
     check(dp, p, "drop", "csam")
     dp.reset()

@@ -127,7 +127,7 @@ def reset_csam(pin: str) -> None:
         for g in (0, 1):
             m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
             m.write_csam_dir(g, bytes(m.csam_dirs.value_size))
-            m.write_csam_v6(g, bytes(dirs.V6_BYTES))
+            m.write_csam_v6(g, bytes(dirs.FILTER_BYTES))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(m.text_path(g))
         m.set_word(0)

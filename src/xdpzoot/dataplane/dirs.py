@@ -1,7 +1,9 @@
 """IPv4 /24 directories (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for every IPv4 /24
-that tell the data plane which lookups can find anything for an address there; and IPv6
-filters (``struct xz_v6_filter``), a bit per hash of a /64 (or shorter), the CSAM list's
-and the subscriber host entries'.
+that tell the data plane which lookups can find anything for an address there; and
+filters (``struct xz_filter``): IPv6, a bit per hash of a /64 (or shorter), the CSAM
+list's and the subscriber host entries'; IPv4, the CSAM list's, a bit per hash of a /24,
+in front of its directory (128 KiB that stay in the cache, where a random destination's
+byte of the 4 MiB directory misses it).
 
 Production traffic goes to a different, random address on nearly every packet, and every
 step of a hash or trie walk then misses the CPU cache. A directory answers most packets
@@ -155,18 +157,19 @@ def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
     return lost
 
 
-# ---- IPv6 filters (struct xz_v6_filter) ----------------------------------------------------
-# One bit for each hash of an address's first ``plen`` bits (at most /64): a clear bit,
-# no entry covers the address. As the programs compute it: the first 8 bytes as a native
-# word, AND the mask, times the multiplier, the top XZ_V6_FILTER_BITS bits; bit h is bit
-# h % 64 of native word h // 64. The CSAM list's ``plen`` is its shortest IPv6 entry's; the
-# subscriber host entries' is 64.
+# ---- filters (struct xz_filter) ------------------------------------------------------------
+# IPv6: one bit for each hash of an address's first ``plen`` bits (at most /64): a clear
+# bit, no entry covers the address. As the programs compute it: the first 8 bytes as a
+# native word, AND the mask, times the multiplier, the top XZ_FILTER_BITS bits; bit h is
+# bit h % 64 of native word h // 64. The CSAM list's ``plen`` is its shortest IPv6 entry's;
+# the subscriber host entries' is 64. IPv4 (the CSAM list's, made from its directory): the
+# same hash of the /24 number.
 
-V6_BITS, V6_MUL = C["XZ_V6_FILTER_BITS"], C["XZ_V6_FILTER_MUL"]
-V6_HEAD = struct.Struct("=IIQ")            # on, plen, mask
-V6_HEAD_WORDS = V6_HEAD.size // 8
-V6_WORDS = 1 << (V6_BITS - 6)
-V6_BYTES = V6_HEAD.size + 8 * V6_WORDS
+FILTER_BITS, FILTER_MUL = C["XZ_FILTER_BITS"], C["XZ_FILTER_MUL"]
+FILTER_HEAD = struct.Struct("=IIQ")            # on, plen, mask
+FILTER_HEAD_WORDS = FILTER_HEAD.size // 8
+FILTER_WORDS = 1 << (FILTER_BITS - 6)
+FILTER_BYTES = FILTER_HEAD.size + 8 * FILTER_WORDS
 V6_MAX_PLEN = 64                           # an address counts by its /64
 
 
@@ -178,16 +181,16 @@ def v6_mask(plen: int) -> int:
 def v6_bit(addr: bytes, mask: int) -> int:
     """The filter's bit for a 16-byte address, under ``mask``."""
     w = int.from_bytes(addr[:8], sys.byteorder) & mask
-    return (w * V6_MUL) % (1 << 64) >> (64 - V6_BITS)
+    return (w * FILTER_MUL) % (1 << 64) >> (64 - FILTER_BITS)
 
 
 def _v6_words(raw: np.ndarray, mask: int) -> np.ndarray:
     """The bits of a filter (as its native words) for rows of IPv6 addresses."""
     import numpy as np
 
-    words = np.zeros(V6_WORDS, dtype=np.uint64)
+    words = np.zeros(FILTER_WORDS, dtype=np.uint64)
     w = np.ascontiguousarray(raw[:, :8]).view(np.uint64).ravel()
-    h = ((w & np.uint64(mask)) * np.uint64(V6_MUL)) >> np.uint64(64 - V6_BITS)
+    h = ((w & np.uint64(mask)) * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
     np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
     return words
 
@@ -196,7 +199,36 @@ def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
     """The exact filter of IPv6 entries: their rows and lengths (its ``plen``: the
     shortest, at most 64)."""
     plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
-    return V6_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
+    return FILTER_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
+
+
+def csam_v4(d: bytes | bytearray) -> bytes:
+    """The IPv4 /24 filter of a CSAM directory: a bit for each /24 it does not say NONE of
+    (the key: the /24 number, mask all ones). Off (zeros: every /24 looked up in the
+    directory) when more /24s than the filter has bits are not NONE: mostly ones, it would
+    spare few lookups; and so for a directory of zeros, never written."""
+    import numpy as np
+
+    b = np.frombuffer(d, dtype=np.uint8)
+    at = np.flatnonzero(b != NONE * 0x55)   # bytes (four /24s each) with one not NONE
+    if len(at) > 1 << FILTER_BITS:
+        return bytes(FILTER_BYTES)
+    v = b[at]
+    states = np.stack([v & 3, v >> 2 & 3, v >> 4 & 3, v >> 6 & 3], axis=1)
+    row, lane = np.nonzero(states != NONE)
+    if len(row) > 1 << FILTER_BITS:
+        return bytes(FILTER_BYTES)
+    n = at[row].astype(np.uint64) << np.uint64(2) | lane.astype(np.uint64)
+    h = (n * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
+    bits = np.zeros(1 << FILTER_BITS, dtype=bool)
+    bits[h] = True
+    return (FILTER_HEAD.pack(1, 24, (1 << 64) - 1)
+            + np.packbits(bits, bitorder="little").tobytes())
+
+
+def v4_bit(i: int) -> int:
+    """The IPv4 /24 filter's bit for /24 number ``i``."""
+    return (i * FILTER_MUL) % (1 << 64) >> (64 - FILTER_BITS)
 
 
 def sub_v6_bit(addr: bytes) -> int:
@@ -209,15 +241,15 @@ def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
     cannot follow: it is off, or an IPv6 entry is shorter than its length while it holds
     any (an empty filter takes the new length). A removed entry leaves its bit, which may
     be another's too: a stale bit costs a lookup, never a miss."""
-    on, plen, mask = V6_HEAD.unpack_from(f)
-    words = memoryview(f)[V6_HEAD.size:].cast("Q")
+    on, plen, mask = FILTER_HEAD.unpack_from(f)
+    words = memoryview(f)[FILTER_HEAD.size:].cast("Q")
     v6 = [(p, a) for p, a in added if a[:12] != V4MAPPED]
     shortest = min([V6_MAX_PLEN, *(p for p, _ in v6)])
     if not on or (shortest < plen and any(words)):
         return False
     if shortest < plen:
         plen, mask = shortest, v6_mask(shortest)
-        V6_HEAD.pack_into(f, 0, on, plen, mask)
+        FILTER_HEAD.pack_into(f, 0, on, plen, mask)
     for _, a in v6:
         h = v6_bit(a, mask)
         words[h >> 6] |= 1 << (h & 63)

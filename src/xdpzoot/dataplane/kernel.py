@@ -1170,6 +1170,7 @@ class Maps:
         self.guard: Callable[[], None] | None = None
         self._open: dict[str, PinnedMap] = {}
         self._uniform_off = False   # inside uniform_off: writes leave the class index be
+        self._v4: tuple[bytes, bytes] | None = None   # (a directory, its IPv4 filter)
 
     def map(self, name: str) -> PinnedMap:
         """The map pinned as ``name``, opened on first use."""
@@ -1227,7 +1228,7 @@ class Maps:
 
     @functools.cached_property
     def sub_v6_words(self) -> memoryview:
-        """xz_sub_v6 (struct xz_v6_filter), mapped: its header (dirs.V6_HEAD_WORDS words:
+        """xz_sub_v6 (struct xz_filter), mapped: its header (dirs.FILTER_HEAD_WORDS words:
         ``on`` in the low half of word 0), then the bits."""
         return self.sub_v6_map.view("Q")
 
@@ -1247,7 +1248,7 @@ class Maps:
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
     csam_dirs = property(lambda self: self.map("xz_csam_d"))   # by generation
-    csam_v6 = property(lambda self: self.map("xz_csam_f"))     # by generation
+    csam_filters = property(lambda self: self.map("xz_csam_f"))   # IPv6 by gen, IPv4 2 + gen
     trace_ring = property(lambda self: self.map("xz_trace_ring"))
     trace_state = property(lambda self: self.map("xz_trace_state"))
 
@@ -1344,7 +1345,7 @@ class Maps:
         it is written. A delete leaves the bit (a /64 whose bit is set without a host entry
         is looked up: slower, not wrong) until a whole load (sync.apply_plan) writes the filter
         exact (write_sub_v6)."""
-        q, at = self.sub_v6_words, dirs.V6_HEAD_WORDS
+        q, at = self.sub_v6_words, dirs.FILTER_HEAD_WORDS
         for k in keys:
             if k[:12] != dirs.V4MAPPED:
                 h = dirs.sub_v6_bit(k)
@@ -1356,8 +1357,8 @@ class Maps:
         the old words (or the filter is off) and in the new ones, so a program reading
         while they are written finds it either way."""
         self.check_writer()
-        q, new, at = self.sub_v6_words, memoryview(f).cast("Q"), dirs.V6_HEAD_WORDS
-        q[at:at + dirs.V6_WORDS] = new[at:]
+        q, new, at = self.sub_v6_words, memoryview(f).cast("Q"), dirs.FILTER_HEAD_WORDS
+        q[at:at + dirs.FILTER_WORDS] = new[at:]
         for i in reversed(range(at)):   # the word with ``on`` last
             q[i] = new[i]
 
@@ -1866,14 +1867,25 @@ class Maps:
         return self.csam_dirs.lookup_into(U32.pack(gen))
 
     def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
+        """Write generation ``gen``'s directory and its IPv4 /24 filter, made from it
+        (dirs.csam_v4): the two always agree. (A generation is written while idle. The
+        filter of the last directory written is kept: a load writes the same directory
+        into both generations.)"""
+        if self._v4 is None or self._v4[0] != d:
+            self._v4 = (bytes(d), dirs.csam_v4(d))
+        self.csam_filters.update(U32.pack(2 + gen), self._v4[1])
         self.csam_dirs.update(U32.pack(gen), d)
+
+    def read_csam_v4(self, gen: int) -> bytearray:
+        """Generation ``gen``'s IPv4 /24 filter (written with its directory)."""
+        return self.csam_filters.lookup_into(U32.pack(2 + gen))
 
     def read_csam_v6(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv6 filter (dirs.csam, dirs.csam_v6_add)."""
-        return self.csam_v6.lookup_into(U32.pack(gen))
+        return self.csam_filters.lookup_into(U32.pack(gen))
 
     def write_csam_v6(self, gen: int, f: bytes | bytearray) -> None:
-        self.csam_v6.update(U32.pack(gen), f)
+        self.csam_filters.update(U32.pack(gen), f)
 
     def csam_lines(self, gen: int, kind: str = "l") -> np.ndarray:
         """Generation ``gen``'s lines (its half of xz_csam_l, dirs.lines_*; ``kind`` "n":
