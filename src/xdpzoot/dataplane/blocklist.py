@@ -7,10 +7,11 @@ one, and the generation that was in force, idle now, is brought to the new list 
 Each generation also has an IPv4 /24 directory and an IPv6 filter (dirs.py) that answer
 most packets without the hash or the trie: written whole with a whole list, changed entry
 by entry with a difference (the filter made anew from the generation's keys when an entry
-shorter than all before it comes); and its IPv4 exact addresses again in lines of one
-cache line (dirs.lines_*, written through a mapping of the array), which the programs
-read instead of the hash once the control word says so (``XZ_CSAM_LINED``), and its IPv4
-prefixes /25../31 in net lines by their /24 (``XZ_CSAM_NETS``), read before the trie:
+shorter than all before it comes), with an IPv4 /24 filter in front of the directory that
+Maps.write_csam_dir makes from it at every write; and its IPv4 exact addresses again in
+lines of one cache line (dirs.lines_*, written through a mapping of the array), which the
+programs read instead of the hash once the control word says so (``XZ_CSAM_LINED``), and
+its IPv4 prefixes /25../31 in net lines by their /24 (``XZ_CSAM_NETS``), read before the trie:
 changed with the hash and the trie, or made anew with a whole list when the generation held
 nothing trusted. The
 maps are :class:`kernel.Maps`, without bcc, so that a small change is applied in well
