@@ -1151,6 +1151,9 @@ def test_cli_load_and_status(cli, bpffs, tmp_path, creator):
     assert int(before) - 1 <= st_["loaded"] <= time.time() + 1
     assert (st_["hosts4"], st_["hosts6"], st_["prefixes4"], st_["prefixes6"]) == (2, 1, 1, 1)
     assert st_["hits"] == {"gen0_ipv4": 0, "gen0_ipv6": 0, "gen1_ipv4": 0, "gen1_ipv6": 0}
+    # each family's filter is on, a few bits of its 2^20 set (one per /24 or /64 touched)
+    assert 0 < st_["filter_fill"]["ipv4"] * 2**20 <= 3
+    assert 0 < st_["filter_fill"]["ipv6"] * 2**20 <= 2
 
     again = cli.ok(pin, "blocklist", "load", p)    # the list in force: nothing written
     assert not again["switched"] and (again["added"], again["removed"]) == (0, 0)
@@ -1159,6 +1162,7 @@ def test_cli_load_and_status(cli, bpffs, tmp_path, creator):
     text = cli.run(pin, "blocklist", "status")
     assert text.returncode == 0 and r["sha256"] in text.stdout
     assert max(map(len, text.stdout.splitlines())) < 80
+    assert "filter" in text.stdout and "0.0% set" in text.stdout
     v2 = write_list(tmp_path / "v2.txt", SECRET_LIST_2)
     refused = cli.run(pin, "blocklist", "load", v2)   # 5 entries to 2: more than half gone
     assert refused.returncode == 1 and "2 list entries would replace the 5 in force" in \

@@ -90,7 +90,8 @@ Examples:
 @json_opt
 @click.pass_obj
 def blocklist_status(o: Ctx, as_json) -> None:
-    """The list in force: entries per family and kind, digest, load time, hits."""
+    """The list in force: entries per family and kind, digest, load time, hits, and the
+    share of its filters' bits that are set (the unlisted addresses still looked up)."""
 
     def go():
         st = o.instance().csam_status()
@@ -109,6 +110,9 @@ def blocklist_status(o: Ctx, as_json) -> None:
             h = st["hits"]
             click.echo(f"  {'hits':<10} {h['gen0_ipv4'] + h['gen1_ipv4']:>10} "
                        f"{h['gen0_ipv6'] + h['gen1_ipv6']:>10}")
+            fill = [st["filter_fill"][f] for f in ("ipv4", "ipv6")]
+            click.echo(f"  {'filter':<10} " + " ".join(
+                f"{'off' if x is None else f'{x:.1%} set':>10}" for x in fill))
 
         _emit(as_json, st, text)
 

@@ -322,7 +322,19 @@ def check(maps: Maps, addr16: bytes) -> str | None:
 
 
 def status(maps: Maps) -> dict:
-    """Generation in force, its counts, digest and time; hits. No entry, ever."""
+    """Generation in force, its counts, digest and time; hits; per family, the share of
+    its filter's bits that are set (the share of addresses with nothing listed that are
+    looked up all the same; None: the filter is off, every address is). No entry, ever."""
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
-    return {"generation": gen, **maps.read_meta(gen), "hits": maps.hit_counts()}
+    return {"generation": gen, **maps.read_meta(gen), "hits": maps.hit_counts(),
+            "filter_fill": {"ipv4": filter_fill(maps.read_csam_v4(gen)),
+                            "ipv6": filter_fill(maps.read_csam_v6(gen))}}
+
+
+def filter_fill(f: bytes | bytearray) -> float | None:
+    """The share of a filter's bits (struct xz_filter) that are set; None when it is off."""
+    if not dirs.FILTER_HEAD.unpack_from(f)[0]:
+        return None
+    bits = int.from_bytes(memoryview(f)[dirs.FILTER_HEAD.size:], "little").bit_count()
+    return bits / (1 << dirs.FILTER_BITS)
