@@ -248,6 +248,13 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
  * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
  * was (holding 0): a new slot, or one left holding something else, doubled the paths
  * 6.18's verifier walks through the rest of the pipeline, past its limit. */
+/* The index in xz_csam_l of IPv4 address ``ip``'s line (network order, as in the packet)
+ * in generation ``gen``. */
+static __always_inline __u32 xz_csam_line_of(__u32 ip, int gen)
+{
+	return (__u32)gen << XZ_CSAM_LINE_BITS | (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+}
+
 static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i, const int nets)
 {
 	__u32 ip = *(__u32 *)&a->addr[12], h = bpf_ntohl(ip);
@@ -259,8 +266,7 @@ static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i,
 		     ((h >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
 		l = xz_csam_n.lookup(i);
 	} else {
-		*i = (__u32)gen << XZ_CSAM_LINE_BITS |
-		     (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+		*i = xz_csam_line_of(ip, gen);
 		l = xz_csam_l.lookup(i);
 	}
 	XZ_OWN_SITE(l);
@@ -297,7 +303,7 @@ static __always_inline void xz_csam_line_touch(struct xz_addr *a, int gen, __u32
 	__u32 ip = *(__u32 *)&a->addr[12], v;
 	struct xz_csam_line *l;
 
-	*i = (__u32)gen << XZ_CSAM_LINE_BITS | (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+	*i = xz_csam_line_of(ip, gen);
 	l = xz_csam_l.lookup(i);
 	XZ_OWN_SITE(l);
 	*(volatile __u32 *)i = 0;
@@ -309,11 +315,12 @@ static __always_inline void xz_csam_line_touch(struct xz_addr *a, int gen, __u32
 
 /* Is the address on the CSAM list in force? The generation's filter (IPv4: its /24's bit,
  * then where that is set the /24's state in the directory; IPv6: its filter) answers for
- * most addresses on its own (nothing listed, or for IPv4 all of it); else the exact host (for IPv4 its line, and the hash only where the
- * line says so), then the prefix (for IPv4 its /24's net line, and the trie only where
- * that line says so). A kind of entry the list does not have is not looked up. (The net
- * line before the hosts' made 6.18's verifier walk 675k instructions of xz_xdp_access
- * against 557k, before the lookups had their own calls.) */
+ * most addresses on its own (nothing listed, or for IPv4 all of it); else the exact host
+ * (for IPv4 its line, and the hash only where the line says so), then the prefix (for
+ * IPv4 its /24's net line, and the trie only where that line says so). A kind of entry
+ * the list does not have is not looked up. (The net line before the hosts' made 6.18's
+ * verifier walk 675k instructions of xz_xdp_access against 557k, before the lookups had
+ * their own calls.) */
 _Static_assert(XZ_CSAM_DIR_LOOK == 0, "xz_csam_listed: an IPv6 filter's LOOK is 0");
 static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 csam)
 {
