@@ -242,12 +242,6 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
  * function cannot take a map. */
 #define XZ_OWN_SITE(p) asm volatile("" : "+r"(p))
 
-/* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
- * xz_csam_line): ``nets`` 0, one of its exact addresses, from the address's line (-1: ask
- * the hash); ``nets`` 1, in one of its prefixes /25../31, from its /24's net line (-1: ask
- * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
- * was (holding 0): a new slot, or one left holding something else, doubled the paths
- * 6.18's verifier walks through the rest of the pipeline, past its limit. */
 /* The index in xz_csam_l of IPv4 address ``ip``'s line (network order, as in the packet)
  * in generation ``gen``. */
 static __always_inline __u32 xz_csam_line_of(__u32 ip, int gen)
@@ -255,6 +249,12 @@ static __always_inline __u32 xz_csam_line_of(__u32 ip, int gen)
 	return (__u32)gen << XZ_CSAM_LINE_BITS | (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
 }
 
+/* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
+ * xz_csam_line): ``nets`` 0, one of its exact addresses, from the address's line (-1: ask
+ * the hash); ``nets`` 1, in one of its prefixes /25../31, from its /24's net line (-1: ask
+ * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
+ * was (holding 0): a new slot, or one left holding something else, doubled the paths
+ * 6.18's verifier walks through the rest of the pipeline, past its limit. */
 static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i, const int nets)
 {
 	__u32 ip = *(__u32 *)&a->addr[12], h = bpf_ntohl(ip);

@@ -688,7 +688,7 @@ def test_line_of_is_the_programs_hash():
 def v4_filter_passes(f: bytes, i: int) -> bool:
     """Whether the IPv4 filter lets /24 number ``i`` be looked up in the directory."""
     on = dirs.FILTER_HEAD.unpack_from(f)[0]
-    h = dirs.v4_bit(i)
+    h = dirs.filter_bit(i)
     word = int.from_bytes(f[dirs.FILTER_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
     return not on or bool(word >> (h & 63) & 1)
 

@@ -328,13 +328,5 @@ def status(maps: Maps) -> dict:
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
     return {"generation": gen, **maps.read_meta(gen), "hits": maps.hit_counts(),
-            "filter_fill": {"ipv4": filter_fill(maps.read_csam_v4(gen)),
-                            "ipv6": filter_fill(maps.read_csam_v6(gen))}}
-
-
-def filter_fill(f: bytes | bytearray) -> float | None:
-    """The share of a filter's bits (struct xz_filter) that are set; None when it is off."""
-    if not dirs.FILTER_HEAD.unpack_from(f)[0]:
-        return None
-    bits = int.from_bytes(memoryview(f)[dirs.FILTER_HEAD.size:], "little").bit_count()
-    return bits / (1 << dirs.FILTER_BITS)
+            "filter_fill": {"ipv4": dirs.filter_fill(maps.read_csam_v4(gen)),
+                            "ipv6": dirs.filter_fill(maps.read_csam_v6(gen))}}

@@ -178,28 +178,40 @@ def v6_mask(plen: int) -> int:
     return int.from_bytes((((1 << plen) - 1) << (64 - plen)).to_bytes(8, "big"), sys.byteorder)
 
 
-def v6_bit(addr: bytes, mask: int) -> int:
-    """The filter's bit for a 16-byte address, under ``mask``."""
-    w = int.from_bytes(addr[:8], sys.byteorder) & mask
+def filter_bit(w: int) -> int:
+    """A filter's bit for key ``w`` (already under the filter's mask): the hash."""
     return (w * FILTER_MUL) % (1 << 64) >> (64 - FILTER_BITS)
 
 
-def _v6_words(raw: np.ndarray, mask: int) -> np.ndarray:
-    """The bits of a filter (as its native words) for rows of IPv6 addresses."""
+def v6_bit(addr: bytes, mask: int) -> int:
+    """The filter's bit for a 16-byte address, under ``mask``."""
+    return filter_bit(int.from_bytes(addr[:8], sys.byteorder) & mask)
+
+
+def _filter_words(keys: np.ndarray) -> bytes:
+    """The bits of a filter (as its native words' bytes) for keys (uint64, already under
+    the filter's mask): filter_bit of each, at once."""
     import numpy as np
 
-    words = np.zeros(FILTER_WORDS, dtype=np.uint64)
+    h = (keys * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
+    bits = np.zeros(1 << FILTER_BITS, dtype=bool)
+    bits[h] = True
+    return np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64).tobytes()
+
+
+def _v6_words(raw: np.ndarray, mask: int) -> bytes:
+    """The bits of a filter for rows of IPv6 addresses."""
+    import numpy as np
+
     w = np.ascontiguousarray(raw[:, :8]).view(np.uint64).ravel()
-    h = ((w & np.uint64(mask)) * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
-    np.bitwise_or.at(words, h >> np.uint64(6), np.uint64(1) << (h & np.uint64(63)))
-    return words
+    return _filter_words(w & np.uint64(mask))
 
 
 def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
     """The exact filter of IPv6 entries: their rows and lengths (its ``plen``: the
     shortest, at most 64)."""
     plen = int(min(V6_MAX_PLEN, plens.min(initial=V6_MAX_PLEN)))
-    return FILTER_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen)).tobytes()
+    return FILTER_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen))
 
 
 def csam_v4(d: bytes | bytearray) -> bytes:
@@ -211,7 +223,7 @@ def csam_v4(d: bytes | bytearray) -> bytes:
 
     b = np.frombuffer(d, dtype=np.uint8)
     at = np.flatnonzero(b != NONE * 0x55)   # bytes (four /24s each) with one not NONE
-    if len(at) > 1 << FILTER_BITS:
+    if len(at) > 1 << FILTER_BITS:   # surely too many /24s (zeros: all 4M bytes): no unpacking
         return bytes(FILTER_BYTES)
     v = b[at]
     states = np.stack([v & 3, v >> 2 & 3, v >> 4 & 3, v >> 6 & 3], axis=1)
@@ -219,16 +231,15 @@ def csam_v4(d: bytes | bytearray) -> bytes:
     if len(row) > 1 << FILTER_BITS:
         return bytes(FILTER_BYTES)
     n = at[row].astype(np.uint64) << np.uint64(2) | lane.astype(np.uint64)
-    h = (n * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
-    bits = np.zeros(1 << FILTER_BITS, dtype=bool)
-    bits[h] = True
-    return (FILTER_HEAD.pack(1, 24, (1 << 64) - 1)
-            + np.packbits(bits, bitorder="little").tobytes())
+    return FILTER_HEAD.pack(1, 24, (1 << 64) - 1) + _filter_words(n)
 
 
-def v4_bit(i: int) -> int:
-    """The IPv4 /24 filter's bit for /24 number ``i``."""
-    return (i * FILTER_MUL) % (1 << 64) >> (64 - FILTER_BITS)
+def filter_fill(f: bytes | bytearray) -> float | None:
+    """The share of a filter's bits that are set; None when it is off."""
+    if not FILTER_HEAD.unpack_from(f)[0]:
+        return None
+    return int.from_bytes(memoryview(f)[FILTER_HEAD.size:], "little").bit_count() \
+        / (1 << FILTER_BITS)
 
 
 def sub_v6_bit(addr: bytes) -> int:

@@ -1170,7 +1170,7 @@ class Maps:
         self.guard: Callable[[], None] | None = None
         self._open: dict[str, PinnedMap] = {}
         self._uniform_off = False   # inside uniform_off: writes leave the class index be
-        self._v4: tuple[bytes, bytes] | None = None   # (a directory, its IPv4 filter)
+        self._v4: tuple[bytes, bytes] | None = None   # (a directory's digest, its filter)
 
     def map(self, name: str) -> PinnedMap:
         """The map pinned as ``name``, opened on first use."""
@@ -1871,8 +1871,9 @@ class Maps:
         (dirs.csam_v4): the two always agree. (A generation is written while idle. The
         filter of the last directory written is kept: a load writes the same directory
         into both generations.)"""
-        if self._v4 is None or self._v4[0] != d:
-            self._v4 = (bytes(d), dirs.csam_v4(d))
+        digest = hashlib.blake2b(d, digest_size=16).digest()
+        if self._v4 is None or self._v4[0] != digest:
+            self._v4 = (digest, dirs.csam_v4(d))
         self.csam_filters.update(U32.pack(2 + gen), self._v4[1])
         self.csam_dirs.update(U32.pack(gen), d)
 
