@@ -23,7 +23,9 @@ the config accepts it. Every router gets the same 1,024 /22 pools, static hosts 
 (exempt from OP25B) and the same CSAM list (80% addresses, 20% prefixes). Named with
 --only only: xdpzoot without a list (what the list costs), and the XDP floor
 (bench/floor_xdp.c: reads the frame, looks nothing up, returns the verdict the mix wants):
-the most any XDP program gets in this lab, printed beside each xdpzoot-xdp goal.
+the most any XDP program gets in this lab, printed beside each xdpzoot-xdp goal; and the
+floor after 1 or 2 dependent random reads of an array (xdp-floor-miss1-4m, ...-miss2-32m; sizes
+128k, 4m, 32m, 128m): the price of one cold lookup in a structure of that size here.
 
 Each router and mix runs a ladder of offered loads (paced test_run batches, each step bounded
 in frames and seconds). Processed = (sink count + the router's own drop counters) per second
@@ -557,13 +559,27 @@ class Ref(Router):
         return [kernel.prog_id(self.fd)]
 
 
+# The floor's array sizes (2^bits words of 8 bytes): the CSAM filter's, the directory's and the
+# OP25B counters', a CSAM generation's lines and more, the pool addresses' state.
+FLOOR_SIZES = {"128k": 14, "4m": 19, "32m": 22, "128m": 24}
+
+
 class Floor(Router):
     name, label = "xdp-floor", "XDP floor: no lookup, the mix's verdict"
+
+    def __init__(self, env: Env, misses: int = 0, size: str = "4m") -> None:
+        super().__init__(env)
+        self.misses, self.bits = misses, FLOOR_SIZES[size]
+        if misses:
+            self.name = f"xdp-floor-miss{misses}-{size}"
+            self.label = (f"XDP floor + {misses} dependent random read{'s' * (misses > 1)}"
+                          f" of {size[:-1]} {size[-1].upper()}iB")
 
     def setup(self) -> None:
         from bcc import BPF
 
-        self.bpf = BPF(src_file=str(HERE / "floor_xdp.c").encode())
+        self.bpf = BPF(src_file=str(HERE / "floor_xdp.c").encode(),
+                       cflags=[f"-DFLOOR_MISSES={self.misses}", f"-DFLOOR_MEM_BITS={self.bits}"])
         self.fd = self.bpf.load_func(b"floor_prog", BPF.XDP).fd
         pin = os.path.join(self.env.pin_root, "fwd_floor")
         kernel.pin(self.fd, pin)
@@ -675,14 +691,18 @@ def make_routers(env: Env) -> list[Router]:
     """Every router; the ones in EXTRA_ROUTERS run only when --only names them."""
     return [Plain(env), Nft(env), Ipt(env), Ref(env), Xdpzoot(env, "xdp"),
             Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True),
-            Xdpzoot(env, "xdp", with_list=False), Floor(env)]
+            Xdpzoot(env, "xdp", with_list=False), Floor(env),
+            *(Floor(env, m, z) for m in (1, 2) for z in FLOOR_SIZES)]
 
 
 # Parts of a breakdown, not routers an operator compares: xdpzoot at XDP without a CSAM list
 # loaded (its programs then look nothing up for the list: the difference is the list's cost);
 # the XDP floor (bench/floor_xdp.c: no lookup, the verdict the mix wants), the best any XDP
-# program could do here, so the ceiling of the XDP goals' ratios in this lab.
-EXTRA_ROUTERS = {"xdpzoot-xdp-nolist", "xdp-floor"}
+# program could do here, so the ceiling of the XDP goals' ratios in this lab; and the floor with
+# one or two dependent random reads of an array of 128 KiB .. 128 MiB before its verdict: what
+# a lookup in a structure of that size costs a frame here, whatever the program around it.
+EXTRA_ROUTERS = {"xdpzoot-xdp-nolist", "xdp-floor"} | {
+    f"xdp-floor-miss{m}-{z}" for m in (1, 2) for z in FLOOR_SIZES}
 
 
 def selected(routers: list[Router], only: set[str] | None) -> list[Router]:

@@ -4,13 +4,27 @@
  * the packet, which every router pays) and returns the verdict bench_fwd.py set for the mix
  * being run (floor_verdict: XDP_PASS for the forward mix, XDP_DROP for the drop mix, whose
  * every frame a router should drop), counting its drops. No lookup: no XDP program that
- * decides from tables can do better in this lab. Compiled by bcc. */
+ * decides from tables can do better in this lab. Compiled by bcc.
+ *
+ * With FLOOR_MISSES = k > 0 (bench_fwd's xdp-floor-miss<k>-<size>), it first reads k words of
+ * an array of 2^FLOOR_MEM_BITS words, each at an index hashed from the destination and the
+ * word before: k dependent reads at random, the least that a verdict which looks up k
+ * structures of that size costs in this lab (the drop mix's destinations are spread). */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 
 BPF_ARRAY(floor_verdict, u32, 1);
 BPF_PERCPU_ARRAY(floor_drops, u64, 1);
+#ifndef FLOOR_MISSES
+#define FLOOR_MISSES 0
+#endif
+#if FLOOR_MISSES
+#ifndef FLOOR_MEM_BITS
+#define FLOOR_MEM_BITS 19
+#endif
+BPF_ARRAY(floor_mem, u64, 1 << FLOOR_MEM_BITS);
+#endif
 
 int floor_prog(struct xdp_md *ctx)
 {
@@ -23,6 +37,21 @@ int floor_prog(struct xdp_md *ctx)
 
 	if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || !ip->daddr)
 		return XDP_PASS;
+#if FLOOR_MISSES
+	u64 w = ip->daddr, *m;
+	u32 i;
+
+#pragma unroll
+	for (int k = 0; k < FLOOR_MISSES; k++) {
+		i = (u32)((w * 0x9E3779B97F4A7C15ULL) >> (64 - FLOOR_MEM_BITS));
+		m = floor_mem.lookup(&i);
+		if (!m)
+			return XDP_PASS;
+		w ^= *m + k + 1;
+	}
+	if (w == 0)   /* never (the words are 0): keeps the loads */
+		return XDP_PASS;
+#endif
 	v = floor_verdict.lookup(&zero);
 	if (!v || *v != XDP_DROP)
 		return XDP_PASS;

@@ -108,10 +108,12 @@ def test_reference_program_drops_port_25_and_listed(lab):
 
 @root
 @pytest.mark.lab
-def test_floor_program_gives_each_mix_its_verdict(lab):
+@pytest.mark.parametrize("misses", [0, 2])
+def test_floor_program_gives_each_mix_its_verdict(lab, misses):
     """The XDP floor drops every frame of the drop mix (counted as its drops) and passes
-    every frame of the forward mix on to the sink, with no lookup."""
-    router = bf.Floor(lab)
+    every frame of the forward mix on to the sink, with no lookup; the same after two reads
+    of its array, which has the size its name says."""
+    router = bf.Floor(lab, misses, "32m")
     router.setup()
     try:
         router.set_mix("drop")
@@ -119,6 +121,8 @@ def test_floor_program_gives_each_mix_its_verdict(lab):
         router.set_mix("forward")
         fsent, fsink, fdrops = send(lab, router, "forward")
         assert router.prog_ids()
+        if misses:
+            assert len(router.bpf[b"floor_mem"]) * 8 == 32 << 20
     finally:
         router.teardown()
     assert (sink, drops) == (0, sent) and sent > RATE * SECONDS / 4
@@ -184,6 +188,8 @@ def test_routers_by_default_and_by_name(tmp_path):
     (nolist,) = bf.selected(routers, {"xdpzoot-xdp-nolist"})
     assert [r.name for r in bf.selected(routers, {"plain", "xdp-floor"})] == [
         "plain", "xdp-floor"]
+    assert [r.name for r in bf.selected(routers, {"xdp-floor-miss2-128m", "xdp-floor-miss1-128k"})
+            ] == ["xdp-floor-miss1-128k", "xdp-floor-miss2-128m"]
     assert (nolist.hook, nolist.fast_path, nolist.with_list) == ("xdp", False, False)
     assert "csam =" not in nolist.config.read_text()
     (with_list,) = bf.selected(routers, {"xdpzoot-xdp"})
