@@ -242,31 +242,44 @@ static __always_inline void xz_count(int role, int verdict, int reason, __u32 le
  * function cannot take a map. */
 #define XZ_OWN_SITE(p) asm volatile("" : "+r"(p))
 
-/* The index in xz_csam_l of IPv4 address ``ip``'s line (network order, as in the packet)
- * in generation ``gen``. */
-static __always_inline __u32 xz_csam_line_of(__u32 ip, int gen)
+/* The index of the line of hash ``x`` in the lines of generation ``csam`` (the control
+ * word: its generation, and at ``shift`` the log2 of how many of its ``max_bits`` lines it
+ * uses; 0: all of them, as before the word said so). Without a branch. */
+static __always_inline __u32 xz_csam_line_at(__u32 x, __u32 csam, int shift, int max_bits)
 {
-	return (__u32)gen << XZ_CSAM_LINE_BITS | (ip * XZ_CSAM_HASH) >> (32 - XZ_CSAM_LINE_BITS);
+	__u32 bits = (csam >> shift) & XZ_CSAM_BITS_MASK;
+
+	bits += ((bits - 1) >> 31) * max_bits;   /* 0: max_bits */
+	return (csam & XZ_CSAM_GEN) << max_bits |
+	       ((x >> ((32 - bits) & 31)) & ((1U << max_bits) - 1));
 }
 
-/* Whether IPv4 address ``a`` is in generation ``gen`` of the list, from one line (struct
+/* The index in xz_csam_l of IPv4 address ``ip``'s line (network order, as in the packet)
+ * in generation ``csam``. */
+static __always_inline __u32 xz_csam_line_of(__u32 ip, __u32 csam)
+{
+	return xz_csam_line_at(ip * XZ_CSAM_HASH, csam, XZ_CSAM_LINES_SHIFT, XZ_CSAM_LINE_BITS);
+}
+
+/* Whether IPv4 address ``a`` is in generation ``csam`` of the list, from one line (struct
  * xz_csam_line): ``nets`` 0, one of its exact addresses, from the address's line (-1: ask
  * the hash); ``nets`` 1, in one of its prefixes /25../31, from its /24's net line (-1: ask
  * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
  * was (holding 0): a new slot, or one left holding something else, doubled the paths
  * 6.18's verifier walks through the rest of the pipeline, past its limit. */
-static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i, const int nets)
+static __always_inline int xz_csam_in_line(struct xz_addr *a, __u32 csam, __u32 *i,
+					   const int nets)
 {
 	__u32 ip = *(__u32 *)&a->addr[12], h = bpf_ntohl(ip);
 	struct xz_csam_line *l;
 	__u64 hit = 0, more;
 
 	if (nets) {
-		*i = (__u32)gen << XZ_CSAM_NET_BITS |
-		     ((h >> 8) * XZ_CSAM_HASH) >> (32 - XZ_CSAM_NET_BITS);
+		*i = xz_csam_line_at((h >> 8) * XZ_CSAM_HASH, csam, XZ_CSAM_NETS_SHIFT,
+				     XZ_CSAM_NET_BITS);
 		l = xz_csam_n.lookup(i);
 	} else {
-		*i = xz_csam_line_of(ip, gen);
+		*i = xz_csam_line_of(ip, csam);
 		l = xz_csam_l.lookup(i);
 	}
 	XZ_OWN_SITE(l);
@@ -295,15 +308,15 @@ static __always_inline int xz_csam_in_line(struct xz_addr *a, int gen, __u32 *i,
 	return (int)hit - (int)(more & (hit ^ 1));        /* 1, 0, or -1: ask further */
 }
 
-/* Load the first word of IPv4 address ``a``'s line of generation ``gen`` (struct
+/* Load the first word of IPv4 address ``a``'s line of generation ``csam`` (struct
  * xz_csam_line), and nothing more: for an address whose /24 the filter passes, so that
  * the line's miss runs while the directory's does. ``i``: as for xz_csam_in_line. */
-static __always_inline void xz_csam_line_touch(struct xz_addr *a, int gen, __u32 *i)
+static __always_inline void xz_csam_line_touch(struct xz_addr *a, __u32 csam, __u32 *i)
 {
 	__u32 ip = *(__u32 *)&a->addr[12], v;
 	struct xz_csam_line *l;
 
-	*i = xz_csam_line_of(ip, gen);
+	*i = xz_csam_line_of(ip, csam);
 	l = xz_csam_l.lookup(i);
 	XZ_OWN_SITE(l);
 	*(volatile __u32 *)i = 0;
@@ -342,7 +355,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 		look = XZ_CSAM_DIR_NONE;
 		if (xz_filter_passes(f4, xz_slash24(a))) {
 			if ((csam & XZ_CSAM_LINED) && (csam & XZ_CSAM_HOSTS))
-				xz_csam_line_touch(a, gen, &zero);
+				xz_csam_line_touch(a, csam, &zero);
 			d = xz_csam_d.lookup(&g);
 			XZ_OWN_SITE(d);
 			look = xz_dir_state(d, a);
@@ -362,7 +375,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 		int has = -1;
 
 		if (family == 4 && (csam & XZ_CSAM_LINED))
-			has = xz_csam_in_line(a, gen, &zero, 0);
+			has = xz_csam_in_line(a, csam, &zero, 0);
 		if (has < 0) {
 			if (gen) {
 				hit = xz_csam_h1.lookup(a);
@@ -379,7 +392,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	if (look == XZ_CSAM_DIR_HOSTS || !(csam & XZ_CSAM_PREFIXES))
 		return 0;
 	if (family == 4 && (csam & XZ_CSAM_NETS)) {   /* its /24's net line, else the trie */
-		int net = xz_csam_in_line(a, gen, &zero, 1);
+		int net = xz_csam_in_line(a, csam, &zero, 1);
 
 		if (net >= 0)
 			return net;

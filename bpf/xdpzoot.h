@@ -145,7 +145,8 @@ struct xz_v6_lens {
 /*
  * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
  * address a (its four bytes as a native word, network order in memory) lies in line
- * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_LINE_BITS): one miss where the hash takes
+ * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - b), of the first 2^b of the generation's 2^
+ * XZ_CSAM_LINE_BITS (b: in the control word, by the list's size): one miss where the hash takes
  * two (its bucket, then its element). The hash stays whole: a line's ``more`` counts the
  * addresses that belong to it but did not fit (and 0.0.0.0, which a free slot would
  * match), so that only that line's lookups go on to the hash. The control word says
@@ -164,7 +165,8 @@ struct xz_csam_line {
  * Its IPv4 prefixes /25../31 (a /24 or shorter makes its /24s XZ_CSAM_DIR_ALL) in lines of
  * the same shape, by their /24: prefix n/len in host order with the bit under the prefix
  * set (n | 1 << (31 - len): its lowest set bit says the length) lies in line
- * ((n >> 8) * XZ_CSAM_HASH) mod 2^32 >> (32 - XZ_CSAM_NET_BITS). One line for an address of
+ * ((n >> 8) * XZ_CSAM_HASH) mod 2^32 >> (32 - b) (b as for the lines, at most
+ * XZ_CSAM_NET_BITS). One line for an address of
  * a /24 with a long prefix, where the trie walks some twenty nodes. ``more`` counts the
  * prefixes of the line that did not fit, and XZ_CSAM_NET_TRIE marks a line whose /24s a
  * shorter prefix may still cover (a load by difference took a covering prefix away and
@@ -306,6 +308,11 @@ struct xz_flow {
 #define XZ_CSAM_PREFIXES (1 << 2)   /* it has prefixes: look in the trie */
 #define XZ_CSAM_LINED (1 << 3)      /* its IPv4 addresses are in its lines (xz_csam_line) */
 #define XZ_CSAM_NETS (1 << 4)       /* its IPv4 prefixes /25../31 are in its net lines too */
+/* log2 of how many of its lines (XZ_CSAM_LINE_BITS at most) and net lines the generation
+ * uses, by the size of its list (a small list's lines stay in few pages); 0: all. */
+#define XZ_CSAM_LINES_SHIFT 8
+#define XZ_CSAM_NETS_SHIFT 16
+#define XZ_CSAM_BITS_MASK 31
 
 struct xz_control {
 	__u32 flags;

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from xdpzoot import tables
+from xdpzoot import config, tables
 from xdpzoot.dataplane import blocklist, dirs, kernel, layout, schema
 from xdpzoot.sources import csam
 from xdpzoot.sources.files import MAX_SHOWN, SourceError
@@ -607,8 +607,11 @@ def agree(m: kernel.Maps, data: bytes, hosts: set[bytes], prefixes: set[tables.K
     gen, word, h, p = in_force(m)
     assert (h, p) == (hosts, prefixes)
     assert word & C["XZ_CSAM_LINED"] and word & C["XZ_CSAM_NETS"]
-    lines_hold(m.csam_lines(gen), hosts)
-    nets_hold(m.csam_lines(gen, "n"), prefixes)
+    lines, nets = blocklist.word_lines(m, word)
+    lines_hold(lines, hosts)
+    nets_hold(nets, prefixes)
+    assert len(lines) == min(len(m.csam_lines(gen)), 1 << config.csam_line_bits(
+        sum(a[:12] == csam.V4MAPPED for a in hosts)))
     assert bool(word & C["XZ_CSAM_HOSTS"]) == bool(hosts)
     assert bool(word & C["XZ_CSAM_PREFIXES"]) == bool(prefixes)
     model = tables.Tables(csam_hosts=set(hosts), csam_prefixes=set(prefixes))
@@ -714,7 +717,8 @@ def test_load_switch_steps(maps):
     r = load(maps, b"# empty\n")                # empty: nothing listed, nothing looked up
     assert r == blocklist.LoadResult(0, n_b, 1 - gen0, True)
     agree(maps, b"# empty\n", set(), set(), former)
-    assert maps.word()[1] == (1 - gen0) | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"]
+    assert maps.word()[1] == (1 - gen0) | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | (
+        1 << C["XZ_CSAM_LINES_SHIFT"] | 1 << C["XZ_CSAM_NETS_SHIFT"])   # 2 lines of each
     for a in former:
         assert blocklist.check(maps, a) is None
 

@@ -13,6 +13,7 @@ import ipaddress
 import random
 import sys
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import packets
@@ -244,17 +245,21 @@ def test_a_full_line_leaves_the_rest_to_the_hash(dp, cmaps):
     cmaps.set_word(0)
     for g in (0, 1):   # nothing trusted: the first load is a whole one
         cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
-    nlines = len(cmaps.csam_lines(0))
+    # the lines a list of 17..21 IPv4 addresses uses (both lists below: 4)
+    nlines = len(blocklist.used_lines(cmaps, 0, {"hosts4": 21, "prefixes4": 0})[0])
+    assert nlines == len(blocklist.used_lines(cmaps, 0, {"hosts4": 17, "prefixes4": 0})[0])
     addrs = crowd(26, nlines)
     first, second = addrs[:20] + ["0.0.0.0"], addrs[3:17] + addrs[20:23]
     line = dirs.line_of(dirs.v4_words([tables.addr16(addrs[0])]), nlines)[0]
+    zero_line = dirs.line_of(np.zeros(1, dtype=np.uint32), nlines)[0]
     for on in (first, second, first):
         blocklist.load(cmaps, ("\n".join(on) + "\n").encode())
         _, word = cmaps.word()
         assert word & dirs.C["XZ_CSAM_LINED"]
-        t = cmaps.csam_lines(word & dirs.C["XZ_CSAM_GEN"])
+        t, _ = blocklist.word_lines(cmaps, word)
+        assert len(t) == nlines
         used = int((t[line, :dirs.LINE_KEYS] != 0).sum())
-        n = len(on) - ("0.0.0.0" in on)
+        n = len(on) - ("0.0.0.0" in on and line != zero_line)   # (its line's more counts it)
         assert used + t[line, dirs.LINE_KEYS] == n and used >= min(n, dirs.LINE_KEYS) - 6
         for a in [*addrs, "0.0.0.0", "0.0.0.1"]:
             p = Packet("access", "100.64.0.5", a, TCP, 40000, 443)
@@ -264,6 +269,35 @@ def test_a_full_line_leaves_the_rest_to_the_hash(dp, cmaps):
 def pfx(text: str) -> tuple[int, bytes]:
     n = ipaddress.ip_network(text)
     return 96 + n.prefixlen, addr16(str(n.network_address))
+
+
+def test_a_list_uses_lines_by_its_size(dp, cmaps):
+    """A generation uses as many lines as its list's size asks for (one per 8 IPv4 addresses,
+    a power of two), the control word says how many, and the programs look there: a list that
+    grows or shrinks past a power of two has its lines made anew (the load is a whole one),
+    one that stays within goes by difference. Each list's addresses drop, their neighbours
+    pass."""
+    dp.reset()
+    cmaps.set_word(0)
+    for g in (0, 1):
+        cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
+    base = int(ipaddress.ip_address("100.64.0.0"))
+    rng = random.Random(7)
+    pool = [str(ipaddress.ip_address(base + 2 * i)) for i in rng.sample(range(1 << 20), 3100)]
+    steps = [(pool[:10], 2, True), (pool[:3000], 512, True), (pool[10:3010], 512, False),
+             (pool[3000:3010], 2, True), (pool[3001:3011], 2, False)]
+    for on, nlines, whole in steps:
+        with mock.patch.object(blocklist.csam, "parse_csam_bytes",
+                               wraps=blocklist.csam.parse_csam_bytes) as parse:
+            blocklist.load(cmaps, ("\n".join(on) + "\n").encode())
+        assert parse.called == whole
+        _, word = cmaps.word()
+        lines, _ = blocklist.word_lines(cmaps, word)
+        assert len(lines) == nlines
+        for a in rng.sample(on, 10):
+            check(dp, Packet("access", "100.64.0.5", a, TCP, 40000, 443), "drop", "csam")
+            b = str(ipaddress.ip_address(a) + 1)   # an odd address: never listed
+            check(dp, Packet("access", "100.64.0.5", b, TCP, 40000, 443), "pass", "unknown")
 
 
 def test_long_prefixes_are_answered_by_their_net_line(dp, cmaps):

@@ -13,7 +13,9 @@ lines of one cache line (dirs.lines_*, written through a mapping of the array), 
 programs read instead of the hash once the control word says so (``XZ_CSAM_LINED``), and
 its IPv4 prefixes /25../31 in net lines by their /24 (``XZ_CSAM_NETS``), read before the trie:
 changed with the hash and the trie, or made anew with a whole list when the generation held
-nothing trusted. The
+nothing trusted or its list's size asks for more or fewer lines. A generation uses as many
+of its lines as its list's size asks for (:func:`used_lines`; the control word says how
+many), so that a small list's lines lie in few pages. The
 maps are :class:`kernel.Maps`, without bcc, so that a small change is applied in well
 under a second. The caller holds the instance's lock for the whole load
 (:meth:`Instance.load_csam`): the switch is a read, a change and a write of xz_control.
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from xdpzoot.config import csam_line_bits
 from xdpzoot.dataplane import dirs, kernel, schema
 from xdpzoot.dataplane.kernel import Maps
 from xdpzoot.dataplane.layout import LPM_KEY, META
@@ -51,6 +54,31 @@ COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
 # A load's progress: given how many entries it will write, a callback for those written.
 Progress = Callable[[int], Callable[[int], None] | None]
 
+
+def used_lines(maps: Maps, gen: int, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The lines and the net lines that generation ``gen`` uses for a list of ``counts``:
+    the first of its lines, as many as config.csam_line_bits says for its IPv4 addresses
+    (its IPv4 prefixes), at most all; where the programs look (``lines_word``)."""
+    lines, nets = maps.csam_lines(gen), maps.csam_lines(gen, "n")
+    return (lines[:min(len(lines), 1 << csam_line_bits(counts["hosts4"]))],
+            nets[:min(len(nets), 1 << csam_line_bits(counts["prefixes4"]))])
+
+
+def lines_word(maps: Maps, gen: int, counts: dict[str, int]) -> int:
+    """The control word's bits that say how many lines the generation uses."""
+    lines, nets = used_lines(maps, gen, counts)
+    return ((len(lines).bit_length() - 1) << C["XZ_CSAM_LINES_SHIFT"]
+            | (len(nets).bit_length() - 1) << C["XZ_CSAM_NETS_SHIFT"])
+
+
+def word_lines(maps: Maps, word: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lines and net lines that the programs read for control word ``word`` (of
+    :func:`lines_word`; 0 bits: all of the generation's)."""
+    gen, out = word & C["XZ_CSAM_GEN"], []
+    for kind, shift in (("l", "XZ_CSAM_LINES_SHIFT"), ("n", "XZ_CSAM_NETS_SHIFT")):
+        t, bits = maps.csam_lines(gen, kind), word >> C[shift] & C["XZ_CSAM_BITS_MASK"]
+        out.append(t[:1 << bits] if bits else t)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -103,7 +131,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
                                               memo=memo)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
-    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"]
+    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, idle, counts)
                   | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
     # The generation that was in force is idle now. (A packet that read the control word
@@ -136,6 +164,8 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
              else None)
     if delta is not None and not _surely_fits(maps, old, delta, before, max_shrink):
         delta = None   # near a limit: decided on the whole list, parsed
+    if delta is not None and not _same_lines(maps, gen, old, delta):
+        delta = None   # its size asks for more or fewer lines: they are made anew
     if delta is None:
         lst = lst or csam.parse_csam_bytes(data, path)   # the careful parser names bad lines
         if max_shrink is not None:
@@ -149,8 +179,10 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     maps.meta.update(struct.pack("=I", gen), bytes(META.size))
     # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 /25../31
     # when it held a list (the same writes change them); else they are made anew.
-    lines = maps.csam_lines(gen) if old else None
-    nets = maps.csam_lines(gen, "n") if old else None
+    lines, nets = used_lines(maps, gen, old.counts) if old else (None, None)
+    if delta is None and lines is not None and (len(lines), len(nets)) != tuple(
+            map(len, used_lines(maps, gen, lst.counts()))):
+        lines = nets = None   # the new list uses more or fewer: made anew
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
                                                     nets)
@@ -176,12 +208,18 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     return added, removed, counts, lst, old
 
 
+def _gone_new(old: Held, delta: dict[bytes, int]) -> tuple[list[bytes], list[bytes]]:
+    """The entries of ``old`` that ``delta`` leaves no line to write (they go), and those
+    that some added line writes (in ``old`` already or not)."""
+    return ([k for k, d in delta.items() if d < 0 and old.dups.get(k, 1) + d <= 0],
+            [k for k, d in delta.items() if d > 0])
+
+
 def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
                  max_shrink: float | None) -> bool:
     """Whether the list ``delta`` makes of ``old`` passes the guards of :func:`load` for
     sure, from bounds: each added entry may or may not be in ``old`` already."""
-    gone = [k for k, d in delta.items() if d < 0 and old.dups.get(k, 1) + d <= 0]
-    new = [k for k, d in delta.items() if d > 0]
+    gone, new = _gone_new(old, delta)
     hosts = old.counts["hosts4"] + old.counts["hosts6"] - sum(k[:4] == HOST for k in gone)
     prefixes = (old.counts["prefixes4"] + old.counts["prefixes6"]
                 - sum(k[:4] != HOST for k in gone))
@@ -191,6 +229,22 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
         return False
     return (hosts + new_h <= maps.csam_hosts[0].max_entries
             and prefixes + len(new) - new_h <= maps.csam_prefixes[0].max_entries)
+
+
+def _same_lines(maps: Maps, gen: int, old: Held, delta: dict[bytes, int]) -> bool:
+    """Whether the list ``delta`` makes of ``old`` surely uses as many lines and net lines
+    as ``old`` (:func:`used_lines`), from bounds: each added entry may or may not be in
+    ``old`` already, each gone one is gone."""
+    now = tuple(map(len, used_lines(maps, gen, old.counts)))
+    gone, new = _gone_new(old, delta)
+    low, high = dict(old.counts), dict(old.counts)
+    for keys, bounds, sign in ((gone, (low, high), -1), (new, (high,), 1)):
+        for k in keys:
+            if k[4:16] == V4MAPPED:
+                for b in bounds:
+                    b["hosts4" if k[:4] == HOST else "prefixes4"] += sign
+    return (tuple(map(len, used_lines(maps, gen, low))) == now
+            == tuple(map(len, used_lines(maps, gen, high))))
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
@@ -219,7 +273,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         dirs.lines_add(nets, dirs.v4_nets(map(LPM_KEY.unpack, add_p)), dirs.NET_BY)
         nets[:, dirs.LINE_KEYS] &= ~dirs.NET_TRIE & 0xFFFF_FFFF   # the directory is exact
     else:
-        lines, nets = maps.csam_lines(gen), maps.csam_lines(gen, "n")
+        lines, nets = used_lines(maps, gen, lst.counts())
         if "lines" not in memo:
             memo["lines"] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
             memo["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), len(nets), dirs.NET_BY)
@@ -243,8 +297,7 @@ def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
     more. An entry some added line writes is written unless the generation has it (then
     some unchanged line wrote it, or a removed one)."""
     dups, counts = dict(old.dups), dict(old.counts)
-    gone = [k for k, d in delta.items() if d < 0 and dups.get(k, 1) + d <= 0]
-    new = [k for k, d in delta.items() if d > 0]
+    gone, new = _gone_new(old, delta)
     step = progress(len(gone) + len(new)) if progress else None
     hosts, prefixes = maps.csam_hosts[gen], maps.csam_prefixes[gen]
     gone_h = [k[4:] for k in gone if k[:4] == HOST]
