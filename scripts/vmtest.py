@@ -233,20 +233,29 @@ def vng_cmd(vbin: Path, kroot: Path, kver: str, out: Path, kvm: bool, command: s
             "--cwd", str(ROOT), "--verbose", "--exec", command]
 
 
-def kvm_works(vbin: Path, kroot: Path, kver: str, out: Path) -> tuple[bool, str]:
-    """Whether a KVM guest boots (a read-write /dev/kvm is not enough: nested setups can
-    refuse the CPU model), and what happened if not."""
+def kvm_works(vbin: Path, kroot: Path, kver: str, out: Path, timeout: float = 90
+              ) -> tuple[bool, str]:
+    """Whether a KVM guest boots within ``timeout`` seconds (a read-write /dev/kvm is not
+    enough: nested setups can refuse the CPU model), and what happened if not."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "no usable /dev/kvm"
     ok = out / "kvm-ok"
     ok.unlink(missing_ok=True)
+    # A group of its own, ended whole: on a timeout, ending vng alone left virtme-run and
+    # a qemu that never booted running on a CPU each, for good.
+    proc = subprocess.Popen(vng_cmd(vbin, kroot, kver, out, True, f"touch {ok}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=dict(os.environ, PATH=f"{vbin}:{os.environ['PATH']}"))
     try:
-        r = subprocess.run(vng_cmd(vbin, kroot, kver, out, True, f"touch {ok}"),
-                           capture_output=True, text=True, timeout=90,
-                           env=dict(os.environ, PATH=f"{vbin}:{os.environ['PATH']}"))
-        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        _, err = proc.communicate(timeout=timeout)
+        why = (err.strip().splitlines() or ["no output"])[-1]
     except subprocess.TimeoutExpired:
-        why = "no guest within 90 s"
+        why = f"no guest within {timeout:g} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
     return ok.exists(), why
 
 

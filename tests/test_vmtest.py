@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,29 @@ def _test_functions(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     return {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
             and n.name.startswith("test")}
+
+
+def test_a_kvm_probe_that_hangs_leaves_nothing_running(tmp_path, monkeypatch):
+    """The KVM probe's VM that never boots is ended whole at the timeout: vng and what it
+    started (here a stand-in vng whose two children sleep, as virtme-run and qemu did).
+    It had stayed running, a CPU each, after every `make vmtest` on this machine."""
+    pids = tmp_path / "pids"
+    vng = tmp_path / "vng"
+    vng.write_text(f"#!/bin/sh\nsleep 60 & echo $! >> {pids}\n"
+                   f"sh -c 'sleep 60 & echo $! >> {pids}; wait' &\nwait\n")
+    vng.chmod(0o755)
+    monkeypatch.setattr(vmtest, "vng_cmd", lambda *a, **k: [str(vng)])
+    monkeypatch.setattr(vmtest.os, "access", lambda *a: True)
+    t0 = time.monotonic()
+    assert vmtest.kvm_works(tmp_path, tmp_path, "0", tmp_path, timeout=1) == (
+        False, "no guest within 1 s")
+    assert time.monotonic() - t0 < 10
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2
+    time.sleep(0.2)
+    alive = subprocess.run(["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, started))],
+                           capture_output=True, text=True).stdout.split("\n")
+    assert not [x for x in alive if x.strip() and "Z" not in x.split()[-1]]   # none, or reaped
 
 
 def test_every_matrix_line_names_a_test():
