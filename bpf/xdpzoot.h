@@ -145,8 +145,8 @@ struct xz_v6_lens {
 /*
  * The CSAM list's IPv4 exact addresses, per generation, also in lines of one cache line:
  * address a (its four bytes as a native word, network order in memory) lies in line
- * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - b), of the first 2^b of the generation's 2^
- * XZ_CSAM_LINE_BITS (b: in the control word, by the list's size): one miss where the hash takes
+ * (a * XZ_CSAM_HASH) mod 2^32 >> (32 - b) of the generation's first 2^b lines (b, at most
+ * XZ_CSAM_LINE_BITS, in the control word, by the list's size): one miss where the hash takes
  * two (its bucket, then its element). The hash stays whole: a line's ``more`` counts the
  * addresses that belong to it but did not fit (and 0.0.0.0, which a free slot would
  * match), so that only that line's lookups go on to the hash. The control word says

@@ -55,20 +55,21 @@ COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
 Progress = Callable[[int], Callable[[int], None] | None]
 
 
+def lines_word(maps: Maps, counts: dict[str, int]) -> int:
+    """The control word's bits that say how many lines and net lines a generation uses for a
+    list of ``counts``: as many as config.csam_line_bits says for its IPv4 addresses (its
+    IPv4 prefixes), at most all of them."""
+    word = 0
+    for kind, shift, n in (("l", "XZ_CSAM_LINES_SHIFT", counts["hosts4"]),
+                           ("n", "XZ_CSAM_NETS_SHIFT", counts["prefixes4"])):
+        most = len(maps.csam_lines(0, kind)).bit_length() - 1
+        word |= min(most, csam_line_bits(n)) << C[shift]
+    return word
+
+
 def used_lines(maps: Maps, gen: int, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The lines and the net lines that generation ``gen`` uses for a list of ``counts``:
-    the first of its lines, as many as config.csam_line_bits says for its IPv4 addresses
-    (its IPv4 prefixes), at most all; where the programs look (``lines_word``)."""
-    lines, nets = maps.csam_lines(gen), maps.csam_lines(gen, "n")
-    return (lines[:min(len(lines), 1 << csam_line_bits(counts["hosts4"]))],
-            nets[:min(len(nets), 1 << csam_line_bits(counts["prefixes4"]))])
-
-
-def lines_word(maps: Maps, gen: int, counts: dict[str, int]) -> int:
-    """The control word's bits that say how many lines the generation uses."""
-    lines, nets = used_lines(maps, gen, counts)
-    return ((len(lines).bit_length() - 1) << C["XZ_CSAM_LINES_SHIFT"]
-            | (len(nets).bit_length() - 1) << C["XZ_CSAM_NETS_SHIFT"])
+    """The lines and net lines that generation ``gen`` uses for a list of ``counts``."""
+    return word_lines(maps, gen | lines_word(maps, counts))
 
 
 def word_lines(maps: Maps, word: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +132,7 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
                                               memo=memo)
     maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
                                                         *(counts[k] for k in COUNTS)))
-    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, idle, counts)
+    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, counts)
                   | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
     # The generation that was in force is idle now. (A packet that read the control word
@@ -164,7 +165,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
              else None)
     if delta is not None and not _surely_fits(maps, old, delta, before, max_shrink):
         delta = None   # near a limit: decided on the whole list, parsed
-    if delta is not None and not _same_lines(maps, gen, old, delta):
+    if delta is not None and not _same_lines(maps, old, delta):
         delta = None   # its size asks for more or fewer lines: they are made anew
     if delta is None:
         lst = lst or csam.parse_csam_bytes(data, path)   # the careful parser names bad lines
@@ -180,8 +181,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 /25../31
     # when it held a list (the same writes change them); else they are made anew.
     lines, nets = used_lines(maps, gen, old.counts) if old else (None, None)
-    if delta is None and lines is not None and (len(lines), len(nets)) != tuple(
-            map(len, used_lines(maps, gen, lst.counts()))):
+    if delta is None and old and lines_word(maps, old.counts) != lines_word(maps, lst.counts()):
         lines = nets = None   # the new list uses more or fewer: made anew
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
@@ -231,20 +231,25 @@ def _surely_fits(maps: Maps, old: Held, delta: dict[bytes, int], before: int,
             and prefixes + len(new) - new_h <= maps.csam_prefixes[0].max_entries)
 
 
-def _same_lines(maps: Maps, gen: int, old: Held, delta: dict[bytes, int]) -> bool:
+def _v4_kind(k: bytes) -> str:
+    """The count an IPv4 entry key (csam.entry_key) is in."""
+    return "hosts4" if k[:4] == HOST else "prefixes4"
+
+
+def _same_lines(maps: Maps, old: Held, delta: dict[bytes, int]) -> bool:
     """Whether the list ``delta`` makes of ``old`` surely uses as many lines and net lines
-    as ``old`` (:func:`used_lines`), from bounds: each added entry may or may not be in
+    as ``old`` (:func:`lines_word`), from bounds: each added entry may or may not be in
     ``old`` already, each gone one is gone."""
-    now = tuple(map(len, used_lines(maps, gen, old.counts)))
     gone, new = _gone_new(old, delta)
     low, high = dict(old.counts), dict(old.counts)
-    for keys, bounds, sign in ((gone, (low, high), -1), (new, (high,), 1)):
-        for k in keys:
-            if k[4:16] == V4MAPPED:
-                for b in bounds:
-                    b["hosts4" if k[:4] == HOST else "prefixes4"] += sign
-    return (tuple(map(len, used_lines(maps, gen, low))) == now
-            == tuple(map(len, used_lines(maps, gen, high))))
+    for k in gone:
+        if k[4:16] == V4MAPPED:
+            low[_v4_kind(k)] -= 1
+            high[_v4_kind(k)] -= 1
+    for k in new:
+        if k[4:16] == V4MAPPED:
+            high[_v4_kind(k)] += 1
+    return lines_word(maps, low) == lines_word(maps, old.counts) == lines_word(maps, high)
 
 
 def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
