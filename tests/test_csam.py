@@ -1373,17 +1373,21 @@ def test_ipv6_entries_may_not_reach_into_the_ipv4_mapped_range(entry):
 # ---- batch writes on several threads (kernel._in_parallel) --------------------------------
 
 
-def test_batches_written_on_threads_are_all_there(dp, monkeypatch):
+@pytest.mark.parametrize("joined", [False, True], ids=["listed", "joined"])
+@pytest.mark.parametrize("missing", ["", "batch:lpm_trie"], ids=["batches", "no-trie-batches"])
+def test_batches_written_on_threads_are_all_there(dp, monkeypatch, joined, missing):
     """A write of many batches runs on threads: every key arrives, progress counts each
-    once, and deletes take them all out again; at an LPM trie (batches, one thread) too."""
+    once, and deletes take them all out again; at an LPM trie (batches, one thread) too,
+    and key by key where the kernel has no trie batches; the keys given as a list or
+    joined in one buffer (a whole load's addresses)."""
     monkeypatch.setattr(kernel, "BATCH", 100)
+    monkeypatch.setenv(kernel.MISSING_ENV, missing)
     hosts, prefixes = dp.maps.csam_hosts[0], dp.maps.csam_prefixes[0]
     keys = [secrets.token_bytes(16) for _ in range(3_000)]
     pkeys = list({layout.LPM_KEY.pack(120, secrets.token_bytes(16)) for _ in range(700)})
     for m, ks in ((hosts, keys), (prefixes, pkeys)):
         seen = []
-        m.update_many(ks, csam.LISTED,
-                      seen.append)
+        m.update_many(b"".join(ks) if joined else ks, csam.LISTED, seen.append)
         assert sum(seen) == len(ks) and all(n <= 100 for n in seen)
         assert set(m.keys()) == set(ks)
         m.delete_many(ks)

@@ -62,7 +62,7 @@ def lines_word(maps: Maps, counts: dict[str, int]) -> int:
     word = 0
     for kind, shift, n in (("l", "XZ_CSAM_LINES_SHIFT", counts["hosts4"]),
                            ("n", "XZ_CSAM_NETS_SHIFT", counts["prefixes4"])):
-        most = len(maps.csam_lines(0, kind)).bit_length() - 1
+        most = maps.csam_line_count(kind).bit_length() - 1
         word |= min(most, csam_line_bits(n)) << C[shift]
     return word
 
@@ -260,12 +260,17 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     made anew); (added, removed). ``memo["dir"]``, ``memo["lines"]``, ``memo["nets"]``:
     the list's directory and lines, computed on first use."""
     want_h = lst.hosts
-    want_p = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
+    if "want_p" not in memo:
+        memo["want_p"] = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
+    want_p = memo["want_p"]
     have_h = set(maps.csam_hosts[gen].keys())
     have_p = set(maps.csam_prefixes[gen].keys())
-    add_h, del_h = list(want_h - have_h), list(have_h - want_h)
+    # Into an empty table (a first load): every address, as the list holds them joined.
+    add_h = list(want_h - have_h) if have_h else lst.joined
+    del_h = list(have_h - want_h)
     add_p, del_p = list(want_p - have_p), list(have_p - want_p)
-    step = progress(len(add_h) + len(del_h) + len(add_p) + len(del_p)) if progress else None
+    n_add_h = len(add_h) if have_h else len(want_h)
+    step = progress(n_add_h + len(del_h) + len(add_p) + len(del_p)) if progress else None
     # Deletes first: the tables never hold more than the larger of old and new.
     maps.csam_hosts[gen].delete_many(del_h, step)
     maps.csam_prefixes[gen].delete_many(del_p, step)
@@ -280,15 +285,15 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     else:
         lines, nets = used_lines(maps, gen, lst.counts())
         if "lines" not in memo:
-            memo["lines"] = dirs.lines_of(dirs.v4_words(want_h), len(lines))
+            memo["lines"] = dirs.lines_of(dirs.v4_words(lst.joined), len(lines))
             memo["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), len(nets), dirs.NET_BY)
         lines[:] = memo["lines"]
         nets[:] = memo["nets"]
     if "dir" not in memo:
-        memo["dir"], memo["v6"] = dirs.csam(lst.hosts, lst.prefixes)
+        memo["dir"], memo["v6"] = dirs.csam(lst.joined, lst.prefixes)
     maps.write_csam_dir(gen, memo["dir"])
     maps.write_csam_v6(gen, memo["v6"])
-    return len(add_h) + len(add_p), len(del_h) + len(del_p)
+    return n_add_h + len(add_p), len(del_h) + len(del_p)
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],

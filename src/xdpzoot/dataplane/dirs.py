@@ -81,11 +81,17 @@ def _unpack(d: bytes | bytearray) -> np.ndarray:
     return np.stack([b & 3, b >> 2 & 3, b >> 4 & 3, b >> 6 & 3], axis=1).reshape(-1)
 
 
-def _rows(addrs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """16-byte addresses as the rows of an array, and which of them are IPv4."""
+def _joined(addrs: Iterable[bytes] | bytes) -> bytes:
+    """16-byte addresses in one buffer (given so, or joined here)."""
+    return addrs if isinstance(addrs, bytes) else b"".join(addrs)
+
+
+def _rows(addrs: Iterable[bytes] | bytes) -> tuple[np.ndarray, np.ndarray]:
+    """16-byte addresses (or their buffer) as the rows of an array, and which of them are
+    IPv4."""
     import numpy as np
 
-    raw = np.frombuffer(b"".join(addrs), dtype=np.uint8).reshape(-1, 16)
+    raw = np.frombuffer(_joined(addrs), dtype=np.uint8).reshape(-1, 16)
     return raw, (raw[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
 
 
@@ -113,13 +119,14 @@ def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.n
     return np.repeat(starts, counts) + offsets, first[~whole], raw[~v4], plen[~v4]
 
 
-def csam(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]) -> tuple[bytes, bytes]:
-    """The exact IPv4 directory and IPv6 filter of a CSAM list (its addresses joined once:
-    at a million entries that is most of the work)."""
+def csam(hosts: Iterable[bytes] | bytes, prefixes: Iterable[tuple[int, bytes]]
+         ) -> tuple[bytes, bytes]:
+    """The exact IPv4 directory and IPv6 filter of a CSAM list (its addresses, or their
+    buffer: at a million entries, joining them is most of the work)."""
     import numpy as np
 
     st = np.full(SLASH24, NONE, dtype=np.uint8)
-    raw, v4 = _rows(list(hosts))
+    raw, v4 = _rows(hosts)
     st[_slash24s(raw[v4])] = HOSTS
     covered, partial, raw6, plen6 = _prefixes24(prefixes)
     st[partial] = LOOK
@@ -470,13 +477,12 @@ LINE_WORDS = LINE_KEYS + 1            # the addresses, then ``more``
 LINE_HASH = C["XZ_CSAM_HASH"]
 
 
-def v4_words(addrs: Iterable[bytes]) -> np.ndarray:
-    """The IPv4 ones of the 16-byte ``addrs`` as the programs load them: the four bytes
-    as a native word."""
+def v4_words(addrs: Iterable[bytes] | bytes) -> np.ndarray:
+    """The IPv4 ones of the 16-byte ``addrs`` (or their buffer) as the programs load them:
+    the four bytes as a native word."""
     import numpy as np
 
-    a = np.frombuffer(b"".join(addrs), dtype=np.uint8).reshape(-1, 16)
-    v4 = (a[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)
+    a, v4 = _rows(addrs)
     return np.ascontiguousarray(a[v4, 12:]).view(np.uint32).ravel()
 
 

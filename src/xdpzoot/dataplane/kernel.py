@@ -696,9 +696,10 @@ class PinnedMap:
         _in_parallel(write, range(0, len(keys), BATCH), progress,
                      parallel=self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY))
 
-    def update_many(self, keys: list[bytes], value: bytes,
+    def update_many(self, keys: list[bytes] | bytes, value: bytes,
                     progress: Callable[[int], None] | None = None) -> None:
-        """Write ``value`` under every key, in batches where the map type has them."""
+        """Write ``value`` under every key (a list, or the keys joined in one buffer), in
+        batches where the map type has them."""
         self._many(keys, value, progress)
 
     def add_new(self, keys: list[bytes], value: bytes) -> list[bytes]:
@@ -723,33 +724,35 @@ class PinnedMap:
             if _libbpf.bpf_map_delete_elem(self.fd, k) != 0 and ct.get_errno() != errno.ENOENT:
                 _check(-1, f"delete {self.path}")
 
-    def _many(self, keys: list[bytes], value: bytes | None,
+    def _many(self, keys: list[bytes] | bytes, value: bytes | None,
               progress: Callable[[int], None] | None) -> None:
         what = f"{'update' if value is not None else 'delete'} {self.path}"
         # An LPM trie takes batches too (one lock for the whole trie: no gain from
         # threads there, but no system call per entry).
         batch = self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH) or (
             self.type == BPF_MAP_TYPE_LPM_TRIE and _batched(self.type))
+        ks = self.key_size if isinstance(keys, bytes) else 1   # joined: a key is ks bytes
 
         def write(i: int) -> int:
-            chunk = keys[i:i + BATCH]
+            chunk = keys[i * ks:(i + BATCH) * ks]
+            n = len(chunk) // ks
             if batch:
-                count = ct.c_uint32(len(chunk))
+                count = ct.c_uint32(n)
                 opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
-                joined = b"".join(chunk)
-                rc = (_libbpf.bpf_map_update_batch(self.fd, joined, value * len(chunk),
+                joined = chunk if ks > 1 else b"".join(chunk)
+                rc = (_libbpf.bpf_map_update_batch(self.fd, joined, value * n,
                                                    ct.byref(count), opts)
                       if value is not None else
                       _libbpf.bpf_map_delete_batch(self.fd, joined, ct.byref(count), opts))
                 _check(rc, what)
             else:
-                for k in chunk:
+                for k in (chunk[j:j + ks] for j in range(0, len(chunk), ks)) if ks > 1 else chunk:
                     _check(_libbpf.bpf_map_update_elem(self.fd, k, value, 0)
                            if value is not None else _libbpf.bpf_map_delete_elem(self.fd, k),
                            what)
-            return len(chunk)
+            return n
 
-        _in_parallel(write, range(0, len(keys), BATCH), progress,
+        _in_parallel(write, range(0, len(keys) // ks, BATCH), progress,
                      parallel=batch and self.type != BPF_MAP_TYPE_LPM_TRIE)
 
 
@@ -1894,9 +1897,13 @@ class Maps:
         import numpy as np
 
         m = self.map(f"xz_csam_{kind}")
-        n = m.max_entries // 2 * dirs.LINE_WORDS
+        n = self.csam_line_count(kind) * dirs.LINE_WORDS
         return np.frombuffer(m.view("I"), dtype=np.uint32)[gen * n:(gen + 1) * n
                                                             ].reshape(-1, dirs.LINE_WORDS)
+
+    def csam_line_count(self, kind: str = "l") -> int:
+        """How many lines (``kind`` "n": net lines) each generation has."""
+        return self.map(f"xz_csam_{kind}").max_entries // 2
 
     def text_path(self, gen: int) -> str:
         """Where the text of generation ``gen``'s list is pinned."""

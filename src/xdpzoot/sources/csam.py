@@ -8,14 +8,17 @@ error; problems name the file and line only. Swapping it into the kernel is
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
+import re
 import socket
 import stat
 import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 from xdpzoot.dataplane.layout import LPM_KEY
 from xdpzoot.sources.files import SOURCE_BYTES, SourceError, read_file
@@ -24,6 +27,8 @@ from xdpzoot.tables import Key
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 _WS = " \t\r\x0b\x0c"   # what bytes.strip() removes (and str.strip() more): one verdict
+_SPLIT_WS = _WS + "\x1c\x1d\x1e\x1f"   # what str.split() splits at besides "\n" (ASCII)
+_COMMENT = re.compile(r"#[^\n]*")
 LISTED = b"\x01"
 HOST = struct.pack("=I", 128)             # LPM_KEY's length field of an exact address
 COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
@@ -41,6 +46,12 @@ class CsamList:
     sha256: bytes
     hosts4: int   # how many of the hosts are IPv4 (counted while parsing)
     dups: dict[bytes, int]
+
+    @functools.cached_property
+    def joined(self) -> bytes:
+        """The hosts in one buffer, 16 bytes each (in the order of iterating ``hosts``):
+        what a whole load writes and makes its directory and lines of, joined once."""
+        return b"".join(self.hosts)
 
     def counts(self) -> dict[str, int]:
         p4 = sum(1 for _, a in self.prefixes if a[:12] == V4MAPPED)
@@ -110,14 +121,17 @@ def _parse_fast(data: bytes) -> CsamList | None:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         return None
-    lines = text.split("\n")
     if "#" in text:
-        lines = [x.split("#", 1)[0] for x in lines]
-    lines = [x for x in (y.strip(_WS) for y in lines) if x]
+        text = _COMMENT.sub("", text)
+    if any(c in text for c in _SPLIT_WS):
+        lines = [x for x in (y.strip(_WS) for y in text.split("\n")) if x]
+    else:   # no whitespace but the line ends: the lines that are not empty
+        lines = text.split()
     plain = [x for x in lines if "/" not in x]
     pton, af4, af6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
     try:
-        hosts = {V4MAPPED + pton(af4, x) for x in plain if ":" not in x}
+        hosts = set(map(V4MAPPED.__add__, map(pton, repeat(af4),
+                                              [x for x in plain if ":" not in x])))
     except (OSError, ValueError):
         return None
     h4 = len(hosts)
