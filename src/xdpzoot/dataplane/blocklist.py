@@ -43,7 +43,7 @@ from xdpzoot.dataplane.kernel import Maps
 from xdpzoot.dataplane.layout import LPM_KEY, META
 from xdpzoot.sources import csam
 from xdpzoot.sources.csam import HOST, LISTED, CsamList
-from xdpzoot.sources.files import check_room, check_shrink
+from xdpzoot.sources.files import check_room, check_shrink, paused_gc
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +114,12 @@ def load(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = N
     already) and compared with the generation's keys, read back. Since both generations
     hold the list in force after a load, the next load writes only its difference with it.
     """
+    with paused_gc():   # a whole load holds millions of objects: see files.paused_gc
+        return _load(maps, data, path, lst, progress, now, max_shrink)
+
+
+def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Progress | None,
+          now: Callable[[], float], max_shrink: float | None) -> LoadResult:
     maps.check_writer()
     sha = hashlib.sha256(data).digest()
     _, word = maps.word()

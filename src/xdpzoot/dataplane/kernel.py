@@ -1019,12 +1019,17 @@ def _code(text: str) -> str:
     return " ".join(re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S).split())
 
 
+@functools.cache
+def _layout_code() -> bytes:
+    """The headers that define the maps, comments and spacing left out (read once)."""
+    return b"".join(_code((schema.BPF_DIR / name).read_text()).encode() + b"\0"
+                    for name in LAYOUT_HEADERS)
+
+
 def layout_digest(defines: Iterable[str]) -> str:
     """SHA-256 of the map layout: the headers that define the maps (comments and spacing
     left out) and the -D limits in force."""
-    h = hashlib.sha256()
-    for name in LAYOUT_HEADERS:
-        h.update(_code((schema.BPF_DIR / name).read_text()).encode() + b"\0")
+    h = hashlib.sha256(_layout_code())
     for d in sorted(defines):
         h.update(d.encode() + b"\0")
     return h.hexdigest()

@@ -9,7 +9,6 @@ error; problems name the file and line only. Swapping it into the kernel is
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import re
 import socket
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from itertools import repeat
 
 from xdpzoot.dataplane.layout import LPM_KEY
-from xdpzoot.sources.files import SOURCE_BYTES, SourceError, read_file
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, paused_gc, read_file
 from xdpzoot.sources.subscribers import V4MAPPED_PROBLEM, overlaps_v4mapped
 from xdpzoot.tables import Key
 
@@ -105,13 +104,8 @@ def _parse_line(s: bytes) -> tuple[bytes | None, Key | None, str | None]:
 def parse_csam_bytes(data: bytes, path: str = "<csam>") -> CsamList:
     """Validate a list: one address or prefix per line, ``#`` comments, blank lines, and
     surrounding whitespace allowed; anything else is an error with its line number."""
-    gc_was = gc.isenabled()
-    gc.disable()   # a million small objects: collection passes would dominate
-    try:
+    with paused_gc():   # a million small objects: collection passes would dominate
         return _parse_fast(data) or _parse_careful(data, path)
-    finally:
-        if gc_was:
-            gc.enable()
 
 
 def _parse_fast(data: bytes) -> CsamList | None:
