@@ -94,11 +94,12 @@ XZ_MAP("lru_hash", struct xz_addr, struct xz_state, xz_pool_state, XZ_MAX_POOL_L
 /* State of IPv4 pool addresses, by pool (xz_class.slot) and host bits: no hash, no insert.
  * dp writes, cp reads and clears a block before giving it to another pool. */
 XZ_MAP("array", __u32, struct xz_state, xz_pool_addrs, XZ_MAX_POOL_ADDRS, BPF_F_MMAPABLE);
-/* SMTP attempts OP25B blocked, per IPv4 pool address (by xz_pool_addrs' index), apart from
- * the state: 4 bytes, where the state takes 128, so that a spam bot's drop touches an array
- * the cache can hold (4 MiB for 1M addresses). dp writes, cp reads and clears a block with
- * the state's. */
-XZ_MAP("array", __u32, __u32, xz_pool_op25b, XZ_MAX_POOL_ADDRS, 0);
+/* SMTP attempts OP25B blocked, per IPv4 pool address (struct xz_op25b), apart from the
+ * state: 4 bytes, where the state takes 128, so that a spam bot's drop touches an array the
+ * cache can hold (4 MiB for 1M addresses). dp adds, cp reads, and clears a block with the
+ * state's (in place, mapped: a counter at a time, never its neighbours' value). */
+XZ_MAP("array", __u32, struct xz_op25b, xz_pool_op25b,
+       (XZ_MAX_POOL_ADDRS + XZ_OP25B_PER - 1) / XZ_OP25B_PER, BPF_F_MMAPABLE);
 /* Flows watched for bulk transfers while congestion mode is on. dp writes. */
 XZ_MAP("lru_hash", struct xz_flow_key, struct xz_flow, xz_flows, XZ_MAX_FLOWS, 0);
 /* Global switches, one entry. cp writes. */

@@ -762,10 +762,11 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	 * an array of its own, 4 bytes an address, not in its state's cold line. */
 	if (reason == XZ_R_OP25B && cls) {
 		if (cls->pool_bits) {
-			__u32 i = xz_pool_index(p, cls, role), *n = xz_pool_op25b.lookup(&i);
+			__u32 i = xz_pool_index(p, cls, role), v = i / XZ_OP25B_PER;
+			struct xz_op25b *n = xz_pool_op25b.lookup(&v);
 
 			if (n)
-				__sync_fetch_and_add(n, 1);
+				__sync_fetch_and_add(&n->n[i % XZ_OP25B_PER], 1);
 		} else {
 			struct xz_state *st = xz_state_of(p, cls, role);
 

@@ -251,6 +251,15 @@ struct xz_state {
 	struct xz_scan scan;   /* destinations of new conversations, this window (upstream) */
 };
 
+/* SMTP attempts OP25B blocked, of XZ_OP25B_PER consecutive IPv4 pool addresses (by
+ * xz_pool_addrs' index i: value i / XZ_OP25B_PER, counter i % XZ_OP25B_PER). An array
+ * stores each value in a multiple of 8 bytes: one 4-byte counter a value took 8, and twice
+ * the memory that a drop's random slot lies in. */
+#define XZ_OP25B_PER 16
+struct xz_op25b {
+	__u32 n[XZ_OP25B_PER];
+};
+
 /* A throttle set by hand (`xdpzoot throttle`), by slot; the daemon merges it. */
 struct xz_manual {
 	__u32 kbps;        /* both directions */

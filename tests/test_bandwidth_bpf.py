@@ -11,6 +11,7 @@ never for synchronisation.
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import time
 
@@ -305,3 +306,18 @@ def test_indexed_pool_addresses_have_state_of_their_own(dp):
     sync.set_suspended(m, tables.addr16(POOL4), False)
     send(dp, up(src=POOL4), 1)
     assert m.pool_volumes()[tables.addr16(POOL4)].up_packets == 4
+
+
+def test_clearing_a_block_keeps_its_neighbours_attempts(dp):
+    """The SMTP attempts of XZ_OP25B_PER addresses share a value of xz_pool_op25b: a block
+    cleared for another pool zeroes its own counters, in place, and none beside them."""
+    m = dp.maps
+    per = C["XZ_OP25B_PER"]
+    attempts = m.pool_op25b.view("I")
+    first = per + 5                           # a block inside one value, and one across two
+    attempts[first - 1:first + per + 1] = array.array("I", range(1, per + 3))
+    m.clear_pool_blocks([(first, 3), (first + 6, per - 6)])
+    assert list(attempts[first - 1:first + per + 1]) == [
+        1, 0, 0, 0, 5, 6, 7, *[0] * (per - 6), per + 2]
+    m.clear_pool_blocks([(first - 1, per + 2)])
+    assert not any(attempts[first - 1:first + per + 1])

@@ -1550,13 +1550,16 @@ class Maps:
         return dict(zip(slots.tolist(), ids[slots].tolist(), strict=True))
 
     def clear_pool_blocks(self, blocks: Iterable[tuple[int, int]]) -> None:
-        """Zero the pool-address state (and SMTP attempts) of ``(first index, count)``
-        blocks."""
+        """Zero the pool-address state and SMTP attempts of ``(first index, count)``
+        blocks. The attempts in place (xz_pool_op25b mapped): a value holds the counters of
+        XZ_OP25B_PER addresses, and one written whole would undo the adds to its other
+        counters that the programs make meanwhile."""
         self.check_writer()
+        attempts = self.pool_op25b.view("I")
         for first, n in blocks:
             keys = [struct.pack("=I", i) for i in range(first, first + n)]
-            for m in (self.pool_map, self.pool_op25b):
-                m.update_items(keys, bytes(m.value_size) * n)
+            self.pool_map.update_items(keys, bytes(self.pool_map.value_size) * n)
+            attempts[first:first + n] = array("I", bytes(4 * n))
 
     def indexed_pool_volumes(self) -> dict[bytes, Volume]:
         """Address -> volume, for the addresses of indexed pools that sent or received
@@ -1566,8 +1569,7 @@ class Maps:
         if not pools:
             return {}
         _, raw = self.pool_map.items()
-        _, op = self.pool_op25b.items()
-        smtp = memoryview(op).cast("I")   # the SMTP attempts, in an array of their own
+        smtp = self.pool_op25b.view("I")   # the SMTP attempts, in an array of their own
         n, zero, out = STATE.size, bytes(STATE.size), {}
         epoch = self.control_value().scan_epoch
         for addr, e in pools:

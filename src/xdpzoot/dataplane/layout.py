@@ -175,6 +175,7 @@ COUNTER = struct.Struct("=QQ")            # struct xz_counter: packets, bytes
 IDX_ROW = struct.Struct(f"={schema.C['XZ_IDX_LANES']}H")   # struct xz_sub_idx: lanes
 IDX_LANE = struct.Struct("=H")            # one of them
 HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, idx, _pad
+ATTEMPTS = struct.Struct(f"={schema.C['XZ_OP25B_PER']}I")   # struct xz_op25b: SMTP attempts
 
 
 class Control(NamedTuple):
