@@ -263,19 +263,22 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
                 ) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
     and its ``lines`` and ``nets`` with them (None: they may not hold its keys, and are
-    made anew); (added, removed). ``memo["dir"]``, ``memo["lines"]``, ``memo["nets"]``:
-    the list's directory and lines, computed on first use."""
+    made anew); (added, removed). ``memo["dir"]``, ``memo["lines"]``, ``memo["nets"]``,
+    ``memo["want_p"]``: the list's directory, lines and prefix keys, computed on first
+    use."""
     want_h = lst.hosts
     if "want_p" not in memo:
         memo["want_p"] = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     want_p = memo["want_p"]
     have_h = set(maps.csam_hosts[gen].keys())
     have_p = set(maps.csam_prefixes[gen].keys())
-    # Into an empty table (a first load): every address, as the list holds them joined.
-    add_h = list(want_h - have_h) if have_h else lst.joined
+    if have_h:
+        add_h: list[bytes] | bytes = list(want_h - have_h)
+        n_add_h = len(add_h)
+    else:   # an empty table (a first load): every address, joined as the list holds them
+        add_h, n_add_h = lst.joined, len(want_h)
     del_h = list(have_h - want_h)
     add_p, del_p = list(want_p - have_p), list(have_p - want_p)
-    n_add_h = len(add_h) if have_h else len(want_h)
     step = progress(n_add_h + len(del_h) + len(add_p) + len(del_p)) if progress else None
     # Deletes first: the tables never hold more than the larger of old and new.
     maps.csam_hosts[gen].delete_many(del_h, step)

@@ -282,7 +282,7 @@ def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
     import numpy as np
 
     st = np.full(SLASH24, NO_PREFIX | NO_HOST, dtype=np.uint8)
-    raw, v4 = _rows(list(hosts))
+    raw, v4 = _rows(hosts)
     st[_slash24s(raw[v4])] = NO_PREFIX
     covered, partial, _, _ = _prefixes24(prefixes)
     st[np.concatenate([covered, partial])] &= NO_HOST
