@@ -590,7 +590,7 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
         # A load brings both generations to its list: the big one goes into the idle
         # generation alone (a load's first half), so that each generation holds one list.
         for label, lst in (("small", small), ("big", big)):
-            log(f"  loading the {label} list ({len(lst.hosts) + len(lst.prefixes):,} entries) "
+            log(f"  loading the {label} list ({lst.n_hosts + len(lst.prefixes):,} entries) "
                 "...")
             t0 = time.monotonic()
             if label == "small":
@@ -667,8 +667,8 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
     cold_sum = {k: {"median": med(v), "p90": float(statistics.quantiles(v, n=10)[-1]),
                     "n": len(v)} for k, v in cold.items()}
     return {"runs": res, "labels": {p.key: p.label for p in paths}, "cold": cold_sum,
-            "sizes": {"small": len(small.hosts) + len(small.prefixes),
-                      "big": len(big.hosts) + len(big.prefixes)},
+            "sizes": {"small": small.n_hosts + len(small.prefixes),
+                      "big": big.n_hosts + len(big.prefixes)},
             "compile_s": compile_s, "repeat": repeat, "n_runs": runs}
 
 

@@ -86,6 +86,9 @@ VALID = [
     ("v6-slash128-is-a-host", b"2001:db8::7/128\n", ["2001:db8::7/128"]),
     ("v4-slash31", b"203.0.113.6/31\n", ["203.0.113.6/31"]),
     ("v4-benchmark-range", b"198.18.0.0/15\n", ["198.18.0.0/15"]),
+    ("v4-len-zero-padded", b"198.51.100.0/024\n192.0.2.9/032\n",
+     ["198.51.100.0/24", "192.0.2.9/32"]),
+    ("v4-everything", b"0.0.0.0/0\n", ["0.0.0.0/0"]),
     ("v6-slash32", b"2001:db8::/32\n", ["2001:db8::/32"]),
     ("full-line-comments", b"# CSAM list, 2024-06-01\n#no space\n192.0.2.1\n", ["192.0.2.1/32"]),
     ("trailing-comments", b"192.0.2.1 # why\n2001:db8:5::/48# tight\n198.51.100.9#x\n",
@@ -152,6 +155,8 @@ BAD = [
     ("len-non-numeric", "198.51.100.0/abc", BAD_LEN),
     ("len-mixed", "198.51.100.0/2x", BAD_LEN),
     ("len-empty", "203.0.113.0/", BAD_LEN),
+    ("len-four-digits", "203.0.113.0/0024", BAD_LEN),
+    ("v4-prefix-leading-zero", "198.051.100.0/24", NOT_ADDR),
     ("len-negative", "203.0.113.0/-8", BAD_LEN),
     ("len-plus", "203.0.113.0/+24", BAD_LEN),
     ("len-netmask", "203.0.113.0/255.255.255.0", BAD_LEN),
@@ -304,6 +309,43 @@ def test_generated_list_parses(case):
     assert lst.counts() == counts_of(hosts, prefixes)
     # The bulk parser and the line-by-line one must agree on every valid file.
     assert csam._parse_careful(data, PATH) == lst
+
+
+@pytest.fixture
+def in_halves(monkeypatch):
+    """Every list parsed in two processes (_parse_halves): as for a large list in a
+    process of one thread (pytest's workers have more)."""
+    monkeypatch.setattr(csam, "HALVES_BYTES", 1)
+    monkeypatch.setattr(csam, "_may_fork", lambda: True)
+
+
+HALVES = b"".join(f"192.0.{i}.{i}\n2001:db8::{i:x}\n198.51.{i}.0/24\n".encode()
+                  for i in range(64)) + b"203.0.113.0/32\n2001:db8:5::/48\n"
+
+
+def test_a_list_in_halves_is_the_list(in_halves):
+    whole = csam._parse_careful(HALVES, PATH)
+    with mock.patch.object(csam, "_parse_fast", side_effect=AssertionError):
+        lst = csam.parse_csam_bytes(HALVES, PATH)   # the halves' parse, and no other
+    assert lst == whole
+    assert lst.counts() == {"hosts4": 65, "hosts6": 64, "prefixes4": 64, "prefixes6": 1}
+
+
+@pytest.mark.parametrize("again", ["192.0.1.1", "192.0.40.40/32", "2001:db8::3",
+                                   "198.51.2.0/24", "2001:db8:5::/48"])
+def test_an_entry_in_both_halves_is_counted_as_the_whole_parse_counts_it(in_halves, again):
+    data = f"{again}\n".encode() + HALVES   # once in the first half, once in the second
+    assert csam._parse_halves(data) is None
+    lst = csam.parse_csam_bytes(data, PATH)
+    assert lst == csam._parse_careful(data, PATH)
+    assert list(lst.dups.values()) == [2]
+
+
+def test_a_bad_line_in_the_second_half_is_named(in_halves):
+    lines = HALVES.splitlines()
+    lines[-3] = b"192.0.2.256"
+    err = parse_err(b"\n".join(lines) + b"\n")
+    assert err.problems == [(len(lines) - 2, NOT_ADDR)]
 
 
 BAD_FOR_HYPOTHESIS = [(b, p) for i, b, p in BAD if i not in SHOWN and "\xe9" not in b]

@@ -34,6 +34,7 @@ import hashlib
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -132,7 +133,7 @@ def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Pr
     sha_idle = maps.read_meta(idle)["sha256"]
     same = sha_idle is not None and sha_idle == maps.read_meta(gen)["sha256"]
     before = sum(maps.read_meta(gen)[k] for k in COUNTS)   # entries in force
-    memo: dict = {}   # what the two writes of this load share (the directory)
+    memo: dict = {}   # what the two writes of this load share (_write_list)
     added, removed, counts, lst, old = _bring(maps, idle, data, path, lst, progress,
                                               max_shrink=max_shrink, before=before,
                                               memo=memo)
@@ -162,7 +163,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     already; ``text``: where this list's text is pinned already. Refused before any write
     (SourceError): more entries than a generation holds, and given ``max_shrink``, fewer
     than ``1 - max_shrink`` of ``before``, the entries in force. ``memo``: shared with
-    the other write of the same list (its directory is computed once)."""
+    the other write of the same list (its directory and lines are computed once)."""
     old = old or held(maps, gen)
     # A directory of zeros was never written (an instance from before directories):
     # correct, but only a whole load makes it fast.
@@ -176,9 +177,9 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     if delta is None:
         lst = lst or csam.parse_csam_bytes(data, path)   # the careful parser names bad lines
         if max_shrink is not None:
-            check_shrink(path, "list entries", before, len(lst.hosts) + len(lst.prefixes),
+            check_shrink(path, "list entries", before, lst.n_hosts + len(lst.prefixes),
                          max_shrink, "csam.max_shrink")
-        check_room(path, "addresses", len(lst.hosts), maps.csam_hosts[gen].max_entries,
+        check_room(path, "addresses", lst.n_hosts, maps.csam_hosts[gen].max_entries,
                    "limits.csam_hosts")
         check_room(path, "prefixes", len(lst.prefixes), maps.csam_prefixes[gen].max_entries,
                    "limits.csam_prefixes")
@@ -263,28 +264,34 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
                 ) -> tuple[int, int]:
     """Bring generation ``gen`` to ``lst`` by the difference with its keys, read back,
     and its ``lines`` and ``nets`` with them (None: they may not hold its keys, and are
-    made anew); (added, removed). ``memo["dir"]``, ``memo["lines"]``, ``memo["nets"]``,
-    ``memo["want_p"]``: the list's directory, lines and prefix keys, computed on first
-    use."""
-    want_h = lst.hosts
-    if "want_p" not in memo:
+    made anew); (added, removed). ``memo["made"]`` (:func:`_made`, made on another thread
+    while the kernel writes the first generation) and ``memo["want_p"]`` (the prefix keys):
+    what both writes of one list share."""
+    if "made" not in memo:
+        sizes = [len(t) for t in used_lines(maps, gen, lst.counts())]
+        pool = ThreadPoolExecutor(1)
+        memo["made"] = pool.submit(_made, lst, *sizes)
+        pool.shutdown(wait=False)   # the job runs on; its thread ends with it
         memo["want_p"] = {LPM_KEY.pack(plen, a) for plen, a in lst.prefixes}
     want_p = memo["want_p"]
     have_h = set(maps.csam_hosts[gen].keys())
     have_p = set(maps.csam_prefixes[gen].keys())
     if have_h:
-        add_h: list[bytes] | bytes = list(want_h - have_h)
+        add_h: list[bytes] | bytes = list(lst.hosts - have_h)
         n_add_h = len(add_h)
+        del_h = list(have_h - lst.hosts)
     else:   # an empty table (a first load): every address, joined as the list holds them
-        add_h, n_add_h = lst.joined, len(want_h)
-    del_h = list(have_h - want_h)
+        add_h, n_add_h, del_h = lst.joined, lst.n_hosts, []
     add_p, del_p = list(want_p - have_p), list(have_p - want_p)
     step = progress(n_add_h + len(del_h) + len(add_p) + len(del_p)) if progress else None
     # Deletes first: the tables never hold more than the larger of old and new.
     maps.csam_hosts[gen].delete_many(del_h, step)
     maps.csam_prefixes[gen].delete_many(del_p, step)
-    maps.csam_hosts[gen].update_many(add_h, LISTED, step)
+    # The trie first: its batches take one CPU (one lock for the whole trie), the hash's
+    # both, and numpy's work for _made the other one meanwhile.
     maps.csam_prefixes[gen].update_many(add_p, LISTED, step)
+    maps.csam_hosts[gen].update_many(add_h, LISTED, step)
+    made = memo["made"].result()
     if lines is not None and nets is not None:   # (both or neither: the generation held)
         dirs.lines_remove(lines, dirs.v4_words(del_h))
         dirs.lines_add(lines, dirs.v4_words(add_h))
@@ -293,16 +300,22 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         nets[:, dirs.LINE_KEYS] &= ~dirs.NET_TRIE & 0xFFFF_FFFF   # the directory is exact
     else:
         lines, nets = used_lines(maps, gen, lst.counts())
-        if "lines" not in memo:
-            memo["lines"] = dirs.lines_of(dirs.v4_words(lst.joined), len(lines))
-            memo["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), len(nets), dirs.NET_BY)
-        lines[:] = memo["lines"]
-        nets[:] = memo["nets"]
-    if "dir" not in memo:
-        memo["dir"], memo["v6"] = dirs.csam(lst.joined, lst.prefixes)
-    maps.write_csam_dir(gen, memo["dir"])
-    maps.write_csam_v6(gen, memo["v6"])
+        lines[:] = made["lines"]
+        nets[:] = made["nets"]
+    maps.write_csam_dir(gen, made["dir"])
+    maps.write_csam_v6(gen, made["v6"])
     return n_add_h + len(add_p), len(del_h) + len(del_p)
+
+
+def _made(lst: CsamList, n_lines: int, n_nets: int) -> dict:
+    """The list's IPv4 directory and IPv6 filter, and its lines and net lines in tables of
+    ``n_lines`` and ``n_nets`` lines (the sizes its counts ask for): numpy's work, which
+    runs while the kernel takes the batches (system calls that hold no Python lock)."""
+    d, v6 = dirs.csam(lst.joined, lst.prefixes)
+    out = {"dir": d, "v6": v6}
+    out["lines"] = dirs.lines_of(dirs.v4_words(lst.joined), n_lines)
+    out["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), n_nets, dirs.NET_BY)
+    return out
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],

@@ -524,10 +524,16 @@ def _ranked(t: np.ndarray, words: np.ndarray, by: int = 0
     li = line_of(words, len(t), by)
     # Stable: a line's addresses keep their order. (With numpy's default sort, the ranks
     # of 3,000 addresses came out negative under `make vmtest`'s emulated CPU (QEMU 7.2,
-    # TCG), never on a real one; the stable sort gives the right ones there too.)
-    order = np.argsort(li, kind="stable")
+    # TCG), never on a real one; the stable sort gives the right ones there too.) Two
+    # passes of 16 bits: numpy's stable sort of 16-bit keys is a radix sort, 3-4x faster
+    # than its stable sort of wider ones.
+    order = np.argsort(li.astype(np.uint16), kind="stable")
+    order = order[np.argsort((li[order] >> 16).astype(np.uint16), kind="stable")]
     li, words = li[order], words[order]
-    return li, words, np.arange(len(li)) - np.searchsorted(li, li)
+    if not len(li):
+        return li, words, li
+    first = np.flatnonzero(np.concatenate(([True], li[1:] != li[:-1])))   # each line's
+    return li, words, np.arange(len(li)) - np.repeat(first, np.diff(first, append=len(li)))
 
 
 def lines_add(t: np.ndarray, words: np.ndarray, by: int = 0) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import pickle
 import re
 import socket
 import stat
 import struct
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,31 +34,56 @@ _COMMENT = re.compile(r"#[^\n]*")
 LISTED = b"\x01"
 HOST = struct.pack("=I", 128)             # LPM_KEY's length field of an exact address
 COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
+HALVES_BYTES = 1 << 20   # a list this large is parsed in two processes (_parse_halves)
 # A load's progress: given how many entries it will write, a callback for those written.
 Progress = Callable[[int], Callable[[int], None] | None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CsamList:
-    """A validated list: exact addresses (16 bytes) and prefixes ((len/128, address)), and
-    the entries written on more than one line, with how many (keys as :func:`entry_key`)."""
+    """A validated list: its exact addresses (16 bytes each, each once, in one buffer: what a
+    whole load writes and makes its directory and lines of) and prefixes ((len/128,
+    address)), and the entries written on more than one line, with how many (keys as
+    :func:`entry_key`). Two lists are equal when they hold the same entries (in any order)."""
 
-    hosts: frozenset[bytes]
+    joined: bytes
     prefixes: frozenset[Key]
     sha256: bytes
-    hosts4: int   # how many of the hosts are IPv4 (counted while parsing)
+    hosts4: int   # how many of the addresses are IPv4 (counted while parsing)
     dups: dict[bytes, int]
 
     @functools.cached_property
-    def joined(self) -> bytes:
-        """The hosts in one buffer, 16 bytes each (in the order of iterating ``hosts``):
-        what a whole load writes and makes its directory and lines of, joined once."""
-        return b"".join(self.hosts)
+    def hosts(self) -> frozenset[bytes]:
+        """The exact addresses as a set: made on first use (a load into an empty
+        generation writes ``joined`` and never needs it)."""
+        j = self.joined
+        return frozenset(j[i:i + 16] for i in range(0, len(j), 16))
+
+    @property
+    def n_hosts(self) -> int:
+        return len(self.joined) // 16
 
     def counts(self) -> dict[str, int]:
         p4 = sum(1 for _, a in self.prefixes if a[:12] == V4MAPPED)
-        return {"hosts4": self.hosts4, "hosts6": len(self.hosts) - self.hosts4,
+        return {"hosts4": self.hosts4, "hosts6": self.n_hosts - self.hosts4,
                 "prefixes4": p4, "prefixes6": len(self.prefixes) - p4}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CsamList):
+            return NotImplemented
+        return ((self.hosts, self.prefixes, self.sha256, self.hosts4, self.dups)
+                == (other.hosts, other.prefixes, other.sha256, other.hosts4, other.dups))
+
+    __hash__ = None   # type: ignore[assignment]
+
+
+def _of_set(hosts: set[bytes], prefixes: set[Key], data: bytes, hosts4: int,
+            dups: dict[bytes, int]) -> CsamList:
+    """A CsamList of addresses held in a set already (the set is its ``hosts``)."""
+    lst = CsamList(b"".join(hosts), frozenset(prefixes), hashlib.sha256(data).digest(),
+                   hosts4, dups)
+    lst.__dict__["hosts"] = frozenset(hosts)
+    return lst
 
 
 def entry_key(host: bytes | None, prefix: Key | None) -> bytes:
@@ -105,12 +133,80 @@ def parse_csam_bytes(data: bytes, path: str = "<csam>") -> CsamList:
     """Validate a list: one address or prefix per line, ``#`` comments, blank lines, and
     surrounding whitespace allowed; anything else is an error with its line number."""
     with paused_gc():   # a million small objects: collection passes would dominate
-        return _parse_fast(data) or _parse_careful(data, path)
+        return _parse_halves(data) or _parse_fast(data) or _parse_careful(data, path)
+
+
+def _parse_halves(data: bytes) -> CsamList | None:
+    """A large list in two halves at once, on two CPUs: the second half's entries
+    (:func:`_entries`) from a child process (fork), the first's here. None where that does
+    not apply (a small list, one CPU, or a process with other threads, which a fork would
+    copy in the middle of whatever they hold) and at the first doubt: a half that
+    _entries gives up on, or an entry that more than one line writes (the caller's whole
+    parse then finds it)."""
+    if len(data) < HALVES_BYTES or not _may_fork():
+        return None
+    cut = data.find(b"\n", len(data) // 2) + 1
+    if not cut:
+        return None
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:   # (no process to be had: one parse here)
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:   # the child: its half's entries down the pipe, then gone
+        try:
+            os.close(r)
+            half = _entries(data[cut:])
+            out = pickle.dumps(half and (*half[:3], len(half[3])))
+            with os.fdopen(w, "wb") as f:
+                f.write(out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        try:
+            first = _entries(data[:cut])
+        finally:
+            sent = f.read()   # (until the child has written it all: it waits on the pipe)
+            os.waitpid(pid, 0)
+    second = pickle.loads(sent) if sent else None
+    if first is None or second is None:
+        return None
+    (w1, h1, p1, lines1), (w2, h2, p2, lines2) = first, second
+    words4 = _distinct4(w1 + w2)
+    if (len(w1) // 4 + len(h1) + len(p1) != len(lines1)   # (each half's entries distinct)
+            or len(w2) // 4 + len(h2) + len(p2) != lines2
+            or len(words4) != len(w1) + len(w2) or not h1.isdisjoint(h2)
+            or not p1.isdisjoint(p2)):
+        return None   # an entry on more than one line
+    return CsamList(_mapped(words4) + b"".join(h1) + b"".join(h2), frozenset(p1 | p2),
+                    hashlib.sha256(data).digest(), len(words4) // 4, {})
+
+
+def _may_fork() -> bool:
+    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
 def _parse_fast(data: bytes) -> CsamList | None:
     """The common case, a valid file, in bulk; None at the first doubt (then the careful
     parser finds and reports every bad line)."""
+    e = _entries(data)
+    if e is None:
+        return None
+    words4, hosts6, prefixes, lines = e
+    h4 = len(words4) // 4
+    n = h4 + len(hosts6) + len(prefixes)
+    dups = _dups([x.encode() for x in lines], n) if len(lines) != n else {}
+    return CsamList(_mapped(words4) + b"".join(hosts6), frozenset(prefixes),
+                    hashlib.sha256(data).digest(), h4, dups)
+
+
+def _entries(data: bytes) -> tuple[bytes, set[bytes], set[Key], list[str]] | None:
+    """The entries of a valid file, in bulk: its distinct IPv4 addresses (:func:`_distinct4`),
+    its other addresses, its prefixes, and its lines that are not empty; None at the first
+    doubt."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
@@ -123,13 +219,8 @@ def _parse_fast(data: bytes) -> CsamList | None:
         lines = text.split()
     plain = [x for x in lines if "/" not in x]
     pton, af4, af6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
-    try:
-        hosts = set(map(V4MAPPED.__add__, map(pton, repeat(af4),
-                                              [x for x in plain if ":" not in x])))
-    except (OSError, ValueError):
-        return None
-    h4 = len(hosts)
-    try:
+    try:   # IPv4: the four bytes of each, joined (no object per address)
+        packed4 = [b"".join(map(pton, repeat(af4), [x for x in plain if ":" not in x]))]
         hosts6 = {pton(af6, x) for x in plain if ":" in x}
     except (OSError, ValueError):
         return None
@@ -137,21 +228,67 @@ def _parse_fast(data: bytes) -> CsamList | None:
         return None   # IPv6 spelling of an IPv4-mapped address: an error, reported below
     prefixes: set[Key] = set()
     if len(plain) != len(lines):
-        for x in lines:
-            if "/" in x:
+        slashed = [x for x in lines if "/" in x]
+        v4 = _prefixes4([x for x in slashed if ":" not in x])
+        if v4 is None:
+            return None
+        prefixes, slash32 = v4
+        packed4.append(slash32)
+        for x in slashed:
+            if ":" in x:
                 h, p, problem = _parse_line(x.encode())
                 if problem:
                     return None
-                if h is not None:
-                    hosts6.add(h)   # a /32 or /128: counted below
-                else:
+                if h is None:
                     prefixes.add(p)
-    extra4 = sum(1 for a in hosts6 if a[:12] == V4MAPPED and a not in hosts)
-    hosts |= hosts6
-    n = len(hosts) + len(prefixes)
-    dups = _dups([x.encode() for x in lines], n) if len(lines) != n else {}
-    return CsamList(frozenset(hosts), frozenset(prefixes), hashlib.sha256(data).digest(),
-                    h4 + extra4, dups)
+                else:   # a /128
+                    hosts6.add(h)
+    return _distinct4(b"".join(packed4)), hosts6, prefixes, lines
+
+
+def _prefixes4(lines: list[str]) -> tuple[set[Key], bytes] | None:
+    """IPv4 prefix lines ("a.b.c.d/n", stripped), in bulk: the prefixes, and the /32s' four
+    bytes each, joined; None at the first doubt (as :func:`_parse_line` would judge the line:
+    a length of 1-3 digits up to 32, no host bits set)."""
+    import numpy as np
+
+    parts = [x.partition("/") for x in lines]
+    lens = [p for _, _, p in parts]
+    if not all(map(str.isdigit, lens)) or max(map(len, lens), default=0) > 3:
+        return None
+    try:
+        packed = b"".join(map(socket.inet_pton, repeat(socket.AF_INET), [a for a, _, _ in parts]))
+    except (OSError, ValueError):
+        return None
+    plen = np.array(list(map(int, lens)), dtype=np.int64)
+    if len(plen) and plen.max() > 32:
+        return None
+    words = np.frombuffer(packed, dtype=">u4").astype(np.int64)
+    if (words & ((1 << (32 - plen)) - 1)).any():
+        return None   # host bits set
+    host = plen == 32
+    rows = np.frombuffer(packed, dtype=np.uint8).reshape(-1, 4)
+    addrs = [V4MAPPED + a for a in map(bytes, rows[~host])]
+    return set(zip((plen[~host] + 96).tolist(), addrs, strict=True)), rows[host].tobytes()
+
+
+def _distinct4(packed: bytes) -> bytes:
+    """IPv4 addresses (4 bytes each, joined), each once, in the order of their bytes read as a
+    native word."""
+    import numpy as np
+
+    w = np.sort(np.frombuffer(packed, dtype=np.uint32), kind="stable")   # (see dirs._ranked)
+    return (w[np.concatenate(([True], w[1:] != w[:-1]))] if len(w) else w).tobytes()
+
+
+def _mapped(packed: bytes) -> bytes:
+    """IPv4 addresses (4 bytes each, joined) as 16-byte IPv4-mapped ones, joined."""
+    import numpy as np
+
+    rows = np.empty((len(packed) // 4, 16), dtype=np.uint8)
+    rows[:, :12] = np.frombuffer(V4MAPPED, dtype=np.uint8)
+    rows[:, 12:] = np.frombuffer(packed, dtype=np.uint8).reshape(-1, 4)
+    return rows.tobytes()
 
 
 def _parse_careful(data: bytes, path: str) -> CsamList:
@@ -176,9 +313,8 @@ def _parse_careful(data: bytes, path: str) -> CsamList:
     if problems:
         raise SourceError(path, problems)
     n = len(hosts) + len(prefixes)
-    return CsamList(frozenset(hosts), frozenset(prefixes), hashlib.sha256(data).digest(),
-                    sum(1 for a in hosts if a[:12] == V4MAPPED),
-                    _dups(contents, n) if len(contents) != n else {})
+    return _of_set(hosts, prefixes, data, sum(1 for a in hosts if a[:12] == V4MAPPED),
+                   _dups(contents, n) if len(contents) != n else {})
 
 
 def _content(line: bytes) -> bytes:
