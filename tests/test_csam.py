@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from xdpzoot import config, tables
 from xdpzoot.dataplane import blocklist, dirs, kernel, layout, schema
-from xdpzoot.sources import csam
+from xdpzoot.sources import csam, files
 from xdpzoot.sources.files import MAX_SHOWN, SourceError
 
 C = schema.C
@@ -316,7 +316,7 @@ def in_halves(monkeypatch):
     """Every list parsed in two processes (_parse_halves): as for a large list in a
     process of one thread (pytest's workers have more)."""
     monkeypatch.setattr(csam, "HALVES_BYTES", 1)
-    monkeypatch.setattr(csam, "_may_fork", lambda: True)
+    monkeypatch.setattr(files, "may_fork", lambda: True)
 
 
 HALVES = b"".join(f"192.0.{i}.{i}\n2001:db8::{i:x}\n198.51.{i}.0/24\n".encode()

@@ -707,3 +707,43 @@ def test_plans_come_from_the_plan_column_only(tmp_path):
     without = tmp_path / "noplans.csv"
     without.write_text("subscriber,address,type\n1,192.0.2.1,dynamic\n")
     assert subscribers.read_plans(str(without)) == {}
+
+
+# ---- files.both: two parts of a parse at once -------------------------------------------------
+
+
+def _pid_and(x: int) -> tuple[int, int]:
+    import os
+
+    return os.getpid(), x
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_both_gives_each_result_and_forks_only_where_it_may(monkeypatch, fork: bool):
+    import os
+
+    from xdpzoot.sources import files
+
+    monkeypatch.setattr(files, "may_fork", lambda: fork)
+    (here_pid, a), (there_pid, b) = files.both(lambda: _pid_and(1), lambda: _pid_and(2))
+    assert (a, b) == (1, 2) and here_pid == os.getpid()
+    assert (there_pid != os.getpid()) == fork
+
+
+def test_both_runs_there_here_when_the_child_gives_nothing(monkeypatch):
+    """A child that raised sent nothing: ``there`` runs here, and its error is raised here."""
+    import os
+
+    from xdpzoot.sources import files
+
+    monkeypatch.setattr(files, "may_fork", lambda: True)
+    me = os.getpid()
+
+    def there() -> int:
+        if os.getpid() != me:
+            raise RuntimeError("in the child")
+        return 7
+
+    assert files.both(lambda: 1, there) == (1, 7)
+    with pytest.raises(ZeroDivisionError):
+        files.both(lambda: 1, lambda: 1 // 0)

@@ -20,7 +20,7 @@ from xdpzoot import sync, tables
 from xdpzoot.dataplane import kernel, layout, schema
 from xdpzoot.dataplane.kernel import KernelError, Maps
 from xdpzoot.dataplane.layout import CLASS, LPM_KEY, ClassTable, Entry
-from xdpzoot.sources import subscribers
+from xdpzoot.sources import files, subscribers
 from xdpzoot.sources.files import SourceError
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
@@ -199,6 +199,27 @@ def test_user_problems_leave_the_bulk_path(row: str) -> None:
     with pytest.raises(SourceError) as got:
         subscribers.parse_columns(text, "u.csv")
     assert got.value.problems == want.value.problems and want.value.problems[-1][0] == 7
+
+
+@pytest.mark.parametrize("row", ["", "6,100.65.0.0/16,dynamic,f@x", "3,,static,f@x",
+                                 "5,192.0.2.5,static,a@x", "2,,static,b@x"],
+                         ids=["good", "pool's user", "user of a pool's id", "a user on two ids",
+                              "two without address"])
+def test_a_file_in_parts_at_once_is_the_same_file(monkeypatch, row: str) -> None:
+    """A large file's chunks are parsed in two parts at once (files.both, a child process
+    for the second): every row, in file order, and the rules that bind rows of both parts
+    (a pool's id and a user, a user's rows) hold across them."""
+    text = USERS_TEXT + "".join(f"{10 + i},192.0.3.{i},static,\n" for i in range(40)) + (
+        row + "\n" if row else "")
+    whole = subscribers._bulk(text, False)
+    monkeypatch.setattr(subscribers, "_CHUNK", 16)   # a chunk every row or two
+    monkeypatch.setattr(files, "may_fork", lambda: True)
+    parts = subscribers._bulk(text, False)
+    assert (whole is None) == (row not in ("",))
+    if whole is None:
+        assert parts is None
+    else:
+        assert rows_of(parts) == rows_of(whole) and parts.contracts == whole.contracts
 
 
 # ---- 2. the plan on columns against the dict model it replaced ---------------------------------

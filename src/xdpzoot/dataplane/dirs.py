@@ -379,24 +379,30 @@ LANES = C["XZ_IDX_LANES"]
 UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)
 
 
-def v4_span(plen: int, addr: bytes) -> tuple[int, int] | None:
-    """(first /24, how many) an IPv4 prefix of /8 or longer touches; None for others (IPv6,
-    or shorter: never the owner of a lane, so that writing them changes none)."""
-    s = span(plen, addr)
-    if s is None or plen - 96 < UNIFORM_MIN:
-        return None
-    return s[0], s[1]
-
-
 def index_rows(prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
     """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
     ``prefixes`` (``(len/128, address)``) lie, in order."""
-    rows: set[int] = set()
-    for plen, addr in prefixes:
-        s = v4_span(plen, addr)
-        if s is not None:
-            rows.update(range(s[0] // LANES, (s[0] + s[1] - 1) // LANES + 1))
-    return sorted(rows)
+    import numpy as np
+
+    _, first, count, _ = _v4_spans(list(prefixes))
+    r0, k = first // LANES, (first + count - 1) // LANES - first // LANES + 1
+    rows = np.sort(np.repeat(r0 - np.cumsum(k) + k, k) + np.arange(int(k.sum())), kind="stable")
+    return rows[np.concatenate(([True], rows[1:] != rows[:-1]))].tolist() if len(rows) else []
+
+
+def _v4_spans(prefixes: list[tuple[int, bytes]]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Of the IPv4 prefixes of /8 or longer among ``prefixes`` (the others, shorter or
+    IPv6, never own a lane, so that writing them changes none): their positions in
+    ``prefixes``, first /24s, how many /24s each touches, and lengths (len/128)."""
+    import numpy as np
+
+    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
+    raw, v4 = _rows([a for _, a in prefixes])
+    pos = np.flatnonzero(v4 & (plen - 96 >= UNIFORM_MIN))
+    n = plen[pos] - 96
+    count = np.where(n <= 24, np.left_shift(1, np.clip(24 - n, 0, 24)), 1)
+    return pos, _slash24s(raw[pos]), count, plen[pos]
 
 
 def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
@@ -411,14 +417,9 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
     means none) and ``hosted_cap - 1`` /24s with hosts: those past them get no lane."""
     import numpy as np
 
-    spans = [(n, s) for n, (plen, addr) in enumerate(prefixes)
-             for s in [v4_span(plen, addr)] if s is not None]
-    if not spans:
+    pos, first, count, plen = _v4_spans(prefixes)   # pos: in ``prefixes``
+    if not len(pos):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), [], {}
-    pos = np.array([n for n, _ in spans], dtype=np.int64)   # in ``prefixes``
-    first = np.array([s[0] for _, s in spans], dtype=np.int64)
-    count = np.array([s[1] for _, s in spans], dtype=np.int64)
-    plen = np.array([prefixes[n][0] for n in pos.tolist()], dtype=np.int64)
     whole = np.flatnonzero(plen <= 96 + 24)
     partial = first[plen > 96 + 24]
     whole = whole[np.argsort(-plen[whole], kind="stable")]   # longest first

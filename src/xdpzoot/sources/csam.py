@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import pickle
 import re
 import socket
 import stat
 import struct
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 
 from xdpzoot.dataplane.layout import LPM_KEY
-from xdpzoot.sources.files import SOURCE_BYTES, SourceError, paused_gc, read_file
+from xdpzoot.sources.files import SOURCE_BYTES, SourceError, both, paused_gc, read_file
 from xdpzoot.sources.subscribers import V4MAPPED_PROBLEM, overlaps_v4mapped
 from xdpzoot.tables import Key
 
@@ -137,56 +134,31 @@ def parse_csam_bytes(data: bytes, path: str = "<csam>") -> CsamList:
 
 
 def _parse_halves(data: bytes) -> CsamList | None:
-    """A large list in two halves at once, on two CPUs: the second half's entries
-    (:func:`_entries`) from a child process (fork), the first's here. None where that does
-    not apply (a small list, one CPU, or a process with other threads, which a fork would
-    copy in the middle of whatever they hold) and at the first doubt: a half that
-    _entries gives up on, or an entry that more than one line writes (the caller's whole
-    parse then finds it)."""
-    if len(data) < HALVES_BYTES or not _may_fork():
+    """A large list in two halves at once (files.both); None at the first doubt: a half
+    that _entries gives up on, or an entry that more than one line writes (the caller's
+    whole parse then finds it)."""
+    if len(data) < HALVES_BYTES:
         return None
     cut = data.find(b"\n", len(data) // 2) + 1
     if not cut:
         return None
-    r, w = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:   # (no process to be had: one parse here)
-        os.close(r)
-        os.close(w)
-        return None
-    if pid == 0:   # the child: its half's entries down the pipe, then gone
-        try:
-            os.close(r)
-            half = _entries(data[cut:])
-            out = pickle.dumps(half and (*half[:3], len(half[3])))
-            with os.fdopen(w, "wb") as f:
-                f.write(out)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        try:
-            first = _entries(data[:cut])
-        finally:
-            sent = f.read()   # (until the child has written it all: it waits on the pipe)
-            os.waitpid(pid, 0)
-    second = pickle.loads(sent) if sent else None
+
+    def half(part: bytes) -> tuple[bytes, set[bytes], set[Key], int] | None:
+        e = _entries(part)   # (its lines counted: not sent back)
+        return e and (e[0], e[1], e[2], len(e[3]))
+
+    first, second = both(lambda: half(data[:cut]), lambda: half(data[cut:]))
     if first is None or second is None:
         return None
     (w1, h1, p1, lines1), (w2, h2, p2, lines2) = first, second
     words4 = _distinct4(w1 + w2)
-    if (len(w1) // 4 + len(h1) + len(p1) != len(lines1)   # (each half's entries distinct)
+    if (len(w1) // 4 + len(h1) + len(p1) != lines1   # (each half's entries distinct)
             or len(w2) // 4 + len(h2) + len(p2) != lines2
             or len(words4) != len(w1) + len(w2) or not h1.isdisjoint(h2)
             or not p1.isdisjoint(p2)):
         return None   # an entry on more than one line
     return CsamList(_mapped(words4) + b"".join(h1) + b"".join(h2), frozenset(p1 | p2),
                     hashlib.sha256(data).digest(), len(words4) // 4, {})
-
-
-def _may_fork() -> bool:
-    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
 def _parse_fast(data: bytes) -> CsamList | None:

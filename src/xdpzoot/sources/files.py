@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import pickle
 import re
 import stat
+import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 MAX_SHOWN = 20  # problems printed by str(SourceError); the rest are counted
 MAX_PROBLEM = 200  # characters of one problem shown: a field of a huge line is not echoed
@@ -62,6 +65,49 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def both(here: Callable[[], T], there: Callable[[], U]) -> tuple[T, U]:
+    """``here()`` and ``there()``, at once on two CPUs where it may be: ``there()`` in a child
+    process (a fork; its result comes back pickled), ``here()`` in this one. A large file's
+    parse takes its halves so (Python runs one thread at a time). In this process alone,
+    one after the other, where a fork may not be: one CPU, or other threads in this process
+    (a fork copies them in the middle of whatever they hold), or no process to be had; and
+    ``there()`` again here if the child gave nothing back (it raised)."""
+    if not may_fork():
+        return here(), there()
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return here(), there()
+    if pid == 0:   # the child: its result down the pipe, then gone
+        try:
+            os.close(r)
+            out = pickle.dumps(there(), protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(w, "wb") as f:
+                f.write(out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        try:
+            first = here()
+        finally:
+            sent = f.read()   # (until the child has written it all: it waits on the pipe)
+            os.waitpid(pid, 0)
+    return first, pickle.loads(sent) if sent else there()
+
+
+def may_fork() -> bool:
+    """Whether :func:`both` forks: a second CPU, and no other thread in this process."""
+    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
 def read_file(path: str, limit: int = SOURCE_BYTES) -> tuple[bytes, os.stat_result]:
