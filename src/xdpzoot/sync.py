@@ -223,12 +223,16 @@ def assign_pool_blocks(cur_prefixes: ClassTable, hosts: ClassTable, prefixes: Cl
     that does not fit keeps per-address state in the LRU. The pool's own host entries
     (``suspend ADDRESS``) point at the same block. Returns the new blocks that overlap one
     that held another pool's state: to be cleared before they are used."""
+    import numpy as np  # (the directory's import: here for 200,000 rows at once)
+
     old = {k: (e.slot, e.pool_bits) for k, e in cur_prefixes.items() if e.pool_bits}
-    want: list[tuple[int, bytes, int]] = []   # row, key, host bits
-    for i, (k, w) in enumerate(zip(prefixes.keys, prefixes.column(1), strict=True)):
-        plen, a = LPM_KEY.unpack(k)
-        if w & _TYPE_MASK == _DYNAMIC_WORD and a[:12] == _V4MAPPED and 128 - plen <= POOL_BITS:
-            want.append((i, k, 128 - plen))
+    raw = np.frombuffer(b"".join(prefixes.keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
+    bits = 128 - raw[:, :4].copy().view(np.uint32).ravel().astype(np.int64)
+    word = np.frombuffer(prefixes.values, dtype=np.uint32)[1::WORDS]
+    pool = ((word & _TYPE_MASK) == _DYNAMIC_WORD) & (bits <= POOL_BITS) & (
+        raw[:, 4:16] == np.frombuffer(_V4MAPPED, dtype=np.uint8)).all(axis=1)
+    want = [(i, prefixes.keys[i], b) for i, b in   # row, key, host bits: IPv4 dynamic pools
+            zip(np.flatnonzero(pool).tolist(), bits[pool].tolist(), strict=True)]
     base = {k: old[k][0] for _, k, bits in want
             if k in old and old[k][1] == bits and old[k][0] + (1 << bits) <= limit}
     kept = set(base)
@@ -259,9 +263,12 @@ def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dic
     """Host entries of a pool's own (its id, inside it) share the pool's block."""
     if not pool_row:
         return
+    import numpy as np
+
     prefix_row = dict(zip(prefixes.keys, range(len(prefixes)), strict=True))
     ids = hosts.column(0)
-    for j in [j for j, s in enumerate(ids) if s in pool_row]:
+    held = np.isin(np.frombuffer(hosts.values, dtype=np.uint32)[0::WORDS], list(pool_row))
+    for j in np.flatnonzero(held).tolist():
         i = _longest(prefix_row, hosts.keys[j])
         if i is not None and i == pool_row[ids[j]]:
             hosts.values[j * WORDS + 1] = (hosts.values[j * WORDS + 1] & ~POOL_BITS_WORD) | (
