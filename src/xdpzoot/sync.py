@@ -10,8 +10,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import compress, filterfalse, islice, repeat
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xdpzoot.dataplane import dirs, schema
 from xdpzoot.dataplane.kernel import KernelError, Maps
@@ -28,6 +27,9 @@ from xdpzoot.dataplane.layout import (
 )
 from xdpzoot.sources.files import check_room, check_shrink, paused_gc
 from xdpzoot.tables import Key
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SUSPENDED = schema.C["XZ_F_SUSPENDED"]
 SESSION = schema.C["XZ_F_SESSION"]
@@ -176,42 +178,64 @@ def assign_slots(cur_hosts: ClassTable, cur_prefixes: ClassTable,
     New subscribers get the lowest free slots, in order of id. Returns the slots that
     their subscribers do not keep, to be cleared (a new subscriber may get one of them).
     """
-    cur_contracts = cur_contracts if cur_contracts is not None else ClassTable()
+    import numpy as np  # a million ids at once: numpy is here for the directory anyway
+
+    def col(t: ClassTable, word: int) -> np.ndarray:   # a copy: the tables are written below
+        return np.frombuffer(t.values, dtype=np.uint32)[word::WORDS].copy()
+
     contracts = contracts if contracts is not None else ClassTable()
-    host_ids, prefix_ids = hosts.column(0), prefixes.column(0)
-    pools = set(compress(prefix_ids, [w & _TYPE_MASK == _DYNAMIC_WORD
-                                      for w in prefixes.column(1)]))
-    cur_ids = cur_hosts.column(0) + cur_prefixes.column(0) + cur_contracts.column(0)
-    # a pool's block of pool-address state is no subscriber's slot
-    cur_slots = [0 if w & POOL_BITS_WORD else s for s, w in zip(
-        cur_hosts.column(4) + cur_prefixes.column(4) + cur_contracts.column(4),
-        cur_hosts.column(1) + cur_prefixes.column(1) + cur_contracts.column(1), strict=True)]
-    # sub_id -> its slot in the kernel: the first entry with one (reversed: first wins)
-    held = dict(reversed(list(compress(zip(cur_ids, cur_slots, strict=True), cur_slots))))
-    wanted = dict.fromkeys(host_ids)   # in file order, which sorts quickly
-    wanted.update(dict.fromkeys(prefix_ids))
-    for s in pools:
-        wanted.pop(s, None)
-    wanted.update(dict.fromkeys(contracts.column(0)))
-    # sub_id -> the slot it keeps, looked up from the smaller side (a first load holds few;
-    # the other way round, it is in file order, as the lookups below go)
-    if len(held) < len(wanted):
-        slot_of = {s: slot for s, slot in held.items() if s in wanted}
-    else:
-        slot_of = {s: held[s] for s in wanted if s in held}
-    new = sorted(filterfalse(slot_of.__contains__, wanted))
-    used = set(slot_of.values())
-    free = list(islice(filterfalse(used.__contains__, range(1, limit)), len(new)))
-    if len(free) < len(new):
+    cur = (cur_hosts, cur_prefixes, cur_contracts or ClassTable())
+    pools = _distinct(col(prefixes, 0)[(col(prefixes, 1) & _TYPE_MASK) == _DYNAMIC_WORD])
+    # sub_id -> its slot in the kernel: its first entry with one (a pool's block of
+    # pool-address state is no subscriber's slot)
+    cur_ids = np.concatenate([col(t, 0) for t in cur])
+    cur_slots = np.concatenate([np.where(col(t, 1) & POOL_BITS_WORD, 0, col(t, 4)) for t in cur])
+    has = cur_slots != 0
+    held, first = _distinct(cur_ids[has], first=True)
+    held_slot = cur_slots[has][first]
+    file_ids = np.concatenate([col(hosts, 0), col(prefixes, 0)])
+    wanted = _distinct(np.concatenate([file_ids[~_find(file_ids, pools)[1]],
+                                       col(contracts, 0)]))   # sorted: new ones by id
+    at, keeps = _find(wanted, held)
+    slot = np.where(keeps, held_slot[at] if len(held) else 0, 0).astype(np.uint32)
+    taken = np.zeros(max(limit, 1), dtype=bool)
+    taken[0] = True   # slot 0 is per-address state
+    kept = slot[keeps]
+    taken[kept[kept < limit]] = True
+    free = np.flatnonzero(~taken)
+    if len(free) < len(wanted) - len(kept):
         raise KernelError(f"more subscribers than state slots: {len(wanted)} subscribers, "
                           f"{limit - 1} slots (limits.subscribers = {limit}, slot 0 is "
                           "per-address state): raise limits.subscribers; nothing was changed")
-    slot_of.update(zip(new, free, strict=True))
-    for t, ids in ((hosts, host_ids), (prefixes, prefix_ids),
-                   (contracts, contracts.column(0))):
-        t.values[4::WORDS] = array("I", map(slot_of.get, ids, repeat(0)))
+    slot[~keeps] = free[:len(wanted) - len(kept)]   # the lowest free ones
+    for t in (hosts, prefixes, contracts):
+        at, there = _find(col(t, 0), wanted)
+        t.values[4::WORDS] = array("I", np.where(there, slot[at] if len(slot) else 0, 0)
+                                   .astype(np.uint32).tobytes())
     # A slot its subscriber does not keep is cleared, given to another one or not.
-    return set(held.values()) - used
+    return set(held_slot.tolist()) - set(kept.tolist())
+
+
+def _distinct(a: np.ndarray, first: bool = False) -> Any:
+    """The distinct values of ``a`` (32-bit), in order; with ``first``, also the index in
+    ``a`` of each one's first occurrence. (numpy's unique hashes here: 0.24 s at 765k.)"""
+    import numpy as np
+
+    order = dirs.stable_order(a)
+    s = a[order]
+    head = np.concatenate(([True], s[1:] != s[:-1])) if len(s) else np.zeros(0, dtype=bool)
+    return (s[head], order[head]) if first else s[head]
+
+
+def _find(a: np.ndarray, sorted_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each value of ``a`` is in the sorted array ``sorted_``, and whether it is there
+    (where it is not, the index is of no meaning)."""
+    import numpy as np
+
+    if not len(sorted_):
+        return np.zeros(len(a), dtype=np.intp), np.zeros(len(a), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_, a), len(sorted_) - 1)
+    return i, sorted_[i] == a
 
 
 def assign_pool_blocks(cur_prefixes: ClassTable, hosts: ClassTable, prefixes: ClassTable,
