@@ -312,10 +312,8 @@ def _made(lst: CsamList, n_lines: int, n_nets: int) -> dict:
     ``n_lines`` and ``n_nets`` lines (the sizes its counts ask for): numpy's work, which
     runs while the kernel takes the batches (system calls that hold no Python lock)."""
     d, v6 = dirs.csam(lst.joined, lst.prefixes)
-    out = {"dir": d, "v6": v6}
-    out["lines"] = dirs.lines_of(dirs.v4_words(lst.joined), n_lines)
-    out["nets"] = dirs.lines_of(dirs.v4_nets(lst.prefixes), n_nets, dirs.NET_BY)
-    return out
+    return {"dir": d, "v6": v6, "lines": dirs.lines_of(dirs.v4_words(lst.joined), n_lines),
+            "nets": dirs.lines_of(dirs.v4_nets(lst.prefixes), n_nets, dirs.NET_BY)}
 
 
 def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
