@@ -101,7 +101,8 @@ def both(here: Callable[[], T], there: Callable[[], U]) -> tuple[T, U]:
             first = here()
         finally:
             sent = f.read()   # (until the child has written it all: it waits on the pipe)
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):   # (reaped by someone else's
+                os.waitpid(pid, 0)                         # waitpid(-1): gone all the same)
     return first, pickle.loads(sent) if sent else there()
 
 
