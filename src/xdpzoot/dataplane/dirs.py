@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xdpzoot.dataplane import schema
 
@@ -95,8 +95,16 @@ def _rows(addrs: Iterable[bytes] | bytes) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     raw = np.frombuffer(_joined(addrs), dtype=np.uint8).reshape(-1, 16)
-    w = raw.view(np.uint32)   # the prefix's three words at once: 8x faster than its bytes
-    return raw, (w[:, 0] == _V4_WORDS[0]) & (w[:, 1] == _V4_WORDS[1]) & (w[:, 2] == _V4_WORDS[2])
+    return raw, v4_rows(raw)
+
+
+def v4_rows(raw: np.ndarray) -> np.ndarray:
+    """Which rows of 16-byte addresses (uint8, each row's bytes contiguous) are IPv4-mapped:
+    the prefix's three words compared at once, 8x faster than its twelve bytes."""
+    import numpy as np
+
+    w = raw.view(np.uint32)
+    return (w[:, 0] == _V4_WORDS[0]) & (w[:, 1] == _V4_WORDS[1]) & (w[:, 2] == _V4_WORDS[2])
 
 
 def _slash24s(raw: np.ndarray) -> np.ndarray:
@@ -390,8 +398,7 @@ def index_rows(prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
 
     _, first, count, _ = _v4_spans(list(prefixes))
     r0, k = first // LANES, (first + count - 1) // LANES - first // LANES + 1
-    rows = np.sort(np.repeat(r0 - np.cumsum(k) + k, k) + np.arange(int(k.sum())), kind="stable")
-    return rows[np.concatenate(([True], rows[1:] != rows[:-1]))].tolist() if len(rows) else []
+    return distinct(np.repeat(r0 - np.cumsum(k) + k, k) + np.arange(int(k.sum()))).tolist()
 
 
 def _v4_spans(prefixes: list[tuple[int, bytes]]
@@ -528,6 +535,23 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
     return order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
 
 
+def heads(s: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of the sorted array ``s`` begins."""
+    import numpy as np
+
+    return np.concatenate(([True], s[1:] != s[:-1])) if len(s) else np.zeros(0, dtype=bool)
+
+
+def distinct(a: np.ndarray, first: bool = False) -> Any:
+    """The distinct values of ``a`` (integers from 0 to 2^32 - 1), in order; with ``first``,
+    also the index in ``a`` of each one's first occurrence. (numpy's unique hashes here:
+    0.24 s at 765k values.)"""
+    order = stable_order(a)
+    s = a[order]
+    h = heads(s)
+    return (s[h], order[h]) if first else s[h]
+
+
 def _ranked(t: np.ndarray, words: np.ndarray, by: int = 0
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The new addresses ``words`` of the lines ``t`` by line: (line, word, rank among the
@@ -541,9 +565,7 @@ def _ranked(t: np.ndarray, words: np.ndarray, by: int = 0
     li = line_of(words, len(t), by)
     order = stable_order(li)   # a line's addresses keep their order
     li, words = li[order], words[order]
-    if not len(li):
-        return li, words, li
-    first = np.flatnonzero(np.concatenate(([True], li[1:] != li[:-1])))   # each line's
+    first = np.flatnonzero(heads(li))   # each line's
     return li, words, np.arange(len(li)) - np.repeat(first, np.diff(first, append=len(li)))
 
 
