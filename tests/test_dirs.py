@@ -165,6 +165,10 @@ def test_class_index_answers_only_for_whole_uniform_slash24s(lst, more):
              for i in range(dirs.slash24(n), dirs.slash24(n) + (1 << (120 - pl)))
              if not any(dirs.slash24(m) == i and q > 120 for q, m in prefixes)}
     assert alone == set(slash.tolist())
+    # the same indexes for the same prefixes in another order (the trie's, the file's)
+    again = dirs.uniform(prefixes[::-1], d, 1 << 14, lambda: every, 1 << 15)
+    assert again[0].tolist() == slash.tolist() and again[1].tolist() == lanes.tolist()
+    assert [prefixes[::-1][o] for o in again[2]] == [prefixes[o] for o in owners]
     # and no more indexes or /24s with hosts than asked for: the rest look up
     _, lanes1, owners1, _ = dirs.uniform(prefixes, d, 2, lambda: every, 1 << 15)
     assert len(owners1) <= 1 and set(lanes1.tolist()) <= {1}
@@ -391,6 +395,11 @@ def test_data_plane_classifies_through_a_subscriber_load(dp, seed):
     dp.reset()
     load(dp, tables.Tables(), flags_of(("op25b",)))   # switches only
     sync.apply_subscribers(dp.maps, hosts, prefixes)
+    # the class index the load set from its plan is the one the maps read back give
+    m = dp.maps
+    index = (bytes(m.lanes), m.uniform_map.values(), m.hosted_map.values())
+    m.sync_uniform()
+    assert (bytes(m.lanes), m.uniform_map.values(), m.hosted_map.values()) == index
     t = tables.Tables(hosts=dict(dp.maps.host_items()),
                       prefixes=dict(dp.maps.prefix_items()))
     for a in probes(set(t.hosts), set(t.prefixes)):

@@ -7,8 +7,10 @@ suspensions, gives out state slots and diffs a million entries in bulk.
 
 from __future__ import annotations
 
+import threading
 from array import array
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -88,6 +90,8 @@ class Plan(NamedTuple):
     # removed (in ``added``) those a row of the file takes over
     sessions: Change = Change()
     v6: bytes | None = None             # the exact IPv6 filter of the host entries
+    # the prefix map's keys before, and its entries once the plan is written
+    trie: tuple[list[bytes], ClassTable] | None = None
 
     @property
     def change(self) -> Change:
@@ -374,9 +378,12 @@ def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
             t.values.extend(kept.values)
         _check_room(maps, path, hosts, prefixes)
         d, v6 = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
+        # what the trie holds once written (a key given twice: the last one's class, which
+        # the trie is read back for)
+        trie = (cur_p.keys, prefixes) if len(set(prefixes.keys)) == len(prefixes) else None
         return Plan(diff_table(cur_h, hosts), diff_table(cur_p, prefixes), freed, d,
                     pool_clear, (len(cur_h), len(cur_p)), diff_table(cur_c, want_c),
-                    ch + cp, v6)
+                    ch + cp, v6, trie)
 
 
 def _check_room(maps: Maps, path: str, hosts: ClassTable, prefixes: ClassTable) -> None:
@@ -398,9 +405,10 @@ def apply_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
 def apply_plan(maps: Maps, p: Plan,
                progress: Callable[[int], None] | None = None) -> Change:
     """Write a plan; ``progress`` hears of each batch of entries written or deleted. Order:
-    contracts, add/change prefixes and hosts, then delete, so that an address is never
-    without its class while it stays in the file. The directory covers the old entries and
-    the new ones while both are in the maps, and is exact once the old ones are gone.
+    contracts, add/change prefixes and hosts (both at once), then delete, so that an
+    address is never without its class while it stays in the file. The directory covers
+    the old entries and the new ones while both are in the maps, and is exact once the old
+    ones are gone.
 
     A map that cannot hold its old and new entries at once (plan_subscribers checked that
     it holds the new ones) has its deletes first: an address whose entry goes may then be
@@ -408,19 +416,29 @@ def apply_plan(maps: Maps, p: Plan,
     (dirs.py) answers for nothing during the writes and is exact after them."""
     first_h = p.held[0] + p.hosts.change.added > maps.host_map.max_entries
     first_p = p.held[1] + p.prefixes.change.added > maps.prefix_map.max_entries
+    if progress:   # (heard from two threads)
+        progress = _serialized(progress)
+
+    def prefixes() -> None:
+        if first_p:
+            maps.delete(maps.prefix_map, p.prefixes.remove, progress)
+        maps.write(maps.prefix_map, p.prefixes.write, progress)
+
     # the class index off while the maps change; set again from them (and the exact
     # directory) at the end
-    with maps.uniform_off():
+    with maps.uniform_off(*(p.trie or (None, None))):
         maps.write_dir(dirs.union(maps.read_dir(), p.dir))
         maps.clear_pool_blocks(p.pool_clear)
         if p.contracts is not None and len(p.contracts.write):
             maps.write(maps.contract_map, p.contracts.write)
-        if first_p:
-            maps.delete(maps.prefix_map, p.prefixes.remove, progress)
-        maps.write(maps.prefix_map, p.prefixes.write, progress)
-        if first_h:
-            maps.delete(maps.host_map, p.hosts.remove, progress)
-        maps.write(maps.host_map, p.hosts.write, progress)
+        # The trie's writes on a thread of their own while the host entries' go in: the
+        # trie takes one CPU (one lock for all of it), the hash as many as it finds.
+        with ThreadPoolExecutor(1) as pool:
+            trie = pool.submit(prefixes)
+            if first_h:
+                maps.delete(maps.host_map, p.hosts.remove, progress)
+            maps.write(maps.host_map, p.hosts.write, progress)
+        trie.result()   # (its error, once both have stopped)
         if not first_h:
             maps.delete(maps.host_map, p.hosts.remove, progress)
         if not first_p:
@@ -433,6 +451,16 @@ def apply_plan(maps: Maps, p: Plan,
         maps.count_dir_write()
     maps.clear_state(p.freed)
     return p.change
+
+
+def _serialized(f: Callable[[int], None]) -> Callable[[int], None]:
+    """``f`` called by one thread at a time."""
+    lock = threading.Lock()
+
+    def g(n: int) -> None:
+        with lock:
+            f(n)
+    return g
 
 
 def apply_allow(maps: Maps, desired: dict[Key, int]) -> Change:

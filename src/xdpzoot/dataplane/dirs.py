@@ -425,7 +425,9 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
     class's index, the prefix of each index: ``owners[i - 1]`` is the position in
     ``prefixes`` of index i, {/24: a 256-bit mask of the addresses that are host entries}
     for the /24s of the first array that hold any). At most ``cap - 1`` indexes (index 0
-    means none) and ``hosted_cap - 1`` /24s with hosts: those past them get no lane."""
+    means none) and ``hosted_cap - 1`` /24s with hosts: those past them get no lane. The
+    indexes go to the prefixes by their first /24 and length, whatever their order in
+    ``prefixes`` (the trie's, read back, or the file's)."""
     import numpy as np
 
     pos, first, count, plen = _v4_spans(prefixes)   # pos: in ``prefixes``
@@ -437,7 +439,7 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
     counts = count[whole]
     offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
     slash = np.repeat(first[whole], counts) + offsets
-    owner = np.repeat(pos[whole], counts)
+    owner = np.repeat(whole, counts)   # (in pos)
     slash, at = np.unique(slash, return_index=True)   # each /24's longest
     owner = owner[at]
     keep = ~np.isin(slash, partial)
@@ -464,13 +466,15 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
         if over:
             room = ~np.isin(slash, over)
             slash, owner = slash[room], owner[room]
-    owners = sorted(set(owner.tolist()))[:cap - 1]
-    index = np.zeros(len(prefixes), dtype=np.int64)
+    owners = distinct(owner)
+    owners = owners[np.lexsort((plen[owners], first[owners]))][:cap - 1]
+    index = np.zeros(len(pos), dtype=np.int64)
     index[owners] = np.arange(1, len(owners) + 1)
     lanes = index[owner].astype(np.uint16)
     got = lanes != 0
     slash = slash[got]
-    return slash, lanes[got], owners, {i: bits[i] for i in slash.tolist() if i in bits}
+    return (slash, lanes[got], pos[owners].tolist(),
+            {i: bits[i] for i in slash.tolist() if i in bits})
 
 
 def states(d: bytes | bytearray) -> np.ndarray:
