@@ -25,6 +25,7 @@ from xdpzoot.dataplane.layout import (
     ClassTable,
     Entry,
     class_word,
+    joined,
     masked,
 )
 from xdpzoot.sources.files import check_room, check_shrink, paused_gc
@@ -243,7 +244,7 @@ def assign_pool_blocks(cur_prefixes: ClassTable, hosts: ClassTable, prefixes: Cl
     import numpy as np  # (the directory's import: here for 200,000 rows at once)
 
     old = {k: (e.slot, e.pool_bits) for k, e in cur_prefixes.items() if e.pool_bits}
-    raw = np.frombuffer(b"".join(prefixes.keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
+    raw = np.frombuffer(joined(prefixes.keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
     bits = 128 - raw[:, :4].copy().view(np.uint32).ravel().astype(np.int64)
     word = np.frombuffer(prefixes.values, dtype=np.uint32)[1::WORDS]
     pool = ((word & _TYPE_MASK) == _DYNAMIC_WORD) & (bits <= POOL_BITS) & dirs.v4_rows(raw[:, 4:])

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from xdpzoot.dataplane import schema
+from xdpzoot.dataplane.layout import joined
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,7 +84,9 @@ def _unpack(d: bytes | bytearray) -> np.ndarray:
 
 def _joined(addrs: Iterable[bytes] | bytes) -> bytes:
     """16-byte addresses in one buffer (given so, or joined here)."""
-    return addrs if isinstance(addrs, bytes) else b"".join(addrs)
+    if isinstance(addrs, bytes):
+        return addrs
+    return joined(addrs if isinstance(addrs, list) else list(addrs))
 
 
 _V4_WORDS = struct.unpack("=3I", V4MAPPED)   # ::ffff:0:0/96 as native words
@@ -326,7 +329,7 @@ def _v6_prefix_keys(keys: list[bytes]) -> list[tuple[int, bytes]]:
     length's mask."""
     import numpy as np
 
-    raw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 20)
+    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, 20)
     six = np.flatnonzero((raw[:, 4:16] != np.frombuffer(V4MAPPED, dtype=np.uint8)).any(axis=1))
     rows = raw[six].copy()
     plen = np.minimum(rows[:, :4].copy().view(np.uint32).ravel(), 128)
@@ -448,7 +451,7 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
     maybe = ((b[slash >> 2] >> ((slash & 3) << 1)) & NO_HOST) == 0
     bits: dict[int, int] = {}
     if maybe.any():   # which of them hold a host entry, and where
-        keys = np.frombuffer(b"".join(hosts()), dtype=np.uint8).reshape(-1, 16)
+        keys = np.frombuffer(joined(hosts()), dtype=np.uint8).reshape(-1, 16)
         keys = keys[(keys[:, :12] == np.frombuffer(V4MAPPED, dtype=np.uint8)).all(axis=1)]
         at24 = (keys[:, 12].astype(np.int64) << 16) | (keys[:, 13].astype(np.int64) << 8) \
             | keys[:, 14]

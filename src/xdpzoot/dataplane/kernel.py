@@ -50,6 +50,7 @@ from xdpzoot.dataplane.layout import (
     Entry,
     Volume,
     _entry,
+    joined,
     masked,
     pack_class,
     volume,
@@ -685,7 +686,7 @@ class PinnedMap:
             if batched:
                 count = ct.c_uint32(len(chunk))
                 opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
-                _check(_libbpf.bpf_map_update_batch(self.fd, b"".join(chunk), vals,
+                _check(_libbpf.bpf_map_update_batch(self.fd, joined(chunk), vals,
                                                     ct.byref(count), opts), what)
             else:
                 for j, k in enumerate(chunk):
@@ -739,11 +740,11 @@ class PinnedMap:
             if batch:
                 count = ct.c_uint32(n)
                 opts = ct.byref(_BatchOpts(sz=ct.sizeof(_BatchOpts)))
-                joined = chunk if ks > 1 else b"".join(chunk)
-                rc = (_libbpf.bpf_map_update_batch(self.fd, joined, value * n,
+                buf = chunk if ks > 1 else joined(chunk)
+                rc = (_libbpf.bpf_map_update_batch(self.fd, buf, value * n,
                                                    ct.byref(count), opts)
                       if value is not None else
-                      _libbpf.bpf_map_delete_batch(self.fd, joined, ct.byref(count), opts))
+                      _libbpf.bpf_map_delete_batch(self.fd, buf, ct.byref(count), opts))
                 _check(rc, what)
             else:
                 for k in (chunk[j:j + ks] for j in range(0, len(chunk), ks)) if ks > 1 else chunk:

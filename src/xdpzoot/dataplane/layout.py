@@ -239,3 +239,15 @@ class Event(NamedTuple):
 
 def _name(names: tuple[str, ...], i: int) -> str:
     return names[i] if i < len(names) else str(i)
+
+
+JOIN_STEP = 4096
+
+
+def joined(parts: list[bytes]) -> bytes:
+    """``b"".join(parts)`` a few thousand at a time: in one go, CPython first gathers an
+    80-byte buffer record for every part (80 MB of fresh pages at a million keys), which
+    makes it 2-3x slower here (0.063 against 0.018-0.03 s for 900,000 keys)."""
+    if len(parts) <= JOIN_STEP:
+        return b"".join(parts)
+    return b"".join([b"".join(parts[i:i + JOIN_STEP]) for i in range(0, len(parts), JOIN_STEP)])
