@@ -718,7 +718,8 @@ def _contracts(named: Columns, bare: Columns, pools: set[int]) -> Columns | None
     user_of = dict(zip(ids, users, strict=True))
     if len(user_of) < len(ids) and list(map(user_of.__getitem__, ids)) != users:
         return None
-    if len(set(users)) != len(user_of) or not pools.isdisjoint(user_of):
+    # (the pools, a few, looked up in the dict: set.isdisjoint would walk all of it)
+    if len(set(users)) != len(user_of) or any(map(user_of.__contains__, pools)):
         return None   # a user of two ids, or a user's id a pool's
     return contracts
 
