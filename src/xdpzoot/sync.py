@@ -25,7 +25,6 @@ from xdpzoot.dataplane.layout import (
     ClassTable,
     Entry,
     class_word,
-    joined,
     masked,
 )
 from xdpzoot.sources.files import check_room, check_shrink, paused_gc
@@ -244,10 +243,10 @@ def assign_pool_blocks(cur_prefixes: ClassTable, hosts: ClassTable, prefixes: Cl
     import numpy as np  # (the directory's import: here for 200,000 rows at once)
 
     old = {k: (e.slot, e.pool_bits) for k, e in cur_prefixes.items() if e.pool_bits}
-    raw = np.frombuffer(joined(prefixes.keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
-    bits = 128 - raw[:, :4].copy().view(np.uint32).ravel().astype(np.int64)
+    plen, raw = dirs.lpm_columns(prefixes.keys)
+    bits = 128 - plen
     word = np.frombuffer(prefixes.values, dtype=np.uint32)[1::WORDS]
-    pool = ((word & _TYPE_MASK) == _DYNAMIC_WORD) & (bits <= POOL_BITS) & dirs.v4_rows(raw[:, 4:])
+    pool = ((word & _TYPE_MASK) == _DYNAMIC_WORD) & (bits <= POOL_BITS) & dirs.v4_rows(raw)
     want = [(i, prefixes.keys[i], b) for i, b in   # row, key, host bits: IPv4 dynamic pools
             zip(np.flatnonzero(pool).tolist(), bits[pool].tolist(), strict=True)]
     base = {k: old[k][0] for _, k, bits in want
@@ -378,7 +377,7 @@ def plan_subscribers(maps: Maps, hosts: ClassTable, prefixes: ClassTable,
             t.keys.extend(kept.keys)
             t.values.extend(kept.values)
         _check_room(maps, path, hosts, prefixes)
-        d, v6 = dirs.subscribers(hosts.keys, map(LPM_KEY.unpack, prefixes.keys))
+        d, v6 = dirs.subscribers(hosts.keys, dirs.lpm_columns(prefixes.keys))
         # what the trie holds once written (a key given twice: the last one's class, which
         # the trie is read back for)
         trie = (cur_p.keys, prefixes) if len(set(prefixes.keys)) == len(prefixes) else None

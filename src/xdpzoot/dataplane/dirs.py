@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xdpzoot.dataplane import schema
 from xdpzoot.dataplane.layout import joined
@@ -117,15 +117,46 @@ def _slash24s(raw: np.ndarray) -> np.ndarray:
     return raw[:, 12].astype(np.int64) << 16 | raw[:, 13].astype(np.int64) << 8 | raw[:, 14]
 
 
-def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray,
-                                                                  np.ndarray, np.ndarray]:
+class Prefixes(NamedTuple):
+    """Prefixes as columns: their lengths over 128 bits (int64) and addresses (rows of 16
+    bytes, uint8), in the order given."""
+
+    plen: np.ndarray
+    raw: np.ndarray
+
+
+Pairs = Iterable[tuple[int, bytes]]   # prefixes as (len/128, 16-byte address)
+
+
+def columns(prefixes: Pairs | Prefixes) -> Prefixes:
+    """``(len/128, address)`` pairs as Prefixes (Prefixes as they are)."""
+    import numpy as np
+
+    if isinstance(prefixes, Prefixes):
+        return prefixes
+    prefixes = list(prefixes)
+    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
+    return Prefixes(plen, _rows([a for _, a in prefixes])[0])
+
+
+def lpm_columns(keys: list[bytes]) -> Prefixes:
+    """Packed LPM keys (struct xz_lpm_key: the length as a native word, the address) as
+    Prefixes, in bulk: no pair made and taken apart for each key."""
+    import numpy as np
+
+    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, 20)
+    return Prefixes(raw[:, :4].copy().view(np.uint32).ravel().astype(np.int64),
+                    np.ascontiguousarray(raw[:, 4:]))
+
+
+def _prefixes24(prefixes: Pairs | Prefixes) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                      np.ndarray]:
     """(covered, partial, rows, lengths): the /24 numbers that IPv4 prefixes of /24 or
     shorter cover whole, and those of longer ones; the IPv6 prefixes' rows and lengths."""
     import numpy as np
 
-    prefixes = list(prefixes)
-    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
-    raw, v4 = _rows([a for _, a in prefixes])
+    plen, raw = columns(prefixes)
+    v4 = v4_rows(raw)
     first, n = _slash24s(raw[v4]), plen[v4] - 96
     whole = n <= 24
     starts, counts = first[whole], 1 << (24 - n[whole])
@@ -134,8 +165,7 @@ def _prefixes24(prefixes: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.n
     return np.repeat(starts, counts) + offsets, first[~whole], raw[~v4], plen[~v4]
 
 
-def csam(hosts: Iterable[bytes] | bytes, prefixes: Iterable[tuple[int, bytes]]
-         ) -> tuple[bytes, bytes]:
+def csam(hosts: Iterable[bytes] | bytes, prefixes: Pairs) -> tuple[bytes, bytes]:
     """The exact IPv4 directory and IPv6 filter of a CSAM list (its addresses, or their
     buffer: at a million entries, joining them is most of the work)."""
     import numpy as np
@@ -289,8 +319,7 @@ def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
     return True
 
 
-def subscribers(hosts: Iterable[bytes], prefixes: Iterable[tuple[int, bytes]]
-                ) -> tuple[bytes, bytes]:
+def subscribers(hosts: Iterable[bytes], prefixes: Pairs | Prefixes) -> tuple[bytes, bytes]:
     """The exact IPv4 directory of the subscriber maps (host addresses and prefixes), and
     the exact IPv6 filter of their host addresses (plen 64): the host addresses joined
     once for both."""
@@ -394,35 +423,33 @@ LANES = C["XZ_IDX_LANES"]
 UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of them)
 
 
-def index_rows(prefixes: Iterable[tuple[int, bytes]]) -> list[int]:
+def index_rows(prefixes: Pairs | Prefixes) -> list[int]:
     """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
-    ``prefixes`` (``(len/128, address)``) lie, in order."""
+    ``prefixes`` lie, in order."""
     import numpy as np
 
-    _, first, count, _ = _v4_spans(list(prefixes))
+    _, first, count, _ = _v4_spans(columns(prefixes))
     r0, k = first // LANES, (first + count - 1) // LANES - first // LANES + 1
     return distinct(np.repeat(r0 - np.cumsum(k) + k, k) + np.arange(int(k.sum()))).tolist()
 
 
-def _v4_spans(prefixes: list[tuple[int, bytes]]
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _v4_spans(prefixes: Prefixes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Of the IPv4 prefixes of /8 or longer among ``prefixes`` (the others, shorter or
     IPv6, never own a lane, so that writing them changes none): their positions in
     ``prefixes``, first /24s, how many /24s each touches, and lengths (len/128)."""
     import numpy as np
 
-    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
-    raw, v4 = _rows([a for _, a in prefixes])
-    pos = np.flatnonzero(v4 & (plen - 96 >= UNIFORM_MIN))
+    plen, raw = prefixes
+    pos = np.flatnonzero(v4_rows(raw) & (plen - 96 >= UNIFORM_MIN))
     n = plen[pos] - 96
     count = np.where(n <= 24, np.left_shift(1, np.clip(24 - n, 0, 24)), 1)
     return pos, _slash24s(raw[pos]), count, plen[pos]
 
 
-def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
+def uniform(prefixes: Pairs | Prefixes, d: bytes | bytearray, cap: int,
             hosts: Callable[[], Iterable[bytes]], hosted_cap: int,
             ) -> tuple[np.ndarray, np.ndarray, list[int], dict[int, int]]:
-    """The lanes the prefix map's ``prefixes`` (``(len/128, address)``) make with the
+    """The lanes the prefix map's ``prefixes`` make with the
     subscriber directory ``d`` and the host entries (``hosts()``, read only when the
     directory says a /24 that a prefix covers whole may hold one): (/24 numbers, their
     class's index, the prefix of each index: ``owners[i - 1]`` is the position in
@@ -433,6 +460,7 @@ def uniform(prefixes: list[tuple[int, bytes]], d: bytes | bytearray, cap: int,
     ``prefixes`` (the trie's, read back, or the file's)."""
     import numpy as np
 
+    prefixes = columns(prefixes)
     pos, first, count, plen = _v4_spans(prefixes)   # pos: in ``prefixes``
     if not len(pos):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16), [], {}
