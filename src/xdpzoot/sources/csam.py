@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 
-from xdpzoot.dataplane.layout import LPM_KEY, joined
+from xdpzoot.dataplane.layout import LPM_KEY
 from xdpzoot.sources.files import SOURCE_BYTES, SourceError, both, paused_gc, read_file
 from xdpzoot.sources.subscribers import V4MAPPED_PROBLEM, overlaps_v4mapped
 from xdpzoot.tables import Key
@@ -192,7 +192,7 @@ def _entries(data: bytes) -> tuple[bytes, set[bytes], set[Key], list[str]] | Non
     plain = [x for x in lines if "/" not in x]
     pton, af4, af6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
     try:   # IPv4: the four bytes of each, joined (no object per address)
-        packed4 = [joined(list(map(pton, repeat(af4), [x for x in plain if ":" not in x])))]
+        packed4 = [b"".join(map(pton, repeat(af4), [x for x in plain if ":" not in x]))]
         hosts6 = {pton(af6, x) for x in plain if ":" in x}
     except (OSError, ValueError):
         return None
@@ -229,8 +229,7 @@ def _prefixes4(lines: list[str]) -> tuple[set[Key], bytes] | None:
     if not all(map(str.isdigit, lens)) or max(map(len, lens), default=0) > 3:
         return None
     try:
-        packed = joined(list(map(socket.inet_pton, repeat(socket.AF_INET),
-                                 [a for a, _, _ in parts])))
+        packed = b"".join(map(socket.inet_pton, repeat(socket.AF_INET), [a for a, _, _ in parts]))
     except (OSError, ValueError):
         return None
     plen = np.array(list(map(int, lens)), dtype=np.int64)
