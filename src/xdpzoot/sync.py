@@ -281,12 +281,14 @@ def _point_hosts_at_pools(hosts: ClassTable, prefixes: ClassTable, pool_row: dic
         return
     import numpy as np
 
-    prefix_row = dict(zip(prefixes.keys, range(len(prefixes)), strict=True))
-    ids = hosts.column(0)
     held = np.isin(np.frombuffer(hosts.values, dtype=np.uint32)[0::WORDS], list(pool_row))
-    for j in np.flatnonzero(held).tolist():
+    rows = np.flatnonzero(held).tolist()   # host entries with a pool's id
+    if not rows:
+        return
+    prefix_row = dict(zip(prefixes.keys, range(len(prefixes)), strict=True))
+    for j in rows:
         i = _longest(prefix_row, hosts.keys[j])
-        if i is not None and i == pool_row[ids[j]]:
+        if i is not None and i == pool_row[hosts.values[j * WORDS]]:
             hosts.values[j * WORDS + 1] = (hosts.values[j * WORDS + 1] & ~POOL_BITS_WORD) | (
                 prefixes.values[i * WORDS + 1] & POOL_BITS_WORD)
             hosts.values[j * WORDS + 4] = prefixes.values[i * WORDS + 4]

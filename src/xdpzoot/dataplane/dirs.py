@@ -359,7 +359,7 @@ def _v6_prefix_keys(keys: list[bytes]) -> list[tuple[int, bytes]]:
     import numpy as np
 
     raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, 20)
-    six = np.flatnonzero((raw[:, 4:16] != np.frombuffer(V4MAPPED, dtype=np.uint8)).any(axis=1))
+    six = np.flatnonzero(~v4_rows(raw[:, 4:]))
     rows = raw[six].copy()
     plen = np.minimum(rows[:, :4].copy().view(np.uint32).ravel(), 128)
     bits = np.arange(128)
