@@ -25,7 +25,10 @@ the config accepts it. Every router gets the same 1,024 /22 pools, static hosts 
 (bench/floor_xdp.c: reads the frame, looks nothing up, returns the verdict the mix wants):
 the most any XDP program gets in this lab, printed beside each xdpzoot-xdp goal; and the
 floor after 1 or 2 dependent random reads of an array (xdp-floor-miss1-4m, ...-miss2-32m; sizes
-128k, 4m, 32m, 128m): the price of one cold lookup in a structure of that size here.
+128k, 4m, 32m, 128m): the price of one cold lookup in a structure of that size here; and the
+floor after work that touches no memory (xdp-floor-spin48/96/144: dependent multiplies;
+xdp-floor-code50/150: four chains of ALU steps, more code for the time): what a nanosecond of
+a program's own time costs a frame here.
 
 Each router and mix runs a ladder of offered loads (paced test_run batches, each step bounded
 in frames and seconds). Processed = (sink count + the router's own drop counters) per second
@@ -562,14 +565,26 @@ class Ref(Router):
 # The floor's array sizes (2^bits words of 8 bytes): the CSAM filter's, the directory's and the
 # OP25B counters', a CSAM generation's lines and more, the pool addresses' state.
 FLOOR_SIZES = {"128k": 14, "4m": 19, "32m": 22, "128m": 24}
+# Work before the floor's verdict, no memory touched: dependent multiplies (~0.8 ns each here),
+# or independent ALU steps in four chains (more code for the time): what a program's own time
+# costs a frame in this lab.
+SPINS = (48, 96, 144)
+CODES = (50, 150)
 
 
 class Floor(Router):
     name, label = "xdp-floor", "XDP floor: no lookup, the mix's verdict"
 
-    def __init__(self, env: Env, misses: int = 0, size: str = "4m") -> None:
+    def __init__(self, env: Env, misses: int = 0, size: str = "4m", spin: int = 0,
+                 code: int = 0) -> None:
         super().__init__(env)
-        self.misses, self.bits = misses, FLOOR_SIZES[size]
+        self.misses, self.bits, self.spin, self.code = misses, FLOOR_SIZES[size], spin, code
+        if code:
+            self.name = f"xdp-floor-code{code}"
+            self.label = f"XDP floor + {code} x 4 independent ALU steps"
+        if spin:
+            self.name = f"xdp-floor-spin{spin}"
+            self.label = f"XDP floor + {spin} dependent multiplies"
         if misses:
             self.name = f"xdp-floor-miss{misses}-{size}"
             self.label = (f"XDP floor + {misses} dependent random read{'s' * (misses > 1)}"
@@ -579,7 +594,9 @@ class Floor(Router):
         from bcc import BPF
 
         self.bpf = BPF(src_file=str(HERE / "floor_xdp.c").encode(),
-                       cflags=[f"-DFLOOR_MISSES={self.misses}", f"-DFLOOR_MEM_BITS={self.bits}"])
+                       cflags=[f"-DFLOOR_MISSES={self.misses}", f"-DFLOOR_MEM_BITS={self.bits}"]
+                       + ([f"-DFLOOR_SPIN={self.spin}"] if self.spin else [])
+                       + ([f"-DFLOOR_CODE={self.code}"] if self.code else []))
         self.fd = self.bpf.load_func(b"floor_prog", BPF.XDP).fd
         pin = os.path.join(self.env.pin_root, "fwd_floor")
         kernel.pin(self.fd, pin)
@@ -692,7 +709,8 @@ def make_routers(env: Env) -> list[Router]:
     return [Plain(env), Nft(env), Ipt(env), Ref(env), Xdpzoot(env, "xdp"),
             Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True),
             Xdpzoot(env, "xdp", with_list=False), Floor(env),
-            *(Floor(env, m, z) for m in (1, 2) for z in FLOOR_SIZES)]
+            *(Floor(env, m, z) for m in (1, 2) for z in FLOOR_SIZES),
+            *(Floor(env, spin=n) for n in SPINS), *(Floor(env, code=n) for n in CODES)]
 
 
 # Parts of a breakdown, not routers an operator compares: xdpzoot at XDP without a CSAM list
@@ -700,9 +718,11 @@ def make_routers(env: Env) -> list[Router]:
 # the XDP floor (bench/floor_xdp.c: no lookup, the verdict the mix wants), the best any XDP
 # program could do here, so the ceiling of the XDP goals' ratios in this lab; and the floor with
 # one or two dependent random reads of an array of 128 KiB .. 128 MiB before its verdict: what
-# a lookup in a structure of that size costs a frame here, whatever the program around it.
+# a lookup in a structure of that size costs a frame here, whatever the program around it; and
+# the floor after work that touches no memory: what a program's own time costs a frame.
 EXTRA_ROUTERS = {"xdpzoot-xdp-nolist", "xdp-floor"} | {
-    f"xdp-floor-miss{m}-{z}" for m in (1, 2) for z in FLOOR_SIZES}
+    f"xdp-floor-miss{m}-{z}" for m in (1, 2) for z in FLOOR_SIZES} | {
+    f"xdp-floor-spin{n}" for n in SPINS} | {f"xdp-floor-code{n}" for n in CODES}
 
 
 def selected(routers: list[Router], only: set[str] | None) -> list[Router]:
@@ -942,7 +962,7 @@ def table(doc: dict) -> str:
             return " / ".join(f"{x:.2f}" for x in v["rounds"]) + \
                 (f" (median {v['median']:.2f})" if len(v["rounds"]) > 1 else "")
 
-        cost = "-" if ns("forward") == "-" else f"{ns('forward')} ; {ns('drop')}"
+        cost = "-" if ns("forward") == ns("drop") == "-" else f"{ns('forward')} ; {ns('drop')}"
         rows.append(f"| {runs[0]['label']} | {kpps('forward')} | {kpps('drop')} | {cost} "
                     f"| {ratio('forward')} | {ratio('drop')} |")
     return "\n".join(rows)

@@ -52,6 +52,31 @@ int floor_prog(struct xdp_md *ctx)
 	if (w == 0)   /* never (the words are 0): keeps the loads */
 		return XDP_PASS;
 #endif
+#ifdef FLOOR_SPIN
+	u64 x = ip->daddr | 1;
+
+#pragma unroll
+	for (int k = 0; k < FLOOR_SPIN; k++) {
+		x = x * 0x9E3779B97F4A7C15ULL + k;
+		asm volatile("" : "+r"(x));
+	}
+	if (x == 0)
+		return XDP_PASS;
+#endif
+#ifdef FLOOR_CODE
+	u64 a = ip->daddr, b = a + 1, c = a + 2, d = a + 3;
+
+#pragma unroll
+	for (int k = 0; k < FLOOR_CODE; k++) {
+		a = (a ^ (a >> 3)) + k;
+		b = (b ^ (b << 5)) + k;
+		c = (c ^ (c >> 7)) + k;
+		d = (d ^ (d << 9)) + k;
+		asm volatile("" : "+r"(a), "+r"(b), "+r"(c), "+r"(d));
+	}
+	if ((a ^ b ^ c ^ d) == 1)
+		return XDP_PASS;
+#endif
 	v = floor_verdict.lookup(&zero);
 	if (!v || *v != XDP_DROP)
 		return XDP_PASS;

@@ -116,12 +116,13 @@ def test_reference_program_drops_port_25_and_listed(lab):
 
 @root
 @pytest.mark.lab
-@pytest.mark.parametrize("misses", [0, 2])
-def test_floor_program_gives_each_mix_its_verdict(lab, misses):
+@pytest.mark.parametrize("misses,work", [(0, {}), (2, {}), (0, {"spin": 48}),
+                                         (0, {"code": 50})])
+def test_floor_program_gives_each_mix_its_verdict(lab, misses, work):
     """The XDP floor drops every frame of the drop mix (counted as its drops) and passes
     every frame of the forward mix on to the sink, with no lookup; the same after two reads
-    of its array, which has the size its name says."""
-    router = bf.Floor(lab, misses, "32m")
+    of its array, which has the size its name says, and after its ALU work."""
+    router = bf.Floor(lab, misses, "32m", **work)
     router.setup()
     try:
         router.set_mix("drop")
@@ -198,6 +199,8 @@ def test_routers_by_default_and_by_name(tmp_path):
         "plain", "xdp-floor"]
     assert [r.name for r in bf.selected(routers, {"xdp-floor-miss2-128m", "xdp-floor-miss1-128k"})
             ] == ["xdp-floor-miss1-128k", "xdp-floor-miss2-128m"]
+    assert [r.name for r in bf.selected(routers, {"xdp-floor-code150", "xdp-floor-spin96"})
+            ] == ["xdp-floor-spin96", "xdp-floor-code150"]
     assert (nolist.hook, nolist.fast_path, nolist.with_list) == ("xdp", False, False)
     assert "csam =" not in nolist.config.read_text()
     (with_list,) = bf.selected(routers, {"xdpzoot-xdp"})
