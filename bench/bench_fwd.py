@@ -18,9 +18,10 @@ Topology, in namespaces of our own (``xzfb<hex>-gen/-rtr/-snk``, deleted at the 
 
 Routers: plain Linux forwarding; nftables with sets; iptables (legacy xtables) with ipset
 hash:net sets; a minimal two-lookup XDP program (bench/ref_xdp.c); xdpzoot at XDP (native) and
-at TC, attached by this checkout's CLI; xdpzoot with ``[dataplane] fast_path = true`` when
-the config accepts it. Every router gets the same 1,024 /22 pools, static hosts inside them
-(exempt from OP25B) and the same CSAM list (80% addresses, 20% prefixes). Named with
+at TC, attached by this checkout's CLI; xdpzoot with ``[dataplane] fast_path = true`` at
+XDP and at TC when the config accepts it. Every router gets the same 1,024 /22 pools, static
+hosts inside them (exempt from OP25B) and the same CSAM list (80% addresses, 20% prefixes).
+Named with
 --only only: xdpzoot without a list (what the list costs), and the XDP floor
 (bench/floor_xdp.c: reads the frame, looks nothing up, returns the verdict the mix wants):
 the most any XDP program gets in this lab, printed beside each xdpzoot-xdp goal; and the
@@ -652,9 +653,10 @@ class Xdpzoot(Router):
     def __init__(self, env: Env, hook: str, fast_path: bool = False, with_list: bool = True):
         super().__init__(env)
         self.hook, self.fast_path, self.with_list = hook, fast_path, with_list
-        self.name = ("xdpzoot-fast" if fast_path else f"xdpzoot-{hook}") + \
-            ("" if with_list else "-nolist")
-        self.label = ("xdpzoot, XDP fast path" if fast_path
+        at = "XDP" if hook == "xdp" else "TC"
+        self.name = (("xdpzoot-fast" if hook == "xdp" else "xdpzoot-tc-fast") if fast_path
+                     else f"xdpzoot-{hook}") + ("" if with_list else "-nolist")
+        self.label = (f"xdpzoot, {at} fast path" if fast_path
                       else f"xdpzoot at {'XDP (native)' if hook == 'xdp' else 'TC'}") + \
             ("" if with_list else ", no CSAM list (what the list costs)")
         self.pin_dir = os.path.join(env.pin_root, self.name)
@@ -708,6 +710,7 @@ def make_routers(env: Env) -> list[Router]:
     """Every router; the ones in EXTRA_ROUTERS run only when --only names them."""
     return [Plain(env), Nft(env), Ipt(env), Ref(env), Xdpzoot(env, "xdp"),
             Xdpzoot(env, "tc"), Xdpzoot(env, "xdp", fast_path=True),
+            Xdpzoot(env, "tc", fast_path=True),
             Xdpzoot(env, "xdp", with_list=False), Floor(env),
             *(Floor(env, m, z) for m in (1, 2) for z in FLOOR_SIZES),
             *(Floor(env, spin=n) for n in SPINS), *(Floor(env, code=n) for n in CODES)]
@@ -1038,7 +1041,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the mixes to run: forward,drop (both, the default), or one of them")
     p.add_argument("--only", type=lambda s: set(s.split(",")),
                    help="routers to run: plain,nft,iptables,ref-xdp,xdpzoot-xdp,xdpzoot-tc,"
-                        "xdpzoot-fast (all of these by default), xdpzoot-xdp-nolist (no CSAM "
+                        "xdpzoot-fast,xdpzoot-tc-fast (all of these by default), "
+                        "xdpzoot-xdp-nolist (no CSAM "
                         "list: what the list costs), xdp-floor (no lookup: the most an XDP "
                         "program gets here)")
     args = p.parse_args(argv)

@@ -1,19 +1,21 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * forward.h - the XDP fast path. A packet the pipeline passed is forwarded
- * from XDP itself, as the kernel would: route lookup (bpf_fib_lookup, in the
+ * forward.h - the fast path. A packet the pipeline passed is forwarded by the
+ * program itself, as the kernel would: route lookup (bpf_fib_lookup, in the
  * ingress interface's namespace, with its ingress ifindex), TTL / hop limit
  * decremented (IPv4 checksum updated incrementally), MACs from the route's
- * neighbour, and a redirect into the devmap of the router's interfaces.
+ * neighbour, and a redirect to one of the router's interfaces (the devmap's):
+ * from XDP into the devmap, from TC ingress with bpf_redirect.
  *
  * Whenever the fast path cannot be exact, the packet goes to the kernel's
- * stack (XDP_PASS) untouched, and the reason is counted (XZ_FAST_REASONS):
- * the kernel then answers what needs an answer (ICMP time exceeded, packet
- * too big), resolves neighbours, and handles what is for the router itself.
+ * stack (XDP_PASS, TC_ACT_OK) untouched, and the reason is counted
+ * (XZ_FAST_REASONS): the kernel then answers what needs an answer (ICMP time
+ * exceeded, packet too big), resolves neighbours, and handles what is for the
+ * router itself.
  *
  * Skipped on the fast path, by design: netfilter (forward rules, conntrack),
- * the egress qdisc, the kernel's forwarding counters and taps on egress.
- * The TC hook has no fast path.
+ * the kernel's forwarding counters; from XDP also the egress qdisc and taps
+ * on egress (from TC the packet goes through the egress interface's qdisc).
  */
 #ifndef XDPZOOT_FORWARD_H
 #define XDPZOOT_FORWARD_H
@@ -22,12 +24,17 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
 #include "xdpzoot.h"
 #include "maps.h"
 
 #define XZ_AF_INET 2
 #define XZ_AF_INET6 10
 #define XZ_IPV6_FLOWINFO 0x0fffffff   /* traffic class and flow label */
+
+/* bpf_redirect_neigh as the kernel declares it (bcc 0.26's has no ``plen``). */
+static long (*xz_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
+				 __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
 
 static __always_inline void xz_fast_count(int reason, __u32 len)
 {
@@ -71,32 +78,38 @@ static __always_inline void xz_ttl_dec(struct iphdr *ip)
 	ip->ttl--;
 }
 
-/* The fast path for a passed packet: XDP_REDIRECT, or XDP_PASS with the reason counted. */
-static __always_inline int xz_fast_path(struct xdp_md *ctx)
+/*
+ * The fast path for a packet the pipeline passed, at either hook: 1, forwarded (redirected,
+ * its frame rewritten), or 0, left to the kernel untouched, the reason counted. ``ctx``: the
+ * hook's context (for the route lookup); ``data``..``end`` the frame (``len`` bytes, counted),
+ * ``in_if`` its ingress interface. XDP redirects into the devmap; TC (ingress) with
+ * bpf_redirect to the same interfaces, the devmap's, and a GRO aggregate (``segs`` > 1) goes
+ * to the kernel (counted as ``frame``), which checks its segments against the egress MTU.
+ */
+static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u32 len,
+					   __u32 in_if, __u32 segs, const int hook)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth = data;
 	struct iphdr *ip = NULL;
 	struct ipv6hdr *ip6 = NULL;
 	struct xz_control *ctl;
-	__u32 key = 0, egress, len = end - data, tot;
+	__u32 key = 0, egress, tot;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
 
 	/* Off, or bypass (the fail-safe: everything to the kernel untouched): not counted. */
 	ctl = xz_control.lookup(&key);
 	if (!ctl || !(ctl->flags & XZ_C_FAST_PATH) || (ctl->flags & XZ_C_BYPASS))
-		return XDP_PASS;
-	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel. */
-	if ((void *)(eth + 1) > end)
+		return 0;
+	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel; a GRO aggregate too. */
+	if ((void *)(eth + 1) > end || segs > 1)
 		goto out;
 	if (eth->h_dest[0] & 1) {   /* L2 broadcast or multicast: for the router */
 		reason = XZ_FP_LOCAL;
 		goto out;
 	}
-	fib.ifindex = ctx->ingress_ifindex;
+	fib.ifindex = in_if;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		ip = (void *)(eth + 1);
 		/* Options (router alert, source route...) need the kernel. */
@@ -163,28 +176,46 @@ static __always_inline int xz_fast_path(struct xdp_md *ctx)
 		goto out;
 	}
 	egress = fib.ifindex;
-	/* Out where it came in: the kernel would also send an ICMP redirect. Not a
-	 * router's interface (a VLAN device, a tunnel): not in the devmap. */
-	if (egress == ctx->ingress_ifindex || !xz_fast_ifs.lookup(&egress)) {
+	/* Out where it came in: the kernel would also send an ICMP redirect. */
+	if (egress == in_if) {
 		reason = XZ_FP_EGRESS;
 		goto out;
 	}
-	if (xz_fast_ifs.redirect_map(egress, 0) != XDP_REDIRECT) {
-		reason = XZ_FP_REDIRECT;   /* the entry went away meanwhile */
-		goto out;
+	if (hook == XZ_HOOK_XDP) {
+		/* Not a router's interface (a VLAN device, a tunnel): not in the devmap. */
+		if (!xz_fast_ifs.lookup(&egress)) {
+			reason = XZ_FP_EGRESS;
+			goto out;
+		}
+		if (xz_fast_ifs.redirect_map(egress, 0) != XDP_REDIRECT) {
+			reason = XZ_FP_REDIRECT;   /* the entry went away meanwhile */
+			goto out;
+		}
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	} else {
+		/* Any interface: the kernel's neighbour output writes the link header the
+		 * egress needs (Ethernet, a VLAN tag, none for a tunnel) for the route's next
+		 * hop, which the lookup left in the destination. (A devmap used by programs of
+		 * two types is refused to the second since 6.x: TC does not look at it.) */
+		struct bpf_redir_neigh nh = { .nh_family = fib.family };
+
+		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, sizeof(nh.ipv6_nh));
+		if (xz_redirect_neigh(egress, &nh, sizeof(nh), 0) != TC_ACT_REDIRECT) {
+			reason = XZ_FP_REDIRECT;
+			goto out;
+		}
 	}
-	/* Committed: the packet leaves by the devmap, rewritten as the kernel would. */
+	/* Committed: the packet leaves by the interface, its TTL as the kernel's would be. */
 	if (ip)
 		xz_ttl_dec(ip);
 	else if (ip6)
 		ip6->hop_limit--;
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	xz_fast_count(XZ_FP_FORWARDED, len);
-	return XDP_REDIRECT;
+	return 1;
 out:
 	xz_fast_count(reason, len);
-	return XDP_PASS;
+	return 0;
 }
 
 #endif /* XDPZOOT_FORWARD_H */

@@ -2,8 +2,8 @@
 /*
  * xdpzoot.c - thin entry points: one per hook (XDP, TC clsact ingress) and
  * interface role (access, core). Each adapts its context to struct xz_pkt,
- * runs the one pipeline and maps the verdict to the hook's return code; at
- * XDP a passed packet then takes the fast path (forward.h) when it is on.
+ * runs the one pipeline and maps the verdict to the hook's return code; a
+ * passed packet then takes the fast path (forward.h) when it is on.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -33,7 +33,9 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 		xz_tail_xdp.call(ctx, 0);
 		return XDP_DROP;   /* no reply program: drop */
 	}
-	return xz_fast_path(ctx);   /* XDP_PASS unless the fast path is on and can forward */
+	/* XDP_PASS unless the fast path is on and can forward */
+	return xz_fast_forward(ctx, (void *)(long)ctx->data, (void *)(long)ctx->data_end, p.len,
+			       ctx->ingress_ifindex, 1, XZ_HOOK_XDP) ? XDP_REDIRECT : XDP_PASS;
 }
 
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
@@ -55,7 +57,10 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 		xz_tail_tc.call(skb, 0);
 		return TC_ACT_SHOT;   /* no reply program: drop */
 	}
-	return TC_ACT_OK;
+	/* TC_ACT_OK unless the fast path is on and can forward */
+	return xz_fast_forward(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, p.len,
+			       skb->ingress_ifindex, p.segs, XZ_HOOK_TC) ? TC_ACT_REDIRECT :
+									TC_ACT_OK;
 }
 
 int xz_xdp_access(struct xdp_md *ctx)

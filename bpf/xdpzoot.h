@@ -409,11 +409,12 @@ struct xz_counter {
 };
 
 /*
- * The XDP fast path (forward.h): a packet the pipeline passed is forwarded from
- * XDP itself (fib lookup + devmap redirect), or handed to the kernel's stack for
- * one of the reasons below. Switched by XZ_C_FAST_PATH; the TC hook has none.
+ * The fast path (forward.h): a packet the pipeline passed is forwarded by the
+ * program itself (fib lookup, then from XDP a devmap redirect, from TC ingress
+ * bpf_redirect), or handed to the kernel's stack for one of the reasons below.
+ * Switched by XZ_C_FAST_PATH, at both hooks.
  */
-#define XZ_C_FAST_PATH (1 << 13)    /* forward passed packets from XDP */
+#define XZ_C_FAST_PATH (1 << 13)    /* forward passed packets from the program */
 #ifndef XZ_MAX_IFINDEX
 #define XZ_MAX_IFINDEX 4096         /* egress devmap, indexed by ifindex */
 #endif

@@ -65,8 +65,9 @@ class Dataplane:
     fds: dict[tuple[str, str], int]
     bpf: object = None   # bcc's object: keeps the programs loaded
 
-    def run(self, hook: str, role: str, data: bytes, repeat: int = 1) -> kernel.TestRun:
-        return kernel.test_run(self.fds[(hook, role)], data, repeat)
+    def run(self, hook: str, role: str, data: bytes, repeat: int = 1, ctx: bytes = b""
+            ) -> kernel.TestRun:
+        return kernel.test_run(self.fds[(hook, role)], data, repeat, ctx)
 
     def verdict(self, hook: str, role: str, data: bytes) -> tuple[str, bytes]:
         r = self.run(hook, role, data)

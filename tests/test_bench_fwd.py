@@ -193,7 +193,8 @@ def test_routers_by_default_and_by_name(tmp_path):
                  None, tmp_path, str(tmp_path), tmp_path / "s.csv", tmp_path / "c.txt")
     routers = bf.make_routers(env)
     assert [r.name for r in bf.selected(routers, None)] == [
-        "plain", "nft", "iptables", "ref-xdp", "xdpzoot-xdp", "xdpzoot-tc", "xdpzoot-fast"]
+        "plain", "nft", "iptables", "ref-xdp", "xdpzoot-xdp", "xdpzoot-tc", "xdpzoot-fast",
+        "xdpzoot-tc-fast"]
     (nolist,) = bf.selected(routers, {"xdpzoot-xdp-nolist"})
     assert [r.name for r in bf.selected(routers, {"plain", "xdp-floor"})] == [
         "plain", "xdp-floor"]

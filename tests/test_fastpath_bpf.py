@@ -1,23 +1,25 @@
-"""The XDP fast path through BPF_PROG_TEST_RUN: frame in, return code, frame out and the
-fast path's counters, as a table.
+"""The fast path through BPF_PROG_TEST_RUN, at both hooks: frame in, return code, frame out
+and the fast path's counters, as a table.
 
 The route lookup answers from the network namespace of the thread that runs the program,
 so the runs happen inside a small namespace of the module's own (entered with setns for
 the run only): an interface ``fa`` (its veth peer ``fb``) holding 10.9.0.1/24 and
 fd00:9::1/64, one static neighbour on each, a blackhole route, forwarding on. The
-program's ingress interface is that namespace's loopback (what test_run gives it).
+program's ingress interface is that namespace's loopback (what test_run gives an XDP
+program; a TC program is told so in its context, struct __sk_buff).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from bpfcases import flags_of, ids, load, model_tables
+from bpfcases import flags_of, load, model_tables
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
@@ -26,7 +28,9 @@ from scapy.packet import Raw
 from xdpzoot.dataplane import schema
 from xdpzoot.lab import in_netns
 
-XDP_PASS, XDP_DROP, XDP_REDIRECT = 2, 1, 4
+RETVAL = {"xdp": {"pass": 2, "drop": 1, "redirect": 4},         # XDP_PASS, XDP_DROP, ...
+          "tc": {"pass": 0, "drop": 2, "redirect": 7}}          # TC_ACT_OK, _SHOT, _REDIRECT
+LO = 1   # the loopback's ifindex, in every namespace
 NEIGH4, NEIGH6 = "10.9.0.2", "fd00:9::2"
 NEIGH_MAC = "02:00:00:00:09:02"
 MAC_IN, MAC_ROUTER = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -91,49 +95,71 @@ def v6(dst: str, hlim: int = 64, size: int = 0, hbh: bool = False, src: str = SR
 class Case:
     id: str
     frame: Callable[[], bytes]
-    retval: int
+    verdict: str                # pass (to the kernel), redirect (forwarded), drop
     reason: str | None          # fast path counter that grows; None: none
     egress: bool = True         # fa in the devmap
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
+    tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
+    segs: int = 0               # TC: a GRO aggregate of this many packets (__sk_buff.gso_segs)
+    hooks: tuple[str, ...] = ("xdp", "tc")
 
 
 CASES = [
-    Case("v4 forwarded", lambda: v4(NEIGH4), XDP_REDIRECT, "forwarded"),
-    Case("v6 forwarded", lambda: v6(NEIGH6), XDP_REDIRECT, "forwarded"),
-    Case("v4 TTL 2 forwarded", lambda: v4(NEIGH4, ttl=2), XDP_REDIRECT, "forwarded"),
-    Case("v4 TTL 1", lambda: v4(NEIGH4, ttl=1), XDP_PASS, "ttl"),
-    Case("v6 hop limit 1", lambda: v6(NEIGH6, hlim=1), XDP_PASS, "ttl"),
-    Case("v4 TTL 0", lambda: v4(NEIGH4, ttl=0), XDP_PASS, "ttl"),
-    Case("v4 unresolved neighbour", lambda: v4("10.9.0.3"), XDP_PASS, "no_neigh"),
-    Case("v6 unresolved neighbour", lambda: v6("fd00:9::3"), XDP_PASS, "no_neigh"),
-    Case("v4 over the MTU", lambda: v4(NEIGH4, size=MTU), XDP_PASS, "mtu"),
-    Case("v6 over the MTU", lambda: v6(NEIGH6, size=MTU), XDP_PASS, "mtu"),
-    Case("v4 exactly the MTU", lambda: v4(NEIGH4, size=MTU - 40), XDP_REDIRECT, "forwarded"),
-    Case("v4 for the router", lambda: v4("10.9.0.1"), XDP_PASS, "local"),
-    Case("v6 for the router", lambda: v6("fd00:9::1"), XDP_PASS, "local"),
-    Case("v4 blackhole route", lambda: v4("10.8.0.1"), XDP_PASS, "unroutable"),
-    Case("v6 blackhole route", lambda: v6("fd00:8::1"), XDP_PASS, "unroutable"),
-    Case("v4 multicast", lambda: v4("224.0.0.5"), XDP_PASS, "local"),
-    Case("v4 broadcast frame", lambda: v4(NEIGH4, l2dst="ff:ff:ff:ff:ff:ff"), XDP_PASS, "local"),
-    Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), XDP_PASS, "local"),
-    Case("v6 multicast", lambda: v6("ff02::1"), XDP_PASS, "local"),
-    Case("v4 options", lambda: v4(NEIGH4, options=True), XDP_PASS, "frame"),
-    Case("v6 hop-by-hop", lambda: v6(NEIGH6, hbh=True), XDP_PASS, "frame"),
-    Case("VLAN tagged", lambda: v4(NEIGH4, vlan=True), XDP_PASS, "frame"),
-    Case("egress not in the devmap", lambda: v4(NEIGH4), XDP_PASS, "egress", egress=False),
-    Case("fast path off", lambda: v4(NEIGH4), XDP_PASS, None, switches=("op25b",)),
-    Case("bypass", lambda: v4(NEIGH4), XDP_PASS, None, switches=("fast_path", "bypass")),
-    Case("OP25B still drops", lambda: v4(NEIGH4, dport=25), XDP_DROP, None),
-    Case("monitor: forwarded", lambda: v4(NEIGH4, dport=25), XDP_REDIRECT, "forwarded",
+    Case("v4 forwarded", lambda: v4(NEIGH4), "redirect", "forwarded"),
+    Case("v6 forwarded", lambda: v6(NEIGH6), "redirect", "forwarded"),
+    Case("v4 TTL 2 forwarded", lambda: v4(NEIGH4, ttl=2), "redirect", "forwarded"),
+    Case("v4 TTL 1", lambda: v4(NEIGH4, ttl=1), "pass", "ttl"),
+    Case("v6 hop limit 1", lambda: v6(NEIGH6, hlim=1), "pass", "ttl"),
+    Case("v4 TTL 0", lambda: v4(NEIGH4, ttl=0), "pass", "ttl"),
+    Case("v4 unresolved neighbour", lambda: v4("10.9.0.3"), "pass", "no_neigh"),
+    Case("v6 unresolved neighbour", lambda: v6("fd00:9::3"), "pass", "no_neigh"),
+    Case("v4 over the MTU", lambda: v4(NEIGH4, size=MTU), "pass", "mtu"),
+    Case("v6 over the MTU", lambda: v6(NEIGH6, size=MTU), "pass", "mtu"),
+    Case("v4 exactly the MTU", lambda: v4(NEIGH4, size=MTU - 40), "redirect", "forwarded"),
+    Case("v4 for the router", lambda: v4("10.9.0.1"), "pass", "local"),
+    Case("v6 for the router", lambda: v6("fd00:9::1"), "pass", "local"),
+    Case("v4 blackhole route", lambda: v4("10.8.0.1"), "pass", "unroutable"),
+    Case("v6 blackhole route", lambda: v6("fd00:8::1"), "pass", "unroutable"),
+    Case("v4 multicast", lambda: v4("224.0.0.5"), "pass", "local"),
+    Case("v4 broadcast frame", lambda: v4(NEIGH4, l2dst="ff:ff:ff:ff:ff:ff"), "pass", "local"),
+    Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), "pass", "local"),
+    Case("v6 multicast", lambda: v6("ff02::1"), "pass", "local"),
+    Case("v4 options", lambda: v4(NEIGH4, options=True), "pass", "frame"),
+    Case("v6 hop-by-hop", lambda: v6(NEIGH6, hbh=True), "pass", "frame"),
+    Case("VLAN tagged", lambda: v4(NEIGH4, vlan=True), "pass", "frame"),
+    # XDP redirects only into the devmap; TC to any interface (the neighbour output writes
+    # the link header a VLAN device or a tunnel needs).
+    Case("egress not in the devmap", lambda: v4(NEIGH4), "pass", "egress", egress=False,
+         tc=("redirect", "forwarded")),
+    Case("GRO aggregate", lambda: v4(NEIGH4, size=200), "pass", "frame", segs=2,
+         hooks=("tc",)),
+    Case("fast path off", lambda: v4(NEIGH4), "pass", None, switches=("op25b",)),
+    Case("bypass", lambda: v4(NEIGH4), "pass", None, switches=("fast_path", "bypass")),
+    Case("OP25B still drops", lambda: v4(NEIGH4, dport=25), "drop", None),
+    Case("monitor: forwarded", lambda: v4(NEIGH4, dport=25), "redirect", "forwarded",
          switches=("fast_path", "op25b", "monitor")),
 ]
+HOOK_CASES = [(h, c) for c in CASES for h in c.hooks]
 
 
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_fast_path(dp, net: Net, case: Case):
+def skb_ctx(segs: int = 0) -> bytes:
+    """The start of a struct __sk_buff for test_run: ingress_ifindex and ifindex the
+    loopback (offsets 36, 40), and for a GRO aggregate gso_segs (offset 164) and gso_size
+    (176)."""
+    ctx = bytearray(184 if segs else 44)
+    struct.pack_into("=II", ctx, 36, LO, LO)
+    if segs:
+        struct.pack_into("=I", ctx, 164, segs)
+        struct.pack_into("=I", ctx, 176, 100)
+    return bytes(ctx)
+
+
+@pytest.mark.parametrize("hook,case", HOOK_CASES, ids=[f"{h} {c.id}" for h, c in HOOK_CASES])
+def test_fast_path(dp, net: Net, hook: str, case: Case):
     load(dp, model_tables(), flags_of(case.switches))
     dp.maps.clear_fast_counters()
     frame = case.frame()
+    verdict, reason = case.tc if hook == "tc" and case.tc else (case.verdict, case.reason)
     # The devmap is written inside the namespace too: the kernel resolves an ifindex in the
     # writer's namespace (as attach does, run in the router's). Written from the root
     # namespace, `fa`'s ifindex named another interface there, or none: EINVAL on 6.1 in a
@@ -141,18 +167,21 @@ def test_fast_path(dp, net: Net, case: Case):
     with in_netns(net.name):
         try:
             dp.maps.set_fast_ifs([net.fa] if case.egress else [])
-            r = dp.run("xdp", "access", frame)
+            r = dp.run(hook, "access", frame, ctx=skb_ctx(case.segs) if hook == "tc" else b"")
         finally:
             dp.maps.set_fast_ifs([])
-    assert r.retval == case.retval
+    assert r.retval == RETVAL[hook][verdict]
     grew = {k: v for k, v in dp.maps.fast_counters().items() if v != (0, 0)}
-    assert grew == ({case.reason: (1, len(frame))} if case.reason else {})
-    if r.retval != XDP_REDIRECT:
+    assert grew == ({reason: (1, len(frame))} if reason else {})
+    if verdict != "redirect":
         assert r.data == frame, "a packet handed to the kernel must be untouched"
         return
     out, sent = r.data, frame
-    assert (Ether(out).src, Ether(out).dst) == (net.fa_mac, NEIGH_MAC)
-    assert out[12:] != sent[12:]
+    if hook == "xdp":   # the MACs of the route's neighbour; from TC the kernel writes them
+        assert (Ether(out).src, Ether(out).dst) == (net.fa_mac, NEIGH_MAC)
+        assert out[12:] != sent[12:]
+    else:
+        assert out[:12] == sent[:12]
     if IP in Ether(sent):
         ttl = 14 + 8   # TTL, then protocol and checksum: the only bytes that change
         assert out[ttl] == sent[ttl] - 1

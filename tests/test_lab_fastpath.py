@@ -1,11 +1,12 @@
-"""The XDP fast path under real traffic: a router attached at XDP native with
+"""The fast path under real traffic: a router attached at XDP native with
 ``[dataplane] fast_path = true`` forwards from XDP itself, and hands the kernel exactly what
 it cannot forward (TTL 1, over the egress MTU, an unresolved neighbour), which the kernel
 then answers or delivers; the policy (OP25B, CSAM, counters) still applies.
+test_lab_fastpath_tc.py runs these tests again with the router at TC.
 
-Proof that XDP forwarded a packet and not the kernel: the fast path's ``forwarded`` counter
-grows with the packets the pipeline passed, while the router kernel's own forwarding
-counters (``ForwDatagrams``, ``Ip6OutForwDatagrams``) stay still.
+Proof that the program forwarded a packet and not the kernel: the fast path's ``forwarded``
+counter grows with the packets the pipeline passed, while the router kernel's own
+forwarding counters (``ForwDatagrams``, ``Ip6OutForwDatagrams``) stay still.
 
 One lab per module; the routes, MTUs and neighbours a test changes are put back after it.
 """
@@ -126,8 +127,9 @@ def iperf_up(lab: Lab, dst: str) -> dict:
 
 
 @pytest.mark.parametrize("fam", ["4", "6"])
-def test_tcp_transfer_is_forwarded_by_xdp(lab, router, fam):
-    """Checksums and MACs right (TCP gets through), every passed packet forwarded by XDP."""
+def test_tcp_transfer_is_forwarded_by_the_fast_path(lab, router, fam):
+    """Checksums and MACs right (TCP gets through), every passed packet forwarded by the
+    program."""
     fast0, passed0, kernel0 = router.fast(), router.passed(), router.kernel_forwarded()
     doc = iperf_up(lab, lab.addr["inet" + fam])
     got = doc["end"]["sum_received"]
@@ -135,8 +137,8 @@ def test_tcp_transfer_is_forwarded_by_xdp(lab, router, fam):
     fast = delta(fast0, router.fast())
     passed = router.passed() - passed0
     kernel = router.kernel_forwarded() - kernel0
-    # Both directions (data and ACKs) enter the router at XDP: each packet the pipeline
-    # passed is forwarded by the fast path; the kernel forwards next to nothing.
+    # Both directions (data and ACKs) enter the router through the program: each packet the
+    # pipeline passed is forwarded by the fast path; the kernel forwards next to nothing.
     assert fast.get("forwarded", 0) >= 0.98 * passed > 1000, (fast, passed)
     assert fast["forwarded"] <= passed
     assert kernel <= 0.02 * passed, (kernel, passed)
@@ -149,7 +151,7 @@ def test_ttl_1_is_answered_by_the_router(lab, router, fam, answer):
     out = ping(lab, lab.addr["inet" + fam], "-t", "1")
     assert answer in out and lab.addr["rtr_dyn" + fam] in out, out
     assert delta(fast0, router.fast()).get("ttl", 0) >= 1
-    # TTL 2 goes through, forwarded by XDP.
+    # TTL 2 goes through, forwarded by the fast path.
     fast0 = router.fast()
     assert " 0% packet loss" in ping(lab, lab.addr["inet" + fam], "-t", "2")
     assert delta(fast0, router.fast()).get("forwarded", 0) >= 2   # request and reply
@@ -226,7 +228,7 @@ def test_csam_still_applies(lab, router, tmp_path):
 
 def test_status_shows_the_fast_path(lab, router):
     # Its own traffic (not what earlier tests left in the counters): one ping forwarded by
-    # XDP, one with TTL 1 handed to the kernel.
+    # the fast path, one with TTL 1 handed to the kernel.
     ping(lab, lab.addr["inet4"])
     ping(lab, lab.addr["inet4"], "-t", "1")
     st = router.json("status")
@@ -238,17 +240,19 @@ def test_status_shows_the_fast_path(lab, router):
     assert "Fast path: on" in text and "forwarded" in text and "to kernel: ttl" in text
 
 
-def test_switched_off_and_at_tc_the_kernel_forwards(lab, router):
-    """fast_path = false (a control bit: no recompile needed) and the TC hook: nothing is
-    forwarded by XDP. Put back as it was for any test after this one."""
+def test_switched_off_the_kernel_forwards(request, lab, router):
+    """fast_path = false (a control bit: no recompile needed), at either hook: nothing is
+    forwarded by the program. Put back as it was (the module's hook) for any test after."""
+    hook, mode = request.module.ROUTER["hook"], request.module.ROUTER["mode"]
     try:
-        for fast_path, hook in ((False, "xdp"), (True, "tc")):
-            router.write_config(fast_path=fast_path)
-            router.cli("attach", "--hook", hook, "--mode", "native" if hook == "xdp" else "auto")
+        for other in ("tc" if hook == "xdp" else "xdp", hook):
+            router.write_config(fast_path=False)
+            router.cli("attach", "--hook", other, "--mode", "native" if other == "xdp" else
+                       "auto")
             fast0, kernel0 = router.fast(), router.kernel_forwarded()
             assert " 0% packet loss" in ping(lab, lab.addr["inet4"])
             assert delta(fast0, router.fast()) == {}
             assert router.kernel_forwarded() - kernel0 >= 2
     finally:
         router.write_config()
-        router.cli("attach", "--hook", "xdp", "--mode", "native")
+        router.cli("attach", "--hook", hook, "--mode", mode)

@@ -1,7 +1,7 @@
 """Every build variant compiles (warnings are errors) and loads through the verifier.
 
 Each variant is a set of -D flags: the parsing depths (XZ_MAX_VLAN, XZ_MAX_EXTHDR) and the
-map sizes (XZ_MAX_*; [limits] in the config). The XDP fast path (bpf/forward.h) is in every
+map sizes (XZ_MAX_*; [limits] in the config). The fast path (bpf/forward.h) is in every
 build (a control bit switches it), so every variant loads it through the verifier too.
 Each is compiled into a pin directory of its own, its four entry points (and the reply
 programs they tail-call) are loaded, the map sizes are checked, and a few frames that sit
@@ -118,8 +118,9 @@ def test_variant_loads(bpffs, variant: Variant):
                 frame = build()
                 for hook in kernel.HOOKS:
                     dp.reset()
-                    # The fast path on, its devmap empty: a passed frame is looked up and
-                    # handed to the kernel ("egress"), so the verdicts stay the pipeline's.
+                    # The fast path on, and a passed frame handed to the kernel all the
+                    # same, so the verdicts stay the pipeline's: at XDP the devmap is empty
+                    # ("egress"), at TC test_run gives the frame no ingress interface.
                     load(dp, _world(), flags_of(("op25b", "op25b_v6", "op25b_reject",
                                                  "fast_path")))
                     try:

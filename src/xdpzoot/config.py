@@ -152,7 +152,7 @@ class Dataplane:
 
     bypass: bool = False  # pass every packet untouched (fail-safe)
     monitor: bool = False  # count what would be dropped, drop nothing
-    fast_path: bool = False  # forward passed packets from XDP (fib lookup + devmap redirect)
+    fast_path: bool = False  # forward passed packets from the program (fib lookup + redirect)
 
 
 @dataclass(frozen=True)

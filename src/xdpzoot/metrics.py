@@ -220,8 +220,9 @@ class Collector:
                     by.add_metric([role, verdict, reason], b)
         yield pk
         yield by
-        fp = _counter("xdpzoot_fast_path_packets", "Packets the XDP fast path forwarded "
-                      "(reason forwarded) or handed to the kernel, by reason.", ["reason"])
+        fp = _counter("xdpzoot_fast_path_packets", "Packets the fast path (XDP or TC) "
+                      "forwarded (reason forwarded) or handed to the kernel, by reason.",
+                      ["reason"])
         fb = _counter("xdpzoot_fast_path_bytes", "Bytes of xdpzoot_fast_path_packets_total.",
                       ["reason"])
         for reason, (p, b) in inst.fast_counters().items():

@@ -155,9 +155,10 @@ def status(o: Ctx, as_json) -> None:
             click.echo("\nTotals:")
             _counter_table(data["counters"])
             fp = data["fast_path"]
-            click.echo(f"\nFast path: {'on' if fp['enabled'] else 'off'}"
-                       + (f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"
-                          if fp["enabled"] else ""))
+            at_tc = {a.hook for a in att} == {"tc"}   # from TC: any interface
+            click.echo(f"\nFast path: {'on' if fp['enabled'] else 'off'}" + (
+                "" if not fp["enabled"] else " (TC hook; egress any interface)" if at_tc else
+                f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"))
             _fast_table(fp["counters"])
 
         _emit(as_json, data, text)

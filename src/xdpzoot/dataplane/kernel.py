@@ -151,17 +151,21 @@ class TestRun:
     duration_ns: int
 
 
-def test_run(fd: int, data: bytes, repeat: int = 1) -> TestRun:
-    """Run a loaded program on ``data`` in the kernel (BPF_PROG_TEST_RUN)."""
+def test_run(fd: int, data: bytes, repeat: int = 1, ctx: bytes = b"") -> TestRun:
+    """Run a loaded program on ``data`` in the kernel (BPF_PROG_TEST_RUN); ``ctx``: the
+    start of its context (struct xdp_md, struct __sk_buff) as the program should see it."""
     buf_in = ct.create_string_buffer(data, len(data))
     out_size = max(len(data), 64) + 256
     buf_out = ct.create_string_buffer(out_size)
+    ctx_in = ct.create_string_buffer(ctx, len(ctx))
     opts = _TestRunOpts(
         sz=ct.sizeof(_TestRunOpts),
         data_in=ct.cast(buf_in, ct.c_void_p),
         data_size_in=len(data),
         data_out=ct.cast(buf_out, ct.c_void_p),
         data_size_out=out_size,
+        ctx_in=ct.cast(ctx_in, ct.c_void_p) if ctx else None,
+        ctx_size_in=len(ctx),
         repeat=repeat,
     )
     _check(_libbpf.bpf_prog_test_run_opts(fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
@@ -323,13 +327,13 @@ _HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "ktime_get_ns": 5, "tail
             "redirect": 23, "csum_diff": 28, "skb_change_tail": 38, "skb_pull_data": 39,
             "xdp_adjust_head": 44, "redirect_map": 51, "xdp_adjust_tail": 65,
             "fib_lookup": 69, "jiffies64": 118, "ringbuf_reserve": 131,
-            "ringbuf_submit": 132}
+            "ringbuf_submit": 132, "redirect_neigh": 152}
 _XDP_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call",
                 "csum_diff", "xdp_adjust_head", "redirect_map", "xdp_adjust_tail",
                 "fib_lookup", "jiffies64", "ringbuf_reserve", "ringbuf_submit")
 _TC_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call", "redirect",
-               "csum_diff", "skb_change_tail", "skb_pull_data", "jiffies64", "ringbuf_reserve",
-               "ringbuf_submit")
+               "csum_diff", "skb_change_tail", "skb_pull_data", "fib_lookup", "jiffies64",
+               "ringbuf_reserve", "ringbuf_submit", "redirect_neigh")
 _SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
           "map:percpu_array": "4.6", "map:lru_hash": "4.10", "map:lpm_trie": "4.11",
           "map:devmap": "4.14", "map:ringbuf": "5.8", "helper:tail_call": "4.2",
@@ -337,7 +341,8 @@ _SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
           "helper:skb_pull_data": "4.9", "helper:xdp_adjust_head": "4.10",
           "helper:redirect_map": "4.14", "helper:xdp_adjust_tail": "4.18",
           "helper:fib_lookup": "4.18", "helper:jiffies64": "5.5",
-          "helper:ringbuf_reserve": "5.8", "helper:ringbuf_submit": "5.8", "batch:hash": "5.6",
+          "helper:ringbuf_reserve": "5.8", "helper:ringbuf_submit": "5.8",
+          "helper:redirect_neigh": "5.10", "batch:hash": "5.6",
           "batch:array": "5.6", "atomic:cmpxchg": "5.12", "batch:lpm_trie": "5.13"}
 
 
