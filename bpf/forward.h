@@ -3,9 +3,10 @@
  * forward.h - the fast path. A packet the pipeline passed is forwarded by the
  * program itself, as the kernel would: route lookup (bpf_fib_lookup, in the
  * ingress interface's namespace, with its ingress ifindex), TTL / hop limit
- * decremented (IPv4 checksum updated incrementally), MACs from the route's
- * neighbour, and a redirect to one of the router's interfaces (the devmap's):
- * from XDP into the devmap, from TC ingress with bpf_redirect.
+ * decremented (IPv4 checksum updated incrementally), and a redirect: from XDP
+ * into the devmap of the router's interfaces, with the MACs of the route's
+ * neighbour; from TC ingress to the route's interface with bpf_redirect_neigh
+ * (the kernel writes the link header).
  *
  * Whenever the fast path cannot be exact, the packet goes to the kernel's
  * stack (XDP_PASS, TC_ACT_OK) untouched, and the reason is counted
@@ -82,9 +83,9 @@ static __always_inline void xz_ttl_dec(struct iphdr *ip)
  * The fast path for a packet the pipeline passed, at either hook: 1, forwarded (redirected,
  * its frame rewritten), or 0, left to the kernel untouched, the reason counted. ``ctx``: the
  * hook's context (for the route lookup); ``data``..``end`` the frame (``len`` bytes, counted),
- * ``in_if`` its ingress interface. XDP redirects into the devmap; TC (ingress) with
- * bpf_redirect to the same interfaces, the devmap's, and a GRO aggregate (``segs`` > 1) goes
- * to the kernel (counted as ``frame``), which checks its segments against the egress MTU.
+ * ``in_if`` its ingress interface. XDP redirects into the devmap; TC (ingress) to any
+ * interface, and a GRO aggregate (``segs`` > 1) goes to the kernel (counted as ``frame``),
+ * which checks its segments against the egress MTU.
  */
 static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u32 len,
 					   __u32 in_if, __u32 segs, const int hook)
@@ -196,8 +197,8 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	} else {
 		/* Any interface: the kernel's neighbour output writes the link header the
 		 * egress needs (Ethernet, a VLAN tag, none for a tunnel) for the route's next
-		 * hop, which the lookup left in the destination. (A devmap used by programs of
-		 * two types is refused to the second since 6.x: TC does not look at it.) */
+		 * hop, which the lookup left in the destination. (TC does not look at the
+		 * devmap: with a TC program using it, 6.18 refused to load the XDP ones.) */
 		struct bpf_redir_neigh nh = { .nh_family = fib.family };
 
 		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, sizeof(nh.ipv6_nh));
