@@ -14,6 +14,9 @@
  * exceeded, packet too big), resolves neighbours, and handles what is for the
  * router itself.
  *
+ * At TC a GRO aggregate is forwarded whole when its segments fit the route's and
+ * the egress device's MTU (bpf_check_mtu, BPF_MTU_CHK_SEGS).
+ *
  * Skipped on the fast path, by design: netfilter (forward rules, conntrack),
  * the kernel's forwarding counters; from XDP also the egress qdisc and taps
  * on egress (from TC the packet goes through the egress interface's qdisc).
@@ -32,6 +35,7 @@
 #define XZ_AF_INET 2
 #define XZ_AF_INET6 10
 #define XZ_IPV6_FLOWINFO 0x0fffffff   /* traffic class and flow label */
+#define XZ_SEG_UNKNOWN 0xffffffff     /* a GRO aggregate whose segments' size is not told */
 
 /* bpf_redirect_neigh as the kernel declares it (bcc 0.26's has no ``plen``). */
 static long (*xz_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen,
@@ -84,11 +88,12 @@ static __always_inline void xz_ttl_dec(struct iphdr *ip)
  * its frame rewritten), or 0, left to the kernel untouched, the reason counted. ``ctx``: the
  * hook's context (for the route lookup); ``data``..``end`` the frame (``len`` bytes, counted),
  * ``in_if`` its ingress interface. XDP redirects into the devmap; TC (ingress) to any
- * interface, and a GRO aggregate (``segs`` > 1) goes to the kernel (counted as ``frame``),
- * which checks its segments against the egress MTU.
+ * interface. ``seg_len``: 0 for a packet; for a GRO aggregate (TC), the IP length of its
+ * segments, which the route's MTU and the egress device's are checked against, as the
+ * kernel checks them (XZ_SEG_UNKNOWN: one it cannot tell, to the kernel as ``frame``).
  */
 static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u32 len,
-					   __u32 in_if, __u32 segs, const int hook)
+					   __u32 in_if, __u32 seg_len, const int hook)
 {
 	struct bpf_fib_lookup fib = {};
 	struct ethhdr *eth = data;
@@ -103,8 +108,8 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	ctl = xz_control.lookup(&key);
 	if (!ctl || !(ctl->flags & XZ_C_FAST_PATH) || (ctl->flags & XZ_C_BYPASS))
 		return 0;
-	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel; a GRO aggregate too. */
-	if ((void *)(eth + 1) > end || segs > 1)
+	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel. */
+	if ((void *)(eth + 1) > end || seg_len == XZ_SEG_UNKNOWN)
 		goto out;
 	if (eth->h_dest[0] & 1) {   /* L2 broadcast or multicast: for the router */
 		reason = XZ_FP_LOCAL;
@@ -124,7 +129,8 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 		fib.family = XZ_AF_INET;
 		fib.tos = ip->tos;
 		fib.l4_protocol = ip->protocol;
-		fib.tot_len = bpf_ntohs(ip->tot_len);   /* checked against the egress MTU */
+		/* checked against the egress MTU: the packet's length, or its segments' */
+		fib.tot_len = seg_len ? seg_len : bpf_ntohs(ip->tot_len);
 		fib.ipv4_src = ip->saddr;
 		fib.ipv4_dst = ip->daddr;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -137,7 +143,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 			goto out;
 		}
 		ttl = ip6->hop_limit;
-		tot = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		tot = seg_len ? seg_len : sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		fib.family = XZ_AF_INET6;
 		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(XZ_IPV6_FLOWINFO);
 		fib.l4_protocol = ip6->nexthdr;
@@ -177,6 +183,17 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 		goto out;
 	}
 	egress = fib.ifindex;
+	/* A GRO aggregate's segments against the egress device's MTU too, as the kernel
+	 * counts them (a tunnel's inner headers included). */
+	if (hook == XZ_HOOK_TC && seg_len) {
+		__u32 mtu = 0;
+
+		if (bpf_check_mtu(ctx, egress, &mtu, 0, BPF_MTU_CHK_SEGS) !=
+		    BPF_MTU_CHK_RET_SUCCESS) {
+			reason = XZ_FP_MTU;
+			goto out;
+		}
+	}
 	/* Out where it came in: the kernel would also send an ICMP redirect. */
 	if (egress == in_if) {
 		reason = XZ_FP_EGRESS;

@@ -35,12 +35,13 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 	}
 	/* XDP_PASS unless the fast path is on and can forward */
 	return xz_fast_forward(ctx, (void *)(long)ctx->data, (void *)(long)ctx->data_end, p.len,
-			       ctx->ingress_ifindex, 1, XZ_HOOK_XDP) ? XDP_REDIRECT : XDP_PASS;
+			       ctx->ingress_ifindex, 0, XZ_HOOK_XDP) ? XDP_REDIRECT : XDP_PASS;
 }
 
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 {
 	struct xz_pkt p = {};
+	__u32 seg;
 
 	/* GRO packets may keep headers outside the linear area: pull them in. */
 	if ((void *)(long)skb->data + XZ_TC_PULL > (void *)(long)skb->data_end)
@@ -57,10 +58,13 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 		xz_tail_tc.call(skb, 0);
 		return TC_ACT_SHOT;   /* no reply program: drop */
 	}
-	/* TC_ACT_OK unless the fast path is on and can forward */
+	/* TC_ACT_OK unless the fast path is on and can forward; a GRO aggregate of TCP or UDP
+	 * with the IP length of its segments (its L3 and L4 headers and gso_size) */
+	seg = p.segs == 1 ? 0 : p.l4ok && skb->gso_size &&
+	      (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) ?
+	      p.ip_len - p.l4_len + p.l4_hlen + skb->gso_size : XZ_SEG_UNKNOWN;
 	return xz_fast_forward(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, p.len,
-			       skb->ingress_ifindex, p.segs, XZ_HOOK_TC) ? TC_ACT_REDIRECT :
-									TC_ACT_OK;
+			       skb->ingress_ifindex, seg, XZ_HOOK_TC) ? TC_ACT_REDIRECT : TC_ACT_OK;
 }
 
 int xz_xdp_access(struct xdp_md *ctx)

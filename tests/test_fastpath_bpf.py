@@ -100,7 +100,7 @@ class Case:
     egress: bool = True         # fa in the devmap
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
     tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
-    segs: int = 0               # TC: a GRO aggregate of this many packets (__sk_buff.gso_segs)
+    gro: tuple[int, int] = (0, 0)   # TC: a GRO aggregate (__sk_buff.gso_segs, .gso_size)
     hooks: tuple[str, ...] = ("xdp", "tc")
 
 
@@ -131,8 +131,14 @@ CASES = [
     # the link header a VLAN device or a tunnel needs).
     Case("egress not in the devmap", lambda: v4(NEIGH4), "pass", "egress", egress=False,
          tc=("redirect", "forwarded")),
-    Case("GRO aggregate", lambda: v4(NEIGH4, size=200), "pass", "frame", segs=2,
-         hooks=("tc",)),
+    # A GRO aggregate's segments (its headers and gso_size) against the MTU: 20 + 20 + 1240 is
+    # the MTU; one more byte is not. Without its gso_size the kernel gets it.
+    Case("GRO aggregate", lambda: v4(NEIGH4, size=200), "redirect", "forwarded",
+         gro=(2, MTU - 40), hooks=("tc",)),
+    Case("GRO aggregate over the MTU", lambda: v4(NEIGH4, size=200), "pass", "mtu",
+         gro=(2, MTU - 39), hooks=("tc",)),
+    Case("GRO aggregate, no gso_size", lambda: v4(NEIGH4, size=200), "pass", "frame",
+         gro=(2, 0), hooks=("tc",)),
     Case("fast path off", lambda: v4(NEIGH4), "pass", None, switches=("op25b",)),
     Case("bypass", lambda: v4(NEIGH4), "pass", None, switches=("fast_path", "bypass")),
     Case("OP25B still drops", lambda: v4(NEIGH4, dport=25), "drop", None),
@@ -142,15 +148,15 @@ CASES = [
 HOOK_CASES = [(h, c) for c in CASES for h in c.hooks]
 
 
-def skb_ctx(segs: int = 0) -> bytes:
+def skb_ctx(gro: tuple[int, int] = (0, 0)) -> bytes:
     """The start of a struct __sk_buff for test_run: ingress_ifindex and ifindex the
     loopback (offsets 36, 40), and for a GRO aggregate gso_segs (offset 164) and gso_size
     (176)."""
-    ctx = bytearray(184 if segs else 44)
+    ctx = bytearray(184 if gro[0] else 44)
     struct.pack_into("=II", ctx, 36, LO, LO)
-    if segs:
-        struct.pack_into("=I", ctx, 164, segs)
-        struct.pack_into("=I", ctx, 176, 100)
+    if gro[0]:
+        struct.pack_into("=I", ctx, 164, gro[0])
+        struct.pack_into("=I", ctx, 176, gro[1])
     return bytes(ctx)
 
 
@@ -167,7 +173,7 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
     with in_netns(net.name):
         try:
             dp.maps.set_fast_ifs([net.fa] if case.egress else [])
-            r = dp.run(hook, "access", frame, ctx=skb_ctx(case.segs) if hook == "tc" else b"")
+            r = dp.run(hook, "access", frame, ctx=skb_ctx(case.gro) if hook == "tc" else b"")
         finally:
             dp.maps.set_fast_ifs([])
     assert r.retval == RETVAL[hook][verdict]

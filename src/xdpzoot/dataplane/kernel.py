@@ -327,13 +327,13 @@ _HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "ktime_get_ns": 5, "tail
             "redirect": 23, "csum_diff": 28, "skb_change_tail": 38, "skb_pull_data": 39,
             "xdp_adjust_head": 44, "redirect_map": 51, "xdp_adjust_tail": 65,
             "fib_lookup": 69, "jiffies64": 118, "ringbuf_reserve": 131,
-            "ringbuf_submit": 132, "redirect_neigh": 152}
+            "ringbuf_submit": 132, "redirect_neigh": 152, "check_mtu": 163}
 _XDP_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call",
                 "csum_diff", "xdp_adjust_head", "redirect_map", "xdp_adjust_tail",
                 "fib_lookup", "jiffies64", "ringbuf_reserve", "ringbuf_submit")
 _TC_HELPERS = ("map_lookup_elem", "map_update_elem", "ktime_get_ns", "tail_call", "redirect",
                "csum_diff", "skb_change_tail", "skb_pull_data", "fib_lookup", "jiffies64",
-               "ringbuf_reserve", "ringbuf_submit", "redirect_neigh")
+               "ringbuf_reserve", "ringbuf_submit", "redirect_neigh", "check_mtu")
 _SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
           "map:percpu_array": "4.6", "map:lru_hash": "4.10", "map:lpm_trie": "4.11",
           "map:devmap": "4.14", "map:ringbuf": "5.8", "helper:tail_call": "4.2",
@@ -342,7 +342,7 @@ _SINCE = {"map:hash": "3.19", "map:array": "3.19", "map:prog_array": "4.2",
           "helper:redirect_map": "4.14", "helper:xdp_adjust_tail": "4.18",
           "helper:fib_lookup": "4.18", "helper:jiffies64": "5.5",
           "helper:ringbuf_reserve": "5.8", "helper:ringbuf_submit": "5.8",
-          "helper:redirect_neigh": "5.10", "batch:hash": "5.6",
+          "helper:redirect_neigh": "5.10", "helper:check_mtu": "5.12", "batch:hash": "5.6",
           "batch:array": "5.6", "atomic:cmpxchg": "5.12", "batch:lpm_trie": "5.13"}
 
 
