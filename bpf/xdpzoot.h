@@ -411,7 +411,7 @@ struct xz_counter {
 /*
  * The fast path (forward.h): a packet the pipeline passed is forwarded by the
  * program itself (fib lookup, then from XDP a devmap redirect, from TC ingress
- * bpf_redirect), or handed to the kernel's stack for one of the reasons below.
+ * bpf_redirect_neigh), or handed to the kernel's stack for one of the reasons below.
  * Switched by XZ_C_FAST_PATH, at both hooks.
  */
 #define XZ_C_FAST_PATH (1 << 13)    /* forward passed packets from the program */

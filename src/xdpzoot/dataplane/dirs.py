@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xdpzoot.dataplane import schema
-from xdpzoot.dataplane.layout import joined
+from xdpzoot.dataplane.layout import LPM_KEY, joined
 
 if TYPE_CHECKING:
     import numpy as np
@@ -144,7 +144,7 @@ def lpm_columns(keys: list[bytes]) -> Prefixes:
     Prefixes, in bulk: no pair made and taken apart for each key."""
     import numpy as np
 
-    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, 20)
+    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
     return Prefixes(raw[:, :4].copy().view(np.uint32).ravel().astype(np.int64),
                     np.ascontiguousarray(raw[:, 4:]))
 
@@ -340,7 +340,7 @@ LENS_FULL = bytes([0, 255]) + bytes(V6_LENS - 2)   # more lengths than it holds:
 def v6_prefix_keys(keys: Iterable[bytes]) -> list[tuple[int, bytes]]:
     """(position, key of xz_prefixes6) of the IPv6 keys among packed LPM keys: the same
     key, its address masked to its length (as the program builds it)."""
-    from xdpzoot.dataplane.layout import LPM_KEY, masked
+    from xdpzoot.dataplane.layout import masked
 
     keys = list(keys)
     if len(keys) > 64:   # a load: all at once
@@ -358,7 +358,7 @@ def _v6_prefix_keys(keys: list[bytes]) -> list[tuple[int, bytes]]:
     length's mask."""
     import numpy as np
 
-    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, 20)
+    raw = np.frombuffer(joined(keys), dtype=np.uint8).reshape(-1, LPM_KEY.size)
     six = np.flatnonzero(~v4_rows(raw[:, 4:]))
     rows = raw[six].copy()
     plen = np.minimum(rows[:, :4].copy().view(np.uint32).ravel(), 128)
