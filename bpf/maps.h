@@ -100,6 +100,9 @@ XZ_MAP("array", __u32, struct xz_state, xz_pool_addrs, XZ_MAX_POOL_ADDRS, BPF_F_
  * state's (in place, mapped: a counter at a time, never its neighbours' value). */
 XZ_MAP("array", __u32, struct xz_op25b, xz_pool_op25b,
        (XZ_MAX_POOL_ADDRS + XZ_OP25B_PER - 1) / XZ_OP25B_PER, BPF_F_MMAPABLE);
+/* The SMTP attempts noted for it and not added yet (struct xz_op25b_batch), per CPU. dp
+ * writes, cp reads. */
+XZ_MAP("percpu_array", __u32, struct xz_op25b_batch, xz_op25b_noted, 1, 0);
 /* Flows watched for bulk transfers while congestion mode is on. dp writes. */
 XZ_MAP("lru_hash", struct xz_flow_key, struct xz_flow, xz_flows, XZ_MAX_FLOWS, 0);
 /* Global switches, one entry. cp writes. */

@@ -97,6 +97,7 @@ class Dataplane:
             m.write_csam_v6(g, bytes(m.csam_filters.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()
+        m.clear_noted_op25b()
 
 
 def make_dataplane(pin_dir: str, defines: list[str] | None = None) -> Dataplane:

@@ -515,6 +515,7 @@ MAP_LAYOUTS = {
     "xz_sub_idx": (layout.U32, layout.IDX_ROW), "xz_uniform": (layout.U32, layout.CLASS),
     "xz_sub_hosted": (layout.U32, layout.HOSTED),
     "xz_pool_op25b": (layout.U32, layout.ATTEMPTS),
+    "xz_op25b_noted": (layout.U32, layout.NOTED),
     "xz_prefixes6": (layout.LPM_KEY, layout.CLASS),
     "xz_sub_v6_lens": (layout.U32, struct.Struct(f"={dirs.V6_LENS}s")),
     "xz_csam_l": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),

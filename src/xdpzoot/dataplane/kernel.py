@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from xdpzoot.dataplane.layout import (
     LPM_KEY,
     MANUAL,
     META,
+    NOTED,
     OP25B,
     POOL_BITS_WORD,
     STATE,
@@ -1249,6 +1251,7 @@ class Maps:
     contract_map = property(lambda self: self.map("xz_contracts"))
     pool_map = property(lambda self: self.map("xz_pool_addrs"))
     pool_op25b = property(lambda self: self.map("xz_pool_op25b"))
+    op25b_noted = property(lambda self: self.map("xz_op25b_noted"))
     allow = property(lambda self: self.map("xz_allow"))
     control = property(lambda self: self.map("xz_control"))
     counters = property(lambda self: self.map("xz_counters"))
@@ -1566,7 +1569,8 @@ class Maps:
         """Zero the pool-address state and SMTP attempts of ``(first index, count)``
         blocks. The attempts in place (xz_pool_op25b mapped): a value holds the counters of
         XZ_OP25B_PER addresses, and one written whole would undo the adds to its other
-        counters that the programs make meanwhile."""
+        counters that the programs make meanwhile. (Attempts of the block's last addresses
+        still noted in a CPU's batch, at most XZ_OP25B_BATCH - 1 a CPU, are added after.)"""
         self.check_writer()
         attempts = self.pool_op25b.view("I")
         for first, n in blocks:
@@ -1582,17 +1586,31 @@ class Maps:
         if not pools:
             return {}
         _, raw = self.pool_map.items()
-        smtp = self.pool_op25b.view("I")   # the SMTP attempts, in an array of their own
+        smtp = array("I")   # the SMTP attempts, in an array of their own, copied now
+        smtp.frombytes(self.pool_op25b.view("B"))
+        noted = self.noted_op25b()   # and those not added there yet: read after it
         n, zero, out = STATE.size, bytes(STATE.size), {}
         epoch = self.control_value().scan_epoch
         for addr, e in pools:
             first = int.from_bytes(addr, "big")
             for i in range(1 << e.pool_bits):
-                off = (e.slot + i) * n
-                if raw[off:off + n] != zero or smtp[e.slot + i]:
+                off, attempts = (e.slot + i) * n, smtp[e.slot + i] + noted.get(e.slot + i, 0)
+                if raw[off:off + n] != zero or attempts:
                     v = list(STATE.unpack_from(raw, off))
-                    v[OP25B] = smtp[e.slot + i]
+                    v[OP25B] = attempts
                     out[(first + i).to_bytes(16, "big")] = volume(v, epoch)
+        return out
+
+    def noted_op25b(self) -> Counter[int]:
+        """Pool address index -> SMTP attempts noted in the CPUs' batches and not yet added
+        to xz_pool_op25b (struct xz_op25b_batch). Read after the array, a batch added in
+        between is in neither read: a count may lag by what came meanwhile, never count
+        twice."""
+        raw = self.op25b_noted.lookup(U32.pack(0)) or b""
+        out: Counter[int] = Counter()
+        for off in range(0, len(raw), NOTED.size):   # (a multiple of 8 bytes: no gaps)
+            n, *idx, _ = NOTED.unpack_from(raw, off)
+            out.update(idx[:n % len(idx)])
         return out
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
@@ -1858,6 +1876,11 @@ class Maps:
 
     def clear_counters(self) -> None:
         self._zero_per_cpu(self.counters)
+
+    def clear_noted_op25b(self) -> None:
+        """Forget the SMTP attempts noted in the CPUs' batches and not added yet (for tests:
+        one test's batch must not end in the next one's counters)."""
+        self._zero_per_cpu(self.op25b_noted)
 
     def fast_counters(self) -> dict[str, tuple[int, int]]:
         """Fast path reason -> (packets, bytes) summed over CPUs, every reason."""

@@ -176,6 +176,7 @@ IDX_ROW = struct.Struct(f"={schema.C['XZ_IDX_LANES']}H")   # struct xz_sub_idx: 
 IDX_LANE = struct.Struct("=H")            # one of them
 HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, idx, _pad
 ATTEMPTS = struct.Struct(f"={schema.C['XZ_OP25B_PER']}I")   # struct xz_op25b: SMTP attempts
+NOTED = struct.Struct(f"=I{schema.C['XZ_OP25B_BATCH']}II")   # struct xz_op25b_batch: n, idx, _pad
 
 
 class Control(NamedTuple):
