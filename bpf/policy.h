@@ -703,45 +703,56 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	return XZ_V_PASS;
 }
 
-/* The counter of pool address index ``i`` in xz_pool_op25b, or NULL. */
-static __always_inline __u32 *xz_op25b_counter(__u32 i)
+/* The pool address counter of noted attempt ``e`` (xz_pool_op25b), or NULL. */
+static __always_inline __u32 *xz_op25b_counter(__u32 e)
 {
-	__u32 v = i / XZ_OP25B_PER;
+	__u32 v = e / XZ_OP25B_PER;
 	struct xz_op25b *n = xz_pool_op25b.lookup(&v);
 
-	return n ? &n->n[i % XZ_OP25B_PER] : NULL;
+	return n && !(e & XZ_OP25B_SLOT) ? &n->n[e % XZ_OP25B_PER] : NULL;
 }
 
-/* An SMTP attempt of pool address index ``i``: noted in this CPU's batch, which the 16th
- * adds to the counters (struct xz_op25b_batch says why). Programs do not nest on a CPU (the
+/* The subscriber counter of noted attempt ``e`` (a slot's in xz_state), or NULL. */
+static __always_inline __u64 *xz_op25b_slot_counter(__u32 e)
+{
+	__u32 slot = e & ~XZ_OP25B_SLOT;
+	struct xz_state *st = xz_state.lookup(&slot);
+
+	return st && (e & XZ_OP25B_SLOT) ? &st->op25b : NULL;
+}
+
+/* An SMTP attempt, ``e`` as struct xz_op25b_batch has it: noted in this CPU's batch, which
+ * the 16th adds to the counters (the struct says why). Programs do not nest on a CPU (the
  * hooks are ingress, in softirq), so the batch is this run's alone. */
-static __always_inline void xz_op25b_note(__u32 i)
+static __always_inline void xz_op25b_note(__u32 e)
 {
 	struct xz_op25b_batch *b;
 	__u32 zero = 0, k, *c;
+	__u64 *c64, x;
 
 	b = xz_op25b_noted.lookup(&zero);
 	if (!b)
 		return;
 	k = b->n % XZ_OP25B_BATCH;
-	b->idx[k] = i;
+	b->idx[k] = e;
 	b->n++;
 	if (k != XZ_OP25B_BATCH - 1)
 		return;
 #pragma unroll
 	for (k = 0; k < XZ_OP25B_BATCH; k++) {   /* every miss under way at once */
 		c = xz_op25b_counter(b->idx[k]);
-		if (c) {
-			__u32 x = *(volatile __u32 *)c;
-
-			asm volatile("" : : "r"(x));
-		}
+		c64 = xz_op25b_slot_counter(b->idx[k]);
+		x = c ? *(volatile __u32 *)c : c64 ? *(volatile __u64 *)c64 : 0;
+		asm volatile("" : : "r"(x));
 	}
 #pragma unroll
 	for (k = 0; k < XZ_OP25B_BATCH; k++) {
 		c = xz_op25b_counter(b->idx[k]);
+		c64 = xz_op25b_slot_counter(b->idx[k]);
 		if (c)
 			__sync_fetch_and_add(c, 1);
+		else if (c64)
+			__sync_fetch_and_add(c64, 1);
 	}
 }
 
@@ -800,11 +811,14 @@ static __always_inline int xz_pipeline(struct xz_pkt *p, const int role)
 	}
 	if (verdict == XZ_V_PASS && cls && ctl && (flags & XZ_C_RATES))
 		verdict = xz_bandwidth(p, cls, role, ctl, &reason);
-	/* The attempt, counted for the abuse rules and `top`: for an indexed pool address in
-	 * an array of its own, 4 bytes an address, not in its state's cold line, 16 at a time. */
+	/* The attempt, counted for the abuse rules and `top`, 16 at a time: a subscriber's in
+	 * its state, an indexed pool address's in an array of its own (4 bytes an address, not
+	 * its state's cold line); another pool address's (IPv6, LRU) at once. */
 	if (reason == XZ_R_OP25B && cls) {
 		if (cls->pool_bits) {
 			xz_op25b_note(xz_pool_index(p, cls, role));
+		} else if (cls->slot) {
+			xz_op25b_note(cls->slot | XZ_OP25B_SLOT);
 		} else {
 			struct xz_state *st = xz_state_of(p, cls, role);
 

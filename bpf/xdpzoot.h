@@ -261,15 +261,19 @@ struct xz_op25b {
 };
 
 /*
- * SMTP attempts OP25B blocked from IPv4 pool addresses that are not in xz_pool_op25b yet,
- * per CPU: the xz_pool_addrs index of each, noted in turn. The 16th of a batch adds them all
- * there: first a load of each counter, so that their misses (random addresses: nearly each
- * one a miss) overlap, then the adds, on lines now in the cache. A locked add on a line
- * that misses stalls the CPU for the whole miss: at a drop each, it was half the cost of an
- * OP25B drop in the forwarding lab. What a reader counts: the array, then the noted
- * attempts idx[0 .. n % XZ_OP25B_BATCH) of every CPU.
+ * SMTP attempts OP25B blocked and not added to their counters yet, per CPU, noted in turn:
+ * an IPv4 pool address's (its xz_pool_addrs index: xz_pool_op25b) or a subscriber's (its
+ * slot | XZ_OP25B_SLOT: xz_state's op25b; an address a RADIUS session holds counts so).
+ * The 16th of a batch adds them all: first a load of each counter, so that their misses
+ * (random addresses: nearly each one a miss) overlap, then the adds, on lines now in the
+ * cache. A locked add on a line that misses stalls the CPU for the whole miss: at a drop
+ * each, it was half the cost of an OP25B drop in the forwarding lab. What a reader counts:
+ * the counters, then the noted attempts idx[0 .. n % XZ_OP25B_BATCH) of every CPU.
  */
 #define XZ_OP25B_BATCH 16
+#define XZ_OP25B_SLOT 0x80000000U   /* a noted attempt of a slot, not a pool index */
+_Static_assert(XZ_MAX_SUBSCRIBERS <= XZ_OP25B_SLOT && XZ_MAX_POOL_ADDRS <= XZ_OP25B_SLOT,
+	       "xz_op25b_batch: slots and pool indexes below the slot bit");
 struct xz_op25b_batch {
 	__u32 n;           /* attempts noted on this CPU, ever (wraps) */
 	__u32 idx[XZ_OP25B_BATCH];

@@ -312,10 +312,11 @@ def test_indexed_pool_addresses_have_state_of_their_own(dp):
 
 
 def test_smtp_attempts_are_added_a_batch_at_a_time(dp):
-    """A pool address's SMTP attempt is noted in its CPU's batch, and the batch's last
-    attempt adds them all to xz_pool_op25b (from both hooks: one batch a CPU): the array
-    holds whole batches, and what `top` reads (pool_volumes) every attempt, before, at and
-    after the end of a batch."""
+    """An SMTP attempt of a pool address or of a subscriber's address (one a RADIUS
+    session holds: a host entry with its contract's slot) is noted in its CPU's batch, and
+    the batch's last attempt adds them all to their counters (from both hooks: one batch a
+    CPU): the counters hold whole batches, and what `top` reads (pool_volumes, volumes)
+    every attempt, before, at and after the end of a batch."""
     setup(dp)
     m, batch = dp.maps, C["XZ_OP25B_BATCH"]
     hosts, prefixes = layout.ClassTable(), layout.ClassTable()
@@ -324,7 +325,9 @@ def test_smtp_attempts_are_added_a_batch_at_a_time(dp):
     sync.apply_subscribers(m, hosts, prefixes)
     (_, pool), = m.prefix_items()
     m.clear_pool_blocks([(pool.slot, 256)])
-    addrs = [f"100.64.1.{i}" for i in range(1, 6)]
+    session = "100.64.1.200"
+    m.set_host(tables.addr16(session), Entry(300, DYN, 0, 0, 0, slot=2))
+    addrs = [f"100.64.1.{i}" for i in range(1, 5)] + [session]
     sent: collections.Counter[str] = collections.Counter()
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cpus)})   # test_run runs where we do: one CPU, one batch
@@ -335,8 +338,11 @@ def test_smtp_attempts_are_added_a_batch_at_a_time(dp):
             sent[addrs[n % 5]] += 1
             if n in (batch - 2, batch - 1, batch, 2 * batch + 2):
                 seen = {str(tables.ip_of(a)): v.op25b for a, v in m.pool_volumes().items()}
+                seen[session] = m.volumes([2])[2].op25b
                 assert seen == sent, n
                 added = sum(m.pool_op25b.view("I")[pool.slot:pool.slot + 256])
+                added += layout.STATE.unpack(m.state_map.lookup(layout.U32.pack(2)))[
+                    layout.OP25B]
                 assert added == (n + 1) // batch * batch, n
                 assert sum(m.noted_op25b().values()) == (n + 1) % batch, n
     finally:

@@ -303,6 +303,29 @@ def test_abuse_rules_notify_and_suspend(setup):
     assert lines[-1]["values"]["until"] == "resume"
 
 
+def test_blocked_smtp_read_back_by_a_few_is_not_a_cleared_slot(setup):
+    """A subscriber's blocked SMTP attempts read less than in the window before by no more
+    than the CPUs' batches hold (attempts noted at the last read and added to the counter
+    after this read of it) count nothing in the window, not all over again; the next
+    window counts them."""
+    cfg, pin, _ = setup
+    cfg.write_text(cfg.read_text() + ABUSE)
+    clock = Clock(T0)
+    d = daemon(cfg, pin, clock)
+    slot = next(iter(d.inst.owners()))
+    assert d.tick() == []
+    add_signals(d, slot, 0, smtp=20)
+    clock.t += 60
+    assert [a.rule for a in d.tick()] == ["spam-notice"]
+    add_signals(d, slot, 0, smtp=-3)            # the counter read 3 behind
+    clock.t += 60
+    assert d.tick() == []                       # not 17 attempts: no notice
+    add_signals(d, slot, 0, smtp=3 + 12)        # the 3 again, and 12 more
+    clock.t += 60
+    acts = d.tick()
+    assert [(a.rule, a.values["value"]) for a in acts] == [("spam-notice", 15)]
+
+
 def test_congestion_auto_with_hysteresis():
     c = Congestion(capacity_kbps=1000, share=80, seconds=10, hysteresis=10)
     total, t = 0, 0.0

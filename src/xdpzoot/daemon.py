@@ -302,12 +302,19 @@ class Daemon:
         (the daemon was stopped) is not judged."""
         start, end = window
         op25b = words[:, layout.OP25B].copy()
+        for e, n in self.inst.maps.noted_op25b().items():   # and those not added yet
+            if e & kernel.NOTED_SLOT and (e & ~kernel.NOTED_SLOT) < len(op25b):
+                op25b[e & ~kernel.NOTED_SLOT] += n
         base, self._op25b = self._op25b, op25b
         if not self.abuse.rules or end - start > 2 * self.cfg.signals.window_seconds:
             return []
         scans = layout.state_scans(words, start)
+        # Less than the last window's: a slot cleared, which counts anew; or by a few, the
+        # attempts noted then and added since, after this read of their counter (a lag,
+        # counted in the next window).
+        lag = schema.C["XZ_OP25B_BATCH"] * kernel.possible_cpus()
         smtp = np.zeros_like(op25b) if base is None or len(base) != len(op25b) else \
-            np.where(op25b >= base, op25b - base, op25b)   # a slot cleared: counts anew
+            np.where(op25b >= base, op25b - base, np.where(base - op25b <= lag, 0, op25b))
         over = np.zeros(len(op25b), dtype=bool)   # the rules see only who is over one
         for name, value in (("scans", scans), ("smtp_blocked", smtp)):
             low = self.abuse.lowest(name)

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
+NOTED_SLOT = schema.C["XZ_OP25B_SLOT"]   # a noted SMTP attempt of a slot (noted_op25b)
 HOSTED_LANE = schema.C["XZ_IDX_HOSTED"]   # a lane that names an entry of xz_sub_hosted
 HOSTED_WORDS = HOSTED.size // 8   # struct xz_sub_hosted in 64-bit words:
 HOSTED_AT = 4                     # the one of the /24 (low half) and the class (high)
@@ -1602,10 +1603,10 @@ class Maps:
         return out
 
     def noted_op25b(self) -> Counter[int]:
-        """Pool address index -> SMTP attempts noted in the CPUs' batches and not yet added
-        to xz_pool_op25b (struct xz_op25b_batch). Read after the array, a batch added in
-        between is in neither read: a count may lag by what came meanwhile, never count
-        twice."""
+        """SMTP attempts noted in the CPUs' batches and not yet added to their counters
+        (struct xz_op25b_batch), by counter: a pool address index, or a slot | NOTED_SLOT.
+        Read after the counters, a batch added in between is in neither read: a count may
+        lag by what came meanwhile, never count twice."""
         raw = self.op25b_noted.lookup(U32.pack(0)) or b""
         out: Counter[int] = Counter()
         for off in range(0, len(raw), NOTED.size):   # (a multiple of 8 bytes: no gaps)
@@ -1618,8 +1619,14 @@ class Maps:
         whole, in batches (an array's batch comes in index order): a tick of the daemon
         wants every slot."""
         _, values = self.state_map.items()
+        noted = self.noted_op25b()   # read after the counters
         epoch = self.control_value().scan_epoch
-        return {s: volume(STATE.unpack_from(values, s * STATE.size), epoch) for s in slots}
+        out = {}
+        for s in slots:
+            v = list(STATE.unpack_from(values, s * STATE.size))
+            v[OP25B] += noted.get(s | NOTED_SLOT, 0)
+            out[s] = volume(v, epoch)
+        return out
 
     def state_words(self) -> np.ndarray:
         """The state array read whole, in batches: a row of STATE's fields (uint64) per
