@@ -703,22 +703,25 @@ static __always_inline int xz_bandwidth(struct xz_pkt *p, struct xz_class *cls, 
 	return XZ_V_PASS;
 }
 
-/* The pool address counter of noted attempt ``e`` (xz_pool_op25b), or NULL. */
-static __always_inline __u32 *xz_op25b_counter(__u32 e)
+/* The counter of noted attempt ``e`` (struct xz_op25b_batch): a pool address's (*c32, in
+ * xz_pool_op25b) or a subscriber's (*c64, its state's op25b); the other NULL. */
+static __always_inline void xz_op25b_counter(__u32 e, __u32 **c32, __u64 **c64)
 {
-	__u32 v = e / XZ_OP25B_PER;
-	struct xz_op25b *n = xz_pool_op25b.lookup(&v);
+	__u32 i = e & ~XZ_OP25B_SLOT, v = i / XZ_OP25B_PER;
+	struct xz_state *st;
+	struct xz_op25b *n;
 
-	return n && !(e & XZ_OP25B_SLOT) ? &n->n[e % XZ_OP25B_PER] : NULL;
-}
-
-/* The subscriber counter of noted attempt ``e`` (a slot's in xz_state), or NULL. */
-static __always_inline __u64 *xz_op25b_slot_counter(__u32 e)
-{
-	__u32 slot = e & ~XZ_OP25B_SLOT;
-	struct xz_state *st = xz_state.lookup(&slot);
-
-	return st && (e & XZ_OP25B_SLOT) ? &st->op25b : NULL;
+	*c32 = NULL;
+	*c64 = NULL;
+	if (e & XZ_OP25B_SLOT) {
+		st = xz_state.lookup(&i);
+		if (st)
+			*c64 = &st->op25b;
+	} else {
+		n = xz_pool_op25b.lookup(&v);
+		if (n)
+			*c32 = &n->n[i % XZ_OP25B_PER];
+	}
 }
 
 /* An SMTP attempt, ``e`` as struct xz_op25b_batch has it: noted in this CPU's batch, which
@@ -727,7 +730,7 @@ static __always_inline __u64 *xz_op25b_slot_counter(__u32 e)
 static __always_inline void xz_op25b_note(__u32 e)
 {
 	struct xz_op25b_batch *b;
-	__u32 zero = 0, k, *c;
+	__u32 zero = 0, k, *c32;
 	__u64 *c64, x;
 
 	b = xz_op25b_noted.lookup(&zero);
@@ -740,17 +743,15 @@ static __always_inline void xz_op25b_note(__u32 e)
 		return;
 #pragma unroll
 	for (k = 0; k < XZ_OP25B_BATCH; k++) {   /* every miss under way at once */
-		c = xz_op25b_counter(b->idx[k]);
-		c64 = xz_op25b_slot_counter(b->idx[k]);
-		x = c ? *(volatile __u32 *)c : c64 ? *(volatile __u64 *)c64 : 0;
+		xz_op25b_counter(b->idx[k], &c32, &c64);
+		x = c32 ? *(volatile __u32 *)c32 : c64 ? *(volatile __u64 *)c64 : 0;
 		asm volatile("" : : "r"(x));
 	}
 #pragma unroll
 	for (k = 0; k < XZ_OP25B_BATCH; k++) {
-		c = xz_op25b_counter(b->idx[k]);
-		c64 = xz_op25b_slot_counter(b->idx[k]);
-		if (c)
-			__sync_fetch_and_add(c, 1);
+		xz_op25b_counter(b->idx[k], &c32, &c64);
+		if (c32)
+			__sync_fetch_and_add(c32, 1);
 		else if (c64)
 			__sync_fetch_and_add(c64, 1);
 	}
