@@ -344,7 +344,7 @@ def test_smtp_attempts_are_added_a_batch_at_a_time(dp):
                 added += layout.STATE.unpack(m.state_map.lookup(layout.U32.pack(2)))[
                     layout.OP25B]
                 assert added == (n + 1) // batch * batch, n
-                assert sum(m.noted_op25b().values()) == (n + 1) % batch, n
+                assert sum(sum(c.values()) for c in m.noted_op25b()) == (n + 1) % batch, n
     finally:
         os.sched_setaffinity(0, cpus)
 

@@ -302,9 +302,9 @@ class Daemon:
         (the daemon was stopped) is not judged."""
         start, end = window
         op25b = words[:, layout.OP25B].copy()
-        for e, n in self.inst.maps.noted_op25b().items():   # and those not added yet
-            if e & kernel.NOTED_SLOT and (e & ~kernel.NOTED_SLOT) < len(op25b):
-                op25b[e & ~kernel.NOTED_SLOT] += n
+        for slot, n in self.inst.maps.noted_op25b()[1].items():   # and those not added yet
+            if slot < len(op25b):
+                op25b[slot] += n
         base, self._op25b = self._op25b, op25b
         if not self.abuse.rules or end - start > 2 * self.cfg.signals.window_seconds:
             return []

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 BPF_FS_MAGIC = 0xCAFE4A11
-NOTED_SLOT = schema.C["XZ_OP25B_SLOT"]   # a noted SMTP attempt of a slot (noted_op25b)
+NOTED_SLOT = schema.C["XZ_OP25B_SLOT"]   # a noted SMTP attempt of a slot, not a pool index
 HOSTED_LANE = schema.C["XZ_IDX_HOSTED"]   # a lane that names an entry of xz_sub_hosted
 HOSTED_WORDS = HOSTED.size // 8   # struct xz_sub_hosted in 64-bit words:
 HOSTED_AT = 4                     # the one of the /24 (low half) and the class (high)
@@ -1589,7 +1589,7 @@ class Maps:
         _, raw = self.pool_map.items()
         smtp = array("I")   # the SMTP attempts, in an array of their own, copied now
         smtp.frombytes(self.pool_op25b.view("B"))
-        noted = self.noted_op25b()   # and those not added there yet: read after it
+        noted, _ = self.noted_op25b()   # and those not added there yet: read after it
         n, zero, out = STATE.size, bytes(STATE.size), {}
         epoch = self.control_value().scan_epoch
         for addr, e in pools:
@@ -1602,29 +1602,34 @@ class Maps:
                     out[(first + i).to_bytes(16, "big")] = volume(v, epoch)
         return out
 
-    def noted_op25b(self) -> Counter[int]:
+    def noted_op25b(self) -> tuple[Counter[int], Counter[int]]:
         """SMTP attempts noted in the CPUs' batches and not yet added to their counters
-        (struct xz_op25b_batch), by counter: a pool address index, or a slot | NOTED_SLOT.
-        Read after the counters, a batch added in between is in neither read: a count may
-        lag by what came meanwhile, never count twice."""
+        (struct xz_op25b_batch): (by pool address index, by slot). Read after the
+        counters, a batch added in between is in neither read: a count may lag by what came
+        meanwhile, never count twice."""
         raw = self.op25b_noted.lookup(U32.pack(0)) or b""
-        out: Counter[int] = Counter()
+        pools: Counter[int] = Counter()
+        slots: Counter[int] = Counter()
         for off in range(0, len(raw), NOTED.size):   # (a multiple of 8 bytes: no gaps)
             n, *idx, _ = NOTED.unpack_from(raw, off)
-            out.update(idx[:n % len(idx)])
-        return out
+            for e in idx[:n % len(idx)]:
+                if e & NOTED_SLOT:
+                    slots[e & ~NOTED_SLOT] += 1
+                else:
+                    pools[e] += 1
+        return pools, slots
 
     def volumes(self, slots: Iterable[int]) -> dict[int, Volume]:
         """Slot -> what its subscriber sent and received so far. The state array is read
         whole, in batches (an array's batch comes in index order): a tick of the daemon
         wants every slot."""
         _, values = self.state_map.items()
-        noted = self.noted_op25b()   # read after the counters
+        _, noted = self.noted_op25b()   # read after the counters
         epoch = self.control_value().scan_epoch
         out = {}
         for s in slots:
             v = list(STATE.unpack_from(values, s * STATE.size))
-            v[OP25B] += noted.get(s | NOTED_SLOT, 0)
+            v[OP25B] += noted.get(s, 0)
             out[s] = volume(v, epoch)
         return out
 
@@ -1643,7 +1648,9 @@ class Maps:
         return words[:, [2, 6]]   # up.bytes, down.bytes
 
     def clear_state(self, slots: Iterable[int]) -> None:
-        """Forget slots' counters, buckets and throttles (they are given to someone else)."""
+        """Forget slots' counters, buckets and throttles (they are given to someone else).
+        (SMTP attempts of theirs still noted in a CPU's batch, at most XZ_OP25B_BATCH - 1 a
+        CPU, are added after.)"""
         self.check_writer()
         keys = [U32.pack(s) for s in sorted(slots)]
         for m in (self.state_map, self.throttle_map):
