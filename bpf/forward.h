@@ -101,6 +101,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	struct ipv6hdr *ip6 = NULL;
 	struct xz_control *ctl;
 	__u32 key = 0, egress, tot;
+	__u64 *mac, dst = 0;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
 
@@ -113,6 +114,16 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 		goto out;
 	if (eth->h_dest[0] & 1) {   /* L2 broadcast or multicast: for the router */
 		reason = XZ_FP_LOCAL;
+		goto out;
+	}
+	/* For another host's MAC (an interface in promiscuous mode, a macvlan's frames): the
+	 * kernel drops it or gives it to whom it is for (PACKET_OTHERHOST), never forwards it.
+	 * Against the MAC the control plane wrote for the ingress interface; none: the same. */
+	key = in_if;
+	mac = xz_fast_macs.lookup(&key);
+	__builtin_memcpy(&dst, eth->h_dest, ETH_ALEN);
+	if (!mac || !*mac || *mac != dst) {
+		reason = XZ_FP_OTHER_HOST;
 		goto out;
 	}
 	fib.ifindex = in_if;

@@ -453,7 +453,8 @@ struct xz_counter {
 	X(MTU, "mtu") \
 	X(EGRESS, "egress") \
 	X(REDIRECT, "redirect") \
-	X(OTHER, "other")
+	X(OTHER, "other") \
+	X(OTHER_HOST, "other_host")
 
 #define XZ_ENUM(name, label) XZ_FP_##name,
 enum xz_fast_reason { XZ_FAST_REASONS(XZ_ENUM) XZ_NR_FAST };

@@ -6,7 +6,8 @@ so the runs happen inside a small namespace of the module's own (entered with se
 the run only): an interface ``fa`` (its veth peer ``fb``) holding 10.9.0.1/24 and
 fd00:9::1/64, one static neighbour on each, a blackhole route, forwarding on. The
 program's ingress interface is that namespace's loopback (what test_run gives an XDP
-program; a TC program is told so in its context, struct __sk_buff).
+program; a TC program is told so in its context, struct __sk_buff), given the router's MAC
+address in the fast path's MAC table (as attach gives each interface its own).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ LO = 1   # the loopback's ifindex, in every namespace
 NEIGH4, NEIGH6 = "10.9.0.2", "fd00:9::2"
 NEIGH_MAC = "02:00:00:00:09:02"
 MAC_IN, MAC_ROUTER = "02:00:00:00:00:01", "02:00:00:00:00:02"
+OTHER_MAC = "02:00:00:00:00:03"   # a host beside the router on the access link
 SRC4, SRC6 = "100.64.0.12", "2001:db8:100:8::12"   # a dynamic subscriber of test_bpf's table
 MTU = 1280
 
@@ -83,11 +85,12 @@ def v4(dst: str, ttl: int = 64, size: int = 0, options: bool = False, vlan: bool
     return bytes(Ether(src=MAC_IN, dst=l2dst) / (Dot1Q(vlan=7) / pkt if vlan else pkt))
 
 
-def v6(dst: str, hlim: int = 64, size: int = 0, hbh: bool = False, src: str = SRC6) -> bytes:
+def v6(dst: str, hlim: int = 64, size: int = 0, hbh: bool = False, src: str = SRC6,
+       l2dst: str = MAC_ROUTER) -> bytes:
     ip = IPv6(src=src, dst=dst, hlim=hlim)
     if hbh:
         ip = ip / IPv6ExtHdrHopByHop()
-    return bytes(Ether(src=MAC_IN, dst=MAC_ROUTER) / ip / TCP(sport=40000, dport=80, flags="S")
+    return bytes(Ether(src=MAC_IN, dst=l2dst) / ip / TCP(sport=40000, dport=80, flags="S")
                  / Raw(b"x" * size))
 
 
@@ -98,6 +101,7 @@ class Case:
     verdict: str                # pass (to the kernel), redirect (forwarded), drop
     reason: str | None          # fast path counter that grows; None: none
     egress: bool = True         # fa in the devmap
+    ingress_mac: str | None = MAC_ROUTER   # the ingress interface's MAC in the table; None: none
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
     tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
     gro: tuple[int, int] = (0, 0)   # TC: a GRO aggregate (__sk_buff.gso_segs, .gso_size)
@@ -122,6 +126,10 @@ CASES = [
     Case("v6 blackhole route", lambda: v6("fd00:8::1"), "pass", "unroutable"),
     Case("v4 multicast", lambda: v4("224.0.0.5"), "pass", "local"),
     Case("v4 broadcast frame", lambda: v4(NEIGH4, l2dst="ff:ff:ff:ff:ff:ff"), "pass", "local"),
+    # Another host's frame (seen in promiscuous mode): the kernel drops it, never forwards it.
+    Case("v4 for another host's MAC", lambda: v4(NEIGH4, l2dst=OTHER_MAC), "pass", "other_host"),
+    Case("v6 for another host's MAC", lambda: v6(NEIGH6, l2dst=OTHER_MAC), "pass", "other_host"),
+    Case("ingress MAC not known", lambda: v4(NEIGH4), "pass", "other_host", ingress_mac=None),
     Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), "pass", "local"),
     Case("v6 multicast", lambda: v6("ff02::1"), "pass", "local"),
     Case("v4 options", lambda: v4(NEIGH4, options=True), "pass", "frame"),
@@ -172,10 +180,11 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
     # VM, where the root namespace has only lo.
     with in_netns(net.name):
         try:
-            dp.maps.set_fast_ifs([net.fa] if case.egress else [])
+            dp.maps.set_fast_ifs(({LO: mac(case.ingress_mac)} if case.ingress_mac else {}) |
+                                 ({net.fa: mac(net.fa_mac)} if case.egress else {}))
             r = dp.run(hook, "access", frame, ctx=skb_ctx(case.gro) if hook == "tc" else b"")
         finally:
-            dp.maps.set_fast_ifs([])
+            dp.maps.set_fast_ifs({})
     assert r.retval == RETVAL[hook][verdict]
     grew = {k: v for k, v in dp.maps.fast_counters().items() if v != (0, 0)}
     assert grew == ({reason: (1, len(frame))} if reason else {})
@@ -200,6 +209,10 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
         assert out[12:hlim] == sent[12:hlim] and out[hlim + 1:] == sent[hlim + 1:]
 
 
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
 def _csum(header: bytes) -> int:
     """The Internet checksum over ``header``: 0 when its checksum field is right."""
     s = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
@@ -210,4 +223,5 @@ def _csum(header: bytes) -> int:
 
 def test_reasons_are_the_header_list():
     assert schema.FAST_REASONS == ("forwarded", "frame", "ttl", "local", "unroutable",
-                                   "no_neigh", "mtu", "egress", "redirect", "other")
+                                   "no_neigh", "mtu", "egress", "redirect", "other",
+                                   "other_host")

@@ -14,12 +14,17 @@ One lab per module; the routes, MTUs and neighbours a test changes are put back 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import time
 
 import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
 from test_lab_policy import smtp
 
-from xdpzoot.lab import Lab, LabRouter, lab_config, netns_run, wait_for
+from xdpzoot.lab import Lab, LabRouter, in_netns, lab_config, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -192,6 +197,52 @@ def test_unresolved_neighbour_first_packet_delivered(lab, router, fam):
     finally:
         netns_run(lab.router, "ip", "neigh", "replace", inet, "lladdr", mac, "dev", "core0",
                   "nud", "permanent")
+
+
+def link_mac(ns: str, dev: str) -> str:
+    return json.loads(netns_run(ns, "ip", "-j", "link", "show", "dev", dev,
+                                timeout=10).stdout)[0]["address"]
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+def test_frame_for_another_host_is_not_forwarded(lab, router, fam):
+    """A frame on the access link addressed to another host's MAC (an interface sees such
+    frames in promiscuous mode; a veth always): the kernel drops it, and the fast path does
+    not forward it either. The same datagram to the router's MAC arrives: the frame is
+    good."""
+    a, port = lab.addr, PORT + 1
+    af = socket.AF_INET if fam == "4" else socket.AF_INET6
+    ip = (IP(src=a["dyn4"], dst=a["inet4"]) if fam == "4" else
+          IPv6(src=a["dyn6"], dst=a["inet6"]))
+    dyn_mac, rtr_mac = link_mac(lab.dyn, "eth0"), link_mac(lab.router, "acc-dyn")
+    other = "02:00:5e:10:00:99"   # a host beside the router on the access link
+
+    def frame(dst: str, n: int) -> bytes:
+        return bytes(Ether(src=dyn_mac, dst=dst) / ip / UDP(sport=port, dport=port) /
+                     f"datagram {n}".encode())
+
+    with in_netns(lab.inet):
+        rx = socket.socket(af, socket.SOCK_DGRAM)
+    with in_netns(lab.dyn):
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with rx, tx:
+        rx.bind((a["inet" + fam], port))
+        rx.settimeout(1.0)
+        tx.bind(("eth0", 0))
+        fast0 = router.fast()
+        for n in range(5):
+            tx.send(frame(other, n))
+        deadline = time.monotonic() + 10
+        while delta(fast0, router.fast()).get("other_host", 0) < 5:
+            assert time.monotonic() < deadline, delta(fast0, router.fast())
+            time.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            rx.recv(100)
+        got = delta(fast0, router.fast())
+        assert (got.get("other_host"), got.get("forwarded", 0)) == (5, 0), got
+        tx.send(frame(rtr_mac, 5))
+        assert rx.recv(100) == b"datagram 5"
+        assert delta(fast0, router.fast()).get("forwarded", 0) >= 1
 
 
 def test_for_the_router_itself_goes_to_the_kernel(lab, router):

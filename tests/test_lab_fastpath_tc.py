@@ -16,6 +16,7 @@ from test_lab_fastpath import (  # noqa: F401 (the tests, collected here again)
     prepare_lab,
     test_csam_still_applies,
     test_for_the_router_itself_goes_to_the_kernel,
+    test_frame_for_another_host_is_not_forwarded,
     test_op25b_still_applies,
     test_over_the_egress_mtu_is_answered,
     test_status_shows_the_fast_path,

@@ -36,6 +36,7 @@ from xdpzoot.dataplane.layout import (
     IDX_LANE,
     IDX_ROW,
     LPM_KEY,
+    MAC,
     MANUAL,
     META,
     NOTED,
@@ -1261,6 +1262,7 @@ class Maps:
     flows = property(lambda self: self.map("xz_flows"))
     fast = property(lambda self: self.map("xz_fast"))
     devmap = property(lambda self: self.map("xz_fast_ifs"))
+    fast_macs = property(lambda self: self.map("xz_fast_macs"))   # by ifindex
     meta = property(lambda self: self.map("xz_csam_meta"))
     hits = property(lambda self: self.map("xz_csam_hits"))
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
@@ -1909,16 +1911,22 @@ class Maps:
         m = self.devmap
         return [i for i in range(m.max_entries) if m.lookup(U32.pack(i)) is not None]
 
-    def set_fast_ifs(self, ifindexes: Iterable[int]) -> list[int]:
-        """Make the devmap hold exactly ``ifindexes`` (new ones first, then the others go);
-        returns those that do not fit (ifindex >= XZ_MAX_IFINDEX): not fast-path egress."""
+    def set_fast_ifs(self, macs: dict[int, bytes]) -> list[int]:
+        """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
+        address; new ones first, then the others go) and xz_fast_macs their addresses (a
+        frame the fast path forwards is addressed to its ingress interface's: written
+        before the interface joins, zeroed after it left); returns the ifindexes that do
+        not fit (>= XZ_MAX_IFINDEX): neither fast-path egress nor ingress."""
         self.check_writer()
-        m = self.devmap
-        want = set(ifindexes)
-        too_big = sorted(i for i in want if i >= m.max_entries)
-        for i in sorted(want - set(too_big)):
+        m, mac = self.devmap, self.fast_macs
+        too_big = sorted(i for i in macs if i >= m.max_entries)
+        for i in sorted(set(macs) - set(too_big)):
+            mac.update(U32.pack(i), MAC.pack(macs[i]))
             m.update(U32.pack(i), U32.pack(i))
-        m.delete_many([U32.pack(i) for i in self.fast_ifs() if i not in want])
+        gone = [U32.pack(i) for i in self.fast_ifs() if i not in macs]
+        m.delete_many(gone)
+        for k in gone:
+            mac.update(k, bytes(MAC.size))
         return too_big
 
     # ---- CSAM list: two generations, meta, hits -----------------------------------------

@@ -167,14 +167,17 @@ def _mode_changes(name: str, mode: str) -> bool:
 
 
 def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
-    """Make the fast path's devmap hold the router's interfaces ``names`` (and no other);
-    returns the names left out, whose ifindex is beyond the devmap (XZ_MAX_IFINDEX): what
-    is routed out of them goes through the kernel (counted as ``egress``)."""
+    """Make the fast path's devmap hold the router's interfaces ``names`` (and no other),
+    with their MAC addresses (what a frame it forwards is addressed to); returns the names
+    left out, whose ifindex is beyond the devmap (XZ_MAX_IFINDEX): what is routed out of
+    them goes through the kernel (counted as ``egress``), as does what comes in by them
+    (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
-    index = netlink.link_indexes()
+    index, macs = netlink.link_indexes(), netlink.link_macs()
     by_index = {index[n]: n for n in names if n in index}
-    return [by_index[i] for i in maps.set_fast_ifs(by_index)]
+    return [by_index[i] for i in maps.set_fast_ifs({i: macs.get(n, b"")
+                                                    for i, n in by_index.items()})]
 
 
 def fast_path(maps: kernel.Maps) -> dict:

@@ -47,6 +47,19 @@ def link_indexes() -> dict[str, int]:
         return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
 
 
+def link_macs() -> dict[str, bytes]:
+    """Interface name -> its Ethernet address (6 bytes; b"" for a link without one, a
+    tunnel's), in this network namespace."""
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME"): _mac(link.get_attr("IFLA_ADDRESS") or "")
+                for link in ipr.get_links()}
+
+
+def _mac(text: str) -> bytes:
+    raw = bytes.fromhex(text.replace(":", "")) if text else b""
+    return raw if len(raw) == 6 else b""
+
+
 def link_bytes(names: list[str]) -> int:
     """Bytes received plus sent so far on the named interfaces (IFLA_STATS64)."""
     total = 0
