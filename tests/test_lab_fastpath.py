@@ -1,7 +1,7 @@
 """The fast path under real traffic: a router attached at XDP native with
 ``[dataplane] fast_path = true`` forwards from XDP itself, and hands the kernel exactly what
 it cannot forward (TTL 1, over the egress MTU, an unresolved neighbour), which the kernel
-then answers or delivers; the policy (OP25B, CSAM, counters) still applies.
+then answers or delivers; the policy (OP25B, CSAM, rates, counters) still applies.
 test_lab_fastpath_tc.py runs these tests again with the router at TC.
 
 Proof that the program forwarded a packet and not the kernel: the fast path's ``forwarded``
@@ -24,6 +24,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from test_lab_policy import smtp
 
+from xdpzoot.config import Bandwidth
 from xdpzoot.lab import Lab, LabRouter, in_netns, lab_config, netns_run, wait_for
 
 pytestmark = pytest.mark.lab
@@ -108,8 +109,9 @@ def ping(lab: Lab, dst: str, *args: str) -> str:
     return res.stdout + res.stderr
 
 
-def iperf_up(lab: Lab, dst: str) -> dict:
-    """A TCP transfer from the dynamic subscriber to an iperf3 server in the inet namespace."""
+def iperf_up(lab: Lab, dst: str, ns: str | None = None, pace: str | None = None) -> dict:
+    """A TCP transfer from the dynamic subscriber (or namespace ``ns``) to an iperf3 server
+    in the inet namespace; ``pace``: the sender's socket pacing (iperf3 --fq-rate)."""
     srv = subprocess.Popen(["ip", "netns", "exec", lab.inet, "iperf3", "-s", "-1", "-p",
                             str(PORT), "-B", dst], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -120,9 +122,9 @@ def iperf_up(lab: Lab, dst: str) -> dict:
                                   timeout=10).stdout)
 
         wait_for(listening, 10, "the iperf3 server to listen")
-        res = netns_run(lab.dyn, "iperf3", "-c", dst, "-p", str(PORT), "-t",
-                        str(IPERF_SECONDS), "-J", timeout=IPERF_SECONDS + IPERF_GRACE,
-                        check=False)
+        res = netns_run(ns or lab.dyn, "iperf3", "-c", dst, "-p", str(PORT), "-t",
+                        str(IPERF_SECONDS), "-J", *(["--fq-rate", pace] if pace else []),
+                        timeout=IPERF_SECONDS + IPERF_GRACE, check=False)
     finally:
         srv.kill()
         srv.wait()
@@ -275,6 +277,28 @@ def test_csam_still_applies(lab, router, tmp_path):
     finally:
         lst.write_text("# empty\n")
         router.cli("blocklist", "load", "--force", str(lst))   # an empty list: forced
+
+
+def test_rates_still_apply(lab, router):
+    """The static subscriber held to 20 Mbit/s (a throttle: the limiter its contract's rate
+    uses too) gets no more than that, plus its burst, through the fast path: the limiter
+    drops what is over, the fast path forwards the rest. The sender is paced by its socket,
+    as in test_lab_bandwidth (whose module docstring says why), at three times the rate."""
+    rate = 20.0   # Mbit/s
+    # The most the receiver may see: the rate, and the burst (the config's default, 500 ms
+    # of the rate) spent within the transfer's seconds; 10% for where they start and end.
+    most = rate * (1 + Bandwidth().burst_ms / 1000 / IPERF_SECONDS) * 1.1
+    router.cli("throttle", "200", "--rate", str(int(rate * 1000)))
+    try:
+        fast0, passed0, drops0 = router.fast(), router.passed(), router.dropped("throttle")
+        doc = iperf_up(lab, lab.addr["inet4"], ns=lab.static, pace=f"{int(rate * 3)}M")
+        mbps = doc["end"]["sum_received"]["bits_per_second"] / 1e6
+        assert 0 < mbps <= most, f"{mbps:.1f} Mbit/s through a {rate:.0f} Mbit/s limit"
+        assert router.dropped("throttle") > drops0
+        passed = router.passed() - passed0
+        assert delta(fast0, router.fast()).get("forwarded", 0) >= 0.98 * passed > 100
+    finally:
+        router.cli("unthrottle", "200")
 
 
 def test_status_shows_the_fast_path(lab, router):

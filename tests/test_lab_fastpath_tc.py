@@ -19,6 +19,7 @@ from test_lab_fastpath import (  # noqa: F401 (the tests, collected here again)
     test_frame_for_another_host_is_not_forwarded,
     test_op25b_still_applies,
     test_over_the_egress_mtu_is_answered,
+    test_rates_still_apply,
     test_status_shows_the_fast_path,
     test_switched_off_the_kernel_forwards,
     test_tcp_transfer_is_forwarded_by_the_fast_path,
