@@ -69,6 +69,11 @@ class Router(LabRouter):
         return sum(r["packets"] for r in self.json("stats")["counters"]
                    if r["verdict"] == "drop" and r["reason"] == reason)
 
+    def up_bytes(self, sub: int) -> int:
+        """Subscriber ``sub``'s upstream volume (`xdpzoot top`; 0 before it moved a byte)."""
+        rows = self.json("top", "-n", "100")
+        return next((r["up_bytes"] for r in rows if r["subscriber"] == sub), 0)
+
     def kernel_forwarded(self) -> int:
         """Packets the router's kernel forwarded itself (IPv4 and IPv6)."""
         snmp = netns_run(self.lab.router, "cat", "/proc/net/snmp", "/proc/net/snmp6",
@@ -282,8 +287,9 @@ def test_csam_still_applies(lab, router, tmp_path):
 def test_rates_still_apply(lab, router):
     """The static subscriber held to 20 Mbit/s (a throttle: the limiter its contract's rate
     uses too) gets no more than that, plus its burst, through the fast path: the limiter
-    drops what is over, the fast path forwards the rest. The sender is paced by its socket,
-    as in test_lab_bandwidth (whose module docstring says why), at three times the rate."""
+    drops what is over, the fast path forwards the rest, and its volume counts it. The
+    sender is paced by its socket, as in test_lab_bandwidth (whose module docstring says
+    why), at three times the rate."""
     rate = 20.0   # Mbit/s
     # The most the receiver may see: the rate, and the burst (the config's default, 500 ms
     # of the rate) spent within the transfer's seconds; 10% for where they start and end.
@@ -291,9 +297,12 @@ def test_rates_still_apply(lab, router):
     router.cli("throttle", "200", "--rate", str(int(rate * 1000)))
     try:
         fast0, passed0, drops0 = router.fast(), router.passed(), router.dropped("throttle")
+        up0 = router.up_bytes(200)
         doc = iperf_up(lab, lab.addr["inet4"], ns=lab.static, pace=f"{int(rate * 3)}M")
         mbps = doc["end"]["sum_received"]["bits_per_second"] / 1e6
         assert 0 < mbps <= most, f"{mbps:.1f} Mbit/s through a {rate:.0f} Mbit/s limit"
+        # Its volume counts what it sent through the fast path: at least what arrived.
+        assert router.up_bytes(200) - up0 >= doc["end"]["sum_received"]["bytes"]
         assert router.dropped("throttle") > drops0
         passed = router.passed() - passed0
         assert delta(fast0, router.fast()).get("forwarded", 0) >= 0.98 * passed > 100
