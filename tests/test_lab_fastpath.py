@@ -14,6 +14,7 @@ One lab per module; the routes, MTUs and neighbours a test changes are put back 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -294,11 +295,17 @@ def test_rates_still_apply(lab, router):
     # The most the receiver may see: the rate, and the burst (the config's default, 500 ms
     # of the rate) spent within the transfer's seconds; 10% for where they start and end.
     most = rate * (1 + Bandwidth().burst_ms / 1000 / IPERF_SECONDS) * 1.1
+    pace = f"{int(rate * 3)}M"
+    if os.environ.get("XZ_VMTEST"):   # as test_lab_bandwidth.needs_rate, under emulation only
+        free = iperf_up(lab, lab.addr["inet4"], ns=lab.static, pace=pace)
+        if free["end"]["sum_received"]["bits_per_second"] / 1e6 < 1.5 * rate:
+            pytest.skip(f"this machine carries less than 1.5 x {rate:.0f} Mbit/s unthrottled "
+                        "(make vmtest under emulation)")
     router.cli("throttle", "200", "--rate", str(int(rate * 1000)))
     try:
         fast0, passed0, drops0 = router.fast(), router.passed(), router.dropped("throttle")
         up0 = router.up_bytes(200)
-        doc = iperf_up(lab, lab.addr["inet4"], ns=lab.static, pace=f"{int(rate * 3)}M")
+        doc = iperf_up(lab, lab.addr["inet4"], ns=lab.static, pace=pace)
         mbps = doc["end"]["sum_received"]["bits_per_second"] / 1e6
         assert 0 < mbps <= most, f"{mbps:.1f} Mbit/s through a {rate:.0f} Mbit/s limit"
         # Its volume counts what it sent through the fast path: at least what arrived.
