@@ -107,6 +107,11 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
 
+def link_mac(ns: str, dev: str) -> str:
+    return json.loads(netns_run(ns, "ip", "-j", "link", "show", "dev", dev,
+                                timeout=10).stdout)[0]["address"]
+
+
 def ping(lab: Lab, dst: str, *args: str) -> str:
     """One ping from the dynamic subscriber; its output (it may fail)."""
     fam = "-6" if ":" in dst else "-4"
@@ -192,8 +197,7 @@ def test_unresolved_neighbour_first_packet_delivered(lab, router, fam):
     """The kernel resolves the neighbour and delivers the packet that was waiting for it;
     once resolved, the fast path forwards again."""
     inet = lab.addr["inet" + fam]
-    mac = json.loads(netns_run(lab.inet, "ip", "-j", "link", "show", "dev", "eth0",
-                               timeout=10).stdout)[0]["address"]
+    mac = link_mac(lab.inet, "eth0")
     netns_run(lab.router, "ip", "neigh", "del", inet, "dev", "core0")
     try:
         fast0 = router.fast()
@@ -205,11 +209,6 @@ def test_unresolved_neighbour_first_packet_delivered(lab, router, fam):
     finally:
         netns_run(lab.router, "ip", "neigh", "replace", inet, "lladdr", mac, "dev", "core0",
                   "nud", "permanent")
-
-
-def link_mac(ns: str, dev: str) -> str:
-    return json.loads(netns_run(ns, "ip", "-j", "link", "show", "dev", dev,
-                                timeout=10).stdout)[0]["address"]
 
 
 @pytest.mark.parametrize("fam", ["4", "6"])

@@ -174,9 +174,9 @@ def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
     (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
-    index, macs = netlink.link_indexes(), netlink.link_macs()
-    by_index = {index[n]: n for n in names if n in index}
-    return [by_index[i] for i in maps.set_fast_ifs({i: macs.get(n, b"")
+    found = netlink.link_table()
+    by_index = {found[n][0]: n for n in names if n in found}
+    return [by_index[i] for i in maps.set_fast_ifs({i: found[n][1]
                                                     for i, n in by_index.items()})]
 
 

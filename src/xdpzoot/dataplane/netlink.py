@@ -37,22 +37,21 @@ def _index(ipr: IPRoute, name: str) -> int:
 
 def links() -> list[str]:
     """Interface names of this network namespace."""
+    return list(link_table())
+
+
+def link_table() -> dict[str, tuple[int, bytes]]:
+    """Interface name -> (ifindex, Ethernet address: 6 bytes, b"" for a link without one,
+    a tunnel's), in this network namespace."""
     with IPRoute() as ipr:
-        return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+        return {link.get_attr("IFLA_IFNAME"): (link["index"],
+                                               _mac(link.get_attr("IFLA_ADDRESS") or ""))
+                for link in ipr.get_links()}
 
 
 def link_indexes() -> dict[str, int]:
     """Interface name -> ifindex, in this network namespace."""
-    with IPRoute() as ipr:
-        return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
-
-
-def link_macs() -> dict[str, bytes]:
-    """Interface name -> its Ethernet address (6 bytes; b"" for a link without one, a
-    tunnel's), in this network namespace."""
-    with IPRoute() as ipr:
-        return {link.get_attr("IFLA_IFNAME"): _mac(link.get_attr("IFLA_ADDRESS") or "")
-                for link in ipr.get_links()}
+    return {name: index for name, (index, _) in link_table().items()}
 
 
 def _mac(text: str) -> bytes:
