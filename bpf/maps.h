@@ -64,8 +64,6 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l, 2 << XZ_CSAM_LINE_BITS, B
  * generation the same way (gen << XZ_CSAM_NET_BITS | line). cp writes (through a mapping),
  * dp reads. */
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n, 2 << XZ_CSAM_NET_BITS, BPF_F_MMAPABLE);
-/* By generation: which /24s the list touches (XZ_CSAM_DIR_*), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_dir, xz_csam_d, 2, 0);
 /* By generation: its filters (struct xz_filter), IPv6 (index gen) and IPv4 /24s (index
  * 2 + gen), written with it. cp writes. */
 XZ_MAP("array", __u32, struct xz_filter, xz_csam_f, 4, 0);

@@ -60,8 +60,8 @@ struct xz_addr {
 };
 
 /*
- * IPv4 directories: 2 bits for each of the 2^24 IPv4 /24s, in one array entry,
- * that say which lookups can find anything for an address of that /24, so that
+ * The subscribers' IPv4 directory: 2 bits for each of the 2^24 IPv4 /24s, in one array
+ * entry, that say which lookups can find anything for an address of that /24, so that
  * a packet to a random destination costs one load of a byte instead of a walk
  * of a hash and a trie that miss the cache at every step. A directory of zeros
  * says "look everything up": a fresh or stale one is never wrong, only slower.
@@ -103,11 +103,6 @@ struct xz_sub_hosted {
 	__u32 idx;         /* the class of the others, in xz_uniform */
 	__u64 _pad[3];     /* one cache line */
 };
-/* CSAM list directory states (one directory per generation). */
-#define XZ_CSAM_DIR_LOOK 0         /* hosts and prefixes: hash, then trie */
-#define XZ_CSAM_DIR_HOSTS 1        /* only exact addresses here: the hash alone */
-#define XZ_CSAM_DIR_NONE 2         /* nothing listed in this /24 */
-#define XZ_CSAM_DIR_ALL 3          /* a prefix of /24 or shorter lists all of it */
 /*
  * A filter: bit h of ``bits`` is set where an entry may lie whose key hashes to h; a clear
  * bit says that nothing lies there: no lookup. The hash: the key as a native word, AND
@@ -118,9 +113,9 @@ struct xz_sub_hosted {
  *   bits): the CSAM list's, per generation (plen: its shortest IPv6 entry), and the
  *   subscribers' host entries' (plen 64; a bit set before its entry is written);
  * - IPv4 /24s, the CSAM list's, per generation (the key: the /24 number, an address's top
- *   24 bits; ``mask`` all ones, plen 24): set for every /24 its directory does not say
- *   XZ_CSAM_DIR_NONE of, in front of that 4 MiB directory. 128 KiB stay in the CPU's cache
- *   where a random destination's byte of the directory misses it (and its page's TLB entry).
+ *   24 bits; ``mask`` all ones, plen 24): set for every /24 that an entry lies in or covers,
+ *   in front of its lines. 128 KiB stay in the CPU's cache where a random destination's
+ *   line misses it (and its page's TLB entry).
  */
 #define XZ_FILTER_BITS 20          /* 2^20 bits, 128 KiB */
 #define XZ_FILTER_MUL 0x9e3779b97f4a7c15ULL
@@ -162,21 +157,18 @@ struct xz_csam_line {
 	__u32 more;                   /* addresses of this line only in the hash */
 };
 /*
- * Its IPv4 prefixes /25../31 (a /24 or shorter makes its /24s XZ_CSAM_DIR_ALL) in lines of
- * the same shape, by their /24: prefix n/len in host order with the bit under the prefix
- * set (n | 1 << (31 - len): its lowest set bit says the length) lies in line
- * ((n >> 8) * XZ_CSAM_HASH) mod 2^32 >> (32 - b) (b as for the lines, at most
- * XZ_CSAM_NET_BITS). One line for an address of
- * a /24 with a long prefix, where the trie walks some twenty nodes. ``more`` counts the
- * prefixes of the line that did not fit, and XZ_CSAM_NET_TRIE marks a line whose /24s a
- * shorter prefix may still cover (a load by difference took a covering prefix away and
- * the directory does not know what else covers them): both send the lookup to the trie.
+ * Its IPv4 prefixes in lines of the same shape, by their /24: prefix n/len of /24../31 in
+ * host order with the bit under the prefix set (n | 1 << (31 - len): its lowest set bit
+ * says the length) lies in line ((n >> 8) * XZ_CSAM_HASH) mod 2^32 >> (32 - b) (b as for
+ * the lines, at most XZ_CSAM_NET_BITS); a shorter prefix as a /24 of each /24 it covers
+ * (a /16: 256 of them). So one line answers for every prefix that covers an address,
+ * where the trie walks some twenty nodes, and no directory of the /24s is read. ``more``
+ * counts the prefixes of the line that did not fit: they send its lookups to the trie.
  * The control word says whether the generation in force has them (XZ_CSAM_NETS).
  */
 #ifndef XZ_CSAM_NET_BITS
 #define XZ_CSAM_NET_BITS 15        /* 2^15 lines (2 MiB) per generation: XZ_MAX_CSAM_PREFIXES / 8 */
 #endif
-#define XZ_CSAM_NET_TRIE (1U << 31)
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */
 #define XZ_SUB_DIR_NO_HOST 2       /* no host entry lies in it */
@@ -336,7 +328,7 @@ struct xz_flow {
 #define XZ_CSAM_HOSTS (1 << 1)      /* it has exact addresses: look in the hash */
 #define XZ_CSAM_PREFIXES (1 << 2)   /* it has prefixes: look in the trie */
 #define XZ_CSAM_LINED (1 << 3)      /* its IPv4 addresses are in its lines (xz_csam_line) */
-#define XZ_CSAM_NETS (1 << 4)       /* its IPv4 prefixes /25../31 are in its net lines too */
+#define XZ_CSAM_NETS (1 << 4)       /* its IPv4 prefixes are in its net lines too */
 /* log2 of how many of its lines (XZ_CSAM_LINE_BITS at most) and net lines the generation
  * uses, by the size of its list (a small list's lines stay in few pages); 0: all. */
 #define XZ_CSAM_LINES_SHIFT 8

@@ -92,8 +92,9 @@ class Dataplane:
             t.delete_many(t.keys())
         for t in (m.dir_map, m.sub_v6_map, m.v6_lens_map):   # zeros: look all up
             t.update(layout.ZERO_KEY, bytes(t.value_size))
-        for g in (0, 1):
-            m.write_csam_dir(g, bytes(m.csam_dirs.value_size))
+        for g in (0, 1):   # both generations never loaded: the next load is a whole one
+            m.meta.update(g.to_bytes(4, sys.byteorder), bytes(layout.META.size))
+            m.write_csam_v4(g, bytes(m.csam_filters.value_size))
             m.write_csam_v6(g, bytes(m.csam_filters.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()

@@ -262,7 +262,7 @@ def wipe(m: kernel.Maps) -> None:
         t.delete_many(t.keys())
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
-        m.write_csam_dir(g, bytes(dirs.BYTES))
+        m.write_csam_v4(g, bytes(dirs.FILTER_BYTES))
         m.write_csam_v6(g, bytes(dirs.FILTER_BYTES))
     m.set_word(0)
 
@@ -274,13 +274,13 @@ def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
     if present:
         hosts.update_many(list(LIST_HOSTS), csam.LISTED)
         prefixes.update_many(pkeys, csam.LISTED)
-        d, v6 = dirs.csam(LIST_HOSTS, LIST_PREFIXES)   # as a load writes them
-        m.write_csam_dir(gen, d)
+        v4, v6 = dirs.csam(LIST_HOSTS, LIST_PREFIXES)   # as a load writes them
+        m.write_csam_v4(gen, v4)
         m.write_csam_v6(gen, v6)
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
-        m.write_csam_dir(gen, bytes(dirs.BYTES))
+        m.write_csam_v4(gen, bytes(dirs.FILTER_BYTES))
         m.write_csam_v6(gen, bytes(dirs.FILTER_BYTES))
 
 

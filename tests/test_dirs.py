@@ -1,7 +1,8 @@
-"""The IPv4 /24 directories (dirs.py, struct xz_dir): what each state promises holds for
-every address of its /24, for exact directories and for ones changed entry by entry; and
-the data plane, fed through the real loads (blocklist.load, sync.apply_subscribers), agrees with
-plain membership on packets to random addresses in and around the entries.
+"""The subscribers' IPv4 /24 directory (dirs.py, struct xz_dir) and the CSAM list's filters
+and lines: what each promises holds for every address it answers for, made whole and
+changed entry by entry; and the data plane, fed through the real loads (blocklist.load,
+sync.apply_subscribers), agrees with plain membership on packets to random addresses in and
+around the entries.
 
 Lists live in 198.18.0.0/15 and 203.0.113.0/24; subscribers in 100.64.0.0/16 and
 198.51.100.0/24.
@@ -68,56 +69,51 @@ def probes(hosts, prefixes) -> list[bytes]:
     return [V4 + (x & 0xFFFFFFFF).to_bytes(4, "big") for x in out]
 
 
-def assert_promises(d: bytes, hosts, prefixes) -> None:
-    """Each /24 the list touches (and its neighbours): NONE, ALL and HOSTS tell the truth
-    for every one of its 256 addresses."""
-    seen = {dirs.slash24(a) for a in probes(hosts, prefixes)}
-    for i in seen:
-        state = dirs.get(d, i)
-        if state == dirs.LOOK:
-            continue
+def net_answer(t: np.ndarray, a: bytes) -> int:
+    """What a table of net lines says of IPv4 address ``a``, as policy.h's xz_csam_in_line
+    reads its line: 1 a prefix covers it, 0 none does, -1 ask the trie."""
+    h = int.from_bytes(a[12:], "big")
+    row = t[dirs.line_of(np.array([h], dtype=np.uint32), len(t), dirs.NET_BY)[0]].tolist()
+    hit = any(n and (h ^ n) & -((n & -n) << 1) & 0xFFFF_FFFF == 0
+              for n in row[:dirs.LINE_KEYS])
+    return 1 if hit else -1 if row[dirs.LINE_KEYS] else 0
+
+
+def assert_nets_answer(t: np.ndarray, hosts, prefixes, exact: bool) -> None:
+    """Every probe address of the list (and its whole /24): a yes is covered by a prefix,
+    a no by none (a line that overflowed may leave either to the trie); ``exact``, nothing
+    is left to it."""
+    for i in {dirs.slash24(a) for a in probes(hosts, prefixes)}:
         for last in range(256):
             a = V4 + ((i << 8) | last).to_bytes(4, "big")
-            if state == dirs.NONE:
-                assert not listed(hosts, prefixes, a)
-            elif state == dirs.ALL:
-                assert listed(hosts, prefixes, a)
-            else:   # HOSTS: whatever is listed here is listed as a host
-                assert listed(hosts, prefixes, a) == (a in hosts)
+            got = net_answer(t, a)
+            assert got in ((1, -1) if listed(set(), prefixes, a) else (0, -1))
+            assert got != -1 or not exact
 
 
 @settings(max_examples=100, deadline=None)
-@given(lst=lists())
-def test_csam_directory_is_exact(lst):
+@given(lst=lists(), bits=st.sampled_from([0, 2, 10]))
+def test_csam_net_lines_answer_for_every_prefix(lst, bits):
+    """A prefix of any length is found in the net line of each /24 it covers or lies in
+    (a /15: 512 /24 words); in one line, or in a few that overflow, the rest go to the
+    trie. With lines enough, none does."""
     hosts, prefixes = lst
-    d, _ = dirs.csam(hosts, prefixes)
-    assert len(d) == dirs.BYTES
-    assert_promises(d, hosts, prefixes)
-    # exact: a /24 with nothing is NONE, one covered whole ALL
-    for a in probes(hosts, prefixes):
-        i = dirs.slash24(a)
-        inside = [V4 + ((i << 8) | x).to_bytes(4, "big") for x in range(256)]
-        n = sum(listed(hosts, prefixes, b) for b in inside)
-        if n == 0:
-            assert dirs.get(d, i) == dirs.NONE
-        if any(p <= 96 + 24 and layout.masked(inside[0], p) == net for p, net in prefixes):
-            assert dirs.get(d, i) == dirs.ALL
+    t = dirs.lines_of(dirs.v4_nets(prefixes), 1 << bits, dirs.NET_BY)
+    assert_nets_answer(t, hosts, prefixes, exact=bits == 10)
 
 
 @settings(max_examples=100, deadline=None)
-@given(old=lists(), new=lists())
-def test_csam_directory_changed_entry_by_entry_tells_the_truth(old, new):
-    entries = lambda h, p: {(128, a) for a in h} | set(p)  # noqa: E731
-    before, after = entries(*old), entries(*new)
-    d = bytearray(dirs.csam(*old)[0])
-    dirs.csam_change(d, before - after, after - before)
-    assert_promises(bytes(d), *new)
-
-
-def test_csam_directory_ignores_ipv6_and_starts_looking_everywhere():
-    d, _ = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})
-    assert set(dirs.states(d).tolist()) == {dirs.NONE}
-    assert dirs.get(bytes(dirs.BYTES), 12345) == dirs.LOOK   # zeros: look everything up
+@given(old=lists(), new=lists(), bits=st.sampled_from([0, 10]))
+def test_csam_net_lines_changed_entry_by_entry_tell_the_truth(old, new, bits):
+    """Prefixes taken away and added by difference: a /24 that two of them cover keeps its
+    word while one of them stays (/15, /20, /23 and /24 around the same bases overlap)."""
+    before, after = old[1], new[1]
+    t = dirs.lines_of(dirs.v4_nets(before), 1 << bits, dirs.NET_BY)
+    dirs.lines_remove(t, dirs.v4_nets(before - after), dirs.NET_BY)
+    dirs.lines_add(t, dirs.v4_nets(after - before), dirs.NET_BY)
+    assert_nets_answer(t, *new, exact=bits == 10)
+    whole = dirs.lines_of(dirs.v4_nets(after), 1 << bits, dirs.NET_BY)
+    assert sorted(t[t != 0].tolist()) == sorted(whole[whole != 0].tolist()) or bits == 0
 
 
 @settings(max_examples=100, deadline=None)
@@ -304,21 +300,25 @@ def test_a_list_uses_lines_by_its_size(dp, cmaps):
             check(dp, Packet("access", "100.64.0.5", b, TCP, 40000, 443), "pass", "unknown")
 
 
-def test_long_prefixes_are_answered_by_their_net_line(dp, cmaps):
-    """IPv4 /25../31 are found in their /24's net line: with the trie's entries taken away
-    behind the load's back they still drop (and their neighbours pass); a line marked
-    XZ_CSAM_NET_TRIE sends the lookups it cannot answer to the trie."""
+def test_prefixes_are_answered_by_their_net_line(dp, cmaps):
+    """IPv4 prefixes of every length are found in their /24's net line (/25../31 as they
+    are, a /23 as its two /24s): with the trie's entries taken away behind the load's back
+    they still drop (and their neighbours pass); a line whose ``more`` counts prefixes that
+    did not fit sends the lookups it cannot answer to the trie."""
     dp.reset()
     cmaps.set_word(0)
     for g in (0, 1):
         cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
-    nets = {pfx("198.18.7.32/27"), pfx("198.18.7.200/31"), pfx("203.0.113.128/25")}
+    nets = {pfx("198.18.7.32/27"), pfx("198.18.7.200/31"), pfx("203.0.113.128/25"),
+            pfx("198.18.8.0/23")}
     blocklist.load(cmaps, text_of({addr16("198.18.7.5")}, nets))
     _, word = cmaps.word()
     gen = word & dirs.C["XZ_CSAM_GEN"]
     assert word & dirs.C["XZ_CSAM_NETS"]
-    inside = ("198.18.7.32", "198.18.7.63", "198.18.7.200", "198.18.7.201", "203.0.113.255")
-    outside = ("198.18.7.31", "198.18.7.64", "198.18.7.202", "203.0.113.127", "198.18.7.6")
+    inside = ("198.18.7.32", "198.18.7.63", "198.18.7.200", "198.18.7.201", "203.0.113.255",
+              "198.18.8.0", "198.18.9.255")
+    outside = ("198.18.7.31", "198.18.7.64", "198.18.7.202", "203.0.113.127", "198.18.7.6",
+               "198.18.10.0")
     trie = cmaps.csam_prefixes[gen]
     keys = list(trie.keys())
     trie.delete_many(keys)
@@ -334,21 +334,20 @@ def test_long_prefixes_are_answered_by_their_net_line(dp, cmaps):
         trie.update_many(extra, blocklist.LISTED)
         check(dp, Packet("access", "100.64.0.5", "198.18.7.64", TCP, 40000, 443), "pass",
               "unknown")
-        t[:, dirs.LINE_KEYS] |= dirs.NET_TRIE
-        for a in ("198.18.7.64", "198.18.7.32"):
+        t[:, dirs.LINE_KEYS] += 1
+        for a in ("198.18.7.64", "198.18.7.32", "198.18.9.1"):
             check(dp, Packet("access", "100.64.0.5", a, TCP, 40000, 443), "drop", "csam")
-        t[:, dirs.LINE_KEYS] &= dirs.NET_TRIE - 1
+        t[:, dirs.LINE_KEYS] -= 1
         trie.delete_many(extra)
     finally:
         trie.update_many(keys, blocklist.LISTED)
 
 
-def test_a_covering_prefix_taken_away_sends_its_24s_to_the_trie(dp, cmaps):
-    """A /20 inside a listed /15, a /27 inside the /20: the /20's /24s are listed whole.
-    A load by difference takes the /20 away: its /24s become LOOK in the directory, whose
-    change does not know that the /15 still covers them, and their net lines (the /27's
-    among them) hold nothing that does: they send the lookups on to the trie, and every
-    address of the /20 stays listed. A whole load after it makes the lines exact again."""
+def test_a_covering_prefix_taken_away_leaves_the_wider_one(dp, cmaps):
+    """A /20 inside a listed /15, a /27 inside the /20: the /20's /24s have a word from
+    each. A load by difference takes the /20 away: its words go, the /15's stay, and every
+    address of the /20 stays listed. (A list of 2 prefixes gets 2 net lines: the /15's 512
+    words mostly do not fit, and are counted in ``more``: those lookups go to the trie.)"""
     wide, mid, small = pfx("198.18.0.0/15"), pfx("198.18.16.0/20"), pfx("198.18.17.32/27")
     probe = lambda h, p: [addr16(a) for a in (  # noqa: E731
         "198.18.16.0", "198.18.17.31", "198.18.17.32", "198.18.17.64", "198.18.31.255",
@@ -356,19 +355,22 @@ def test_a_covering_prefix_taken_away_sends_its_24s_to_the_trie(dp, cmaps):
     steps = [(set(), {wide, mid, small})] * 2 + [(set(), {wide, small})] * 2
     agree_through_loads(dp, cmaps, steps, probe, "100.64.0.5")
     _, word = cmaps.word()
-    t = cmaps.csam_lines(word & dirs.C["XZ_CSAM_GEN"], "n")
-    assert (t[:, dirs.LINE_KEYS] & dirs.NET_TRIE).any()
+    _, t = blocklist.word_lines(cmaps, word)
+    assert (t[:, :dirs.LINE_KEYS] != 0).sum() + t[:, dirs.LINE_KEYS].sum() == 512 + 1
 
 
 def test_net_words_say_their_length_and_line():
-    """A prefix's word is its network in host order with the bit under it set; its line is
-    its /24's, hashed as the programs hash it (policy.h, xz_csam_in_line)."""
+    """A prefix's word is its network in host order with the bit under it set (a /24 and
+    shorter: a /24's word for each /24 it covers); its line is its /24's, hashed as the
+    programs hash it (policy.h, xz_csam_in_line). Addresses and IPv6 have none."""
     w = dirs.v4_nets([pfx("192.0.2.128/25"), pfx("192.0.2.6/31"), pfx("192.0.2.0/24"),
-                      (128, addr16("192.0.2.9")), (96 + 27, bytes(16))])
-    base = int(ipaddress.ip_address("192.0.2.0"))
-    assert w.tolist() == [base | 0x80 | 0x40, base | 6 | 1]
-    li = dirs.line_of(w, 1 << 15, dirs.NET_BY).tolist()
-    assert li == [((base >> 8) * 2654435761 % (1 << 32)) >> 17] * 2
+                      (128, addr16("192.0.2.9")), (96 + 27, bytes(16)),
+                      pfx("198.51.100.0/23")])
+    base, other = (int(ipaddress.ip_address(a)) for a in ("192.0.2.0", "198.51.100.0"))
+    assert w.tolist() == [base | 0x80 | 0x40, base | 6 | 1, base | 0x80, other | 0x80,
+                          other + 256 | 0x80]
+    li = dirs.line_of(w[:3], 1 << 15, dirs.NET_BY).tolist()
+    assert li == [((base >> 8) * 2654435761 % (1 << 32)) >> 17] * 3
 
 
 @settings(max_examples=30, deadline=None,
@@ -725,51 +727,64 @@ def test_line_of_is_the_programs_hash():
     assert dirs.line_of(words, 1 << 17).tolist() == [(w * 2654435761 % (1 << 32)) >> 15]
 
 
-# ---- the CSAM list's IPv4 /24 filter (struct xz_filter, made from its directory) -------
+# ---- the CSAM list's IPv4 /24 filter (struct xz_filter) ------------------------------------
 
 
 def v4_filter_passes(f: bytes, i: int) -> bool:
-    """Whether the IPv4 filter lets /24 number ``i`` be looked up in the directory."""
+    """Whether the IPv4 filter lets /24 number ``i`` be looked up in the lines."""
     on = dirs.FILTER_HEAD.unpack_from(f)[0]
     h = dirs.filter_bit(i)
     word = int.from_bytes(f[dirs.FILTER_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
     return not on or bool(word >> (h & 63) & 1)
 
 
+def touched(hosts, prefixes) -> set[int]:
+    """The /24s an IPv4 list's entries lie in or cover."""
+    out = {dirs.slash24(a) for a in hosts} - {None}
+    for p, a in prefixes:
+        s = dirs.span(p, a)
+        out |= set(range(s[0], s[0] + s[1])) if s else set()
+    return out
+
+
 @settings(max_examples=100, deadline=None)
-@given(lst=lists())
-def test_csam_v4_filter_passes_every_slash24_the_directory_looks_at(lst):
+@given(lst=lists(), more=lists())
+def test_csam_v4_filter_passes_every_slash24_an_entry_touches(lst, more):
+    """Made whole, and with entries added (csam_v4_add, a load by difference): a bit for
+    every /24 an entry lies in or covers, and a clear bit for most others."""
     hosts, prefixes = lst
-    d, _ = dirs.csam(hosts, prefixes)
-    f = dirs.csam_v4(d)
+    f, _ = dirs.csam(hosts, prefixes)
     assert len(f) == dirs.FILTER_BYTES
     assert dirs.FILTER_HEAD.unpack_from(f) == (1, 24, (1 << 64) - 1)
     for a in probes(hosts, prefixes):
-        i = dirs.slash24(a)
         if listed(hosts, prefixes, a):
-            assert dirs.get(d, i) != dirs.NONE
-        if dirs.get(d, i) != dirs.NONE:
-            assert v4_filter_passes(f, i)
-    # and a clear bit for most /24s the directory says nothing of
-    nothing = [i for i in range(0, 1 << 24, 4099) if dirs.get(d, i) == dirs.NONE]
+            assert v4_filter_passes(f, dirs.slash24(a))
+    assert all(v4_filter_passes(f, i) for i in touched(hosts, prefixes))
+    nothing = set(range(0, 1 << 24, 4099)) - touched(hosts, prefixes)
     assert sum(v4_filter_passes(f, i) for i in nothing) <= len(nothing) // 4
+    f = bytearray(f)
+    dirs.csam_v4_add(f, [(128, a) for a in more[0]] + sorted(more[1]))
+    assert all(v4_filter_passes(bytes(f), i) for i in touched(hosts | more[0],
+                                                            prefixes | more[1]))
 
 
 def test_csam_v4_filter_is_off_where_it_would_spare_little():
-    """Off (zeros: the directory answers every /24) for a directory never written, and
-    for one with more /24s to look at than the filter has bits."""
-    assert dirs.csam_v4(bytes(dirs.BYTES)) == bytes(dirs.FILTER_BYTES)
-    states = np.full(1 << 24, dirs.NONE, dtype=np.uint8)
-    states[:(1 << dirs.FILTER_BITS) + 1] = dirs.HOSTS
-    assert dirs.csam_v4(dirs._pack(states)) == bytes(dirs.FILTER_BYTES)
-    states[0] = dirs.NONE
-    assert dirs.FILTER_HEAD.unpack_from(dirs.csam_v4(dirs._pack(states)))[0] == 1
+    """Off (zeros: the lines answer every /24) for more /24s than the filter has bits (a
+    /3 covers 2^21); an IPv6 list sets no bit of it."""
+    off = dirs.csam(set(), {pfx("32.0.0.0/3")})[0]
+    assert off == bytes(dirs.FILTER_BYTES)
+    f = bytearray(dirs.csam(set(), {pfx("32.0.0.0/5")})[0])   # 2^19 /24s: on
+    assert dirs.FILTER_HEAD.unpack_from(f)[0] == 1
+    dirs.csam_v4_add(off := bytearray(off), [pfx("192.0.2.0/24")])
+    assert off == bytes(dirs.FILTER_BYTES)   # off stays off
+    f6 = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})[0]
+    assert dirs.filter_fill(f6) == 0
 
 
-def test_the_ipv4_filter_answers_before_the_directory(dp, cmaps):
-    """A /24 that the directory sends to the hash but the filter does not (written behind
-    the load's back) passes: the filter answered. Written as loads write it (the directory
-    with its filter), the address is found; so it is with the filter off."""
+def test_the_ipv4_filter_answers_before_the_lines(dp, cmaps):
+    """An address in the hash but not in the filter (written behind the load's back)
+    passes: the filter answered. With its bit set, as a load sets it, the address is found;
+    so it is with the filter off."""
     dp.reset()
     cmaps.set_word(0)
     blocklist.load(cmaps, b"203.0.113.7\n")
@@ -777,19 +792,18 @@ def test_the_ipv4_filter_answers_before_the_directory(dp, cmaps):
     gen = word & dirs.C["XZ_CSAM_GEN"]
     other = addr16("198.51.100.99")
     i = dirs.slash24(other)
-    assert v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), dirs.slash24(addr16("203.0.113.7")))
-    assert not v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), i)
-    d = cmaps.read_csam_dir(gen)
-    dirs.put(d, i, dirs.LOOK)
-    cmaps.csam_dirs.update(gen.to_bytes(4, sys.byteorder), d)   # the directory alone
+    f = cmaps.read_csam_v4(gen)
+    assert v4_filter_passes(bytes(f), dirs.slash24(addr16("203.0.113.7")))
+    assert not v4_filter_passes(bytes(f), i)
     cmaps.csam_hosts[gen].update(other, b"\x01")
     cmaps.set_word(word & ~dirs.C["XZ_CSAM_LINED"])   # the hash, not the lines, holds it
     p = Packet("access", "100.64.0.5", "198.51.100.99", TCP, 40000, 443)
     check(dp, p, "pass", "unknown")
-    cmaps.write_csam_dir(gen, d)   # with its filter, made from it
+    dirs.csam_v4_add(f, [(128, other)])
+    cmaps.write_csam_v4(gen, f)
     assert v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), i)
     check(dp, p, "drop", "csam")
-    cmaps.csam_filters.update((2 + gen).to_bytes(4, sys.byteorder), bytes(dirs.FILTER_BYTES))
+    cmaps.write_csam_v4(gen, bytes(dirs.FILTER_BYTES))
     check(dp, p, "drop", "csam")
     dp.reset()
 

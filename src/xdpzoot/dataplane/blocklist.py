@@ -4,16 +4,15 @@ Kernel side (bpf/maps.h): two generations of an exact-address hash and a prefix 
 the idle generation is brought to the new list by diff, then one write of the control
 word (``xz_control.csam``) switches every packet from the whole old list to the whole new
 one, and the generation that was in force, idle now, is brought to the new list too.
-Each generation also has an IPv4 /24 directory and an IPv6 filter (dirs.py) that answer
-most packets without the hash or the trie: written whole with a whole list, changed entry
-by entry with a difference (the filter made anew from the generation's keys when an entry
-shorter than all before it comes), with an IPv4 /24 filter in front of the directory that
-Maps.write_csam_dir makes from it at every write; and its IPv4 exact addresses again in
-lines of one cache line (dirs.lines_*, written through a mapping of the array), which the
-programs read instead of the hash once the control word says so (``XZ_CSAM_LINED``), and
-its IPv4 prefixes /25../31 in net lines by their /24 (``XZ_CSAM_NETS``), read before the trie:
-changed with the hash and the trie, or made anew with a whole list when the generation held
-nothing trusted or its list's size asks for more or fewer lines. A generation uses as many
+Each generation also has an IPv4 /24 filter and an IPv6 filter (dirs.py) that answer most
+packets without any lookup: written whole with a whole list, their bits set entry by entry
+with a difference (the IPv6 one made anew from the generation's keys when an entry shorter
+than all before it comes); and its IPv4 exact addresses again in lines of one cache line
+(dirs.lines_*, written through a mapping of the array), which the programs read instead of
+the hash once the control word says so (``XZ_CSAM_LINED``), and its IPv4 prefixes in net
+lines by their /24 (``XZ_CSAM_NETS``), read instead of the trie: changed with the hash and
+the trie, or made anew with a whole list when the generation held nothing trusted or its
+list's size asks for more or fewer lines. A generation uses as many
 of its lines as its list's size asks for (:func:`used_lines`; the control word says how
 many), so that a small list's lines lie in few pages. The
 maps are :class:`kernel.Maps`, without bcc, so that a small change is applied in well
@@ -163,13 +162,9 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     already; ``text``: where this list's text is pinned already. Refused before any write
     (SourceError): more entries than a generation holds, and given ``max_shrink``, fewer
     than ``1 - max_shrink`` of ``before``, the entries in force. ``memo``: shared with
-    the other write of the same list (its directory and lines are computed once)."""
+    the other write of the same list (its filters and lines are computed once)."""
     old = old or held(maps, gen)
-    # A directory of zeros was never written (an instance from before directories):
-    # correct, but only a whole load makes it fast.
-    old_dir = maps.read_csam_dir(gen) if old else None
-    delta = (csam.text_delta(old.text, data) if old and old_dir.count(0) < len(old_dir)
-             else None)
+    delta = csam.text_delta(old.text, data) if old else None
     if delta is not None and not _surely_fits(maps, old, delta, before, max_shrink):
         delta = None   # near a limit: decided on the whole list, parsed
     if delta is not None and not _same_lines(maps, old, delta):
@@ -194,10 +189,9 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
                                                     nets)
         new = [LPM_KEY.unpack(k) for k, d in delta.items() if d > 0]
-        lost = dirs.csam_change(old_dir, map(LPM_KEY.unpack,
-                                             (k for k, d in delta.items() if d < 0)), new)
-        dirs.nets_distrust(nets, lost)
-        maps.write_csam_dir(gen, old_dir)
+        v4 = maps.read_csam_v4(gen)
+        dirs.csam_v4_add(v4, new)
+        maps.write_csam_v4(gen, v4)
         v6 = maps.read_csam_v6(gen)
         if not dirs.csam_v6_add(v6, new):   # made anew from what the generation holds
             _, v6 = dirs.csam(maps.csam_hosts[gen].keys(),
@@ -297,22 +291,21 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         dirs.lines_add(lines, dirs.v4_words(add_h))
         dirs.lines_remove(nets, dirs.v4_nets(map(LPM_KEY.unpack, del_p)), dirs.NET_BY)
         dirs.lines_add(nets, dirs.v4_nets(map(LPM_KEY.unpack, add_p)), dirs.NET_BY)
-        nets[:, dirs.LINE_KEYS] &= ~dirs.NET_TRIE & 0xFFFF_FFFF   # the directory is exact
     else:
         lines, nets = used_lines(maps, gen, lst.counts())
         lines[:] = made["lines"]
         nets[:] = made["nets"]
-    maps.write_csam_dir(gen, made["dir"])
+    maps.write_csam_v4(gen, made["v4"])
     maps.write_csam_v6(gen, made["v6"])
     return n_add_h + len(add_p), len(del_h) + len(del_p)
 
 
 def _made(lst: CsamList, n_lines: int, n_nets: int) -> dict:
-    """The list's IPv4 directory and IPv6 filter, and its lines and net lines in tables of
+    """The list's IPv4 and IPv6 filters, and its lines and net lines in tables of
     ``n_lines`` and ``n_nets`` lines (the sizes its counts ask for): numpy's work, which
     runs while the kernel takes the batches (system calls that hold no Python lock)."""
-    d, v6 = dirs.csam(lst.joined, lst.prefixes)
-    return {"dir": d, "v6": v6, "lines": dirs.lines_of(dirs.v4_words(lst.joined), n_lines),
+    v4, v6 = dirs.csam(lst.joined, lst.prefixes)
+    return {"v4": v4, "v6": v6, "lines": dirs.lines_of(dirs.v4_words(lst.joined), n_lines),
             "nets": dirs.lines_of(dirs.v4_nets(lst.prefixes), n_nets, dirs.NET_BY)}
 
 

@@ -1,17 +1,16 @@
-"""IPv4 /24 directories (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for every IPv4 /24
-that tell the data plane which lookups can find anything for an address there; and
-filters (``struct xz_filter``): IPv6, a bit per hash of a /64 (or shorter), the CSAM
-list's and the subscriber host entries'; IPv4, the CSAM list's, a bit per hash of a /24,
-in front of its directory (128 KiB that stay in the cache, where a random destination's
-byte of the 4 MiB directory misses it).
+"""The subscribers' IPv4 /24 directory (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for
+every IPv4 /24 that tell the data plane which lookups can find anything for an address
+there; filters (``struct xz_filter``): IPv6, a bit per hash of a /64 (or shorter), the CSAM
+list's and the subscriber host entries'; IPv4, the CSAM list's, a bit per hash of a /24;
+the CSAM list's IPv4 entries in lines of one cache line; the subscribers' class index.
 
 Production traffic goes to a different, random address on nearly every packet, and every
-step of a hash or trie walk then misses the CPU cache. A directory answers most packets
-with one byte: the CSAM list's (one per generation) says "nothing listed in this /24" or
-"all of it listed", the subscribers' says "no host entry here" or "no prefix covers it".
-A directory of zeros means "look everything up", so a fresh or stale one is never wrong,
-only slower: changes made one at a time only clear what they must, and a whole load writes
-the exact directory.
+step of a hash or trie walk then misses the CPU cache. The subscribers' directory answers
+most packets with one byte ("no host entry here", "no prefix covers it"); the CSAM list's
+filter (128 KiB, in the cache) says "nothing listed in this /24" of most destinations, and
+its lines answer for the rest with one line each. A directory of zeros means "look
+everything up", so a fresh or stale one is never wrong, only slower: changes made one at a
+time only clear what they must, and a whole load writes the exact directory.
 
 Plain functions over bytes; reading and writing the maps is the caller's. numpy is imported
 by the functions that build whole directories only: a command that changes a few entries
@@ -36,8 +35,6 @@ C = schema.C
 BYTES = C["XZ_DIR_BYTES"]
 SLASH24 = BYTES * 4                    # 2^24 /24s, 2 bits each
 V4MAPPED = bytes(10) + b"\xff\xff"
-# CSAM states
-LOOK, HOSTS, NONE, ALL = (C[f"XZ_CSAM_DIR_{n}"] for n in ("LOOK", "HOSTS", "NONE", "ALL"))
 # subscriber bits
 NO_PREFIX, NO_HOST = C["XZ_SUB_DIR_NO_PREFIX"], C["XZ_SUB_DIR_NO_HOST"]
 if SLASH24 != 1 << 24:
@@ -166,47 +163,15 @@ def _prefixes24(prefixes: Pairs | Prefixes) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def csam(hosts: Iterable[bytes] | bytes, prefixes: Pairs) -> tuple[bytes, bytes]:
-    """The exact IPv4 directory and IPv6 filter of a CSAM list (its addresses, or their
-    buffer: at a million entries, joining them is most of the work)."""
+    """The exact IPv4 and IPv6 filters of a CSAM list (its addresses, or their buffer: at a
+    million entries, joining them is most of the work)."""
     import numpy as np
 
-    st = np.full(SLASH24, NONE, dtype=np.uint8)
     raw, v4 = _rows(hosts)
-    st[_slash24s(raw[v4])] = HOSTS
     covered, partial, raw6, plen6 = _prefixes24(prefixes)
-    st[partial] = LOOK
-    st[covered] = ALL
-    return _pack(st), _v6_filter(np.concatenate([raw[~v4], raw6]),
-                                 np.concatenate([np.full(int((~v4).sum()), 128), plen6]))
-
-
-def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
-                added: Iterable[tuple[int, bytes]]) -> list[int]:
-    """Bring the directory of a list to the list with ``removed`` taken out, then ``added``
-    put in (entries as ``(len/128, address)``, exact addresses with length 128). Never
-    wrong, not always exact: a /24 that was listed whole and lost an entry is looked up
-    (the trie may know another prefix that covers it). Returns those /24s."""
-    lost = []
-    for plen, addr in removed:
-        s = span(plen, addr)
-        for i in range(s[0], s[0] + s[1]) if s else ():
-            if get(d, i) == ALL:
-                put(d, i, LOOK)
-                lost.append(i)
-    for plen, addr in added:
-        s = span(plen, addr)
-        if s is None:
-            continue
-        first, n, whole = s
-        for i in range(first, first + n):
-            old = get(d, i)
-            if whole:
-                put(d, i, ALL)
-            elif plen == 128:
-                put(d, i, HOSTS if old == NONE else old)
-            elif old in (NONE, HOSTS):
-                put(d, i, LOOK)
-    return lost
+    return (_v4_filter(np.concatenate([_slash24s(raw[v4]), covered, partial])),
+            _v6_filter(np.concatenate([raw[~v4], raw6]),
+                       np.concatenate([np.full(int((~v4).sum()), 128), plen6])))
 
 
 # ---- filters (struct xz_filter) ------------------------------------------------------------
@@ -214,8 +179,8 @@ def csam_change(d: bytearray, removed: Iterable[tuple[int, bytes]],
 # bit, no entry covers the address. As the programs compute it: the first 8 bytes as a
 # native word, AND the mask, times the multiplier, the top XZ_FILTER_BITS bits; bit h is
 # bit h % 64 of native word h // 64. The CSAM list's ``plen`` is its shortest IPv6 entry's;
-# the subscriber host entries' is 64. IPv4 (the CSAM list's, made from its directory): the
-# same hash of the /24 number.
+# the subscriber host entries' is 64. IPv4 (the CSAM list's): the same hash of the /24
+# number, a bit for every /24 that an entry lies in or covers.
 
 FILTER_BITS, FILTER_MUL = C["XZ_FILTER_BITS"], C["XZ_FILTER_MUL"]
 FILTER_HEAD = struct.Struct("=IIQ")            # on, plen, mask
@@ -266,24 +231,16 @@ def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
     return FILTER_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen))
 
 
-def csam_v4(d: bytes | bytearray) -> bytes:
-    """The IPv4 /24 filter of a CSAM directory: a bit for each /24 it does not say NONE of
+def _v4_filter(slash24s: np.ndarray) -> bytes:
+    """The IPv4 /24 filter of a CSAM list from the /24 numbers its entries lie in or cover
     (the key: the /24 number, mask all ones). Off (zeros: every /24 looked up in the
-    directory) when more /24s than the filter has bits are not NONE: mostly ones, it would
-    spare few lookups; and so for a directory of zeros, never written."""
+    lines) when there are more of them than the filter has bits: mostly ones, it would
+    spare few lookups."""
     import numpy as np
 
-    b = np.frombuffer(d, dtype=np.uint8)
-    at = np.flatnonzero(b != NONE * 0x55)   # bytes (four /24s each) with one not NONE
-    if len(at) > 1 << FILTER_BITS:   # surely too many /24s (zeros: all 4M bytes): no unpacking
+    if len(slash24s) > 1 << FILTER_BITS and len(distinct(slash24s)) > 1 << FILTER_BITS:
         return bytes(FILTER_BYTES)
-    v = b[at]
-    states = np.stack([v & 3, v >> 2 & 3, v >> 4 & 3, v >> 6 & 3], axis=1)
-    row, lane = np.nonzero(states != NONE)
-    if len(row) > 1 << FILTER_BITS:
-        return bytes(FILTER_BYTES)
-    n = at[row].astype(np.uint64) << np.uint64(2) | lane.astype(np.uint64)
-    return FILTER_HEAD.pack(1, 24, (1 << 64) - 1) + _filter_words(n)
+    return FILTER_HEAD.pack(1, 24, (1 << 64) - 1) + _filter_words(slash24s.astype(np.uint64))
 
 
 def filter_fill(f: bytes | bytearray) -> float | None:
@@ -297,6 +254,20 @@ def filter_fill(f: bytes | bytearray) -> float | None:
 def sub_v6_bit(addr: bytes) -> int:
     """The subscribers' IPv6 host filter's bit for a 16-byte address (plen 64)."""
     return v6_bit(addr, v6_mask(V6_MAX_PLEN))
+
+
+def csam_v4_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> None:
+    """Set the bits of the /24s that ``added`` IPv4 entries lie in or cover in IPv4 filter
+    ``f`` (one that is off stays off: it looks everything up). A removed entry leaves its
+    bits, as in csam_v6_add."""
+    if not FILTER_HEAD.unpack_from(f)[0]:
+        return
+    words = memoryview(f)[FILTER_HEAD.size:].cast("Q")
+    for plen, addr in added:
+        s = span(plen, addr)
+        for i in range(s[0], s[0] + s[1]) if s else ():
+            h = filter_bit(i)
+            words[h >> 6] |= 1 << (h & 63)
 
 
 def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
@@ -544,18 +515,25 @@ def line_of(words: np.ndarray, nlines: int, by: int = 0) -> np.ndarray:
 
 
 def lines_remove(t: np.ndarray, words: np.ndarray, by: int = 0) -> None:
-    """Take the addresses ``words`` (each in the table) out of the lines ``t`` (an
-    ``(nlines, LINE_WORDS)`` uint32 array): a slot freed, or one less in ``more``. (``by``:
-    as for line_of, here and below.)"""
+    """Take the addresses ``words`` (each in the table, as often as it comes) out of the
+    lines ``t`` (an ``(nlines, LINE_WORDS)`` uint32 array): a slot freed, or one less in
+    ``more``. (``by``: as for line_of, here and below.)"""
     import numpy as np
 
-    if not len(words):
-        return
-    li = line_of(words, len(t), by)
-    hit = (t[li, :LINE_KEYS] == words[:, None]) & (words[:, None] != 0)
-    found = hit.any(axis=1)
-    t[li[found], hit[found].argmax(axis=1)] = 0
-    np.subtract.at(t[:, LINE_KEYS], li[~found], 1)
+    while len(words):
+        if by:   # net words may come twice (two prefixes that cover one /24): once a pass
+            _, first = distinct(words, first=True)
+            rest = np.ones(len(words), dtype=bool)
+            rest[first] = False
+            words, later = words[first], words[rest]
+        else:
+            later = words[:0]
+        li = line_of(words, len(t), by)
+        hit = (t[li, :LINE_KEYS] == words[:, None]) & (words[:, None] != 0)
+        found = hit.any(axis=1)
+        t[li[found], hit[found].argmax(axis=1)] = 0
+        np.subtract.at(t[:, LINE_KEYS], li[~found], 1)
+        words = later
 
 
 def stable_order(keys: np.ndarray) -> np.ndarray:
@@ -605,8 +583,9 @@ def _ranked(t: np.ndarray, words: np.ndarray, by: int = 0
 
 
 def lines_add(t: np.ndarray, words: np.ndarray, by: int = 0) -> None:
-    """Put the addresses ``words`` (distinct, none in the table) into the lines ``t``:
-    each into a free slot of its line, or counted in its line's ``more``."""
+    """Put the addresses ``words`` (distinct, none in the table; net words may come twice
+    or be there already) into the lines ``t``: each into a free slot of its line, or
+    counted in its line's ``more``."""
     import numpy as np
 
     li, words, rank = _ranked(t, words, by)
@@ -631,35 +610,30 @@ def lines_of(words: np.ndarray, nlines: int, by: int = 0) -> np.ndarray:
     return t
 
 
-# ---- its IPv4 prefixes /25../31 in net lines (struct xz_csam_line, XZ_CSAM_NETS) -----------
-# The same lines, by the prefix's /24: a prefix is its network in host order with the bit
-# under the prefix set (never 0), so that the programs match it without knowing its length
-# beforehand. A line the directory cannot vouch for (csam_change made some /24 of it LOOK
-# from ALL) has XZ_CSAM_NET_TRIE in ``more``: its lookups go on to the trie until a whole
-# load makes the lines anew.
+# ---- its IPv4 prefixes in net lines (struct xz_csam_line, XZ_CSAM_NETS) ------------------
+# The same lines, by the prefix's /24: a prefix of /24../31 is its network in host order with
+# the bit under the prefix set (never 0), so that the programs match it without knowing its
+# length beforehand; a shorter one is a /24 word for each /24 it covers. Two prefixes that
+# cover one /24 give it two like words: each goes with its own prefix. So a net line holds
+# every prefix that covers an address of its /24s, or counts in ``more`` those that did
+# not fit (their lookups go on to the trie).
 NET_BY = 8                            # line_of's ``by`` for net lines: hashed by the /24
-NET_TRIE = C["XZ_CSAM_NET_TRIE"]
-NET_LENS = range(96 + 25, 96 + 32)    # the LPM lengths (of 128) that go into net lines
 
 
 def v4_nets(prefixes: Iterable[tuple[int, bytes]]) -> np.ndarray:
-    """The IPv4 /25../31 of ``prefixes`` (``(len/128, 16-byte address)``) as net words."""
+    """The IPv4 ones of ``prefixes`` (``(len/128, 16-byte address)``) as net words: one for
+    each /24../31, one for each /24 a shorter one covers."""
     import numpy as np
 
-    prefixes = [(p, a) for p, a in prefixes if p in NET_LENS]
+    prefixes = [(p, a) for p, a in prefixes if a[:12] == V4MAPPED and p < 128]
     if not prefixes:
         return np.zeros(0, dtype=np.uint32)
-    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes))
-    raw, v4 = _rows([a for _, a in prefixes])
-    net = np.ascontiguousarray(raw[v4, 12:]).view(">u4").ravel().astype(np.uint64)
-    return (net | (np.uint64(1) << (127 - plen[v4]).astype(np.uint64))).astype(np.uint32)
-
-
-def nets_distrust(t: np.ndarray, slash24s: Iterable[int]) -> None:
-    """Send the lookups of /24s ``slash24s`` (and of the others of their lines) to the
-    trie: XZ_CSAM_NET_TRIE in their lines' ``more``."""
-    import numpy as np
-
-    s = np.fromiter(slash24s, dtype=np.uint32)
-    if len(s):   # the line of any prefix word of the /24
-        t[line_of(s << NET_BY, len(t), NET_BY), LINE_KEYS] |= np.uint32(NET_TRIE)
+    plen = np.fromiter((p for p, _ in prefixes), dtype=np.int64, count=len(prefixes)) - 96
+    net = np.ascontiguousarray(_rows([a for _, a in prefixes])[0][:, 12:]
+                               ).view(">u4").ravel().astype(np.int64)
+    counts = np.left_shift(1, np.maximum(24 - plen, 0))   # the /24s each one is
+    first = np.repeat(net >> 8, counts)
+    slash = first + np.arange(len(first)) - np.repeat(np.cumsum(counts) - counts, counts)
+    low = np.repeat(np.where(plen > 24, net & 0xFF, 0), counts)   # within the /24
+    bit = np.repeat(np.minimum(31 - plen, 7), counts)   # a /24 and shorter: the /24's bit
+    return (slash << 8 | low | np.left_shift(1, bit)).astype(np.uint32)

@@ -1188,7 +1188,6 @@ class Maps:
         self.guard: Callable[[], None] | None = None
         self._open: dict[str, PinnedMap] = {}
         self._uniform_off = False   # inside uniform_off: writes leave the class index be
-        self._v4: tuple[bytes, bytes] | None = None   # (a directory's digest, its filter)
 
     def map(self, name: str) -> PinnedMap:
         """The map pinned as ``name``, opened on first use."""
@@ -1267,7 +1266,6 @@ class Maps:
     hits = property(lambda self: self.map("xz_csam_hits"))
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
-    csam_dirs = property(lambda self: self.map("xz_csam_d"))   # by generation
     csam_filters = property(lambda self: self.map("xz_csam_f"))   # IPv6 by gen, IPv4 2 + gen
     trace_ring = property(lambda self: self.map("xz_trace_ring"))
     trace_state = property(lambda self: self.map("xz_trace_state"))
@@ -1930,24 +1928,12 @@ class Maps:
         return too_big
 
     # ---- CSAM list: two generations, meta, hits -----------------------------------------
-    def read_csam_dir(self, gen: int) -> bytearray:
-        """Generation ``gen``'s IPv4 /24 directory (dirs.py)."""
-        return self.csam_dirs.lookup_into(U32.pack(gen))
-
-    def write_csam_dir(self, gen: int, d: bytes | bytearray) -> None:
-        """Write generation ``gen``'s directory and its IPv4 /24 filter, made from it
-        (dirs.csam_v4): the two always agree. (A generation is written while idle. The
-        filter of the last directory written is kept: a load writes the same directory
-        into both generations.)"""
-        digest = hashlib.blake2b(d, digest_size=16).digest()
-        if self._v4 is None or self._v4[0] != digest:
-            self._v4 = (digest, dirs.csam_v4(d))
-        self.csam_filters.update(U32.pack(2 + gen), self._v4[1])
-        self.csam_dirs.update(U32.pack(gen), d)
-
     def read_csam_v4(self, gen: int) -> bytearray:
-        """Generation ``gen``'s IPv4 /24 filter (written with its directory)."""
+        """Generation ``gen``'s IPv4 /24 filter (dirs.csam, dirs.csam_v4_add)."""
         return self.csam_filters.lookup_into(U32.pack(2 + gen))
+
+    def write_csam_v4(self, gen: int, f: bytes | bytearray) -> None:
+        self.csam_filters.update(U32.pack(2 + gen), f)
 
     def read_csam_v6(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv6 filter (dirs.csam, dirs.csam_v6_add)."""
