@@ -367,6 +367,8 @@ struct xz_csam_meta {
 	__u32 hosts6;
 	__u32 prefixes4;
 	__u32 prefixes6;
+	__u32 nets4;         /* its IPv4 prefixes' net words: what its net lines are sized by */
+	__u32 _pad;
 };
 
 /* Interface roles: where a packet enters decides which pipeline runs. */

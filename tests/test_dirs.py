@@ -246,8 +246,8 @@ def test_a_full_line_leaves_the_rest_to_the_hash(dp, cmaps):
     for g in (0, 1):   # nothing trusted: the first load is a whole one
         cmaps.meta.update(g.to_bytes(4, "little"), bytes(layout.META.size))
     # the lines a list of 17..21 IPv4 addresses uses (both lists below: 4)
-    nlines = len(blocklist.used_lines(cmaps, 0, {"hosts4": 21, "prefixes4": 0})[0])
-    assert nlines == len(blocklist.used_lines(cmaps, 0, {"hosts4": 17, "prefixes4": 0})[0])
+    nlines = len(blocklist.used_lines(cmaps, 0, {"hosts4": 21, "nets4": 0})[0])
+    assert nlines == len(blocklist.used_lines(cmaps, 0, {"hosts4": 17, "nets4": 0})[0])
     addrs = crowd(26, nlines)
     first, second = addrs[:20] + ["0.0.0.0"], addrs[3:17] + addrs[20:23]
     line = dirs.line_of(dirs.v4_words([tables.addr16(addrs[0])]), nlines)[0]

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 V4MAPPED = bytes(10) + b"\xff\xff"
 C = schema.C
-COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")
+COUNTS = ("hosts4", "hosts6", "prefixes4", "prefixes6")   # entries; and "nets4", net words
 # A load's progress: given how many entries it will write, a callback for those written.
 Progress = Callable[[int], Callable[[int], None] | None]
 
@@ -58,10 +58,10 @@ Progress = Callable[[int], Callable[[int], None] | None]
 def lines_word(maps: Maps, counts: dict[str, int]) -> int:
     """The control word's bits that say how many lines and net lines a generation uses for a
     list of ``counts``: as many as config.csam_line_bits says for its IPv4 addresses (its
-    IPv4 prefixes), at most all of them."""
+    IPv4 prefixes' net words, ``nets4``: a /16 is 256), at most all of them."""
     word = 0
     for kind, shift, n in (("l", "XZ_CSAM_LINES_SHIFT", counts["hosts4"]),
-                           ("n", "XZ_CSAM_NETS_SHIFT", counts["prefixes4"])):
+                           ("n", "XZ_CSAM_NETS_SHIFT", counts["nets4"])):
         most = maps.csam_line_count(kind).bit_length() - 1
         word |= min(most, csam_line_bits(n)) << C[shift]
     return word
@@ -136,8 +136,7 @@ def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Pr
     added, removed, counts, lst, old = _bring(maps, idle, data, path, lst, progress,
                                               max_shrink=max_shrink, before=before,
                                               memo=memo)
-    maps.meta.update(struct.pack("=I", idle), META.pack(sha, int(now()),
-                                                        *(counts[k] for k in COUNTS)))
+    maps.meta.update(struct.pack("=I", idle), _meta(sha, int(now()), counts))
     maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, counts)
                   | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
                   | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
@@ -147,9 +146,17 @@ def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Pr
     # killed from here on leaves its meta cleared: the next load takes the whole path.
     _, _, counts, _, _ = _bring(maps, gen, data, path, lst, None, old if same else None,
                                 maps.text_path(idle), memo=memo)
-    maps.meta.update(struct.pack("=I", gen), META.pack(sha, int(now()),
-                                                       *(counts[k] for k in COUNTS)))
+    maps.meta.update(struct.pack("=I", gen), _meta(sha, int(now()), counts))
     return LoadResult(added, removed, idle, True)
+
+
+def _meta(sha: bytes, now: int, counts: dict[str, int]) -> bytes:
+    return META.pack(sha, now, *(counts[k] for k in COUNTS), counts["nets4"], 0)
+
+
+def _counts(lst: CsamList) -> dict[str, int]:
+    """The list's counts (COUNTS), and its net words ("nets4", dirs.net_count)."""
+    return {**lst.counts(), "nets4": sum(dirs.net_count(p, a) for p, a in lst.prefixes)}
 
 
 def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
@@ -183,7 +190,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 /25../31
     # when it held a list (the same writes change them); else they are made anew.
     lines, nets = used_lines(maps, gen, old.counts) if old else (None, None)
-    if delta is None and old and lines_word(maps, old.counts) != lines_word(maps, lst.counts()):
+    if delta is None and old and lines_word(maps, old.counts) != lines_word(maps, _counts(lst)):
         lines = nets = None   # the new list uses more or fewer: made anew
     if delta is not None:
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
@@ -200,7 +207,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
     else:
         added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,
                                      lines, nets)
-        counts, dups = lst.counts(), lst.dups
+        counts, dups = _counts(lst), lst.dups
     if text:
         kernel.repin(text, maps.text_path(gen))
     else:
@@ -247,9 +254,12 @@ def _same_lines(maps: Maps, old: Held, delta: dict[bytes, int]) -> bool:
         if k[4:16] == V4MAPPED:
             low[_v4_kind(k)] -= 1
             high[_v4_kind(k)] -= 1
+            low["nets4"] -= dirs.net_count(*LPM_KEY.unpack(k))
+            high["nets4"] -= dirs.net_count(*LPM_KEY.unpack(k))
     for k in new:
         if k[4:16] == V4MAPPED:
             high[_v4_kind(k)] += 1
+            high["nets4"] += dirs.net_count(*LPM_KEY.unpack(k))
     return lines_word(maps, low) == lines_word(maps, old.counts) == lines_word(maps, high)
 
 
@@ -262,7 +272,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
     while the kernel writes the first generation) and ``memo["want_p"]`` (the prefix keys):
     what both writes of one list share."""
     if "made" not in memo:
-        sizes = [len(t) for t in used_lines(maps, gen, lst.counts())]
+        sizes = [len(t) for t in used_lines(maps, gen, _counts(lst))]
         pool = ThreadPoolExecutor(1)
         memo["made"] = pool.submit(_made, lst, *sizes)
         pool.shutdown(wait=False)   # the job runs on; its thread ends with it
@@ -292,7 +302,7 @@ def _write_list(maps: Maps, gen: int, lst: CsamList, progress: Progress | None,
         dirs.lines_remove(nets, dirs.v4_nets(map(LPM_KEY.unpack, del_p)), dirs.NET_BY)
         dirs.lines_add(nets, dirs.v4_nets(map(LPM_KEY.unpack, add_p)), dirs.NET_BY)
     else:
-        lines, nets = used_lines(maps, gen, lst.counts())
+        lines, nets = used_lines(maps, gen, _counts(lst))
         lines[:] = made["lines"]
         nets[:] = made["nets"]
     maps.write_csam_v4(gen, made["v4"])
@@ -348,6 +358,7 @@ def _write_delta(maps: Maps, gen: int, old: Held, delta: dict[bytes, int],
         if bool(before) != bool(after):
             kind = "hosts" if k[:4] == HOST else "prefixes"
             counts[kind + ("4" if k[4:16] == V4MAPPED else "6")] += 1 if after else -1
+            counts["nets4"] += dirs.net_count(*LPM_KEY.unpack(k)) * (1 if after else -1)
     return len(new) - len(had), len(gone), counts, dups
 
 
@@ -383,7 +394,7 @@ def held(maps: Maps, gen: int) -> Held | None:
     if hashlib.sha256(text).hexdigest() != meta["sha256"]:
         return None
     return Held(text, dict(DUP.iter_unpack(blob[end:end + n * DUP.size])),
-                {k: meta[k] for k in COUNTS})
+                {k: meta[k] for k in (*COUNTS, "nets4")})
 
 
 def check(maps: Maps, addr16: bytes) -> str | None:

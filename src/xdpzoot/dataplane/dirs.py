@@ -620,6 +620,11 @@ def lines_of(words: np.ndarray, nlines: int, by: int = 0) -> np.ndarray:
 NET_BY = 8                            # line_of's ``by`` for net lines: hashed by the /24
 
 
+def net_count(plen: int, addr: bytes) -> int:
+    """How many net words prefix ``(len/128, address)`` is (v4_nets; 0: IPv6, an address)."""
+    return 1 << max(0, 120 - plen) if addr[:12] == V4MAPPED and plen < 128 else 0
+
+
 def v4_nets(prefixes: Iterable[tuple[int, bytes]]) -> np.ndarray:
     """The IPv4 ones of ``prefixes`` (``(len/128, 16-byte address)``) as net words: one for
     each /24../31, one for each /24 a shorter one covers."""

@@ -1961,9 +1961,9 @@ class Maps:
         return os.path.join(self.pin_dir, f"xz_csam_t{gen}")
 
     def read_meta(self, gen: int) -> dict:
-        sha, loaded, h4, h6, p4, p6 = META.unpack(self.meta.lookup(U32.pack(gen)))
+        sha, loaded, h4, h6, p4, p6, nets4, _ = META.unpack(self.meta.lookup(U32.pack(gen)))
         return {"sha256": sha.hex() if loaded else None, "loaded": loaded or None,
-                "hosts4": h4, "hosts6": h6, "prefixes4": p4, "prefixes6": p6}
+                "hosts4": h4, "hosts6": h6, "prefixes4": p4, "prefixes6": p6, "nets4": nets4}
 
     def clear_hits(self) -> None:
         self._zero_per_cpu(self.hits)
