@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))   # packets.py: frames from model.Packet
 sys.path.insert(0, str(ROOT / "src"))
 
 from xdpzoot import sync, tables  # noqa: E402
+from xdpzoot.config import csam_net_bits  # noqa: E402
 from xdpzoot.dataplane import blocklist, kernel, schema  # noqa: E402
 from xdpzoot.dataplane.instance import Instance  # noqa: E402
 from xdpzoot.dataplane.layout import Entry  # noqa: E402
@@ -85,7 +86,8 @@ LIMITS = {"hosts": 1_100_000, "prefixes": 200_000, "csam_hosts": 1_100_000,
           "csam_prefixes": 200_000}
 DP_DEFINES = ["-DXZ_MAX_HOSTS=65536", "-DXZ_MAX_PREFIXES=1024",
               f"-DXZ_MAX_CSAM_HOSTS={LIMITS['csam_hosts']}",
-              f"-DXZ_MAX_CSAM_PREFIXES={LIMITS['csam_prefixes']}"]
+              f"-DXZ_MAX_CSAM_PREFIXES={LIMITS['csam_prefixes']}",
+              f"-DXZ_CSAM_NET_BITS={csam_net_bits(LIMITS['csam_prefixes'])}"]
 GOAL_RATIO, GOAL_CHANGE_S, GOAL_PER_PACKET, GOAL_USERS = 1.0, 0.5, 1.5, 1.5
 GOAL_PATHS = ("unlisted", "host", "prefix")   # the issue's: not listed (pass), listed (drop)
 C = schema.C
@@ -602,8 +604,8 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
                 words[label] = cm.word()[1]
             else:
                 idle = 1 - (words["small"] & C["XZ_CSAM_GEN"])
-                blocklist._bring(cm, idle, texts[label], label, lst, None)
-                words[label] = idle | C["XZ_CSAM_HOSTS"] | C["XZ_CSAM_PREFIXES"]
+                _, _, counts, _, _ = blocklist._bring(cm, idle, texts[label], label, lst, None)
+                words[label] = blocklist.word_of(cm, idle, counts)   # as a load's switch
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
             PathCase("unlisted", "pass, destination not listed", UNLISTED_V4, ("pass", "ok")),

@@ -167,7 +167,7 @@ struct xz_csam_line {
  * The control word says whether the generation in force has them (XZ_CSAM_NETS).
  */
 #ifndef XZ_CSAM_NET_BITS
-#define XZ_CSAM_NET_BITS 15        /* 2^15 lines (2 MiB) per generation: XZ_MAX_CSAM_PREFIXES / 8 */
+#define XZ_CSAM_NET_BITS 17        /* 2^17 lines (8 MiB) per generation: 4 x XZ_MAX_CSAM_PREFIXES / 8 */
 #endif
 /* Subscriber directory bits: what is certainly absent from the /24. */
 #define XZ_SUB_DIR_NO_PREFIX 1     /* no pool or block covers any address of it */

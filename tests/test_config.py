@@ -59,7 +59,8 @@ def test_empty_sections_are_defaults() -> None:
 
 
 def test_defines() -> None:
-    """The limits as the header's names; the CSAM lines: one per 8 addresses, a power of 2."""
+    """The limits as the header's names; the CSAM lines: one per 8 addresses, a power of 2;
+    its net lines: one per 8 of four words a prefix."""
     assert Config().defines() == [
         "-DXZ_MAX_HOSTS=262144",
         "-DXZ_MAX_PREFIXES=65536",
@@ -67,7 +68,7 @@ def test_defines() -> None:
         "-DXZ_MAX_CSAM_HOSTS=1048576",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
         "-DXZ_CSAM_LINE_BITS=17",
-        "-DXZ_CSAM_NET_BITS=15",
+        "-DXZ_CSAM_NET_BITS=17",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",
@@ -81,7 +82,7 @@ def test_defines() -> None:
         "-DXZ_MAX_CSAM_HOSTS=100",
         "-DXZ_MAX_CSAM_PREFIXES=262144",
         "-DXZ_CSAM_LINE_BITS=4",
-        "-DXZ_CSAM_NET_BITS=15",
+        "-DXZ_CSAM_NET_BITS=17",
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",

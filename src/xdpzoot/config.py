@@ -212,11 +212,21 @@ class Config:
             f"-DXZ_MAX_CSAM_HOSTS={self.limits.csam_hosts}",
             f"-DXZ_MAX_CSAM_PREFIXES={self.limits.csam_prefixes}",
             f"-DXZ_CSAM_LINE_BITS={csam_line_bits(self.limits.csam_hosts)}",
-            f"-DXZ_CSAM_NET_BITS={csam_line_bits(self.limits.csam_prefixes)}",
+            f"-DXZ_CSAM_NET_BITS={csam_net_bits(self.limits.csam_prefixes)}",
             f"-DXZ_MAX_SUBSCRIBERS={self.limits.subscribers}",
             f"-DXZ_MAX_FLOWS={self.limits.flows}",
             f"-DXZ_MAX_POOL_ADDRS={self.limits.pool_addresses}",
         ]
+
+
+NET_WORDS_PER_PREFIX = 4   # room in the net lines, on average, for a list's IPv4 prefixes
+
+
+def csam_net_bits(prefixes: int) -> int:
+    """log2 of the net lines a CSAM generation of at most ``prefixes`` prefixes has: room
+    for NET_WORDS_PER_PREFIX net words each (a prefix shorter than /24 is a word for each
+    /24 it covers: a /22 is 4), one line per 8."""
+    return csam_line_bits(NET_WORDS_PER_PREFIX * prefixes)
 
 
 def csam_line_bits(n: int) -> int:

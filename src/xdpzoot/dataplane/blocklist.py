@@ -67,6 +67,14 @@ def lines_word(maps: Maps, counts: dict[str, int]) -> int:
     return word
 
 
+def word_of(maps: Maps, gen: int, counts: dict[str, int]) -> int:
+    """The control word that puts generation ``gen``, written with a list of ``counts``, in
+    force: its lines, and the kinds of entry it has."""
+    return (gen | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, counts)
+            | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
+            | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
+
+
 def used_lines(maps: Maps, gen: int, counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """The lines and net lines that generation ``gen`` uses for a list of ``counts``."""
     return word_lines(maps, gen | lines_word(maps, counts))
@@ -137,9 +145,7 @@ def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Pr
                                               max_shrink=max_shrink, before=before,
                                               memo=memo)
     maps.meta.update(struct.pack("=I", idle), _meta(sha, int(now()), counts))
-    maps.set_word(idle | C["XZ_CSAM_LINED"] | C["XZ_CSAM_NETS"] | lines_word(maps, counts)
-                  | (C["XZ_CSAM_HOSTS"] if counts["hosts4"] + counts["hosts6"] else 0)
-                  | (C["XZ_CSAM_PREFIXES"] if counts["prefixes4"] + counts["prefixes6"] else 0))
+    maps.set_word(word_of(maps, idle, counts))
     # The generation that was in force is idle now. (A packet that read the control word
     # before the switch may still look it up for a few microseconds: it finds a mix of the
     # old and the new list, neither more nor less than one of them would list.) A load
