@@ -770,13 +770,15 @@ def test_csam_v4_filter_passes_every_slash24_an_entry_touches(lst, more):
 
 def test_csam_v4_filter_is_off_where_it_would_spare_little():
     """Off (zeros: the lines answer every /24) for more /24s than the filter has bits (a
-    /3 covers 2^21); an IPv6 list sets no bit of it."""
+    /3 covers 2^21), made whole or by difference; an IPv6 list sets no bit of it."""
     off = dirs.csam(set(), {pfx("32.0.0.0/3")})[0]
     assert off == bytes(dirs.FILTER_BYTES)
     f = bytearray(dirs.csam(set(), {pfx("32.0.0.0/5")})[0])   # 2^19 /24s: on
     assert dirs.FILTER_HEAD.unpack_from(f)[0] == 1
     dirs.csam_v4_add(off := bytearray(off), [pfx("192.0.2.0/24")])
     assert off == bytes(dirs.FILTER_BYTES)   # off stays off
+    dirs.csam_v4_add(f, [pfx("64.0.0.0/3")])   # 2^21 /24s added by difference: off
+    assert f == bytes(dirs.FILTER_BYTES)
     f6 = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})[0]
     assert dirs.filter_fill(f6) == 0
 

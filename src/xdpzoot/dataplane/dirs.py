@@ -258,13 +258,16 @@ def sub_v6_bit(addr: bytes) -> int:
 
 def csam_v4_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> None:
     """Set the bits of the /24s that ``added`` IPv4 entries lie in or cover in IPv4 filter
-    ``f`` (one that is off stays off: it looks everything up). A removed entry leaves its
-    bits, as in csam_v6_add."""
+    ``f`` (one that is off stays off: it looks everything up; a prefix that covers more /24s
+    than it has bits turns it off). A removed entry leaves its bits, as in csam_v6_add."""
     if not FILTER_HEAD.unpack_from(f)[0]:
         return
     words = memoryview(f)[FILTER_HEAD.size:].cast("Q")
     for plen, addr in added:
         s = span(plen, addr)
+        if s and s[1] > 1 << FILTER_BITS:
+            f[:] = bytes(FILTER_BYTES)
+            return
         for i in range(s[0], s[0] + s[1]) if s else ():
             h = filter_bit(i)
             words[h >> 6] |= 1 << (h & 63)
