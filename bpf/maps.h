@@ -60,7 +60,7 @@ XZ_MAP("lpm_trie", struct xz_lpm_key, __u8, xz_csam_p1, XZ_MAX_CSAM_PREFIXES,
  * generation 1's (index gen << XZ_CSAM_LINE_BITS | line). cp writes (through a mapping of
  * its memory), dp reads. */
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l, 2 << XZ_CSAM_LINE_BITS, BPF_F_MMAPABLE);
-/* The IPv4 prefixes /25../31 again, in lines by their /24 (struct xz_csam_line), by
+/* The IPv4 prefixes again, in lines by their /24 (struct xz_csam_line), by
  * generation the same way (gen << XZ_CSAM_NET_BITS | line). cp writes (through a mapping),
  * dp reads. */
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n, 2 << XZ_CSAM_NET_BITS, BPF_F_MMAPABLE);

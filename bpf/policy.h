@@ -271,8 +271,8 @@ static __always_inline __u32 xz_csam_net_of(__u32 ip, __u32 csam)
 
 /* Whether IPv4 address ``a`` is in generation ``csam`` of the list, from one line (struct
  * xz_csam_line): ``nets`` 0, one of its exact addresses, from the address's line (-1: ask
- * the hash); ``nets`` 1, in one of its prefixes /25../31, from its /24's net line (-1: ask
- * the trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
+ * the hash); ``nets`` 1, in one of its prefixes, from its /24's net line (-1: ask the
+ * trie). 1 yes, 0 no. ``i``: the caller's key slot for the lookup, given back as it
  * was (holding 0): a new slot, or one left holding something else, doubled the paths
  * 6.18's verifier walks through the rest of the pipeline, past its limit. */
 static __always_inline int xz_csam_in_line(struct xz_addr *a, __u32 csam, __u32 *i,

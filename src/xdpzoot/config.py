@@ -231,7 +231,7 @@ def csam_net_bits(prefixes: int) -> int:
 
 def csam_line_bits(n: int) -> int:
     """log2 of the lines (struct xz_csam_line) a CSAM generation of ``n`` exact addresses
-    (or prefixes, for its net lines) gets: one per 8, rounded up to a power of two (about
+    (or net words, for its net lines) gets: one per 8, rounded up to a power of two (about
     half full at most)."""
     return max(1, (-(-n // 8) - 1).bit_length())
 

@@ -193,7 +193,7 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
                    "limits.csam_prefixes")
     # Until it is written whole, the generation holds no list that anything may trust.
     maps.meta.update(struct.pack("=I", gen), bytes(META.size))
-    # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 /25../31
+    # Its lines hold its hash's IPv4 addresses and its net lines its trie's IPv4 prefixes
     # when it held a list (the same writes change them); else they are made anew.
     lines, nets = used_lines(maps, gen, old.counts) if old else (None, None)
     if delta is None and old and lines_word(maps, old.counts) != lines_word(maps, _counts(lst)):
@@ -258,10 +258,10 @@ def _same_lines(maps: Maps, old: Held, delta: dict[bytes, int]) -> bool:
     low, high = dict(old.counts), dict(old.counts)
     for k in gone:
         if k[4:16] == V4MAPPED:
-            low[_v4_kind(k)] -= 1
-            high[_v4_kind(k)] -= 1
-            low["nets4"] -= dirs.net_count(*LPM_KEY.unpack(k))
-            high["nets4"] -= dirs.net_count(*LPM_KEY.unpack(k))
+            words = dirs.net_count(*LPM_KEY.unpack(k))
+            for bound in (low, high):
+                bound[_v4_kind(k)] -= 1
+                bound["nets4"] -= words
     for k in new:
         if k[4:16] == V4MAPPED:
             high[_v4_kind(k)] += 1
