@@ -96,7 +96,7 @@ FLAGS_ON = (C["XZ_C_LOADED"] | C["XZ_C_OP25B"] | C["XZ_C_OP25B_V6"] | C["XZ_C_IP
 XDP_RET = {1: "drop", 2: "pass", 3: "reject"}
 CSAM_MAPS = ("xz_csam_h0", "xz_csam_h1", "xz_csam_p0", "xz_csam_p1", "xz_csam_meta",
              "xz_csam_hits", "xz_csam_t0", "xz_csam_t1", "xz_csam_l",
-             "xz_csam_n", "xz_csam_f")
+             "xz_csam_n", "xz_csam_f", "xz_csam_f4", "xz_csam_b4")
 SUB_MAPS = ("xz_hosts", "xz_prefixes", "xz_sub_dir", "xz_sub_idx", "xz_uniform",
             "xz_sub_hosted")
 

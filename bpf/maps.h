@@ -64,9 +64,12 @@ XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_l, 2 << XZ_CSAM_LINE_BITS, B
  * generation the same way (gen << XZ_CSAM_NET_BITS | line). cp writes (through a mapping),
  * dp reads. */
 XZ_MAP("array", __u32, struct xz_csam_line, xz_csam_n, 2 << XZ_CSAM_NET_BITS, BPF_F_MMAPABLE);
-/* By generation: its filters (struct xz_filter), IPv6 (index gen) and IPv4 /24s (index
- * 2 + gen), written with it. cp writes. */
-XZ_MAP("array", __u32, struct xz_filter, xz_csam_f, 4, 0);
+/* By generation (index gen): its IPv6 filter (struct xz_filter) and its IPv4 /24 filter
+ * (struct xz_filter4; its bits, words gen << XZ_CSAM_V4_BITS - 6 on, in xz_csam_b4), written
+ * with it. cp writes (the bits through a mapping). */
+XZ_MAP("array", __u32, struct xz_filter, xz_csam_f, 2, 0);
+XZ_MAP("array", __u32, struct xz_filter4, xz_csam_f4, 2, 0);
+XZ_MAP("array", __u32, __u64, xz_csam_b4, 2 * XZ_CSAM_V4_WORDS, BPF_F_MMAPABLE);
 /* Per generation: digest, time and counts of the list (for status). cp writes. */
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */

@@ -351,6 +351,26 @@ static __always_inline void xz_csam_lines_touch(struct xz_addr *a, __u32 csam, _
 	}
 }
 
+/* What xz_filter_passes is for generation ``gen``'s IPv4 filter (struct xz_filter4) and /24
+ * number ``w``. */
+static __always_inline __u32 xz_filter4_passes(__u32 gen, __u32 w)
+{
+	struct xz_filter4 *f = xz_csam_f4.lookup(&gen);
+	__u64 h, *bits;
+	__u32 i;
+
+	XZ_OWN_SITE(f);
+	if (!f)
+		return 1;
+	h = (((__u64)w * f->mul) >> (f->shift & 63)) & ((1U << XZ_CSAM_V4_BITS) - 1);
+	i = (gen & 1) * XZ_CSAM_V4_WORDS + (__u32)(h >> 6);
+	bits = xz_csam_b4.lookup(&i);
+	XZ_OWN_SITE(bits);
+	if (!bits)
+		return 1;
+	return (__u32)(((*bits >> (h & 63)) & 1) | ((f->on & 1) ^ 1));
+}
+
 /* Is the address on the CSAM list in force? The generation's filter (IPv4: its /24's bit;
  * IPv6: its /64's or shorter) answers for most addresses on its own: nothing listed there.
  * Else the exact host (for IPv4 its line, and the hash only where the line says so), then
@@ -370,11 +390,7 @@ static __always_inline int xz_csam_listed(struct xz_addr *a, __u8 family, __u32 
 	if (!(csam & (XZ_CSAM_HOSTS | XZ_CSAM_PREFIXES)))
 		return 0;   /* no list in force (or an empty one): nothing to look up */
 	if (family == 4) {   /* the /24's bit */
-		g = gen + 2;   /* (the same key slot: one of its own cost the verifier 80k more steps) */
-		f = xz_csam_f.lookup(&g);
-		XZ_OWN_SITE(f);
-		g = gen;
-		if (!xz_filter_passes(f, xz_slash24(a)))
+		if (!xz_filter4_passes(g, xz_slash24(a)))
 			return 0;
 		xz_csam_lines_touch(a, csam, &zero);
 	} else {

@@ -112,10 +112,7 @@ struct xz_sub_hosted {
  *   most 64, in memory order; an entry covering an address has the same first ``plen``
  *   bits): the CSAM list's, per generation (plen: its shortest IPv6 entry), and the
  *   subscribers' host entries' (plen 64; a bit set before its entry is written);
- * - IPv4 /24s, the CSAM list's, per generation (the key: the /24 number, an address's top
- *   24 bits; ``mask`` all ones, plen 24): set for every /24 that an entry lies in or covers,
- *   in front of its lines. 128 KiB stay in the CPU's cache where a random destination's
- *   line misses it (and its page's TLB entry).
+ * - the CSAM list's IPv4 /24s: struct xz_filter4, below.
  */
 #define XZ_FILTER_BITS 20          /* 2^20 bits, 128 KiB */
 #define XZ_FILTER_MUL 0x9e3779b97f4a7c15ULL
@@ -124,6 +121,27 @@ struct xz_filter {
 	__u32 plen;
 	__u64 mask;
 	__u64 bits[1 << (XZ_FILTER_BITS - 6)];
+};
+/*
+ * The CSAM list's IPv4 filter, per generation: a bit for every /24 that an entry lies in
+ * or covers, in front of its lines; the key, the /24 number (an address's top 24 bits).
+ * Bit ((key * mul) mod 2^64 >> shift) mod 2^24, in one of two ways by the list's size:
+ * - hashed (mul XZ_FILTER_MUL, shift 64 - XZ_FILTER_BITS): the first 2^20 bits, 128 KiB
+ *   that stay in the CPU's cache where a random destination's line misses it (and its
+ *   page's TLB entry); while the list touches at most 2^20 /24s;
+ * - exact (mul 1, shift 0): a bit per /24, 2 MiB, for a list that touches more: hashed,
+ *   its bits would be mostly ones (the lines read for most destinations: 1.97x the time
+ *   of a small list's per unlisted destination in bench_lists, 2026-12-05).
+ * on = 0: look everything up (never written). The bits lie apart (xz_csam_b4, a word an
+ * entry): bcc writes a map's value type out as a format of every element, and a 2 MiB
+ * value took its compile from 6 s to 22.
+ */
+#define XZ_CSAM_V4_BITS 24
+#define XZ_CSAM_V4_WORDS (1 << (XZ_CSAM_V4_BITS - 6))
+struct xz_filter4 {
+	__u32 on;
+	__u32 shift;
+	__u64 mul;
 };
 /*
  * IPv6 subscriber prefixes, also in a hash by length (xz_prefixes6, the trie's keys and

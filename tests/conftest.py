@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bpfcases import TC_VERDICT, XDP_VERDICT  # noqa: E402
 from termination import pytest_configure  # noqa: E402, F401  (SIGTERM tears down)
 
-from xdpzoot.dataplane import kernel, layout, schema
+from xdpzoot.dataplane import dirs, kernel, layout, schema
 from xdpzoot.lab import Lab, LabRouter, lab_running, router_running
 
 
@@ -94,7 +94,7 @@ class Dataplane:
             t.update(layout.ZERO_KEY, bytes(t.value_size))
         for g in (0, 1):   # both generations never loaded: the next load is a whole one
             m.meta.update(g.to_bytes(4, sys.byteorder), bytes(layout.META.size))
-            m.write_csam_v4(g, bytes(m.csam_filters.value_size))
+            m.write_csam_v4(g, bytes(dirs.FILTER4_BYTES))
             m.write_csam_v6(g, bytes(m.csam_filters.value_size))
         m.control.update(layout.ZERO_KEY, layout.Control().pack())   # every switch off
         m.clear_counters()

@@ -520,6 +520,8 @@ MAP_LAYOUTS = {
     "xz_sub_v6_lens": (layout.U32, struct.Struct(f"={dirs.V6_LENS}s")),
     "xz_csam_l": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
     "xz_csam_n": (layout.U32, struct.Struct(f"={dirs.LINE_WORDS}I")),
+    "xz_csam_f": (layout.U32, struct.Struct(f"=IIQ{dirs.FILTER_WORDS}Q")),
+    "xz_csam_f4": (layout.U32, dirs.FILTER_HEAD), "xz_csam_b4": (layout.U32, struct.Struct("=Q")),
 }
 
 

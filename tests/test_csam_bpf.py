@@ -262,7 +262,7 @@ def wipe(m: kernel.Maps) -> None:
         t.delete_many(t.keys())
     for g in (0, 1):
         m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
-        m.write_csam_v4(g, bytes(dirs.FILTER_BYTES))
+        m.write_csam_v4(g, bytes(dirs.FILTER4_BYTES))
         m.write_csam_v6(g, bytes(dirs.FILTER_BYTES))
     m.set_word(0)
 
@@ -280,7 +280,7 @@ def put(m: kernel.Maps, gen: int, present: bool = True) -> None:
     else:
         hosts.delete_many([a for a in LIST_HOSTS if hosts.lookup(a) is not None])
         prefixes.delete_many([k for k in pkeys if _has(prefixes, k)])
-        m.write_csam_v4(gen, bytes(dirs.FILTER_BYTES))
+        m.write_csam_v4(gen, bytes(dirs.FILTER4_BYTES))
         m.write_csam_v6(gen, bytes(dirs.FILTER_BYTES))
 
 

@@ -733,7 +733,7 @@ def test_line_of_is_the_programs_hash():
 def v4_filter_passes(f: bytes, i: int) -> bool:
     """Whether the IPv4 filter lets /24 number ``i`` be looked up in the lines."""
     on = dirs.FILTER_HEAD.unpack_from(f)[0]
-    h = dirs.filter_bit(i)
+    h = dirs.filter4_bit(f, i)
     word = int.from_bytes(f[dirs.FILTER_HEAD.size + 8 * (h >> 6):][:8], sys.byteorder)
     return not on or bool(word >> (h & 63) & 1)
 
@@ -754,8 +754,8 @@ def test_csam_v4_filter_passes_every_slash24_an_entry_touches(lst, more):
     every /24 an entry lies in or covers, and a clear bit for most others."""
     hosts, prefixes = lst
     f, _ = dirs.csam(hosts, prefixes)
-    assert len(f) == dirs.FILTER_BYTES
-    assert dirs.FILTER_HEAD.unpack_from(f) == (1, 24, (1 << 64) - 1)
+    assert len(f) == dirs.FILTER4_BYTES
+    assert dirs.FILTER_HEAD.unpack_from(f) == (1, *dirs.HASHED)
     for a in probes(hosts, prefixes):
         if listed(hosts, prefixes, a):
             assert v4_filter_passes(f, dirs.slash24(a))
@@ -763,30 +763,66 @@ def test_csam_v4_filter_passes_every_slash24_an_entry_touches(lst, more):
     nothing = set(range(0, 1 << 24, 4099)) - touched(hosts, prefixes)
     assert sum(v4_filter_passes(f, i) for i in nothing) <= len(nothing) // 4
     f = bytearray(f)
-    dirs.csam_v4_add(f, [(128, a) for a in more[0]] + sorted(more[1]))
+    assert dirs.csam_v4_add(f, [(128, a) for a in more[0]] + sorted(more[1]))
     assert all(v4_filter_passes(bytes(f), i) for i in touched(hosts | more[0],
                                                             prefixes | more[1]))
 
 
-def test_csam_v4_filter_is_off_where_it_would_spare_little():
-    """Off (zeros: the lines answer every /24) for more /24s than the filter has bits (a
-    /3 covers 2^21), made whole or by difference; an IPv6 list sets no bit of it."""
-    off = dirs.csam(set(), {pfx("32.0.0.0/3")})[0]
-    assert off == bytes(dirs.FILTER_BYTES)
-    f = bytearray(dirs.csam(set(), {pfx("32.0.0.0/5")})[0])   # 2^19 /24s: on
-    assert dirs.FILTER_HEAD.unpack_from(f)[0] == 1
-    dirs.csam_v4_add(off := bytearray(off), [pfx("192.0.2.0/24")])
-    assert off == bytes(dirs.FILTER_BYTES)   # off stays off
-    dirs.csam_v4_add(f, [pfx("64.0.0.0/3")])   # 2^21 /24s added by difference: off
-    assert f == bytes(dirs.FILTER_BYTES)
+def test_csam_v4_filter_is_exact_where_hashed_it_would_spare_little():
+    """Exact (a bit per /24) for a list that touches more /24s than the hash has bits (a
+    /3 covers 2^21), made whole; hashed below. A hashed one that additions would take
+    past that says so and stays as it was (the load makes it anew); an exact one takes
+    them; one that is off stays off. An IPv6 list sets no bit of it."""
+    exact = dirs.csam(set(), {pfx("32.0.0.0/3")})[0]
+    assert dirs.FILTER_HEAD.unpack_from(exact) == (1, *dirs.EXACT)
+    slash = dirs.slash24(addr16("32.0.0.0"))
+    assert all(v4_filter_passes(exact, i) for i in (slash, slash + (1 << 21) - 1))
+    assert not any(v4_filter_passes(exact, i) for i in (slash - 1, slash + (1 << 21)))
+    assert dirs.filter_fill(exact) == 1 / 8
+    f = bytearray(dirs.csam(set(), {pfx("32.0.0.0/5")})[0])   # 2^19 /24s: hashed
+    assert dirs.FILTER_HEAD.unpack_from(f)[1:] == dirs.HASHED
+    before = bytes(f)
+    assert not dirs.csam_v4_add(f, [pfx("64.0.0.0/3")])   # 2^21 /24s by difference
+    assert not dirs.csam_v4_add(f, [pfx("64.0.0.0/5"), pfx("96.0.0.0/6")])   # too full
+    assert f == before
+    assert dirs.csam_v4_add(exact := bytearray(exact), [pfx("192.0.2.0/24")])
+    assert v4_filter_passes(exact, dirs.slash24(addr16("192.0.2.0")))
+    assert not v4_filter_passes(exact, dirs.slash24(addr16("192.0.3.0")))
+    assert dirs.csam_v4_add(off := bytearray(dirs.FILTER4_BYTES), [pfx("192.0.2.0/24")])
+    assert off == bytes(dirs.FILTER4_BYTES)   # off stays off
     f6 = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})[0]
     assert dirs.filter_fill(f6) == 0
 
 
-def test_the_ipv4_filter_answers_before_the_lines(dp, cmaps):
+def test_a_load_by_difference_makes_the_ipv4_filter_exact_when_it_must(dp, cmaps,
+                                                                       monkeypatch):
+    """A hashed filter that a load by difference would fill is made anew from what the
+    generation holds: exact, with the bits of every entry, old and new."""
+    dp.reset()
+    cmaps.set_word(0)
+    text = b"192.0.2.7\n32.0.0.0/5\n40.0.0.0/6\n"   # net words enough for all net lines
+    for n in (1, 2):   # both generations hold it: the next load is by difference
+        blocklist.load(cmaps, text + b"# %d\n" % n)
+    added = []
+    monkeypatch.setattr(dirs, "csam_v4_add", lambda f, new, add=dirs.csam_v4_add:
+                        added.append(add(f, new)) or added[-1])
+    blocklist.load(cmaps, text + b"64.0.0.0/3\n")
+    assert added and not any(added)   # by difference, and the filter could not follow
+    _, word = cmaps.word()
+    f = bytes(cmaps.read_csam_v4(word & dirs.C["XZ_CSAM_GEN"]))
+    assert dirs.FILTER_HEAD.unpack_from(f) == (1, *dirs.EXACT)
+    for a in ("192.0.2.7", "32.0.0.0", "43.255.255.0", "64.0.0.0", "95.255.255.0"):
+        assert v4_filter_passes(f, dirs.slash24(addr16(a)))
+    for a in ("192.0.3.7", "31.255.255.0", "44.0.0.0", "96.0.0.0"):
+        assert not v4_filter_passes(f, dirs.slash24(addr16(a)))
+    dp.reset()
+
+
+@pytest.mark.parametrize("kind", ["hashed", "exact"])
+def test_the_ipv4_filter_answers_before_the_lines(dp, cmaps, kind):
     """An address in the hash but not in the filter (written behind the load's back)
     passes: the filter answered. With its bit set, as a load sets it, the address is found;
-    so it is with the filter off."""
+    so it is with the filter off. Hashed (a small list's) and exact (a large one's)."""
     dp.reset()
     cmaps.set_word(0)
     blocklist.load(cmaps, b"203.0.113.7\n")
@@ -794,7 +830,13 @@ def test_the_ipv4_filter_answers_before_the_lines(dp, cmaps):
     gen = word & dirs.C["XZ_CSAM_GEN"]
     other = addr16("198.51.100.99")
     i = dirs.slash24(other)
+    if kind == "exact":
+        mine = dirs.slash24(addr16("203.0.113.7"))
+        cmaps.write_csam_v4(gen, dirs.filter4(np.array([mine]), dirs.EXACT))
+        check(dp, Packet("access", "100.64.0.5", "203.0.113.7", TCP, 40000, 443),
+              "drop", "csam")
     f = cmaps.read_csam_v4(gen)
+    assert dirs.FILTER_HEAD.unpack_from(f)[1:] == (dirs.EXACT if kind == "exact" else dirs.HASHED)
     assert v4_filter_passes(bytes(f), dirs.slash24(addr16("203.0.113.7")))
     assert not v4_filter_passes(bytes(f), i)
     cmaps.csam_hosts[gen].update(other, b"\x01")
@@ -805,7 +847,7 @@ def test_the_ipv4_filter_answers_before_the_lines(dp, cmaps):
     cmaps.write_csam_v4(gen, f)
     assert v4_filter_passes(bytes(cmaps.read_csam_v4(gen)), i)
     check(dp, p, "drop", "csam")
-    cmaps.write_csam_v4(gen, bytes(dirs.FILTER_BYTES))
+    cmaps.write_csam_v4(gen, bytes(dirs.FILTER4_BYTES))
     check(dp, p, "drop", "csam")
     dp.reset()
 

@@ -126,7 +126,7 @@ def reset_csam(pin: str) -> None:
             t.delete_many(t.keys())
         for g in (0, 1):
             m.meta.update(struct.pack("=I", g), bytes(layout.META.size))
-            m.write_csam_v4(g, bytes(dirs.FILTER_BYTES))
+            m.write_csam_v4(g, bytes(dirs.FILTER4_BYTES))
             m.write_csam_v6(g, bytes(dirs.FILTER_BYTES))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(m.text_path(g))

@@ -202,13 +202,13 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         added, removed, counts, dups = _write_delta(maps, gen, old, delta, progress, lines,
                                                     nets)
         new = [LPM_KEY.unpack(k) for k, d in delta.items() if d > 0]
-        v4 = maps.read_csam_v4(gen)
-        dirs.csam_v4_add(v4, new)
+        v4, v6 = maps.read_csam_v4(gen), maps.read_csam_v6(gen)
+        v4_ok, v6_ok = dirs.csam_v4_add(v4, new), dirs.csam_v6_add(v6, new)
+        if not (v4_ok and v6_ok):   # made anew from what the generation holds
+            made = dirs.csam(maps.csam_hosts[gen].keys(),
+                             map(LPM_KEY.unpack, maps.csam_prefixes[gen].keys()))
+            v4, v6 = made[0] if not v4_ok else v4, made[1] if not v6_ok else v6
         maps.write_csam_v4(gen, v4)
-        v6 = maps.read_csam_v6(gen)
-        if not dirs.csam_v6_add(v6, new):   # made anew from what the generation holds
-            _, v6 = dirs.csam(maps.csam_hosts[gen].keys(),
-                              map(LPM_KEY.unpack, maps.csam_prefixes[gen].keys()))
         maps.write_csam_v6(gen, v6)
     else:
         added, removed = _write_list(maps, gen, lst, progress, {} if memo is None else memo,

@@ -1,7 +1,8 @@
 """The subscribers' IPv4 /24 directory (``struct xz_dir`` in bpf/xdpzoot.h): 2 bits for
 every IPv4 /24 that tell the data plane which lookups can find anything for an address
 there; filters (``struct xz_filter``): IPv6, a bit per hash of a /64 (or shorter), the CSAM
-list's and the subscriber host entries'; IPv4, the CSAM list's, a bit per hash of a /24;
+list's and the subscriber host entries'; IPv4 (``struct xz_filter4``), the CSAM list's, a
+bit per hash of a /24, or per /24 for a list that touches more than 2^20 of them;
 the CSAM list's IPv4 entries in lines of one cache line; the subscribers' class index.
 
 Production traffic goes to a different, random address on nearly every packet, and every
@@ -20,6 +21,7 @@ Addresses are 16 bytes (IPv4 mapped into ::ffff:0:0/96), prefixes ``(len/128, ad
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -146,20 +148,27 @@ def lpm_columns(keys: list[bytes]) -> Prefixes:
                     np.ascontiguousarray(raw[:, 4:]))
 
 
+def runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each of ``starts`` followed by the next ``counts - 1`` integers, in turn: every /24
+    of prefixes from their first /24s and how many they cover."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.int64)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(np.asarray(starts, dtype=np.int64), counts) + offsets
+
+
 def _prefixes24(prefixes: Pairs | Prefixes) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                       np.ndarray]:
     """(covered, partial, rows, lengths): the /24 numbers that IPv4 prefixes of /24 or
     shorter cover whole, and those of longer ones; the IPv6 prefixes' rows and lengths."""
-    import numpy as np
 
     plen, raw = columns(prefixes)
     v4 = v4_rows(raw)
     first, n = _slash24s(raw[v4]), plen[v4] - 96
     whole = n <= 24
     starts, counts = first[whole], 1 << (24 - n[whole])
-    # every /24 of every short prefix: each start repeated, plus 0 .. count-1
-    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + offsets, first[~whole], raw[~v4], plen[~v4]
+    return runs(starts, counts), first[~whole], raw[~v4], plen[~v4]
 
 
 def csam(hosts: Iterable[bytes] | bytes, prefixes: Pairs) -> tuple[bytes, bytes]:
@@ -231,24 +240,69 @@ def _v6_filter(raw: np.ndarray, plens: np.ndarray) -> bytes:
     return FILTER_HEAD.pack(1, plen, v6_mask(plen)) + _v6_words(raw, v6_mask(plen))
 
 
-def _v4_filter(slash24s: np.ndarray) -> bytes:
-    """The IPv4 /24 filter of a CSAM list from the /24 numbers its entries lie in or cover
-    (the key: the /24 number, mask all ones). Off (zeros: every /24 looked up in the
-    lines) when there are more of them than the filter has bits: mostly ones, it would
-    spare few lookups."""
+# IPv4 (struct xz_filter4): a bit for every /24 that an entry lies in or covers, the key
+# the /24 number: the hash of the IPv6 filters in its first 2^20 bits while the list
+# touches at most that many /24s, else exact (the /24 number itself, 2^24 bits).
+FILTER4_BITS = C["XZ_CSAM_V4_BITS"]
+FILTER4_BYTES = FILTER_HEAD.size + (1 << FILTER4_BITS) // 8
+HASHED = (64 - FILTER_BITS, FILTER_MUL)   # shift, mul (as the header has them)
+EXACT = (0, 1)
+
+
+def filter4_bit(f: bytes | bytearray, i: int) -> int:
+    """IPv4 filter ``f``'s bit for /24 number ``i``, as the programs compute it."""
+    _, shift, mul = FILTER_HEAD.unpack_from(f)
+    return (i * mul) % (1 << 64) >> shift & ((1 << FILTER4_BITS) - 1)
+
+
+def _bits4(slash24s: np.ndarray, shift: int, mul: int) -> np.ndarray:
+    """An IPv4 filter's bits for /24 numbers (filter4_bit of each, at once)."""
     import numpy as np
 
-    if len(slash24s) > 1 << FILTER_BITS and len(distinct(slash24s)) > 1 << FILTER_BITS:
-        return bytes(FILTER_BYTES)
-    return FILTER_HEAD.pack(1, 24, (1 << 64) - 1) + _filter_words(slash24s.astype(np.uint64))
+    return (slash24s.astype(np.uint64) * np.uint64(mul)) >> np.uint64(shift)
+
+
+def filter4(slash24s: np.ndarray, kind: tuple[int, int]) -> bytes:
+    """The IPv4 filter of ``kind`` (HASHED or EXACT) with the bits of /24 numbers
+    ``slash24s``."""
+    import numpy as np
+
+    bits = np.zeros(1 << (FILTER4_BITS if kind == EXACT else FILTER_BITS), dtype=bool)
+    bits[_bits4(slash24s, *kind)] = True
+    return _packed4(bits, kind)
+
+
+def _packed4(bits: np.ndarray, kind: tuple[int, int]) -> bytes:
+    """An IPv4 filter of ``kind`` with ``bits`` (bool) first, zeros after them."""
+    import numpy as np
+
+    return (FILTER_HEAD.pack(1, *kind) + np.packbits(bits, bitorder="little").tobytes()
+            + bytes(FILTER4_BYTES - FILTER_HEAD.size - len(bits) // 8))
+
+
+def _v4_filter(slash24s: np.ndarray) -> bytes:
+    """The IPv4 /24 filter of a CSAM list from the /24 numbers its entries lie in or cover:
+    hashed while there are at most as many as its hash has bits, else exact (hashed, it
+    would be mostly ones and spare few lookups)."""
+    import numpy as np
+
+    if len(slash24s) <= 1 << FILTER_BITS:
+        return filter4(slash24s, HASHED)
+    bits = np.zeros(1 << FILTER4_BITS, dtype=bool)   # exact: its bits count the /24s
+    bits[slash24s] = True
+    if np.count_nonzero(bits) <= 1 << FILTER_BITS:
+        return filter4(slash24s, HASHED)
+    return _packed4(bits, EXACT)
 
 
 def filter_fill(f: bytes | bytearray) -> float | None:
-    """The share of a filter's bits that are set; None when it is off."""
-    if not FILTER_HEAD.unpack_from(f)[0]:
+    """The share of a filter's bits in use that are set (of an IPv4 filter, hashed, its
+    first 2^20; exact, all); None when it is off."""
+    on, shift, _ = FILTER_HEAD.unpack_from(f)
+    if not on:
         return None
-    return int.from_bytes(memoryview(f)[FILTER_HEAD.size:], "little").bit_count() \
-        / (1 << FILTER_BITS)
+    n = 1 << FILTER_BITS if len(f) != FILTER4_BYTES or shift else 1 << FILTER4_BITS
+    return int.from_bytes(memoryview(f)[FILTER_HEAD.size:][:n // 8], "little").bit_count() / n
 
 
 def sub_v6_bit(addr: bytes) -> int:
@@ -256,21 +310,28 @@ def sub_v6_bit(addr: bytes) -> int:
     return v6_bit(addr, v6_mask(V6_MAX_PLEN))
 
 
-def csam_v4_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> None:
+def csam_v4_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
     """Set the bits of the /24s that ``added`` IPv4 entries lie in or cover in IPv4 filter
-    ``f`` (one that is off stays off: it looks everything up; a prefix that covers more /24s
-    than it has bits turns it off). A removed entry leaves its bits, as in csam_v6_add."""
-    if not FILTER_HEAD.unpack_from(f)[0]:
-        return
-    words = memoryview(f)[FILTER_HEAD.size:].cast("Q")
-    for plen, addr in added:
-        s = span(plen, addr)
-        if s and s[1] > 1 << FILTER_BITS:
-            f[:] = bytes(FILTER_BYTES)
-            return
-        for i in range(s[0], s[0] + s[1]) if s else ():
-            h = filter_bit(i)
-            words[h >> 6] |= 1 << (h & 63)
+    ``f``; False (``f`` unchanged) when a hashed one would then hold more than its hash
+    has bits, ones mostly: to be made anew (exact). One that is off stays off (it looks
+    everything up). A removed entry leaves its bits, as in csam_v6_add."""
+    import numpy as np
+
+    on, shift, mul = FILTER_HEAD.unpack_from(f)
+    spans = [s for s in (span(p, a) for p, a in added) if s]
+    if not on or not spans:
+        return True
+    first, count = np.array([s[0] for s in spans]), np.array([s[1] for s in spans])
+    if shift and int(count.sum()) > 1 << FILTER_BITS:
+        return False
+    h = _bits4(runs(first, count), shift, mul)
+    words = np.frombuffer(f, dtype=np.uint64, offset=FILTER_HEAD.size).copy()
+    np.bitwise_or.at(words, (h >> np.uint64(6)).astype(np.int64),
+                     np.uint64(1) << (h & np.uint64(63)))
+    if shift and np.bitwise_count(words).sum() > (1 << FILTER_BITS) * (1 - math.exp(-1)):
+        return False   # fuller than 2^20 distinct /24s make it
+    f[FILTER_HEAD.size:] = words.tobytes()
+    return True
 
 
 def csam_v6_add(f: bytearray, added: Iterable[tuple[int, bytes]]) -> bool:
@@ -400,11 +461,10 @@ UNIFORM_MIN = 8    # prefixes shorter than /8 own no lanes (a /8 is 65,536 of th
 def index_rows(prefixes: Pairs | Prefixes) -> list[int]:
     """The xz_sub_idx entries (LANES /24s each) that hold the lanes of the /24s where
     ``prefixes`` lie, in order."""
-    import numpy as np
 
     _, first, count, _ = _v4_spans(columns(prefixes))
     r0, k = first // LANES, (first + count - 1) // LANES - first // LANES + 1
-    return distinct(np.repeat(r0 - np.cumsum(k) + k, k) + np.arange(int(k.sum()))).tolist()
+    return distinct(runs(r0, k)).tolist()
 
 
 def _v4_spans(prefixes: Prefixes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -442,8 +502,7 @@ def uniform(prefixes: Pairs | Prefixes, d: bytes | bytearray, cap: int,
     partial = first[plen > 96 + 24]
     whole = whole[np.argsort(-plen[whole], kind="stable")]   # longest first
     counts = count[whole]
-    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    slash = np.repeat(first[whole], counts) + offsets
+    slash = runs(first[whole], counts)
     owner = np.repeat(whole, counts)   # (in pos)
     slash, at = np.unique(slash, return_index=True)   # each /24's longest
     owner = owner[at]
@@ -640,8 +699,7 @@ def v4_nets(prefixes: Iterable[tuple[int, bytes]]) -> np.ndarray:
     net = np.ascontiguousarray(_rows([a for _, a in prefixes])[0][:, 12:]
                                ).view(">u4").ravel().astype(np.int64)
     counts = np.left_shift(1, np.maximum(24 - plen, 0))   # the /24s each one is
-    first = np.repeat(net >> 8, counts)
-    slash = first + np.arange(len(first)) - np.repeat(np.cumsum(counts) - counts, counts)
+    slash = runs(net >> 8, counts)
     low = np.repeat(np.where(plen > 24, net & 0xFF, 0), counts)   # within the /24
     bit = np.repeat(np.minimum(31 - plen, 7), counts)   # a /24 and shorter: the /24's bit
     return (slash << 8 | low | np.left_shift(1, bit)).astype(np.uint32)

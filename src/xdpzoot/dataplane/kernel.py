@@ -1266,7 +1266,9 @@ class Maps:
     hits = property(lambda self: self.map("xz_csam_hits"))
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
     csam_prefixes = property(lambda self: (self.map("xz_csam_p0"), self.map("xz_csam_p1")))
-    csam_filters = property(lambda self: self.map("xz_csam_f"))   # IPv6 by gen, IPv4 2 + gen
+    csam_filters = property(lambda self: self.map("xz_csam_f"))    # IPv6, by generation
+    csam_filters4 = property(lambda self: self.map("xz_csam_f4"))  # IPv4, by generation:
+    # its header; its bits in xz_csam_b4 (read_csam_v4, write_csam_v4)
     trace_ring = property(lambda self: self.map("xz_trace_ring"))
     trace_state = property(lambda self: self.map("xz_trace_state"))
 
@@ -1928,12 +1930,20 @@ class Maps:
         return too_big
 
     # ---- CSAM list: two generations, meta, hits -----------------------------------------
+    def _csam_bits4(self, gen: int) -> memoryview:
+        """Generation ``gen``'s IPv4 filter bits (its half of xz_csam_b4), mapped, as bytes."""
+        n = dirs.FILTER4_BYTES - dirs.FILTER_HEAD.size
+        return self.map("xz_csam_b4").view("B")[gen * n:(gen + 1) * n]
+
     def read_csam_v4(self, gen: int) -> bytearray:
-        """Generation ``gen``'s IPv4 /24 filter (dirs.csam, dirs.csam_v4_add)."""
-        return self.csam_filters.lookup_into(U32.pack(2 + gen))
+        """Generation ``gen``'s IPv4 /24 filter (dirs.csam, dirs.csam_v4_add): its header
+        (struct xz_filter4), then its bits."""
+        return bytearray(self.csam_filters4.lookup(U32.pack(gen))) + self._csam_bits4(gen)
 
     def write_csam_v4(self, gen: int, f: bytes | bytearray) -> None:
-        self.csam_filters.update(U32.pack(2 + gen), f)
+        """Its bits first, then the header that turns them on."""
+        self._csam_bits4(gen)[:] = memoryview(f)[dirs.FILTER_HEAD.size:]
+        self.csam_filters4.update(U32.pack(gen), bytes(f[:dirs.FILTER_HEAD.size]))
 
     def read_csam_v6(self, gen: int) -> bytearray:
         """Generation ``gen``'s IPv6 filter (dirs.csam, dirs.csam_v6_add)."""
