@@ -207,7 +207,8 @@ def _bring(maps: Maps, gen: int, data: bytes, path: str, lst: CsamList | None,
         if not (v4_ok and v6_ok):   # made anew from what the generation holds
             made = dirs.csam(maps.csam_hosts[gen].keys(),
                              map(LPM_KEY.unpack, maps.csam_prefixes[gen].keys()))
-            v4, v6 = made[0] if not v4_ok else v4, made[1] if not v6_ok else v6
+            v4 = v4 if v4_ok else made[0]
+            v6 = v6 if v6_ok else made[1]
         maps.write_csam_v4(gen, v4)
         maps.write_csam_v6(gen, v6)
     else:

@@ -219,9 +219,8 @@ def _filter_words(keys: np.ndarray) -> bytes:
     the filter's mask): filter_bit of each, at once."""
     import numpy as np
 
-    h = (keys * np.uint64(FILTER_MUL)) >> np.uint64(64 - FILTER_BITS)
     bits = np.zeros(1 << FILTER_BITS, dtype=bool)
-    bits[h] = True
+    bits[_bits4(keys, *HASHED)] = True   # the same hash
     return np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64).tobytes()
 
 
@@ -256,7 +255,8 @@ def filter4_bit(f: bytes | bytearray, i: int) -> int:
 
 
 def _bits4(slash24s: np.ndarray, shift: int, mul: int) -> np.ndarray:
-    """An IPv4 filter's bits for /24 numbers (filter4_bit of each, at once)."""
+    """An IPv4 filter's bits for /24 numbers (filter4_bit of each, at once); with HASHED,
+    the IPv6 filters' for their keys (filter_bit)."""
     import numpy as np
 
     return (slash24s.astype(np.uint64) * np.uint64(mul)) >> np.uint64(shift)

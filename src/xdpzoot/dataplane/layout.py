@@ -167,7 +167,7 @@ def masked(addr: bytes, plen: int) -> bytes:
 
 
 # Raw layouts of bpf/xdpzoot.h (checked against bcc's types in tests/test_csam.py).
-META = struct.Struct("=32sQIIIIII")         # struct xz_csam_meta
+META = struct.Struct("=32sQIIIIII")       # struct xz_csam_meta
 U32 = struct.Struct("=I")                 # array indexes, allow-list bits, devmap ifindexes
 THROTTLE = struct.Struct("=2I")           # struct xz_throttle: kbps up, down
 MANUAL = struct.Struct("=IIQ")            # struct xz_manual: kbps, _pad, until
