@@ -258,6 +258,13 @@ class Pkt:
     cls: str
     role: str
     frame: bytes
+    src: str = ""    # an upstream pass's source: "pool" address or "static" host
+
+
+def source_kind(frame: bytes) -> str:
+    """An IPv4 frame's source: "static" (198.18.0.0/15) or "pool" (the others)."""
+    a = int.from_bytes(frame[26:30], "big")
+    return "static" if a >> 17 == STATIC4 >> 17 else "pool"
 
 
 def gen_packets(st: State, n: int, rng: random.Random) -> list[Pkt]:
@@ -308,7 +315,7 @@ def gen_packets(st: State, n: int, rng: random.Random) -> list[Pkt]:
             f = make[cls]()
             if f not in seen:
                 seen.add(f)
-                out.append(Pkt(cls, role, f))
+                out.append(Pkt(cls, role, f, source_kind(f) if cls == "up_pass" else ""))
                 got += 1
     rng.shuffle(out)
     return out
@@ -487,6 +494,7 @@ class Prog:
     control: tuple[int, int] | None = None
     times: list[int] = field(default_factory=list)   # ns, aligned with classes
     classes: list[str] = field(default_factory=list)
+    srcs: list[str] = field(default_factory=list)     # Pkt.src, aligned with times
     hot: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -512,6 +520,7 @@ def run_cold(progs: list[Prog], rounds: int, seed: int = 1) -> None:
                     p = pr.pkts[(offsets[i] + j) % m]
                     pr.times.append(kernel.test_run(pr.fd_of(p), p.frame, 1).duration_ns)
                     pr.classes.append(p.cls)
+                    pr.srcs.append(p.src)
                 pos[i] = stop
                 if stop == m:
                     live.remove(i)
@@ -556,10 +565,13 @@ def stats_of(xs: list[int]) -> dict:
 
 
 def summarise(pr: Prog) -> dict:
-    """Per class (and "all"): cold figures, and the hot median."""
+    """Per class (and "all"; an upstream pass also by source, "up_pass:pool" and
+    "up_pass:static"): cold figures, and the hot median."""
     by: dict[str, list[int]] = {}
-    for c, t in zip(pr.classes, pr.times, strict=True):
+    for c, src, t in zip(pr.classes, pr.srcs, pr.times, strict=True):
         by.setdefault(c, []).append(t)
+        if src:
+            by.setdefault(f"{c}:{src}", []).append(t)
     out = {c: {"cold": stats_of(v)} for c, v in by.items()}
     out["all"] = {"cold": stats_of(pr.times)}
     for c, v in pr.hot.items():
@@ -620,6 +632,8 @@ BREAKDOWN_ASIDE = [
     ("xzb_parse_lpm", "probe: parse + subscriber trie lookup of the source"),
     ("xzb_parse_dir", "probe: parse + subscriber directory of the source"),
     ("xzb_parse_class", "probe: parse + source class (directory, then hash or trie)"),
+    ("xzb_mem_2m", "probe: parse + a random load, 2 MiB array"),
+    ("xzb_mem_128m", "probe: parse + a random load, 128 MiB array"),
     ("bd_csam_hash", "pipeline: + OP25B/IP53B + list's host hash only"),
     ("bd_csam_trie", "pipeline: + OP25B/IP53B + list's prefix trie only"),
 ]
@@ -812,6 +826,14 @@ def report(doc: dict) -> str:
             cells.append(cell(cm, cmean, s["cold"]["median"], h))
         n = (n // cfg["rounds"]) if n else ""
         out.append(f"{label:<34}{n:>6}" + "".join(cells))
+        if c == "up_pass":   # by source: what the median is made of
+            for src, what in (("pool", "pool addresses"), ("static", "static hosts")):
+                k = f"{c}:{src}"
+                cells = [cell(net(doc, key, k), net(doc, key, k, "mean"),
+                              pr[key][k]["cold"]["median"], net_hot(doc, key, c))
+                         for key in ("full_big", "full_small")]
+                n = pr["full_big"][k]["cold"]["n"] // cfg["rounds"]
+                out.append(f"{'  from ' + what:<34}{n:>6}" + "".join(cells))
     out += ["", "minimal reference program (bench/ref_cold.c: Eth+IPv4, pool trie, :25, "
             "list trie), same packets, same pools and list:"]
     for c in REF_CLASSES:
@@ -853,6 +875,12 @@ def report(doc: dict) -> str:
         out.append(f"  {label:<50}{net(doc, key, 'up_pass'):>9.0f}{'':>7}"
                    f"{net(doc, key, 'up_pass', 'mean'):>7.0f}{net_hot(doc, key, 'up_pass'):>7.1f}")
 
+    def ratio(c: str) -> float:
+        return net(doc, "full_big", c) / net(doc, "full_small", c)
+
+    parse = net(doc, "xzb_parse", "up_pass")
+    mem_small, mem_big = (net(doc, k, "up_pass") - parse for k in ("xzb_mem_2m", "xzb_mem_128m"))
+
     def pm(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
@@ -868,6 +896,12 @@ def report(doc: dict) -> str:
             f"{g['ref_ratio_raw']:.2f}; rounds {rng_of(doc['per_round']['ref_ratio'])})",
             f"  minimal program alone, {big} / {small}: "
             f"{net(doc, 'ref_big', 'up_pass') / net(doc, 'ref_small', 'up_pass'):.2f}",
+            f"  by source, {big} / {small}: pool addresses {ratio('up_pass:pool'):.2f}, "
+            f"static hosts {ratio('up_pass:static'):.2f}",
+            f"  this machine's memory: a random load costs {mem_small:.0f} ns in a 2 MiB "
+            f"array, {mem_big:.0f} in a 128 MiB one ({mem_big / mem_small:.2f}x; net of parse "
+            "and floor); the rate state an upstream pass reads lies in 128 MiB at 1M, in "
+            "~1 MiB at 10k",
             f"other CPUs busy during the timed rounds: {doc['other_cpus_busy_pct']}% "
             f"(load average {doc['loadavg']:.1f}; a shared machine moves cold figures by "
             "~20% between runs, the ratios less)",

@@ -74,6 +74,48 @@ int xzb_parse_class(struct xdp_md *ctx)
 	return xz_classify(&p.src, p.family, &buf) ? XDP_PASS : XDP_DROP;
 }
 
+/*
+ * The machine's memory, for scale: parse + one load at a random index (a hash of the
+ * source address) of an array of its own, the size of the rate state that the 10k scale
+ * touches (16,384 entries of 128 bytes: 2 MiB) or that the 1M scale does (2^20: 128 MiB).
+ */
+struct xzb_entry {
+	__u64 w[16];
+};
+BPF_ARRAY(xzb_mem_small, struct xzb_entry, 1 << 14);
+BPF_ARRAY(xzb_mem_big, struct xzb_entry, 1 << 20);
+
+static __always_inline __u32 xzb_mem_index(struct xz_pkt *p, int bits)
+{
+	return (*(__u32 *)&p->src.addr[12] * XZ_CSAM_HASH) >> (32 - bits);
+}
+
+int xzb_mem_2m(struct xdp_md *ctx)
+{
+	struct xz_pkt p = {};
+	struct xzb_entry *e;
+	__u32 i;
+
+	if (xzb_start(ctx, &p) < 0)
+		return XDP_ABORTED;
+	i = xzb_mem_index(&p, 14);
+	e = xzb_mem_small.lookup(&i);
+	return e && *(volatile __u64 *)&e->w[0] == 1 ? XDP_DROP : XDP_PASS;
+}
+
+int xzb_mem_128m(struct xdp_md *ctx)
+{
+	struct xz_pkt p = {};
+	struct xzb_entry *e;
+	__u32 i;
+
+	if (xzb_start(ctx, &p) < 0)
+		return XDP_ABORTED;
+	i = xzb_mem_index(&p, 20);
+	e = xzb_mem_big.lookup(&i);
+	return e && *(volatile __u64 *)&e->w[0] == 1 ? XDP_DROP : XDP_PASS;
+}
+
 /* Parse + control lookup + counter update: the pipeline without classification. */
 int xzb_parse_count(struct xdp_md *ctx)
 {
@@ -99,6 +141,8 @@ PROBES = {
     "xzb_parse_lpm": "parse + prefix trie lookup",
     "xzb_parse_dir": "parse + subscriber directory",
     "xzb_parse_class": "parse + source class",
+    "xzb_mem_2m": "parse + a random load, 2 MiB array",
+    "xzb_mem_128m": "parse + a random load, 128 MiB array",
 }
 
 

@@ -46,6 +46,11 @@ def test_generated_state_and_packets():
     assert not any(st.listed4(_dst4(p.frame)) for p in by["up_pass"] + by["op25b"])
     assert all(_src4(p.frame) >> 10 in pools for p in by["op25b"])
     assert all(_dst4(p.frame) >> 10 in pools for p in by["ip53b"])
+    # an upstream pass says who sent it (the report splits its median so), no other packet
+    statics = set(st.statics4)
+    assert all(p.src == ("static" if _src4(p.frame) in statics else "pool") for p in by["up_pass"])
+    assert {p.src for p in by["up_pass"]} == {"pool", "static"}
+    assert not any(p.src for p in pkts if p.cls != "up_pass")
 
 
 def test_breakdown_adds_one_feature_a_row():
@@ -88,3 +93,6 @@ def test_every_packet_takes_its_path(bpffs, tmp_path):
     prog = bc.Prog("full", inst, lambda p: inst.fds[p.role], pkts)
     bc.run_cold([prog], 1)
     assert len(prog.times) == len(pkts) and all(t > 0 for t in prog.times)
+    sm = bc.summarise(prog)   # an upstream pass's figures by source too, the same packets
+    assert sm["up_pass:pool"]["cold"]["n"] + sm["up_pass:static"]["cold"]["n"] == \
+        sm["up_pass"]["cold"]["n"]
