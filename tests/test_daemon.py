@@ -19,8 +19,8 @@ import pytest
 from xdpzoot.bandwidth import accounting, store
 from xdpzoot.bandwidth import rules as volume_rules
 from xdpzoot.daemon import Congestion, Daemon, log_to_stderr
-from xdpzoot.dataplane import kernel, layout, schema
-from xdpzoot.lab import wait_for
+from xdpzoot.dataplane import kernel, layout, netlink, schema
+from xdpzoot.lab import in_netns, wait_for
 
 C = schema.C
 T0 = 1_790_000_000.0   # 2026-09-21, any fixed instant
@@ -338,6 +338,47 @@ def test_congestion_auto_with_hysteresis():
     assert all(seen[14:35])                    # ... and 75% is inside the hysteresis
     assert seen[43] and not seen[44]           # 60% for 10 s: off
     assert not seen[-1]                        # 60% for 10 s: off
+
+
+def test_fast_path_interfaces_follow_their_links(setup, capsys):
+    """The fast path's devmap and MAC table as the links are, tick by tick: written at the
+    first tick, again after an interface's MAC address changed (it was written at attach
+    only: every frame through the kernel afterwards), emptied when the interfaces go."""
+    cfg, pin, tmp = setup
+    ns = f"xzdl{os.getpid()}"
+    links = tmp / "links.toml"
+    links.write_text(cfg.read_text() + '\n[interfaces]\naccess = ["xzl-a"]\ncore = ["xzl-c"]\n')
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
+
+    def table(d: Daemon) -> dict[int, bytes]:
+        m = d.inst.maps
+        return {i: layout.MAC.unpack(m.fast_macs.lookup(layout.U32.pack(i)))[0]
+                for i in m.fast_ifs()}
+
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        ip("link", "add", "xzl-a", "address", "02:00:00:00:0a:01", "type", "veth", "peer",
+           "name", "xzl-c", "address", "02:00:00:00:0c:01")
+        with in_netns(ns):
+            d = daemon(links, pin, Clock(T0))
+            assert table(d) == {}   # nothing attached: nothing written yet
+            d.tick()
+            idx = netlink.link_indexes()
+            mac_a, mac_c = bytes.fromhex("02000000" "0a01"), bytes.fromhex("02000000" "0c01")
+            assert table(d) == {idx["xzl-a"]: mac_a, idx["xzl-c"]: mac_c}
+            ip("link", "set", "xzl-a", "address", "02:00:00:00:0a:02")
+            d.tick()
+            assert table(d) == {idx["xzl-a"]: bytes.fromhex("020000000a02"), idx["xzl-c"]: mac_c}
+            assert "fast path: xzl-a changed" in capsys.readouterr().err
+            ip("link", "del", "xzl-a")   # both ends
+            d.tick()
+            assert table(d) == {}
+            assert "fast path: xzl-a gone, xzl-c gone" in capsys.readouterr().err
+            assert d.inst.maps.fast_macs.lookup(layout.U32.pack(idx["xzl-a"])) == bytes(8)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)
 
 
 def test_run_stops_cleanly_on_sigterm_and_reloads_on_sighup(setup):

@@ -3,7 +3,8 @@
 On a tick it reads the per-subscriber volume counters, lets the accounting decide
 (throttle, release, notify, suspend) for the subscribers whose counters moved, writes the
 rates in force into the maps, expires throttles set by hand, switches congestion mode in
-``auto``, re-syncs the source files when they change, writes the audit log, and snapshots
+``auto``, re-syncs the source files when they change, writes the fast path's interfaces
+(devmap, MAC addresses) again when a link changed, writes the audit log, and snapshots
 its state atomically (every ``snapshot_seconds``, and after any tick that decided
 something) so that a restart (or a crash) resumes windows and throttles. Every
 ``[signals] window_seconds`` it starts a new window of the abuse signals (scan sketch,
@@ -129,6 +130,7 @@ class Daemon:
     server: metrics.Server | None = None   # the metrics endpoint, while run() runs
     abuse: abuse_rules.Abuse | None = None   # the [[abuse]] rules' runs
     _op25b: np.ndarray | None = None   # blocked SMTP attempts per slot at the window's start
+    _links: dict | None = None   # the interfaces' (ifindex, MAC) the fast path's maps were given
 
     # -- setup ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -271,6 +273,7 @@ class Daemon:
         self._enforce_rates(now)
         self._congestion(now)
         self._watch_sources()
+        self._watch_links()
         self.unaudited.extend(actions)
         self._persist(now)
         return actions
@@ -396,6 +399,31 @@ class Daemon:
             self.unaudited.append(accounting.Action(now, 0, "congestion", "congestion",
                                                     None, {"on": on}))
             self.stats.decisions[("congestion", "on" if on else "off")] += 1
+
+    # -- the fast path's interfaces ---------------------------------------------------------
+    def _watch_links(self) -> None:
+        """The fast path's egress interfaces and the MAC address each one's frames are
+        addressed to, as the links are now (loader.set_egress, as at attach): an address
+        changed by hand or by a bond since the attach sent every frame that came in by the
+        interface through the kernel (``other_host``), unnoticed; an interface gone left
+        the devmap. One netlink dump a tick; written when it differs from the last."""
+        names = list(self.cfg.interfaces.access) + list(self.cfg.interfaces.core)
+        if not names:
+            return
+        from xdpzoot.dataplane import loader, netlink
+
+        found = netlink.link_table()
+        links = {n: found.get(n) for n in names}
+        if links == self._links:
+            return
+        changed = [f"{n} {'gone' if links[n] is None else 'changed'}" for n in names
+                   if self._links is not None and links[n] != self._links[n]]
+        with self.inst.locked():
+            loader.set_egress(self.inst.maps, names)
+        self._links = links
+        if changed:
+            log(f"fast path: {', '.join(changed)} (ifindex or MAC address): its egress and "
+                "addresses written again")
 
     # -- source files -----------------------------------------------------------------------
     def _sources(self) -> list[str]:

@@ -1923,8 +1923,13 @@ class Maps:
         for i in sorted(set(macs) - set(too_big)):
             mac.update(U32.pack(i), MAC.pack(macs[i]))
             m.update(U32.pack(i), U32.pack(i))
-        gone = [U32.pack(i) for i in self.fast_ifs() if i not in macs]
-        m.delete_many(gone)
+        # What leaves: the devmap's others, and every other address written (the kernel
+        # takes an interface that goes out of the devmap itself, not out of xz_fast_macs).
+        raw = mac.values()
+        held = set(self.fast_ifs()) | {i for i in range(mac.max_entries)
+                                       if raw[i * MAC.size:(i + 1) * MAC.size].strip(b"\0")}
+        gone = [U32.pack(i) for i in sorted(held - set(macs))]
+        m.discard(gone)
         for k in gone:
             mac.update(k, bytes(MAC.size))
         return too_big

@@ -43,10 +43,13 @@ def links() -> list[str]:
 def link_table() -> dict[str, tuple[int, bytes]]:
     """Interface name -> (ifindex, Ethernet address: 6 bytes, b"" for a link without one,
     a tunnel's), in this network namespace."""
-    with IPRoute() as ipr:
-        return {link.get_attr("IFLA_IFNAME"): (link["index"],
-                                               _mac(link.get_attr("IFLA_ADDRESS") or ""))
-                for link in ipr.get_links()}
+    try:
+        with IPRoute() as ipr:
+            return {link.get_attr("IFLA_IFNAME"): (link["index"],
+                                                   _mac(link.get_attr("IFLA_ADDRESS") or ""))
+                    for link in ipr.get_links()}
+    except NetlinkError as e:
+        raise KernelError(f"netlink: {e}") from e
 
 
 def link_indexes() -> dict[str, int]:
