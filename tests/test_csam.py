@@ -1215,6 +1215,7 @@ def test_cli_load_and_status(cli, bpffs, tmp_path, creator):
     # each family's filter is on, a few bits of its 2^20 set (one per /24 or /64 touched)
     assert 0 < st_["filter_fill"]["ipv4"] * 2**20 <= 3
     assert 0 < st_["filter_fill"]["ipv6"] * 2**20 <= 2
+    assert st_["filter_bits"] == {"ipv4": 2**20, "ipv6": 2**20}   # a small list: hashed
 
     again = cli.ok(pin, "blocklist", "load", p)    # the list in force: nothing written
     assert not again["switched"] and (again["added"], again["removed"]) == (0, 0)

@@ -778,9 +778,9 @@ def test_csam_v4_filter_is_exact_where_hashed_it_would_spare_little():
     slash = dirs.slash24(addr16("32.0.0.0"))
     assert all(v4_filter_passes(exact, i) for i in (slash, slash + (1 << 21) - 1))
     assert not any(v4_filter_passes(exact, i) for i in (slash - 1, slash + (1 << 21)))
-    assert dirs.filter_fill(exact) == 1 / 8
+    assert dirs.filter_fill(exact) == 1 / 8 and dirs.filter_bits(exact) == 2**24
     f = bytearray(dirs.csam(set(), {pfx("32.0.0.0/5")})[0])   # 2^19 /24s: hashed
-    assert dirs.FILTER_HEAD.unpack_from(f)[1:] == dirs.HASHED
+    assert dirs.FILTER_HEAD.unpack_from(f)[1:] == dirs.HASHED and dirs.filter_bits(f) == 2**20
     before = bytes(f)
     assert not dirs.csam_v4_add(f, [pfx("64.0.0.0/3")])   # 2^21 /24s by difference
     assert not dirs.csam_v4_add(f, [pfx("64.0.0.0/5"), pfx("96.0.0.0/6")])   # too full
@@ -790,6 +790,7 @@ def test_csam_v4_filter_is_exact_where_hashed_it_would_spare_little():
     assert not v4_filter_passes(exact, dirs.slash24(addr16("192.0.3.0")))
     assert dirs.csam_v4_add(off := bytearray(dirs.FILTER4_BYTES), [pfx("192.0.2.0/24")])
     assert off == bytes(dirs.FILTER4_BYTES)   # off stays off
+    assert dirs.filter_bits(off) is None and dirs.filter_fill(off) is None
     f6 = dirs.csam({bytes(15) + b"\1"}, {(48, bytes(16))})[0]
     assert dirs.filter_fill(f6) == 0
 

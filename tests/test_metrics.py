@@ -225,6 +225,7 @@ def test_the_counts_are_those_of_the_maps(scraped):
     assert value(fams, "xdpzoot_csam_entries", kind="prefix", family="ipv6") == 1
     assert value(fams, "xdpzoot_table_entries", table="csam_hosts") == 3
     assert 0 < value(fams, "xdpzoot_csam_filter_fill_ratio", family="ipv4") < 1e-5
+    assert value(fams, "xdpzoot_csam_filter_bits", family="ipv4") == 2**20   # hashed
     st = d.inst.csam_status()
     assert value(fams, "xdpzoot_csam_generation") == st["generation"]
     assert value(fams, "xdpzoot_csam_list_info", sha256=st["sha256"][:16]) == 1

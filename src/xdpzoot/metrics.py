@@ -312,6 +312,13 @@ class Collector:
             if st["filter_fill"][fam] is not None:
                 fill.add_metric([fam], st["filter_fill"][fam])
         yield fill
+        bits = _gauge("xdpzoot_csam_filter_bits", "Bits of the CSAM list's filter in force, "
+                      "by family: 2^20 hashed, 2^24 the exact IPv4 one of a list that touches "
+                      "more /24s than that (no sample: off).", ["family"])
+        for fam in FAMILIES:
+            if st["filter_bits"][fam] is not None:
+                bits.add_metric([fam], st["filter_bits"][fam])
+        yield bits
         loaded = st["loaded"]   # None: no list was ever loaded (no sample, below)
         yield _info("xdpzoot_csam_list", "The CSAM list in force: the first "
                     f"{SHA_PREFIX} hex digits of its file's SHA-256.",

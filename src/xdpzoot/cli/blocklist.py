@@ -90,8 +90,9 @@ Examples:
 @json_opt
 @click.pass_obj
 def blocklist_status(o: Ctx, as_json) -> None:
-    """The list in force: entries per family and kind, digest, load time, hits, and the
-    share of its filters' bits that are set (the unlisted addresses still looked up)."""
+    """The list in force: entries per family and kind, digest, load time, hits, and its
+    filters: how many bits (2^20 hashed; 2^24 exact, an IPv4 list that touches more than
+    2^20 /24s) and the share of them set (the unlisted addresses still looked up)."""
 
     def go():
         st = o.instance().csam_status()
@@ -113,6 +114,10 @@ def blocklist_status(o: Ctx, as_json) -> None:
             fill = [st["filter_fill"][f] for f in ("ipv4", "ipv6")]
             click.echo(f"  {'filter':<10} " + " ".join(
                 f"{'off' if x is None else f'{x:.1%} set':>10}" for x in fill))
+            kinds = ["-" if n is None else f"2^{n.bit_length() - 1} "
+                     + ("exact" if n > 1 << 20 else "hash")
+                     for n in (st["filter_bits"][f] for f in ("ipv4", "ipv6"))]
+            click.echo(f"  {'of bits':<10} " + " ".join(f"{k:>10}" for k in kinds))
 
         _emit(as_json, st, text)
 

@@ -416,11 +416,13 @@ def check(maps: Maps, addr16: bytes) -> str | None:
 
 
 def status(maps: Maps) -> dict:
-    """Generation in force, its counts, digest and time; hits; per family, the share of
-    its filter's bits that are set (the share of addresses with nothing listed that are
-    looked up all the same; None: the filter is off, every address is). No entry, ever."""
+    """Generation in force, its counts, digest and time; hits; per family, its filter's
+    bits (2^20 hashed, 2^24 the exact IPv4 one; None: off, every address is looked up) and
+    the share of them that are set (the share of addresses with nothing listed that are
+    looked up all the same). No entry, ever."""
     _, word = maps.word()
     gen = word & C["XZ_CSAM_GEN"]
+    filters = {"ipv4": maps.read_csam_v4(gen), "ipv6": maps.read_csam_v6(gen)}
     return {"generation": gen, **maps.read_meta(gen), "hits": maps.hit_counts(),
-            "filter_fill": {"ipv4": dirs.filter_fill(maps.read_csam_v4(gen)),
-                            "ipv6": dirs.filter_fill(maps.read_csam_v6(gen))}}
+            "filter_fill": {k: dirs.filter_fill(f) for k, f in filters.items()},
+            "filter_bits": {k: dirs.filter_bits(f) for k, f in filters.items()}}

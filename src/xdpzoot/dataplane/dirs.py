@@ -295,13 +295,20 @@ def _v4_filter(slash24s: np.ndarray) -> bytes:
     return _packed4(bits, EXACT)
 
 
-def filter_fill(f: bytes | bytearray) -> float | None:
-    """The share of a filter's bits in use that are set (of an IPv4 filter, hashed, its
-    first 2^20; exact, all); None when it is off."""
+def filter_bits(f: bytes | bytearray) -> int | None:
+    """How many bits a filter uses: 2^20 hashed (an IPv4 filter's first 2^20), 2^24 an
+    exact IPv4 one; None when it is off."""
     on, shift, _ = FILTER_HEAD.unpack_from(f)
     if not on:
         return None
-    n = 1 << FILTER_BITS if len(f) != FILTER4_BYTES or shift else 1 << FILTER4_BITS
+    return 1 << FILTER_BITS if len(f) != FILTER4_BYTES or shift else 1 << FILTER4_BITS
+
+
+def filter_fill(f: bytes | bytearray) -> float | None:
+    """The share of a filter's bits in use (filter_bits) that are set; None when it is off."""
+    n = filter_bits(f)
+    if n is None:
+        return None
     return int.from_bytes(memoryview(f)[FILTER_HEAD.size:][:n // 8], "little").bit_count() / n
 
 
