@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import packets
 import pytest
@@ -607,3 +609,24 @@ def test_prog_run_stats_by_id(dp):
     stats = kernel.prog_run_stats(kernel.prog_id(dp.fds[("xdp", "access")]))
     assert stats is not None and all(isinstance(v, int) and v >= 0 for v in stats)
     assert kernel.prog_run_stats(0x7FFF_FFFF) is None
+
+
+def test_a_programs_source_lines_and_its_id_by_name(dp):
+    """What bench/jit_lines.py places a profile's samples by: each source line's offset in
+    the JITed program, from 0, in order, with its text; and the program found by its name."""
+    pid = kernel.prog_id(dp.fds[("xdp", "access")])
+    assert pid in kernel.prog_ids_named("xz_xdp_access")
+    start, lines = kernel.prog_source_lines(pid)
+    assert start and lines[0][0] == 0 and [o for o, _ in lines] == sorted(o for o, _ in lines)
+    texts = {t for _, t in lines}
+    assert "*proto = eth->h_proto;" in texts   # the frame's first read (parse.h)
+    assert any("xz_csam_b4" in t or "*bits >>" in t for t in texts)   # the filter's word
+    # the profile's rule: a sample goes to the line of the instruction before it (the one
+    # that stalled), and one outside the program to none
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import jit_lines
+
+    k = next(i for i, (_, t) in enumerate(lines) if t == "*proto = eth->h_proto;")
+    after = next(o for o, _ in lines[k + 1:] if o > lines[k][0])   # the next line's start
+    c, n = jit_lines.by_line([start + after, start + after, start - 8, 0], start, lines)
+    assert n == 2 and c == {"*proto = eth->h_proto;": 2}

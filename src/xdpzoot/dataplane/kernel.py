@@ -251,6 +251,59 @@ def prog_run_stats(prog_id: int) -> tuple[int, int] | None:
         os.close(fd)
 
 
+def prog_ids_named(name: str) -> list[int]:
+    """Kernel ids of the loaded programs named ``name`` (the kernel keeps 15 characters)."""
+    out, pid = [], ct.c_uint32(0)
+    while _libbpf.bpf_prog_get_next_id(pid, ct.byref(pid)) == 0:
+        fd = _libbpf.bpf_prog_get_fd_by_id(pid)
+        if fd < 0:
+            continue   # gone meanwhile
+        try:
+            if _prog_info(fd).name.decode() == name[:15]:
+                out.append(pid.value)
+        finally:
+            os.close(fd)
+    return out
+
+
+_libbpf.btf__load_from_kernel_by_id.restype = ct.c_void_p
+_libbpf.btf__load_from_kernel_by_id.argtypes = [ct.c_uint32]
+_libbpf.btf__name_by_offset.restype = ct.c_char_p
+_libbpf.btf__name_by_offset.argtypes = [ct.c_void_p, ct.c_uint32]
+_libbpf.btf__free.argtypes = [ct.c_void_p]
+
+
+def prog_source_lines(prog_id: int) -> tuple[int, list[tuple[int, str]]]:
+    """Where the JITed program with kernel id ``prog_id`` lies (its first address) and, in
+    address order, the offset in it at which each of its source lines' code starts, with
+    the line's text (its line info and BTF: what a profile's addresses are placed by)."""
+    fd = _check(_libbpf.bpf_prog_get_fd_by_id(ct.c_uint32(prog_id)), f"prog id {prog_id}")
+    try:
+        head = _prog_info(fd)
+        n, lsz, jsz = head.nr_line_info, head.line_info_rec_size, head.jited_line_info_rec_size
+        lines, addrs = ct.create_string_buffer(n * lsz), ct.create_string_buffer(n * jsz)
+        start = (ct.c_uint64 * 1)()
+        _prog_info(fd, ProgInfo(nr_line_info=n, line_info_rec_size=lsz,
+                                line_info=ct.addressof(lines), nr_jited_line_info=n,
+                                jited_line_info_rec_size=jsz, jited_line_info=ct.addressof(addrs),
+                                nr_jited_ksyms=1, jited_ksyms=ct.addressof(start)))
+    finally:
+        os.close(fd)
+    btf = _libbpf.btf__load_from_kernel_by_id(head.btf_id)
+    if not btf:
+        raise KernelError(f"prog id {prog_id}: no BTF (no line info)")
+    try:
+        out = []
+        for k in range(n):
+            line_off = struct.unpack_from("=I", lines.raw, k * lsz + 8)[0]   # bpf_line_info
+            at = struct.unpack_from("=Q", addrs.raw, k * jsz)[0] - start[0]
+            text = _libbpf.btf__name_by_offset(btf, line_off) or b""
+            out.append((at, text.decode(errors="replace").strip()))
+    finally:
+        _libbpf.btf__free(btf)
+    return start[0], sorted(out)
+
+
 def pinned_prog_id(path: str) -> int | None:
     """Id of the program pinned at ``path``, or None when nothing is pinned there."""
     fd = _libbpf.bpf_obj_get(path.encode())
