@@ -406,13 +406,13 @@ class Daemon:
         addressed to, as the links are now (loader.set_egress, as at attach): an address
         changed by hand or by a bond since the attach sent every frame that came in by the
         interface through the kernel (``other_host``), unnoticed; an interface gone left
-        the devmap. One netlink dump a tick; written when it differs from the last."""
+        the devmap. Asked by name each tick; written when it differs from the last."""
         names = list(self.cfg.interfaces.access) + list(self.cfg.interfaces.core)
         if not names:
             return
         from xdpzoot.dataplane import loader, netlink
 
-        found = netlink.link_table()
+        found = netlink.link_table(names)
         links = {n: found.get(n) for n in names}
         if links == self._links:
             return

@@ -174,7 +174,7 @@ def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
     (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
-    found = netlink.link_table()
+    found = netlink.link_table(names)
     by_index = {found[n][0]: n for n in names if n in found}
     return [by_index[i] for i in maps.set_fast_ifs({i: found[n][1]
                                                     for i, n in by_index.items()})]

@@ -6,6 +6,7 @@ program fd on an interface, says what is attached, and takes it off again.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -40,14 +41,26 @@ def links() -> list[str]:
     return list(link_table())
 
 
-def link_table() -> dict[str, tuple[int, bytes]]:
+def link_table(names: list[str] | None = None) -> dict[str, tuple[int, bytes]]:
     """Interface name -> (ifindex, Ethernet address: 6 bytes, b"" for a link without one,
-    a tunnel's), in this network namespace."""
+    a tunnel's), in this network namespace: every interface, or those of ``names`` that
+    exist, asked one by one (a dump of 2,000 links took pyroute2 1.1-1.3 s here)."""
+    def entry(link) -> tuple[str, tuple[int, bytes]]:
+        return link.get_attr("IFLA_IFNAME"), (link["index"],
+                                              _mac(link.get_attr("IFLA_ADDRESS") or ""))
+
     try:
         with IPRoute() as ipr:
-            return {link.get_attr("IFLA_IFNAME"): (link["index"],
-                                                   _mac(link.get_attr("IFLA_ADDRESS") or ""))
-                    for link in ipr.get_links()}
+            if names is None:
+                return dict(map(entry, ipr.get_links()))
+            out = {}
+            for name in names:
+                try:
+                    out.update(map(entry, ipr.link("get", ifname=name)))
+                except NetlinkError as e:
+                    if e.code != errno.ENODEV:
+                        raise
+            return out
     except NetlinkError as e:
         raise KernelError(f"netlink: {e}") from e
 
