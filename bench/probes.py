@@ -76,44 +76,35 @@ int xzb_parse_class(struct xdp_md *ctx)
 
 /*
  * The machine's memory, for scale: parse + one load at a random index (a hash of the
- * source address) of an array of its own, the size of the rate state that the 10k scale
- * touches (16,384 entries of 128 bytes: 2 MiB) or that the 1M scale does (2^20: 128 MiB).
+ * source address) of an array of its own, within its first 2^14 entries of 128 bytes (2
+ * MiB: the rate state that the 10k scale touches) or all 2^20 (128 MiB: the 1M scale's).
  */
 struct xzb_entry {
 	__u64 w[16];
 };
-BPF_ARRAY(xzb_mem_small, struct xzb_entry, 1 << 14);
-BPF_ARRAY(xzb_mem_big, struct xzb_entry, 1 << 20);
+BPF_ARRAY(xzb_mem, struct xzb_entry, 1 << 20);
 
-static __always_inline __u32 xzb_mem_index(struct xz_pkt *p, int bits)
+static __always_inline int xzb_mem_load(struct xdp_md *ctx, int bits)
 {
-	return (*(__u32 *)&p->src.addr[12] * XZ_CSAM_HASH) >> (32 - bits);
+	struct xz_pkt p = {};
+	struct xzb_entry *e;
+	__u32 i;
+
+	if (xzb_start(ctx, &p) < 0)
+		return XDP_ABORTED;
+	i = (*(__u32 *)&p.src.addr[12] * XZ_CSAM_HASH) >> (32 - bits);
+	e = xzb_mem.lookup(&i);
+	return e && *(volatile __u64 *)&e->w[0] == 1 ? XDP_DROP : XDP_PASS;
 }
 
 int xzb_mem_2m(struct xdp_md *ctx)
 {
-	struct xz_pkt p = {};
-	struct xzb_entry *e;
-	__u32 i;
-
-	if (xzb_start(ctx, &p) < 0)
-		return XDP_ABORTED;
-	i = xzb_mem_index(&p, 14);
-	e = xzb_mem_small.lookup(&i);
-	return e && *(volatile __u64 *)&e->w[0] == 1 ? XDP_DROP : XDP_PASS;
+	return xzb_mem_load(ctx, 14);
 }
 
 int xzb_mem_128m(struct xdp_md *ctx)
 {
-	struct xz_pkt p = {};
-	struct xzb_entry *e;
-	__u32 i;
-
-	if (xzb_start(ctx, &p) < 0)
-		return XDP_ABORTED;
-	i = xzb_mem_index(&p, 20);
-	e = xzb_mem_big.lookup(&i);
-	return e && *(volatile __u64 *)&e->w[0] == 1 ? XDP_DROP : XDP_PASS;
+	return xzb_mem_load(ctx, 20);
 }
 
 /* Parse + control lookup + counter update: the pipeline without classification. */

@@ -305,20 +305,18 @@ class Collector:
         for fam in FAMILIES:
             hits.add_metric([fam], st["hits"][f"gen0_{fam}"] + st["hits"][f"gen1_{fam}"])
         yield hits
-        fill = _gauge("xdpzoot_csam_filter_fill_ratio", "Share of the bits set in the CSAM "
-                      "list's filter in force, by family: the share of unlisted addresses "
-                      "still looked up (no sample: the filter is off, all are).", ["family"])
-        for fam in FAMILIES:
-            if st["filter_fill"][fam] is not None:
-                fill.add_metric([fam], st["filter_fill"][fam])
-        yield fill
-        bits = _gauge("xdpzoot_csam_filter_bits", "Bits of the CSAM list's filter in force, "
-                      "by family: 2^20 hashed, 2^24 the exact IPv4 one of a list that touches "
-                      "more /24s than that (no sample: off).", ["family"])
-        for fam in FAMILIES:
-            if st["filter_bits"][fam] is not None:
-                bits.add_metric([fam], st["filter_bits"][fam])
-        yield bits
+        for key, name, text in (
+                ("filter_fill", "xdpzoot_csam_filter_fill_ratio", "Share of the bits set in "
+                 "the CSAM list's filter in force, by family: the share of unlisted addresses "
+                 "still looked up (no sample: the filter is off, all are)."),
+                ("filter_bits", "xdpzoot_csam_filter_bits", "Bits of the CSAM list's filter "
+                 "in force, by family: 2^20 hashed, 2^24 the exact IPv4 one of a list that "
+                 "touches more /24s than that (no sample: off).")):
+            g = _gauge(name, text, ["family"])
+            for fam in FAMILIES:
+                if st[key][fam] is not None:
+                    g.add_metric([fam], st[key][fam])
+            yield g
         loaded = st["loaded"]   # None: no list was ever loaded (no sample, below)
         yield _info("xdpzoot_csam_list", "The CSAM list in force: the first "
                     f"{SHA_PREFIX} hex digits of its file's SHA-256.",
