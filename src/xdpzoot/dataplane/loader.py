@@ -51,11 +51,9 @@ def attachments(pin_dir: str) -> list[Attachment]:
     xdp_ids = _our_xdp_ids(pin_dir)
     tags = {tc_tag(pin_dir, r): r for r in ("access", "core")}
     out = []
-    for name in netlink.links():
-        st = netlink.xdp_state(name)
+    for name, st, tag in netlink.programs():
         if st.prog_id in xdp_ids:
             out.append(Attachment(name, xdp_ids[st.prog_id], "xdp", st.mode or "?"))
-        tag = netlink.tc_filter(name)
         if tag in tags:
             out.append(Attachment(name, tags[tag], "tc", "clsact"))
     return out
@@ -118,7 +116,7 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
         raise kernel.KernelError(f"interface in both roles: {', '.join(sorted(overlap))}")
     check_kernel()   # not a verifier dump on a kernel without what the programs need
     pin_dir = maps.pin_dir
-    missing = sorted(set(access + core) - set(netlink.link_indexes()))
+    missing = sorted(set(access + core) - set(netlink.link_table(access + core)))
     if missing:   # before anything changes: the maps stay as they are
         raise kernel.KernelError(f"no such interface: {', '.join(missing)}")
     before = attachments(pin_dir) if kernel.pinned(pin_dir) else []
@@ -185,9 +183,10 @@ def fast_path(maps: kernel.Maps) -> dict:
     this namespace has them) and its counters by reason."""
     from xdpzoot.dataplane import netlink
 
-    names = {i: n for n, i in netlink.link_indexes().items()}
+    ifs = maps.fast_ifs()
+    names = netlink.link_names(ifs)
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
-            "egress": [names.get(i, f"ifindex {i}") for i in maps.fast_ifs()],
+            "egress": [names.get(i, f"ifindex {i}") for i in ifs],
             "counters": {r: {"packets": p, "bytes": b}
                          for r, (p, b) in maps.fast_counters().items()}}
 

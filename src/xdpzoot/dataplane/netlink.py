@@ -36,11 +36,6 @@ def _index(ipr: IPRoute, name: str) -> int:
     return idx[0]
 
 
-def links() -> list[str]:
-    """Interface names of this network namespace."""
-    return list(link_table())
-
-
 def link_table(names: list[str] | None = None) -> dict[str, tuple[int, bytes]]:
     """Interface name -> (ifindex, Ethernet address: 6 bytes, b"" for a link without one,
     a tunnel's), in this network namespace: every interface, or those of ``names`` that
@@ -68,6 +63,42 @@ def link_table(names: list[str] | None = None) -> dict[str, tuple[int, bytes]]:
 def link_indexes() -> dict[str, int]:
     """Interface name -> ifindex, in this network namespace."""
     return {name: index for name, (index, _) in link_table().items()}
+
+
+def link_names(indexes: list[int]) -> dict[int, str]:
+    """Ifindex -> interface name, for those of ``indexes`` that exist, asked one by one."""
+    out = {}
+    try:
+        with IPRoute() as ipr:
+            for i in indexes:
+                try:
+                    out[i] = ipr.link("get", index=i)[0].get_attr("IFLA_IFNAME")
+                except NetlinkError as e:
+                    if e.code != errno.ENODEV:
+                        raise
+    except NetlinkError as e:
+        raise KernelError(f"netlink: {e}") from e
+    return out
+
+
+def programs() -> list[tuple[str, XdpState, str | None]]:
+    """(name, XDP program, name of the BPF filter in our TC slot) of every interface of
+    this namespace that has either, in the links' order: one dump of the links, one of the
+    qdiscs, then the filters of the interfaces that have a clsact qdisc only. (Asking each
+    link for both took 6.9 s on 2,000 links here; the dump 0.7 s.)"""
+    try:
+        with IPRoute() as ipr:
+            found = [(link["index"], link.get_attr("IFLA_IFNAME"), _xdp_of(link))
+                     for link in ipr.get_links()]
+            tc = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+            out = []
+            for idx, name, xdp in found:
+                tag = _tc_filter(ipr, idx) if idx in tc else None
+                if xdp.prog_id is not None or tag is not None:
+                    out.append((name, xdp, tag))
+            return out
+    except NetlinkError as e:
+        raise KernelError(f"netlink: {e}") from e
 
 
 def _mac(text: str) -> bytes:
@@ -189,12 +220,6 @@ def attach_tc(name: str, fd: int, tag: str) -> None:
                    fd=fd, name=tag, direct_action=True, protocol=0x0003)
         except NetlinkError as e:
             raise KernelError(f"attach TC filter to {name}: {e}") from e
-
-
-def tc_filter(name: str) -> str | None:
-    """Name of the BPF filter in our slot at TC ingress of ``name``, if any."""
-    with IPRoute() as ipr:
-        return _tc_filter(ipr, _index(ipr, name))
 
 
 def _tc_filter(ipr: IPRoute, idx: int) -> str | None:
