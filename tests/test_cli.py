@@ -214,6 +214,45 @@ def test_a_link_left_out_of_the_config_is_let_go(routers):
                        input="".join(f"link del x{i}\n" for i in links))
 
 
+def test_the_fast_path_leaves_out_what_it_cannot_forward_to(routers):
+    """limits.ifindexes sizes the fast path's devmap: an interface with an ifindex beyond
+    it is left out, with a warning, until the limit is raised (a layout change: detach,
+    attach); a link without an Ethernet address (a tun device) always is: XDP would
+    redirect an Ethernet frame into it."""
+    a = routers[0]
+    ns, cfg = a["ns"], Path(a["cfg"])
+    text = cfg.read_text()
+    fast = text.replace('access = ["a0"]', 'access = ["a0", "h0", "tn0"]') + \
+        "[dataplane]\nfast_path = true\n"
+    subprocess.run(["ip", "-n", ns, "link", "add", "h0", "index", "5000", "type", "veth",
+                    "peer", "name", "h1"], check=True)
+    subprocess.run(["ip", "-n", ns, "tuntap", "add", "mode", "tun", "name", "tn0"], check=True)
+
+    def attach() -> tuple[set[str], str]:
+        res = run("--config", a["cfg"], "--pin-dir", a["pin"], "attach", "--mode", "generic",
+                  "--json", ns=ns)
+        assert res.returncode == 0, res.stderr
+        return set(json.loads(res.stdout)["fast_path"]["egress"]), res.stderr
+
+    try:
+        run("--config", a["cfg"], "--pin-dir", a["pin"], "detach", ns=ns)   # if attached
+        cfg.write_text(fast)
+        egress, err = attach()
+        assert egress == {"a0", "c0"}
+        assert "fast path: h0: left out" in err and "fast path: tn0: left out" in err
+        xz(a, "detach")
+        cfg.write_text(fast + "[limits]\nifindexes = 8192\n")
+        egress, err = attach()
+        assert egress == {"a0", "c0", "h0"}
+        assert "h0" not in err and "fast path: tn0: left out" in err
+        assert set(xz(a, "status")["fast_path"]["egress"]) == egress
+    finally:
+        run("--config", a["cfg"], "--pin-dir", a["pin"], "detach", ns=ns)
+        cfg.write_text(text)
+        for link in ("h0", "tn0"):
+            subprocess.run(["ip", "-n", ns, "link", "del", link], check=False)
+
+
 def test_detach_removes_everything(routers):
     b = routers[1]
     if run("--config", b["cfg"], "--pin-dir", b["pin"], "status", ns=b["ns"]).returncode:

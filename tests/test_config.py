@@ -72,6 +72,7 @@ def test_defines() -> None:
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",
+        "-DXZ_MAX_IFINDEX=4096",
     ]
     c = parse_config("[limits]\nhosts = 1024\nprefixes = 16777216\nallow = 1\n"
                      "csam_hosts = 100\n")
@@ -86,6 +87,7 @@ def test_defines() -> None:
         "-DXZ_MAX_SUBSCRIBERS=1048576",
         "-DXZ_MAX_FLOWS=262144",
         "-DXZ_MAX_POOL_ADDRS=262144",
+        "-DXZ_MAX_IFINDEX=4096",
     ]
 
 

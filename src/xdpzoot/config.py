@@ -112,6 +112,7 @@ class Limits:
     subscribers: int = 1048576  # per-subscriber state slots (rates, volume)
     flows: int = 262144  # flows watched for bulk transfers in congestion mode (LRU)
     pool_addresses: int = 262144  # state of pool addresses without an owner (LRU)
+    ifindexes: int = 4096  # fast path: interfaces with an ifindex below it (devmap, MACs)
     source_bytes: int = SOURCE_BYTES  # largest source file read (list, subscribers, rules)
 
 
@@ -216,6 +217,7 @@ class Config:
             f"-DXZ_MAX_SUBSCRIBERS={self.limits.subscribers}",
             f"-DXZ_MAX_FLOWS={self.limits.flows}",
             f"-DXZ_MAX_POOL_ADDRS={self.limits.pool_addresses}",
+            f"-DXZ_MAX_IFINDEX={self.limits.ifindexes}",
         ]
 
 
@@ -503,7 +505,8 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
     "sources": {"subscribers": _path, "csam": _path, "max_shrink": _share},
     "limits": {"hosts": _size, "prefixes": _size, "allow": _size, "csam_hosts": _size,
                "csam_prefixes": _size, "subscribers": _size, "flows": _size,
-               "pool_addresses": _size, "source_bytes": _int(1, 1 << 40)},
+               "pool_addresses": _size, "ifindexes": _size,
+               "source_bytes": _int(1, 1 << 40)},
     "dataplane": {"bypass": _boolean, "monitor": _boolean, "fast_path": _boolean},
     "signals": {"scans": _boolean, "window_seconds": _int(10, 86400)},
     "radius": {

@@ -65,8 +65,9 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
                 inst.load_csam(text, cfg.sources.csam, lst, max_shrink=cfg.csam.max_shrink)
         if fast["enabled"]:
             for name in sorted(set(acc + cor) - set(fast["egress"])):
-                click.echo(f"xdpzoot: warning: fast path: {name}: ifindex beyond the devmap, "
-                           "its traffic goes through the kernel", err=True)
+                click.echo(f"xdpzoot: warning: fast path: {name}: left out (an ifindex not "
+                           f"below limits.ifindexes, {cfg.limits.ifindexes}, or no Ethernet "
+                           "address), its traffic goes through the kernel", err=True)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
                 "csam": lst.counts() if lst else None,

@@ -1959,33 +1959,41 @@ class Maps:
         self._zero_per_cpu(self.fast)
 
     # ---- fast path egress: the devmap, ifindex -> ifindex -------------------------------
+    def _fast_macs_written(self) -> list[int]:
+        """The ifindexes with an address in xz_fast_macs (read whole, in batches): every
+        interface of the devmap has one (set_fast_ifs)."""
+        return [i for i, v in enumerate(memoryview(self.fast_macs.values()).cast("Q")) if v]
+
     def fast_ifs(self) -> list[int]:
-        """The ifindexes in the fast path's devmap (egress interfaces)."""
+        """The ifindexes in the fast path's devmap (egress interfaces): each asked for
+        (the kernel takes an interface that goes out itself) among those with an address,
+        not every index of the devmap (limits.ifindexes of them)."""
         m = self.devmap
-        return [i for i in range(m.max_entries) if m.lookup(U32.pack(i)) is not None]
+        return [i for i in self._fast_macs_written() if m.lookup(U32.pack(i)) is not None]
 
     def set_fast_ifs(self, macs: dict[int, bytes]) -> list[int]:
         """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
         address; new ones first, then the others go) and xz_fast_macs their addresses (a
         frame the fast path forwards is addressed to its ingress interface's: written
-        before the interface joins, zeroed after it left); returns the ifindexes that do
-        not fit (>= XZ_MAX_IFINDEX): neither fast-path egress nor ingress."""
+        before the interface joins, zeroed after it left); returns the ifindexes left out,
+        neither fast-path egress nor ingress: beyond the devmap (>= limits.ifindexes), or
+        without an Ethernet address (a tunnel, WireGuard: XDP would redirect an Ethernet
+        frame into it, which such a device drops)."""
         self.check_writer()
         m, mac = self.devmap, self.fast_macs
-        too_big = sorted(i for i in macs if i >= m.max_entries)
-        for i in sorted(set(macs) - set(too_big)):
+        left = sorted(i for i, a in macs.items() if i >= m.max_entries or not a.strip(b"\0"))
+        keep = set(macs) - set(left)
+        for i in sorted(keep):
             mac.update(U32.pack(i), MAC.pack(macs[i]))
             m.update(U32.pack(i), U32.pack(i))
-        # What leaves: the devmap's others, and every other address written (the kernel
-        # takes an interface that goes out of the devmap itself, not out of xz_fast_macs).
-        raw = mac.values()
-        held = set(self.fast_ifs()) | {i for i in range(mac.max_entries)
-                                       if raw[i * MAC.size:(i + 1) * MAC.size].strip(b"\0")}
-        gone = [U32.pack(i) for i in sorted(held - set(macs))]
+        # What leaves: every other address written, and its interface in the devmap (the
+        # kernel takes an interface that goes out of the devmap itself, not out of
+        # xz_fast_macs).
+        gone = [U32.pack(i) for i in sorted(set(self._fast_macs_written()) - keep)]
         m.discard(gone)
         for k in gone:
             mac.update(k, bytes(MAC.size))
-        return too_big
+        return left
 
     # ---- CSAM list: two generations, meta, hits -----------------------------------------
     def _csam_bits4(self, gen: int) -> memoryview:

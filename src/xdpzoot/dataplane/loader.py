@@ -167,9 +167,9 @@ def _mode_changes(name: str, mode: str) -> bool:
 def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
     """Make the fast path's devmap hold the router's interfaces ``names`` (and no other),
     with their MAC addresses (what a frame it forwards is addressed to); returns the names
-    left out, whose ifindex is beyond the devmap (XZ_MAX_IFINDEX): what is routed out of
-    them goes through the kernel (counted as ``egress``), as does what comes in by them
-    (``other_host``)."""
+    left out (Maps.set_fast_ifs: an ifindex beyond the devmap, limits.ifindexes, or no
+    Ethernet address): what is routed out of them goes through the kernel (counted as
+    ``egress``), as does what comes in by them (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
     found = netlink.link_table(names)
