@@ -101,7 +101,8 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	struct ipv6hdr *ip6 = NULL;
 	struct xz_control *ctl;
 	__u32 key = 0, egress, tot;
-	__u64 *mac, dst = 0;
+	struct xz_fast_mac *mac;
+	__u64 dst = 0, ours;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
 
@@ -116,13 +117,27 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 		reason = XZ_FP_LOCAL;
 		goto out;
 	}
-	/* For another host's MAC (an interface in promiscuous mode, a macvlan's frames): the
+	/* For another host's MAC (an interface in promiscuous mode, a macvlan's frames but for
+	 * the VRRP ones of [interfaces] vmacs, which the kernel would route too): the
 	 * kernel drops it or gives it to whom it is for (PACKET_OTHERHOST), never forwards it.
-	 * Against the MAC the control plane wrote for the ingress interface; none: the same. */
+	 * Against the MACs the control plane wrote for the ingress interface; none: the same. */
 	key = in_if;
 	mac = xz_fast_macs.lookup(&key);
 	__builtin_memcpy(&dst, eth->h_dest, ETH_ALEN);
-	if (!mac || !*mac || *mac != dst) {
+	ours = 0;
+	if (mac) {
+#pragma unroll
+		for (int i = 0; i < XZ_FAST_MACS; i++) {
+			/* 1 where they are equal, without a branch (each would double the paths the
+			 * verifier walks): x - 1 borrows into bit 63 only when x is 0 (a MAC
+			 * address's word is below 2^48). */
+			__u64 x = mac->mac[i] ^ dst;
+
+			asm volatile("" : "+r"(x));   /* else clang makes it a compare again */
+			ours |= ((x - 1) & ~x) >> 63;
+		}
+	}
+	if (!dst || !ours) {
 		reason = XZ_FP_OTHER_HOST;
 		goto out;
 	}

@@ -125,10 +125,10 @@ struct xz_fast_ifs_table_t {
 };
 __attribute__((section("maps/devmap:" XZ_PIN_DIR "/xz_fast_ifs")))
 struct xz_fast_ifs_table_t xz_fast_ifs = { .max_entries = XZ_MAX_IFINDEX };
-/* The MAC address of each of the router's interfaces, by ifindex: its six bytes as in a
- * frame, then two zero bytes, as a native word; 0: not known. A frame the fast path
- * forwards is addressed to its ingress interface's. cp writes at attach, with the devmap. */
-XZ_MAP("array", __u32, __u64, xz_fast_macs, XZ_MAX_IFINDEX, 0);
+/* The MAC addresses of each of the router's interfaces (struct xz_fast_mac), by ifindex: a
+ * frame the fast path forwards is addressed to one of its ingress interface's. cp writes at
+ * attach, with the devmap. */
+XZ_MAP("array", __u32, struct xz_fast_mac, xz_fast_macs, XZ_MAX_IFINDEX, 0);
 /* Fast path outcomes, per CPU, by XZ_FAST_REASONS. dp writes. */
 XZ_MAP("percpu_array", __u32, struct xz_counter, xz_fast, XZ_NR_FAST, 0);
 

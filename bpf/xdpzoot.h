@@ -450,6 +450,14 @@ struct xz_counter {
 #ifndef XZ_MAX_IFINDEX
 #define XZ_MAX_IFINDEX 4096         /* egress devmap, indexed by ifindex */
 #endif
+/* The MAC addresses a frame the fast path forwards may be addressed to, of each of the
+ * router's interfaces (xz_fast_macs, by ifindex): its own, then those of VRRP virtual-MAC
+ * interfaces on it ([interfaces] vmacs: macvlans, whose frames the kernel routes too); each
+ * its six bytes as in a frame, then two zero bytes, as a native word; 0: none. */
+#define XZ_FAST_MACS 4
+struct xz_fast_mac {
+	__u64 mac[XZ_FAST_MACS];
+};
 
 /*
  * Fast path outcomes: the closed list shared by C, `status`, `stats` and the

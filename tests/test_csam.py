@@ -581,13 +581,15 @@ def test_trace_event_layout(compiled):
 
 
 def test_devmap_layout(compiled):
-    """The fast path's devmap: ifindex -> ifindex, both u32; its MAC table: ifindex -> an
-    Ethernet address and two zero bytes, a u64 (kernel.Maps.set_fast_ifs)."""
+    """The fast path's devmap: ifindex -> ifindex, both u32; its MAC table: ifindex ->
+    XZ_FAST_MACS Ethernet addresses, each with two zero bytes, a u64 (struct xz_fast_mac,
+    kernel.Maps.set_fast_ifs)."""
     bpf, pin = compiled
-    assert ct.sizeof(bpf[b"xz_fast_macs"].Leaf) == layout.MAC.size == 8
+    size = 8 * C["XZ_FAST_MACS"]
+    assert ct.sizeof(bpf[b"xz_fast_macs"].Leaf) == layout.FAST_MAC.size == size
     with kernel.Maps(pin) as m:
         assert (m.devmap.key_size, m.devmap.value_size) == (layout.U32.size, layout.U32.size)
-        assert (m.fast_macs.key_size, m.fast_macs.value_size) == (layout.U32.size, 8)
+        assert (m.fast_macs.key_size, m.fast_macs.value_size) == (layout.U32.size, size)
         assert m.fast_macs.max_entries == m.devmap.max_entries
 
 

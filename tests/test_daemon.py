@@ -354,7 +354,7 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
 
     def table(d: Daemon) -> dict[int, bytes]:
         m = d.inst.maps
-        return {i: layout.MAC.unpack(m.fast_macs.lookup(layout.U32.pack(i)))[0]
+        return {i: layout.FAST_MAC.unpack(m.fast_macs.lookup(layout.U32.pack(i)))[0]
                 for i in m.fast_ifs()}
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
@@ -376,7 +376,57 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
             d.tick()
             assert table(d) == {}
             assert "fast path: xzl-a gone, xzl-c gone" in capsys.readouterr().err
-            assert d.inst.maps.fast_macs.lookup(layout.U32.pack(idx["xzl-a"])) == bytes(8)
+            assert d.inst.maps.fast_macs.lookup(layout.U32.pack(idx["xzl-a"])) == bytes(
+                layout.FAST_MAC.size)
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)
+
+
+def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
+    """[interfaces] vmacs: a macvlan on an access interface (keepalived's use_vmac) adds its
+    MAC address to its lower interface's in the fast path's table while it is up, tick by
+    tick: made after the attach, brought up, down, and gone."""
+    cfg, pin, tmp = setup
+    ns = f"xzdv{os.getpid()}"
+    links = tmp / "vmacs.toml"
+    links.write_text(cfg.read_text() + '\n[interfaces]\naccess = ["xzv-a"]\ncore = ["xzv-c"]\n'
+                     'vmacs = ["xzv-vrrp"]\n')
+    mac_a, vmac = bytes.fromhex("020000000a01"), bytes.fromhex("00005e000133")
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
+
+    def macs(d: Daemon, i: int) -> list[bytes]:
+        raw = d.inst.maps.fast_macs.lookup(layout.U32.pack(i))
+        return [m for m in layout.FAST_MAC.unpack(raw) if m.strip(b"\0")]
+
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
+    try:
+        ip("link", "add", "xzv-a", "address", "02:00:00:00:0a:01", "type", "veth", "peer",
+           "name", "xzv-c")
+        with in_netns(ns):
+            d = daemon(links, pin, Clock(T0))
+            d.tick()
+            a = netlink.link_indexes()["xzv-a"]
+            assert macs(d, a) == [mac_a]   # no such interface yet
+            ip("link", "add", "xzv-vrrp", "link", "xzv-a", "address", "00:00:5e:00:01:33",
+               "type", "macvlan", "mode", "private")
+            d.tick()
+            assert macs(d, a) == [mac_a]   # down: the kernel drops what comes to it
+            ip("link", "set", "xzv-vrrp", "up")
+            d.tick()
+            assert macs(d, a) == [mac_a, vmac]
+            assert "fast path: xzv-vrrp changed" in capsys.readouterr().err
+            ip("link", "set", "xzv-vrrp", "down")
+            d.tick()
+            assert macs(d, a) == [mac_a]
+            ip("link", "set", "xzv-vrrp", "up")
+            d.tick()
+            assert macs(d, a) == [mac_a, vmac]
+            ip("link", "del", "xzv-vrrp")
+            d.tick()
+            assert macs(d, a) == [mac_a]
+            assert "fast path: xzv-vrrp gone" in capsys.readouterr().err
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)
 

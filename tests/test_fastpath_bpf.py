@@ -36,6 +36,7 @@ NEIGH4, NEIGH6 = "10.9.0.2", "fd00:9::2"
 NEIGH_MAC = "02:00:00:00:09:02"
 MAC_IN, MAC_ROUTER = "02:00:00:00:00:01", "02:00:00:00:00:02"
 OTHER_MAC = "02:00:00:00:00:03"   # a host beside the router on the access link
+VMAC, OTHER_VMAC = "00:00:5e:00:01:07", "00:00:5e:00:02:07"   # VRRP virtual MACs (v4, v6)
 SRC4, SRC6 = "100.64.0.12", "2001:db8:100:8::12"   # a dynamic subscriber of test_bpf's table
 MTU = 1280
 
@@ -102,6 +103,7 @@ class Case:
     reason: str | None          # fast path counter that grows; None: none
     egress: bool = True         # fa in the devmap
     ingress_mac: str | None = MAC_ROUTER   # the ingress interface's MAC in the table; None: none
+    vmacs: tuple[str, ...] = ()   # its VRRP virtual MACs in the table, after it
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
     tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
     gro: tuple[int, int] = (0, 0)   # TC: a GRO aggregate (__sk_buff.gso_segs, .gso_size)
@@ -130,6 +132,13 @@ CASES = [
     Case("v4 for another host's MAC", lambda: v4(NEIGH4, l2dst=OTHER_MAC), "pass", "other_host"),
     Case("v6 for another host's MAC", lambda: v6(NEIGH6, l2dst=OTHER_MAC), "pass", "other_host"),
     Case("ingress MAC not known", lambda: v4(NEIGH4), "pass", "other_host", ingress_mac=None),
+    # A VRRP virtual MAC of the ingress ([interfaces] vmacs), the third of its table's four.
+    Case("v4 to a VRRP virtual MAC", lambda: v4(NEIGH4, l2dst=VMAC), "redirect", "forwarded",
+         vmacs=(OTHER_VMAC, VMAC)),
+    Case("v6 to a VRRP virtual MAC", lambda: v6(NEIGH6, l2dst=VMAC), "redirect", "forwarded",
+         vmacs=(VMAC,)),
+    Case("v4 to a VRRP MAC not in the table", lambda: v4(NEIGH4, l2dst=VMAC), "pass",
+         "other_host", vmacs=(OTHER_VMAC,)),
     Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), "pass", "local"),
     Case("v6 multicast", lambda: v6("ff02::1"), "pass", "local"),
     Case("v4 options", lambda: v4(NEIGH4, options=True), "pass", "frame"),
@@ -180,8 +189,10 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
     # VM, where the root namespace has only lo.
     with in_netns(net.name):
         try:
-            dp.maps.set_fast_ifs(({LO: mac(case.ingress_mac)} if case.ingress_mac else {}) |
-                                 ({net.fa: mac(net.fa_mac)} if case.egress else {}))
+            ingress = [mac(m) for m in (case.ingress_mac, *case.vmacs)] if case.ingress_mac \
+                else None
+            dp.maps.set_fast_ifs(({LO: ingress} if ingress else {}) |
+                                 ({net.fa: [mac(net.fa_mac)]} if case.egress else {}))
             r = dp.run(hook, "access", frame, ctx=skb_ctx(case.gro) if hook == "tc" else b"")
         finally:
             dp.maps.set_fast_ifs({})

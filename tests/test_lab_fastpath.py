@@ -252,6 +252,61 @@ def test_frame_for_another_host_is_not_forwarded(lab, router, fam):
         assert delta(fast0, router.fast()).get("forwarded", 0) >= 1
 
 
+def test_a_vrrp_virtual_mac_is_forwarded_when_named(lab, router):
+    """Frames on the access link to a VRRP virtual MAC (keepalived's use_vmac: a macvlan on
+    the router's access interface, up, which the kernel routes as its own): the fast path
+    hands them to the kernel (other_host) until the macvlan is in [interfaces] vmacs, and
+    then forwards them, checksums and MACs right (the datagrams arrive)."""
+    a, port, vmac = lab.addr, PORT + 2, "00:00:5e:00:01:07"
+    dyn_mac = link_mac(lab.dyn, "eth0")
+    netns_run(lab.router, "ip", "link", "add", "vrrp.7", "link", "acc-dyn", "address", vmac,
+              "type", "macvlan", "mode", "private", timeout=10)
+    netns_run(lab.router, "ip", "link", "set", "vrrp.7", "up", timeout=10)
+
+    def frame(n: int) -> bytes:
+        return bytes(Ether(src=dyn_mac, dst=vmac) / IP(src=a["dyn4"], dst=a["inet4"]) /
+                     UDP(sport=port, dport=port) / f"datagram {n}".encode())
+
+    def send(first: int) -> dict[str, int]:
+        fast0 = router.fast()
+        for n in range(first, first + 5):
+            tx.send(frame(n))
+        deadline = time.monotonic() + 10
+        while sum(delta(fast0, router.fast()).values()) < 5:
+            assert time.monotonic() < deadline, delta(fast0, router.fast())
+            time.sleep(0.1)
+        return delta(fast0, router.fast())
+
+    with in_netns(lab.inet):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with in_netns(lab.dyn):
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    try:
+        with rx, tx:
+            rx.bind((a["inet4"], port))
+            rx.settimeout(2.0)
+            tx.bind(("eth0", 0))
+            assert send(0) == {"other_host": 5}
+            router.write_config()
+            router.config.write_text(router.config.read_text().replace(
+                'core = ["core0"]\n', 'core = ["core0"]\nvmacs = ["vrrp.7"]\n', 1))
+            router.attach("xdp", "native")
+            while True:   # what the kernel delivered of the first five, if anything
+                try:
+                    rx.settimeout(0.5)
+                    rx.recv(100)
+                except TimeoutError:
+                    break
+            rx.settimeout(2.0)
+            assert send(5) == {"forwarded": 5}
+            assert sorted(rx.recv(100) for _ in range(5)) == [
+                f"datagram {n}".encode() for n in range(5, 10)]
+    finally:
+        netns_run(lab.router, "ip", "link", "del", "vrrp.7", timeout=10, check=False)
+        router.write_config()
+        router.attach("xdp", "native")
+
+
 def test_for_the_router_itself_goes_to_the_kernel(lab, router):
     fast0 = router.fast()
     assert " 0% packet loss" in ping(lab, lab.addr["rtr_core4"])   # the router's own address

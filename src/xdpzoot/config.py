@@ -54,6 +54,7 @@ class Interfaces:
     core: tuple[str, ...] = ()
     hook: str = "xdp"  # "xdp" | "tc"
     mode: str = "auto"  # XDP attach mode: "auto" | "native" | "generic"
+    vmacs: tuple[str, ...] = ()  # VRRP virtual-MAC macvlans on them: the fast path's too
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,7 @@ _CHECKERS: dict[str, dict[str, Checker]] = {
         "core": _interfaces,
         "hook": _choice("xdp", "tc"),
         "mode": _choice("auto", "native", "generic"),
+        "vmacs": _interfaces,
     },
     "op25b": {
         "enabled": _boolean,

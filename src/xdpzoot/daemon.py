@@ -412,17 +412,18 @@ class Daemon:
             return
         from xdpzoot.dataplane import loader, netlink
 
-        found = netlink.link_table(names)
-        links = {n: found.get(n) for n in names}
+        vmacs = list(self.cfg.interfaces.vmacs)
+        found = netlink.link_table(names + vmacs)
+        links = {n: found.get(n) for n in names + vmacs}
         if links == self._links:
             return
-        changed = [f"{n} {'gone' if links[n] is None else 'changed'}" for n in names
-                   if self._links is not None and links[n] != self._links[n]]
+        changed = [f"{n} {'gone' if links[n] is None else 'changed'}" for n in links
+                   if self._links is not None and links[n] != self._links.get(n)]
         with self.inst.locked():
-            loader.set_egress(self.inst.maps, names)
+            loader.set_egress(self.inst.maps, names, vmacs)
         self._links = links
         if changed:
-            log(f"fast path: {', '.join(changed)} (ifindex or MAC address): its egress and "
+            log(f"fast path: {', '.join(changed)} (ifindex, MAC address or state): its egress and "
                 "addresses written again")
 
     # -- source files -----------------------------------------------------------------------

@@ -32,11 +32,11 @@ from xdpzoot.dataplane.layout import (
     CLASS,
     CONTROL,
     COUNTER,
+    FAST_MAC,
     HOSTED,
     IDX_LANE,
     IDX_ROW,
     LPM_KEY,
-    MAC,
     MANUAL,
     META,
     NOTED,
@@ -1962,7 +1962,9 @@ class Maps:
     def _fast_macs_written(self) -> list[int]:
         """The ifindexes with an address in xz_fast_macs (read whole, in batches): every
         interface of the devmap has one (set_fast_ifs)."""
-        return [i for i, v in enumerate(memoryview(self.fast_macs.values()).cast("Q")) if v]
+        words = memoryview(self.fast_macs.values()).cast("Q")
+        n = FAST_MAC.size // 8
+        return [i for i in range(len(words) // n) if words[i * n]]
 
     def fast_ifs(self) -> list[int]:
         """The ifindexes in the fast path's devmap (egress interfaces): each asked for
@@ -1971,20 +1973,23 @@ class Maps:
         m = self.devmap
         return [i for i in self._fast_macs_written() if m.lookup(U32.pack(i)) is not None]
 
-    def set_fast_ifs(self, macs: dict[int, bytes]) -> list[int]:
+    def set_fast_ifs(self, macs: dict[int, list[bytes]]) -> list[int]:
         """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
-        address; new ones first, then the others go) and xz_fast_macs their addresses (a
-        frame the fast path forwards is addressed to its ingress interface's: written
-        before the interface joins, zeroed after it left); returns the ifindexes left out,
+        address, then its VRRP virtual MACs, XZ_FAST_MACS in all at most; new ones first,
+        then the others go) and xz_fast_macs their addresses (a frame the fast path
+        forwards is addressed to one of its ingress interface's: written before the
+        interface joins, zeroed after it left); returns the ifindexes left out,
         neither fast-path egress nor ingress: beyond the devmap (>= limits.ifindexes), or
         without an Ethernet address (a tunnel, WireGuard: XDP would redirect an Ethernet
         frame into it, which such a device drops)."""
         self.check_writer()
         m, mac = self.devmap, self.fast_macs
-        left = sorted(i for i, a in macs.items() if i >= m.max_entries or not a.strip(b"\0"))
+        n = schema.C["XZ_FAST_MACS"]
+        left = sorted(i for i, a in macs.items()
+                      if i >= m.max_entries or not a or not a[0].strip(b"\0"))
         keep = set(macs) - set(left)
         for i in sorted(keep):
-            mac.update(U32.pack(i), MAC.pack(macs[i]))
+            mac.update(U32.pack(i), FAST_MAC.pack(*(macs[i] + [b""] * n)[:n]))
             m.update(U32.pack(i), U32.pack(i))
         # What leaves: every other address written, and its interface in the devmap (the
         # kernel takes an interface that goes out of the devmap itself, not out of
@@ -1992,7 +1997,7 @@ class Maps:
         gone = [U32.pack(i) for i in sorted(set(self._fast_macs_written()) - keep)]
         m.discard(gone)
         for k in gone:
-            mac.update(k, bytes(MAC.size))
+            mac.update(k, bytes(FAST_MAC.size))
         return left
 
     # ---- CSAM list: two generations, meta, hits -----------------------------------------

@@ -123,7 +123,8 @@ def attach(cfg, maps: kernel.Maps, access: list[str], core: list[str], hook: str
     bpf = kernel.compile_bpf(pin_dir, cfg.defines())   # creates the maps that are missing
     maps.close()   # opened again from the pins, the new ones included
     configure(maps, cfg)
-    set_egress(maps, access + core)   # before the programs: they find their egress at once
+    # Before the programs: they find their egress at once.
+    set_egress(maps, access + core, cfg.interfaces.vmacs)
     wanted = {n: "access" for n in access} | {n: "core" for n in core}
     done: list[Attachment] = []
     for role in ("access", "core"):
@@ -164,18 +165,25 @@ def _mode_changes(name: str, mode: str) -> bool:
     return current is not None and mode != "auto" and current != mode
 
 
-def set_egress(maps: kernel.Maps, names: list[str]) -> list[str]:
+def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = ()
+               ) -> list[str]:
     """Make the fast path's devmap hold the router's interfaces ``names`` (and no other),
-    with their MAC addresses (what a frame it forwards is addressed to); returns the names
+    with their MAC addresses (what a frame it forwards is addressed to), and those of the
+    interfaces of ``vmacs`` that are up (VRRP virtual MACs: macvlans) as their lower
+    interface's (XZ_FAST_MACS - 1 of them at most an interface); returns the names
     left out (Maps.set_fast_ifs: an ifindex beyond the devmap, limits.ifindexes, or no
     Ethernet address): what is routed out of them goes through the kernel (counted as
     ``egress``), as does what comes in by them (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
-    found = netlink.link_table(names)
-    by_index = {found[n][0]: n for n in names if n in found}
-    return [by_index[i] for i in maps.set_fast_ifs({i: found[n][1]
-                                                    for i, n in by_index.items()})]
+    found = netlink.link_table(names + [v for v in vmacs if v not in names])
+    macs = {found[n].index: [found[n].mac] for n in names if n in found}
+    for v in vmacs:
+        link = found.get(v)
+        if link and link.up and link.mac and link.lower in macs:
+            macs[link.lower].append(link.mac)
+    by_index = {found[n].index: n for n in names if n in found}
+    return [by_index[i] for i in maps.set_fast_ifs(macs)]
 
 
 def fast_path(maps: kernel.Maps) -> dict:

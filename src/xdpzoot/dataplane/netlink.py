@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -36,13 +37,22 @@ def _index(ipr: IPRoute, name: str) -> int:
     return idx[0]
 
 
-def link_table(names: list[str] | None = None) -> dict[str, tuple[int, bytes]]:
-    """Interface name -> (ifindex, Ethernet address: 6 bytes, b"" for a link without one,
-    a tunnel's), in this network namespace: every interface, or those of ``names`` that
-    exist, asked one by one (a dump of 2,000 links took pyroute2 1.1-1.3 s here)."""
-    def entry(link) -> tuple[str, tuple[int, bytes]]:
-        return link.get_attr("IFLA_IFNAME"), (link["index"],
-                                              _mac(link.get_attr("IFLA_ADDRESS") or ""))
+class Link(NamedTuple):
+    index: int
+    mac: bytes    # the Ethernet address, 6 bytes; b"" for a link without one (a tunnel)
+    lower: int    # the ifindex of the link it is on (a macvlan's, a VLAN's); 0: none
+    up: bool      # administratively up (IFF_UP)
+
+
+def link_table(names: list[str] | None = None) -> dict[str, Link]:
+    """Interface name -> Link, in this network namespace: every interface, or those of
+    ``names`` that exist, asked one by one (a dump of 2,000 links took pyroute2 1.1-1.3 s
+    here)."""
+    def entry(link) -> tuple[str, Link]:
+        lower = link.get_attr("IFLA_LINK") or 0
+        return link.get_attr("IFLA_IFNAME"), Link(
+            link["index"], _mac(link.get_attr("IFLA_ADDRESS") or ""),
+            lower if lower != link["index"] else 0, bool(link["flags"] & 1))
 
     try:
         with IPRoute() as ipr:
@@ -62,7 +72,7 @@ def link_table(names: list[str] | None = None) -> dict[str, tuple[int, bytes]]:
 
 def link_indexes() -> dict[str, int]:
     """Interface name -> ifindex, in this network namespace."""
-    return {name: index for name, (index, _) in link_table().items()}
+    return {name: link.index for name, link in link_table().items()}
 
 
 def link_names(indexes: list[int]) -> dict[int, str]:
