@@ -406,7 +406,9 @@ class Daemon:
         addressed to, as the links are now (loader.set_egress, as at attach): an address
         changed by hand or by a bond since the attach sent every frame that came in by the
         interface through the kernel (``other_host``), unnoticed; an interface gone left
-        the devmap. Asked by name each tick; written when it differs from the last."""
+        the devmap. With them the VRRP virtual MACs of [interfaces] vmacs, which keepalived
+        may make, bring up and down at any time. Asked by name each tick; written when it
+        differs from the last."""
         names = list(self.cfg.interfaces.access) + list(self.cfg.interfaces.core)
         if not names:
             return
