@@ -180,7 +180,7 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
     macs = {found[n].index: [found[n].mac] for n in names if n in found}
     for v in vmacs:
         link = found.get(v)
-        if link and link.up and link.mac and link.lower in macs:
+        if link and link.kind == "macvlan" and link.up and link.mac and link.lower in macs:
             macs[link.lower].append(link.mac)
     by_index = {found[n].index: n for n in names if n in found}
     return [by_index[i] for i in maps.set_fast_ifs(macs)]
