@@ -222,8 +222,8 @@ def test_the_fast_path_leaves_out_what_it_cannot_forward_to(routers):
     a = routers[0]
     ns, cfg = a["ns"], Path(a["cfg"])
     text = cfg.read_text()
-    fast = text.replace('access = ["a0"]', 'access = ["a0", "h0", "tn0"]') + \
-        "[dataplane]\nfast_path = true\n"
+    fast = text.replace('access = ["a0"]', 'access = ["a0", "h0", "tn0"]').replace(
+        'core = ["c0"]\n', 'core = ["c0"]\nvmacs = ["vm9"]\n') + "[dataplane]\nfast_path = true\n"
     subprocess.run(["ip", "-n", ns, "link", "add", "h0", "index", "5000", "type", "veth",
                     "peer", "name", "h1"], check=True)
     subprocess.run(["ip", "-n", ns, "tuntap", "add", "mode", "tun", "name", "tn0"], check=True)
@@ -240,6 +240,7 @@ def test_the_fast_path_leaves_out_what_it_cannot_forward_to(routers):
         egress, err = attach()
         assert egress == {"a0", "c0"}
         assert "fast path: h0: left out" in err and "fast path: tn0: left out" in err
+        assert "fast path: vm9 (interfaces.vmacs): its MAC address not taken" in err
         xz(a, "detach")
         cfg.write_text(fast + "[limits]\nifindexes = 8192\n")
         egress, err = attach()

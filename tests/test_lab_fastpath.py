@@ -100,7 +100,8 @@ def test_attached_native_with_the_fast_path(router):
     out = router.attached
     assert {a["mode"] for a in out["attached"]} == {"native"}
     assert out["fast_path"] == {"enabled": True,
-                                "egress": sorted(["acc-dyn", "acc-sta", "core0"])}
+                                "egress": sorted(["acc-dyn", "acc-sta", "core0"]),
+                                "virtual_macs": {}}
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -291,6 +292,8 @@ def test_a_vrrp_virtual_mac_is_forwarded_when_named(lab, router):
             router.config.write_text(router.config.read_text().replace(
                 'core = ["core0"]\n', 'core = ["core0"]\nvmacs = ["vrrp.7"]\n', 1))
             router.attach("xdp", "native")
+            assert router.json("status")["fast_path"]["virtual_macs"] == {"acc-dyn": [vmac]}
+            assert f"VRRP virtual MACs on acc-dyn: {vmac}" in router.cli("status").stdout
             while True:   # what the kernel delivered of the first five, if anything
                 try:
                     rx.settimeout(0.5)

@@ -40,7 +40,8 @@ def test_attached_at_tc_with_the_fast_path(router):
     out = router.attached
     assert {a["hook"] for a in out["attached"]} == {"tc"}
     assert out["fast_path"] == {"enabled": True,
-                                "egress": sorted(["acc-dyn", "acc-sta", "core0"])}
+                                "egress": sorted(["acc-dyn", "acc-sta", "core0"]),
+                                "virtual_macs": {}}
 
 
 @contextlib.contextmanager

@@ -56,6 +56,7 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             done = inst.attach(cfg, acc, cor, hook or cfg.interfaces.hook,
                                mode or cfg.interfaces.mode)
             fast = inst.fast_path()
+            vmacs_out = inst.vmacs_left_out(cfg.interfaces.vmacs)
             change = (inst.load_subscribers(subs.hosts, subs.prefixes,
                                             max_shrink=cfg.sources.max_shrink,
                                             path=cfg.sources.subscribers,
@@ -68,10 +69,15 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
                 click.echo(f"xdpzoot: warning: fast path: {name}: left out (an ifindex not "
                            f"below limits.ifindexes, {cfg.limits.ifindexes}, or no Ethernet "
                            "address), its traffic goes through the kernel", err=True)
+            for name in vmacs_out:
+                click.echo(f"xdpzoot: warning: fast path: {name} (interfaces.vmacs): its MAC "
+                           "address not taken (absent, down, not a macvlan on an access or "
+                           "core interface, or a fourth on one), frames to it go through "
+                           "the kernel", err=True)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
                 "csam": lst.counts() if lst else None,
-                "fast_path": {k: fast[k] for k in ("enabled", "egress")}}
+                "fast_path": {k: fast[k] for k in ("enabled", "egress", "virtual_macs")}}
         _emit(as_json, data, lambda: [
             click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
             for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
@@ -160,6 +166,8 @@ def status(o: Ctx, as_json) -> None:
             click.echo(f"\nFast path: {'on' if fp['enabled'] else 'off'}" + (
                 "" if not fp["enabled"] else " (TC hook; egress any interface)" if at_tc else
                 f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"))
+            for name, macs in fp["virtual_macs"].items():
+                click.echo(f"  VRRP virtual MACs on {name}: {', '.join(macs)}")
             _fast_table(fp["counters"])
 
         _emit(as_json, data, text)

@@ -1966,6 +1966,12 @@ class Maps:
         n = FAST_MAC.size // 8
         return [i for i in range(len(words) // n) if words[i * n]]
 
+    def fast_macs_of(self, ifs: list[int]) -> dict[int, list[bytes]]:
+        """The MAC addresses in xz_fast_macs of the ifindexes ``ifs``: its own first."""
+        raw = {i: self.fast_macs.lookup(U32.pack(i)) for i in ifs}
+        return {i: [m for m in FAST_MAC.unpack(v) if m.strip(b"\0")]
+                for i, v in raw.items() if v is not None}
+
     def fast_ifs(self) -> list[int]:
         """The ifindexes in the fast path's devmap (egress interfaces): each asked for
         (the kernel takes an interface that goes out itself) among those with an address,

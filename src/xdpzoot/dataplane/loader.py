@@ -188,15 +188,29 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
 
 def fast_path(maps: kernel.Maps) -> dict:
     """The fast path for `status` and `stats`: its switch, its egress interfaces (names, as
-    this namespace has them) and its counters by reason."""
+    this namespace has them), the VRRP virtual MACs it takes on them, and its counters by
+    reason."""
     from xdpzoot.dataplane import netlink
 
     ifs = maps.fast_ifs()
     names = netlink.link_names(ifs)
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
             "egress": [names.get(i, f"ifindex {i}") for i in ifs],
+            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m in macs[1:]]
+                             for i, macs in maps.fast_macs_of(ifs).items() if macs[1:]},
             "counters": {r: {"packets": p, "bytes": b}
                          for r, (p, b) in maps.fast_counters().items()}}
+
+
+def vmacs_left_out(maps: kernel.Maps, vmacs: list[str] | tuple) -> list[str]:
+    """Those of ``vmacs`` ([interfaces] vmacs) whose MAC address the fast path does not take
+    now: absent, down, not a macvlan on one of its interfaces, or past the XZ_FAST_MACS - 1
+    an interface holds."""
+    from xdpzoot.dataplane import netlink
+
+    taken = {m for macs in maps.fast_macs_of(maps.fast_ifs()).values() for m in macs[1:]}
+    found = netlink.link_table(list(vmacs))
+    return [v for v in vmacs if v not in found or found[v].mac not in taken]
 
 
 def _detach_one(a: Attachment) -> None:
