@@ -589,8 +589,8 @@ def test_devmap_layout(compiled):
     assert ct.sizeof(bpf[b"xz_fast_macs"].Leaf) == layout.FAST_MAC.size == size
     with kernel.Maps(pin) as m:
         assert (m.devmap.key_size, m.devmap.value_size) == (layout.U32.size, layout.U32.size)
-        assert (m.fast_macs.key_size, m.fast_macs.value_size) == (layout.U32.size, size)
-        assert m.fast_macs.max_entries == m.devmap.max_entries
+        assert (m.fast_macs_map.key_size, m.fast_macs_map.value_size) == (layout.U32.size, size)
+        assert m.fast_macs_map.max_entries == m.devmap.max_entries
 
 
 def test_meta_layout(compiled):

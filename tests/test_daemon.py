@@ -354,7 +354,7 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
 
     def table(d: Daemon) -> dict[int, bytes]:
         m = d.inst.maps
-        return {i: layout.FAST_MAC.unpack(m.fast_macs.lookup(layout.U32.pack(i)))[0]
+        return {i: layout.FAST_MAC.unpack(m.fast_macs_map.lookup(layout.U32.pack(i)))[0]
                 for i in m.fast_ifs()}
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
@@ -365,7 +365,7 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
             d = daemon(links, pin, Clock(T0))
             assert table(d) == {}   # nothing attached: nothing written yet
             d.tick()
-            idx = netlink.link_indexes()
+            idx = {n: link.index for n, link in netlink.link_table(["xzl-a", "xzl-c"]).items()}
             mac_a, mac_c = bytes.fromhex("02000000" "0a01"), bytes.fromhex("02000000" "0c01")
             assert table(d) == {idx["xzl-a"]: mac_a, idx["xzl-c"]: mac_c}
             ip("link", "set", "xzl-a", "address", "02:00:00:00:0a:02")
@@ -376,7 +376,7 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
             d.tick()
             assert table(d) == {}
             assert "fast path: xzl-a gone, xzl-c gone" in capsys.readouterr().err
-            assert d.inst.maps.fast_macs.lookup(layout.U32.pack(idx["xzl-a"])) == bytes(
+            assert d.inst.maps.fast_macs_map.lookup(layout.U32.pack(idx["xzl-a"])) == bytes(
                 layout.FAST_MAC.size)
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)
@@ -397,7 +397,7 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
         subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
 
     def macs(d: Daemon, i: int) -> list[bytes]:
-        raw = d.inst.maps.fast_macs.lookup(layout.U32.pack(i))
+        raw = d.inst.maps.fast_macs_map.lookup(layout.U32.pack(i))
         return [m for m in layout.FAST_MAC.unpack(raw) if m.strip(b"\0")]
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
@@ -407,7 +407,7 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
         with in_netns(ns):
             d = daemon(links, pin, Clock(T0))
             d.tick()
-            a = netlink.link_indexes()["xzv-a"]
+            a = netlink.link_table(["xzv-a"])["xzv-a"].index
             assert macs(d, a) == [mac_a]   # no such interface yet
             ip("link", "add", "xzv-vrrp", "link", "xzv-a", "address", "00:00:5e:00:01:33",
                "type", "macvlan", "mode", "private")

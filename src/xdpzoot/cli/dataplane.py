@@ -56,7 +56,7 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             done = inst.attach(cfg, acc, cor, hook or cfg.interfaces.hook,
                                mode or cfg.interfaces.mode)
             fast = inst.fast_path()
-            vmacs_out = inst.vmacs_left_out(cfg.interfaces.vmacs)
+            vmacs_out = loader.vmacs_left_out(fast, cfg.interfaces.vmacs)
             change = (inst.load_subscribers(subs.hosts, subs.prefixes,
                                             max_shrink=cfg.sources.max_shrink,
                                             path=cfg.sources.subscribers,

@@ -511,9 +511,6 @@ class Instance:
     def fast_path(self) -> dict:
         return loader.fast_path(self.maps)
 
-    def vmacs_left_out(self, vmacs: list[str] | tuple) -> list[str]:
-        return loader.vmacs_left_out(self.maps, vmacs)
-
     def kernel(self) -> dict:
         """The running kernel: release, declared minimum, what it lacks, what is degraded."""
         return kernel.kernel_report()

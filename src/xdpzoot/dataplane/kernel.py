@@ -1314,7 +1314,7 @@ class Maps:
     flows = property(lambda self: self.map("xz_flows"))
     fast = property(lambda self: self.map("xz_fast"))
     devmap = property(lambda self: self.map("xz_fast_ifs"))
-    fast_macs = property(lambda self: self.map("xz_fast_macs"))   # by ifindex
+    fast_macs_map = property(lambda self: self.map("xz_fast_macs"))   # by ifindex
     meta = property(lambda self: self.map("xz_csam_meta"))
     hits = property(lambda self: self.map("xz_csam_hits"))
     csam_hosts = property(lambda self: (self.map("xz_csam_h0"), self.map("xz_csam_h1")))
@@ -1959,25 +1959,21 @@ class Maps:
         self._zero_per_cpu(self.fast)
 
     # ---- fast path egress: the devmap, ifindex -> ifindex -------------------------------
-    def _fast_macs_written(self) -> list[int]:
-        """The ifindexes with an address in xz_fast_macs (read whole, in batches): every
-        interface of the devmap has one (set_fast_ifs)."""
-        words = memoryview(self.fast_macs.values()).cast("Q")
-        n = FAST_MAC.size // 8
-        return [i for i in range(len(words) // n) if words[i * n]]
-
-    def fast_macs_of(self, ifs: list[int]) -> dict[int, list[bytes]]:
-        """The MAC addresses in xz_fast_macs of the ifindexes ``ifs``: its own first."""
-        raw = {i: self.fast_macs.lookup(U32.pack(i)) for i in ifs}
-        return {i: [m for m in FAST_MAC.unpack(v) if m.strip(b"\0")]
-                for i, v in raw.items() if v is not None}
+    def fast_macs(self) -> dict[int, list[bytes]]:
+        """Ifindex -> its MAC addresses in xz_fast_macs, its own first, for every ifindex
+        with one (the table read whole, in batches): every interface of the devmap has one
+        (set_fast_ifs)."""
+        raw, n = self.fast_macs_map.values(), FAST_MAC.size
+        words = memoryview(raw).cast("Q")
+        return {i: [m for m in FAST_MAC.unpack_from(raw, i * n) if m.strip(b"\0")]
+                for i in range(len(raw) // n) if words[i * n // 8]}
 
     def fast_ifs(self) -> list[int]:
         """The ifindexes in the fast path's devmap (egress interfaces): each asked for
         (the kernel takes an interface that goes out itself) among those with an address,
         not every index of the devmap (limits.ifindexes of them)."""
         m = self.devmap
-        return [i for i in self._fast_macs_written() if m.lookup(U32.pack(i)) is not None]
+        return [i for i in self.fast_macs() if m.lookup(U32.pack(i)) is not None]
 
     def set_fast_ifs(self, macs: dict[int, list[bytes]]) -> list[int]:
         """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
@@ -1989,7 +1985,7 @@ class Maps:
         without an Ethernet address (a tunnel, WireGuard: XDP would redirect an Ethernet
         frame into it, which such a device drops)."""
         self.check_writer()
-        m, mac = self.devmap, self.fast_macs
+        m, mac = self.devmap, self.fast_macs_map
         n = schema.C["XZ_FAST_MACS"]
         left = sorted(i for i, a in macs.items()
                       if i >= m.max_entries or not a or not a[0].strip(b"\0"))
@@ -2000,7 +1996,7 @@ class Maps:
         # What leaves: every other address written, and its interface in the devmap (the
         # kernel takes an interface that goes out of the devmap itself, not out of
         # xz_fast_macs).
-        gone = [U32.pack(i) for i in sorted(set(self._fast_macs_written()) - keep)]
+        gone = [U32.pack(i) for i in sorted(set(self.fast_macs()) - keep)]
         m.discard(gone)
         for k in gone:
             mac.update(k, bytes(FAST_MAC.size))

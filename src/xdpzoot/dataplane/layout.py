@@ -177,8 +177,8 @@ IDX_LANE = struct.Struct("=H")            # one of them
 HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, idx, _pad
 ATTEMPTS = struct.Struct(f"={schema.C['XZ_OP25B_PER']}I")   # struct xz_op25b: SMTP attempts
 NOTED = struct.Struct(f"=I{schema.C['XZ_OP25B_BATCH']}II")   # struct xz_op25b_batch: n, idx, _pad
-MAC = struct.Struct("=6s2x")              # an Ethernet address, two zero bytes
-FAST_MAC = struct.Struct("=" + "6s2x" * schema.C["XZ_FAST_MACS"])   # struct xz_fast_mac
+# struct xz_fast_mac: Ethernet addresses, each with two zero bytes
+FAST_MAC = struct.Struct("=" + "6s2x" * schema.C["XZ_FAST_MACS"])
 
 
 class Control(NamedTuple):

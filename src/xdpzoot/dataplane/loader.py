@@ -192,25 +192,25 @@ def fast_path(maps: kernel.Maps) -> dict:
     reason."""
     from xdpzoot.dataplane import netlink
 
-    ifs = maps.fast_ifs()
+    ifs, macs = maps.fast_ifs(), maps.fast_macs()
     names = netlink.link_names(ifs)
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
             "egress": [names.get(i, f"ifindex {i}") for i in ifs],
-            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m in macs[1:]]
-                             for i, macs in maps.fast_macs_of(ifs).items() if macs[1:]},
+            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m in macs[i][1:]]
+                             for i in ifs if macs[i][1:]},
             "counters": {r: {"packets": p, "bytes": b}
                          for r, (p, b) in maps.fast_counters().items()}}
 
 
-def vmacs_left_out(maps: kernel.Maps, vmacs: list[str] | tuple) -> list[str]:
+def vmacs_left_out(fast: dict, vmacs: list[str] | tuple) -> list[str]:
     """Those of ``vmacs`` ([interfaces] vmacs) whose MAC address the fast path does not take
-    now: absent, down, not a macvlan on one of its interfaces, or past the XZ_FAST_MACS - 1
-    an interface holds."""
+    (``fast``: as fast_path read it): absent, down, not a macvlan on one of its interfaces,
+    or past the XZ_FAST_MACS - 1 an interface holds."""
     from xdpzoot.dataplane import netlink
 
-    taken = {m for macs in maps.fast_macs_of(maps.fast_ifs()).values() for m in macs[1:]}
+    taken = {m for macs in fast["virtual_macs"].values() for m in macs}
     found = netlink.link_table(list(vmacs))
-    return [v for v in vmacs if v not in found or found[v].mac not in taken]
+    return [v for v in vmacs if v not in found or found[v].mac.hex(":") not in taken]
 
 
 def _detach_one(a: Attachment) -> None:
