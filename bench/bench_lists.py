@@ -603,9 +603,7 @@ def per_packet(root: str, small: csam.CsamList, big: csam.CsamList, s: CsamSet, 
                 blocklist.load(cm, texts[label], lst=lst)
                 words[label] = cm.word()[1]
             else:
-                idle = 1 - (words["small"] & C["XZ_CSAM_GEN"])
-                _, _, counts, _, _ = blocklist._bring(cm, idle, texts[label], label, lst, None)
-                words[label] = blocklist.word_of(cm, idle, counts)   # as a load's switch
+                words[label] = blocklist.stage(cm, texts[label], label, lst)
             log(f"    {time.monotonic() - t0:.1f} s")
         paths = [
             PathCase("unlisted", "pass, destination not listed", UNLISTED_V4, ("pass", "ok")),

@@ -102,7 +102,8 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	struct xz_control *ctl;
 	__u32 key = 0, egress, tot;
 	struct xz_fast_mac *mac;
-	__u64 dst = 0, ours;
+	__u64 dst = 0, addr = 0, ours, via, same;
+	__u32 from;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
 
@@ -120,28 +121,37 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	/* For another host's MAC (an interface in promiscuous mode, a macvlan's frames but for
 	 * the VRRP ones of [interfaces] vmacs, which the kernel would route too): the
 	 * kernel drops it or gives it to whom it is for (PACKET_OTHERHOST), never forwards it.
-	 * Against the MACs the control plane wrote for the ingress interface; none: the same. */
+	 * Against the MACs the control plane wrote for the ingress interface; none: the same.
+	 * A VRRP one's frames the kernel routes as the macvlan's (its `iif` rules, its VRF,
+	 * its forwarding switch): so does the route lookup, from the entry's ``via``. */
 	key = in_if;
 	mac = xz_fast_macs.lookup(&key);
 	__builtin_memcpy(&dst, eth->h_dest, ETH_ALEN);
+	__builtin_memset(&addr, 0xff, ETH_ALEN);   /* a word's six bytes of address */
 	ours = 0;
+	via = 0;
 	if (mac) {
 #pragma unroll
 		for (int i = 0; i < XZ_FAST_MACS; i++) {
-			/* 1 where they are equal, without a branch (each would double the paths the
-			 * verifier walks): x - 1 borrows into bit 63 only when x is 0 (a MAC
-			 * address's word is below 2^48). */
-			__u64 x = mac->mac[i] ^ dst;
+			/* 1 where the addresses are equal, without a branch (each would double
+			 * the paths the verifier walks): (x - 1) & ~x has bit 63 set only where x
+			 * is 0. */
+			__u64 w = mac->mac[i], x = (w ^ dst) & addr, eq;
 
 			asm volatile("" : "+r"(x));   /* else clang makes it a compare again */
-			ours |= ((x - 1) & ~x) >> 63;
+			eq = ((x - 1) & ~x) >> 63;
+			ours |= eq;
+			/* the word's last two bytes: its top 16 bits little-endian, else its low */
+			via |= ((w & ~addr) >> ((addr & 1) * 48)) & -eq;
 		}
 	}
 	if (!dst || !ours) {
 		reason = XZ_FP_OTHER_HOST;
 		goto out;
 	}
-	fib.ifindex = in_if;
+	/* via, else the ingress itself (without a branch: via is below 2^16) */
+	from = via + in_if * ((((__u64)via + 0xFFFF) >> 16) ^ 1);
+	fib.ifindex = from;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		ip = (void *)(eth + 1);
 		/* Options (router alert, source route...) need the kernel. */
@@ -220,8 +230,12 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 			goto out;
 		}
 	}
-	/* Out where it came in: the kernel would also send an ICMP redirect. */
-	if (egress == in_if) {
+	/* Out where it came in (or where the kernel would say it came in): the kernel would
+	 * also send an ICMP redirect. (One branch for both: a second one took xz_tc_access
+	 * past the verifier's limit.) */
+	same = (__u64)(egress ^ in_if) * (egress ^ from);
+	asm volatile("" : "+r"(same));
+	if (!same) {
 		reason = XZ_FP_EGRESS;
 		goto out;
 	}

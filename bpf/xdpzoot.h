@@ -453,7 +453,9 @@ struct xz_counter {
 /* The MAC addresses a frame the fast path forwards may be addressed to, of each of the
  * router's interfaces (xz_fast_macs, by ifindex): its own, then those of VRRP virtual-MAC
  * interfaces on it ([interfaces] vmacs: macvlans, whose frames the kernel routes too); each
- * its six bytes as in a frame, then two zero bytes, as a native word; 0: none. */
+ * a native word of its six bytes as in a frame, then (a native __u16) the ifindex of the
+ * interface the kernel routes its frames from (the macvlan: policy routing by `iif`, a VRF,
+ * its forwarding switch; 0: the interface's own); 0: none. */
 #define XZ_FAST_MACS 4
 struct xz_fast_mac {
 	__u64 mac[XZ_FAST_MACS];

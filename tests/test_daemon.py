@@ -353,9 +353,8 @@ def test_fast_path_interfaces_follow_their_links(setup, capsys):
         subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
 
     def table(d: Daemon) -> dict[int, bytes]:
-        m = d.inst.maps
-        return {i: layout.FAST_MAC.unpack(m.fast_macs_map.lookup(layout.U32.pack(i)))[0]
-                for i in m.fast_ifs()}
+        macs = d.inst.maps.fast_macs()
+        return {i: macs[i][0][0] for i in d.inst.maps.fast_ifs()}
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
@@ -396,9 +395,8 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
     def ip(*args: str) -> None:
         subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
 
-    def macs(d: Daemon, i: int) -> list[bytes]:
-        raw = d.inst.maps.fast_macs_map.lookup(layout.U32.pack(i))
-        return [m for m in layout.FAST_MAC.unpack(raw) if m.strip(b"\0")]
+    def macs(d: Daemon, i: int) -> list[tuple[bytes, int]]:
+        return d.inst.maps.fast_macs().get(i, [])
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     try:
@@ -408,24 +406,26 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
             d = daemon(links, pin, Clock(T0))
             d.tick()
             a = netlink.link_table(["xzv-a"])["xzv-a"].index
-            assert macs(d, a) == [mac_a]   # no such interface yet
+            assert macs(d, a) == [(mac_a, 0)]   # no such interface yet
             ip("link", "add", "xzv-vrrp", "link", "xzv-a", "address", "00:00:5e:00:01:33",
                "type", "macvlan", "mode", "private")
             d.tick()
-            assert macs(d, a) == [mac_a]   # down: the kernel drops what comes to it
+            assert macs(d, a) == [(mac_a, 0)]   # down: the kernel drops what comes to it
             ip("link", "set", "xzv-vrrp", "up")
             d.tick()
-            assert macs(d, a) == [mac_a, vmac]
+            # its frames routed as the macvlan's (from its ifindex), as the kernel does
+            v = netlink.link_table(["xzv-vrrp"])["xzv-vrrp"].index
+            assert macs(d, a) == [(mac_a, 0), (vmac, v)]
             assert "fast path: xzv-vrrp changed" in capsys.readouterr().err
             ip("link", "set", "xzv-vrrp", "down")
             d.tick()
-            assert macs(d, a) == [mac_a]
+            assert macs(d, a) == [(mac_a, 0)]
             ip("link", "set", "xzv-vrrp", "up")
             d.tick()
-            assert macs(d, a) == [mac_a, vmac]
+            assert macs(d, a) == [(mac_a, 0), (vmac, v)]
             ip("link", "del", "xzv-vrrp")
             d.tick()
-            assert macs(d, a) == [mac_a]
+            assert macs(d, a) == [(mac_a, 0)]
             assert "fast path: xzv-vrrp gone" in capsys.readouterr().err
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)

@@ -7,7 +7,10 @@ the run only): an interface ``fa`` (its veth peer ``fb``) holding 10.9.0.1/24 an
 fd00:9::1/64, one static neighbour on each, a blackhole route, forwarding on. The
 program's ingress interface is that namespace's loopback (what test_run gives an XDP
 program; a TC program is told so in its context, struct __sk_buff), given the router's MAC
-address in the fast path's MAC table (as attach gives each interface its own).
+address in the fast path's MAC table (as attach gives each interface its own). A veth
+``fv`` stands for a VRRP macvlan: what the kernel routes as from it follows a
+policy rule of its own (`iif fv`: table 77, which prohibits 10.9.0.0/24 and fd00:9::/64 and
+routes 10.7.0.0/24 out of it).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Net:
     name: str
     fa: int        # ifindex of the egress interface
     fa_mac: str
+    fv: int        # ifindex of the stand-in for a VRRP macvlan
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,18 @@ def net() -> Iterator[Net]:
             ip("neigh", "replace", a, "lladdr", NEIGH_MAC, "dev", "fa", "nud", "permanent")
         ip("route", "add", "blackhole", "10.8.0.0/24")
         ip("-6", "route", "add", "blackhole", "fd00:8::/64")
+        ip("link", "add", "fv", "type", "veth", "peer", "name", "fw")
+        ip("link", "set", "fv", "up")
+        ip("link", "set", "fw", "up")
+        for family in ("-4", "-6"):
+            ip(family, "rule", "add", "iif", "fv", "table", "77", "pref", "100")
+        ip("route", "add", "prohibit", "10.9.0.0/24", "table", "77")
+        ip("-6", "route", "add", "prohibit", "fd00:9::/64", "table", "77")
+        ip("route", "add", "10.7.0.0/24", "dev", "fv", "table", "77")
+        ip("neigh", "replace", "10.7.0.2", "lladdr", NEIGH_MAC, "dev", "fv", "nud", "permanent")
         link = json.loads(ip("-j", "link", "show", "dev", "fa"))[0]
-        yield Net(name, link["ifindex"], link["address"])
+        fv = json.loads(ip("-j", "link", "show", "dev", "fv"))[0]["ifindex"]
+        yield Net(name, link["ifindex"], link["address"], fv)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
 
@@ -104,6 +118,7 @@ class Case:
     egress: bool = True         # fa in the devmap
     ingress_mac: str | None = MAC_ROUTER   # the ingress interface's MAC in the table; None: none
     vmacs: tuple[str, ...] = ()   # its VRRP virtual MACs in the table, after it
+    via: bool = False             # ... routed as from fv (else from the ingress)
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
     tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
     gro: tuple[int, int] = (0, 0)   # TC: a GRO aggregate (__sk_buff.gso_segs, .gso_size)
@@ -139,6 +154,13 @@ CASES = [
          vmacs=(VMAC,)),
     Case("v4 to a VRRP MAC not in the table", lambda: v4(NEIGH4, l2dst=VMAC), "pass",
          "other_host", vmacs=(OTHER_VMAC,)),
+    # ... whose frames the kernel routes as the macvlan's (its `iif` rule): so does the lookup.
+    Case("v4 to a VRRP MAC, its macvlan's rule", lambda: v4(NEIGH4, l2dst=VMAC), "pass",
+         "unroutable", vmacs=(OTHER_VMAC, VMAC), via=True),
+    Case("v6 to a VRRP MAC, its macvlan's rule", lambda: v6(NEIGH6, l2dst=VMAC), "pass",
+         "unroutable", vmacs=(VMAC,), via=True),
+    Case("v4 to a VRRP MAC, routed back out of it", lambda: v4("10.7.0.2", l2dst=VMAC), "pass",
+         "egress", vmacs=(VMAC,), via=True),
     Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), "pass", "local"),
     Case("v6 multicast", lambda: v6("ff02::1"), "pass", "local"),
     Case("v4 options", lambda: v4(NEIGH4, options=True), "pass", "frame"),
@@ -189,10 +211,11 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
     # VM, where the root namespace has only lo.
     with in_netns(net.name):
         try:
-            ingress = [mac(m) for m in (case.ingress_mac, *case.vmacs)] if case.ingress_mac \
-                else None
+            ingress = [(mac(case.ingress_mac), 0)] + [
+                (mac(m), net.fv if case.via else 0) for m in case.vmacs] \
+                if case.ingress_mac else None
             dp.maps.set_fast_ifs(({LO: ingress} if ingress else {}) |
-                                 ({net.fa: [mac(net.fa_mac)]} if case.egress else {}))
+                                 ({net.fa: [(mac(net.fa_mac), 0)]} if case.egress else {}))
             r = dp.run(hook, "access", frame, ctx=skb_ctx(case.gro) if hook == "tc" else b"")
         finally:
             dp.maps.set_fast_ifs({})

@@ -257,7 +257,9 @@ def test_a_vrrp_virtual_mac_is_forwarded_when_named(lab, router):
     """Frames on the access link to a VRRP virtual MAC (keepalived's use_vmac: a macvlan on
     the router's access interface, up, which the kernel routes as its own): the fast path
     hands them to the kernel (other_host) until the macvlan is in [interfaces] vmacs, and
-    then forwards them, checksums and MACs right (the datagrams arrive)."""
+    then forwards them, checksums and MACs right (the datagrams arrive), routed as the
+    kernel routes them, from the macvlan: a policy rule of its (`iif vrrp.7`) that
+    prohibits the destination stops them (unroutable: the kernel's, none arrive)."""
     a, port, vmac = lab.addr, PORT + 2, "00:00:5e:00:01:07"
     dyn_mac = link_mac(lab.dyn, "eth0")
     netns_run(lab.router, "ip", "link", "add", "vrrp.7", "link", "acc-dyn", "address", vmac,
@@ -304,7 +306,17 @@ def test_a_vrrp_virtual_mac_is_forwarded_when_named(lab, router):
             assert send(5) == {"forwarded": 5}
             assert sorted(rx.recv(100) for _ in range(5)) == [
                 f"datagram {n}".encode() for n in range(5, 10)]
+            netns_run(lab.router, "ip", "route", "add", "prohibit", a["inet4"], "table", "77",
+                      timeout=10)
+            netns_run(lab.router, "ip", "rule", "add", "iif", "vrrp.7", "table", "77", "pref",
+                      "100", timeout=10)
+            assert send(10) == {"unroutable": 5}
+            rx.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                rx.recv(100)
     finally:
+        netns_run(lab.router, "ip", "rule", "del", "pref", "100", timeout=10, check=False)
+        netns_run(lab.router, "ip", "route", "flush", "table", "77", timeout=10, check=False)
         netns_run(lab.router, "ip", "link", "del", "vrrp.7", timeout=10, check=False)
         router.write_config()
         router.attach("xdp", "native")

@@ -72,8 +72,8 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
             for name in vmacs_out:
                 click.echo(f"xdpzoot: warning: fast path: {name} (interfaces.vmacs): its MAC "
                            "address not taken (absent, down, not a macvlan on an access or "
-                           "core interface, or a fourth on one), frames to it go through "
-                           "the kernel", err=True)
+                           "core interface, a fourth on one, or an ifindex above 65535), "
+                           "frames to it go through the kernel", err=True)
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
                 "csam": lst.counts() if lst else None,

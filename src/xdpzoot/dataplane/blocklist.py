@@ -156,6 +156,16 @@ def _load(maps: Maps, data: bytes, path: str, lst: CsamList | None, progress: Pr
     return LoadResult(added, removed, idle, True)
 
 
+def stage(maps: Maps, data: bytes, path: str = "<csam>", lst: CsamList | None = None) -> int:
+    """Write the list in ``data`` into the idle generation without putting it in force, and
+    return the control word that would (set_word): the two generations then hold two lists
+    (bench_lists times both in one instance). The next load brings both to its own list."""
+    maps.check_writer()
+    idle = 1 - (maps.word()[1] & C["XZ_CSAM_GEN"])
+    _, _, counts, _, _ = _bring(maps, idle, data, path, lst, None)
+    return word_of(maps, idle, counts)
+
+
 def _meta(sha: bytes, now: int, counts: dict[str, int]) -> bytes:
     return META.pack(sha, now, *(counts[k] for k in COUNTS), counts["nets4"], 0)
 

@@ -1959,14 +1959,19 @@ class Maps:
         self._zero_per_cpu(self.fast)
 
     # ---- fast path egress: the devmap, ifindex -> ifindex -------------------------------
-    def fast_macs(self) -> dict[int, list[bytes]]:
-        """Ifindex -> its MAC addresses in xz_fast_macs, its own first, for every ifindex
-        with one (the table read whole, in batches): every interface of the devmap has one
+    def fast_macs(self) -> dict[int, list[tuple[bytes, int]]]:
+        """Ifindex -> its MAC addresses in xz_fast_macs, its own first, each with the
+        ifindex its frames are routed from (0: this one's), for every ifindex with one (the
+        table read whole, in batches): every interface of the devmap has one
         (set_fast_ifs)."""
         raw, n = self.fast_macs_map.values(), FAST_MAC.size
         words = memoryview(raw).cast("Q")
-        return {i: [m for m in FAST_MAC.unpack_from(raw, i * n) if m.strip(b"\0")]
-                for i in range(len(raw) // n) if words[i * n // 8]}
+        out = {}
+        for i in range(len(raw) // n):
+            if words[i * n // 8]:
+                e = FAST_MAC.unpack_from(raw, i * n)
+                out[i] = [(m, v) for m, v in zip(e[::2], e[1::2], strict=True) if m.strip(b"\0")]
+        return out
 
     def fast_ifs(self) -> list[int]:
         """The ifindexes in the fast path's devmap (egress interfaces): each asked for
@@ -1975,23 +1980,25 @@ class Maps:
         m = self.devmap
         return [i for i in self.fast_macs() if m.lookup(U32.pack(i)) is not None]
 
-    def set_fast_ifs(self, macs: dict[int, list[bytes]]) -> list[int]:
+    def set_fast_ifs(self, macs: dict[int, list[tuple[bytes, int]]]) -> list[int]:
         """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
-        address, then its VRRP virtual MACs, XZ_FAST_MACS in all at most; new ones first,
-        then the others go) and xz_fast_macs their addresses (a frame the fast path
-        forwards is addressed to one of its ingress interface's: written before the
-        interface joins, zeroed after it left); returns the ifindexes left out,
-        neither fast-path egress nor ingress: beyond the devmap (>= limits.ifindexes), or
-        without an Ethernet address (a tunnel, WireGuard: XDP would redirect an Ethernet
-        frame into it, which such a device drops)."""
+        address, then its VRRP virtual MACs, XZ_FAST_MACS in all at most, each with the
+        ifindex its frames are routed from: 0 for its own, the macvlan's for a virtual
+        one, below 2^16; new ones first, then the others go) and xz_fast_macs their
+        addresses (a frame the fast path forwards is addressed to one of its ingress
+        interface's: written before the interface joins, zeroed after it left); returns
+        the ifindexes left out, neither fast-path egress nor ingress: beyond the devmap
+        (>= limits.ifindexes), or without an Ethernet address (a tunnel, WireGuard: XDP
+        would redirect an Ethernet frame into it, which such a device drops)."""
         self.check_writer()
         m, mac = self.devmap, self.fast_macs_map
         n = schema.C["XZ_FAST_MACS"]
         left = sorted(i for i, a in macs.items()
-                      if i >= m.max_entries or not a or not a[0].strip(b"\0"))
+                      if i >= m.max_entries or not a or not a[0][0].strip(b"\0"))
         keep = set(macs) - set(left)
         for i in sorted(keep):
-            mac.update(U32.pack(i), FAST_MAC.pack(*(macs[i] + [b""] * n)[:n]))
+            pairs = (macs[i] + [(b"", 0)] * n)[:n]
+            mac.update(U32.pack(i), FAST_MAC.pack(*(x for p in pairs for x in p)))
             m.update(U32.pack(i), U32.pack(i))
         # What leaves: every other address written, and its interface in the devmap (the
         # kernel takes an interface that goes out of the devmap itself, not out of

@@ -177,8 +177,9 @@ IDX_LANE = struct.Struct("=H")            # one of them
 HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, idx, _pad
 ATTEMPTS = struct.Struct(f"={schema.C['XZ_OP25B_PER']}I")   # struct xz_op25b: SMTP attempts
 NOTED = struct.Struct(f"=I{schema.C['XZ_OP25B_BATCH']}II")   # struct xz_op25b_batch: n, idx, _pad
-# struct xz_fast_mac: Ethernet addresses, each with two zero bytes
-FAST_MAC = struct.Struct("=" + "6s2x" * schema.C["XZ_FAST_MACS"])
+# struct xz_fast_mac: Ethernet addresses, each with the ifindex the kernel routes its frames
+# from (via; 0: the interface's own)
+FAST_MAC = struct.Struct("=" + "6sH" * schema.C["XZ_FAST_MACS"])
 
 
 class Control(NamedTuple):

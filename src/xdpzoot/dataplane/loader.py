@@ -170,18 +170,21 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
     """Make the fast path's devmap hold the router's interfaces ``names`` (and no other),
     with their MAC addresses (what a frame it forwards is addressed to), and those of the
     interfaces of ``vmacs`` that are up (VRRP virtual MACs: macvlans) as their lower
-    interface's (XZ_FAST_MACS - 1 of them at most an interface); returns the names
-    left out (Maps.set_fast_ifs: an ifindex beyond the devmap, limits.ifindexes, or no
-    Ethernet address): what is routed out of them goes through the kernel (counted as
-    ``egress``), as does what comes in by them (``other_host``)."""
+    interface's (XZ_FAST_MACS - 1 of them at most an interface; a macvlan's frames are
+    routed as from it, so one whose ifindex does not fit the table's two bytes is left out);
+    returns the names left out (Maps.set_fast_ifs: an ifindex beyond the devmap,
+    limits.ifindexes, or no Ethernet address): what is routed out of them goes through the
+    kernel (counted as ``egress``), as does what comes in by them (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
     found = netlink.link_table(names + [v for v in vmacs if v not in names])
-    macs = {found[n].index: [found[n].mac] for n in names if n in found}
+    macs = {found[n].index: [(found[n].mac, 0)] for n in names if n in found}
     for v in vmacs:
         link = found.get(v)
-        if link and link.kind == "macvlan" and link.up and link.mac and link.lower in macs:
-            macs[link.lower].append(link.mac)
+        if (link and link.kind == "macvlan" and link.up and link.mac and link.lower in macs
+                and link.index <= 0xFFFF
+                and link.mac not in (m for m, _ in macs[link.lower])):
+            macs[link.lower].append((link.mac, link.index))
     by_index = {found[n].index: n for n in names if n in found}
     return [by_index[i] for i in maps.set_fast_ifs(macs)]
 
@@ -196,7 +199,7 @@ def fast_path(maps: kernel.Maps) -> dict:
     names = netlink.link_names(ifs)
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
             "egress": [names.get(i, f"ifindex {i}") for i in ifs],
-            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m in macs[i][1:]]
+            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m, _ in macs[i][1:]]
                              for i in ifs if macs[i][1:]},
             "counters": {r: {"packets": p, "bytes": b}
                          for r, (p, b) in maps.fast_counters().items()}}
@@ -205,7 +208,7 @@ def fast_path(maps: kernel.Maps) -> dict:
 def vmacs_left_out(fast: dict, vmacs: list[str] | tuple) -> list[str]:
     """Those of ``vmacs`` ([interfaces] vmacs) whose MAC address the fast path does not take
     (``fast``: as fast_path read it): absent, down, not a macvlan on one of its interfaces,
-    or past the XZ_FAST_MACS - 1 an interface holds."""
+    past the XZ_FAST_MACS - 1 an interface holds, or an ifindex above 65535."""
     from xdpzoot.dataplane import netlink
 
     taken = {m for macs in fast["virtual_macs"].values() for m in macs}
