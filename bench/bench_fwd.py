@@ -218,9 +218,10 @@ def link_json(ns: str, dev: str) -> dict:
     return json.loads(ip("-j", "link", "show", "dev", dev, ns=ns))[0]
 
 
-def topo_up(tag: str) -> Topo:
+def topo_up(tag: str, rp_filter: int = 0) -> Topo:
     """Create gen <-> rtr <-> snk; both veth pairs are born in the router namespace with the
-    peer moved straight into its namespace (the host's namespace never sees them)."""
+    peer moved straight into its namespace (the host's namespace never sees them). The
+    router's ingress gets reverse path filtering ``rp_filter`` (0 off, 1 strict, 2 loose)."""
     t = Topo(tag, f"{tag}-gen", f"{tag}-rtr", f"{tag}-snk",
              f"{tag}g", f"{tag}i", f"{tag}o", f"{tag}s")
     for ns in t.namespaces:
@@ -252,7 +253,7 @@ def topo_up(tag: str) -> Topo:
     ip("route", "replace", "100.64.0.0/10", "via", GEN_ADDR, "dev", t.rin, ns=t.rtr)
     ip("route", "replace", "default", "via", RTR_IN_ADDR, "dev", t.gen_dev, ns=t.gen)
     for ns, dev in ((t.rtr, t.rin), (t.rtr, t.rout), (t.gen, t.gen_dev), (t.snk, t.snk_dev)):
-        sysctl(ns, f"net.ipv4.conf.{dev}.rp_filter=0")
+        sysctl(ns, f"net.ipv4.conf.{dev}.rp_filter={rp_filter if dev == t.rin else 0}")
     t.gen_ifindex = int(link_json(t.gen, t.gen_dev)["ifindex"])
     return t
 
@@ -871,7 +872,8 @@ def run(args: argparse.Namespace) -> dict:
         stack.enter_context(bpf_stats(False))
         try:
             log(f"namespaces {tag}-gen/-rtr/-snk ...")
-            topo = topo_up(tag)
+            topo = topo_up(tag, args.rp_filter)
+            doc["config"]["rp_filter"] = args.rp_filter
             subs, csam = write_sources(ds, workdir)
             log("compiling the generator and the sink ...")
             traffic = Traffic(ds, topo, pin_root, args.syn_percent)
@@ -1037,6 +1039,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int,
                    help="run the routers in turn this many times (default 3, --quick 1); "
                         "ratios to plain forwarding per round and their median")
+    p.add_argument("--rp-filter", type=int, choices=(0, 1, 2), default=0,
+                   help="reverse path filtering on the router's ingress, for every router "
+                        "(0 off, the default; 1 strict; 2 loose): the fast path then looks "
+                        "the route back to each source up, as the kernel does")
     p.add_argument("--mixes", type=lambda s: tuple(s.split(",")), default=tuple(MIX_IDS),
                    help="the mixes to run: forward,drop (both, the default), or one of them")
     p.add_argument("--only", type=lambda s: set(s.split(",")),

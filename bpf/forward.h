@@ -83,6 +83,33 @@ static __always_inline void xz_ttl_dec(struct iphdr *ip)
 	ip->ttl--;
 }
 
+/* Whether the kernel's reverse path filter (fib_validate_source) may refuse IPv4 packet
+ * ``ip`` come in by interface ``from``, whose rp_filter is ``mode`` (XZ_RPF_*, not off): 1
+ * unless the route back to its source is unicast (loose), by that interface (strict). The
+ * lookup is the kernel's: from the loopback, addresses swapped, in ``r`` (the caller's,
+ * zeroed, which the caller fills anew after: the stack has no room for two). Where it
+ * says 1 the kernel decides (one path of a multipath route back, a VRF's member: it may
+ * accept). */
+static __always_inline int xz_rp_refused(void *ctx, struct bpf_fib_lookup *r,
+					 struct iphdr *ip, __u32 from, __u64 mode)
+{
+	__u64 bad;
+	int rc;
+
+	r->family = XZ_AF_INET;
+	r->ifindex = 1;
+	r->tos = ip->tos;
+	r->ipv4_src = ip->daddr;
+	r->ipv4_dst = ip->saddr;
+	rc = bpf_fib_lookup(ctx, r, sizeof(*r), 0);
+	/* Without a branch: unicast (found, or its neighbour not resolved), by ``from`` where
+	 * strict (mode 1), and not XZ_RPF_KERNEL (mode 3). */
+	bad = (__u64)rc * (__u64)(rc ^ BPF_FIB_LKUP_RET_NO_NEIGH) |
+	      (__u64)(r->ifindex ^ from) * (mode & ~(mode >> 1) & 1) | (mode & (mode >> 1) & 1);
+	asm volatile("" : "+r"(bad));
+	return bad != 0;
+}
+
 /*
  * The fast path for a packet the pipeline passed, at either hook: 1, forwarded (redirected,
  * its frame rewritten), or 0, left to the kernel untouched, the reason counted. ``ctx``: the
@@ -102,7 +129,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	struct xz_control *ctl;
 	__u32 key = 0, egress, tot;
 	struct xz_fast_mac *mac;
-	__u64 dst = 0, addr = 0, ours, via, same;
+	__u64 dst = 0, addr = 0, ours, via, rpf, same;
 	__u32 from;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
@@ -130,6 +157,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	__builtin_memset(&addr, 0xff, ETH_ALEN);   /* a word's six bytes of address */
 	ours = 0;
 	via = 0;
+	rpf = 0;
 	if (mac) {
 #pragma unroll
 		for (int i = 0; i < XZ_FAST_MACS; i++) {
@@ -143,6 +171,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 			ours |= eq;
 			/* the word's last two bytes: its top 16 bits little-endian, else its low */
 			via |= ((w & ~addr) >> ((addr & 1) * 48)) & -eq;
+			rpf |= (mac->rpf >> (2 * i)) & 3 & -eq;
 		}
 	}
 	if (!dst || !ours) {
@@ -151,7 +180,6 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	}
 	/* via, else the ingress itself (without a branch: via is below 2^16) */
 	from = via + in_if * ((((__u64)via + 0xFFFF) >> 16) ^ 1);
-	fib.ifindex = from;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		ip = (void *)(eth + 1);
 		/* Options (router alert, source route...) need the kernel. */
@@ -161,8 +189,15 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 			reason = XZ_FP_LOCAL;
 			goto out;
 		}
+		/* What the kernel's reverse path filter may drop (counted in its
+		 * IPReversePathFilter): the kernel's to decide. */
+		if (rpf && xz_rp_refused(ctx, &fib, ip, from, rpf)) {
+			reason = XZ_FP_RP_FILTER;
+			goto out;
+		}
 		ttl = ip->ttl;
 		fib.family = XZ_AF_INET;
+		fib.ifindex = from;
 		fib.tos = ip->tos;
 		fib.l4_protocol = ip->protocol;
 		/* checked against the egress MTU: the packet's length, or its segments' */
@@ -179,6 +214,7 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 			goto out;
 		}
 		ttl = ip6->hop_limit;
+		fib.ifindex = from;
 		tot = seg_len ? seg_len : sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		fib.family = XZ_AF_INET6;
 		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(XZ_IPV6_FLOWINFO);

@@ -74,9 +74,10 @@ XZ_MAP("array", __u32, __u64, xz_csam_b4, 2 * XZ_CSAM_V4_WORDS, BPF_F_MMAPABLE);
 XZ_MAP("array", __u32, struct xz_csam_meta, xz_csam_meta, 2, 0);
 /* CSAM hits by generation and family. dp writes. */
 XZ_MAP("percpu_array", __u32, __u64, xz_csam_hits, XZ_NR_CSAM_HITS, 0);
-/* Reply program per hook (slot 0), tail-called for rejected packets. cp writes. */
-XZ_MAP("prog", __u32, __u32, xz_tail_xdp, 1, 0);
-XZ_MAP("prog", __u32, __u32, xz_tail_tc, 1, 0);
+/* Programs an entry point tail-calls, per hook: the reply (XZ_TAIL_REPLY) for a rejected
+ * packet, the fast path (XZ_TAIL_FAST) for a passed one while it is on. cp writes. */
+XZ_MAP("prog", __u32, __u32, xz_tail_xdp, 2, 0);
+XZ_MAP("prog", __u32, __u32, xz_tail_tc, 2, 0);
 /*
  * Per-subscriber rate limiter and volume, by xz_class.slot. dp writes, cp reads.
  * BPF_F_MMAPABLE for where the values lie, not to be mapped: such an array's values

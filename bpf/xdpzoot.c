@@ -17,6 +17,16 @@
 /* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
 #define XZ_TC_PULL 256
 
+/* Whether the fast path is on (and not bypassed): then a packet the pipeline passed goes
+ * on to it, tail-called (XZ_TAIL_FAST). */
+static __always_inline int xz_fast_on(void)
+{
+	__u32 key = 0;
+	struct xz_control *ctl = xz_control.lookup(&key);
+
+	return ctl && (ctl->flags & (XZ_C_FAST_PATH | XZ_C_BYPASS)) == XZ_C_FAST_PATH;
+}
+
 static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 {
 	struct xz_pkt p = {};
@@ -30,18 +40,18 @@ static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 	case XZ_V_DROP:
 		return XDP_DROP;
 	case XZ_V_REJECT:
-		xz_tail_xdp.call(ctx, 0);
+		xz_tail_xdp.call(ctx, XZ_TAIL_REPLY);
 		return XDP_DROP;   /* no reply program: drop */
 	}
 	/* XDP_PASS unless the fast path is on and can forward */
-	return xz_fast_forward(ctx, (void *)(long)ctx->data, (void *)(long)ctx->data_end, p.len,
-			       ctx->ingress_ifindex, 0, XZ_HOOK_XDP) ? XDP_REDIRECT : XDP_PASS;
+	if (xz_fast_on())
+		xz_tail_xdp.call(ctx, XZ_TAIL_FAST);
+	return XDP_PASS;
 }
 
 static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 {
 	struct xz_pkt p = {};
-	__u32 seg;
 
 	/* GRO packets may keep headers outside the linear area: pull them in. */
 	if ((void *)(long)skb->data + XZ_TC_PULL > (void *)(long)skb->data_end)
@@ -55,16 +65,19 @@ static __always_inline int xz_tc(struct __sk_buff *skb, const int role)
 	case XZ_V_DROP:
 		return TC_ACT_SHOT;
 	case XZ_V_REJECT:
-		xz_tail_tc.call(skb, 0);
+		xz_tail_tc.call(skb, XZ_TAIL_REPLY);
 		return TC_ACT_SHOT;   /* no reply program: drop */
 	}
-	/* TC_ACT_OK unless the fast path is on and can forward; a GRO aggregate of TCP or UDP
-	 * with the IP length of its segments (its L3 and L4 headers and gso_size) */
-	seg = p.segs == 1 ? 0 : p.l4ok && skb->gso_size &&
-	      (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) ?
-	      p.ip_len - p.l4_len + p.l4_hlen + skb->gso_size : XZ_SEG_UNKNOWN;
-	return xz_fast_forward(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, p.len,
-			       skb->ingress_ifindex, seg, XZ_HOOK_TC) ? TC_ACT_REDIRECT : TC_ACT_OK;
+	/* TC_ACT_OK unless the fast path is on and can forward; it is told (cb[0]) the IP
+	 * length of a GRO aggregate's segments, for one of TCP or UDP (its L3 and L4 headers
+	 * and gso_size) */
+	if (xz_fast_on()) {
+		skb->cb[0] = p.segs == 1 ? 0 : p.l4ok && skb->gso_size &&
+			     (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP) ?
+			     p.ip_len - p.l4_len + p.l4_hlen + skb->gso_size : XZ_SEG_UNKNOWN;
+		xz_tail_tc.call(skb, XZ_TAIL_FAST);
+	}
+	return TC_ACT_OK;
 }
 
 int xz_xdp_access(struct xdp_md *ctx)
@@ -85,6 +98,26 @@ int xz_tc_access(struct __sk_buff *skb)
 int xz_tc_core(struct __sk_buff *skb)
 {
 	return xz_tc(skb, XZ_ROLE_CORE);
+}
+
+/*
+ * The fast path (forward.h), tail-called for a packet the pipeline passed while it is on: a
+ * program of its own, so that the verifier walks it once, not once for each way through
+ * the pipeline (inlined, it took xz_tc_access to 99% of the verifier's million).
+ */
+int xz_xdp_fast(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+
+	return xz_fast_forward(ctx, data, end, end - data, ctx->ingress_ifindex, 0,
+			       XZ_HOOK_XDP) ? XDP_REDIRECT : XDP_PASS;
+}
+
+int xz_tc_fast(struct __sk_buff *skb)
+{
+	return xz_fast_forward(skb, (void *)(long)skb->data, (void *)(long)skb->data_end,
+			       skb->len, skb->ingress_ifindex, skb->cb[0], XZ_HOOK_TC) ?
+	       TC_ACT_REDIRECT : TC_ACT_OK;
 }
 
 /*

@@ -455,10 +455,19 @@ struct xz_counter {
  * interfaces on it ([interfaces] vmacs: macvlans, whose frames the kernel routes too); each
  * a native word of its six bytes as in a frame, then (a native __u16) the ifindex of the
  * interface the kernel routes its frames from (the macvlan: policy routing by `iif`, a VRF,
- * its forwarding switch; 0: the interface's own); 0: none. */
+ * its forwarding switch; 0: the interface's own); 0: none. ``rpf``: the reverse path
+ * filter of that interface for each address (bits 2i, 2i + 1 for mac[i]; XZ_RPF_*). */
+/* The slots of the programs an entry point tail-calls (xz_tail_xdp, xz_tail_tc). */
+#define XZ_TAIL_REPLY 0
+#define XZ_TAIL_FAST 1
 #define XZ_FAST_MACS 4
+#define XZ_RPF_OFF 0      /* rp_filter 0: no check */
+#define XZ_RPF_STRICT 1   /* 1: the source routed back by that interface */
+#define XZ_RPF_LOOSE 2    /* 2: the source routed back at all */
+#define XZ_RPF_KERNEL 3   /* on, where the check cannot be made here (a VRF's member) */
 struct xz_fast_mac {
 	__u64 mac[XZ_FAST_MACS];
+	__u64 rpf;
 };
 
 /*
@@ -476,7 +485,8 @@ struct xz_fast_mac {
 	X(EGRESS, "egress") \
 	X(REDIRECT, "redirect") \
 	X(OTHER, "other") \
-	X(OTHER_HOST, "other_host")
+	X(OTHER_HOST, "other_host") \
+	X(RP_FILTER, "rp_filter")
 
 #define XZ_ENUM(name, label) XZ_FP_##name,
 enum xz_fast_reason { XZ_FAST_REASONS(XZ_ENUM) XZ_NR_FAST };

@@ -582,10 +582,11 @@ def test_trace_event_layout(compiled):
 
 def test_devmap_layout(compiled):
     """The fast path's devmap: ifindex -> ifindex, both u32; its MAC table: ifindex ->
-    XZ_FAST_MACS Ethernet addresses, each with two zero bytes, a u64 (struct xz_fast_mac,
+    XZ_FAST_MACS Ethernet addresses, each with the ifindex its frames are routed from, a
+    u64, then their reverse path filters, a u64 (struct xz_fast_mac,
     kernel.Maps.set_fast_ifs)."""
     bpf, pin = compiled
-    size = 8 * C["XZ_FAST_MACS"]
+    size = 8 * C["XZ_FAST_MACS"] + 8
     assert ct.sizeof(bpf[b"xz_fast_macs"].Leaf) == layout.FAST_MAC.size == size
     with kernel.Maps(pin) as m:
         assert (m.devmap.key_size, m.devmap.value_size) == (layout.U32.size, layout.U32.size)

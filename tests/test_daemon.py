@@ -395,7 +395,7 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
     def ip(*args: str) -> None:
         subprocess.run(["ip", "-n", ns, *args], check=True, timeout=10)
 
-    def macs(d: Daemon, i: int) -> list[tuple[bytes, int]]:
+    def macs(d: Daemon, i: int) -> list[tuple[bytes, int, int]]:
         return d.inst.maps.fast_macs().get(i, [])
 
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
@@ -406,26 +406,31 @@ def test_a_vrrp_virtual_mac_joins_the_fast_path_while_up(setup, capsys):
             d = daemon(links, pin, Clock(T0))
             d.tick()
             a = netlink.link_table(["xzv-a"])["xzv-a"].index
-            assert macs(d, a) == [(mac_a, 0)]   # no such interface yet
+            assert macs(d, a) == [(mac_a, 0, 0)]   # no such interface yet
             ip("link", "add", "xzv-vrrp", "link", "xzv-a", "address", "00:00:5e:00:01:33",
                "type", "macvlan", "mode", "private")
             d.tick()
-            assert macs(d, a) == [(mac_a, 0)]   # down: the kernel drops what comes to it
+            assert macs(d, a) == [(mac_a, 0, 0)]   # down: the kernel drops what comes to it
             ip("link", "set", "xzv-vrrp", "up")
             d.tick()
             # its frames routed as the macvlan's (from its ifindex), as the kernel does
             v = netlink.link_table(["xzv-vrrp"])["xzv-vrrp"].index
-            assert macs(d, a) == [(mac_a, 0), (vmac, v)]
+            assert macs(d, a) == [(mac_a, 0, 0), (vmac, v, 0)]
             assert "fast path: xzv-vrrp changed" in capsys.readouterr().err
             ip("link", "set", "xzv-vrrp", "down")
             d.tick()
-            assert macs(d, a) == [(mac_a, 0)]
+            assert macs(d, a) == [(mac_a, 0, 0)]
             ip("link", "set", "xzv-vrrp", "up")
             d.tick()
-            assert macs(d, a) == [(mac_a, 0), (vmac, v)]
+            assert macs(d, a) == [(mac_a, 0, 0), (vmac, v, 0)]
+            # its rp_filter switched on (strict): the fast path checks sources as it would
+            Path("/proc/sys/net/ipv4/conf/xzv-vrrp/rp_filter").write_text("1")
+            d.tick()
+            assert macs(d, a) == [(mac_a, 0, 0), (vmac, v, 1)]
+            assert "fast path: xzv-vrrp changed" in capsys.readouterr().err
             ip("link", "del", "xzv-vrrp")
             d.tick()
-            assert macs(d, a) == [(mac_a, 0)]
+            assert macs(d, a) == [(mac_a, 0, 0)]
             assert "fast path: xzv-vrrp gone" in capsys.readouterr().err
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=10)

@@ -9,8 +9,9 @@ program's ingress interface is that namespace's loopback (what test_run gives an
 program; a TC program is told so in its context, struct __sk_buff), given the router's MAC
 address in the fast path's MAC table (as attach gives each interface its own). A veth
 ``fv`` stands for a VRRP macvlan: what the kernel routes as from it follows a
-policy rule of its own (`iif fv`: table 77, which prohibits 10.9.0.0/24 and fd00:9::/64 and
-routes 10.7.0.0/24 out of it).
+policy rule of its own (`iif fv`: table 77, which prohibits 10.9.0.0/24 and fd00:9::/64,
+routes 10.7.0.0/24 out of it and 10.6.0.0/24 by the neighbour on ``fa``). The subscriber's
+/24 (SRC4) is routed out of ``fv`` (what reverse path filtering asks).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def net() -> Iterator[Net]:
         ip("route", "add", "prohibit", "10.9.0.0/24", "table", "77")
         ip("-6", "route", "add", "prohibit", "fd00:9::/64", "table", "77")
         ip("route", "add", "10.7.0.0/24", "dev", "fv", "table", "77")
+        ip("route", "add", "10.6.0.0/24", "via", NEIGH4, "dev", "fa", "table", "77")
+        ip("route", "add", "100.64.0.0/24", "dev", "fv")
         ip("neigh", "replace", "10.7.0.2", "lladdr", NEIGH_MAC, "dev", "fv", "nud", "permanent")
         link = json.loads(ip("-j", "link", "show", "dev", "fa"))[0]
         fv = json.loads(ip("-j", "link", "show", "dev", "fv"))[0]["ifindex"]
@@ -92,8 +95,8 @@ def net() -> Iterator[Net]:
 
 
 def v4(dst: str, ttl: int = 64, size: int = 0, options: bool = False, vlan: bool = False,
-       l2dst: str = MAC_ROUTER, dport: int = 80) -> bytes:
-    ip = IP(src=SRC4, dst=dst, ttl=ttl, flags="DF")
+       l2dst: str = MAC_ROUTER, dport: int = 80, src: str = SRC4) -> bytes:
+    ip = IP(src=src, dst=dst, ttl=ttl, flags="DF")
     if options:
         ip.options = [b"\x01\x01\x01\x00"]
     pkt = ip / TCP(sport=40000, dport=dport, flags="S") / Raw(b"x" * size)
@@ -119,6 +122,7 @@ class Case:
     ingress_mac: str | None = MAC_ROUTER   # the ingress interface's MAC in the table; None: none
     vmacs: tuple[str, ...] = ()   # its VRRP virtual MACs in the table, after it
     via: bool = False             # ... routed as from fv (else from the ingress)
+    rpf: int = 0                  # the rp_filter of that interface (XZ_RPF_*)
     switches: tuple[str, ...] = ("fast_path", "op25b", "op25b_v6")
     tc: tuple[str, str | None] | None = None   # (verdict, reason) at TC, where they differ
     gro: tuple[int, int] = (0, 0)   # TC: a GRO aggregate (__sk_buff.gso_segs, .gso_size)
@@ -161,6 +165,23 @@ CASES = [
          "unroutable", vmacs=(VMAC,), via=True),
     Case("v4 to a VRRP MAC, routed back out of it", lambda: v4("10.7.0.2", l2dst=VMAC), "pass",
          "egress", vmacs=(VMAC,), via=True),
+    # Reverse path filtering, as the kernel's (IPv4): the source routed back by the interface
+    # the frame came in by (strict), at all (loose); else, or where the kernel must judge
+    # (a VRF's member), to the kernel. The subscriber's /24 is routed out of fv.
+    Case("v4 strict rp_filter, source routed back by it",
+         lambda: v4("10.6.0.5", l2dst=VMAC), "redirect", "forwarded", vmacs=(VMAC,), via=True,
+         rpf=1),
+    Case("v4 strict rp_filter, source routed back by another", lambda: v4(NEIGH4), "pass",
+         "rp_filter", rpf=1),
+    Case("v4 loose rp_filter, source routed back", lambda: v4(NEIGH4), "redirect", "forwarded",
+         rpf=2),
+    Case("v4 loose rp_filter, source not routed", lambda: v4(NEIGH4, src="100.65.0.1"), "pass",
+         "rp_filter", rpf=2),
+    Case("v4 strict rp_filter, source a blackhole", lambda: v4(NEIGH4, src="10.8.0.9"), "pass",
+         "rp_filter", rpf=1),
+    Case("v4 rp_filter left to the kernel", lambda: v4("10.6.0.5", l2dst=VMAC), "pass",
+         "rp_filter", vmacs=(VMAC,), via=True, rpf=3),
+    Case("v6 rp_filter: IPv4's only", lambda: v6(NEIGH6), "redirect", "forwarded", rpf=1),
     Case("v6 link-local source", lambda: v6(NEIGH6, src="fe80::1"), "pass", "local"),
     Case("v6 multicast", lambda: v6("ff02::1"), "pass", "local"),
     Case("v4 options", lambda: v4(NEIGH4, options=True), "pass", "frame"),
@@ -211,11 +232,11 @@ def test_fast_path(dp, net: Net, hook: str, case: Case):
     # VM, where the root namespace has only lo.
     with in_netns(net.name):
         try:
-            ingress = [(mac(case.ingress_mac), 0)] + [
-                (mac(m), net.fv if case.via else 0) for m in case.vmacs] \
+            ingress = [(mac(case.ingress_mac), 0, case.rpf)] + [
+                (mac(m), net.fv if case.via else 0, case.rpf) for m in case.vmacs] \
                 if case.ingress_mac else None
             dp.maps.set_fast_ifs(({LO: ingress} if ingress else {}) |
-                                 ({net.fa: [(mac(net.fa_mac), 0)]} if case.egress else {}))
+                                 ({net.fa: [(mac(net.fa_mac), 0, 0)]} if case.egress else {}))
             r = dp.run(hook, "access", frame, ctx=skb_ctx(case.gro) if hook == "tc" else b"")
         finally:
             dp.maps.set_fast_ifs({})
@@ -258,4 +279,4 @@ def _csum(header: bytes) -> int:
 def test_reasons_are_the_header_list():
     assert schema.FAST_REASONS == ("forwarded", "frame", "ttl", "local", "unroutable",
                                    "no_neigh", "mtu", "egress", "redirect", "other",
-                                   "other_host")
+                                   "other_host", "rp_filter")

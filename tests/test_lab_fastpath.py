@@ -322,6 +322,55 @@ def test_a_vrrp_virtual_mac_is_forwarded_when_named(lab, router):
         router.attach("xdp", "native")
 
 
+def test_reverse_path_filter_as_the_kernels(lab, router):
+    """rp_filter on the access interface (strict, as BCP 38 asks of an ISP's edge): a
+    datagram from the subscriber's own address is forwarded by the fast path and arrives;
+    one with a spoofed source (routed back by the core side) goes to the kernel, counted
+    rp_filter, and the kernel drops it; `status` names the interface's filter."""
+    a, port = lab.addr, PORT + 3
+    dyn_mac, rtr_mac = link_mac(lab.dyn, "eth0"), link_mac(lab.router, "acc-dyn")
+
+    def frame(src: str, n: int) -> bytes:
+        return bytes(Ether(src=dyn_mac, dst=rtr_mac) / IP(src=src, dst=a["inet4"]) /
+                     UDP(sport=port, dport=port) / f"datagram {n}".encode())
+
+    def send(src: str, first: int) -> dict[str, int]:
+        fast0 = router.fast()
+        for n in range(first, first + 5):
+            tx.send(frame(src, n))
+        deadline = time.monotonic() + 10
+        while sum(delta(fast0, router.fast()).values()) < 5:
+            assert time.monotonic() < deadline, delta(fast0, router.fast())
+            time.sleep(0.1)
+        return delta(fast0, router.fast())
+
+    netns_run(lab.router, "sysctl", "-q", "-w", "net.ipv4.conf.acc-dyn.rp_filter=1",
+              timeout=10)
+    try:
+        router.attach("xdp", "native")
+        assert router.json("status")["fast_path"]["rp_filter"] == {"acc-dyn": "strict"}
+        assert "rp_filter: acc-dyn strict" in router.cli("status").stdout
+        with in_netns(lab.inet):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with in_netns(lab.dyn):
+            tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        with rx, tx:
+            rx.bind((a["inet4"], port))
+            rx.settimeout(2.0)
+            tx.bind(("eth0", 0))
+            assert send(a["dyn4"], 0) == {"forwarded": 5}
+            assert sorted(rx.recv(100) for _ in range(5)) == [
+                f"datagram {n}".encode() for n in range(5)]
+            assert send("198.51.100.200", 5) == {"rp_filter": 5}
+            rx.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                rx.recv(100)
+    finally:
+        netns_run(lab.router, "sysctl", "-q", "-w", "net.ipv4.conf.acc-dyn.rp_filter=0",
+                  timeout=10)
+        router.attach("xdp", "native")
+
+
 def test_for_the_router_itself_goes_to_the_kernel(lab, router):
     fast0 = router.fast()
     assert " 0% packet loss" in ping(lab, lab.addr["rtr_core4"])   # the router's own address

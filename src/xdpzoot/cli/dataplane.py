@@ -77,7 +77,8 @@ def attach(o: Ctx, access, core, hook, mode, as_json) -> None:
         data = {"pin_dir": o.pin_dir, "attached": [asdict(a) for a in done],
                 "subscribers": asdict(change) if change else None,
                 "csam": lst.counts() if lst else None,
-                "fast_path": {k: fast[k] for k in ("enabled", "egress", "virtual_macs")}}
+                "fast_path": {k: fast[k] for k in ("enabled", "egress", "virtual_macs",
+                                                   "rp_filter")}}
         _emit(as_json, data, lambda: [
             click.echo(f"attached {a.ifname:<12} {a.role:<7} {a.hook} ({a.mode})")
             for a in done] + ([click.echo(f"subscribers: {_change_text(change)}")]
@@ -168,6 +169,9 @@ def status(o: Ctx, as_json) -> None:
                 f" (XDP hook; egress {', '.join(fp['egress']) or 'none'})"))
             for name, macs in fp["virtual_macs"].items():
                 click.echo(f"  VRRP virtual MACs on {name}: {', '.join(macs)}")
+            if fp["rp_filter"]:
+                click.echo("  rp_filter: " + ", ".join(f"{n} {m}" for n, m in
+                                                        fp["rp_filter"].items()))
             _fast_table(fp["counters"])
 
         _emit(as_json, data, text)

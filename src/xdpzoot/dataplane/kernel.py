@@ -1203,9 +1203,12 @@ def load_program(bpf, hook: str, role: str) -> int:
 
     kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
     try:
-        # The reply program answers rejected packets; the pipeline tail-calls it.
-        reply = bpf.load_func(f"xz_{hook}_reply".encode(), kind)
-        bpf[f"xz_tail_{hook}".encode()][ct.c_int(0)] = ct.c_int(reply.fd)
+        # The entry points tail-call the reply program (rejected packets) and the fast path
+        # (passed ones, while it is on).
+        tail = bpf[f"xz_tail_{hook}".encode()]
+        for slot, part in ((schema.C["XZ_TAIL_REPLY"], "reply"),
+                           (schema.C["XZ_TAIL_FAST"], "fast")):
+            tail[ct.c_int(slot)] = ct.c_int(bpf.load_func(f"xz_{hook}_{part}".encode(), kind).fd)
         return bpf.load_func(program_name(hook, role).encode(), kind).fd
     except Exception as e:
         raise KernelError(f"loading {program_name(hook, role)}: {e}") from e
@@ -1959,18 +1962,20 @@ class Maps:
         self._zero_per_cpu(self.fast)
 
     # ---- fast path egress: the devmap, ifindex -> ifindex -------------------------------
-    def fast_macs(self) -> dict[int, list[tuple[bytes, int]]]:
+    def fast_macs(self) -> dict[int, list[tuple[bytes, int, int]]]:
         """Ifindex -> its MAC addresses in xz_fast_macs, its own first, each with the
-        ifindex its frames are routed from (0: this one's), for every ifindex with one (the
-        table read whole, in batches): every interface of the devmap has one
-        (set_fast_ifs)."""
+        ifindex its frames are routed from (0: this one's) and that interface's reverse
+        path filter (XZ_RPF_*), for every ifindex with one (the table read whole, in
+        batches): every interface of the devmap has one (set_fast_ifs)."""
         raw, n = self.fast_macs_map.values(), FAST_MAC.size
         words = memoryview(raw).cast("Q")
         out = {}
         for i in range(len(raw) // n):
             if words[i * n // 8]:
-                e = FAST_MAC.unpack_from(raw, i * n)
-                out[i] = [(m, v) for m, v in zip(e[::2], e[1::2], strict=True) if m.strip(b"\0")]
+                *e, rpf = FAST_MAC.unpack_from(raw, i * n)
+                out[i] = [(m, v, rpf >> 2 * k & 3)
+                          for k, (m, v) in enumerate(zip(e[::2], e[1::2], strict=True))
+                          if m.strip(b"\0")]
         return out
 
     def fast_ifs(self) -> list[int]:
@@ -1980,11 +1985,12 @@ class Maps:
         m = self.devmap
         return [i for i in self.fast_macs() if m.lookup(U32.pack(i)) is not None]
 
-    def set_fast_ifs(self, macs: dict[int, list[tuple[bytes, int]]]) -> list[int]:
+    def set_fast_ifs(self, macs: dict[int, list[tuple[bytes, int, int]]]) -> list[int]:
         """Make the devmap hold exactly the interfaces of ``macs`` (ifindex -> its Ethernet
         address, then its VRRP virtual MACs, XZ_FAST_MACS in all at most, each with the
-        ifindex its frames are routed from: 0 for its own, the macvlan's for a virtual
-        one, below 2^16; new ones first, then the others go) and xz_fast_macs their
+        ifindex its frames are routed from, 0 for its own, the macvlan's for a virtual
+        one, below 2^16, and that interface's reverse path filter, XZ_RPF_*; new ones
+        first, then the others go) and xz_fast_macs their
         addresses (a frame the fast path forwards is addressed to one of its ingress
         interface's: written before the interface joins, zeroed after it left); returns
         the ifindexes left out, neither fast-path egress nor ingress: beyond the devmap
@@ -1997,8 +2003,10 @@ class Maps:
                       if i >= m.max_entries or not a or not a[0][0].strip(b"\0"))
         keep = set(macs) - set(left)
         for i in sorted(keep):
-            pairs = (macs[i] + [(b"", 0)] * n)[:n]
-            mac.update(U32.pack(i), FAST_MAC.pack(*(x for p in pairs for x in p)))
+            entries = (macs[i] + [(b"", 0, 0)] * n)[:n]
+            mac.update(U32.pack(i), FAST_MAC.pack(
+                *(x for m, v, _ in entries for x in (m, v)),
+                sum(r << 2 * k for k, (_, _, r) in enumerate(entries))))
             m.update(U32.pack(i), U32.pack(i))
         # What leaves: every other address written, and its interface in the devmap (the
         # kernel takes an interface that goes out of the devmap itself, not out of

@@ -178,8 +178,8 @@ HOSTED = struct.Struct("=4QII3Q")        # struct xz_sub_hosted: bits, slash, id
 ATTEMPTS = struct.Struct(f"={schema.C['XZ_OP25B_PER']}I")   # struct xz_op25b: SMTP attempts
 NOTED = struct.Struct(f"=I{schema.C['XZ_OP25B_BATCH']}II")   # struct xz_op25b_batch: n, idx, _pad
 # struct xz_fast_mac: Ethernet addresses, each with the ifindex the kernel routes its frames
-# from (via; 0: the interface's own)
-FAST_MAC = struct.Struct("=" + "6sH" * schema.C["XZ_FAST_MACS"])
+# from (via; 0: the interface's own); then the reverse path filter of each (rpf: 2 bits each)
+FAST_MAC = struct.Struct("=" + "6sH" * schema.C["XZ_FAST_MACS"] + "Q")
 
 
 class Control(NamedTuple):

@@ -178,29 +178,39 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
     from xdpzoot.dataplane import netlink
 
     found = netlink.link_table(names + [v for v in vmacs if v not in names])
-    macs = {found[n].index: [(found[n].mac, 0)] for n in names if n in found}
+    macs = {found[n].index: [(found[n].mac, 0, found[n].rpf)] for n in names if n in found}
     for v in vmacs:
         link = found.get(v)
         if (link and link.kind == "macvlan" and link.up and link.mac and link.lower in macs
                 and link.index <= 0xFFFF
-                and link.mac not in (m for m, _ in macs[link.lower])):
-            macs[link.lower].append((link.mac, link.index))
+                and link.mac not in (m for m, _, _ in macs[link.lower])):
+            macs[link.lower].append((link.mac, link.index, link.rpf))
     by_index = {found[n].index: n for n in names if n in found}
     return [by_index[i] for i in maps.set_fast_ifs(macs)]
 
 
+RPF_LABELS = {1: "strict", 2: "loose", 3: "kernel"}
+
+
 def fast_path(maps: kernel.Maps) -> dict:
     """The fast path for `status` and `stats`: its switch, its egress interfaces (names, as
-    this namespace has them), the VRRP virtual MACs it takes on them, and its counters by
-    reason."""
+    this namespace has them), the VRRP virtual MACs it takes on them, the reverse path
+    filter of the interfaces its frames come in by (those with one: strict or loose,
+    checked by the fast path; kernel, left to the kernel), and its counters by reason."""
     from xdpzoot.dataplane import netlink
 
     ifs, macs = maps.fast_ifs(), maps.fast_macs()
-    names = netlink.link_names(ifs)
+    rpf = {v or i: r for i in ifs for _, v, r in macs[i] if r}
+    names = netlink.link_names(sorted(set(ifs) | set(rpf)))
+
+    def name(i: int) -> str:
+        return names.get(i, f"ifindex {i}")
+
     return {"enabled": bool(maps.control_flags() & schema.C["XZ_C_FAST_PATH"]),
-            "egress": [names.get(i, f"ifindex {i}") for i in ifs],
-            "virtual_macs": {names.get(i, f"ifindex {i}"): [m.hex(":") for m, _ in macs[i][1:]]
+            "egress": [name(i) for i in ifs],
+            "virtual_macs": {name(i): [m.hex(":") for m, _, _ in macs[i][1:]]
                              for i in ifs if macs[i][1:]},
+            "rp_filter": {name(i): RPF_LABELS[r] for i, r in sorted(rpf.items())},
             "counters": {r: {"packets": p, "bytes": b}
                          for r, (p, b) in maps.fast_counters().items()}}
 
