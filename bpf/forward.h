@@ -17,6 +17,11 @@
  * At TC a GRO aggregate is forwarded whole when its segments fit the route's and
  * the egress device's MTU (bpf_check_mtu, BPF_MTU_CHK_SEGS).
  *
+ * The kernel's reverse path filter (rp_filter) holds: from an interface with it on, an
+ * IPv4 packet whose source the route back does not accept goes to the kernel.
+ *
+ * Its programs (xdpzoot.c: xz_xdp_fast, xz_tc_fast) are tail-called by the entry points.
+ *
  * Skipped on the fast path, by design: netfilter (forward rules, conntrack),
  * the kernel's forwarding counters; from XDP also the egress qdisc and taps
  * on egress (from TC the packet goes through the egress interface's qdisc).

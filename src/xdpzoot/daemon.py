@@ -407,8 +407,8 @@ class Daemon:
         changed by hand or by a bond since the attach sent every frame that came in by the
         interface through the kernel (``other_host``), unnoticed; an interface gone left
         the devmap. With them the VRRP virtual MACs of [interfaces] vmacs, which keepalived
-        may make, bring up and down at any time. Asked by name each tick; written when it
-        differs from the last."""
+        may make, bring up and down at any time, and each one's rp_filter. Asked by name
+        each tick; written when it differs from the last."""
         names = list(self.cfg.interfaces.access) + list(self.cfg.interfaces.core)
         if not names:
             return
@@ -425,8 +425,8 @@ class Daemon:
             loader.set_egress(self.inst.maps, names, vmacs)
         self._links = links
         if changed:
-            log(f"fast path: {', '.join(changed)} (ifindex, MAC address or state): its egress and "
-                "addresses written again")
+            log(f"fast path: {', '.join(changed)} (ifindex, MAC address, state or rp_filter): "
+                "its egress and addresses written again")
 
     # -- source files -----------------------------------------------------------------------
     def _sources(self) -> list[str]:
