@@ -20,6 +20,7 @@ from test_lab_fastpath import (  # noqa: F401 (the tests, collected here again)
     test_op25b_still_applies,
     test_over_the_egress_mtu_is_answered,
     test_rates_still_apply,
+    test_reverse_path_filter_as_the_kernels,
     test_status_shows_the_fast_path,
     test_switched_off_the_kernel_forwards,
     test_tcp_transfer_is_forwarded_by_the_fast_path,
@@ -41,7 +42,7 @@ def test_attached_at_tc_with_the_fast_path(router):
     assert {a["hook"] for a in out["attached"]} == {"tc"}
     assert out["fast_path"] == {"enabled": True,
                                 "egress": sorted(["acc-dyn", "acc-sta", "core0"]),
-                                "virtual_macs": {}}
+                                "virtual_macs": {}, "rp_filter": {}}
 
 
 @contextlib.contextmanager
