@@ -450,6 +450,9 @@ struct xz_counter {
 #ifndef XZ_MAX_IFINDEX
 #define XZ_MAX_IFINDEX 4096         /* egress devmap, indexed by ifindex */
 #endif
+/* The slots of the programs an entry point tail-calls (xz_tail_xdp, xz_tail_tc). */
+#define XZ_TAIL_REPLY 0
+#define XZ_TAIL_FAST 1
 /* The MAC addresses a frame the fast path forwards may be addressed to, of each of the
  * router's interfaces (xz_fast_macs, by ifindex): its own, then those of VRRP virtual-MAC
  * interfaces on it ([interfaces] vmacs: macvlans, whose frames the kernel routes too); each
@@ -457,9 +460,6 @@ struct xz_counter {
  * interface the kernel routes its frames from (the macvlan: policy routing by `iif`, a VRF,
  * its forwarding switch; 0: the interface's own); 0: none. ``rpf``: the reverse path
  * filter of that interface for each address (bits 2i, 2i + 1 for mac[i]; XZ_RPF_*). */
-/* The slots of the programs an entry point tail-calls (xz_tail_xdp, xz_tail_tc). */
-#define XZ_TAIL_REPLY 0
-#define XZ_TAIL_FAST 1
 #define XZ_FAST_MACS 4
 #define XZ_RPF_OFF 0      /* rp_filter 0: no check */
 #define XZ_RPF_STRICT 1   /* 1: the source routed back by that interface */

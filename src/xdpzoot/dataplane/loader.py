@@ -189,7 +189,8 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
     return [by_index[i] for i in maps.set_fast_ifs(macs)]
 
 
-RPF_LABELS = {1: "strict", 2: "loose", 3: "kernel"}
+RPF_LABELS = {schema.C["XZ_RPF_STRICT"]: "strict", schema.C["XZ_RPF_LOOSE"]: "loose",
+              schema.C["XZ_RPF_KERNEL"]: "kernel"}
 
 
 def fast_path(maps: kernel.Maps) -> dict:
