@@ -115,9 +115,21 @@ static __always_inline int xz_rp_refused(void *ctx, struct bpf_fib_lookup *r,
 	return bad != 0;
 }
 
+/* Whether the fast path is on and not bypassed (the fail-safe: everything to the kernel
+ * untouched, not counted): the entry points ask before they tail-call it (XZ_TAIL_FAST),
+ * so that the fast path itself need not ask again. */
+static __always_inline int xz_fast_on(void)
+{
+	__u32 key = 0;
+	struct xz_control *ctl = xz_control.lookup(&key);
+
+	return ctl && (ctl->flags & (XZ_C_FAST_PATH | XZ_C_BYPASS)) == XZ_C_FAST_PATH;
+}
+
 /*
- * The fast path for a packet the pipeline passed, at either hook: 1, forwarded (redirected,
- * its frame rewritten), or 0, left to the kernel untouched, the reason counted. ``ctx``: the
+ * The fast path for a packet the pipeline passed, at either hook, while it is on
+ * (xz_fast_on): 1, forwarded (redirected, its frame rewritten), or 0, left to the kernel
+ * untouched, the reason counted. ``ctx``: the
  * hook's context (for the route lookup); ``data``..``end`` the frame (``len`` bytes, counted),
  * ``in_if`` its ingress interface. XDP redirects into the devmap; TC (ingress) to any
  * interface. ``seg_len``: 0 for a packet; for a GRO aggregate (TC), the IP length of its
@@ -131,18 +143,13 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	struct ethhdr *eth = data;
 	struct iphdr *ip = NULL;
 	struct ipv6hdr *ip6 = NULL;
-	struct xz_control *ctl;
-	__u32 key = 0, egress, tot;
+	__u32 key = in_if, egress, tot;
 	struct xz_fast_mac *mac;
 	__u64 dst = 0, addr = 0, ours, via, rpf, same;
 	__u32 from;
 	int reason = XZ_FP_FRAME, rc;
 	__u8 ttl;
 
-	/* Off, or bypass (the fail-safe: everything to the kernel untouched): not counted. */
-	ctl = xz_control.lookup(&key);
-	if (!ctl || !(ctl->flags & XZ_C_FAST_PATH) || (ctl->flags & XZ_C_BYPASS))
-		return 0;
 	/* Untagged Ethernet only: VLAN tags and PPPoE go to the kernel. */
 	if ((void *)(eth + 1) > end || seg_len == XZ_SEG_UNKNOWN)
 		goto out;
@@ -156,7 +163,6 @@ static __always_inline int xz_fast_forward(void *ctx, void *data, void *end, __u
 	 * Against the MACs the control plane wrote for the ingress interface; none: the same.
 	 * A VRRP one's frames the kernel routes as the macvlan's (its `iif` rules, its VRF,
 	 * its forwarding switch): so does the route lookup, from the entry's ``via``. */
-	key = in_if;
 	mac = xz_fast_macs.lookup(&key);
 	__builtin_memcpy(&dst, eth->h_dest, ETH_ALEN);
 	__builtin_memset(&addr, 0xff, ETH_ALEN);   /* a word's six bytes of address */

@@ -17,16 +17,6 @@
 /* Headers a TC program must see in the linear area (QinQ+PPPoE+IPv6+ext+TCP). */
 #define XZ_TC_PULL 256
 
-/* Whether the fast path is on (and not bypassed): then a packet the pipeline passed goes
- * on to it, tail-called (XZ_TAIL_FAST). */
-static __always_inline int xz_fast_on(void)
-{
-	__u32 key = 0;
-	struct xz_control *ctl = xz_control.lookup(&key);
-
-	return ctl && (ctl->flags & (XZ_C_FAST_PATH | XZ_C_BYPASS)) == XZ_C_FAST_PATH;
-}
-
 static __always_inline int xz_xdp(struct xdp_md *ctx, const int role)
 {
 	struct xz_pkt p = {};

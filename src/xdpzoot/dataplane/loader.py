@@ -177,14 +177,19 @@ def set_egress(maps: kernel.Maps, names: list[str], vmacs: list[str] | tuple = (
     kernel (counted as ``egress``), as does what comes in by them (``other_host``)."""
     from xdpzoot.dataplane import netlink
 
+    def rpf(link: netlink.Link) -> int:
+        """Its reverse path filter for the fast path: the kernel's, but a member of a VRF
+        (any link under a master) with one on is left to the kernel (its own routes)."""
+        return schema.C["XZ_RPF_KERNEL"] if link.rpf and link.master else link.rpf
+
     found = netlink.link_table(names + [v for v in vmacs if v not in names])
-    macs = {found[n].index: [(found[n].mac, 0, found[n].rpf)] for n in names if n in found}
+    macs = {found[n].index: [(found[n].mac, 0, rpf(found[n]))] for n in names if n in found}
     for v in vmacs:
         link = found.get(v)
         if (link and link.kind == "macvlan" and link.up and link.mac and link.lower in macs
                 and link.index <= 0xFFFF
                 and link.mac not in (m for m, _, _ in macs[link.lower])):
-            macs[link.lower].append((link.mac, link.index, link.rpf))
+            macs[link.lower].append((link.mac, link.index, rpf(link)))
     by_index = {found[n].index: n for n in names if n in found}
     return [by_index[i] for i in maps.set_fast_ifs(macs)]
 

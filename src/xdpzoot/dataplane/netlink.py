@@ -44,9 +44,8 @@ class Link(NamedTuple):
     lower: int    # the ifindex of the link it is on (a macvlan's, a VLAN's); 0: none
     up: bool      # administratively up (IFF_UP)
     kind: str     # "macvlan", "veth", "vlan"...; "" for a physical device
-    rpf: int      # IPv4 reverse path filter in force on it: 0 off, 1 strict, 2 loose, 3 on
-    #               under a master (a VRF's member: its own routes, which the fast path
-    #               leaves to the kernel)
+    master: int   # the ifindex of its master (a VRF, a bridge, a bond); 0: none
+    rpf: int      # IPv4 reverse path filter in force on it: 0 off, 1 strict, 2 loose
 
 
 def _rp_filter(name: str) -> int:
@@ -77,12 +76,12 @@ def link_table(names: list[str]) -> dict[str, Link]:
     namespace, asked one by one (a dump of 2,000 links took pyroute2 1.1-1.3 s here)."""
     def entry(link) -> tuple[str, Link]:
         lower, info = link.get_attr("IFLA_LINK") or 0, link.get_attr("IFLA_LINKINFO")
-        name, rpf = link.get_attr("IFLA_IFNAME"), _rp_filter(link.get_attr("IFLA_IFNAME"))
+        name = link.get_attr("IFLA_IFNAME")
         return name, Link(
             link["index"], _mac(link.get_attr("IFLA_ADDRESS") or ""),
             lower if lower != link["index"] else 0, bool(link["flags"] & 1),
             (info.get_attr("IFLA_INFO_KIND") if info else None) or "",
-            3 if rpf and link.get_attr("IFLA_MASTER") else min(rpf, 2))
+            link.get_attr("IFLA_MASTER") or 0, _rp_filter(name))
 
     try:
         with IPRoute() as ipr:
